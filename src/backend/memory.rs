@@ -1,0 +1,127 @@
+//! An in-memory backend: fast, not persistent. Good for tests, tools and temporary data.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use parking_lot::RwLock;
+
+use super::{Backend, KeyEntry, PutMode, Record, WriteOp, WriteOutcome};
+use crate::clock::Timestamp;
+use crate::error::{Result, StorageError};
+
+/// Records in a sorted map behind a lock. Nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    records: RwLock<BTreeMap<String, Record>>,
+}
+
+impl MemoryBackend {
+    /// An empty memory backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Applies a batch to a sorted map with the [`Backend::write`] rules; on error the map is
+/// unchanged. Shared by the backends that keep an in-memory image of their records.
+pub(crate) fn apply_batch(
+    map: &mut BTreeMap<String, Record>,
+    ops: Vec<WriteOp>,
+    now: Timestamp,
+) -> Result<Vec<WriteOutcome>> {
+    // Check every create-only put against the state it will see, before changing anything.
+    let mut shadow: BTreeMap<&str, bool> = BTreeMap::new(); // key -> live after earlier ops
+    for op in &ops {
+        let key = op.key();
+        let live = *shadow
+            .entry(key)
+            .or_insert_with(|| map.get(key).is_some_and(|r| r.meta.is_live(now)));
+        match op {
+            WriteOp::Put { mode, .. } => {
+                if *mode == PutMode::CreateOnly && live {
+                    return Err(StorageError::AlreadyExists {
+                        key: key.to_owned(),
+                    });
+                }
+                shadow.insert(key, true);
+            }
+            WriteOp::Delete { .. } => {
+                shadow.insert(key, false);
+            }
+        }
+    }
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            WriteOp::Put {
+                key, mut record, ..
+            } => {
+                let previous = map.get(&key).filter(|r| r.meta.is_live(now));
+                if let Some(prev) = previous {
+                    record.meta.created_at = prev.meta.created_at;
+                }
+                let previous_size = previous.map(|r| r.meta.size);
+                map.insert(key, record);
+                outcomes.push(WriteOutcome { previous_size });
+            }
+            WriteOp::Delete { key } => {
+                let previous_size = map
+                    .remove(&key)
+                    .filter(|r| r.meta.is_live(now))
+                    .map(|r| r.meta.size);
+                outcomes.push(WriteOutcome { previous_size });
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+impl Backend for MemoryBackend {
+    fn backend_type(&self) -> &str {
+        "memory"
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Record>> {
+        Ok(self.records.read().get(key).cloned())
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<super::RecordMeta>> {
+        Ok(self.records.read().get(key).map(|r| r.meta.clone()))
+    }
+
+    fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
+        apply_batch(&mut self.records.write(), ops, now)
+    }
+
+    fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        if let Some(r) = self.records.write().get_mut(key) {
+            r.meta.accessed_at = at;
+        }
+        Ok(())
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
+        let records = self.records.read();
+        Ok(records
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, r)| KeyEntry {
+                key: k.clone(),
+                size: r.meta.size,
+                expires_at: r.meta.expires_at,
+            })
+            .collect())
+    }
+
+    fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        let mut records = self.records.write();
+        let before = records.len();
+        records.retain(|_, r| r.meta.is_live(now));
+        Ok(before - records.len())
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.records.write().clear();
+        Ok(())
+    }
+}

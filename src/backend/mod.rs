@@ -1,0 +1,201 @@
+//! Where records live: the [`Backend`] trait and the built-in backends.
+//!
+//! A backend stores opaque record bytes (already serialized, compressed and encrypted by the
+//! [`codec`](crate::codec)) together with their [`RecordMeta`]. It never sees user values and
+//! never knows about Bevy. The [`Store`](crate::Store) above it checks keys, hides expired
+//! records, enforces the quota and counts statistics, once for every backend.
+//!
+//! A game can bring its own backend with one `impl Backend` and
+//! [`StorageConfig::custom`](crate::StorageConfig::custom). What an implementation must
+//! guarantee is written on each method; the crate's conformance suite (`tests/conformance.rs`)
+//! shows how to check it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+
+pub mod file;
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteBackend;
+
+/// The game's own fields stored beside a record, readable without decoding the value
+/// (for example a save slot's level name or play time). Not encrypted.
+pub type CustomMetadata = BTreeMap<String, serde_json::Value>;
+
+/// Everything a backend keeps about a record besides its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordMeta {
+    /// When the key was first written. Kept across overwrites of a live record.
+    pub created_at: Timestamp,
+    /// When the record was last written.
+    pub modified_at: Timestamp,
+    /// When the record was last read with access-time update on (else its write time).
+    pub accessed_at: Timestamp,
+    /// When the record expires; `None` lives forever.
+    pub expires_at: Option<Timestamp>,
+    /// Length of the stored value bytes.
+    pub size: u64,
+    /// The value bytes are LZ4-compressed.
+    pub compressed: bool,
+    /// The value bytes are AES-256-GCM encrypted.
+    pub encrypted: bool,
+    /// The game's own metadata.
+    pub custom: CustomMetadata,
+}
+
+impl RecordMeta {
+    /// True when the record is still visible at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        !now.is_past(self.expires_at)
+    }
+}
+
+/// One stored record: the encoded value and its metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The encoded value, as produced by the codec.
+    pub value: Vec<u8>,
+    /// Its metadata; `meta.size == value.len()`.
+    pub meta: RecordMeta,
+}
+
+/// How a put treats an existing record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace whatever is there.
+    Upsert,
+    /// Fail the whole batch with [`StorageError::AlreadyExists`](crate::StorageError::AlreadyExists)
+    /// if a *live* record exists (an expired one counts as absent). Checked atomically with the write.
+    CreateOnly,
+}
+
+/// One change in an atomic batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Store a record.
+    Put {
+        /// The key.
+        key: String,
+        /// The record.
+        record: Record,
+        /// Upsert or create-only.
+        mode: PutMode,
+    },
+    /// Remove a record if present.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl WriteOp {
+    /// The key this operation touches.
+    pub fn key(&self) -> &str {
+        match self {
+            WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
+        }
+    }
+}
+
+/// What a [`WriteOp`] found before it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteOutcome {
+    /// Size of the live record that was replaced or deleted; `None` if there was none
+    /// (or it had expired).
+    pub previous_size: Option<u64>,
+}
+
+/// A key with what listing and statistics need to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    /// The key.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Expiry, if any.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Count and size of the live records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Number of live records.
+    pub item_count: u64,
+    /// Sum of their stored sizes.
+    pub total_size: u64,
+}
+
+/// A place to keep records. See the [module docs](self).
+///
+/// All methods take `&self` and may be called from many threads at once. Keys arrive already
+/// validated (non-empty, bounded, no control characters, except for the store's own
+/// bookkeeping keys which start with `\u{1}`); a backend must store any such key faithfully.
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and statistics (`"memory"`, `"sqlite"`, ...).
+    fn backend_type(&self) -> &str;
+
+    /// The record stored under `key`, expired or not (the store filters expiry).
+    fn get(&self, key: &str) -> Result<Option<Record>>;
+
+    /// The metadata of `key`, expired or not. Override when it is cheaper than [`get`](Self::get).
+    fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
+        Ok(self.get(key)?.map(|r| r.meta))
+    }
+
+    /// Applies every operation or none (atomically, and durably once it returns `Ok`).
+    ///
+    /// - Operations apply in order; a later one sees the effect of an earlier one on the same key.
+    /// - A `Put` over a live record keeps that record's `created_at` (the store sets
+    ///   `created_at == modified_at` on every put it sends).
+    /// - A `Put` with [`PutMode::CreateOnly`] over a live record fails the whole batch with
+    ///   `StorageError::AlreadyExists`, leaving everything as it was.
+    /// - Liveness is judged at `now`: a record with `expires_at <= now` counts as absent.
+    ///
+    /// Returns one outcome per operation, in order.
+    fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>>;
+
+    /// Sets the last-access time of `key` if it exists. Need not be durable.
+    fn touch(&self, key: &str, at: Timestamp) -> Result<()>;
+
+    /// Every key that starts with `prefix` byte for byte (no wildcards), expired or not, in any
+    /// order.
+    fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>>;
+
+    /// Removes every record with `expires_at <= now`; returns how many were removed.
+    fn purge_expired(&self, now: Timestamp) -> Result<usize>;
+
+    /// Removes every record.
+    fn clear(&self) -> Result<()>;
+
+    /// Count and total size of the records live at `now`. Override when the backend can
+    /// compute it without listing every key.
+    fn usage(&self, now: Timestamp) -> Result<Usage> {
+        let mut usage = Usage::default();
+        for entry in self.scan("")? {
+            if !now.is_past(entry.expires_at) {
+                usage.item_count += 1;
+                usage.total_size += entry.size;
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Free space of the medium (disk, server memory), if known.
+    fn available_space(&self) -> Option<u64> {
+        None
+    }
+
+    /// Checks that the backend can be reached; an error marks the store unhealthy.
+    fn health_check(&self) -> Result<()> {
+        Ok(())
+    }
+}

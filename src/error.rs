@@ -1,0 +1,211 @@
+//! The one error type of the crate.
+//!
+//! Every failure a game can meet is a [`StorageError`] variant that names what went wrong and,
+//! where it helps, what to do about it. Secrets (encryption keys, passphrases) never appear in
+//! these messages.
+
+use std::io;
+
+/// Shorthand for `Result<T, StorageError>`.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `bevy_storage`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The key breaks the key rules (see [`crate::key`]).
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey {
+        /// The offending key (shortened if very long).
+        key: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+
+    /// `overwrite: false` was asked and a live record already exists under this key.
+    #[error("key {key:?} already exists and overwrite is disabled")]
+    AlreadyExists {
+        /// The key that exists.
+        key: String,
+    },
+
+    /// The write would make the store larger than `max_size`; nothing was changed.
+    #[error(
+        "storage quota exceeded: the write needs {needed} bytes but only {available} of {max_size} are free; nothing was changed (raise StorageConfig::max_size or delete records)"
+    )]
+    QuotaExceeded {
+        /// Bytes the write would add.
+        needed: u64,
+        /// Bytes still free under the quota.
+        available: u64,
+        /// The configured quota.
+        max_size: u64,
+    },
+
+    /// The value could not be turned into bytes.
+    #[error("could not serialize the value for {key:?}: {message}")]
+    Serialize {
+        /// Key being written.
+        key: String,
+        /// What the serializer said.
+        message: String,
+    },
+
+    /// The stored bytes decoded but do not fit the requested type.
+    #[error("record {key:?} does not decode as the requested type: {message}")]
+    Deserialize {
+        /// Key being read.
+        key: String,
+        /// What the deserializer said.
+        message: String,
+    },
+
+    /// The stored record is damaged: truncated, bit-flipped, or not a record at all.
+    #[error("record {key:?} is corrupt: {reason}")]
+    Corrupt {
+        /// Key being read.
+        key: String,
+        /// What check failed.
+        reason: String,
+    },
+
+    /// The record was written by a newer version of this crate.
+    #[error(
+        "record {key:?} uses envelope format version {found}, newer than the {supported} this build reads; upgrade bevy_storage"
+    )]
+    UnsupportedVersion {
+        /// Key being read.
+        key: String,
+        /// Version found in the record.
+        found: u8,
+        /// Highest version this build reads.
+        supported: u8,
+    },
+
+    /// The record is encrypted and the store has no encryption key.
+    #[error(
+        "record {key:?} is encrypted but the store was opened without an encryption key (set StorageConfig::encryption_key)"
+    )]
+    EncryptionKeyMissing {
+        /// Key being read.
+        key: String,
+    },
+
+    /// Encryption was asked for a write but the store has no encryption key.
+    #[error(
+        "cannot encrypt {key:?}: the store has no encryption key (set StorageConfig::encryption_key)"
+    )]
+    EncryptionNotConfigured {
+        /// Key being written.
+        key: String,
+    },
+
+    /// Decryption failed: the key is wrong or the ciphertext was altered (AES-GCM cannot tell which).
+    #[error(
+        "record {key:?} failed to decrypt: wrong encryption key, or the record was tampered with or copied from another key"
+    )]
+    DecryptionFailed {
+        /// Key being read.
+        key: String,
+    },
+
+    /// The store's encryption key does not match the one the store was created with.
+    #[error(
+        "the encryption key does not match the one this store was created with (wrong key or passphrase)"
+    )]
+    WrongEncryptionKey,
+
+    /// An encryption key could not be built (bad length, bad passphrase parameters).
+    #[error("invalid encryption key: {0}")]
+    InvalidEncryptionKey(String),
+
+    /// A cargo feature this operation needs is not compiled in.
+    #[error("{what} needs the `{feature}` cargo feature of bevy_storage")]
+    FeatureDisabled {
+        /// The feature name.
+        feature: &'static str,
+        /// What needed it.
+        what: String,
+    },
+
+    /// A compression level outside 0..=9.
+    #[error("invalid compression level {0}: use 0 (off) to 9")]
+    InvalidCompressionLevel(u8),
+
+    /// The configuration is inconsistent or incomplete.
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+
+    /// The backend cannot be reached (a server is down, a connection timed out).
+    #[error("{backend} backend unavailable: {message}")]
+    Unavailable {
+        /// Backend type.
+        backend: String,
+        /// What failed.
+        message: String,
+    },
+
+    /// A backend failed for another reason.
+    #[error("{backend} backend error: {message}")]
+    Backend {
+        /// Backend type.
+        backend: String,
+        /// What failed.
+        message: String,
+    },
+
+    /// An I/O error from the file system.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A transaction was empty or named the same key twice in conflicting ways.
+    #[error("invalid transaction: {0}")]
+    InvalidTransaction(String),
+}
+
+impl StorageError {
+    /// A backend failure with a message; for custom [`Backend`](crate::backend::Backend)s.
+    pub fn backend(backend: impl Into<String>, message: impl ToString) -> Self {
+        Self::Backend {
+            backend: backend.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The backend is unreachable; for custom [`Backend`](crate::backend::Backend)s.
+    pub fn unavailable(backend: impl Into<String>, message: impl ToString) -> Self {
+        Self::Unavailable {
+            backend: backend.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// An I/O error with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(key: &str, reason: impl Into<String>) -> Self {
+        Self::Corrupt {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error means the backend itself is unhealthy (as opposed to bad input).
+    pub fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Backend { .. } | Self::Io { .. }
+        )
+    }
+}
