@@ -1,9 +1,89 @@
-//! bevy_storage (being written)
+//! # bevy_storage
+//!
+//! Persistent storage for Bevy games: a key-value [`Store`] with TTL, compression, encryption,
+//! custom metadata and atomic transactions, over memory, file, SQLite (and Redis) backends or
+//! one the game implements.
+//!
+//! ```
+//! use bevy_storage::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+//! struct Player { name: String, gold: u32 }
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("game.db");
+//! // An embedded SQLite store; `StorageConfig::file`, `memory` and `custom` work the same way.
+//! let store = Store::open(
+//!     StorageConfig::sqlite(&path)
+//!         .encryption_key(EncryptionKey::from_passphrase("correct horse battery")?),
+//! )?;
+//!
+//! // Save with a TTL, compression, encryption and the game's own metadata.
+//! let ada = Player { name: "Ada".into(), gold: 120 };
+//! let opts = SaveOptions::new()
+//!     .ttl(Duration::from_secs(30 * 86_400))
+//!     .compression(1)
+//!     .encrypt(true)
+//!     .metadata("level", "Crypt of Bones");
+//! store.save("player:ada", &ada, &opts)?;
+//!
+//! // Load (with a default when missing), check, list by prefix.
+//! let loaded: Option<Player> = store.load("player:ada", &LoadOptions::default())?;
+//! assert_eq!(loaded.as_ref(), Some(&ada));
+//! let nobody = store.load_or("player:bob", Player { name: "Bob".into(), gold: 0 }, &LoadOptions::default())?;
+//! assert_eq!(nobody.gold, 0);
+//! assert!(store.exists("player:ada")?);
+//! assert_eq!(store.list_keys("player:")?, ["player:ada"]);
+//!
+//! // Metadata without decoding the value.
+//! let meta = store.get_metadata("player:ada")?.unwrap();
+//! assert!(meta.encrypted && meta.expires_at.is_some());
+//! assert_eq!(meta.custom_field::<String>("level").unwrap()?, "Crypt of Bones");
+//!
+//! // All or nothing: `overwrite(false)` on an existing key fails the whole transaction.
+//! let result = store.transaction(vec![
+//!     StorageOperation::save("player:bob", Player { name: "Bob".into(), gold: 5 }),
+//!     StorageOperation::save_with("player:ada", ada.clone(), SaveOptions::new().overwrite(false)),
+//! ]);
+//! assert!(matches!(result, Err(StorageError::AlreadyExists { .. })));
+//! assert!(!store.exists("player:bob")?);
+//!
+//! assert!(store.delete("player:ada")?);
+//! let stats = store.get_stats();
+//! assert_eq!(stats.item_count, 0);
+//! assert!(stats.is_healthy);
+//! # Ok::<(), StorageError>(())
+//! ```
+//!
+//! ## Layers
+//! - [`backend`]: where bytes live ([`Backend`] trait; memory, file, SQLite).
+//! - [`codec`]: value ⇄ bytes (serde format, LZ4, AES-256-GCM, versioned envelope).
+//! - [`store`]: the API above, with the semantics shared by every backend.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod clock;
+pub mod codec;
+pub mod config;
 pub mod error;
 pub mod key;
+pub mod store;
 
+pub use backend::{Backend, CustomMetadata};
+pub use codec::{EncryptionKey, Format};
+pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};
+pub use store::{
+    ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
+    StorageOperation, StorageStats, Store,
+};
+
+/// The names a game usually needs.
+pub mod prelude {
+    pub use crate::{
+        Backend, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions, StorageConfig,
+        StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
+    };
+}

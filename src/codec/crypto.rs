@@ -1,0 +1,253 @@
+//! Encryption keys and the AES-256-GCM cipher (with the `encryption` feature).
+//!
+//! A key is either 32 raw bytes or a passphrase. A passphrase is stretched with Argon2id and a
+//! random salt that each store keeps beside its records (the store does that at open), so the
+//! same passphrase gives different keys in different stores. Key material is zeroized on drop
+//! and never printed: `Debug` shows only what kind of key it is.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::{Result, StorageError};
+
+/// Length of an AES-256 key.
+pub const KEY_LEN: usize = 32;
+/// Length of the random nonce stored in every encrypted record.
+pub const NONCE_LEN: usize = 12;
+/// Length of the GCM authentication tag appended to the ciphertext.
+pub const TAG_LEN: usize = 16;
+
+#[derive(Clone)]
+enum KeySource {
+    Raw(Zeroizing<[u8; KEY_LEN]>),
+    Passphrase(Zeroizing<String>),
+}
+
+/// The secret a store encrypts with: 32 raw bytes, or a passphrase stretched with Argon2id.
+///
+/// ```
+/// use bevy_storage::EncryptionKey;
+/// let key = EncryptionKey::from_passphrase("correct horse battery staple").unwrap();
+/// assert!(!format!("{key:?}").contains("horse"));
+/// let raw = EncryptionKey::from_hex(&"ab".repeat(32)).unwrap();
+/// assert_eq!(format!("{raw:?}"), "EncryptionKey(raw 256-bit key, redacted)");
+/// ```
+#[derive(Clone)]
+pub struct EncryptionKey(KeySource);
+
+impl EncryptionKey {
+    /// A key from 32 raw bytes.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(KeySource::Raw(Zeroizing::new(bytes)))
+    }
+
+    /// A key from a slice that must be exactly 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        let raw: [u8; KEY_LEN] = bytes.try_into().map_err(|_| {
+            StorageError::InvalidEncryptionKey(format!(
+                "a raw key must be {KEY_LEN} bytes, got {}",
+                bytes.len()
+            ))
+        })?;
+        Ok(Self::from_bytes(raw))
+    }
+
+    /// A key from 64 hexadecimal digits (handy for environment variables).
+    pub fn from_hex(hex: &str) -> Result<Self> {
+        let hex = hex.trim();
+        if hex.len() != KEY_LEN * 2 || !hex.is_ascii() {
+            return Err(StorageError::InvalidEncryptionKey(format!(
+                "a hex key must be {} hex digits, got {} characters",
+                KEY_LEN * 2,
+                hex.chars().count()
+            )));
+        }
+        let mut raw = Zeroizing::new([0u8; KEY_LEN]);
+        for (i, byte) in raw.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| {
+                StorageError::InvalidEncryptionKey("a hex key may hold only 0-9 and a-f".into())
+            })?;
+        }
+        Ok(Self(KeySource::Raw(raw)))
+    }
+
+    /// A key from a passphrase (at least 8 characters), stretched with Argon2id when the
+    /// store opens.
+    pub fn from_passphrase(passphrase: impl Into<String>) -> Result<Self> {
+        let passphrase = Zeroizing::new(passphrase.into());
+        if passphrase.chars().count() < 8 {
+            return Err(StorageError::InvalidEncryptionKey(
+                "a passphrase must be at least 8 characters".into(),
+            ));
+        }
+        Ok(Self(KeySource::Passphrase(passphrase)))
+    }
+
+    /// A fresh random key (store it somewhere safe: records encrypted with it are lost
+    /// without it).
+    pub fn generate() -> Result<Self> {
+        let mut raw = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(raw.as_mut()).map_err(|e| {
+            StorageError::InvalidEncryptionKey(format!("the OS random source failed: {e}"))
+        })?;
+        Ok(Self(KeySource::Raw(raw)))
+    }
+
+    /// True for a passphrase key (which needs a salt to become a cipher).
+    pub fn is_passphrase(&self) -> bool {
+        matches!(self.0, KeySource::Passphrase(_))
+    }
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            KeySource::Raw(_) => f.write_str("EncryptionKey(raw 256-bit key, redacted)"),
+            KeySource::Passphrase(_) => f.write_str("EncryptionKey(passphrase, redacted)"),
+        }
+    }
+}
+
+/// Argon2id parameters and salt used to stretch a passphrase; stored (not secret) with the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    /// Random per-store salt.
+    pub salt: [u8; 16],
+    /// Memory cost in KiB.
+    pub m_cost: u32,
+    /// Iterations.
+    pub t_cost: u32,
+    /// Parallelism.
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// OWASP's recommended Argon2id settings (19 MiB, 2 passes, 1 lane) with a fresh salt.
+    pub fn generate() -> Result<Self> {
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt).map_err(|e| {
+            StorageError::InvalidEncryptionKey(format!("the OS random source failed: {e}"))
+        })?;
+        Ok(Self {
+            salt,
+            m_cost: 19 * 1024,
+            t_cost: 2,
+            p_cost: 1,
+        })
+    }
+}
+
+/// A ready-to-use AES-256-GCM cipher. Cheap to share behind an `Arc`.
+#[derive(Clone)]
+pub struct Cipher {
+    #[cfg(feature = "encryption")]
+    aead: aes_gcm::Aes256Gcm,
+}
+
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cipher(AES-256-GCM, key redacted)")
+    }
+}
+
+#[cfg(feature = "encryption")]
+impl Cipher {
+    /// Builds the cipher for `key`; a passphrase needs the store's [`KdfParams`].
+    pub fn new(key: &EncryptionKey, kdf: Option<&KdfParams>) -> Result<Self> {
+        use aes_gcm::KeyInit;
+        let raw: Zeroizing<[u8; KEY_LEN]> = match (&key.0, kdf) {
+            (KeySource::Raw(raw), _) => raw.clone(),
+            (KeySource::Passphrase(pass), Some(params)) => {
+                let argon = argon2::Argon2::new(
+                    argon2::Algorithm::Argon2id,
+                    argon2::Version::V0x13,
+                    argon2::Params::new(params.m_cost, params.t_cost, params.p_cost, Some(KEY_LEN))
+                        .map_err(|e| {
+                            StorageError::InvalidEncryptionKey(format!("bad Argon2 parameters: {e}"))
+                        })?,
+                );
+                let mut out = Zeroizing::new([0u8; KEY_LEN]);
+                argon
+                    .hash_password_into(pass.as_bytes(), &params.salt, out.as_mut())
+                    .map_err(|e| {
+                        StorageError::InvalidEncryptionKey(format!("Argon2 failed: {e}"))
+                    })?;
+                out
+            }
+            (KeySource::Passphrase(_), None) => {
+                return Err(StorageError::InvalidEncryptionKey(
+                    "a passphrase needs the store's salt; open a Store instead".into(),
+                ));
+            }
+        };
+        let aead = aes_gcm::Aes256Gcm::new_from_slice(raw.as_ref())
+            .map_err(|_| StorageError::InvalidEncryptionKey("bad key length".into()))?;
+        Ok(Self { aead })
+    }
+
+    /// Encrypts `buf` in place with a fresh random nonce; returns the nonce and the tag.
+    pub fn encrypt_in_place(
+        &self,
+        aad: &[&[u8]],
+        buf: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN])> {
+        use aes_gcm::aead::AeadInPlace;
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| StorageError::backend("codec", format!("the OS random source failed: {e}")))?;
+        let aad = aad.concat();
+        let tag = self
+            .aead
+            .encrypt_in_place_detached((&nonce).into(), &aad, buf)
+            .map_err(|_| StorageError::backend("codec", "AES-GCM encryption failed"))?;
+        Ok((nonce, tag.into()))
+    }
+
+    /// Decrypts `buf` in place; `false` if the tag does not verify (wrong key or tampering).
+    pub fn decrypt_in_place(
+        &self,
+        aad: &[&[u8]],
+        nonce: &[u8; NONCE_LEN],
+        tag: &[u8; TAG_LEN],
+        buf: &mut [u8],
+    ) -> bool {
+        use aes_gcm::aead::AeadInPlace;
+        let aad = aad.concat();
+        self.aead
+            .decrypt_in_place_detached(nonce.into(), &aad, buf, tag.into())
+            .is_ok()
+    }
+}
+
+#[cfg(not(feature = "encryption"))]
+impl Cipher {
+    /// Without the `encryption` feature no cipher can be built.
+    pub fn new(_key: &EncryptionKey, _kdf: Option<&KdfParams>) -> Result<Self> {
+        Err(StorageError::FeatureDisabled {
+            feature: "encryption",
+            what: "an encryption key".into(),
+        })
+    }
+
+    /// Never called: a `Cipher` cannot exist without the feature.
+    pub fn encrypt_in_place(
+        &self,
+        _aad: &[&[u8]],
+        _buf: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN])> {
+        unreachable!("Cipher cannot be constructed without the encryption feature")
+    }
+
+    /// Never called: a `Cipher` cannot exist without the feature.
+    pub fn decrypt_in_place(
+        &self,
+        _aad: &[&[u8]],
+        _nonce: &[u8; NONCE_LEN],
+        _tag: &[u8; TAG_LEN],
+        _buf: &mut [u8],
+    ) -> bool {
+        unreachable!("Cipher cannot be constructed without the encryption feature")
+    }
+}

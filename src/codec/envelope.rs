@@ -1,0 +1,356 @@
+//! The versioned envelope around every stored value.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "BSTR"
+//! 4       1     envelope version (1)
+//! 5       1     flags: bit 0 = LZ4-compressed, bit 1 = AES-256-GCM encrypted; others must be 0
+//! 6       1     payload format: 0 raw, 1 RON, 2 postcard
+//! 7       1     reserved, 0
+//! 8       12    nonce                       (encrypted records only)
+//! ..      n     body: payload, compressed then encrypted as the flags say
+//! ..      16    GCM tag                     (encrypted records only)
+//! end-4   4     CRC-32 (little endian) of every byte before it followed by the record's key
+//! ```
+//! The checksum catches truncation and bit flips, and a record copied under another key. For an
+//! encrypted record the header and the key are also the AES-GCM associated data, so altering
+//! either, or the ciphertext, makes decryption fail even if the checksum is recomputed.
+
+use super::compress;
+use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
+use super::format::Format;
+use crate::error::{Result, StorageError};
+
+/// First four bytes of every record.
+pub const MAGIC: [u8; 4] = *b"BSTR";
+/// The envelope version this build writes, and the newest it reads.
+pub const VERSION: u8 = 1;
+const HEADER_LEN: usize = 8;
+const CRC_LEN: usize = 4;
+const FLAG_COMPRESSED: u8 = 1;
+const FLAG_ENCRYPTED: u8 = 2;
+
+/// What to do when sealing a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealOptions {
+    /// The format the payload is in (recorded in the header).
+    pub format: Format,
+    /// 0 = no compression, 1..=9 = LZ4 (see [`compress`](super::compress)).
+    pub compression_level: u8,
+    /// Encrypt with the store's cipher.
+    pub encrypt: bool,
+}
+
+impl Default for SealOptions {
+    fn default() -> Self {
+        Self {
+            format: Format::Ron,
+            compression_level: 0,
+            encrypt: false,
+        }
+    }
+}
+
+/// What the header of a record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeInfo {
+    /// The payload format.
+    pub format: Format,
+    /// The body is compressed.
+    pub compressed: bool,
+    /// The body is encrypted.
+    pub encrypted: bool,
+}
+
+/// Wraps `payload` for `key`: compresses and encrypts as asked, adds header and checksum.
+pub fn seal(
+    key: &str,
+    payload: &[u8],
+    options: &SealOptions,
+    cipher: Option<&Cipher>,
+) -> Result<(Vec<u8>, EnvelopeInfo)> {
+    compress::check_level(options.compression_level)?;
+    #[cfg(not(feature = "compression"))]
+    if options.compression_level > 0 {
+        return Err(StorageError::FeatureDisabled {
+            feature: "compression",
+            what: format!("compressing {key:?}"),
+        });
+    }
+    let cipher = match (options.encrypt, cipher) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => {
+            return Err(StorageError::EncryptionNotConfigured {
+                key: key.to_owned(),
+            });
+        }
+    };
+    let compressed = if options.compression_level > 0 {
+        compress::compress(payload)
+    } else {
+        None
+    };
+    let body: &[u8] = compressed.as_deref().unwrap_or(payload);
+    let mut flags = 0;
+    if compressed.is_some() {
+        flags |= FLAG_COMPRESSED;
+    }
+    if cipher.is_some() {
+        flags |= FLAG_ENCRYPTED;
+    }
+    let header = [
+        MAGIC[0],
+        MAGIC[1],
+        MAGIC[2],
+        MAGIC[3],
+        VERSION,
+        flags,
+        options.format.to_byte(),
+        0,
+    ];
+    let extra = if cipher.is_some() { NONCE_LEN + TAG_LEN } else { 0 };
+    let mut out = Vec::with_capacity(HEADER_LEN + extra + body.len() + CRC_LEN);
+    out.extend_from_slice(&header);
+    if let Some(cipher) = cipher {
+        out.extend_from_slice(&[0; NONCE_LEN]);
+        out.extend_from_slice(body);
+        let body_start = HEADER_LEN + NONCE_LEN;
+        let (nonce, tag) = cipher.encrypt_in_place(&[&header, key.as_bytes()], &mut out[body_start..])?;
+        out[HEADER_LEN..body_start].copy_from_slice(&nonce);
+        out.extend_from_slice(&tag);
+    } else {
+        out.extend_from_slice(body);
+    }
+    let crc = checksum(&out, key);
+    out.extend_from_slice(&crc.to_le_bytes());
+    let info = EnvelopeInfo {
+        format: options.format,
+        compressed: compressed.is_some(),
+        encrypted: cipher.is_some(),
+    };
+    Ok((out, info))
+}
+
+fn checksum(bytes: &[u8], key: &str) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    h.update(key.as_bytes());
+    h.finalize()
+}
+
+/// Reads only the header of a record (no checksum, no decryption): what it claims to be.
+pub fn inspect(key: &str, bytes: &[u8]) -> Result<EnvelopeInfo> {
+    if bytes.len() < HEADER_LEN + CRC_LEN {
+        return Err(StorageError::corrupt(
+            key,
+            format!("{} bytes is too short to be a record (truncated?)", bytes.len()),
+        ));
+    }
+    if bytes[..4] != MAGIC {
+        return Err(StorageError::corrupt(
+            key,
+            "missing the record header: not written by bevy_storage, or damaged",
+        ));
+    }
+    if bytes[4] > VERSION {
+        return Err(StorageError::UnsupportedVersion {
+            key: key.to_owned(),
+            found: bytes[4],
+            supported: VERSION,
+        });
+    }
+    if bytes[4] == 0 {
+        return Err(StorageError::corrupt(key, "envelope version 0 does not exist"));
+    }
+    let flags = bytes[5];
+    if flags & !(FLAG_COMPRESSED | FLAG_ENCRYPTED) != 0 || bytes[7] != 0 {
+        return Err(StorageError::corrupt(key, "unknown header flags"));
+    }
+    let format = Format::from_byte(bytes[6])
+        .ok_or_else(|| StorageError::corrupt(key, format!("unknown payload format {}", bytes[6])))?;
+    Ok(EnvelopeInfo {
+        format,
+        compressed: flags & FLAG_COMPRESSED != 0,
+        encrypted: flags & FLAG_ENCRYPTED != 0,
+    })
+}
+
+/// Checks and unwraps a record of `key`: returns the payload as it was before sealing.
+pub fn open(key: &str, bytes: &[u8], cipher: Option<&Cipher>) -> Result<(Vec<u8>, EnvelopeInfo)> {
+    let info = inspect(key, bytes)?;
+    let (content, crc_bytes) = bytes.split_at(bytes.len() - CRC_LEN);
+    let stored_crc = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
+    if checksum(content, key) != stored_crc {
+        return Err(StorageError::corrupt(
+            key,
+            "checksum mismatch: the record is truncated or damaged, or was stored under another key",
+        ));
+    }
+    let header = &content[..HEADER_LEN];
+    let mut body = if info.encrypted {
+        let cipher = cipher.ok_or_else(|| StorageError::EncryptionKeyMissing {
+            key: key.to_owned(),
+        })?;
+        if content.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
+            return Err(StorageError::corrupt(key, "encrypted record shorter than nonce and tag"));
+        }
+        let nonce: [u8; NONCE_LEN] = content[HEADER_LEN..HEADER_LEN + NONCE_LEN]
+            .try_into()
+            .expect("nonce length");
+        let tag_start = content.len() - TAG_LEN;
+        let tag: [u8; TAG_LEN] = content[tag_start..].try_into().expect("tag length");
+        let mut buf = content[HEADER_LEN + NONCE_LEN..tag_start].to_vec();
+        if !cipher.decrypt_in_place(&[header, key.as_bytes()], &nonce, &tag, &mut buf) {
+            return Err(StorageError::DecryptionFailed {
+                key: key.to_owned(),
+            });
+        }
+        buf
+    } else {
+        content[HEADER_LEN..].to_vec()
+    };
+    if info.compressed {
+        body = compress::decompress(key, &body)?;
+    }
+    Ok((body, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(level: u8) -> SealOptions {
+        SealOptions {
+            format: Format::Raw,
+            compression_level: level,
+            encrypt: false,
+        }
+    }
+
+    #[test]
+    fn seal_open_round_trip_plain_and_compressed() {
+        let payload = b"hello hello hello hello hello hello hello hello".repeat(20);
+        for level in [0, 1, 9] {
+            let (bytes, info) = seal("k", &payload, &opts(level), None).unwrap();
+            assert_eq!(info.compressed, level > 0 && cfg!(feature = "compression"));
+            let (back, info2) = open("k", &bytes, None).unwrap();
+            assert_eq!(back, payload);
+            assert_eq!(info, info2);
+        }
+    }
+
+    #[test]
+    fn incompressible_payload_is_stored_plain() {
+        let payload: Vec<u8> = (0..=255u8).collect();
+        let (_, info) = seal("k", &payload, &opts(5), None).unwrap();
+        assert!(!info.compressed);
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_an_error() {
+        let (bytes, _) = seal("k", b"some payload that matters", &opts(1), None).unwrap();
+        for len in 0..bytes.len() {
+            assert!(open("k", &bytes[..len], None).is_err(), "truncated to {len}");
+        }
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(open("k", &b, None).is_err(), "bit {i}");
+        }
+    }
+
+    #[test]
+    fn a_record_under_another_key_is_refused() {
+        let (bytes, _) = seal("player:1", b"x", &opts(0), None).unwrap();
+        let err = open("player:2", &bytes, None).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn newer_version_is_refused_clearly() {
+        let (mut bytes, _) = seal("k", b"x", &opts(0), None).unwrap();
+        bytes[4] = VERSION + 1;
+        assert!(matches!(
+            open("k", &bytes, None),
+            Err(StorageError::UnsupportedVersion { found, .. }) if found == VERSION + 1
+        ));
+    }
+
+    #[test]
+    fn invalid_level_is_refused() {
+        assert!(matches!(
+            seal("k", b"x", &opts(10), None),
+            Err(StorageError::InvalidCompressionLevel(10))
+        ));
+    }
+
+    #[cfg(feature = "encryption")]
+    mod encrypted {
+        use super::*;
+        use crate::codec::crypto::EncryptionKey;
+
+        fn cipher(byte: u8) -> Cipher {
+            Cipher::new(&EncryptionKey::from_bytes([byte; 32]), None).unwrap()
+        }
+
+        fn enc() -> SealOptions {
+            SealOptions {
+                format: Format::Raw,
+                compression_level: 1,
+                encrypt: true,
+            }
+        }
+
+        #[test]
+        fn round_trip_and_fresh_nonce() {
+            let c = cipher(7);
+            let (a, info) = seal("k", b"secret secret secret secret", &enc(), Some(&c)).unwrap();
+            let (b, _) = seal("k", b"secret secret secret secret", &enc(), Some(&c)).unwrap();
+            assert!(info.encrypted);
+            assert_ne!(a, b, "same plaintext twice gives different ciphertexts");
+            assert_eq!(open("k", &a, Some(&c)).unwrap().0, b"secret secret secret secret");
+            assert!(!a.windows(6).any(|w| w == b"secret"));
+        }
+
+        #[test]
+        fn wrong_missing_key_and_tampering_are_typed_errors() {
+            let c = cipher(7);
+            let (bytes, _) = seal("k", b"secret", &enc(), Some(&c)).unwrap();
+            assert!(matches!(
+                open("k", &bytes, Some(&cipher(8))),
+                Err(StorageError::DecryptionFailed { .. })
+            ));
+            assert!(matches!(
+                open("k", &bytes, None),
+                Err(StorageError::EncryptionKeyMissing { .. })
+            ));
+            // Tamper with a ciphertext byte and fix the checksum: GCM still catches it.
+            let mut t = bytes.clone();
+            t[HEADER_LEN + NONCE_LEN] ^= 0x40;
+            let n = t.len() - CRC_LEN;
+            let crc = checksum(&t[..n], "k");
+            t[n..].copy_from_slice(&crc.to_le_bytes());
+            assert!(matches!(
+                open("k", &t, Some(&c)),
+                Err(StorageError::DecryptionFailed { .. })
+            ));
+            // Copy under another key with a recomputed checksum: the key is associated data.
+            let mut moved = bytes.clone();
+            let crc = checksum(&moved[..n], "other");
+            moved[n..].copy_from_slice(&crc.to_le_bytes());
+            assert!(matches!(
+                open("other", &moved, Some(&c)),
+                Err(StorageError::DecryptionFailed { .. })
+            ));
+        }
+
+        #[test]
+        fn encrypt_without_cipher_is_refused() {
+            assert!(matches!(
+                seal("k", b"x", &enc(), None),
+                Err(StorageError::EncryptionNotConfigured { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! How a [`Store`](crate::Store) is set up: which backend, where, and with what limits.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+#[cfg(feature = "sqlite")]
+use crate::backend::sqlite::{SqliteOptions, SqliteSynchronous};
+use crate::clock::{Clock, SystemClock};
+use crate::codec::{EncryptionKey, Format};
+use crate::error::{Result, StorageError};
+
+/// Default quota: 100 MiB.
+pub const DEFAULT_MAX_SIZE: u64 = 100 * 1024 * 1024;
+/// Default interval between TTL cleanups: one hour.
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default number of pooled connections.
+pub const DEFAULT_POOL_SIZE: u32 = 10;
+
+/// Which backend holds the records, and where.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum BackendConfig {
+    /// In memory; gone when the process ends.
+    Memory,
+    /// One file per key under `root`.
+    File {
+        /// The directory (created if missing).
+        root: PathBuf,
+    },
+    /// An embedded SQLite database file.
+    #[cfg(feature = "sqlite")]
+    Sqlite {
+        /// The database file (parent directories are created).
+        path: PathBuf,
+        /// `synchronous = NORMAL` (default: survives a process crash) or `FULL` (power loss).
+        synchronous: SqliteSynchronous,
+    },
+    /// A backend the game implements.
+    Custom(Arc<dyn Backend>),
+}
+
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory => f.write_str("Memory"),
+            Self::File { root } => f.debug_struct("File").field("root", root).finish(),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { path, synchronous } => f
+                .debug_struct("Sqlite")
+                .field("path", path)
+                .field("synchronous", synchronous)
+                .finish(),
+            Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
+        }
+    }
+}
+
+/// Everything a store needs to open. Build it with [`StorageConfig::sqlite`],
+/// [`file`](StorageConfig::file), [`memory`](StorageConfig::memory),
+/// [`custom`](StorageConfig::custom) or [`from_url`](StorageConfig::from_url), then adjust
+/// with the builder methods.
+///
+/// ```
+/// use bevy_storage::{StorageConfig, EncryptionKey};
+/// use std::time::Duration;
+/// let config = StorageConfig::memory()
+///     .max_size(Some(10 * 1024 * 1024))
+///     .default_ttl(Some(Duration::from_secs(3600)))
+///     .encryption_key(EncryptionKey::from_passphrase("a long passphrase").unwrap())
+///     .enable_encryption(true);
+/// assert!(!format!("{config:?}").contains("long passphrase"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    /// Where the records live.
+    pub backend: BackendConfig,
+    /// Quota on the total stored size in bytes (`None`: unlimited). Default 100 MiB. A write
+    /// that would exceed it fails with `QuotaExceeded` and changes nothing.
+    pub max_size: Option<u64>,
+    /// TTL applied to saves that do not set one. Default: none (records never expire).
+    pub default_ttl: Option<Duration>,
+    /// Compress saves that do not say otherwise (LZ4). Default on with the `compression` feature.
+    pub enable_compression: bool,
+    /// Encrypt saves that do not say otherwise. Default off. Needs `encryption_key`.
+    pub enable_encryption: bool,
+    /// The key for encrypted records. `Debug` never prints it.
+    pub encryption_key: Option<EncryptionKey>,
+    /// How often the plugin's TTL cleanup runs. Default one hour.
+    pub cleanup_interval: Duration,
+    /// Pooled connections for backends that pool (SQLite readers, Redis). Default 10.
+    pub pool_size: u32,
+    /// Serde format for values. Default RON (readable); `Format::Binary` is faster.
+    pub format: Format,
+    /// Source of the current time (a [`ManualClock`](crate::clock::ManualClock) in tests).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl StorageConfig {
+    /// A config with every default and the given backend.
+    pub fn new(backend: BackendConfig) -> Self {
+        Self {
+            backend,
+            max_size: Some(DEFAULT_MAX_SIZE),
+            default_ttl: None,
+            enable_compression: cfg!(feature = "compression"),
+            enable_encryption: false,
+            encryption_key: None,
+            cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
+            pool_size: DEFAULT_POOL_SIZE,
+            format: Format::Ron,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// An in-memory store.
+    pub fn memory() -> Self {
+        Self::new(BackendConfig::Memory)
+    }
+
+    /// A store with one file per key under `root`.
+    pub fn file(root: impl Into<PathBuf>) -> Self {
+        Self::new(BackendConfig::File { root: root.into() })
+    }
+
+    /// An embedded SQLite store at `path`.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::new(BackendConfig::Sqlite {
+            path: path.into(),
+            synchronous: SqliteSynchronous::default(),
+        })
+    }
+
+    /// A store over the game's own backend.
+    pub fn custom(backend: impl Backend) -> Self {
+        Self::new(BackendConfig::Custom(Arc::new(backend)))
+    }
+
+    /// A store from a connection string: `memory:`, `file:PATH`, `sqlite:PATH`
+    /// (or `sqlite://PATH`).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let (scheme, rest) = url.split_once(':').ok_or_else(|| {
+            StorageError::Config(format!(
+                "{url:?} has no scheme: use memory:, file:PATH or sqlite:PATH"
+            ))
+        })?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        match scheme {
+            "memory" => Ok(Self::memory()),
+            "file" if !rest.is_empty() => Ok(Self::file(rest)),
+            #[cfg(feature = "sqlite")]
+            "sqlite" if !rest.is_empty() => Ok(Self::sqlite(rest)),
+            "file" | "sqlite" => Err(StorageError::Config(format!("{url:?} names no path"))),
+            other => Err(StorageError::Config(format!(
+                "unknown or disabled backend {other:?} in {url:?}"
+            ))),
+        }
+    }
+
+    /// Sets the quota in bytes (`None`: unlimited).
+    pub fn max_size(mut self, bytes: Option<u64>) -> Self {
+        self.max_size = bytes;
+        self
+    }
+
+    /// Sets the TTL for saves that do not set their own.
+    pub fn default_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// Compress saves by default.
+    pub fn enable_compression(mut self, on: bool) -> Self {
+        self.enable_compression = on;
+        self
+    }
+
+    /// Encrypt saves by default (needs [`encryption_key`](Self::encryption_key)).
+    pub fn enable_encryption(mut self, on: bool) -> Self {
+        self.enable_encryption = on;
+        self
+    }
+
+    /// Sets the encryption key. Records can be encrypted per save even when
+    /// `enable_encryption` is off.
+    pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.encryption_key = Some(key);
+        self
+    }
+
+    /// Sets the plugin's TTL cleanup interval.
+    pub fn cleanup_interval(mut self, every: Duration) -> Self {
+        self.cleanup_interval = every;
+        self
+    }
+
+    /// Sets the number of pooled connections.
+    pub fn pool_size(mut self, n: u32) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// Sets the serde format of values.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Sets the clock.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// SQLite only: `synchronous = FULL`, so acknowledged writes also survive power loss.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_synchronous(mut self, sync: SqliteSynchronous) -> Self {
+        if let BackendConfig::Sqlite { synchronous, .. } = &mut self.backend {
+            *synchronous = sync;
+        }
+        self
+    }
+
+    /// Opens the configured backend.
+    pub(crate) fn open_backend(&self) -> Result<Arc<dyn Backend>> {
+        if self.pool_size == 0 {
+            return Err(StorageError::Config("pool_size must be at least 1".into()));
+        }
+        Ok(match &self.backend {
+            BackendConfig::Memory => Arc::new(crate::backend::MemoryBackend::new()),
+            BackendConfig::File { root } => Arc::new(crate::backend::FileBackend::open(root)?),
+            #[cfg(feature = "sqlite")]
+            BackendConfig::Sqlite { path, synchronous } => {
+                let options = SqliteOptions {
+                    synchronous: *synchronous,
+                    pool_size: self.pool_size,
+                    ..SqliteOptions::default()
+                };
+                Arc::new(crate::backend::SqliteBackend::open(path, &options)?)
+            }
+            BackendConfig::Custom(backend) => Arc::clone(backend),
+        })
+    }
+}

@@ -1,0 +1,909 @@
+//! [`Store`]: the key-value API every backend shares, with its semantics implemented once.
+//!
+//! The store validates keys, turns values into sealed records with the [`codec`](crate::codec),
+//! hides expired records, enforces the quota, keeps `created_at` across overwrites, and counts
+//! statistics. Backends below it only keep bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, CustomMetadata, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
+use crate::clock::{Clock, Timestamp};
+use crate::codec::crypto::KdfParams;
+use crate::codec::{self, Cipher, EnvelopeInfo, Format, SealOptions};
+use crate::config::StorageConfig;
+use crate::error::{Result, StorageError};
+use crate::key::{self, INTERNAL_PREFIX};
+
+const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
+const KEYCHECK_PAYLOAD: &[u8] = b"bevy_storage key check v1";
+
+/// When a saved record expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expiry {
+    /// Use the store's `default_ttl` (no expiry if it has none). The default.
+    #[default]
+    StoreDefault,
+    /// Never expires, whatever the store's default.
+    Never,
+    /// Expires this long after the save.
+    After(Duration),
+}
+
+/// Options of [`Store::save`]. Every field has a builder method.
+///
+/// ```
+/// use bevy_storage::SaveOptions;
+/// use std::time::Duration;
+/// let opts = SaveOptions::new()
+///     .ttl(Duration::from_secs(30 * 86_400))
+///     .compression(1)
+///     .metadata("level", "Crypt of Bones")
+///     .metadata("play_time_s", 4521)
+///     .overwrite(false);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveOptions {
+    /// When the record expires.
+    pub expiry: Expiry,
+    /// Compression level 0-9 (0 = off; 1-9 = LZ4, see [`codec::compress`]). `None`: the
+    /// store's default (level 1 when `enable_compression`, else off).
+    pub compression: Option<u8>,
+    /// Encrypt with the store's key. `None`: the store's `enable_encryption`.
+    pub encrypt: Option<bool>,
+    /// The game's own fields, stored beside the value (not encrypted).
+    pub metadata: CustomMetadata,
+    /// `false`: fail with [`StorageError::AlreadyExists`] when a live record exists. Default `true`.
+    pub overwrite: bool,
+    /// Serde format. `None`: the store's format.
+    pub format: Option<Format>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            expiry: Expiry::StoreDefault,
+            compression: None,
+            encrypt: None,
+            metadata: CustomMetadata::new(),
+            overwrite: true,
+            format: None,
+        }
+    }
+}
+
+impl SaveOptions {
+    /// The defaults: store defaults for TTL, compression, encryption and format; overwrite on.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Expire `ttl` after the save.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.expiry = Expiry::After(ttl);
+        self
+    }
+    /// Never expire, even if the store has a default TTL.
+    pub fn no_expiry(mut self) -> Self {
+        self.expiry = Expiry::Never;
+        self
+    }
+    /// Compression level 0-9 (0 = off).
+    pub fn compression(mut self, level: u8) -> Self {
+        self.compression = Some(level);
+        self
+    }
+    /// Encrypt (or not) regardless of the store default.
+    pub fn encrypt(mut self, on: bool) -> Self {
+        self.encrypt = Some(on);
+        self
+    }
+    /// Adds one custom metadata field.
+    pub fn metadata(mut self, field: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.insert(field.into(), value.into());
+        self
+    }
+    /// Replaces all custom metadata.
+    pub fn metadata_map(mut self, metadata: CustomMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+    /// Whether an existing live record may be replaced.
+    pub fn overwrite(mut self, allowed: bool) -> Self {
+        self.overwrite = allowed;
+        self
+    }
+    /// Serde format for this value.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = Some(format);
+        self
+    }
+}
+
+/// Options of [`Store::load`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Record this read as the record's last access (one extra small write). Default off,
+    /// so that reads stay reads.
+    pub update_access_time: bool,
+}
+
+impl LoadOptions {
+    /// The defaults (no access-time update).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Update the record's last-access time on this load.
+    pub fn update_access_time(mut self, on: bool) -> Self {
+        self.update_access_time = on;
+        self
+    }
+}
+
+/// What [`Store::get_metadata`] tells about a record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageMetadata {
+    /// The key.
+    pub key: String,
+    /// Size in bytes as stored (after compression and encryption).
+    pub size: u64,
+    /// First written (kept across overwrites).
+    pub created_at: SystemTime,
+    /// Last written.
+    pub modified_at: SystemTime,
+    /// Last read with access-time update (else the last write).
+    pub last_accessed_at: SystemTime,
+    /// When it expires, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Stored encrypted.
+    pub encrypted: bool,
+    /// The game's own fields.
+    pub custom: CustomMetadata,
+}
+
+impl StorageMetadata {
+    fn from_record(key: &str, meta: RecordMeta) -> Self {
+        Self {
+            key: key.to_owned(),
+            size: meta.size,
+            created_at: meta.created_at.to_system_time(),
+            modified_at: meta.modified_at.to_system_time(),
+            last_accessed_at: meta.accessed_at.to_system_time(),
+            expires_at: meta.expires_at.map(Timestamp::to_system_time),
+            compressed: meta.compressed,
+            encrypted: meta.encrypted,
+            custom: meta.custom,
+        }
+    }
+
+    /// One custom field decoded as `T`: `None` if absent, `Some(Err)` if it has another shape.
+    pub fn custom_field<T: DeserializeOwned>(&self, field: &str) -> Option<Result<T>> {
+        self.custom.get(field).map(|v| {
+            T::deserialize(v).map_err(|e| StorageError::Deserialize {
+                key: format!("{} (metadata field {field:?})", self.key),
+                message: e.to_string(),
+            })
+        })
+    }
+}
+
+/// A value of any serializable type, kept until the store serializes it with its format.
+/// Used by [`StorageOperation`] and by the plugin's requests, which carry values of many types.
+#[derive(Clone)]
+pub struct ErasedValue(Arc<dyn Fn(&str, Format) -> Result<Vec<u8>> + Send + Sync>);
+
+impl ErasedValue {
+    /// Wraps a value.
+    pub fn new<T: Serialize + Send + Sync + 'static>(value: T) -> Self {
+        Self(Arc::new(move |key, format| codec::format::serialize(key, &value, format)))
+    }
+
+    /// Serializes the value in `format`; `key` only names it in errors.
+    pub fn serialize(&self, key: &str, format: Format) -> Result<Vec<u8>> {
+        (self.0)(key, format)
+    }
+}
+
+impl fmt::Debug for ErasedValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ErasedValue(..)")
+    }
+}
+
+/// One change inside a [`Store::transaction`].
+#[derive(Debug, Clone)]
+pub enum StorageOperation {
+    /// Save a value.
+    Save {
+        /// The key.
+        key: String,
+        /// The value.
+        value: ErasedValue,
+        /// Save options, as for [`Store::save`].
+        options: SaveOptions,
+    },
+    /// Delete a key (a missing key is not an error).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl StorageOperation {
+    /// A save with default options.
+    pub fn save<T: Serialize + Send + Sync + 'static>(key: impl Into<String>, value: T) -> Self {
+        Self::save_with(key, value, SaveOptions::default())
+    }
+
+    /// A save with options.
+    pub fn save_with<T: Serialize + Send + Sync + 'static>(
+        key: impl Into<String>,
+        value: T,
+        options: SaveOptions,
+    ) -> Self {
+        Self::Save {
+            key: key.into(),
+            value: ErasedValue::new(value),
+            options,
+        }
+    }
+
+    /// A delete.
+    pub fn delete(key: impl Into<String>) -> Self {
+        Self::Delete { key: key.into() }
+    }
+
+    /// The key this operation touches.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Save { key, .. } | Self::Delete { key } => key,
+        }
+    }
+}
+
+/// Timings and counts of the operations a store ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PerformanceStats {
+    /// Reads (load, exists, get_metadata, list_keys).
+    pub reads: u64,
+    /// Writes (save, delete, transaction, clear, purge).
+    pub writes: u64,
+    /// `reads + writes`.
+    pub operation_count: u64,
+    /// Operations that returned an error.
+    pub errors: u64,
+    /// Mean time of a read.
+    pub avg_read_time: Duration,
+    /// Mean time of a write.
+    pub avg_write_time: Duration,
+}
+
+/// A store's size, health and performance, from [`Store::get_stats`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, bevy::prelude::Resource)]
+pub struct StorageStats {
+    /// Live (unexpired) records.
+    pub item_count: u64,
+    /// Their total stored size in bytes.
+    pub total_size: u64,
+    /// Bytes that can still be written: the smaller of what the quota and the medium allow
+    /// (`None` when neither is known).
+    pub available_space: Option<u64>,
+    /// The quota, if any.
+    pub max_size: Option<u64>,
+    /// `"memory"`, `"file"`, `"sqlite"`, or the custom backend's name.
+    pub backend_type: String,
+    /// False when the last backend operation failed (an outage, an I/O error).
+    pub is_healthy: bool,
+    /// The most recent backend failure, if any.
+    pub last_error: Option<String>,
+    /// Operation counts and mean timings.
+    pub performance: PerformanceStats,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    read_nanos: AtomicU64,
+    writes: AtomicU64,
+    write_nanos: AtomicU64,
+    errors: AtomicU64,
+    unhealthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Clone, Copy)]
+enum OpKind {
+    Read,
+    Write,
+}
+
+/// Quota bookkeeping: bytes in use plus reservations of writes in flight.
+struct Quota {
+    max: u64,
+    used: Mutex<u64>,
+    /// Writers hold it shared; a write that may break the quota takes it exclusively to
+    /// recount with nothing in flight.
+    gate: RwLock<()>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    cipher: Option<Cipher>,
+    clock: Arc<dyn Clock>,
+    format: Format,
+    default_ttl: Option<Duration>,
+    default_compression: u8,
+    default_encrypt: bool,
+    quota: Option<Quota>,
+    counters: Counters,
+}
+
+/// A key-value store over one backend. Cheap to clone (`Arc` inside), `Send + Sync`: share it
+/// between threads and tasks freely.
+///
+/// ```
+/// use bevy_storage::{LoadOptions, SaveOptions, StorageConfig, Store};
+/// use serde::{Deserialize, Serialize};
+/// #[derive(Serialize, Deserialize, PartialEq, Debug)]
+/// struct Player { name: String, level: u32 }
+///
+/// let store = Store::open(StorageConfig::memory())?;
+/// let hero = Player { name: "Ada".into(), level: 7 };
+/// store.save("player:1", &hero, &SaveOptions::default())?;
+/// assert_eq!(store.load::<Player>("player:1", &LoadOptions::default())?, Some(hero));
+/// assert_eq!(store.list_keys("player:")?, vec!["player:1".to_string()]);
+/// # Ok::<(), bevy_storage::StorageError>(())
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.inner.backend.backend_type())
+            .field("format", &self.inner.format)
+            .field("encryption", &self.inner.cipher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the store keeps under its key-check record to recognise its encryption key.
+#[derive(Serialize, Deserialize)]
+struct KeyCheck {
+    kdf: Option<KdfParams>,
+    sealed: Vec<u8>,
+}
+
+impl Store {
+    /// Opens the configured backend and checks the configuration: a bad path, an unreachable
+    /// server or an encryption key that does not match the store's is an error here, not later.
+    pub fn open(config: StorageConfig) -> Result<Self> {
+        if config.enable_encryption && config.encryption_key.is_none() {
+            return Err(StorageError::Config(
+                "enable_encryption is on but no encryption_key is set".into(),
+            ));
+        }
+        let backend = config.open_backend()?;
+        Self::with_backend(backend, config)
+    }
+
+    /// Opens a store over an already built backend, with the other settings of `config`
+    /// (its `backend` field is ignored).
+    pub fn with_backend(backend: Arc<dyn Backend>, config: StorageConfig) -> Result<Self> {
+        backend.health_check()?;
+        let cipher = match &config.encryption_key {
+            Some(key) => Some(Self::unlock(&*backend, key, &*config.clock)?),
+            None => None,
+        };
+        let quota = match config.max_size {
+            Some(max) => Some(Quota {
+                max,
+                used: Mutex::new(backend.usage(config.clock.now())?.total_size),
+                gate: RwLock::new(()),
+            }),
+            None => None,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                backend,
+                cipher,
+                clock: config.clock,
+                format: config.format,
+                default_ttl: config.default_ttl,
+                default_compression: u8::from(config.enable_compression),
+                default_encrypt: config.enable_encryption,
+                quota,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Builds the cipher, checking it against (or creating) the store's key-check record.
+    fn unlock(
+        backend: &dyn Backend,
+        key: &crate::EncryptionKey,
+        clock: &dyn Clock,
+    ) -> Result<Cipher> {
+        for _ in 0..3 {
+            if let Some(record) = backend.get(KEYCHECK_KEY)? {
+                let check: KeyCheck = serde_json::from_slice(&record.value).map_err(|e| {
+                    StorageError::corrupt(KEYCHECK_KEY, format!("key-check record: {e}"))
+                })?;
+                if key.is_passphrase() != check.kdf.is_some() {
+                    return Err(StorageError::WrongEncryptionKey);
+                }
+                let cipher = Cipher::new(key, check.kdf.as_ref())?;
+                return match codec::envelope::open(KEYCHECK_KEY, &check.sealed, Some(&cipher)) {
+                    Ok((payload, _)) if payload == KEYCHECK_PAYLOAD => Ok(cipher),
+                    Ok(_) | Err(StorageError::DecryptionFailed { .. }) => {
+                        Err(StorageError::WrongEncryptionKey)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            let kdf = if key.is_passphrase() {
+                Some(KdfParams::generate()?)
+            } else {
+                None
+            };
+            let cipher = Cipher::new(key, kdf.as_ref())?;
+            let seal = SealOptions {
+                format: Format::Raw,
+                compression_level: 0,
+                encrypt: true,
+            };
+            let (sealed, _) = codec::envelope::seal(KEYCHECK_KEY, KEYCHECK_PAYLOAD, &seal, Some(&cipher))?;
+            let value = serde_json::to_vec(&KeyCheck { kdf, sealed })
+                .map_err(|e| StorageError::backend("store", e))?;
+            let now = clock.now();
+            let record = Record {
+                meta: internal_meta(now, value.len()),
+                value,
+            };
+            let op = WriteOp::Put {
+                key: KEYCHECK_KEY.to_owned(),
+                record,
+                mode: PutMode::CreateOnly,
+            };
+            match backend.write(vec![op], now) {
+                Ok(_) => return Ok(cipher),
+                // Another process created it first: go round and check against theirs.
+                Err(StorageError::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StorageError::backend(
+            backend.backend_type(),
+            "the key-check record keeps changing under us",
+        ))
+    }
+
+    /// The backend under this store.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// The current time by the store's clock.
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now().to_system_time()
+    }
+
+    fn instrument<R>(&self, kind: OpKind, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let start = Instant::now();
+        let result = f();
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let c = &self.inner.counters;
+        let (count, total) = match kind {
+            OpKind::Read => (&c.reads, &c.read_nanos),
+            OpKind::Write => (&c.writes, &c.write_nanos),
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(nanos, Ordering::Relaxed);
+        match &result {
+            Ok(_) => c.unhealthy.store(false, Ordering::Relaxed),
+            Err(e) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                self.note_error(e);
+            }
+        }
+        result
+    }
+
+    fn note_error(&self, e: &StorageError) {
+        if e.is_backend_failure() {
+            let c = &self.inner.counters;
+            c.unhealthy.store(true, Ordering::Relaxed);
+            *c.last_error.lock() = Some(e.to_string());
+        }
+    }
+
+    /// Serializes and seals `value` into a record for `key` as `options` say.
+    fn build_record(
+        &self,
+        key: &str,
+        payload: &[u8],
+        format: Format,
+        options: &SaveOptions,
+        now: Timestamp,
+    ) -> Result<Record> {
+        let seal = SealOptions {
+            format,
+            compression_level: options.compression.unwrap_or(self.inner.default_compression),
+            encrypt: options.encrypt.unwrap_or(self.inner.default_encrypt),
+        };
+        let (value, info): (Vec<u8>, EnvelopeInfo) =
+            codec::envelope::seal(key, payload, &seal, self.inner.cipher.as_ref())?;
+        let expires_at = match options.expiry {
+            Expiry::StoreDefault => self.inner.default_ttl.map(|t| now.saturating_add(t)),
+            Expiry::Never => None,
+            Expiry::After(ttl) => Some(now.saturating_add(ttl)),
+        };
+        Ok(Record {
+            meta: RecordMeta {
+                created_at: now,
+                modified_at: now,
+                accessed_at: now,
+                expires_at,
+                size: value.len() as u64,
+                compressed: info.compressed,
+                encrypted: info.encrypted,
+                custom: options.metadata.clone(),
+            },
+            value,
+        })
+    }
+
+    fn put_op(key: &str, record: Record, options: &SaveOptions) -> WriteOp {
+        WriteOp::Put {
+            key: key.to_owned(),
+            record,
+            mode: if options.overwrite {
+                PutMode::Upsert
+            } else {
+                PutMode::CreateOnly
+            },
+        }
+    }
+
+    /// Saves `value` under `key`.
+    ///
+    /// Fails with `InvalidKey`, `AlreadyExists` (`overwrite(false)` and a live record exists,
+    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `InvalidCompressionLevel`
+    /// or a backend error. On any error the previous value is untouched.
+    pub fn save<T: Serialize + ?Sized>(&self, key: &str, value: &T, options: &SaveOptions) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            key::validate_key(key)?;
+            let format = options.format.unwrap_or(self.inner.format);
+            let payload = codec::format::serialize(key, value, format)?;
+            let now = self.inner.clock.now();
+            let record = self.build_record(key, &payload, format, options, now)?;
+            self.write(vec![Self::put_op(key, record, options)], now)
+                .map(drop)
+        })
+    }
+
+    /// Saves bytes the caller already encoded (snapshots, imports); read them back with
+    /// [`load_bytes`](Self::load_bytes). Compression, encryption, TTL and metadata apply.
+    pub fn save_bytes(&self, key: &str, bytes: &[u8], options: &SaveOptions) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            let record = self.build_record(key, bytes, Format::Raw, options, now)?;
+            self.write(vec![Self::put_op(key, record, options)], now)
+                .map(drop)
+        })
+    }
+
+    /// Loads the value under `key`; `Ok(None)` when it is missing or expired.
+    ///
+    /// Fails with `Corrupt`, `DecryptionFailed`, `EncryptionKeyMissing`, `Deserialize`
+    /// (stored as another type) or a backend error; never returns garbage.
+    pub fn load<T: DeserializeOwned>(&self, key: &str, options: &LoadOptions) -> Result<Option<T>> {
+        self.instrument(OpKind::Read, || {
+            let Some((payload, info)) = self.load_payload(key, options)? else {
+                return Ok(None);
+            };
+            codec::format::deserialize(key, &payload, info.format).map(Some)
+        })
+    }
+
+    /// Loads the value, or returns `default` when it is missing or expired. Errors
+    /// (corruption, a wrong key) are still errors: a default never hides damage.
+    pub fn load_or<T: DeserializeOwned>(&self, key: &str, default: T, options: &LoadOptions) -> Result<T> {
+        Ok(self.load(key, options)?.unwrap_or(default))
+    }
+
+    /// Loads the value, or `T::default()` when it is missing or expired.
+    pub fn load_or_default<T: DeserializeOwned + Default>(&self, key: &str, options: &LoadOptions) -> Result<T> {
+        Ok(self.load(key, options)?.unwrap_or_default())
+    }
+
+    /// Loads the decoded payload bytes and what the envelope says about them (format,
+    /// compression, encryption), without deserializing: for tools and raw-byte records.
+    pub fn load_bytes(&self, key: &str, options: &LoadOptions) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+        self.instrument(OpKind::Read, || self.load_payload(key, options))
+    }
+
+    fn load_payload(&self, key: &str, options: &LoadOptions) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+        key::validate_key(key)?;
+        let now = self.inner.clock.now();
+        let Some(record) = self.inner.backend.get(key)? else {
+            return Ok(None);
+        };
+        if !record.meta.is_live(now) {
+            return Ok(None);
+        }
+        let opened = codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
+        if options.update_access_time {
+            self.inner.backend.touch(key, now)?;
+        }
+        Ok(Some(opened))
+    }
+
+    /// Deletes `key`; `true` if a live record was there.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.instrument(OpKind::Write, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            let outcomes = self.write(vec![WriteOp::Delete { key: key.to_owned() }], now)?;
+            Ok(outcomes.first().is_some_and(|o| o.previous_size.is_some()))
+        })
+    }
+
+    /// True when a live record exists under `key`.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        self.instrument(OpKind::Read, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            Ok(self
+                .inner
+                .backend
+                .get_meta(key)?
+                .is_some_and(|m| m.is_live(now)))
+        })
+    }
+
+    /// The live keys that start with `prefix`, byte for byte (no wildcards: `%`, `*`, `_`
+    /// are ordinary characters), sorted. The empty prefix lists every key.
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        self.instrument(OpKind::Read, || {
+            key::validate_prefix(prefix)?;
+            let now = self.inner.clock.now();
+            let mut keys: Vec<String> = self
+                .inner
+                .backend
+                .scan(prefix)?
+                .into_iter()
+                .filter(|e| !now.is_past(e.expires_at) && !key::is_internal(&e.key))
+                .map(|e| e.key)
+                .collect();
+            keys.sort_unstable();
+            Ok(keys)
+        })
+    }
+
+    /// The metadata of the live record under `key`.
+    pub fn get_metadata(&self, key: &str) -> Result<Option<StorageMetadata>> {
+        self.instrument(OpKind::Read, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            Ok(self
+                .inner
+                .backend
+                .get_meta(key)?
+                .filter(|m| m.is_live(now))
+                .map(|m| StorageMetadata::from_record(key, m)))
+        })
+    }
+
+    /// Removes every record of this store. The store's own bookkeeping (its encryption key
+    /// check) is kept, so the same key keeps working.
+    pub fn clear(&self) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            let _gate = self.inner.quota.as_ref().map(|q| q.gate.write());
+            let internal = self.inner.backend.get(KEYCHECK_KEY)?;
+            self.inner.backend.clear()?;
+            if let Some(record) = internal {
+                let now = self.inner.clock.now();
+                let op = WriteOp::Put {
+                    key: KEYCHECK_KEY.to_owned(),
+                    record,
+                    mode: PutMode::Upsert,
+                };
+                self.inner.backend.write(vec![op], now)?;
+            }
+            if let Some(q) = &self.inner.quota {
+                *q.used.lock() = self.inner.backend.usage(self.inner.clock.now())?.total_size;
+            }
+            Ok(())
+        })
+    }
+
+    /// Applies saves and deletes all or nothing, in order. If any part fails (a bad key, a
+    /// serialization error, `overwrite(false)` on an existing key, the quota, the backend),
+    /// nothing is changed.
+    pub fn transaction(&self, operations: Vec<StorageOperation>) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            let now = self.inner.clock.now();
+            let mut ops = Vec::with_capacity(operations.len());
+            for op in operations {
+                key::validate_key(op.key())?;
+                ops.push(match op {
+                    StorageOperation::Save {
+                        key,
+                        value,
+                        options,
+                    } => {
+                        let format = options.format.unwrap_or(self.inner.format);
+                        let payload = value.serialize(&key, format)?;
+                        let record = self.build_record(&key, &payload, format, &options, now)?;
+                        Self::put_op(&key, record, &options)
+                    }
+                    StorageOperation::Delete { key } => WriteOp::Delete { key },
+                });
+            }
+            if ops.is_empty() {
+                return Ok(());
+            }
+            self.write(ops, now).map(drop)
+        })
+    }
+
+    /// Removes expired records; returns how many. The plugin's TTL cleanup calls this on
+    /// its interval. Expired records are invisible before it runs.
+    pub fn purge_expired(&self) -> Result<usize> {
+        self.instrument(OpKind::Write, || {
+            self.inner.backend.purge_expired(self.inner.clock.now())
+        })
+    }
+
+    /// Size, health and performance. Counts live records through the backend (one query for
+    /// SQLite, a scan for files), so call it off the main thread in a game.
+    pub fn get_stats(&self) -> StorageStats {
+        let now = self.inner.clock.now();
+        let backend = &self.inner.backend;
+        let usage = backend
+            .usage(now)
+            .and_then(|u| {
+                let internal = backend.scan(INTERNAL_PREFIX)?;
+                Ok((
+                    u.item_count.saturating_sub(internal.len() as u64),
+                    u.total_size
+                        .saturating_sub(internal.iter().map(|e| e.size).sum::<u64>()),
+                ))
+            })
+            .and_then(|u| backend.health_check().map(|()| u));
+        let c = &self.inner.counters;
+        let (item_count, total_size) = match usage {
+            Ok(u) => {
+                c.unhealthy.store(false, Ordering::Relaxed);
+                u
+            }
+            Err(e) => {
+                self.note_error(&e);
+                (0, 0)
+            }
+        };
+        let max_size = self.inner.quota.as_ref().map(|q| q.max);
+        let quota_free = max_size.map(|m| m.saturating_sub(total_size));
+        let available_space = match (quota_free, backend.available_space()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let reads = c.reads.load(Ordering::Relaxed);
+        let writes = c.writes.load(Ordering::Relaxed);
+        let avg = |nanos: &AtomicU64, n: u64| {
+            Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
+        };
+        StorageStats {
+            item_count,
+            total_size,
+            available_space,
+            max_size,
+            backend_type: backend.backend_type().to_owned(),
+            is_healthy: !c.unhealthy.load(Ordering::Relaxed),
+            last_error: c.last_error.lock().clone(),
+            performance: PerformanceStats {
+                reads,
+                writes,
+                operation_count: reads + writes,
+                errors: c.errors.load(Ordering::Relaxed),
+                avg_read_time: avg(&c.read_nanos, reads),
+                avg_write_time: avg(&c.write_nanos, writes),
+            },
+        }
+    }
+
+    /// Sends a batch to the backend under the quota.
+    fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
+        let Some(quota) = &self.inner.quota else {
+            return self.inner.backend.write(ops, now);
+        };
+        let adding: u64 = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { record, .. } => record.meta.size,
+                WriteOp::Delete { .. } => 0,
+            })
+            .sum();
+        {
+            // Fast path: the reservation fits whatever the old sizes were.
+            let _shared = quota.gate.read();
+            let reserved = {
+                let mut used = quota.used.lock();
+                if *used + adding <= quota.max {
+                    *used += adding;
+                    true
+                } else {
+                    false
+                }
+            };
+            if reserved {
+                let result = self.inner.backend.write(ops, now);
+                let mut used = quota.used.lock();
+                match &result {
+                    Ok(outcomes) => {
+                        let freed: u64 = outcomes.iter().filter_map(|o| o.previous_size).sum();
+                        *used = used.saturating_sub(freed);
+                    }
+                    Err(_) => *used = used.saturating_sub(adding),
+                }
+                return result;
+            }
+        }
+        // Slow path: nothing else in flight; recount and account for what gets replaced.
+        let _exclusive = quota.gate.write();
+        let used = self.inner.backend.usage(now)?.total_size;
+        let mut final_sizes: BTreeMap<&str, u64> = BTreeMap::new();
+        for op in &ops {
+            let size = match op {
+                WriteOp::Put { record, .. } => record.meta.size,
+                WriteOp::Delete { .. } => 0,
+            };
+            final_sizes.insert(op.key(), size);
+        }
+        let mut freed = 0;
+        for key in final_sizes.keys() {
+            if let Some(meta) = self.inner.backend.get_meta(key)?
+                && meta.is_live(now)
+            {
+                freed += meta.size;
+            }
+        }
+        let after = used.saturating_sub(freed) + final_sizes.values().sum::<u64>();
+        if after > quota.max {
+            *quota.used.lock() = used;
+            return Err(StorageError::QuotaExceeded {
+                needed: after.saturating_sub(used),
+                available: quota.max.saturating_sub(used),
+                max_size: quota.max,
+            });
+        }
+        let result = self.inner.backend.write(ops, now);
+        *quota.used.lock() = if result.is_ok() { after } else { used };
+        result
+    }
+}
+
+fn internal_meta(now: Timestamp, size: usize) -> RecordMeta {
+    RecordMeta {
+        created_at: now,
+        modified_at: now,
+        accessed_at: now,
+        expires_at: None,
+        size: size as u64,
+        compressed: false,
+        encrypted: false,
+        custom: CustomMetadata::new(),
+    }
+}
