@@ -94,6 +94,12 @@ pub struct StorageConfig {
     pub pool_size: u32,
     /// Serde format for values. Default RON (readable); `Format::Binary` is faster.
     pub format: Format,
+    /// Serve repeated loads from memory for this long (`None`: no cache, the default).
+    /// Saves, deletes, transactions and clears through the same `Store` invalidate it; writes
+    /// by *other* processes are seen once an entry times out.
+    pub read_cache_ttl: Option<Duration>,
+    /// Most entries the read cache holds. Default 1024.
+    pub read_cache_capacity: usize,
     /// Source of the current time (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub clock: Arc<dyn Clock>,
 }
@@ -111,6 +117,8 @@ impl StorageConfig {
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
             pool_size: DEFAULT_POOL_SIZE,
             format: Format::Ron,
+            read_cache_ttl: None,
+            read_cache_capacity: 1024,
             clock: Arc::new(SystemClock),
         }
     }
@@ -206,6 +214,18 @@ impl StorageConfig {
     /// Sets the serde format of values.
     pub fn format(mut self, format: Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// Turns on the read cache with entries kept for `ttl` (`None` turns it off).
+    pub fn read_cache(mut self, ttl: Option<Duration>) -> Self {
+        self.read_cache_ttl = ttl;
+        self
+    }
+
+    /// Sets how many entries the read cache holds.
+    pub fn read_cache_capacity(mut self, entries: usize) -> Self {
+        self.read_cache_capacity = entries;
         self
     }
 

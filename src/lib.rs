@@ -76,7 +76,7 @@ pub use codec::{EncryptionKey, Format};
 pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};
 pub use store::{
-    ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
+    CacheStats, ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
     StorageOperation, StorageStats, Store,
 };
 

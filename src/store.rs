@@ -4,7 +4,7 @@
 //! hides expired records, enforces the quota, keeps `created_at` across overwrites, and counts
 //! statistics. Backends below it only keep bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -286,6 +286,17 @@ pub struct PerformanceStats {
     pub avg_write_time: Duration,
 }
 
+/// Read-cache effectiveness (all zero when the cache is off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Loads served from memory.
+    pub hits: u64,
+    /// Loads that went to the backend.
+    pub misses: u64,
+    /// Entries held now.
+    pub entries: u64,
+}
+
 /// A store's size, health and performance, from [`Store::get_stats`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, bevy::prelude::Resource)]
 pub struct StorageStats {
@@ -306,6 +317,8 @@ pub struct StorageStats {
     pub last_error: Option<String>,
     /// Operation counts and mean timings.
     pub performance: PerformanceStats,
+    /// Read-cache hits and misses.
+    pub cache: CacheStats,
 }
 
 #[derive(Default)]
@@ -334,7 +347,85 @@ struct Quota {
     gate: RwLock<()>,
 }
 
+/// Decoded payloads of recent loads, kept for `ttl`; see [`StorageConfig::read_cache`].
+struct ReadCache {
+    ttl: Duration,
+    capacity: usize,
+    entries: Mutex<HashMap<String, CachedRead>>,
+    /// Bumped by every invalidation; a load only fills the cache if it did not move while
+    /// the load read the backend, so a racing write can never leave a stale entry.
+    epoch: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Clone)]
+struct CachedRead {
+    loaded_at: Instant,
+    expires_at: Option<Timestamp>,
+    payload: Arc<Vec<u8>>,
+    info: EnvelopeInfo,
+}
+
+impl ReadCache {
+    fn get(&self, key: &str, now: Timestamp) -> Option<CachedRead> {
+        let mut entries = self.entries.lock();
+        match entries.get(key) {
+            Some(e) if e.loaded_at.elapsed() < self.ttl && !now.is_past(e.expires_at) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.clone())
+            }
+            Some(_) => {
+                entries.remove(key);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn insert(&self, key: &str, epoch: u64, entry: CachedRead) {
+        let mut entries = self.entries.lock();
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
+        if entries.len() >= self.capacity && !entries.contains_key(key) {
+            let ttl = self.ttl;
+            entries.retain(|_, e| e.loaded_at.elapsed() < ttl);
+            if entries.len() >= self.capacity {
+                // Still full of fresh entries: drop the oldest.
+                if let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.loaded_at)
+                    .map(|(k, _)| k.clone())
+                {
+                    entries.remove(&oldest);
+                }
+            }
+        }
+        entries.insert(key.to_owned(), entry);
+    }
+
+    fn invalidate<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let mut entries = self.entries.lock();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for key in keys {
+            entries.remove(key);
+        }
+    }
+
+    fn invalidate_all(&self) {
+        let mut entries = self.entries.lock();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        entries.clear();
+    }
+}
+
 struct Inner {
+    cache: Option<ReadCache>,
     backend: Arc<dyn Backend>,
     cipher: Option<Cipher>,
     clock: Arc<dyn Clock>,
@@ -415,6 +506,14 @@ impl Store {
         };
         Ok(Self {
             inner: Arc::new(Inner {
+                cache: config.read_cache_ttl.map(|ttl| ReadCache {
+                    ttl,
+                    capacity: config.read_cache_capacity.max(1),
+                    entries: Mutex::new(HashMap::new()),
+                    epoch: AtomicU64::new(0),
+                    hits: AtomicU64::new(0),
+                    misses: AtomicU64::new(0),
+                }),
                 backend,
                 cipher,
                 clock: config.clock,
@@ -637,17 +736,34 @@ impl Store {
     fn load_payload(&self, key: &str, options: &LoadOptions) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
         key::validate_key(key)?;
         let now = self.inner.clock.now();
+        let cache = self.inner.cache.as_ref();
+        if let Some(hit) = cache.and_then(|c| c.get(key, now)) {
+            if options.update_access_time {
+                self.inner.backend.touch(key, now)?;
+            }
+            return Ok(Some((Vec::clone(&hit.payload), hit.info)));
+        }
+        let epoch = cache.map(|c| c.epoch.load(Ordering::SeqCst));
         let Some(record) = self.inner.backend.get(key)? else {
             return Ok(None);
         };
         if !record.meta.is_live(now) {
             return Ok(None);
         }
-        let opened = codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
+        let (payload, info) = codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
         if options.update_access_time {
             self.inner.backend.touch(key, now)?;
         }
-        Ok(Some(opened))
+        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+            let entry = CachedRead {
+                loaded_at: Instant::now(),
+                expires_at: record.meta.expires_at,
+                payload: Arc::new(payload.clone()),
+                info,
+            };
+            cache.insert(key, epoch, entry);
+        }
+        Ok(Some((payload, info)))
     }
 
     /// Deletes `key`; `true` if a live record was there.
@@ -712,7 +828,14 @@ impl Store {
         self.instrument(OpKind::Write, || {
             let _gate = self.inner.quota.as_ref().map(|q| q.gate.write());
             let internal = self.inner.backend.get(KEYCHECK_KEY)?;
-            self.inner.backend.clear()?;
+            if let Some(cache) = &self.inner.cache {
+                cache.invalidate_all();
+            }
+            let cleared = self.inner.backend.clear();
+            if let Some(cache) = &self.inner.cache {
+                cache.invalidate_all();
+            }
+            cleared?;
             if let Some(record) = internal {
                 let now = self.inner.clock.now();
                 let op = WriteOp::Put {
@@ -813,6 +936,16 @@ impl Store {
             backend_type: backend.backend_type().to_owned(),
             is_healthy: !c.unhealthy.load(Ordering::Relaxed),
             last_error: c.last_error.lock().clone(),
+            cache: self
+                .inner
+                .cache
+                .as_ref()
+                .map(|cache| CacheStats {
+                    hits: cache.hits.load(Ordering::Relaxed),
+                    misses: cache.misses.load(Ordering::Relaxed),
+                    entries: cache.entries.lock().len() as u64,
+                })
+                .unwrap_or_default(),
             performance: PerformanceStats {
                 reads,
                 writes,
@@ -824,8 +957,20 @@ impl Store {
         }
     }
 
-    /// Sends a batch to the backend under the quota.
+    /// Sends a batch to the backend under the quota, and drops the cached reads it touches
+    /// (before and after the write, so no reader keeps a value older than the write).
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
+        let Some(cache) = &self.inner.cache else {
+            return self.write_under_quota(ops, now);
+        };
+        let keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
+        cache.invalidate(keys.iter().map(String::as_str));
+        let result = self.write_under_quota(ops, now);
+        cache.invalidate(keys.iter().map(String::as_str));
+        result
+    }
+
+    fn write_under_quota(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         let Some(quota) = &self.inner.quota else {
             return self.inner.backend.write(ops, now);
         };
