@@ -23,8 +23,9 @@ impl MemoryBackend {
 }
 
 /// Applies a batch to a sorted map with the [`Backend::write`] rules; on error the map is
-/// unchanged. Shared by the backends that keep an in-memory image of their records.
-pub(crate) fn apply_batch(
+/// unchanged. Public so that a custom backend that keeps its records in memory (and writes
+/// them out as a whole) gets the batch rules right without rewriting them.
+pub fn apply_batch(
     map: &mut BTreeMap<String, Record>,
     ops: Vec<WriteOp>,
     now: Timestamp,
