@@ -105,7 +105,11 @@ impl SaveOptions {
         self
     }
     /// Adds one custom metadata field.
-    pub fn metadata(mut self, field: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+    pub fn metadata(
+        mut self,
+        field: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
         self.metadata.insert(field.into(), value.into());
         self
     }
@@ -198,12 +202,17 @@ impl StorageMetadata {
 /// A value of any serializable type, kept until the store serializes it with its format.
 /// Used by [`StorageOperation`] and by the plugin's requests, which carry values of many types.
 #[derive(Clone)]
-pub struct ErasedValue(Arc<dyn Fn(&str, Format) -> Result<Vec<u8>> + Send + Sync>);
+pub struct ErasedValue(Arc<SerializeFn>);
+
+/// Serializes a captured value for a key (named in errors) in a format.
+type SerializeFn = dyn Fn(&str, Format) -> Result<Vec<u8>> + Send + Sync;
 
 impl ErasedValue {
     /// Wraps a value.
     pub fn new<T: Serialize + Send + Sync + 'static>(value: T) -> Self {
-        Self(Arc::new(move |key, format| codec::format::serialize(key, &value, format)))
+        Self(Arc::new(move |key, format| {
+            codec::format::serialize(key, &value, format)
+        }))
     }
 
     /// Serializes the value in `format`; `key` only names it in errors.
@@ -561,7 +570,8 @@ impl Store {
                 compression_level: 0,
                 encrypt: true,
             };
-            let (sealed, _) = codec::envelope::seal(KEYCHECK_KEY, KEYCHECK_PAYLOAD, &seal, Some(&cipher))?;
+            let (sealed, _) =
+                codec::envelope::seal(KEYCHECK_KEY, KEYCHECK_PAYLOAD, &seal, Some(&cipher))?;
             let value = serde_json::to_vec(&KeyCheck { kdf, sealed })
                 .map_err(|e| StorageError::backend("store", e))?;
             let now = clock.now();
@@ -637,7 +647,9 @@ impl Store {
     ) -> Result<Record> {
         let seal = SealOptions {
             format,
-            compression_level: options.compression.unwrap_or(self.inner.default_compression),
+            compression_level: options
+                .compression
+                .unwrap_or(self.inner.default_compression),
             encrypt: options.encrypt.unwrap_or(self.inner.default_encrypt),
         };
         let (value, info): (Vec<u8>, EnvelopeInfo) =
@@ -679,7 +691,12 @@ impl Store {
     /// Fails with `InvalidKey`, `AlreadyExists` (`overwrite(false)` and a live record exists,
     /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `InvalidCompressionLevel`
     /// or a backend error. On any error the previous value is untouched.
-    pub fn save<T: Serialize + ?Sized>(&self, key: &str, value: &T, options: &SaveOptions) -> Result<()> {
+    pub fn save<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        options: &SaveOptions,
+    ) -> Result<()> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             let format = options.format.unwrap_or(self.inner.format);
@@ -718,22 +735,39 @@ impl Store {
 
     /// Loads the value, or returns `default` when it is missing or expired. Errors
     /// (corruption, a wrong key) are still errors: a default never hides damage.
-    pub fn load_or<T: DeserializeOwned>(&self, key: &str, default: T, options: &LoadOptions) -> Result<T> {
+    pub fn load_or<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        default: T,
+        options: &LoadOptions,
+    ) -> Result<T> {
         Ok(self.load(key, options)?.unwrap_or(default))
     }
 
     /// Loads the value, or `T::default()` when it is missing or expired.
-    pub fn load_or_default<T: DeserializeOwned + Default>(&self, key: &str, options: &LoadOptions) -> Result<T> {
+    pub fn load_or_default<T: DeserializeOwned + Default>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+    ) -> Result<T> {
         Ok(self.load(key, options)?.unwrap_or_default())
     }
 
     /// Loads the decoded payload bytes and what the envelope says about them (format,
     /// compression, encryption), without deserializing: for tools and raw-byte records.
-    pub fn load_bytes(&self, key: &str, options: &LoadOptions) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+    pub fn load_bytes(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+    ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
         self.instrument(OpKind::Read, || self.load_payload(key, options))
     }
 
-    fn load_payload(&self, key: &str, options: &LoadOptions) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+    fn load_payload(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+    ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
         key::validate_key(key)?;
         let now = self.inner.clock.now();
         let cache = self.inner.cache.as_ref();
@@ -750,7 +784,8 @@ impl Store {
         if !record.meta.is_live(now) {
             return Ok(None);
         }
-        let (payload, info) = codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
+        let (payload, info) =
+            codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
         if options.update_access_time {
             self.inner.backend.touch(key, now)?;
         }
@@ -771,7 +806,12 @@ impl Store {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             let now = self.inner.clock.now();
-            let outcomes = self.write(vec![WriteOp::Delete { key: key.to_owned() }], now)?;
+            let outcomes = self.write(
+                vec![WriteOp::Delete {
+                    key: key.to_owned(),
+                }],
+                now,
+            )?;
             Ok(outcomes.first().is_some_and(|o| o.previous_size.is_some()))
         })
     }
