@@ -164,6 +164,41 @@ pub enum StorageError {
         source: io::Error,
     },
 
+    /// A world snapshot could not be captured, decoded or applied; the message says why.
+    #[error("world snapshot: {0}")]
+    Snapshot(String),
+
+    /// A snapshot names a type this app does not register for reflection.
+    #[error(
+        "the snapshot holds a {type_path} but this app does not register that type for reflection (derive Reflect with #[reflect(Component)] or #[reflect(Resource)], or register a migration for it); the world was not changed"
+    )]
+    UnregisteredType {
+        /// The type path found in the snapshot.
+        type_path: String,
+    },
+
+    /// The snapshot was written by a newer version of this crate.
+    #[error(
+        "the snapshot uses format version {found}, newer than the {supported} this build reads; upgrade bevy_storage"
+    )]
+    SnapshotFormatTooNew {
+        /// Format version found.
+        found: u16,
+        /// Newest this build reads.
+        supported: u16,
+    },
+
+    /// The snapshot was written by a newer version of the game.
+    #[error(
+        "the snapshot was saved by game version {found}, newer than this game's {current}; it cannot be loaded by an older build"
+    )]
+    SnapshotGameVersionTooNew {
+        /// Game version found.
+        found: u32,
+        /// This game's version.
+        current: u32,
+    },
+
     /// A transaction was empty or named the same key twice in conflicting ways.
     #[error("invalid transaction: {0}")]
     InvalidTransaction(String),

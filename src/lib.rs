@@ -69,6 +69,8 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod plugin;
+pub mod snapshot;
 pub mod store;
 
 pub use backend::{Backend, CustomMetadata};
@@ -80,8 +82,21 @@ pub use store::{
     StorageOperation, StorageStats, Store,
 };
 
+pub use plugin::{
+    PersistResourceExt, Storage, StorageActivity, StorageCommandsExt, StoragePlugin,
+    StoragePluginBuilder, StorageSet, WriteBatching,
+};
+
 /// The names a game usually needs.
 pub mod prelude {
+    pub use crate::plugin::{
+        ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted,
+        ExistsRequest, ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted,
+        LoadRequest, PersistOptions, PersistResourceExt, PersistedResourceLoaded,
+        PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest, Storage, StorageActivity,
+        StorageCommandsExt, StoragePlugin, StoragePluginBuilder, StorageResponse, StorageSet,
+        TransactionCompleted, TransactionRequest, WriteBatching,
+    };
     pub use crate::{
         Backend, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions, StorageConfig,
         StorageError, StorageMetadata, StorageOperation, StorageStats, Store,

@@ -1,0 +1,315 @@
+//! Columns of component values: the typed fast path and the reflection fallback.
+//!
+//! A *typed* column holds `Vec<T>` for a component registered with
+//! [`SnapshotRegistry::register_component`](super::SnapshotRegistry::register_component)
+//! (`Clone + Serialize + DeserializeOwned`): capture is a query and a clone, encoding is plain
+//! serde. Every other reflected component goes through a *reflect* column: values are cloned
+//! through reflection and (de)serialized with Bevy's reflect serializers, asset handles by path.
+
+use std::any::TypeId;
+use std::marker::PhantomData;
+
+use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
+use bevy::ecs::entity::{EntityHashMap, EntityMapper};
+use bevy::ecs::reflect::ReflectComponent;
+use bevy::prelude::*;
+use bevy::reflect::serde::TypedReflectSerializer;
+use bevy::reflect::{PartialReflect, TypeRegistry};
+use serde::de::DeserializeOwned;
+use serde::ser::SerializeSeq;
+use serde::{Serialize, Serializer};
+
+use super::Persist;
+
+/// Maps the entity ids saved in a snapshot to the entities spawned for them. Ids that name no
+/// saved entity (a reference to something outside the snapshot) become
+/// [`Entity::PLACEHOLDER`].
+pub struct SnapshotEntityMapper<'a> {
+    pub(crate) map: &'a EntityHashMap<Entity>,
+}
+
+impl EntityMapper for SnapshotEntityMapper<'_> {
+    fn get_mapped(&mut self, source: Entity) -> Entity {
+        self.map
+            .get(&source)
+            .copied()
+            .unwrap_or(Entity::PLACEHOLDER)
+    }
+
+    fn set_mapped(&mut self, _source: Entity, _target: Entity) {}
+}
+
+/// Values of one component type taken from the world, ready to serialize on any thread.
+pub(crate) trait CapturedColumn: Send + Sync {
+    /// The component's type path (the name written in the snapshot).
+    fn type_path(&self) -> &str;
+    /// Row (index into the snapshot's entity list) of each value.
+    fn rows(&self) -> &[u32];
+    /// Sorts values by row so that relationship inserts replay in the saved order.
+    fn sort_by_row(&mut self);
+    /// The values as one serializable sequence.
+    fn values<'a>(&'a self, registry: &'a TypeRegistry) -> Box<dyn erased_serde::Serialize + 'a>;
+}
+
+/// Values of one component type decoded from a snapshot, ready to insert.
+pub(crate) trait LoadedColumn: Send {
+    /// How many values.
+    fn len(&self) -> usize;
+    /// Maps entity references and inserts value `i` on `targets[i]`.
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        targets: Vec<Entity>,
+        mapper: &mut SnapshotEntityMapper,
+        registry: &TypeRegistry,
+    );
+}
+
+/// What a typed component needs: the fast path of the snapshot.
+pub(crate) trait TypedCodec: Send + Sync + 'static {
+    fn type_path(&self) -> &'static str;
+    fn type_id(&self) -> TypeId;
+    fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn>;
+    fn deserialize_values(
+        &self,
+        de: &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error>;
+}
+
+pub(crate) struct Typed<T>(PhantomData<fn() -> T>);
+
+impl<T> Typed<T> {
+    pub(crate) fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// The component bound of the typed fast path.
+pub trait SnapshotComponent: Component + Clone + Serialize + DeserializeOwned + TypePath {}
+impl<T> SnapshotComponent for T where T: Component + Clone + Serialize + DeserializeOwned + TypePath {}
+
+impl<T: SnapshotComponent> TypedCodec for Typed<T> {
+    fn type_path(&self) -> &'static str {
+        T::type_path()
+    }
+
+    fn type_id(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+
+    fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn> {
+        let mut query = world.query_filtered::<(Entity, &T), With<Persist>>();
+        let (rows, values): (Vec<u32>, Vec<T>) = query
+            .iter(world)
+            .filter_map(|(entity, value)| rows.get(&entity).map(|row| (*row, value.clone())))
+            .unzip();
+        Box::new(TypedColumn { rows, values })
+    }
+
+    fn deserialize_values(
+        &self,
+        de: &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error> {
+        let values: Vec<T> = erased_serde::deserialize(de)?;
+        Ok(Box::new(TypedLoaded { values }))
+    }
+}
+
+struct TypedColumn<T> {
+    rows: Vec<u32>,
+    values: Vec<T>,
+}
+
+impl<T: SnapshotComponent> CapturedColumn for TypedColumn<T> {
+    fn type_path(&self) -> &str {
+        T::type_path()
+    }
+
+    fn rows(&self) -> &[u32] {
+        &self.rows
+    }
+
+    fn sort_by_row(&mut self) {
+        if self.rows.is_sorted() {
+            return;
+        }
+        let mut pairs: Vec<(u32, T)> = self.rows.drain(..).zip(self.values.drain(..)).collect();
+        pairs.sort_by_key(|(row, _)| *row);
+        (self.rows, self.values) = pairs.into_iter().unzip();
+    }
+
+    fn values<'a>(&'a self, _registry: &'a TypeRegistry) -> Box<dyn erased_serde::Serialize + 'a> {
+        Box::new(&self.values)
+    }
+}
+
+/// Decoded values of a typed component (also what migrations produce).
+pub(crate) struct TypedLoaded<T> {
+    pub(crate) values: Vec<T>,
+}
+
+impl<T: Component> LoadedColumn for TypedLoaded<T> {
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        targets: Vec<Entity>,
+        mapper: &mut SnapshotEntityMapper,
+        _registry: &TypeRegistry,
+    ) {
+        let mut values = self.values;
+        for value in &mut values {
+            T::map_entities(value, mapper);
+        }
+        world.insert_batch(targets.into_iter().zip(values));
+    }
+}
+
+/// Reflected values of one component type, cloned out of the world.
+pub(crate) struct ReflectColumn {
+    pub(crate) type_path: String,
+    pub(crate) rows: Vec<u32>,
+    pub(crate) values: Vec<Box<dyn PartialReflect>>,
+}
+
+impl CapturedColumn for ReflectColumn {
+    fn type_path(&self) -> &str {
+        &self.type_path
+    }
+
+    fn rows(&self) -> &[u32] {
+        &self.rows
+    }
+
+    fn sort_by_row(&mut self) {
+        if self.rows.is_sorted() {
+            return;
+        }
+        let mut pairs: Vec<(u32, Box<dyn PartialReflect>)> =
+            self.rows.drain(..).zip(self.values.drain(..)).collect();
+        pairs.sort_by_key(|(row, _)| *row);
+        (self.rows, self.values) = pairs.into_iter().unzip();
+    }
+
+    fn values<'a>(&'a self, registry: &'a TypeRegistry) -> Box<dyn erased_serde::Serialize + 'a> {
+        Box::new(ReflectValues {
+            values: &self.values,
+            registry,
+        })
+    }
+}
+
+/// A sequence of reflected values, serialized with asset handles written as paths.
+pub(crate) struct ReflectValues<'a> {
+    pub(crate) values: &'a [Box<dyn PartialReflect>],
+    pub(crate) registry: &'a TypeRegistry,
+}
+
+impl Serialize for ReflectValues<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let processor = HandleSerializeProcessor {
+            // A handle to an asset that was not loaded from a path cannot be restored: refuse
+            // it rather than silently writing a default handle.
+            ephemeral_handle_behavior: EphemeralHandleBehavior::Error,
+        };
+        let mut seq = serializer.serialize_seq(Some(self.values.len()))?;
+        for value in self.values {
+            seq.serialize_element(&TypedReflectSerializer::with_processor(
+                value.as_ref(),
+                self.registry,
+                &processor,
+            ))?;
+        }
+        seq.end()
+    }
+}
+
+/// Reflected values decoded (and converted to concrete types) from a snapshot.
+pub(crate) struct ReflectLoaded {
+    pub(crate) component: ReflectComponent,
+    pub(crate) values: Vec<Box<dyn Reflect>>,
+}
+
+impl LoadedColumn for ReflectLoaded {
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        targets: Vec<Entity>,
+        mapper: &mut SnapshotEntityMapper,
+        registry: &TypeRegistry,
+    ) {
+        for (entity, mut value) in targets.into_iter().zip(self.values) {
+            self.component.map_entities(value.as_mut(), mapper);
+            self.component.insert(
+                &mut world.entity_mut(entity),
+                value.as_partial_reflect(),
+                registry,
+            );
+        }
+    }
+}
+
+/// A resource decoded from a snapshot, ready to insert.
+pub(crate) trait LoadedResource: Send {
+    /// Maps entity references and inserts (or replaces) the resource.
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+        registry: &TypeRegistry,
+    );
+}
+
+/// A resource produced by a migration.
+pub(crate) struct TypedResourceLoaded<R> {
+    pub(crate) value: R,
+}
+
+impl<R: Resource> LoadedResource for TypedResourceLoaded<R> {
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+        _registry: &TypeRegistry,
+    ) {
+        let mut value = self.value;
+        R::map_entities(&mut value, mapper);
+        world.insert_resource(value);
+    }
+}
+
+/// A reflected resource.
+pub(crate) struct ReflectResourceLoaded {
+    pub(crate) component: ReflectComponent,
+    pub(crate) value: Box<dyn Reflect>,
+}
+
+impl LoadedResource for ReflectResourceLoaded {
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+        registry: &TypeRegistry,
+    ) {
+        let mut value = self.value;
+        self.component.map_entities(value.as_mut(), mapper);
+        // Resources are entities holding the resource component (Bevy 0.19).
+        let resource_id = self.component.register_component(world);
+        let entity = match world.resource_entities().get(resource_id) {
+            Some(entity) => entity,
+            None => world.spawn_empty().id(),
+        };
+        self.component.insert(
+            &mut world.entity_mut(entity),
+            value.as_partial_reflect(),
+            registry,
+        );
+    }
+}

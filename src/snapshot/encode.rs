@@ -1,0 +1,652 @@
+//! Steps 2 and 3, on any thread: a captured world ⇄ bytes.
+//!
+//! ```text
+//! offset size
+//! 0      4    magic "BSNP"
+//! 4      2    snapshot format version (LE)
+//! 6      1    encoding: 1 RON, 2 postcard
+//! 7      1    reserved, 0
+//! 8      4    game version (LE)
+//! 12     4    entity count (LE)
+//! 16     ..   body: (entities, [(type path, rows, values)], [(type path, value)])
+//! ```
+//! The header is readable without decoding the body (slot listings use it through the record
+//! metadata instead). Integrity (checksum, authentication) comes from the store's envelope.
+
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::fmt;
+
+use bevy::asset::AssetPath;
+use bevy::asset::{AssetId, AssetServer, HandleDeserializeProcessor, LoadFromPath, UntypedHandle};
+use bevy::ecs::reflect::{AppTypeRegistry, ReflectComponent, ReflectResource};
+use bevy::prelude::*;
+use bevy::reflect::serde::TypedReflectDeserializer;
+use bevy::reflect::{PartialReflect, ReflectFromReflect, TypeRegistration, TypeRegistry};
+use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
+use serde::ser::{SerializeSeq, SerializeTuple};
+use serde::{Deserializer, Serialize, Serializer};
+
+use super::apply::DecodedWorld;
+use super::capture::CapturedWorld;
+use super::columns::{
+    CapturedColumn, LoadedColumn, LoadedResource, ReflectLoaded, ReflectResourceLoaded,
+    ReflectValues,
+};
+use super::{SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotRegistry};
+use crate::error::{Result, StorageError};
+
+const MAGIC: [u8; 4] = *b"BSNP";
+const HEADER_LEN: usize = 16;
+
+/// What the header of a snapshot says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// Snapshot format version (this build: [`SNAPSHOT_FORMAT_VERSION`]).
+    pub format_version: u16,
+    /// RON or binary.
+    pub encoding: SnapshotEncoding,
+    /// The game version that wrote it.
+    pub game_version: u32,
+    /// Number of entities in it.
+    pub entity_count: u32,
+}
+
+/// Reads and checks a snapshot's header.
+pub fn read_header(bytes: &[u8]) -> Result<SnapshotHeader> {
+    if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
+        return Err(StorageError::Snapshot(
+            "not a world snapshot (bad header): the record holds something else or is truncated"
+                .into(),
+        ));
+    }
+    let format_version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if format_version > SNAPSHOT_FORMAT_VERSION {
+        return Err(StorageError::SnapshotFormatTooNew {
+            found: format_version,
+            supported: SNAPSHOT_FORMAT_VERSION,
+        });
+    }
+    let encoding = match bytes[6] {
+        1 => SnapshotEncoding::Ron,
+        2 => SnapshotEncoding::Binary,
+        other => {
+            return Err(StorageError::Snapshot(format!(
+                "unknown snapshot encoding {other}"
+            )));
+        }
+    };
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    Ok(SnapshotHeader {
+        format_version,
+        encoding,
+        game_version: word(8),
+        entity_count: word(12),
+    })
+}
+
+impl CapturedWorld {
+    /// Serializes the captured world (run it on a task pool: this is the expensive part).
+    pub fn encode(mut self) -> Result<Vec<u8>> {
+        for column in &mut self.columns {
+            column.sort_by_row();
+        }
+        let reg = self.registry.read();
+        let body = Body {
+            entities: &self.entities,
+            columns: &self.columns,
+            resources: &self.resources,
+            registry: &reg,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + 64 * self.entities.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+        out.push(match self.encoding {
+            SnapshotEncoding::Ron => 1,
+            SnapshotEncoding::Binary => 2,
+        });
+        out.push(0);
+        out.extend_from_slice(&self.game_version.to_le_bytes());
+        out.extend_from_slice(&(self.entities.len() as u32).to_le_bytes());
+        let failed = |e: &dyn fmt::Display| {
+            StorageError::Snapshot(format!("could not serialize the world: {e}"))
+        };
+        match self.encoding {
+            SnapshotEncoding::Ron => {
+                let text = ron::ser::to_string_pretty(&body, ron::ser::PrettyConfig::default())
+                    .map_err(|e| failed(&e))?;
+                out.extend_from_slice(text.as_bytes());
+            }
+            SnapshotEncoding::Binary => {
+                out = postcard::to_extend(&body, out).map_err(|e| failed(&e))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Body<'a> {
+    entities: &'a [u64],
+    columns: &'a [Box<dyn CapturedColumn>],
+    resources: &'a [(String, Box<dyn PartialReflect>)],
+    registry: &'a TypeRegistry,
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut t = serializer.serialize_tuple(3)?;
+        t.serialize_element(self.entities)?;
+        t.serialize_element(&Columns(self.columns, self.registry))?;
+        t.serialize_element(&Resources(self.resources, self.registry))?;
+        t.end()
+    }
+}
+
+struct Columns<'a>(&'a [Box<dyn CapturedColumn>], &'a TypeRegistry);
+
+impl Serialize for Columns<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for column in self.0 {
+            let values = column.values(self.1);
+            seq.serialize_element(&(column.type_path(), column.rows(), &*values))?;
+        }
+        seq.end()
+    }
+}
+
+struct Resources<'a>(&'a [(String, Box<dyn PartialReflect>)], &'a TypeRegistry);
+
+impl Serialize for Resources<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for (type_path, value) in self.0 {
+            let one = ReflectValues {
+                values: std::slice::from_ref(value),
+                registry: self.1,
+            };
+            seq.serialize_element(&(type_path, one))?;
+        }
+        seq.end()
+    }
+}
+
+/// What decoding needs from the app: the type registry, the snapshot registry (typed columns,
+/// migrations), the current game version, and the asset server if there is one. Cheap to
+/// clone; build it on the main thread with [`SnapshotContext::from_world`] and move it into a task.
+#[derive(Clone)]
+pub struct SnapshotContext {
+    /// Bevy's type registry.
+    pub registry: AppTypeRegistry,
+    /// Typed columns and migrations.
+    pub snapshots: SnapshotRegistry,
+    /// The game version snapshots are migrated to; newer ones are refused.
+    pub game_version: u32,
+    /// Loads asset handles by path; without it, a snapshot holding handles fails to decode.
+    pub asset_server: Option<AssetServer>,
+}
+
+impl SnapshotContext {
+    /// Gathers the context from a world (its registries, settings and asset server).
+    pub fn from_world(world: &mut World) -> Self {
+        Self {
+            registry: world.get_resource_or_init::<AppTypeRegistry>().clone(),
+            snapshots: world
+                .get_resource::<SnapshotRegistry>()
+                .cloned()
+                .unwrap_or_else(SnapshotRegistry::new),
+            game_version: world
+                .get_resource::<super::SnapshotSettings>()
+                .map_or(0, |s| s.game_version),
+            asset_server: world.get_resource::<AssetServer>().cloned(),
+        }
+    }
+}
+
+/// Stands in for an asset server in an app without one: remembers what was asked for.
+struct NoAssetServer {
+    requested: Option<String>,
+}
+
+impl LoadFromPath for NoAssetServer {
+    fn load_from_path_erased(
+        &mut self,
+        type_id: TypeId,
+        path: AssetPath<'static>,
+    ) -> UntypedHandle {
+        self.requested.get_or_insert_with(|| path.to_string());
+        UntypedHandle::Uuid {
+            type_id,
+            uuid: AssetId::<()>::DEFAULT_UUID,
+        }
+    }
+}
+
+struct DecodeState<'a> {
+    registry: &'a TypeRegistry,
+    snapshots: &'a SnapshotRegistry,
+    snapshot_version: u32,
+    loader: RefCell<&'a mut dyn LoadFromPath>,
+    /// The first typed failure (serde errors only carry text).
+    failure: RefCell<Option<StorageError>>,
+}
+
+impl DecodeState<'_> {
+    fn fail<E: serde::de::Error>(&self, error: StorageError) -> E {
+        let message = error.to_string();
+        self.failure.borrow_mut().get_or_insert(error);
+        E::custom(message)
+    }
+}
+
+/// Decodes a snapshot (run it on a task pool). Checks the header, migrates older game
+/// versions, resolves every type and converts every value, so that
+/// [`DecodedWorld::apply`] cannot fail half way.
+pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
+    let header = read_header(bytes)?;
+    if header.game_version > context.game_version {
+        return Err(StorageError::SnapshotGameVersionTooNew {
+            found: header.game_version,
+            current: context.game_version,
+        });
+    }
+    let reg = context.registry.read();
+    let mut no_assets = NoAssetServer { requested: None };
+    let mut server = context.asset_server.clone();
+    let loader: &mut dyn LoadFromPath = match server.as_mut() {
+        Some(server) => server,
+        None => &mut no_assets,
+    };
+    let state = DecodeState {
+        registry: &reg,
+        snapshots: &context.snapshots,
+        snapshot_version: header.game_version,
+        loader: RefCell::new(loader),
+        failure: RefCell::new(None),
+    };
+    let body = &bytes[HEADER_LEN..];
+    let parsed = match header.encoding {
+        SnapshotEncoding::Ron => {
+            let mut de = ron::de::Deserializer::from_bytes(body)
+                .map_err(|e| StorageError::Snapshot(format!("snapshot body is not RON: {e}")))?;
+            let parsed = BodySeed(&state).deserialize(&mut de);
+            parsed
+                .and_then(|p| de.end().map(|()| p))
+                .map_err(|e| e.to_string())
+        }
+        SnapshotEncoding::Binary => {
+            let mut de = postcard::Deserializer::from_bytes(body);
+            let parsed = BodySeed(&state)
+                .deserialize(&mut de)
+                .map_err(|e| e.to_string());
+            parsed.and_then(|p| match de.finalize() {
+                Ok(rest) if rest.is_empty() => Ok(p),
+                Ok(rest) => Err(format!(
+                    "{} bytes of garbage after the snapshot",
+                    rest.len()
+                )),
+                Err(e) => Err(e.to_string()),
+            })
+        }
+    };
+    let failure = state.failure.into_inner();
+    drop(reg);
+    let (entities, columns, resources) = match (parsed, failure) {
+        (_, Some(typed)) => return Err(typed),
+        (Err(message), None) => {
+            return Err(StorageError::Snapshot(format!(
+                "snapshot is damaged or incompatible: {message}"
+            )));
+        }
+        (Ok(parts), None) => parts,
+    };
+    if let Some(path) = no_assets.requested {
+        return Err(StorageError::Snapshot(format!(
+            "the snapshot refers to the asset {path:?} but the app has no AssetServer (add AssetPlugin) to load it"
+        )));
+    }
+    let entities: Vec<Entity> = entities
+        .into_iter()
+        .map(|bits| {
+            Entity::try_from_bits(bits)
+                .ok_or_else(|| StorageError::Snapshot(format!("invalid saved entity id {bits}")))
+        })
+        .collect::<Result<_>>()?;
+    if entities.len() != header.entity_count as usize {
+        return Err(StorageError::Snapshot(format!(
+            "header says {} entities, body has {}",
+            header.entity_count,
+            entities.len()
+        )));
+    }
+    for (type_path, rows, column) in &columns {
+        if rows.len() != column.len() {
+            return Err(StorageError::Snapshot(format!(
+                "column {type_path} has {} rows for {} values",
+                rows.len(),
+                column.len()
+            )));
+        }
+        if let Some(bad) = rows.iter().find(|r| **r as usize >= entities.len()) {
+            return Err(StorageError::Snapshot(format!(
+                "column {type_path} names entity row {bad} of {}",
+                entities.len()
+            )));
+        }
+    }
+    Ok(DecodedWorld {
+        header,
+        entities,
+        columns,
+        resources,
+        registry: context.registry.clone(),
+    })
+}
+
+type Parts = (
+    Vec<u64>,
+    Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>,
+    Vec<Box<dyn LoadedResource>>,
+);
+
+struct BodySeed<'s, 'a>(&'s DecodeState<'a>);
+
+impl<'de> DeserializeSeed<'de> for BodySeed<'_, '_> {
+    type Value = Parts;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Parts, D::Error> {
+        d.deserialize_tuple(3, self)
+    }
+}
+
+impl<'de> Visitor<'de> for BodySeed<'_, '_> {
+    type Value = Parts;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a snapshot body (entities, components, resources)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parts, A::Error> {
+        let missing = |what| A::Error::custom(format!("snapshot body ends before its {what}"));
+        let entities: Vec<u64> = seq.next_element()?.ok_or_else(|| missing("entities"))?;
+        let columns = seq
+            .next_element_seed(ColumnsSeed(self.0))?
+            .ok_or_else(|| missing("components"))?;
+        let resources = seq
+            .next_element_seed(ResourcesSeed(self.0))?
+            .ok_or_else(|| missing("resources"))?;
+        Ok((entities, columns, resources))
+    }
+}
+
+struct ColumnsSeed<'s, 'a>(&'s DecodeState<'a>);
+
+impl<'de> DeserializeSeed<'de> for ColumnsSeed<'_, '_> {
+    type Value = Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ColumnsSeed<'_, '_> {
+    type Value = Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of component columns")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut columns = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(column) = seq.next_element_seed(ColumnSeed(self.0))? {
+            columns.push(column);
+        }
+        Ok(columns)
+    }
+}
+
+struct ColumnSeed<'s, 'a>(&'s DecodeState<'a>);
+
+impl<'de> DeserializeSeed<'de> for ColumnSeed<'_, '_> {
+    type Value = (String, Vec<u32>, Box<dyn LoadedColumn>);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_tuple(3, self)
+    }
+}
+
+impl<'de> Visitor<'de> for ColumnSeed<'_, '_> {
+    type Value = (String, Vec<u32>, Box<dyn LoadedColumn>);
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a component column (type path, rows, values)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let state = self.0;
+        let type_path: String = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("column without a type"))?;
+        let rows: Vec<u32> = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("column without rows"))?;
+        let values = if let Some(migrate) = state
+            .snapshots
+            .migrations
+            .component(&type_path, state.snapshot_version)
+        {
+            seq.next_element_seed(ErasedSeed(|de: &mut dyn erased_serde::Deserializer<'de>| {
+                migrate(de)
+            }))?
+        } else if let Some(codec) = state.snapshots.typed_by_path(&type_path) {
+            seq.next_element_seed(ErasedSeed(|de: &mut dyn erased_serde::Deserializer<'de>| {
+                codec.deserialize_values(de)
+            }))?
+        } else {
+            let registration =
+                reflected(state, &type_path, false).map_err(|e| state.fail::<A::Error>(e))?;
+            let component = registration
+                .data::<ReflectComponent>()
+                .cloned()
+                .ok_or_else(|| {
+                    state.fail::<A::Error>(StorageError::UnregisteredType {
+                        type_path: type_path.clone(),
+                    })
+                })?;
+            let values = seq.next_element_seed(ReflectSeqSeed {
+                state,
+                registration,
+            })?;
+            values.map(|values| {
+                Box::new(ReflectLoaded { component, values }) as Box<dyn LoadedColumn>
+            })
+        };
+        let values =
+            values.ok_or_else(|| A::Error::custom(format!("column {type_path} without values")))?;
+        Ok((type_path, rows, values))
+    }
+}
+
+/// The registration of a reflected type that can be rebuilt from a snapshot.
+fn reflected<'r>(
+    state: &DecodeState<'r>,
+    type_path: &str,
+    resource: bool,
+) -> Result<&'r TypeRegistration> {
+    let registration = state.registry.get_with_type_path(type_path);
+    let usable = registration.filter(|r| {
+        r.data::<ReflectFromReflect>().is_some()
+            && r.data::<ReflectComponent>().is_some()
+            && (!resource || r.data::<ReflectResource>().is_some())
+    });
+    usable.ok_or_else(|| StorageError::UnregisteredType {
+        type_path: type_path.to_owned(),
+    })
+}
+
+/// Hands the format's deserializer, type-erased, to a typed decoder.
+struct ErasedSeed<F>(F);
+
+impl<'de, F, T> DeserializeSeed<'de> for ErasedSeed<F>
+where
+    F: FnOnce(&mut dyn erased_serde::Deserializer<'de>) -> Result<T, erased_serde::Error>,
+{
+    type Value = T;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
+        (self.0)(&mut erased).map_err(D::Error::custom)
+    }
+}
+
+/// A sequence of reflected values of one type, converted to concrete values.
+struct ReflectSeqSeed<'s, 'a> {
+    state: &'s DecodeState<'a>,
+    registration: &'a TypeRegistration,
+}
+
+impl<'de> DeserializeSeed<'de> for ReflectSeqSeed<'_, '_> {
+    type Value = Vec<Box<dyn Reflect>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ReflectSeqSeed<'_, '_> {
+    type Value = Vec<Box<dyn Reflect>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a list of {}", self.registration.type_info().type_path())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let type_path = self.registration.type_info().type_path();
+        let from_reflect = self
+            .registration
+            .data::<ReflectFromReflect>()
+            .ok_or_else(|| {
+                self.state.fail::<A::Error>(StorageError::UnregisteredType {
+                    type_path: type_path.into(),
+                })
+            })?;
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        loop {
+            let mut loader = self.state.loader.borrow_mut();
+            let mut processor = HandleDeserializeProcessor {
+                load_from_path: &mut **loader,
+            };
+            let seed = TypedReflectDeserializer::with_processor(
+                self.registration,
+                self.state.registry,
+                &mut processor,
+            );
+            let Some(partial) = seq.next_element_seed(seed)? else {
+                break;
+            };
+            let value = from_reflect.from_reflect(partial.as_ref()).ok_or_else(|| {
+                self.state.fail::<A::Error>(StorageError::Snapshot(format!(
+                    "a saved {type_path} does not fit the current type (changed shape? register a migration)"
+                )))
+            })?;
+            values.push(value);
+        }
+        Ok(values)
+    }
+}
+
+struct ResourcesSeed<'s, 'a>(&'s DecodeState<'a>);
+
+impl<'de> DeserializeSeed<'de> for ResourcesSeed<'_, '_> {
+    type Value = Vec<Box<dyn LoadedResource>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ResourcesSeed<'_, '_> {
+    type Value = Vec<Box<dyn LoadedResource>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of resources")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut resources = Vec::new();
+        while let Some(resource) = seq.next_element_seed(ResourceSeed(self.0))? {
+            resources.push(resource);
+        }
+        Ok(resources)
+    }
+}
+
+struct ResourceSeed<'s, 'a>(&'s DecodeState<'a>);
+
+impl<'de> DeserializeSeed<'de> for ResourceSeed<'_, '_> {
+    type Value = Box<dyn LoadedResource>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_tuple(2, self)
+    }
+}
+
+impl<'de> Visitor<'de> for ResourceSeed<'_, '_> {
+    type Value = Box<dyn LoadedResource>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a resource (type path, value)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let state = self.0;
+        let type_path: String = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("resource without a type"))?;
+        let loaded = if let Some(migrate) = state
+            .snapshots
+            .migrations
+            .resource(&type_path, state.snapshot_version)
+        {
+            seq.next_element_seed(OneOf(ErasedSeed(
+                |de: &mut dyn erased_serde::Deserializer<'de>| migrate(de),
+            )))?
+        } else {
+            let registration =
+                reflected(state, &type_path, true).map_err(|e| state.fail::<A::Error>(e))?;
+            let component = registration
+                .data::<ReflectComponent>()
+                .cloned()
+                .expect("checked by `reflected`");
+            let values = seq.next_element_seed(ReflectSeqSeed {
+                state,
+                registration,
+            })?;
+            match values {
+                Some(mut values) if values.len() == 1 => Some(Box::new(ReflectResourceLoaded {
+                    component,
+                    value: values.remove(0),
+                })
+                    as Box<dyn LoadedResource>),
+                Some(_) => {
+                    return Err(A::Error::custom(format!(
+                        "resource {type_path} must hold one value"
+                    )));
+                }
+                None => None,
+            }
+        };
+        loaded.ok_or_else(|| A::Error::custom(format!("resource {type_path} without a value")))
+    }
+}
+
+/// A resource value is written as a one-element list (the same shape as a column); this
+/// reads that list with an inner seed for its single element.
+struct OneOf<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for OneOf<S> {
+    type Value = S::Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for OneOf<S> {
+    type Value = S::Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a one-element list")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<S::Value, A::Error> {
+        let value = seq
+            .next_element_seed(self.0)?
+            .ok_or_else(|| A::Error::custom("empty resource value list"))?;
+        if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            return Err(A::Error::custom(
+                "resource value list holds more than one value",
+            ));
+        }
+        Ok(value)
+    }
+}

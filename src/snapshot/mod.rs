@@ -1,0 +1,234 @@
+//! World snapshots: the persisted part of a Bevy [`World`] ⇄ bytes, with entity remapping.
+//!
+//! Entities that carry [`Persist`], with their reflected components, plus the resources a game
+//! allowlists in [`SnapshotSettings`], make up a snapshot. The work is split so that a game
+//! never stalls on it:
+//!
+//! 1. [`capture`] (main thread, needs `&mut World`): clones the values out. Components
+//!    registered with [`SnapshotRegistry::register_component`] are copied as typed columns (a
+//!    query and a `clone`, the fast path); every other reflected component is cloned through
+//!    reflection.
+//! 2. [`CapturedWorld::encode`] (any thread): serializes to RON or postcard with a small header
+//!    (format version, game version). The store then compresses, encrypts and writes it.
+//! 3. [`decode`] (any thread): parses, runs registered migrations, resolves every type and
+//!    converts every value. Anything wrong (damage, an unknown type, a newer format) is an
+//!    error here, before the world is touched.
+//! 4. [`DecodedWorld::apply`] (main thread): despawns the currently persisted entities
+//!    (configurable), spawns the snapshot's, maps entity references, inserts everything.
+//!    It cannot fail half way: all checks happened in step 3.
+//!
+//! Hierarchies: `ChildOf` is saved (typed) and `Children` is rebuilt by Bevy's relationship
+//! hooks as children are inserted in their saved order. Save whole subtrees: a reference to an
+//! entity outside the snapshot becomes [`Entity::PLACEHOLDER`].
+
+mod apply;
+mod capture;
+mod columns;
+mod encode;
+mod migrate;
+
+pub use apply::DecodedWorld;
+pub use capture::{CapturedWorld, capture};
+pub use columns::{SnapshotComponent, SnapshotEntityMapper};
+pub use encode::{SnapshotContext, SnapshotHeader, decode, read_header};
+pub use migrate::Migrations;
+
+use std::any::TypeId;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bevy::ecs::observer::ObservedBy;
+use bevy::prelude::*;
+use serde::de::DeserializeOwned;
+
+use columns::{Typed, TypedCodec};
+
+/// Marks an entity whose components are saved in world snapshots.
+#[derive(Component, Reflect, Default, Clone, Copy, Debug, PartialEq, Eq)]
+#[reflect(Component, Default)]
+pub struct Persist;
+
+/// The newest snapshot format this build writes and reads.
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
+
+/// How snapshot values are serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SnapshotEncoding {
+    /// RON text: readable in any editor, for debugging. The default in debug builds.
+    Ron,
+    /// postcard binary: several times smaller and faster. The default in release builds.
+    Binary,
+}
+
+impl Default for SnapshotEncoding {
+    fn default() -> Self {
+        if cfg!(debug_assertions) {
+            Self::Ron
+        } else {
+            Self::Binary
+        }
+    }
+}
+
+/// What goes into a snapshot and how it is written. A resource; insert your own to change it.
+#[derive(Resource, Debug, Clone)]
+pub struct SnapshotSettings {
+    /// RON or binary.
+    pub encoding: SnapshotEncoding,
+    /// The game's own version of its saved data, recorded in every snapshot. Migrations
+    /// registered for a later version run when an older snapshot is loaded; a snapshot from a
+    /// newer game version is refused.
+    pub game_version: u32,
+    /// Compression level for the stored record (0 off, 1-9 LZ4). Default 1.
+    pub compression: u8,
+    /// Encrypt snapshots with the store's key. Default off.
+    pub encrypt: bool,
+    /// On load, despawn the entities marked [`Persist`] that exist now. Default on.
+    pub despawn_existing: bool,
+    /// When set, only these component types are saved (besides the deny list).
+    pub allowed_components: Option<HashSet<TypeId>>,
+    /// Component types never saved. By default Bevy's bookkeeping: `Children` (rebuilt from
+    /// `ChildOf`), `ObservedBy`, and the `Persist` marker itself (every loaded entity gets it).
+    pub denied_components: HashSet<TypeId>,
+    /// Resource types saved (an allowlist: engine resources are never saved by accident).
+    pub resources: HashSet<TypeId>,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        Self {
+            encoding: SnapshotEncoding::default(),
+            game_version: 0,
+            compression: 1,
+            encrypt: false,
+            despawn_existing: true,
+            allowed_components: None,
+            denied_components: [
+                TypeId::of::<Children>(),
+                TypeId::of::<ObservedBy>(),
+                TypeId::of::<Persist>(),
+            ]
+            .into(),
+            resources: HashSet::new(),
+        }
+    }
+}
+
+impl SnapshotSettings {
+    /// Sets the encoding.
+    pub fn encoding(mut self, encoding: SnapshotEncoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+    /// Sets the game version recorded in snapshots.
+    pub fn game_version(mut self, version: u32) -> Self {
+        self.game_version = version;
+        self
+    }
+    /// Sets the compression level (0-9).
+    pub fn compression(mut self, level: u8) -> Self {
+        self.compression = level;
+        self
+    }
+    /// Encrypts snapshots with the store's key.
+    pub fn encrypt(mut self, on: bool) -> Self {
+        self.encrypt = on;
+        self
+    }
+    /// Whether loading despawns the persisted entities that exist now.
+    pub fn despawn_existing(mut self, on: bool) -> Self {
+        self.despawn_existing = on;
+        self
+    }
+    /// Saves resource `R` (it must be reflected with `#[reflect(Resource)]`).
+    pub fn allow_resource<R: Resource>(mut self) -> Self {
+        self.resources.insert(TypeId::of::<R>());
+        self
+    }
+    /// Never saves component `C`.
+    pub fn deny_component<C: Component>(mut self) -> Self {
+        self.denied_components.insert(TypeId::of::<C>());
+        self
+    }
+    /// Saves component `C` and, once any component is allowed this way, only allowed ones.
+    pub fn allow_component<C: Component>(mut self) -> Self {
+        self.allowed_components
+            .get_or_insert_with(HashSet::new)
+            .insert(TypeId::of::<C>());
+        self
+    }
+
+    pub(crate) fn saves_component(&self, type_id: TypeId) -> bool {
+        !self.denied_components.contains(&type_id)
+            && self
+                .allowed_components
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(&type_id))
+    }
+}
+
+/// Components on the typed fast path, and migrations. A resource; the snapshot plugin inserts
+/// it, and `App` extension methods add to it.
+#[derive(Resource, Clone, Default)]
+pub struct SnapshotRegistry {
+    pub(crate) typed: Vec<Arc<dyn TypedCodec>>,
+    pub(crate) migrations: Migrations,
+}
+
+impl SnapshotRegistry {
+    /// A registry with Bevy's `ChildOf` on the typed path.
+    pub fn new() -> Self {
+        let mut registry = Self::default();
+        registry.register_component::<ChildOf>();
+        registry
+    }
+
+    /// Puts component `T` on the typed fast path: captured by a query and `clone`,
+    /// serialized with serde. Use it for components present on many entities. Other reflected
+    /// components are saved too, through reflection.
+    pub fn register_component<T: SnapshotComponent>(&mut self) -> &mut Self {
+        if !self.typed.iter().any(|c| c.type_id() == TypeId::of::<T>()) {
+            self.typed.push(Arc::new(Typed::<T>::new()));
+        }
+        self
+    }
+
+    /// Registers a migration: snapshots from game versions before `since_version` stored the
+    /// component under `old_type_path` with the shape `Old`; `upgrade` turns each value into
+    /// the current `New`. For a type that changed more than once, register one migration per
+    /// old shape, each converting straight to the current type.
+    pub fn migrate_component<Old, New>(
+        &mut self,
+        old_type_path: &str,
+        since_version: u32,
+        upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
+    ) -> &mut Self
+    where
+        Old: DeserializeOwned + 'static,
+        New: Component + 'static,
+    {
+        self.migrations
+            .add_component(old_type_path, since_version, upgrade);
+        self
+    }
+
+    /// Like [`migrate_component`](Self::migrate_component), for an allowlisted resource.
+    pub fn migrate_resource<Old, New>(
+        &mut self,
+        old_type_path: &str,
+        since_version: u32,
+        upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
+    ) -> &mut Self
+    where
+        Old: DeserializeOwned + 'static,
+        New: Resource + 'static,
+    {
+        self.migrations
+            .add_resource(old_type_path, since_version, upgrade);
+        self
+    }
+
+    pub(crate) fn typed_by_path(&self, type_path: &str) -> Option<&Arc<dyn TypedCodec>> {
+        self.typed.iter().find(|c| c.type_path() == type_path)
+    }
+}

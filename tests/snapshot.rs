@@ -1,0 +1,455 @@
+//! World snapshots without the plugin: capture → encode → decode → apply, in fresh apps.
+
+use bevy::ecs::entity::EntityHashMap;
+use bevy::prelude::*;
+use bevy_storage::StorageError;
+use bevy_storage::snapshot::{
+    Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
+    decode, read_header,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[reflect(Component)]
+struct Position {
+    x: f32,
+    y: f32,
+}
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq, Default)]
+#[reflect(Component)]
+struct Health(u32);
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq)]
+#[reflect(Component)]
+struct Target(#[entities] Entity);
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq, Default)]
+#[reflect(Component)]
+struct Secret(String);
+
+#[derive(Component, Clone, Debug, PartialEq)]
+struct NotReflected;
+
+#[derive(Resource, Reflect, Clone, Debug, PartialEq, Default)]
+#[reflect(Resource)]
+struct Score(u64);
+
+#[derive(Resource, Reflect, Clone, Debug, PartialEq, Default)]
+#[reflect(Resource)]
+struct Unsaved(u64);
+
+fn settings(encoding: SnapshotEncoding) -> SnapshotSettings {
+    SnapshotSettings::default()
+        .encoding(encoding)
+        .allow_resource::<Score>()
+        .deny_component::<Secret>()
+}
+
+fn registry() -> SnapshotRegistry {
+    let mut r = SnapshotRegistry::new();
+    r.register_component::<Position>();
+    r
+}
+
+fn app() -> App {
+    let mut app = App::new();
+    app.insert_resource(registry());
+    app
+}
+
+/// A small world: a player with a target, a parent with two children, a non-persisted
+/// entity, a secret, a resource.
+fn populate(world: &mut World) -> (Entity, Entity) {
+    let goblin = world
+        .spawn((
+            Persist,
+            Position { x: 5.0, y: 1.0 },
+            Health(12),
+            Name::new("goblin"),
+        ))
+        .id();
+    let player = world
+        .spawn((
+            Persist,
+            Position { x: 1.0, y: 2.0 },
+            Health(30),
+            Target(goblin),
+            Secret("pw".into()),
+        ))
+        .id();
+    let chest = world.spawn((Persist, Name::new("chest"))).id();
+    for name in ["coin", "gem"] {
+        world.spawn((Persist, Name::new(name), ChildOf(chest)));
+    }
+    world.spawn((Position { x: 99.0, y: 99.0 }, Name::new("camera")));
+    world.insert_resource(Score(42));
+    world.insert_resource(Unsaved(7));
+    (player, goblin)
+}
+
+fn round_trip(encoding: SnapshotEncoding) -> (Vec<u8>, App, EntityHashMap<Entity>) {
+    let mut source = app();
+    populate(source.world_mut());
+    let s = settings(encoding);
+    let captured = capture(source.world_mut(), &s, &registry()).unwrap();
+    assert_eq!(captured.entity_count(), 5);
+    let bytes = captured.encode().unwrap();
+
+    let mut target = app();
+    target.world_mut().spawn((Persist, Name::new("stale")));
+    target
+        .world_mut()
+        .spawn((Name::new("bystander"), Position { x: 0.0, y: 0.0 }));
+    let context = SnapshotContext::from_world(target.world_mut());
+    let decoded = decode(&bytes, &context).unwrap();
+    let map = decoded.apply(target.world_mut(), true);
+    (bytes, target, map)
+}
+
+fn find(world: &mut World, name: &str) -> Entity {
+    let mut q = world.query::<(Entity, &Name)>();
+    let found: Vec<Entity> = q
+        .iter(world)
+        .filter(|(_, n)| n.as_str() == name)
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one {name}");
+    found[0]
+}
+
+fn check_loaded_world(world: &mut World, map: &EntityHashMap<Entity>) {
+    assert_eq!(map.len(), 5);
+    // The stale persisted entity is gone, the bystander is untouched.
+    assert!(
+        world
+            .query::<&Name>()
+            .iter(world)
+            .all(|n| n.as_str() != "stale")
+    );
+    let bystander = find(world, "bystander");
+    assert!(world.get::<Persist>(bystander).is_none());
+    assert_eq!(
+        world.get::<Position>(bystander),
+        Some(&Position { x: 0.0, y: 0.0 })
+    );
+    // Components round-trip, typed and reflected; references point at the new entities.
+    let goblin = find(world, "goblin");
+    assert_eq!(world.get::<Health>(goblin), Some(&Health(12)));
+    let mut players =
+        world.query_filtered::<(Entity, &Position, &Health, &Target), With<Persist>>();
+    let (player, pos, health, target) = players.single(world).unwrap();
+    assert_eq!((pos, health), (&Position { x: 1.0, y: 2.0 }, &Health(30)));
+    assert_eq!(target.0, goblin, "entity reference remapped");
+    assert!(
+        world.get::<Secret>(player).is_none(),
+        "denied component left out"
+    );
+    // Hierarchy: children point at the new chest, in their saved order.
+    let chest = find(world, "chest");
+    let children: Vec<Entity> = world.get::<Children>(chest).unwrap().iter().collect();
+    let names: Vec<&str> = children
+        .iter()
+        .map(|c| world.get::<Name>(*c).unwrap().as_str())
+        .collect();
+    assert_eq!(names, ["coin", "gem"]);
+    for child in children {
+        assert_eq!(world.get::<ChildOf>(child).unwrap().parent(), chest);
+        assert!(world.get::<Persist>(child).is_some());
+    }
+    // Allowlisted resource restored, others not.
+    assert_eq!(world.get_resource::<Score>(), Some(&Score(42)));
+    assert!(world.get_resource::<Unsaved>().is_none());
+}
+
+#[test]
+fn round_trip_in_a_fresh_app_ron() {
+    let (bytes, mut app, map) = round_trip(SnapshotEncoding::Ron);
+    check_loaded_world(app.world_mut(), &map);
+    let text = String::from_utf8_lossy(&bytes[16..]);
+    assert!(text.contains("goblin"), "RON is readable");
+    assert_eq!(read_header(&bytes).unwrap().encoding, SnapshotEncoding::Ron);
+}
+
+#[test]
+fn round_trip_in_a_fresh_app_binary() {
+    let (bytes, mut app, map) = round_trip(SnapshotEncoding::Binary);
+    check_loaded_world(app.world_mut(), &map);
+    let (ron_bytes, _, _) = round_trip(SnapshotEncoding::Ron);
+    assert!(
+        bytes.len() < ron_bytes.len() / 2,
+        "binary {} vs RON {}",
+        bytes.len(),
+        ron_bytes.len()
+    );
+}
+
+#[test]
+fn keep_existing_when_asked() {
+    let mut source = app();
+    populate(source.world_mut());
+    let bytes = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Binary),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    let mut target = app();
+    target.world_mut().spawn((Persist, Name::new("kept")));
+    let context = SnapshotContext::from_world(target.world_mut());
+    decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), false);
+    find(target.world_mut(), "kept");
+    find(target.world_mut(), "goblin");
+}
+
+/// Names every entity and component in a world, to compare before and after a failed load.
+fn fingerprint(world: &mut World) -> Vec<String> {
+    let mut out: Vec<String> = world
+        .query::<(Entity, Option<&Name>, Option<&Position>, Option<&Persist>)>()
+        .iter(world)
+        .map(|(e, n, p, persist)| format!("{e:?} {n:?} {p:?} {}", persist.is_some()))
+        .collect();
+    out.sort();
+    out.push(format!("{:?}", world.get_resource::<Score>()));
+    out
+}
+
+fn expect_failure(bytes: &[u8], check: impl Fn(&StorageError)) {
+    let mut target = app();
+    target
+        .world_mut()
+        .spawn((Persist, Name::new("precious"), Position { x: 3.0, y: 4.0 }));
+    target.world_mut().insert_resource(Score(1));
+    let before = fingerprint(target.world_mut());
+    let context = SnapshotContext::from_world(target.world_mut());
+    match decode(bytes, &context) {
+        Ok(d) => panic!("decoded a bad snapshot: {d:?}"),
+        Err(e) => check(&e),
+    }
+    assert_eq!(
+        fingerprint(target.world_mut()),
+        before,
+        "a failed load changes nothing"
+    );
+}
+
+#[test]
+fn damaged_snapshots_are_refused_and_change_nothing() {
+    for encoding in [SnapshotEncoding::Ron, SnapshotEncoding::Binary] {
+        let mut source = app();
+        populate(source.world_mut());
+        let bytes = capture(source.world_mut(), &settings(encoding), &registry())
+            .unwrap()
+            .encode()
+            .unwrap();
+        // Truncations at many points.
+        for cut in [
+            0,
+            3,
+            15,
+            16,
+            17,
+            bytes.len() / 3,
+            bytes.len() / 2,
+            bytes.len() - 1,
+        ] {
+            expect_failure(&bytes[..cut], |e| {
+                assert!(
+                    matches!(
+                        e,
+                        StorageError::Snapshot(_) | StorageError::UnregisteredType { .. }
+                    ),
+                    "{encoding:?} cut {cut}: {e}"
+                )
+            });
+        }
+        // Garbage appended.
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"garbage");
+        expect_failure(&longer, |e| {
+            assert!(matches!(e, StorageError::Snapshot(_)), "{e}")
+        });
+        // A newer format.
+        let mut newer = bytes.clone();
+        newer[4] = 0xff;
+        expect_failure(&newer, |e| {
+            assert!(
+                matches!(e, StorageError::SnapshotFormatTooNew { .. }),
+                "{e}"
+            )
+        });
+    }
+}
+
+#[test]
+fn an_unregistered_type_is_named_and_changes_nothing() {
+    let mut source = app();
+    populate(source.world_mut());
+    let bytes = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Ron),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    // Rename a reflected type in the RON text to one nobody registered.
+    let text = String::from_utf8(bytes[16..].to_vec()).unwrap();
+    let path = Health::type_path();
+    assert!(text.contains(path));
+    let mut renamed = bytes[..16].to_vec();
+    renamed.extend_from_slice(text.replace(path, "old_game::Vitality").as_bytes());
+    expect_failure(&renamed, |e| match e {
+        StorageError::UnregisteredType { type_path } => assert_eq!(type_path, "old_game::Vitality"),
+        other => panic!("{other}"),
+    });
+}
+
+#[test]
+fn newer_game_version_is_refused() {
+    let mut source = app();
+    populate(source.world_mut());
+    let bytes = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Binary).game_version(5),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    expect_failure(&bytes, |e| {
+        assert!(
+            matches!(
+                e,
+                StorageError::SnapshotGameVersionTooNew {
+                    found: 5,
+                    current: 0
+                }
+            ),
+            "{e}"
+        )
+    });
+}
+
+#[test]
+fn a_value_of_the_wrong_shape_is_refused() {
+    let mut source = app();
+    source.world_mut().spawn((Persist, Health(3)));
+    let bytes = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Ron),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    let text = String::from_utf8(bytes[16..].to_vec()).unwrap();
+    assert!(text.contains("(3)"), "{text}");
+    let mut broken = bytes[..16].to_vec();
+    broken.extend_from_slice(text.replace("(3)", "(\"three\")").as_bytes());
+    expect_failure(&broken, |e| {
+        assert!(matches!(e, StorageError::Snapshot(_)), "{e}")
+    });
+}
+
+/// Version 1 of the game stored `Position` as a tuple struct `OldPos(f32, f32)` and `Score`
+/// as a `u32`; version 2 migrates both.
+#[test]
+fn migrations_upgrade_older_snapshots() {
+    #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct OldPos(f32, f32);
+
+    #[derive(Resource, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Resource)]
+    struct OldScore(u32);
+
+    let mut source = App::new();
+    let mut old_registry = SnapshotRegistry::new();
+    old_registry.register_component::<OldPos>();
+    source.world_mut().spawn((Persist, OldPos(7.0, 8.0)));
+    source.world_mut().insert_resource(OldScore(9));
+    let old_settings = SnapshotSettings::default()
+        .encoding(SnapshotEncoding::Binary)
+        .game_version(1)
+        .allow_resource::<OldScore>();
+    let bytes = capture(source.world_mut(), &old_settings, &old_registry)
+        .unwrap()
+        .encode()
+        .unwrap();
+
+    let mut target = App::new();
+    let mut registry = registry();
+    registry
+        .migrate_component::<(f32, f32), Position>(OldPos::type_path(), 2, |(x, y)| Position {
+            x,
+            y,
+        })
+        .migrate_resource::<u32, Score>(OldScore::type_path(), 2, |s| Score(u64::from(s) * 100));
+    target.insert_resource(registry);
+    target.insert_resource(SnapshotSettings::default().game_version(2));
+    let context = SnapshotContext::from_world(target.world_mut());
+    decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), true);
+    let world = target.world_mut();
+    let positions: Vec<Position> = world.query::<&Position>().iter(world).cloned().collect();
+    assert_eq!(positions, [Position { x: 7.0, y: 8.0 }]);
+    assert_eq!(world.resource::<Score>(), &Score(900));
+    // The same snapshot in an app at version 1 (no migration applies) loads as it was.
+    let mut v1 = App::new();
+    v1.insert_resource(old_registry);
+    v1.insert_resource(old_settings);
+    let context = SnapshotContext::from_world(v1.world_mut());
+    decode(&bytes, &context)
+        .unwrap()
+        .apply(v1.world_mut(), true);
+    let w = v1.world_mut();
+    assert_eq!(w.query::<&OldPos>().iter(w).count(), 1);
+}
+
+#[test]
+fn unreflected_components_are_left_out() {
+    let mut source = app();
+    source.world_mut().spawn((Persist, NotReflected, Health(1)));
+    let bytes = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Binary),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    let mut target = app();
+    let context = SnapshotContext::from_world(target.world_mut());
+    decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), true);
+    let w = target.world_mut();
+    assert_eq!(w.query::<&Health>().iter(w).count(), 1);
+    assert_eq!(w.query::<&NotReflected>().iter(w).count(), 0);
+}
+
+#[test]
+fn allowlisted_components_only() {
+    let mut source = app();
+    populate(source.world_mut());
+    let s = settings(SnapshotEncoding::Ron).allow_component::<Health>();
+    let bytes = capture(source.world_mut(), &s, &registry())
+        .unwrap()
+        .encode()
+        .unwrap();
+    let mut target = app();
+    let context = SnapshotContext::from_world(target.world_mut());
+    decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), true);
+    let w = target.world_mut();
+    assert_eq!(w.query::<&Health>().iter(w).count(), 2);
+    assert_eq!(w.query::<&Position>().iter(w).count(), 0);
+    assert_eq!(w.query::<&Name>().iter(w).count(), 0);
+}
