@@ -453,3 +453,63 @@ fn allowlisted_components_only() {
     assert_eq!(w.query::<&Position>().iter(w).count(), 0);
     assert_eq!(w.query::<&Name>().iter(w).count(), 0);
 }
+
+mod assets {
+    use super::*;
+    use bevy::asset::{AssetPlugin, AssetServer};
+
+    #[derive(Asset, Reflect, Debug)]
+    struct SpriteSheet {
+        frames: u32,
+    }
+
+    #[derive(Component, Reflect, Debug)]
+    #[reflect(Component)]
+    struct Look(Handle<SpriteSheet>);
+
+    fn asset_app() -> App {
+        let mut app = App::new();
+        app.add_plugins((MinimalPlugins, AssetPlugin::default()))
+            .init_asset::<SpriteSheet>()
+            .register_asset_reflect::<SpriteSheet>()
+            .insert_resource(registry());
+        app
+    }
+
+    fn saved_with_a_handle() -> Vec<u8> {
+        let mut source = asset_app();
+        let handle = source.world().resource::<AssetServer>().load::<SpriteSheet>("sprites/hero.ron");
+        source.world_mut().spawn((Persist, Look(handle)));
+        capture(source.world_mut(), &settings(SnapshotEncoding::Ron), &registry())
+            .unwrap()
+            .encode()
+            .unwrap()
+    }
+
+    #[test]
+    fn handles_round_trip_by_asset_path() {
+        let bytes = saved_with_a_handle();
+        assert!(String::from_utf8_lossy(&bytes).contains("sprites/hero.ron"));
+        let mut target = asset_app();
+        let context = SnapshotContext::from_world(target.world_mut());
+        decode(&bytes, &context).unwrap().apply(target.world_mut(), true);
+        let w = target.world_mut();
+        let look = w.query::<&Look>().single(w).unwrap();
+        assert_eq!(look.0.path().map(|p| p.to_string()).as_deref(), Some("sprites/hero.ron"));
+    }
+
+    #[test]
+    fn handles_without_an_asset_server_are_a_clear_error() {
+        let bytes = saved_with_a_handle();
+        let mut target = App::new();
+        target.register_type::<Look>().register_type::<Handle<SpriteSheet>>();
+        target.insert_resource(registry());
+        target.world_mut().spawn((Persist, Name::new("untouched")));
+        let context = SnapshotContext::from_world(target.world_mut());
+        let err = decode(&bytes, &context).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("AssetServer") && message.contains("sprites/hero.ron"), "{message}");
+        let w = target.world_mut();
+        assert_eq!(w.query::<&Name>().iter(w).count(), 1);
+    }
+}
