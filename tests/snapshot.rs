@@ -478,12 +478,19 @@ mod assets {
 
     fn saved_with_a_handle() -> Vec<u8> {
         let mut source = asset_app();
-        let handle = source.world().resource::<AssetServer>().load::<SpriteSheet>("sprites/hero.ron");
+        let handle = source
+            .world()
+            .resource::<AssetServer>()
+            .load::<SpriteSheet>("sprites/hero.ron");
         source.world_mut().spawn((Persist, Look(handle)));
-        capture(source.world_mut(), &settings(SnapshotEncoding::Ron), &registry())
-            .unwrap()
-            .encode()
-            .unwrap()
+        capture(
+            source.world_mut(),
+            &settings(SnapshotEncoding::Ron),
+            &registry(),
+        )
+        .unwrap()
+        .encode()
+        .unwrap()
     }
 
     #[test]
@@ -492,24 +499,166 @@ mod assets {
         assert!(String::from_utf8_lossy(&bytes).contains("sprites/hero.ron"));
         let mut target = asset_app();
         let context = SnapshotContext::from_world(target.world_mut());
-        decode(&bytes, &context).unwrap().apply(target.world_mut(), true);
+        decode(&bytes, &context)
+            .unwrap()
+            .apply(target.world_mut(), true);
         let w = target.world_mut();
         let look = w.query::<&Look>().single(w).unwrap();
-        assert_eq!(look.0.path().map(|p| p.to_string()).as_deref(), Some("sprites/hero.ron"));
+        assert_eq!(
+            look.0.path().map(|p| p.to_string()).as_deref(),
+            Some("sprites/hero.ron")
+        );
     }
 
     #[test]
     fn handles_without_an_asset_server_are_a_clear_error() {
         let bytes = saved_with_a_handle();
         let mut target = App::new();
-        target.register_type::<Look>().register_type::<Handle<SpriteSheet>>();
+        target
+            .register_type::<Look>()
+            .register_type::<Handle<SpriteSheet>>();
         target.insert_resource(registry());
         target.world_mut().spawn((Persist, Name::new("untouched")));
         let context = SnapshotContext::from_world(target.world_mut());
         let err = decode(&bytes, &context).unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("AssetServer") && message.contains("sprites/hero.ron"), "{message}");
+        assert!(
+            message.contains("AssetServer") && message.contains("sprites/hero.ron"),
+            "{message}"
+        );
         let w = target.world_mut();
         assert_eq!(w.query::<&Name>().iter(w).count(), 1);
+    }
+}
+
+mod slots {
+    use super::*;
+    use bevy_storage::clock::ManualClock;
+    use bevy_storage::snapshot::{
+        autosave_keys, list_slots, load_newest_autosave, store_autosave, store_snapshot,
+    };
+    use bevy_storage::{CustomMetadata, StorageConfig, Store};
+    use std::time::Duration;
+
+    fn snapshot_with_score(score: u64) -> Vec<u8> {
+        let mut source = app();
+        source.world_mut().spawn((Persist, Health(score as u32)));
+        source.world_mut().insert_resource(Score(score));
+        capture(
+            source.world_mut(),
+            &settings(SnapshotEncoding::Binary).game_version(3),
+            &registry(),
+        )
+        .unwrap()
+        .encode()
+        .unwrap()
+    }
+
+    fn fields(level: &str, play_time: u64) -> CustomMetadata {
+        [
+            ("level".to_string(), serde_json::json!(level)),
+            ("play_time_s".to_string(), serde_json::json!(play_time)),
+        ]
+        .into()
+    }
+
+    #[test]
+    fn slots_list_with_metadata_without_decoding() {
+        let clock = ManualClock::starting_now();
+        let store = Store::open(StorageConfig::memory().clock(clock.clone())).unwrap();
+        let s = settings(SnapshotEncoding::Binary);
+        store_snapshot(
+            &store,
+            "slot:1",
+            &snapshot_with_score(1),
+            &s,
+            fields("Crypt", 60),
+        )
+        .unwrap();
+        clock.advance(Duration::from_secs(10));
+        store_snapshot(
+            &store,
+            "slot:2",
+            &snapshot_with_score(2),
+            &s,
+            fields("Tower", 600),
+        )
+        .unwrap();
+        store
+            .save("slot:notes", &"not a snapshot", &Default::default())
+            .unwrap();
+        let slots = list_slots(&store, "slot:").unwrap();
+        assert_eq!(
+            slots.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+            ["slot:2", "slot:1"]
+        );
+        assert_eq!(slots[0].game_version, 3);
+        assert_eq!(slots[0].entity_count, 1);
+        assert_eq!(slots[0].custom, fields("Tower", 600));
+        assert!(slots[0].saved_at > slots[1].saved_at);
+        assert!(slots[0].size > 0);
+    }
+
+    #[test]
+    fn autosaves_rotate_and_fall_back_past_a_corrupt_one() {
+        let store = Store::open(StorageConfig::memory()).unwrap();
+        let s = settings(SnapshotEncoding::Binary);
+        for score in 1..=5 {
+            store_autosave(
+                &store,
+                "autosave/",
+                3,
+                &snapshot_with_score(score),
+                &s,
+                CustomMetadata::new(),
+            )
+            .unwrap();
+        }
+        let keys = autosave_keys(&store, "autosave/").unwrap();
+        assert_eq!(
+            keys,
+            [
+                "autosave/000000000003",
+                "autosave/000000000004",
+                "autosave/000000000005"
+            ]
+        );
+
+        let mut target = app();
+        target.insert_resource(SnapshotSettings::default().game_version(3));
+        let context = SnapshotContext::from_world(target.world_mut());
+        let (key, world, skipped) = load_newest_autosave(&store, "autosave/", &context)
+            .unwrap()
+            .unwrap();
+        assert_eq!(key, "autosave/000000000005");
+        assert!(skipped.is_empty());
+        drop(world);
+
+        // The newest write is damaged: the previous one loads, with the failure reported.
+        store
+            .save_bytes(
+                "autosave/000000000005",
+                b"BSNP torn write",
+                &Default::default(),
+            )
+            .unwrap();
+        let (key, world, skipped) = load_newest_autosave(&store, "autosave/", &context)
+            .unwrap()
+            .unwrap();
+        assert_eq!(key, "autosave/000000000004");
+        assert_eq!(skipped.len(), 1);
+        world.apply(target.world_mut(), true);
+        assert_eq!(target.world().resource::<Score>(), &Score(4));
+
+        // Nothing decodes: a clear error; nothing saved: None.
+        for k in autosave_keys(&store, "autosave/").unwrap() {
+            store.save_bytes(&k, b"junk", &Default::default()).unwrap();
+        }
+        assert!(load_newest_autosave(&store, "autosave/", &context).is_err());
+        assert!(
+            load_newest_autosave(&store, "nothing/", &context)
+                .unwrap()
+                .is_none()
+        );
     }
 }

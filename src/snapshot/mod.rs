@@ -26,12 +26,17 @@ mod capture;
 mod columns;
 mod encode;
 mod migrate;
+mod slots;
 
 pub use apply::DecodedWorld;
 pub use capture::{CapturedWorld, capture};
 pub use columns::{SnapshotComponent, SnapshotEntityMapper};
 pub use encode::{SnapshotContext, SnapshotHeader, decode, read_header};
 pub use migrate::Migrations;
+pub use slots::{
+    SlotInfo, autosave_key, autosave_keys, list_slots, load_newest_autosave, read_snapshot,
+    store_autosave, store_snapshot,
+};
 
 use std::any::TypeId;
 use std::collections::HashSet;
