@@ -627,12 +627,11 @@ mod slots {
         let mut target = app();
         target.insert_resource(SnapshotSettings::default().game_version(3));
         let context = SnapshotContext::from_world(target.world_mut());
-        let (key, world, skipped) = load_newest_autosave(&store, "autosave/", &context)
+        let found = load_newest_autosave(&store, "autosave/", &context)
             .unwrap()
             .unwrap();
-        assert_eq!(key, "autosave/000000000005");
-        assert!(skipped.is_empty());
-        drop(world);
+        assert_eq!(found.key, "autosave/000000000005");
+        assert!(found.skipped.is_empty());
 
         // The newest write is damaged: the previous one loads, with the failure reported.
         store
@@ -642,12 +641,12 @@ mod slots {
                 &Default::default(),
             )
             .unwrap();
-        let (key, world, skipped) = load_newest_autosave(&store, "autosave/", &context)
+        let found = load_newest_autosave(&store, "autosave/", &context)
             .unwrap()
             .unwrap();
-        assert_eq!(key, "autosave/000000000004");
-        assert_eq!(skipped.len(), 1);
-        world.apply(target.world_mut(), true);
+        assert_eq!(found.key, "autosave/000000000004");
+        assert_eq!(found.skipped.len(), 1);
+        found.world.apply(target.world_mut(), true);
         assert_eq!(target.world().resource::<Score>(), &Score(4));
 
         // Nothing decodes: a clear error; nothing saved: None.

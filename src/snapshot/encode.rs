@@ -281,7 +281,7 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
                 .deserialize(&mut de)
                 .map_err(|e| e.to_string());
             parsed.and_then(|p| match de.finalize() {
-                Ok(rest) if rest.is_empty() => Ok(p),
+                Ok([]) => Ok(p),
                 Ok(rest) => Err(format!(
                     "{} bytes of garbage after the snapshot",
                     rest.len()

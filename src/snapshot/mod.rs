@@ -34,8 +34,8 @@ pub use columns::{SnapshotComponent, SnapshotEntityMapper};
 pub use encode::{SnapshotContext, SnapshotHeader, decode, read_header};
 pub use migrate::Migrations;
 pub use slots::{
-    SlotInfo, autosave_key, autosave_keys, list_slots, load_newest_autosave, read_snapshot,
-    store_autosave, store_snapshot,
+    LoadedAutosave, SlotInfo, autosave_key, autosave_keys, list_slots, load_newest_autosave,
+    read_snapshot, store_autosave, store_snapshot,
 };
 
 use std::any::TypeId;

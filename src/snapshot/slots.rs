@@ -138,6 +138,17 @@ pub fn store_autosave(
     Ok(key)
 }
 
+/// The autosave [`load_newest_autosave`] found.
+#[derive(Debug)]
+pub struct LoadedAutosave {
+    /// The key that decoded.
+    pub key: String,
+    /// Its decoded world, ready to apply.
+    pub world: DecodedWorld,
+    /// Newer autosaves that failed, newest first, with why.
+    pub skipped: Vec<(String, StorageError)>,
+}
+
 /// Loads the newest autosave under `prefix` that reads and decodes. Each newer one that
 /// fails is skipped with a warning (one corrupt write never loses the game) and reported in
 /// the returned list. `Ok(None)` when there is no autosave at all.
@@ -145,7 +156,7 @@ pub fn load_newest_autosave(
     store: &Store,
     prefix: &str,
     context: &SnapshotContext,
-) -> Result<Option<(String, DecodedWorld, Vec<(String, StorageError)>)>> {
+) -> Result<Option<LoadedAutosave>> {
     let keys = autosave_keys(store, prefix)?;
     let mut skipped = Vec::new();
     for key in keys.into_iter().rev() {
@@ -154,7 +165,13 @@ pub fn load_newest_autosave(
             None => Err(StorageError::Snapshot("it vanished while loading".into())),
         });
         match attempt {
-            Ok(world) => return Ok(Some((key, world, skipped))),
+            Ok(world) => {
+                return Ok(Some(LoadedAutosave {
+                    key,
+                    world,
+                    skipped,
+                }));
+            }
             Err(e) if e.is_backend_failure() => return Err(e),
             Err(e) => {
                 warn!("autosave {key:?} cannot be loaded ({e}); trying the one before it");

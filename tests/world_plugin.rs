@@ -1,0 +1,237 @@
+//! World snapshots through the plugin: messages, responses, autosave, exit flush.
+
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+use bevy::time::TimeUpdateStrategy;
+use bevy_storage::plugin::{
+    LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, Storage, StoragePlugin,
+    WorldLoaded, WorldSaved,
+};
+use bevy_storage::snapshot::{
+    Persist, SnapshotEncoding, SnapshotSettings, autosave_keys, list_slots,
+};
+use bevy_storage::{SaveOptions, StorageConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[reflect(Component)]
+struct Position(i32, i32);
+
+#[derive(Component, Reflect, Clone, Debug, PartialEq)]
+#[reflect(Component)]
+struct Follows(#[entities] Entity);
+
+#[derive(Resource, Reflect, Clone, Debug, PartialEq, Default)]
+#[reflect(Resource)]
+struct Turn(u32);
+
+#[derive(Resource, Default)]
+struct Seen {
+    saved: Vec<WorldSaved>,
+    loaded: Vec<WorldLoaded>,
+}
+
+fn app_with(storage: impl Plugin, snapshots: SnapshotPlugin) -> App {
+    let mut app = App::new();
+    app.add_plugins((MinimalPlugins, storage, snapshots))
+        .register_snapshot_component::<Position>()
+        .insert_resource(TimeUpdateStrategy::ManualDuration(Duration::from_millis(
+            100,
+        )))
+        .init_resource::<Seen>()
+        .add_observer(|ev: On<WorldSaved>, mut seen: ResMut<Seen>| {
+            seen.saved.push(ev.event().clone())
+        })
+        .add_observer(|ev: On<WorldLoaded>, mut seen: ResMut<Seen>| {
+            seen.loaded.push(ev.event().clone())
+        });
+    app
+}
+
+fn settings() -> SnapshotSettings {
+    SnapshotSettings::default()
+        .encoding(SnapshotEncoding::Binary)
+        .allow_resource::<Turn>()
+}
+
+fn pump_until(app: &mut App, what: &str, done: impl Fn(&Seen) -> bool) {
+    let start = Instant::now();
+    while !done(app.world().resource::<Seen>()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        app.update();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn populate(world: &mut World) {
+    let leader = world
+        .spawn((Persist, Position(1, 2), Name::new("leader")))
+        .id();
+    world.spawn((
+        Persist,
+        Position(3, 4),
+        Follows(leader),
+        Name::new("follower"),
+    ));
+    world.spawn((Position(9, 9), Name::new("camera")));
+    world.insert_resource(Turn(17));
+}
+
+fn persisted_positions(world: &mut World) -> Vec<Position> {
+    let mut v: Vec<Position> = world
+        .query_filtered::<&Position, With<Persist>>()
+        .iter(world)
+        .cloned()
+        .collect();
+    v.sort_by_key(|p| (p.0, p.1));
+    v
+}
+
+#[test]
+fn save_then_load_through_messages() {
+    let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
+    populate(app.world_mut());
+    app.world_mut()
+        .write_message(SaveWorld::new("slot:1").metadata("level", "Crypt"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    let saved = app.world().resource::<Seen>().saved[0].clone();
+    assert_eq!(saved.key, "slot:1");
+    assert_eq!(saved.result.as_ref().unwrap(), &2);
+
+    // Change the world, then load the slot back.
+    let world = app.world_mut();
+    let mut q = world.query_filtered::<Entity, With<Persist>>();
+    let first = q.iter(world).next().unwrap();
+    world.despawn(first);
+    world.spawn((Persist, Position(100, 100)));
+    world.insert_resource(Turn(99));
+    let request = LoadWorld::new("slot:1");
+    let id = request.id;
+    world.write_message(request);
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert_eq!(loaded.id, id);
+    let map = loaded.result.unwrap();
+    assert_eq!(map.len(), 2);
+    let world = app.world_mut();
+    assert_eq!(persisted_positions(world), [Position(1, 2), Position(3, 4)]);
+    assert_eq!(world.resource::<Turn>(), &Turn(17));
+    let follows = world.query::<&Follows>().single(world).unwrap().0;
+    let mut names = world.query::<(Entity, &Name)>();
+    let leader = names
+        .iter(world)
+        .find(|(_, n)| n.as_str() == "leader")
+        .unwrap()
+        .0;
+    assert_eq!(follows, leader, "references point at the loaded leader");
+    let camera = world
+        .query::<&Name>()
+        .iter(world)
+        .filter(|n| n.as_str() == "camera")
+        .count();
+    assert_eq!(camera, 1, "non-persisted entities are untouched");
+
+    // The slot lists with its metadata.
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let slots = list_slots(&store, "slot:").unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!(slots[0].custom["level"], "Crypt");
+}
+
+#[test]
+fn failed_loads_answer_with_the_cause_and_change_nothing() {
+    let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
+    populate(app.world_mut());
+    app.update();
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    store
+        .save_bytes(
+            "slot:junk",
+            b"BSNP\x01\x00\x02\x00garbage garbage",
+            &SaveOptions::default(),
+        )
+        .unwrap();
+    app.world_mut()
+        .write_message(LoadWorld::new("slot:missing"));
+    app.world_mut().write_message(LoadWorld::new("slot:junk"));
+    pump_until(&mut app, "two answers", |s| s.loaded.len() == 2);
+    let seen = app.world().resource::<Seen>();
+    let missing = seen.loaded[0].result.as_ref().unwrap_err().to_string();
+    assert!(missing.contains("slot:missing"), "{missing}");
+    let junk = seen.loaded[1].result.as_ref().unwrap_err().to_string();
+    assert!(junk.contains("snapshot"), "{junk}");
+    let world = app.world_mut();
+    assert_eq!(persisted_positions(world), [Position(1, 2), Position(3, 4)]);
+    assert_eq!(world.resource::<Turn>(), &Turn(17));
+}
+
+#[test]
+fn autosave_rotates_and_loading_falls_back_past_a_corrupt_one() {
+    let plugin = SnapshotPlugin::new(settings()).autosave(Duration::from_secs(1), 2);
+    let mut app = app_with(StoragePlugin::memory(), plugin);
+    populate(app.world_mut());
+    app.world_mut()
+        .resource_mut::<SnapshotMetadata>()
+        .0
+        .insert("play_time_s".into(), 5.into());
+    // 100 ms per frame: an autosave every 10 frames; wait for three of them.
+    pump_until(&mut app, "three autosaves", |s| {
+        s.saved.iter().filter(|r| r.autosave).count() >= 3
+    });
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let keys = autosave_keys(&store, "autosave/").unwrap();
+    assert_eq!(keys.len(), 2, "only the newest two are kept: {keys:?}");
+    let slots = list_slots(&store, "autosave/").unwrap();
+    assert_eq!(slots[0].custom["play_time_s"], 5);
+
+    // Make the world differ, damage the newest autosave, load "the autosave".
+    app.world_mut().insert_resource(Turn(1));
+    store
+        .save_bytes(keys.last().unwrap(), b"torn", &SaveOptions::default())
+        .unwrap();
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the autosave load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(&loaded.key, &keys[0], "fell back to the older autosave");
+    assert_eq!(loaded.skipped.len(), 1);
+    assert_eq!(app.world().resource::<Turn>(), &Turn(17));
+}
+
+#[test]
+fn a_save_sent_with_app_exit_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("game.db");
+    {
+        let mut app = app_with(
+            StoragePlugin::config(StorageConfig::sqlite(&path)),
+            SnapshotPlugin::new(settings()),
+        );
+        populate(app.world_mut());
+        app.update(); // let the store open
+        pump_until(&mut app, "the store", |_| true);
+        app.world_mut().write_message(SaveWorld::new("quit-save"));
+        app.world_mut().write_message(AppExit::Success);
+        app.update();
+        assert_eq!(
+            app.world().resource::<Seen>().saved.len(),
+            1,
+            "answered before the app ended"
+        );
+    }
+    let mut app = app_with(
+        StoragePlugin::config(StorageConfig::sqlite(&path)),
+        SnapshotPlugin::new(settings()),
+    );
+    app.world_mut().write_message(LoadWorld::new("quit-save"));
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    assert!(app.world().resource::<Seen>().loaded[0].result.is_ok());
+    assert_eq!(
+        persisted_positions(app.world_mut()),
+        [Position(1, 2), Position(3, 4)]
+    );
+}
