@@ -30,6 +30,8 @@ use crate::store::Store;
 
 /// Default key prefix of autosaves (`autosave/000000000001`, ...).
 pub const DEFAULT_AUTOSAVE_PREFIX: &str = "autosave/";
+/// How many autosaves are kept when [`SnapshotPlugin::autosave`] was not called.
+pub const DEFAULT_AUTOSAVE_KEEP: usize = 3;
 
 /// Adds world snapshots to an app that has a [`StoragePlugin`](super::StoragePlugin).
 ///
@@ -73,19 +75,27 @@ impl SnapshotPlugin {
     /// Autosaves every `interval` (real time) under [`DEFAULT_AUTOSAVE_PREFIX`], keeping
     /// the newest `keep`.
     pub fn autosave(mut self, interval: Duration, keep: usize) -> Self {
+        let prefix = self
+            .autosave
+            .take()
+            .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix);
         self.autosave = Some(Autosave {
             interval,
             keep: keep.max(1),
-            prefix: DEFAULT_AUTOSAVE_PREFIX.to_owned(),
+            prefix,
         });
         self
     }
 
-    /// Changes the autosave key prefix (after [`autosave`](Self::autosave)).
+    /// Changes the autosave key prefix (also used by [`SaveWorld::autosave`] and
+    /// [`LoadWorld::newest_autosave`] when there is no timer).
     pub fn autosave_prefix(mut self, prefix: impl Into<String>) -> Self {
-        if let Some(a) = &mut self.autosave {
-            a.prefix = prefix.into();
-        }
+        let autosave = self.autosave.get_or_insert(Autosave {
+            interval: Duration::MAX,
+            keep: DEFAULT_AUTOSAVE_KEEP,
+            prefix: String::new(),
+        });
+        autosave.prefix = prefix.into();
         self
     }
 }
@@ -138,23 +148,32 @@ pub struct SnapshotSet;
 #[derive(Resource, Debug, Clone, Default, PartialEq)]
 pub struct SnapshotMetadata(pub CustomMetadata);
 
-/// Saves the persisted part of the world under `key`; answered by [`WorldSaved`].
+/// Saves the persisted part of the world; answered by [`WorldSaved`].
 #[derive(Message, Debug, Clone)]
 pub struct SaveWorld {
     /// The request's id.
     pub id: RequestId,
-    /// The slot key.
-    pub key: String,
+    /// Where it goes: a named slot, or the next autosave in the rotation.
+    pub slot: WorldSlot,
     /// Fields added to the slot metadata for this save.
     pub metadata: CustomMetadata,
 }
 
 impl SaveWorld {
-    /// A save to `key`.
+    /// A save to the slot `key`.
     pub fn new(key: impl Into<String>) -> Self {
+        Self::to(WorldSlot::Key(key.into()))
+    }
+
+    /// A save into the autosave rotation now (as the autosave timer does).
+    pub fn autosave() -> Self {
+        Self::to(WorldSlot::Autosave)
+    }
+
+    fn to(slot: WorldSlot) -> Self {
         Self {
             id: RequestId::next(),
-            key: key.into(),
+            slot,
             metadata: CustomMetadata::new(),
         }
     }
@@ -170,13 +189,14 @@ impl SaveWorld {
     }
 }
 
-/// Where a [`LoadWorld`] reads from.
+/// Which snapshot a [`SaveWorld`] writes or a [`LoadWorld`] reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorldSource {
-    /// One slot.
+pub enum WorldSlot {
+    /// A named slot (a store key).
     Key(String),
-    /// The newest autosave that decodes (older ones are tried when newer ones fail).
-    NewestAutosave,
+    /// The autosave rotation: a save adds the next autosave (deleting the oldest beyond the
+    /// number kept); a load takes the newest autosave that decodes, falling back to older ones.
+    Autosave,
 }
 
 /// Replaces the persisted part of the world with a snapshot; answered by [`WorldLoaded`].
@@ -185,7 +205,7 @@ pub struct LoadWorld {
     /// The request's id.
     pub id: RequestId,
     /// What to load.
-    pub source: WorldSource,
+    pub slot: WorldSlot,
 }
 
 impl LoadWorld {
@@ -193,7 +213,7 @@ impl LoadWorld {
     pub fn new(key: impl Into<String>) -> Self {
         Self {
             id: RequestId::next(),
-            source: WorldSource::Key(key.into()),
+            slot: WorldSlot::Key(key.into()),
         }
     }
 
@@ -201,7 +221,7 @@ impl LoadWorld {
     pub fn newest_autosave() -> Self {
         Self {
             id: RequestId::next(),
-            source: WorldSource::NewestAutosave,
+            slot: WorldSlot::Autosave,
         }
     }
 }
@@ -292,12 +312,12 @@ impl SnapshotAppExt for App {
 enum WorldOp {
     Save {
         id: RequestId,
-        key: Option<String>,
+        slot: WorldSlot,
         metadata: CustomMetadata,
     },
     Load {
         id: RequestId,
-        source: WorldSource,
+        slot: WorldSlot,
     },
 }
 
@@ -349,13 +369,13 @@ fn run_world_requests(world: &mut World) {
         let saves = world.resource::<Messages<SaveWorld>>();
         new.extend(runtime.save_cursor.read(saves).map(|m| WorldOp::Save {
             id: m.id,
-            key: Some(m.key.clone()),
+            slot: m.slot.clone(),
             metadata: m.metadata.clone(),
         }));
         let loads = world.resource::<Messages<LoadWorld>>();
         new.extend(runtime.load_cursor.read(loads).map(|m| WorldOp::Load {
             id: m.id,
-            source: m.source.clone(),
+            slot: m.slot.clone(),
         }));
         new.sort_by_key(|op| match op {
             WorldOp::Save { id, .. } | WorldOp::Load { id, .. } => *id,
@@ -369,7 +389,7 @@ fn run_world_requests(world: &mut World) {
                 runtime.autosave_queued = true;
                 runtime.queue.push_back(WorldOp::Save {
                     id: RequestId::next(),
-                    key: None,
+                    slot: WorldSlot::Autosave,
                     metadata: CustomMetadata::new(),
                 });
             }
@@ -438,14 +458,12 @@ fn pump(world: &mut World, runtime: &mut WorldRuntime, block_until: Option<Insta
 fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: StorageResult<Store>) {
     let sender = runtime.sender.clone();
     match op {
-        WorldOp::Save { id, key, metadata } => {
-            let autosave = key.is_none();
-            let slot = key.clone().unwrap_or_else(|| {
-                runtime
-                    .autosave
-                    .as_ref()
-                    .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone())
-            });
+        WorldOp::Save { id, slot, metadata } => {
+            let autosave = slot == WorldSlot::Autosave;
+            let slot = match slot {
+                WorldSlot::Key(key) => key,
+                WorldSlot::Autosave => autosave_prefix(runtime),
+            };
             let fail = |runtime: &mut WorldRuntime, world: &mut World, e: SharedError| {
                 deliver(
                     world,
@@ -471,7 +489,10 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                 Err(e) => return fail(runtime, world, shared(e)),
             };
             let entities = captured.entity_count();
-            let keep = runtime.autosave.as_ref().map_or(1, |a| a.keep);
+            let keep = runtime
+                .autosave
+                .as_ref()
+                .map_or(DEFAULT_AUTOSAVE_KEEP, |a| a.keep);
             runtime.in_flight = Some(id);
             AsyncComputeTaskPool::get()
                 .spawn(async move {
@@ -501,13 +522,10 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                 })
                 .detach();
         }
-        WorldOp::Load { id, source } => {
-            let label = match &source {
-                WorldSource::Key(k) => k.clone(),
-                WorldSource::NewestAutosave => runtime
-                    .autosave
-                    .as_ref()
-                    .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone()),
+        WorldOp::Load { id, slot } => {
+            let label = match &slot {
+                WorldSlot::Key(k) => k.clone(),
+                WorldSlot::Autosave => autosave_prefix(runtime),
             };
             let store = match store {
                 Ok(store) => store,
@@ -529,8 +547,8 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
             AsyncComputeTaskPool::get()
                 .spawn(async move {
                     let work = || -> crate::Result<Decoded> {
-                        match &source {
-                            WorldSource::Key(key) => {
+                        match &slot {
+                            WorldSlot::Key(key) => {
                                 let bytes =
                                     snapshot::read_snapshot(&store, key)?.ok_or_else(|| {
                                         StorageError::Snapshot(format!(
@@ -543,7 +561,7 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                                     skipped: Vec::new(),
                                 })
                             }
-                            WorldSource::NewestAutosave => {
+                            WorldSlot::Autosave => {
                                 match snapshot::load_newest_autosave(&store, &label, &context)? {
                                     Some(found) => Ok(Decoded {
                                         key: found.key,
@@ -586,6 +604,13 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                 .detach();
         }
     }
+}
+
+fn autosave_prefix(runtime: &WorldRuntime) -> String {
+    runtime
+        .autosave
+        .as_ref()
+        .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone())
 }
 
 fn deliver(world: &mut World, runtime: &mut WorldRuntime, done: Done) {
