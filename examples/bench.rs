@@ -1,0 +1,934 @@
+//! Benchmarks: each comparison runs ours and a baseline in this one process, alternating,
+//! for several rounds, and prints one line:
+//!
+//! `compare <name> ours=<v> baseline=<v> ratio=<ours/baseline> unit=<unit> better=<higher|lower> <notes>`
+//!
+//! ```text
+//! cargo run --release --example bench              # full sizes (a few minutes)
+//! cargo run --release --example bench -- --quick   # reduced sizes, under two minutes
+//! cargo run --release --example bench -- snapshot  # only comparisons whose name contains "snapshot"
+//! ```
+//! Progress goes to stderr; results to stdout. Medians of the rounds are reported.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bevy::ecs::entity::EntityHashMap;
+use bevy::prelude::*;
+use bevy::world_serialization::serde::WorldDeserializer;
+use bevy::world_serialization::{DynamicWorld, DynamicWorldBuilder};
+use bevy_storage::backend::sqlite::SqliteSynchronous;
+use bevy_storage::codec::{Cipher, EncryptionKey, Format, SealOptions};
+use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
+use bevy_storage::prelude::*;
+use bevy_storage::snapshot::{
+    Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture, decode, read_snapshot,
+    store_snapshot,
+};
+use clap::Parser;
+use serde::de::DeserializeSeed;
+use serde::{Deserialize, Serialize};
+
+// ----------------------------------------------------------------- memory peaks
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size > layout.size() {
+                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its result with the allocation peak above the starting level.
+fn with_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let r = f();
+    (r, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
+
+// ----------------------------------------------------------------- harness
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Reduced sizes, for a run under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds per comparison (alternating ours and baseline).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Only comparisons whose name contains this.
+    filter: Option<String>,
+}
+
+struct Bench {
+    quick: bool,
+    rounds: usize,
+    filter: Option<String>,
+    dir: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+impl Bench {
+    fn wants(&self, name: &str) -> bool {
+        self.filter.as_ref().is_none_or(|f| name.contains(f.as_str()))
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Alternates `ours` and `baseline` for the configured rounds; each returns its measure.
+    fn compare(
+        &self,
+        name: &str,
+        unit: &str,
+        better: Better,
+        notes: &str,
+        mut ours: impl FnMut(usize) -> f64,
+        mut baseline: impl FnMut(usize) -> f64,
+    ) -> (f64, f64) {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for round in 0..self.rounds {
+            eprint!("\r  {name}: round {}/{}   ", round + 1, self.rounds);
+            a.push(ours(round));
+            b.push(baseline(round));
+        }
+        eprintln!();
+        let (a, b) = (median(a), median(b));
+        println!(
+            "compare {name} ours={} baseline={} ratio={:.3} unit={unit} better={} {notes}",
+            fmt(a),
+            fmt(b),
+            a / b,
+            match better {
+                Better::Higher => "higher",
+                Better::Lower => "lower",
+            }
+        );
+        (a, b)
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") }
+}
+
+fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn main() {
+    let args = Args::parse();
+    let bench = Bench {
+        quick: args.quick,
+        rounds: args.rounds.unwrap_or(if args.quick { 3 } else { 5 }),
+        filter: args.filter,
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    eprintln!(
+        "bevy_storage benchmarks ({} build, {} sizes, {} rounds)",
+        if cfg!(debug_assertions) { "DEBUG: numbers are not meaningful" } else { "release" },
+        if bench.quick { "quick" } else { "full" },
+        bench.rounds
+    );
+    let started = Instant::now();
+    sqlite(&bench);
+    file(&bench);
+    peer_pkv(&bench);
+    codec(&bench);
+    snapshots(&bench);
+    plugin_frame(&bench);
+    redis(&bench);
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+// ----------------------------------------------------------------- key-value
+
+fn value_200() -> Vec<u8> {
+    (0..200u32).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn kv_store(config: StorageConfig) -> Store {
+    Store::open(config.enable_compression(false).format(Format::Binary).max_size(None)).expect("open store")
+}
+
+fn raw_sqlite(path: &Path, full: bool) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })
+        .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)")
+        .unwrap();
+    conn
+}
+
+const UPSERT: &str = "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
+
+fn sqlite(b: &Bench) {
+    let n = if b.quick { 300 } else { 2000 };
+    let value = value_200();
+    if b.wants("sqlite_save") {
+        let store = kv_store(StorageConfig::sqlite(b.path("ours_save.db")));
+        let raw = raw_sqlite(&b.path("raw_save.db"), false);
+        b.compare(
+            "sqlite_save",
+            "writes/s",
+            Better::Higher,
+            "(200-byte value, one transaction per write, WAL synchronous=NORMAL both)",
+            |round| {
+                let t = Instant::now();
+                for i in 0..n {
+                    store
+                        .save(&format!("k{}", round * n + i), &value, &SaveOptions::default())
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+            |round| {
+                let mut stmt = raw.prepare_cached(UPSERT).unwrap();
+                let t = Instant::now();
+                for i in 0..n {
+                    stmt.execute(rusqlite::params![format!("k{}", round * n + i), &value])
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
+    if b.wants("sqlite_save_batch") {
+        let batch = 1000;
+        let batches = if b.quick { 3 } else { 10 };
+        let store = kv_store(StorageConfig::sqlite(b.path("ours_batch.db")));
+        let mut raw = raw_sqlite(&b.path("raw_batch.db"), false);
+        b.compare(
+            "sqlite_save_batch",
+            "records/s",
+            Better::Higher,
+            "(transactions of 1000 saves of 200 bytes; target >= 200000 records/s)",
+            |round| {
+                let t = Instant::now();
+                for j in 0..batches {
+                    let ops = (0..batch)
+                        .map(|i| StorageOperation::save(format!("b{round}:{j}:{i}"), value.clone()))
+                        .collect();
+                    store.transaction(ops).unwrap();
+                }
+                per_sec(batch * batches, t.elapsed())
+            },
+            |round| {
+                let t = Instant::now();
+                for j in 0..batches {
+                    let tx = raw.transaction().unwrap();
+                    {
+                        let mut stmt = tx.prepare_cached(UPSERT).unwrap();
+                        for i in 0..batch {
+                            stmt.execute(rusqlite::params![format!("b{round}:{j}:{i}"), &value])
+                                .unwrap();
+                        }
+                    }
+                    tx.commit().unwrap();
+                }
+                per_sec(batch * batches, t.elapsed())
+            },
+        );
+    }
+    if b.wants("sqlite_load") {
+        let store = kv_store(StorageConfig::sqlite(b.path("ours_load.db")));
+        let raw = raw_sqlite(&b.path("raw_load.db"), false);
+        let keys = 1000;
+        for i in 0..keys {
+            store.save(&format!("k{i}"), &value, &SaveOptions::default()).unwrap();
+            raw.execute(UPSERT, rusqlite::params![format!("k{i}"), &value]).unwrap();
+        }
+        let reads = n * 10;
+        b.compare(
+            "sqlite_load",
+            "reads/s",
+            Better::Higher,
+            "(point loads of 200-byte values, 1000 keys)",
+            |_| {
+                let t = Instant::now();
+                for i in 0..reads {
+                    let v: Vec<u8> = store
+                        .load(&format!("k{}", i % keys), &LoadOptions::default())
+                        .unwrap()
+                        .unwrap();
+                    std::hint::black_box(v);
+                }
+                per_sec(reads, t.elapsed())
+            },
+            |_| {
+                let mut stmt = raw.prepare_cached("SELECT value FROM kv WHERE key = ?1").unwrap();
+                let t = Instant::now();
+                for i in 0..reads {
+                    let v: Vec<u8> = stmt
+                        .query_row([format!("k{}", i % keys)], |r| r.get(0))
+                        .unwrap();
+                    std::hint::black_box(v);
+                }
+                per_sec(reads, t.elapsed())
+            },
+        );
+    }
+}
+
+/// The baseline's durable write: temp file, fsync, rename, fsync of the directory (the same
+/// guarantees as the file backend).
+fn fs_durable_write(dir: &Path, name: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+fn file(b: &Bench) {
+    let n = if b.quick { 100 } else { 500 };
+    let value = value_200();
+    let store = kv_store(StorageConfig::file(b.path("ours_files")));
+    let raw_dir = b.path("raw_files");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    if b.wants("file_save") {
+        b.compare(
+            "file_save",
+            "writes/s",
+            Better::Higher,
+            "(200 bytes; both: temp file, fsync, rename, fsync of the directory)",
+            |round| {
+                let t = Instant::now();
+                for i in 0..n {
+                    store
+                        .save(&format!("k{}", (round * n + i) % 1000), &value, &SaveOptions::default())
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+            |round| {
+                let t = Instant::now();
+                for i in 0..n {
+                    fs_durable_write(&raw_dir, &format!("k{}", (round * n + i) % 1000), &value);
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
+    if b.wants("file_load") {
+        for i in 0..200 {
+            store.save(&format!("k{i}"), &value, &SaveOptions::default()).unwrap();
+            fs_durable_write(&raw_dir, &format!("k{i}"), &value);
+        }
+        let reads = n * 20;
+        b.compare(
+            "file_load",
+            "reads/s",
+            Better::Higher,
+            "(200 bytes; ours checks header, checksums and key; baseline std::fs::read)",
+            |_| {
+                let t = Instant::now();
+                for i in 0..reads {
+                    let v: Vec<u8> = store
+                        .load(&format!("k{}", i % 200), &LoadOptions::default())
+                        .unwrap()
+                        .unwrap();
+                    std::hint::black_box(v);
+                }
+                per_sec(reads, t.elapsed())
+            },
+            |_| {
+                let t = Instant::now();
+                for i in 0..reads {
+                    let v = std::fs::read(raw_dir.join(format!("k{}", i % 200))).unwrap();
+                    std::hint::black_box(v);
+                }
+                per_sec(reads, t.elapsed())
+            },
+        );
+    }
+}
+
+fn peer_pkv(b: &Bench) {
+    let n = if b.quick { 100 } else { 500 };
+    let value = value_200();
+    if b.wants("peer_pkv_save") || b.wants("peer_pkv_load") {
+        let store = kv_store(StorageConfig::sqlite(b.path("ours_pkv.db")));
+        let full = kv_store(StorageConfig::sqlite(b.path("ours_pkv_full.db")).sqlite_synchronous(SqliteSynchronous::Full));
+        let mut pkv = bevy_pkv::PkvStore::new_in_dir(b.path("pkv"));
+        if b.wants("peer_pkv_save") {
+            for (name, ours, durability) in [
+                ("peer_pkv_save", &store, "ours=SQLite WAL NORMAL (survives a process crash)"),
+                ("peer_pkv_save_full", &full, "ours=SQLite WAL FULL (survives power loss)"),
+            ] {
+                b.compare(
+                    name,
+                    "writes/s",
+                    Better::Higher,
+                    &format!("(200 bytes; {durability}; baseline=bevy_pkv 0.16 redb, fsync per commit (survives power loss))"),
+                    |round| {
+                        let t = Instant::now();
+                        for i in 0..n {
+                            ours.save(&format!("k{}", (round * n + i) % 1000), &value, &SaveOptions::default())
+                                .unwrap();
+                        }
+                        per_sec(n, t.elapsed())
+                    },
+                    |round| {
+                        let t = Instant::now();
+                        for i in 0..n {
+                            pkv.set(format!("k{}", (round * n + i) % 1000), &value).unwrap();
+                        }
+                        per_sec(n, t.elapsed())
+                    },
+                );
+            }
+        }
+        if b.wants("peer_pkv_load") {
+            for i in 0..200 {
+                store.save(&format!("k{i}"), &value, &SaveOptions::default()).unwrap();
+                pkv.set(format!("k{i}"), &value).unwrap();
+            }
+            let reads = n * 20;
+            b.compare(
+                "peer_pkv_load",
+                "reads/s",
+                Better::Higher,
+                "(200 bytes; ours=SQLite, baseline=bevy_pkv 0.16 redb)",
+                |_| {
+                    let t = Instant::now();
+                    for i in 0..reads {
+                        let v: Vec<u8> = store
+                            .load(&format!("k{}", i % 200), &LoadOptions::default())
+                            .unwrap()
+                            .unwrap();
+                        std::hint::black_box(v);
+                    }
+                    per_sec(reads, t.elapsed())
+                },
+                |_| {
+                    let t = Instant::now();
+                    for i in 0..reads {
+                        let v: Vec<u8> = pkv.get(format!("k{}", i % 200)).unwrap();
+                        std::hint::black_box(v);
+                    }
+                    per_sec(reads, t.elapsed())
+                },
+            );
+        }
+    }
+}
+
+// ----------------------------------------------------------------- codec
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Doc {
+    id: u64,
+    name: String,
+    tags: Vec<String>,
+    position: [f32; 3],
+    inventory: Vec<(String, u32)>,
+    active: bool,
+}
+
+fn corpus(bytes: usize) -> Vec<Doc> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let words = ["sword", "shield", "potion", "goblin", "dungeon", "gold", "arrow", "torch", "map", "key"];
+    let mut docs = Vec::new();
+    let mut size = 0;
+    while size < bytes {
+        let doc = Doc {
+            id: rng.u64(..),
+            name: format!("{}-{}", words[rng.usize(..words.len())], rng.u32(..1000)),
+            tags: (0..rng.usize(1..5)).map(|_| words[rng.usize(..words.len())].to_string()).collect(),
+            position: [rng.f32() * 100.0, rng.f32() * 100.0, rng.f32()],
+            inventory: (0..rng.usize(0..6))
+                .map(|_| (words[rng.usize(..words.len())].to_string(), rng.u32(..99)))
+                .collect(),
+            active: rng.bool(),
+        };
+        size += 120;
+        docs.push(doc);
+    }
+    docs
+}
+
+fn gib_per_sec(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / (1u64 << 30) as f64
+}
+
+fn codec(b: &Bench) {
+    let json = serde_json::to_vec(&corpus(if b.quick { 8 << 20 } else { 32 << 20 })).unwrap();
+    let cipher = Cipher::new(&EncryptionKey::from_bytes([9; 32]), None).unwrap();
+    if b.wants("codec_lz4") {
+        b.compare(
+            "codec_lz4",
+            "GiB/s",
+            Better::Higher,
+            &format!("(compress {} MiB of JSON through the envelope vs lz4_flex directly; target >= 1 GiB/s)", json.len() >> 20),
+            |_| {
+                let opts = SealOptions {
+                    format: Format::Raw,
+                    compression_level: 1,
+                    encrypt: false,
+                };
+                let t = Instant::now();
+                let sealed = bevy_storage::codec::envelope::seal("k", &json, &opts, None).unwrap();
+                let d = t.elapsed();
+                std::hint::black_box(sealed);
+                gib_per_sec(json.len(), d)
+            },
+            |_| {
+                let t = Instant::now();
+                let c = lz4_flex::block::compress_prepend_size(&json);
+                let d = t.elapsed();
+                std::hint::black_box(c);
+                gib_per_sec(json.len(), d)
+            },
+        );
+    }
+    if b.wants("codec_aes") {
+        b.compare(
+            "codec_aes",
+            "GiB/s",
+            Better::Higher,
+            "(AES-256-GCM through the envelope vs aes-gcm in place; target >= 1 GiB/s)",
+            |_| {
+                let opts = SealOptions {
+                    format: Format::Raw,
+                    compression_level: 0,
+                    encrypt: true,
+                };
+                let t = Instant::now();
+                let sealed = bevy_storage::codec::envelope::seal("k", &json, &opts, Some(&cipher)).unwrap();
+                let d = t.elapsed();
+                std::hint::black_box(sealed);
+                gib_per_sec(json.len(), d)
+            },
+            |_| {
+                let mut buf = json.clone();
+                let t = Instant::now();
+                let tag = cipher.encrypt_in_place(&[b"k"], &mut buf).unwrap();
+                let d = t.elapsed();
+                std::hint::black_box((buf, tag));
+                gib_per_sec(json.len(), d)
+            },
+        );
+    }
+    if b.wants("codec_envelope") {
+        let value = corpus(1 << 20);
+        let opts = SealOptions {
+            format: Format::Binary,
+            compression_level: 1,
+            encrypt: true,
+        };
+        let iterations = if b.quick { 5 } else { 20 };
+        b.compare(
+            "codec_envelope",
+            "ms",
+            Better::Lower,
+            "(1 MiB value: postcard + LZ4 + AES-GCM + envelope vs postcard alone; target ratio <= 2)",
+            |_| {
+                let t = Instant::now();
+                for _ in 0..iterations {
+                    std::hint::black_box(bevy_storage::codec::encode("k", &value, &opts, Some(&cipher)).unwrap());
+                }
+                t.elapsed().as_secs_f64() * 1000.0 / iterations as f64
+            },
+            |_| {
+                let t = Instant::now();
+                for _ in 0..iterations {
+                    std::hint::black_box(postcard::to_stdvec(&value).unwrap());
+                }
+                t.elapsed().as_secs_f64() * 1000.0 / iterations as f64
+            },
+        );
+    }
+}
+
+// ----------------------------------------------------------------- snapshots
+
+#[derive(Component, Reflect, Clone, Copy, Serialize, Deserialize)]
+#[reflect(Component)]
+struct Position {
+    x: f32,
+    y: f32,
+    z: f32,
+}
+
+#[derive(Component, Reflect, Clone, Copy, Serialize, Deserialize)]
+#[reflect(Component)]
+struct Velocity {
+    x: f32,
+    y: f32,
+}
+
+#[derive(Component, Reflect, Clone, Serialize, Deserialize)]
+#[reflect(Component)]
+struct Unit {
+    hp: u32,
+    team: u8,
+    name: String,
+}
+
+fn snapshot_app(entities: usize) -> App {
+    let mut app = App::new();
+    let mut registry = SnapshotRegistry::new();
+    registry
+        .register_component::<Position>()
+        .register_component::<Velocity>()
+        .register_component::<Unit>();
+    app.insert_resource(registry);
+    let world = app.world_mut();
+    world.spawn_batch((0..entities).map(|i| {
+        let f = i as f32;
+        (
+            Persist,
+            Position { x: f, y: f * 0.5, z: 1.0 },
+            Velocity { x: 1.0, y: -1.0 },
+            Unit {
+                hp: (i % 100) as u32,
+                team: (i % 4) as u8,
+                name: format!("unit{i}"),
+            },
+        )
+    }));
+    app
+}
+
+fn baseline_dynamic_world(world: &mut World) -> DynamicWorld {
+    let registry = world.resource::<AppTypeRegistry>().clone();
+    let reg = registry.read();
+    let entities: Vec<Entity> = world.query_filtered::<Entity, With<Persist>>().iter(world).collect();
+    DynamicWorldBuilder::from_world(world, &reg)
+        .deny_component::<bevy::ecs::observer::ObservedBy>()
+        .extract_entities(entities.into_iter())
+        .build()
+}
+
+struct NoAssets;
+impl bevy::asset::LoadFromPath for NoAssets {
+    fn load_from_path_erased(
+        &mut self,
+        _type_id: std::any::TypeId,
+        path: bevy::asset::AssetPath<'static>,
+    ) -> bevy::asset::UntypedHandle {
+        panic!("benchmark worlds hold no assets ({path})")
+    }
+}
+
+fn snapshots(b: &Bench) {
+    let n = if b.quick { 20_000 } else { 100_000 };
+    let wanted = ["snapshot_stall", "snapshot_save_total", "snapshot_load_total", "snapshot_size"];
+    if !wanted.iter().any(|w| b.wants(w)) {
+        return;
+    }
+    eprintln!("  building a world of {n} entities x 3 components");
+    let app = std::cell::RefCell::new(snapshot_app(n));
+    let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
+    let registry = app.borrow().world().resource::<SnapshotRegistry>().clone();
+    let store = Store::open(StorageConfig::sqlite(b.path("snap.db")).max_size(None)).unwrap();
+    let ron_path = b.path("baseline.scn.ron");
+    let mut peaks = (0usize, 0usize);
+
+    if b.wants("snapshot_stall") {
+        b.compare(
+            "snapshot_stall",
+            "ms",
+            Better::Lower,
+            &format!("(main-thread time of one save of {n} entities x 3 components: ours capture only, the rest runs on the pool; baseline DynamicWorldBuilder + RON + file write; target < 16 ms)"),
+            |_| {
+                let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                let t = Instant::now();
+                let captured = capture(world, &settings, &registry).unwrap();
+                let d = t.elapsed();
+                drop(captured);
+                d.as_secs_f64() * 1000.0
+            },
+            |_| {
+                let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                let t = Instant::now();
+                let dw = baseline_dynamic_world(world);
+                let reg = world.resource::<AppTypeRegistry>().read();
+                let text = dw.serialize(&reg).unwrap();
+                std::fs::write(&ron_path, text).unwrap();
+                t.elapsed().as_secs_f64() * 1000.0
+            },
+        );
+    }
+    if b.wants("snapshot_save_total") || b.wants("snapshot_size") {
+        let (mut ours_size, mut ron_size) = (0, 0);
+        b.compare(
+            "snapshot_save_total",
+            "ms",
+            Better::Lower,
+            "(capture + encode (postcard) + LZ4 + write to SQLite vs DynamicWorldBuilder + RON + file write; target ratio <= 0.2)",
+            |_| {
+                let (ms, peak) = with_peak(|| {
+                    let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                    let t = Instant::now();
+                    let captured = capture(world, &settings, &registry).unwrap();
+                    let bytes = captured.encode().unwrap();
+                    store_snapshot(&store, "bench", &bytes, &settings, Default::default()).unwrap();
+                    t.elapsed().as_secs_f64() * 1000.0
+                });
+                ours_size = store.get_metadata("bench").unwrap().unwrap().size as usize;
+                peaks.0 = peaks.0.max(peak);
+                ms
+            },
+            |_| {
+                let (ms, peak) = with_peak(|| {
+                    let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                    let t = Instant::now();
+                    let dw = baseline_dynamic_world(world);
+                    let reg = world.resource::<AppTypeRegistry>().read();
+                    let text = dw.serialize(&reg).unwrap();
+                    std::fs::write(&ron_path, &text).unwrap();
+                    ron_size = text.len();
+                    t.elapsed().as_secs_f64() * 1000.0
+                });
+                peaks.1 = peaks.1.max(peak);
+                ms
+            },
+        );
+        println!(
+            "compare snapshot_size ours={ours_size} baseline={ron_size} ratio={:.3} unit=bytes better=lower (stored record vs RON file; target ratio <= 0.3)",
+            ours_size as f64 / ron_size as f64
+        );
+        println!(
+            "memory snapshot_save peak ours={} MiB baseline={} MiB",
+            peaks.0 >> 20,
+            peaks.1 >> 20
+        );
+    }
+    if b.wants("snapshot_load_total") {
+        let mut load_peaks = (0usize, 0usize);
+        let mut target_ours = snapshot_app(0);
+        let mut target_base = snapshot_app(0);
+        let context = SnapshotContext::from_world(target_ours.world_mut());
+        b.compare(
+            "snapshot_load_total",
+            "ms",
+            Better::Lower,
+            "(read + decode + apply into a world vs file read + RON WorldDeserializer + write_to_world; target ratio <= 0.2)",
+            |_| {
+                let (ms, peak) = with_peak(|| {
+                    let t = Instant::now();
+                    let bytes = read_snapshot(&store, "bench").unwrap().unwrap();
+                    let decoded = decode(&bytes, &context).unwrap();
+                    let map = decoded.apply(target_ours.world_mut(), true);
+                    assert_eq!(map.len(), n);
+                    t.elapsed().as_secs_f64() * 1000.0
+                });
+                load_peaks.0 = load_peaks.0.max(peak);
+                ms
+            },
+            |_| {
+                let (ms, peak) = with_peak(|| {
+                    let world = target_base.world_mut();
+                    // Same semantics as ours: the previous load's entities go first.
+                    let old: Vec<Entity> = world.query_filtered::<Entity, With<Persist>>().iter(world).collect();
+                    let t = Instant::now();
+                    for e in old {
+                        world.despawn(e);
+                    }
+                    let text = std::fs::read_to_string(&ron_path).unwrap();
+                    let registry = world.resource::<AppTypeRegistry>().clone();
+                    let dw = {
+                        let reg = registry.read();
+                        let mut de = ron::de::Deserializer::from_str(&text).unwrap();
+                        WorldDeserializer {
+                            type_registry: &reg,
+                            load_from_path: &mut NoAssets,
+                        }
+                        .deserialize(&mut de)
+                        .unwrap()
+                    };
+                    let mut map = EntityHashMap::default();
+                    dw.write_to_world(world, &mut map).unwrap();
+                    assert_eq!(map.len(), n);
+                    t.elapsed().as_secs_f64() * 1000.0
+                });
+                load_peaks.1 = load_peaks.1.max(peak);
+                ms
+            },
+        );
+        println!(
+            "memory snapshot_load peak ours={} MiB baseline={} MiB",
+            load_peaks.0 >> 20,
+            load_peaks.1 >> 20
+        );
+    }
+}
+
+// ----------------------------------------------------------------- plugin
+
+#[derive(Resource, Default)]
+struct Answered(usize);
+
+fn plugin_frame(b: &Bench) {
+    if !b.wants("plugin_frame") {
+        return;
+    }
+    let requests = 10_000;
+    let frames = if b.quick { 30 } else { 100 };
+    let mut plugin_app = App::new();
+    plugin_app.add_plugins((
+        MinimalPlugins,
+        StoragePlugin::config(StorageConfig::sqlite(b.path("plugin.db")).max_size(None)),
+    ))
+    .init_resource::<Answered>()
+    .add_systems(Update, |mut done: MessageReader<SaveCompleted>, mut n: ResMut<Answered>| {
+        n.0 += done.read().count();
+    });
+    for _ in 0..20 {
+        plugin_app.update(); // let the store open
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let app = std::cell::RefCell::new(plugin_app);
+    let value = value_200();
+    b.compare(
+        "plugin_frame",
+        "us",
+        Better::Lower,
+        "(median app.update() while 10000 saves are in flight vs an idle frame; target ratio <= 1.2)",
+        |round| {
+            let mut app = app.borrow_mut();
+            app.world_mut().resource_mut::<Answered>().0 = 0;
+            for i in 0..requests {
+                app.world_mut()
+                    .write_message(SaveRequest::new(format!("p{round}:{i}"), value.clone()));
+            }
+            app.update(); // the frame that dispatches them
+            let mut times = Vec::new();
+            while times.len() < frames && app.world().resource::<Answered>().0 < requests {
+                let t = Instant::now();
+                app.update();
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            // Let the rest finish before the idle measurement.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while app.world().resource::<Answered>().0 < requests && Instant::now() < deadline {
+                app.update();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            median(times)
+        },
+        |_| {
+            let mut app = app.borrow_mut();
+            let mut times = Vec::new();
+            for _ in 0..frames {
+                let t = Instant::now();
+                app.update();
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            median(times)
+        },
+    );
+}
+
+// ----------------------------------------------------------------- redis
+
+#[cfg(feature = "redis")]
+fn redis(b: &Bench) {
+    if !b.wants("redis_tx") {
+        return;
+    }
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let namespace = format!("bench:{}:", std::process::id());
+    let store = match Store::open(StorageConfig::redis(&url, &namespace).max_size(None).enable_compression(false).format(Format::Binary)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("compare redis_tx skipped: Redis not reachable at {url}: {e}");
+            return;
+        }
+    };
+    let value = value_200();
+    let batches = if b.quick { 5 } else { 20 };
+    b.compare(
+        "redis_tx",
+        "records/s",
+        Better::Higher,
+        "(transactions of 1000 saves of 200 bytes vs redis-benchmark -q -t set -P 100 -c 1 -d 200 -n 100000)",
+        |round| {
+            let t = Instant::now();
+            for j in 0..batches {
+                let ops = (0..1000)
+                    .map(|i| StorageOperation::save(format!("r{round}:{j}:{i}"), value.clone()))
+                    .collect();
+                store.transaction(ops).unwrap();
+            }
+            per_sec(1000 * batches, t.elapsed())
+        },
+        |_| redis_benchmark(&url),
+    );
+    store.clear().unwrap();
+}
+
+#[cfg(feature = "redis")]
+fn redis_benchmark(url: &str) -> f64 {
+    let rest = url.trim_start_matches("redis://");
+    let hostport = rest.split('/').next().unwrap_or("127.0.0.1:6379");
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "6379"));
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", host, "-p", port, "-q", "-t", "set", "-P", "100", "-c", "1", "-d", "200", "-n", "100000"])
+        .output()
+        .expect("redis-benchmark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "SET: 1234567.00 requests per second, p50=..." (possibly after \r progress lines)
+    text.split(['\r', '\n'])
+        .filter_map(|line| line.strip_prefix("SET: "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .next_back()
+        .unwrap_or(f64::NAN)
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(b: &Bench) {
+    if b.wants("redis_tx") && b.filter.is_some() {
+        println!("compare redis_tx skipped: build with --features redis");
+    }
+}
