@@ -270,6 +270,21 @@ type HeroQuery<'w, 's> = Query<
     Without<Monster>,
 >;
 
+type MonsterQuery<'w, 's> = Query<
+    'w,
+    's,
+    (
+        Entity,
+        &'static mut Position,
+        &'static mut Health,
+        &'static Monster,
+        &'static mut Hunts,
+    ),
+    Without<Hero>,
+>;
+type ItemQuery<'w, 's> =
+    Query<'w, 's, (Entity, &'static Position, &'static Item), (Without<Hero>, Without<Monster>)>;
+
 #[allow(clippy::too_many_arguments)]
 fn take_turn(
     mut commands: Commands,
@@ -279,8 +294,8 @@ fn take_turn(
     args: Res<Args>,
     mut meta: ResMut<SnapshotMetadata>,
     mut heroes: HeroQuery,
-    mut monsters: Query<(Entity, &mut Position, &mut Health, &Monster, &mut Hunts), Without<Hero>>,
-    items: Query<(Entity, &Position, &Item), (Without<Hero>, Without<Monster>)>,
+    mut monsters: MonsterQuery,
+    items: ItemQuery,
     mut saves: MessageWriter<SaveWorld>,
     mut exit: MessageWriter<AppExit>,
 ) {

@@ -97,6 +97,11 @@ pub mod prelude {
         StorageCommandsExt, StoragePlugin, StoragePluginBuilder, StorageResponse, StorageSet,
         TransactionCompleted, TransactionRequest, WriteBatching,
     };
+    pub use crate::plugin::{
+        LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, WorldLoaded,
+        WorldSaved, WorldSlot,
+    };
+    pub use crate::snapshot::{Persist, SnapshotEncoding, SnapshotSettings};
     pub use crate::{
         Backend, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions, StorageConfig,
         StorageError, StorageMetadata, StorageOperation, StorageStats, Store,

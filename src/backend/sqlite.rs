@@ -58,7 +58,10 @@ use parking_lot::Mutex;
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::ffi::ErrorCode;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{
+    CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction,
+    TransactionBehavior,
+};
 
 use super::{
     Backend, CustomMetadata, KeyEntry, PutMode, Record, RecordMeta, Usage, WriteOp, WriteOutcome,
@@ -519,64 +522,93 @@ impl Previous {
 }
 
 /// Runs one operation of a batch inside its transaction.
-fn apply_op(tx: &Transaction<'_>, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
-    match op {
-        WriteOp::Put { key, record, mode } => {
-            let previous = tx
-                .prepare_cached(SQL_PREVIOUS)?
-                .query_row([&key], |row| {
-                    Ok((
-                        Previous {
+/// The statements of one write batch, prepared on first use and kept for the whole batch.
+struct BatchStatements<'t> {
+    tx: &'t Transaction<'t>,
+    previous: Option<CachedStatement<'t>>,
+    upsert: Option<CachedStatement<'t>>,
+    delete: Option<CachedStatement<'t>>,
+}
+
+impl<'t> BatchStatements<'t> {
+    fn new(tx: &'t Transaction<'t>) -> Self {
+        Self {
+            tx,
+            previous: None,
+            upsert: None,
+            delete: None,
+        }
+    }
+
+    fn get<'s>(
+        tx: &'t Transaction<'t>,
+        slot: &'s mut Option<CachedStatement<'t>>,
+        sql: &str,
+    ) -> rusqlite::Result<&'s mut CachedStatement<'t>> {
+        if slot.is_none() {
+            *slot = Some(tx.prepare_cached(sql)?);
+        }
+        Ok(slot.as_mut().expect("just prepared"))
+    }
+
+    fn apply(&mut self, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
+        match op {
+            WriteOp::Put { key, record, mode } => {
+                let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
+                    .query_row([&key], |row| {
+                        Ok((
+                            Previous {
+                                size: row.get(0)?,
+                                expires_at: row.get(1)?,
+                            },
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                let live =
+                    previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
+                if mode == PutMode::CreateOnly && live.is_some() {
+                    return Ok(OpResult::Exists(key));
+                }
+                let meta = &record.meta;
+                let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
+                let custom = if meta.custom.is_empty() {
+                    None
+                } else {
+                    Some(
+                        serde_json::to_string(&meta.custom)
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+                    )
+                };
+                Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
+                    key,
+                    created_at,
+                    meta.modified_at.0,
+                    meta.accessed_at.0,
+                    meta.expires_at.map(|t| t.0),
+                    meta.size,
+                    meta.compressed,
+                    meta.encrypted,
+                    custom,
+                    record.value,
+                ])?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: live.map(|(size, _)| size),
+                }))
+            }
+            WriteOp::Delete { key } => {
+                let previous = Self::get(self.tx, &mut self.delete, SQL_DELETE)?
+                    .query_row([&key], |row| {
+                        Ok(Previous {
                             size: row.get(0)?,
                             expires_at: row.get(1)?,
-                        },
-                        row.get::<_, i64>(2)?,
-                    ))
-                })
-                .optional()?;
-            let live = previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
-            if mode == PutMode::CreateOnly && live.is_some() {
-                return Ok(OpResult::Exists(key));
-            }
-            let meta = &record.meta;
-            let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
-            let custom = if meta.custom.is_empty() {
-                None
-            } else {
-                Some(
-                    serde_json::to_string(&meta.custom)
-                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
-                )
-            };
-            tx.prepare_cached(SQL_UPSERT)?.execute(rusqlite::params![
-                key,
-                created_at,
-                meta.modified_at.0,
-                meta.accessed_at.0,
-                meta.expires_at.map(|t| t.0),
-                meta.size,
-                meta.compressed,
-                meta.encrypted,
-                custom,
-                record.value,
-            ])?;
-            Ok(OpResult::Done(WriteOutcome {
-                previous_size: live.map(|(size, _)| size),
-            }))
-        }
-        WriteOp::Delete { key } => {
-            let previous = tx
-                .prepare_cached(SQL_DELETE)?
-                .query_row([&key], |row| {
-                    Ok(Previous {
-                        size: row.get(0)?,
-                        expires_at: row.get(1)?,
+                        })
                     })
-                })
-                .optional()?;
-            Ok(OpResult::Done(WriteOutcome {
-                previous_size: previous.and_then(|p| p.live_size(now)),
-            }))
+                    .optional()?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: previous.and_then(|p| p.live_size(now)),
+                }))
+            }
         }
     }
 }
@@ -633,13 +665,17 @@ impl Backend for SqliteBackend {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.fail(e, format_args!("writing a batch of {count} operation(s)")))?;
         let mut outcomes = Vec::with_capacity(count);
-        for op in ops {
-            match apply_op(&tx, op, now).map_err(|e| {
-                self.fail(e, format_args!("writing a batch of {count} operation(s)"))
-            })? {
-                OpResult::Done(outcome) => outcomes.push(outcome),
-                // Dropping `tx` rolls back everything done so far.
-                OpResult::Exists(key) => return Err(StorageError::AlreadyExists { key }),
+        {
+            // Prepared once per batch: a cache lookup per operation costs more than the seek.
+            let mut statements = BatchStatements::new(&tx);
+            for op in ops {
+                match statements.apply(op, now).map_err(|e| {
+                    self.fail(e, format_args!("writing a batch of {count} operation(s)"))
+                })? {
+                    OpResult::Done(outcome) => outcomes.push(outcome),
+                    // Dropping `tx` rolls back everything done so far.
+                    OpResult::Exists(key) => return Err(StorageError::AlreadyExists { key }),
+                }
             }
         }
         tx.commit()

@@ -1,0 +1,561 @@
+//! The Bevy integration: [`StoragePlugin`], request and response messages, TTL cleanup,
+//! [`StorageStats`], write batching and persistent resources.
+//!
+//! ```no_run
+//! use bevy::prelude::*;
+//! use bevy_storage::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Clone, Debug)]
+//! struct Player { name: String, gold: u32 }
+//!
+//! fn main() {
+//!     App::new()
+//!         .add_plugins(MinimalPlugins)
+//!         .add_plugins(StoragePlugin) // embedded SQLite at saves/storage.db
+//!         .add_systems(Startup, |mut saves: MessageWriter<SaveRequest>, mut loads: MessageWriter<LoadRequest>| {
+//!             saves.write(SaveRequest::new("player:ada", Player { name: "Ada".into(), gold: 120 }));
+//!             loads.write(LoadRequest::new("player:ada")); // same key: runs after the save
+//!         })
+//!         .add_observer(|done: On<LoadCompleted>| {
+//!             match done.decode::<Player>() {
+//!                 Ok(Some(player)) => info!("loaded {player:?}"),
+//!                 Ok(None) => info!("nothing saved under {}", done.key),
+//!                 Err(e) => error!("load of {} failed: {e}", done.key),
+//!             }
+//!         })
+//!         .run();
+//! }
+//! ```
+//!
+//! # How it runs
+//! - Requests are [messages](requests). The [`StorageSet::Dispatch`] system (in `Last`)
+//!   reads every request sent during the frame, in [`RequestId`] order, and hands them to a
+//!   scheduler. Serialization, compression, encryption and backend I/O run on the
+//!   [`AsyncComputeTaskPool`](bevy::tasks::AsyncComputeTaskPool); the main thread only moves
+//!   requests in and results out, so a slow backend never lengthens a frame.
+//! - Requests that touch the same key run one after another, in id order (a save followed by
+//!   a load of that key sees the saved value); requests for different keys run in parallel.
+//!   A [`ClearRequest`] waits for everything before it and holds back everything after it;
+//!   a listing waits for the requests on keys it could list.
+//! - Results are delivered by [`StorageSet::Collect`] (in `PreUpdate`): each request gets
+//!   exactly one response with its id, written as a message *and* triggered as an observer
+//!   event. Nothing fails silently: bad keys, wrong encryption keys, backend failures, a
+//!   store that could not be opened and even a panicking `Serialize` impl all come back as
+//!   an `Err` in the response.
+//! - On [`AppExit`], [`StorageSet::Flush`] blocks until every request already sent has
+//!   finished (bounded by [`StoragePluginBuilder::exit_timeout`]) and delivers the results:
+//!   a game that saves and quits in the same frame loses nothing. Dropping the app without
+//!   `AppExit` also waits for requests already dispatched.
+//! - The store is opened on the task pool too (SQLite open, Argon2 key derivation). Requests
+//!   sent meanwhile wait for it. If it cannot be opened, the error is logged once, the
+//!   [`StorageStats`] resource reports `is_healthy: false` with the error, and every request
+//!   is answered with that error.
+//! - Every `cleanup_interval` (real time; [`StorageConfig::cleanup_interval`], default one
+//!   hour) expired records are purged on the pool and an [`ExpiredPurged`] report is sent.
+//! - [`StorageStats`] is refreshed on the pool every `stats_interval` (default 1 s) and after
+//!   each cleanup; [`StorageActivity`] counts the plugin's own work every frame.
+//!
+//! # Optional layers
+//! - **Read cache**: [`StoragePluginBuilder::read_cache`] keeps decoded loads in memory for a
+//!   while; every save, delete, transaction and clear through the store invalidates it.
+//!   [`StorageStats::cache`] reports hits and misses.
+//! - **Write batching**: [`StoragePluginBuilder::batch_writes`] commits the saves and deletes
+//!   sent within a frame (or a time window) as one backend transaction. Each request's
+//!   response reports the outcome of that commit: if the commit fails, every request in it
+//!   gets the error. Requests stay ordered per key: a write never joins a batch ahead of an
+//!   earlier request for its key. Saves with `overwrite(false)` and writes with an invalid
+//!   key never join a batch, so their (expected) failure cannot fail other saves.
+//! - **Persistent resources**: [`PersistResourceExt::persist_resource`].
+
+mod commands;
+mod persistent;
+pub mod requests;
+mod runtime;
+mod systems;
+pub mod world;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bevy::app::AppExit;
+use bevy::prelude::*;
+
+pub use commands::StorageCommandsExt;
+pub use persistent::{PersistOptions, PersistResourceExt};
+pub use requests::{
+    ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted, ExistsRequest,
+    ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted, LoadRequest, LoadedValue,
+    PersistedResourceLoaded, PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest,
+    SharedError, StorageResponse, StorageResult, TransactionCompleted, TransactionRequest,
+};
+
+pub use world::{
+    Autosave, LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, SnapshotSet,
+    WorldLoaded, WorldSaved, WorldSlot,
+};
+
+use crate::backend::Backend;
+use crate::clock::Clock;
+use crate::codec::{EncryptionKey, Format};
+use crate::config::StorageConfig;
+use crate::error::StorageError;
+use crate::store::{StorageStats, Store};
+use runtime::{OpenSource, Runtime};
+
+/// Where the default [`StoragePlugin`] keeps its SQLite database.
+pub const DEFAULT_SQLITE_PATH: &str = "saves/storage.db";
+/// Where the default [`StoragePlugin`] keeps its files when built without the `sqlite` feature.
+pub const DEFAULT_FILE_ROOT: &str = "saves/storage";
+/// How long the exit flush waits for outstanding requests by default.
+pub const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The storage plugin with its defaults: an embedded SQLite store at
+/// [`DEFAULT_SQLITE_PATH`] (directories created), or a file store at [`DEFAULT_FILE_ROOT`]
+/// without the `sqlite` feature.
+///
+/// ```no_run
+/// # use bevy::prelude::*;
+/// # use bevy_storage::prelude::*;
+/// # use std::time::Duration;
+/// App::new().add_plugins((MinimalPlugins, StoragePlugin));
+/// // or configured:
+/// App::new().add_plugins((
+///     MinimalPlugins,
+///     StoragePlugin::file("saves/slot1")
+///         .default_ttl(Some(Duration::from_secs(30 * 86_400)))
+///         .cleanup_interval(Duration::from_secs(600))
+///         .read_cache(Duration::from_secs(5))
+///         .batch_writes(WriteBatching::PerFrame),
+/// ));
+/// ```
+///
+/// The associated functions return a [`StoragePluginBuilder`], which is a plugin too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoragePlugin;
+
+impl StoragePlugin {
+    /// The store configuration the bare `StoragePlugin` uses.
+    pub fn default_config() -> StorageConfig {
+        #[cfg(feature = "sqlite")]
+        {
+            StorageConfig::sqlite(DEFAULT_SQLITE_PATH)
+        }
+        #[cfg(not(feature = "sqlite"))]
+        {
+            StorageConfig::file(DEFAULT_FILE_ROOT)
+        }
+    }
+
+    /// A plugin over an embedded SQLite database at `path` (parent directories created).
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(path: impl Into<PathBuf>) -> StoragePluginBuilder {
+        Self::config(StorageConfig::sqlite(path))
+    }
+
+    /// A plugin over a file store (one file per key) under `root`.
+    pub fn file(root: impl Into<PathBuf>) -> StoragePluginBuilder {
+        Self::config(StorageConfig::file(root))
+    }
+
+    /// A plugin over an in-memory store (nothing survives the process; for tests and tools).
+    pub fn memory() -> StoragePluginBuilder {
+        Self::config(StorageConfig::memory())
+    }
+
+    /// A plugin over a Redis server at `url`, under `namespace` (feature `redis`). An
+    /// unreachable server is reported like any open failure.
+    #[cfg(feature = "redis")]
+    pub fn redis(url: impl Into<String>, namespace: impl Into<String>) -> StoragePluginBuilder {
+        Self::config(StorageConfig::redis(url, namespace))
+    }
+
+    /// A plugin over the game's own [`Backend`].
+    pub fn custom(backend: impl Backend) -> StoragePluginBuilder {
+        Self::config(StorageConfig::custom(backend))
+    }
+
+    /// A plugin with a complete [`StorageConfig`] (backend and every option).
+    pub fn config(config: StorageConfig) -> StoragePluginBuilder {
+        StoragePluginBuilder {
+            config,
+            store: None,
+            store_options_set: false,
+            batching: WriteBatching::Off,
+            stats_interval: systems::DEFAULT_STATS_INTERVAL,
+            exit_timeout: DEFAULT_EXIT_TIMEOUT,
+        }
+    }
+
+    /// A plugin over a store the game already opened (for example to share it with a tool
+    /// thread). The store's own options are fixed; the plugin options (batching, intervals)
+    /// still apply.
+    pub fn store(store: Store) -> StoragePluginBuilder {
+        StoragePluginBuilder {
+            store: Some(store),
+            ..Self::config(StorageConfig::memory())
+        }
+    }
+
+    /// The default plugin as a builder, to change some options.
+    pub fn builder() -> StoragePluginBuilder {
+        Self::config(Self::default_config())
+    }
+}
+
+impl Plugin for StoragePlugin {
+    fn build(&self, app: &mut App) {
+        Self::builder().build(app);
+    }
+}
+
+/// How saves and deletes are grouped into backend transactions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WriteBatching {
+    /// Every write is its own commit. The default.
+    #[default]
+    Off,
+    /// The writes sent during one frame are committed together.
+    PerFrame,
+    /// The writes sent within this window (real time, from the first write of the batch)
+    /// are committed together. Requests for a key in an open batch wait for its commit.
+    Window(Duration),
+}
+
+/// A configured [`StoragePlugin`]: backend, every [`StorageConfig`] option and the plugin's
+/// own options. Reached from [`StoragePlugin::sqlite`], [`file`](StoragePlugin::file),
+/// [`memory`](StoragePlugin::memory), [`custom`](StoragePlugin::custom),
+/// [`config`](StoragePlugin::config) or [`store`](StoragePlugin::store).
+#[derive(Debug, Clone)]
+pub struct StoragePluginBuilder {
+    config: StorageConfig,
+    store: Option<Store>,
+    store_options_set: bool,
+    batching: WriteBatching,
+    stats_interval: Duration,
+    exit_timeout: Duration,
+}
+
+impl StoragePluginBuilder {
+    fn store_option(mut self, f: impl FnOnce(StorageConfig) -> StorageConfig) -> Self {
+        self.config = f(self.config);
+        self.store_options_set = true;
+        self
+    }
+
+    /// The store configuration so far.
+    pub fn storage_config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    /// Changes the store configuration with a function of it.
+    pub fn map_config(self, f: impl FnOnce(StorageConfig) -> StorageConfig) -> Self {
+        self.store_option(f)
+    }
+
+    /// Quota on the total stored size in bytes (`None`: unlimited).
+    pub fn max_size(self, bytes: Option<u64>) -> Self {
+        self.store_option(|c| c.max_size(bytes))
+    }
+
+    /// TTL of saves that do not set their own.
+    pub fn default_ttl(self, ttl: Option<Duration>) -> Self {
+        self.store_option(|c| c.default_ttl(ttl))
+    }
+
+    /// Compress saves by default.
+    pub fn compression(self, on: bool) -> Self {
+        self.store_option(|c| c.enable_compression(on))
+    }
+
+    /// Encrypt every save by default with `key`.
+    pub fn encryption(self, key: EncryptionKey) -> Self {
+        self.store_option(|c| c.encryption_key(key).enable_encryption(true))
+    }
+
+    /// Sets the encryption key without encrypting by default (saves opt in with
+    /// `encrypt(true)`).
+    pub fn encryption_key(self, key: EncryptionKey) -> Self {
+        self.store_option(|c| c.encryption_key(key))
+    }
+
+    /// Serde format of values.
+    pub fn format(self, format: Format) -> Self {
+        self.store_option(|c| c.format(format))
+    }
+
+    /// Pooled connections of backends that pool.
+    pub fn pool_size(self, n: u32) -> Self {
+        self.store_option(|c| c.pool_size(n))
+    }
+
+    /// The clock for TTLs and timestamps (a `ManualClock` in tests).
+    pub fn clock(self, clock: impl Clock) -> Self {
+        self.store_option(|c| c.clock(clock))
+    }
+
+    /// Serves repeated loads from memory for `ttl`; saves, deletes, transactions and clears
+    /// invalidate it.
+    pub fn read_cache(self, ttl: Duration) -> Self {
+        self.store_option(|c| c.read_cache(Some(ttl)))
+    }
+
+    /// How many entries the read cache holds.
+    pub fn read_cache_capacity(self, entries: usize) -> Self {
+        self.store_option(|c| c.read_cache_capacity(entries))
+    }
+
+    /// SQLite only: the `synchronous` level.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_synchronous(self, sync: crate::backend::sqlite::SqliteSynchronous) -> Self {
+        self.store_option(|c| c.sqlite_synchronous(sync))
+    }
+
+    /// How often expired records are purged (real time). Default one hour.
+    pub fn cleanup_interval(mut self, every: Duration) -> Self {
+        self.config = self.config.cleanup_interval(every);
+        self
+    }
+
+    /// Groups writes into transactions; see [`WriteBatching`].
+    pub fn batch_writes(mut self, batching: WriteBatching) -> Self {
+        self.batching = batching;
+        self
+    }
+
+    /// How often [`StorageStats`] is refreshed (real time). Default 1 s; `Duration::ZERO`
+    /// refreshes every frame (one refresh in flight at a time).
+    pub fn stats_interval(mut self, every: Duration) -> Self {
+        self.stats_interval = every;
+        self
+    }
+
+    /// How long the exit flush waits for outstanding requests. Default 30 s.
+    pub fn exit_timeout(mut self, timeout: Duration) -> Self {
+        self.exit_timeout = timeout;
+        self
+    }
+}
+
+impl Plugin for StoragePluginBuilder {
+    fn build(&self, app: &mut App) {
+        assert!(
+            !app.world().contains_resource::<StorageRuntime>(),
+            "bevy_storage: a StoragePlugin was already added to this app; add it once (one store per app)"
+        );
+        let (source, description) = match &self.store {
+            Some(store) => {
+                if self.store_options_set {
+                    warn!(
+                        "bevy_storage: StoragePlugin::store was given an open store; store options set on the plugin are ignored"
+                    );
+                }
+                (OpenSource::Store(store.clone()), format!("{store:?}"))
+            }
+            None => (
+                OpenSource::Config(Box::new(self.config.clone())),
+                runtime::describe(&self.config),
+            ),
+        };
+        let backend_type = match &self.store {
+            Some(store) => store.backend().backend_type().to_owned(),
+            None => backend_type(&self.config),
+        };
+        let cell = Arc::new(OnceLock::new());
+        let storage = Storage {
+            cell: Arc::clone(&cell),
+        };
+        let runtime = StorageRuntime {
+            inner: Runtime::new(source, cell, self.batching, self.exit_timeout),
+            description,
+            cleanup_interval: self.config.cleanup_interval,
+            stats_interval: self.stats_interval,
+            last_cleanup: Duration::ZERO,
+            last_stats: Duration::ZERO,
+            stats_now: false,
+            stats_in_flight: false,
+            purge_in_flight: false,
+        };
+        let max_size = match &self.store {
+            Some(_) => None,
+            None => self.config.max_size,
+        };
+
+        app.add_message::<SaveRequest>()
+            .add_message::<LoadRequest>()
+            .add_message::<DeleteRequest>()
+            .add_message::<ExistsRequest>()
+            .add_message::<ListKeysRequest>()
+            .add_message::<TransactionRequest>()
+            .add_message::<ClearRequest>()
+            .add_message::<SaveCompleted>()
+            .add_message::<LoadCompleted>()
+            .add_message::<DeleteCompleted>()
+            .add_message::<ExistsCompleted>()
+            .add_message::<ListKeysCompleted>()
+            .add_message::<TransactionCompleted>()
+            .add_message::<ClearCompleted>()
+            .add_message::<ExpiredPurged>()
+            .add_message::<PersistedResourceLoaded>()
+            .add_message::<PersistedResourceSaved>()
+            .add_message::<AppExit>()
+            .insert_resource(storage)
+            .insert_resource(StorageStats {
+                backend_type,
+                is_healthy: true,
+                max_size,
+                ..StorageStats::default()
+            })
+            .init_resource::<StorageActivity>()
+            .insert_resource(runtime)
+            .configure_sets(PreUpdate, StorageSet::Collect)
+            .configure_sets(
+                Last,
+                (
+                    StorageSet::Persist,
+                    StorageSet::Dispatch,
+                    StorageSet::Maintenance,
+                    StorageSet::Flush,
+                )
+                    .chain(),
+            )
+            .add_systems(PreStartup, systems::start_opening)
+            .add_systems(
+                PreUpdate,
+                systems::collect_results.in_set(StorageSet::Collect),
+            )
+            .add_systems(
+                Last,
+                (
+                    (systems::dispatch_requests, systems::update_activity)
+                        .chain()
+                        .in_set(StorageSet::Dispatch),
+                    systems::run_maintenance.in_set(StorageSet::Maintenance),
+                    systems::flush_on_exit
+                        .run_if(on_message::<AppExit>)
+                        .in_set(StorageSet::Flush),
+                ),
+            );
+    }
+}
+
+fn backend_type(config: &StorageConfig) -> String {
+    use crate::config::BackendConfig;
+    match &config.backend {
+        BackendConfig::Memory => "memory".to_owned(),
+        BackendConfig::File { .. } => "file".to_owned(),
+        #[cfg(feature = "sqlite")]
+        BackendConfig::Sqlite { .. } => "sqlite".to_owned(),
+        #[cfg(feature = "redis")]
+        BackendConfig::Redis { .. } => "redis".to_owned(),
+        BackendConfig::Custom(b) => b.backend_type().to_owned(),
+        #[allow(unreachable_patterns)]
+        _ => String::new(),
+    }
+}
+
+/// The plugin's systems, to order a game's own systems around them.
+///
+/// | Set | Schedule | What |
+/// |-----|----------|------|
+/// | `Collect` | `PreUpdate` | responses delivered (messages written, observers run), stats updated |
+/// | `Persist` | `Last` | changed persisted resources queue their saves |
+/// | `Dispatch` | `Last` | requests sent this frame are handed to the task pool |
+/// | `Maintenance` | `Last` | TTL cleanup and stats refresh started when due |
+/// | `Flush` | `Last` | on `AppExit`: waits for outstanding requests, delivers their responses |
+///
+/// A request sent in `Last` after `Dispatch` is dispatched in the next frame; order such a
+/// system `.before(StorageSet::Dispatch)` to have it dispatched at once.
+#[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StorageSet {
+    /// Delivers finished work (`PreUpdate`).
+    Collect,
+    /// Queues saves of changed persisted resources (`Last`).
+    Persist,
+    /// Reads requests and starts them on the task pool (`Last`).
+    Dispatch,
+    /// Starts TTL cleanup and stats refresh (`Last`).
+    Maintenance,
+    /// Completes everything on `AppExit` (`Last`).
+    Flush,
+}
+
+/// The plugin's [`Store`], for code that wants to call it directly (from its own tasks: its
+/// methods block on I/O).
+///
+/// The store opens on the task pool after the app starts, so [`store`](Self::store) is
+/// `None` until then (and forever if opening failed: see [`error`](Self::error)).
+#[derive(Resource, Clone, Debug)]
+pub struct Storage {
+    cell: Arc<OnceLock<Result<Store, SharedError>>>,
+}
+
+impl Storage {
+    /// The store, once open.
+    pub fn store(&self) -> Option<&Store> {
+        self.cell.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// Why the store could not be opened, if it could not.
+    pub fn error(&self) -> Option<&StorageError> {
+        self.cell.get().and_then(|r| r.as_ref().err()).map(|e| &**e)
+    }
+
+    /// True once the store is open.
+    pub fn is_ready(&self) -> bool {
+        self.store().is_some()
+    }
+}
+
+/// Whether the plugin's store is usable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StorageState {
+    /// Being opened on the task pool; requests wait.
+    #[default]
+    Opening,
+    /// Open.
+    Ready,
+    /// Could not be opened; every request is answered with this error.
+    Failed(String),
+}
+
+/// What the plugin itself is doing, updated every frame without I/O.
+#[derive(Resource, Debug, Clone, Default, PartialEq)]
+pub struct StorageActivity {
+    /// Whether the store is open.
+    pub state: StorageState,
+    /// Requests waiting: for the store to open, for an earlier request on their key, or in
+    /// an open write batch.
+    pub queued: usize,
+    /// Jobs running on the task pool (a batch counts once).
+    pub running: usize,
+    /// Requests that succeeded (the plugin's own, for persisted resources, included).
+    pub completed: u64,
+    /// Requests that failed (the plugin's own included).
+    pub failed: u64,
+    /// Write batches (of two or more requests) committed.
+    pub batches_committed: u64,
+    /// Requests committed in those batches.
+    pub batched_requests: u64,
+    /// TTL cleanups run.
+    pub cleanups: u64,
+    /// Expired records removed by all cleanups.
+    pub expired_purged: u64,
+    /// Records removed by the most recent cleanup.
+    pub last_purge_removed: Option<usize>,
+}
+
+/// Main-thread state of the plugin.
+#[derive(Resource)]
+pub(crate) struct StorageRuntime {
+    pub(crate) inner: Runtime,
+    pub(crate) description: String,
+    pub(crate) cleanup_interval: Duration,
+    pub(crate) stats_interval: Duration,
+    pub(crate) last_cleanup: Duration,
+    pub(crate) last_stats: Duration,
+    pub(crate) stats_now: bool,
+    pub(crate) stats_in_flight: bool,
+    pub(crate) purge_in_flight: bool,
+}
