@@ -906,7 +906,8 @@ struct Fixed {
 
 impl Fixed {
     fn total_len(&self) -> u64 {
-        (FIXED_LEN + self.header_len) as u64 + self.value_len
+        // Saturating: a damaged length field near u64::MAX must read as damage, not overflow.
+        ((FIXED_LEN + self.header_len) as u64).saturating_add(self.value_len)
     }
 }
 

@@ -19,11 +19,15 @@ use crate::error::Result;
 
 pub mod file;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteBackend;
 
@@ -110,7 +114,10 @@ impl WriteOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteOutcome {
     /// Size of the live record that was replaced or deleted; `None` if there was none
-    /// (or it had expired).
+    /// (or it had expired). For a [`PutMode::Upsert`] put a backend may leave it `None` when
+    /// finding the old size would cost a lookup per save (the SQLite backend does): the store
+    /// then counts its quota conservatively and recounts exactly when a write nears the limit.
+    /// Deletes and create-only puts always report it.
     pub previous_size: Option<u64>,
 }
 

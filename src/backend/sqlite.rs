@@ -106,6 +106,17 @@ const SQL_UPSERT: &str = "INSERT INTO records (key, created_at, modified_at, acc
      modified_at = excluded.modified_at, accessed_at = excluded.accessed_at, \
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
      encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
+/// The upsert of a plain put: no lookup of the previous record. It keeps the stored
+/// `created_at` of a live record (?11 is `now`) and reports no previous size (see
+/// [`WriteOutcome::previous_size`]).
+const SQL_UPSERT_KEEP_CREATED: &str = "INSERT INTO records (key, created_at, modified_at, accessed_at, \
+     expires_at, size, compressed, encrypted, custom, value) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+     ON CONFLICT (key) DO UPDATE SET created_at = CASE WHEN records.expires_at IS NOT NULL \
+     AND records.expires_at <= ?11 THEN excluded.created_at ELSE records.created_at END, \
+     modified_at = excluded.modified_at, accessed_at = excluded.accessed_at, \
+     expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
+     encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
 const SQL_DELETE: &str = "DELETE FROM records WHERE key = ?1 RETURNING size, expires_at";
 const SQL_TOUCH: &str = "UPDATE records SET accessed_at = ?2 WHERE key = ?1";
 const SQL_SCAN_ALL: &str = "SELECT key, size, expires_at FROM records";
@@ -522,11 +533,22 @@ impl Previous {
 }
 
 /// Runs one operation of a batch inside its transaction.
+/// Custom metadata as stored: JSON text, or NULL when there is none.
+fn custom_json(custom: &CustomMetadata) -> rusqlite::Result<Option<String>> {
+    if custom.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(custom)
+        .map(Some)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
 /// The statements of one write batch, prepared on first use and kept for the whole batch.
 struct BatchStatements<'t> {
     tx: &'t Transaction<'t>,
     previous: Option<CachedStatement<'t>>,
     upsert: Option<CachedStatement<'t>>,
+    upsert_keep_created: Option<CachedStatement<'t>>,
     delete: Option<CachedStatement<'t>>,
 }
 
@@ -536,6 +558,7 @@ impl<'t> BatchStatements<'t> {
             tx,
             previous: None,
             upsert: None,
+            upsert_keep_created: None,
             delete: None,
         }
     }
@@ -553,6 +576,36 @@ impl<'t> BatchStatements<'t> {
 
     fn apply(&mut self, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
         match op {
+            WriteOp::Put {
+                key,
+                record,
+                mode: PutMode::Upsert,
+            } => {
+                // One statement: this is the hot path of every save.
+                let meta = &record.meta;
+                let custom = custom_json(&meta.custom)?;
+                Self::get(
+                    self.tx,
+                    &mut self.upsert_keep_created,
+                    SQL_UPSERT_KEEP_CREATED,
+                )?
+                .execute(rusqlite::params![
+                    key,
+                    meta.created_at.0,
+                    meta.modified_at.0,
+                    meta.accessed_at.0,
+                    meta.expires_at.map(|t| t.0),
+                    meta.size,
+                    meta.compressed,
+                    meta.encrypted,
+                    custom,
+                    record.value,
+                    now.0,
+                ])?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: None,
+                }))
+            }
             WriteOp::Put { key, record, mode } => {
                 let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
                     .query_row([&key], |row| {
@@ -572,14 +625,7 @@ impl<'t> BatchStatements<'t> {
                 }
                 let meta = &record.meta;
                 let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
-                let custom = if meta.custom.is_empty() {
-                    None
-                } else {
-                    Some(
-                        serde_json::to_string(&meta.custom)
-                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
-                    )
-                };
+                let custom = custom_json(&meta.custom)?;
                 Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
                     key,
                     created_at,
@@ -1258,8 +1304,14 @@ mod tests {
 
     #[test]
     fn outcomes_report_the_previous_live_size() {
+        // Upserts skip the lookup (previous size None); create-only puts and deletes report.
         let dir = TempDir::new().unwrap();
         let b = open(&dir);
+        let create = |key: &str, r: Record| WriteOp::Put {
+            key: key.into(),
+            record: r,
+            mode: PutMode::CreateOnly,
+        };
         let sizes = |ops, now| -> Vec<Option<u64>> {
             b.write(ops, now)
                 .unwrap()
@@ -1273,12 +1325,12 @@ mod tests {
         );
         assert_eq!(
             sizes(vec![put("a", record(b"12345", at(1), None))], at(1)),
-            [Some(3)]
+            [None]
         );
         assert_eq!(
             sizes(
                 vec![
-                    put("b", record(b"1", at(2), Some(at(10)))),
+                    create("b", record(b"1", at(2), Some(at(10)))),
                     put("b", record(b"12", at(2), Some(at(10)))),
                     delete("b"),
                     delete("b"),
@@ -1286,7 +1338,13 @@ mod tests {
                 ],
                 at(2)
             ),
-            [None, Some(1), Some(2), None, None]
+            [None, None, Some(2), None, None]
+        );
+        put1(&b, "c", b"123", at(2), Some(at(4)));
+        assert_eq!(
+            sizes(vec![create("c", record(b"1", at(4), None))], at(4)),
+            [None],
+            "an expired record does not count"
         );
         put1(&b, "x", b"1234", at(0), Some(at(5)));
         assert_eq!(
