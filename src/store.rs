@@ -778,21 +778,20 @@ impl Store {
             return Ok(Some((Vec::clone(&hit.payload), hit.info)));
         }
         let epoch = cache.map(|c| c.epoch.load(Ordering::SeqCst));
-        let Some(record) = self.inner.backend.get(key)? else {
+        let Some((value, expires_at)) = self.inner.backend.get_value(key)? else {
             return Ok(None);
         };
-        if !record.meta.is_live(now) {
+        if now.is_past(expires_at) {
             return Ok(None);
         }
-        let (payload, info) =
-            codec::envelope::open(key, &record.value, self.inner.cipher.as_ref())?;
+        let (payload, info) = codec::envelope::open(key, &value, self.inner.cipher.as_ref())?;
         if options.update_access_time {
             self.inner.backend.touch(key, now)?;
         }
         if let (Some(cache), Some(epoch)) = (cache, epoch) {
             let entry = CachedRead {
                 loaded_at: Instant::now(),
-                expires_at: record.meta.expires_at,
+                expires_at,
                 payload: Arc::new(payload.clone()),
                 info,
             };
@@ -1038,6 +1037,8 @@ impl Store {
                 let mut used = quota.used.lock();
                 match &result {
                     Ok(outcomes) => {
+                        // Sizes the backend did not report stay counted: `used` is then an
+                        // upper bound, and the slow path below recounts exactly.
                         let freed: u64 = outcomes.iter().filter_map(|o| o.previous_size).sum();
                         *used = used.saturating_sub(freed);
                     }

@@ -153,6 +153,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The record stored under `key`, expired or not (the store filters expiry).
     fn get(&self, key: &str) -> Result<Option<Record>>;
 
+    /// The stored bytes of `key` and their expiry, expired or not: what a load needs.
+    /// Override when it is cheaper than [`get`](Self::get).
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        Ok(self.get(key)?.map(|r| (r.value, r.meta.expires_at)))
+    }
+
     /// The metadata of `key`, expired or not. Override when it is cheaper than [`get`](Self::get).
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         Ok(self.get(key)?.map(|r| r.meta))

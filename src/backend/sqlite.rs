@@ -96,6 +96,7 @@ CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
 // Statements. All run through `prepare_cached`.
 const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, compressed, \
      encrypted, custom, value FROM records WHERE key = ?1";
+const SQL_GET_VALUE: &str = "SELECT expires_at, value FROM records WHERE key = ?1";
 const SQL_GET_META: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, \
      compressed, encrypted, custom FROM records WHERE key = ?1";
 const SQL_PREVIOUS: &str = "SELECT size, expires_at, created_at FROM records WHERE key = ?1";
@@ -689,6 +690,20 @@ impl Backend for SqliteBackend {
             })
         })
         .transpose()
+    }
+
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        let conn = self.reader()?;
+        let row = conn
+            .prepare_cached(SQL_GET_VALUE)
+            .and_then(|mut stmt| {
+                stmt.query_row([key], |row| {
+                    Ok((row.get::<_, Vec<u8>>(1)?, row.get::<_, Option<i64>>(0)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.fail(e, format_args!("reading a record")))?;
+        Ok(row.map(|(value, expires_at)| (value, expires_at.map(Timestamp))))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
