@@ -37,10 +37,20 @@ impl JsonFileBackend {
         let path = path.into();
         let records = match fs::read(&path) {
             Ok(bytes) => {
-                let file: BTreeMap<String, JsonRecord> = serde_json::from_slice(&bytes)
-                    .map_err(|e| StorageError::backend("json-file", format!("{}: {e}", path.display())))?;
+                let file: BTreeMap<String, JsonRecord> =
+                    serde_json::from_slice(&bytes).map_err(|e| {
+                        StorageError::backend("json-file", format!("{}: {e}", path.display()))
+                    })?;
                 file.into_iter()
-                    .map(|(k, r)| (k, Record { value: r.value, meta: r.meta }))
+                    .map(|(k, r)| {
+                        (
+                            k,
+                            Record {
+                                value: r.value,
+                                meta: r.meta,
+                            },
+                        )
+                    })
                     .collect()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -56,9 +66,18 @@ impl JsonFileBackend {
     fn persist(&self, records: &BTreeMap<String, Record>) -> Result<(), StorageError> {
         let file: BTreeMap<&str, JsonRecord> = records
             .iter()
-            .map(|(k, r)| (k.as_str(), JsonRecord { value: r.value.clone(), meta: r.meta.clone() }))
+            .map(|(k, r)| {
+                (
+                    k.as_str(),
+                    JsonRecord {
+                        value: r.value.clone(),
+                        meta: r.meta.clone(),
+                    },
+                )
+            })
             .collect();
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| StorageError::backend("json-file", e))?;
+        let json =
+            serde_json::to_vec_pretty(&file).map_err(|e| StorageError::backend("json-file", e))?;
         let tmp = self.path.with_extension("json.tmp");
         let io = |what: &str, e| StorageError::io(format!("{what} {}", tmp.display()), e);
         let mut f = fs::File::create(&tmp).map_err(|e| io("creating", e))?;
@@ -103,7 +122,11 @@ impl Backend for JsonFileBackend {
             .lock()
             .iter()
             .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, r)| KeyEntry { key: k.clone(), size: r.meta.size, expires_at: r.meta.expires_at })
+            .map(|(k, r)| KeyEntry {
+                key: k.clone(),
+                size: r.meta.size,
+                expires_at: r.meta.expires_at,
+            })
             .collect())
     }
 

@@ -67,7 +67,16 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_and_odd_but_safe_keys() {
-        for k in ["player:1", "a/b", "../../etc/passwd", "C:\\x", "..", "100%", "é", "名前"] {
+        for k in [
+            "player:1",
+            "a/b",
+            "../../etc/passwd",
+            "C:\\x",
+            "..",
+            "100%",
+            "é",
+            "名前",
+        ] {
             validate_key(k).unwrap();
         }
         validate_key(&"x".repeat(MAX_KEY_LEN)).unwrap();
@@ -76,13 +85,19 @@ mod tests {
     #[test]
     fn refuses_bad_keys_with_a_reason() {
         for k in ["", "a\0b", "line\nbreak", "tab\t", "\u{7f}", "\u{85}"] {
-            assert!(matches!(validate_key(k), Err(StorageError::InvalidKey { .. })), "{k:?}");
+            assert!(
+                matches!(validate_key(k), Err(StorageError::InvalidKey { .. })),
+                "{k:?}"
+            );
         }
         let long = "é".repeat(MAX_KEY_LEN);
         let err = validate_key(&long).unwrap_err().to_string();
         assert!(err.contains("512 bytes"), "{err}");
         assert!(err.len() < 300, "the message shortens the key: {err}");
         assert!(is_internal(INTERNAL_PREFIX));
-        assert!(validate_key(INTERNAL_PREFIX).is_err(), "users cannot write internal keys");
+        assert!(
+            validate_key(INTERNAL_PREFIX).is_err(),
+            "users cannot write internal keys"
+        );
     }
 }

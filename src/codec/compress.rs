@@ -41,7 +41,9 @@ pub fn decompress(key: &str, data: &[u8]) -> Result<Vec<u8>> {
         let claimed = data
             .get(..4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| StorageError::corrupt(key, "compressed payload shorter than its size field"))?;
+            .ok_or_else(|| {
+                StorageError::corrupt(key, "compressed payload shorter than its size field")
+            })?;
         // LZ4 cannot expand more than ~255x; a larger claim is damage, not data.
         if claimed > (data.len() - 4).saturating_mul(255) + 16 {
             return Err(StorageError::corrupt(

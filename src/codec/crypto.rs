@@ -165,7 +165,9 @@ impl Cipher {
                     argon2::Version::V0x13,
                     argon2::Params::new(params.m_cost, params.t_cost, params.p_cost, Some(KEY_LEN))
                         .map_err(|e| {
-                            StorageError::InvalidEncryptionKey(format!("bad Argon2 parameters: {e}"))
+                            StorageError::InvalidEncryptionKey(format!(
+                                "bad Argon2 parameters: {e}"
+                            ))
                         })?,
                 );
                 let mut out = Zeroizing::new([0u8; KEY_LEN]);
@@ -195,8 +197,9 @@ impl Cipher {
     ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN])> {
         use aes_gcm::aead::AeadInPlace;
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce)
-            .map_err(|e| StorageError::backend("codec", format!("the OS random source failed: {e}")))?;
+        getrandom::fill(&mut nonce).map_err(|e| {
+            StorageError::backend("codec", format!("the OS random source failed: {e}"))
+        })?;
         let aad = aad.concat();
         let tag = self
             .aead

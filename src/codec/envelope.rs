@@ -109,14 +109,19 @@ pub fn seal(
         options.format.to_byte(),
         0,
     ];
-    let extra = if cipher.is_some() { NONCE_LEN + TAG_LEN } else { 0 };
+    let extra = if cipher.is_some() {
+        NONCE_LEN + TAG_LEN
+    } else {
+        0
+    };
     let mut out = Vec::with_capacity(HEADER_LEN + extra + body.len() + CRC_LEN);
     out.extend_from_slice(&header);
     if let Some(cipher) = cipher {
         out.extend_from_slice(&[0; NONCE_LEN]);
         out.extend_from_slice(body);
         let body_start = HEADER_LEN + NONCE_LEN;
-        let (nonce, tag) = cipher.encrypt_in_place(&[&header, key.as_bytes()], &mut out[body_start..])?;
+        let (nonce, tag) =
+            cipher.encrypt_in_place(&[&header, key.as_bytes()], &mut out[body_start..])?;
         out[HEADER_LEN..body_start].copy_from_slice(&nonce);
         out.extend_from_slice(&tag);
     } else {
@@ -144,7 +149,10 @@ pub fn inspect(key: &str, bytes: &[u8]) -> Result<EnvelopeInfo> {
     if bytes.len() < HEADER_LEN + CRC_LEN {
         return Err(StorageError::corrupt(
             key,
-            format!("{} bytes is too short to be a record (truncated?)", bytes.len()),
+            format!(
+                "{} bytes is too short to be a record (truncated?)",
+                bytes.len()
+            ),
         ));
     }
     if bytes[..4] != MAGIC {
@@ -161,14 +169,18 @@ pub fn inspect(key: &str, bytes: &[u8]) -> Result<EnvelopeInfo> {
         });
     }
     if bytes[4] == 0 {
-        return Err(StorageError::corrupt(key, "envelope version 0 does not exist"));
+        return Err(StorageError::corrupt(
+            key,
+            "envelope version 0 does not exist",
+        ));
     }
     let flags = bytes[5];
     if flags & !(FLAG_COMPRESSED | FLAG_ENCRYPTED) != 0 || bytes[7] != 0 {
         return Err(StorageError::corrupt(key, "unknown header flags"));
     }
-    let format = Format::from_byte(bytes[6])
-        .ok_or_else(|| StorageError::corrupt(key, format!("unknown payload format {}", bytes[6])))?;
+    let format = Format::from_byte(bytes[6]).ok_or_else(|| {
+        StorageError::corrupt(key, format!("unknown payload format {}", bytes[6]))
+    })?;
     Ok(EnvelopeInfo {
         format,
         compressed: flags & FLAG_COMPRESSED != 0,
@@ -193,7 +205,10 @@ pub fn open(key: &str, bytes: &[u8], cipher: Option<&Cipher>) -> Result<(Vec<u8>
             key: key.to_owned(),
         })?;
         if content.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
-            return Err(StorageError::corrupt(key, "encrypted record shorter than nonce and tag"));
+            return Err(StorageError::corrupt(
+                key,
+                "encrypted record shorter than nonce and tag",
+            ));
         }
         let nonce: [u8; NONCE_LEN] = content[HEADER_LEN..HEADER_LEN + NONCE_LEN]
             .try_into()
@@ -251,7 +266,10 @@ mod tests {
     fn every_truncation_and_bit_flip_is_an_error() {
         let (bytes, _) = seal("k", b"some payload that matters", &opts(1), None).unwrap();
         for len in 0..bytes.len() {
-            assert!(open("k", &bytes[..len], None).is_err(), "truncated to {len}");
+            assert!(
+                open("k", &bytes[..len], None).is_err(),
+                "truncated to {len}"
+            );
         }
         for i in 0..bytes.len() * 8 {
             let mut b = bytes.clone();
@@ -309,7 +327,10 @@ mod tests {
             let (b, _) = seal("k", b"secret secret secret secret", &enc(), Some(&c)).unwrap();
             assert!(info.encrypted);
             assert_ne!(a, b, "same plaintext twice gives different ciphertexts");
-            assert_eq!(open("k", &a, Some(&c)).unwrap().0, b"secret secret secret secret");
+            assert_eq!(
+                open("k", &a, Some(&c)).unwrap().0,
+                b"secret secret secret secret"
+            );
             assert!(!a.windows(6).any(|w| w == b"secret"));
         }
 
