@@ -2,7 +2,62 @@
 //!
 //! Persistent storage for Bevy games: a key-value [`Store`] with TTL, compression, encryption,
 //! custom metadata and atomic transactions, over memory, file, SQLite (and Redis) backends or
-//! one the game implements.
+//! one the game implements; a [`StoragePlugin`] that resolves requests on Bevy's task pool so
+//! the frame never waits on disk; and world [`snapshot`]s of the entities marked [`Persist`](snapshot::Persist).
+//!
+//! ## In a Bevy app
+//!
+//! ```
+//! use bevy::prelude::*;
+//! use bevy_storage::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+//! struct Player { name: String, gold: u32 }
+//!
+//! #[derive(Component, Reflect, Clone, Serialize, Deserialize)]
+//! #[reflect(Component)]
+//! struct Position { x: f32, y: f32 }
+//!
+//! #[derive(Resource, Default)]
+//! struct Log(Vec<String>);
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! let mut app = App::new();
+//! app.add_plugins((
+//!     MinimalPlugins,
+//!     // `StoragePlugin` alone opens saves/storage.db; here a SQLite file of our choosing.
+//!     StoragePlugin::sqlite(dir.path().join("game.db")),
+//!     SnapshotPlugin::default(),
+//! ))
+//! .register_snapshot_component::<Position>()
+//! .init_resource::<Log>()
+//! .add_systems(Startup, |mut commands: Commands, mut saves: MessageWriter<SaveRequest>,
+//!                        mut loads: MessageWriter<LoadRequest>, mut world_saves: MessageWriter<SaveWorld>| {
+//!     commands.spawn((Persist, Position { x: 1.0, y: 2.0 }));
+//!     saves.write(SaveRequest::new("player:ada", Player { name: "Ada".into(), gold: 120 }));
+//!     loads.write(LoadRequest::new("player:ada")); // same key: runs after the save
+//!     world_saves.write(SaveWorld::new("slot:1"));
+//! })
+//! // Every request is answered exactly once, as a message and as an observer event.
+//! .add_observer(|done: On<LoadCompleted>, mut log: ResMut<Log>| {
+//!     let player: Option<Player> = done.decode().unwrap();
+//!     log.0.push(format!("loaded {:?}", player.map(|p| p.gold)));
+//! })
+//! .add_observer(|done: On<WorldSaved>, mut log: ResMut<Log>| {
+//!     log.0.push(format!("world saved: {:?}", done.result));
+//! });
+//!
+//! while app.world().resource::<Log>().0.len() < 2 {
+//!     app.update(); // the I/O runs on the task pool; frames never wait for it
+//! #   std::thread::sleep(std::time::Duration::from_millis(1));
+//! }
+//! let log = &app.world().resource::<Log>().0;
+//! assert!(log.contains(&"loaded Some(120)".to_string()));
+//! assert!(log.contains(&"world saved: Ok(1)".to_string()));
+//! ```
+//!
+//! ## The store on its own (tools, servers, tests)
 //!
 //! ```
 //! use bevy_storage::prelude::*;
@@ -57,10 +112,14 @@
 //! # Ok::<(), StorageError>(())
 //! ```
 //!
-//! ## Layers
-//! - [`backend`]: where bytes live ([`Backend`] trait; memory, file, SQLite).
+//! ## Layers (data flows down; nothing below knows what is above it)
+//! - [`plugin`]: the Bevy integration: request and response messages, world snapshot
+//!   messages and autosave, TTL cleanup, [`StorageStats`] as a resource.
+//! - [`snapshot`]: `Persist` entities and allowlisted resources ⇄ bytes, entity remapping.
+//! - [`store`]: the key-value API, with the semantics shared by every backend (keys, TTL,
+//!   quota, metadata, stats, read cache).
 //! - [`codec`]: value ⇄ bytes (serde format, LZ4, AES-256-GCM, versioned envelope).
-//! - [`store`]: the API above, with the semantics shared by every backend.
+//! - [`backend`]: where bytes live ([`Backend`] trait; memory, file, SQLite, Redis).
 #![warn(missing_docs)]
 
 pub mod backend;
