@@ -235,3 +235,43 @@ fn a_save_sent_with_app_exit_is_not_lost() {
         [Position(1, 2), Position(3, 4)]
     );
 }
+
+#[test]
+fn snapshots_are_compressed_and_encrypted_as_configured() {
+    use bevy_storage::EncryptionKey;
+    let key = || EncryptionKey::from_bytes([3; 32]);
+    let storage = StoragePlugin::memory().encryption_key(key());
+    let plugin = SnapshotPlugin::new(settings().compression(9).encrypt(true));
+    let mut app = app_with(storage, plugin);
+    populate(app.world_mut());
+    for i in 0..200 {
+        app.world_mut()
+            .spawn((Persist, Position(i, i), Name::new("soldier")));
+    }
+    app.world_mut().write_message(SaveWorld::new("secret-slot"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let meta = store.get_metadata("secret-slot").unwrap().unwrap();
+    assert!(meta.encrypted && meta.compressed, "{meta:?}");
+    let raw = store.backend().get("secret-slot").unwrap().unwrap().value;
+    assert!(
+        !raw.windows(7).any(|w| w == b"soldier"),
+        "the stored snapshot is ciphertext"
+    );
+
+    // Loading through the same store decrypts it.
+    app.world_mut().write_message(LoadWorld::new("secret-slot"));
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert_eq!(loaded.result.unwrap().len(), 202);
+
+    // A store without the key cannot read it, and says why.
+    let other = bevy_storage::Store::with_backend(store.backend().clone(), StorageConfig::memory())
+        .unwrap();
+    let err = bevy_storage::snapshot::read_snapshot(&other, "secret-slot").unwrap_err();
+    assert!(
+        matches!(err, bevy_storage::StorageError::EncryptionKeyMissing { .. }),
+        "{err}"
+    );
+}
