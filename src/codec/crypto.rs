@@ -20,6 +20,8 @@ pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 
 #[derive(Clone)]
+// Without the `encryption` feature the key is kept (and redacted) but never used.
+#[cfg_attr(not(feature = "encryption"), allow(dead_code))]
 enum KeySource {
     Raw(Zeroizing<[u8; KEY_LEN]>),
     Passphrase(Zeroizing<String>),
