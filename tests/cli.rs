@@ -1,0 +1,1057 @@
+//! End-to-end tests of the `bevy-storage` inspector CLI: the built binary run against SQLite
+//! and file stores populated through the library.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bevy_storage::clock::{ManualClock, Timestamp};
+use bevy_storage::snapshot::{SnapshotSettings, store_snapshot};
+use bevy_storage::{
+    CustomMetadata, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig,
+    StorageOperation, Store,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as Json, json};
+
+const PASSPHRASE: &str = "correct horse battery staple";
+const HEX_KEY: &str = "6b0d2f6f7a1c4e8d9a3b5c7d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum Class {
+    Idle,
+    Warrior { level: u32 },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Player {
+    name: String,
+    gold: u32,
+    class: Class,
+    pos: (f32, f32),
+    pet: Option<String>,
+    inventory: Vec<String>,
+}
+
+fn ada() -> Player {
+    Player {
+        name: "Ada".into(),
+        gold: 120,
+        class: Class::Warrior { level: 3 },
+        pos: (1.5, -2.0),
+        pet: Some("Rex".into()),
+        inventory: vec!["healing potion".into(); 20],
+    }
+}
+
+fn bob() -> Player {
+    Player {
+        name: "Bob's secret name".into(),
+        gold: 5,
+        class: Class::Idle,
+        pos: (0.0, 0.0),
+        pet: None,
+        inventory: Vec::new(),
+    }
+}
+
+/// What a run of the binary gave back.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Fails with `code` and exactly one `error: ...` line on stderr containing `needle`.
+    fn fails(self, code: i32, needle: &str) -> Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit code {code}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.stderr.starts_with("error: ") && self.stderr.lines().count() == 1,
+            "one error line expected, got: {:?}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "{needle:?} not in {:?}",
+            self.stderr
+        );
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        self
+    }
+
+    fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs the binary with a clean environment (none of the developer's `BEVY_STORAGE_*`).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bevy-storage"));
+    cmd.args(args)
+        .env_remove("BEVY_STORAGE_URL")
+        .env_remove("BEVY_STORAGE_KEY")
+        .env_remove("BEVY_STORAGE_PASSPHRASE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the binary runs");
+    Run {
+        code: out.status.code().expect("exited, not killed by a signal"),
+        stdout: String::from_utf8(out.stdout).expect("UTF-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("UTF-8 stderr"),
+    }
+}
+
+fn url(scheme: &str, path: &Path) -> String {
+    format!("{scheme}:{}", path.display())
+}
+
+fn snapshot_bytes(game_version: u32, entities: u32) -> Vec<u8> {
+    let mut bytes = b"BSNP".to_vec();
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&[1, 0]);
+    bytes.extend_from_slice(&game_version.to_le_bytes());
+    bytes.extend_from_slice(&entities.to_le_bytes());
+    bytes.extend_from_slice(b"([], [], [])");
+    bytes
+}
+
+/// Fills a store: RON with TTL and metadata, an encrypted RON record, a postcard record, a
+/// world snapshot, opaque raw bytes, and one record that has already expired.
+fn populate(config: StorageConfig) -> Store {
+    let store = Store::open(config.clone()).unwrap();
+    store
+        .save(
+            "player:ada",
+            &ada(),
+            &SaveOptions::new()
+                .ttl(Duration::from_secs(30 * 86_400))
+                .compression(1)
+                .metadata("level", "Crypt of Bones")
+                .metadata("play_time_s", 4521),
+        )
+        .unwrap();
+    store
+        .save(
+            "player:bob",
+            &bob(),
+            &SaveOptions::new()
+                .encrypt(true)
+                .ttl(Duration::from_secs(7 * 86_400))
+                .metadata("guild", "Night Owls"),
+        )
+        .unwrap();
+    store
+        .save(
+            "config:audio",
+            &(0.8f32, true, "loud"),
+            &SaveOptions::new().format(Format::Binary),
+        )
+        .unwrap();
+    let mut custom = CustomMetadata::new();
+    custom.insert("slot_name".into(), json!("Before the boss"));
+    store_snapshot(
+        &store,
+        "slot:1",
+        &snapshot_bytes(7, 42),
+        &SnapshotSettings::default(),
+        custom,
+    )
+    .unwrap();
+    store
+        .save_bytes(
+            "blob:raw",
+            &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2],
+            &SaveOptions::new(),
+        )
+        .unwrap();
+    // Saved two hours ago with a one-hour TTL: expired for anyone reading now.
+    let past = ManualClock::new(Timestamp(Timestamp::now().as_millis() - 2 * 3_600_000));
+    let old = Store::with_backend(store.backend().clone(), config.clock(past)).unwrap();
+    old.save(
+        "player:gone",
+        &ada(),
+        &SaveOptions::new().ttl(Duration::from_secs(3600)),
+    )
+    .unwrap();
+    store
+}
+
+fn passphrase_key() -> EncryptionKey {
+    EncryptionKey::from_passphrase(PASSPHRASE).unwrap()
+}
+
+/// A populated SQLite store encrypted with [`PASSPHRASE`]; returns its `sqlite:` URL.
+fn sqlite_store(dir: &Path) -> String {
+    let path = dir.join("saves/storage.db");
+    populate(StorageConfig::sqlite(&path).encryption_key(passphrase_key()));
+    url("sqlite", &path)
+}
+
+const LIVE_KEYS: [&str; 5] = [
+    "blob:raw",
+    "config:audio",
+    "player:ada",
+    "player:bob",
+    "slot:1",
+];
+
+#[test]
+fn help_documents_commands_exit_codes_and_key_sources() {
+    let help = run(&["--help"], &[]).ok().stdout;
+    for needle in [
+        "list",
+        "get",
+        "meta",
+        "stats",
+        "delete",
+        "export",
+        "import",
+        "purge-expired",
+        "BEVY_STORAGE_URL",
+        "BEVY_STORAGE_KEY",
+        "BEVY_STORAGE_PASSPHRASE",
+        "--key-file",
+        "--passphrase-file",
+        "Exit codes:",
+        "2  usage error",
+        "3  not found",
+    ] {
+        assert!(help.contains(needle), "{needle:?} missing from --help");
+    }
+    assert!(
+        run(&["import", "--help"], &[])
+            .ok()
+            .stdout
+            .contains("--no-overwrite")
+    );
+    assert!(
+        run(&["--version"], &[])
+            .ok()
+            .stdout
+            .starts_with("bevy-storage ")
+    );
+}
+
+#[test]
+fn list_shows_live_keys_with_size_and_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let out = run(&["--store", &store, "list"], &[]).ok().stdout;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("KEY") && lines[0].contains("SIZE") && lines[0].contains("EXPIRES")
+    );
+    let keys: Vec<&str> = lines[1..6]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(keys, LIVE_KEYS);
+    assert!(
+        !out.contains("player:gone"),
+        "expired records are not listed"
+    );
+    let ada = lines.iter().find(|l| l.starts_with("player:ada")).unwrap();
+    assert!(ada.contains(" B ") && ada.contains("(in 29d 23h)"), "{ada}");
+    let slot = lines.iter().find(|l| l.starts_with("slot:1")).unwrap();
+    assert!(slot.ends_with("never"), "{slot}");
+    assert!(lines[6].starts_with("5 keys, "), "{out}");
+
+    // A prefix, through the environment variable; JSON.
+    let out = run(
+        &["list", "player:", "--json"],
+        &[("BEVY_STORAGE_URL", &store)],
+    )
+    .ok();
+    let rows = out.json();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["key"], "player:ada");
+    assert!(rows[0]["size"].as_u64().unwrap() > 0);
+    assert!(rows[0]["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(rows[1]["key"], "player:bob");
+
+    let none = run(&["--store", &store, "list", "nothing:"], &[])
+        .ok()
+        .stdout;
+    assert_eq!(none, "0 keys under \"nothing:\", 0 B\n");
+}
+
+#[test]
+fn get_decodes_ron_to_pretty_ron_and_to_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let out = run(&["--store", &store, "get", "player:ada"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.starts_with("(\n    name: \"Ada\",\n    gold: 120,\n"),
+        "{out}"
+    );
+    assert!(out.contains("class: Warrior(level: 3),"), "{out}");
+    assert!(out.contains("pet: Some(\"Rex\"),"), "{out}");
+    let back: Player = ron::from_str(&out).expect("the pretty output is RON of the same value");
+    assert_eq!(back, ada());
+
+    let value = run(&["--store", &store, "get", "player:ada", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(value["key"], "player:ada");
+    assert_eq!(value["format"], "ron");
+    assert_eq!(value["compressed"], true);
+    assert_eq!(value["encrypted"], false);
+    assert_eq!(value["value"], serde_json::to_value(ada()).unwrap());
+
+    // --raw writes the payload unchanged.
+    let raw = run(&["--store", &store, "get", "player:ada", "--raw"], &[])
+        .ok()
+        .stdout;
+    assert_eq!(raw, ron::to_string(&ada()).unwrap());
+}
+
+#[test]
+fn get_shows_binary_as_hex_and_snapshots_by_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let out = run(&["--store", &store, "get", "config:audio"], &[])
+        .ok()
+        .stdout;
+    assert!(out.starts_with("# binary (postcard) payload, "), "{out}");
+    assert!(out.contains("not self-describing"), "{out}");
+    assert!(out.contains("00000000  "), "{out}");
+    assert!(out.contains("|loud|") || out.contains("loud"), "{out}");
+    let json = run(&["--store", &store, "get", "config:audio", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["format"], "binary");
+    assert_eq!(json["value"], Json::Null);
+    let payload = postcard::to_stdvec(&(0.8f32, true, "loud")).unwrap();
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(json["hex"], hex);
+
+    let out = run(&["--store", &store, "get", "slot:1"], &[]).ok().stdout;
+    assert!(out.starts_with("world snapshot, "), "{out}");
+    assert!(out.contains("game version:   7"), "{out}");
+    assert!(out.contains("entities:       42"), "{out}");
+    assert!(out.contains("encoding:       ron"), "{out}");
+    let json = run(&["--store", &store, "get", "slot:1", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(
+        json["snapshot"],
+        json!({"format_version": 1, "encoding": "ron", "game_version": 7, "entity_count": 42})
+    );
+
+    let out = run(&["--store", &store, "get", "blob:raw"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains("raw bytes encoded by the game itself"),
+        "{out}"
+    );
+    assert!(out.contains("de ad be ef 00 01 02"), "{out}");
+}
+
+#[test]
+fn get_of_an_encrypted_record_needs_the_right_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let get = ["--store", store.as_str(), "get", "player:bob"];
+    run(&get, &[]).fails(
+        1,
+        "record \"player:bob\" is encrypted: give its key with BEVY_STORAGE_KEY",
+    );
+
+    let out = run(&get, &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)])
+        .ok()
+        .stdout;
+    assert_eq!(ron::from_str::<Player>(&out).unwrap(), bob());
+    let json = run(
+        &[&get[..], &["--json"]].concat(),
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .ok()
+    .json();
+    assert_eq!(json["encrypted"], true);
+    assert_eq!(json["value"], serde_json::to_value(bob()).unwrap());
+
+    let file = dir.path().join("pass.txt");
+    std::fs::write(&file, format!("{PASSPHRASE}\n")).unwrap();
+    let with_file = [&get[..], &["--passphrase-file", file.to_str().unwrap()]].concat();
+    assert_eq!(
+        ron::from_str::<Player>(&run(&with_file, &[]).ok().stdout).unwrap(),
+        bob()
+    );
+
+    run(&get, &[("BEVY_STORAGE_PASSPHRASE", "not the passphrase")])
+        .fails(1, "the encryption key does not match");
+    run(&get, &[("BEVY_STORAGE_KEY", HEX_KEY)]).fails(1, "does not match");
+    run(&get, &[("BEVY_STORAGE_KEY", "abc123")]).fails(
+        2,
+        "BEVY_STORAGE_KEY: invalid encryption key: a hex key must be 64 hex digits",
+    );
+    run(&get, &[("BEVY_STORAGE_PASSPHRASE", "short")]).fails(2, "at least 8 characters");
+    run(
+        &get,
+        &[
+            ("BEVY_STORAGE_PASSPHRASE", PASSPHRASE),
+            ("BEVY_STORAGE_KEY", HEX_KEY),
+        ],
+    )
+    .fails(2, "key material is given more than once");
+    let missing = [&get[..], &["--key-file", "/nonexistent/key"]].concat();
+    run(&missing, &[]).fails(1, "cannot read /nonexistent/key");
+
+    // Reading with a key changes nothing, and records without encryption read with it too.
+    let ada = run(
+        &["--store", &store, "get", "player:ada"],
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .ok()
+    .stdout;
+    assert_eq!(ron::from_str::<Player>(&ada).unwrap(), self::ada());
+}
+
+#[test]
+fn raw_keys_come_from_the_environment_or_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("files");
+    let key = EncryptionKey::from_hex(HEX_KEY).unwrap();
+    populate(StorageConfig::file(&root).encryption_key(key));
+    let store = url("file", &root);
+    let get = ["--store", store.as_str(), "get", "player:bob"];
+    let bob_json = serde_json::to_value(bob()).unwrap();
+
+    let json = [&get[..], &["--json"]].concat();
+    assert_eq!(
+        run(&json, &[("BEVY_STORAGE_KEY", HEX_KEY)]).ok().json()["value"],
+        bob_json
+    );
+
+    let hex_file = dir.path().join("key.hex");
+    std::fs::write(&hex_file, format!("{HEX_KEY}\n")).unwrap();
+    let args = [&json[..], &["--key-file", hex_file.to_str().unwrap()]].concat();
+    assert_eq!(run(&args, &[]).ok().json()["value"], bob_json);
+
+    let raw_file = dir.path().join("key.bin");
+    let raw: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&HEX_KEY[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    std::fs::write(&raw_file, raw).unwrap();
+    let args = [&json[..], &["--key-file", raw_file.to_str().unwrap()]].concat();
+    assert_eq!(run(&args, &[]).ok().json()["value"], bob_json);
+
+    let bad_file = dir.path().join("key.bad");
+    std::fs::write(&bad_file, "0123").unwrap();
+    let args = [&get[..], &["--key-file", bad_file.to_str().unwrap()]].concat();
+    run(&args, &[]).fails(2, "a hex key must be 64 hex digits");
+    run(&get, &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)]).fails(1, "does not match");
+}
+
+#[test]
+fn meta_shows_metadata_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let out = run(&["--store", &store, "meta", "player:bob"], &[])
+        .ok()
+        .stdout;
+    for needle in [
+        "key:         player:bob",
+        "format:      ron",
+        "encrypted:   yes",
+        "compressed:  no",
+        "expires:     ",
+        "(in 6d 23h)",
+        "guild: \"Night Owls\"",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in {out}");
+    }
+    let json = run(&["--store", &store, "meta", "player:ada", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["format"], "ron");
+    assert_eq!(json["compressed"], true);
+    assert_eq!(json["encrypted"], false);
+    assert_eq!(
+        json["custom"],
+        json!({"level": "Crypt of Bones", "play_time_s": 4521})
+    );
+    assert!(json["expires_at"].as_str().unwrap().ends_with('Z'));
+    let slot = run(&["--store", &store, "meta", "slot:1", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(slot["format"], "raw");
+    assert_eq!(slot["expires_at"], Json::Null);
+    assert_eq!(slot["custom"]["entity_count"], 42);
+}
+
+#[test]
+fn stats_counts_records_prefixes_and_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let out = run(&["--store", &store, "stats"], &[]).ok().stdout;
+    for needle in [
+        "backend:          sqlite",
+        "records:          5",
+        "expired:          1 awaiting purge-expired",
+        "healthy:          yes",
+        "player:",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in {out}");
+    }
+    let json = run(&["--store", &store, "stats", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["records"], 5);
+    assert_eq!(json["expired_awaiting_purge"], 1);
+    assert_eq!(json["prefixes"]["player:"]["records"], 2);
+    assert_eq!(json["healthy"], true);
+
+    let out = run(&["--store", &store, "purge-expired"], &[]).ok().stdout;
+    assert_eq!(out, "purged 1 expired record\n");
+    let json = run(&["--store", &store, "purge-expired", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["purged"], 0);
+    let json = run(&["--store", &store, "stats", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["expired_awaiting_purge"], 0);
+    assert_eq!(json["records"], 5);
+}
+
+#[test]
+fn delete_removes_a_record_and_missing_keys_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    // An encrypted record is deleted without its key.
+    let out = run(&["--store", &store, "delete", "player:bob"], &[])
+        .ok()
+        .stdout;
+    assert_eq!(out, "deleted \"player:bob\"\n");
+    for command in ["get", "meta", "delete"] {
+        run(&["--store", &store, command, "player:bob"], &[])
+            .fails(3, "no record under key \"player:bob\"");
+    }
+    // Expired is missing too.
+    run(&["--store", &store, "get", "player:gone"], &[]).fails(3, "no record under key");
+    let json = run(&["--store", &store, "delete", "player:ada", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json, json!({"deleted": "player:ada"}));
+    let left = run(&["--store", &store, "list", "--json"], &[]).ok().json();
+    assert_eq!(left.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_input_gets_one_line_and_the_documented_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let missing_db = url("sqlite", &dir.path().join("nope.db"));
+    run(&["--store", &missing_db, "list"], &[]).fails(1, "no store at ");
+    assert!(
+        !dir.path().join("nope.db").exists(),
+        "reading never creates a store"
+    );
+    let missing_dir = url("file", &dir.path().join("nope"));
+    run(&["--store", &missing_dir, "stats"], &[]).fails(1, "the directory does not exist");
+    let not_sqlite = dir.path().join("notes.txt");
+    std::fs::write(
+        &not_sqlite,
+        "hello, this is not a database, not at all............",
+    )
+    .unwrap();
+    run(&["--store", &url("sqlite", &not_sqlite), "list"], &[]).fails(1, "cannot open the store");
+    run(&["--store", "ftp://host/x", "list"], &[]).fails(2, "unknown or disabled backend \"ftp\"");
+    run(&["--store", "saves/storage.db", "list"], &[]).fails(2, "has no scheme");
+    run(&["list"], &[]).fails(
+        2,
+        "no store given: pass --store URL or set BEVY_STORAGE_URL",
+    );
+    run(&["--store", &store, "frobnicate"], &[]).fails(2, "unrecognized subcommand");
+    run(&["--store", &store, "get"], &[]).fails(2, "required arguments were not provided");
+    run(&["--store", &store, "list", "--bogus"], &[]).fails(2, "--bogus");
+    let long = "k".repeat(600);
+    run(&["--store", &store, "get", &long], &[]).fails(2, "at most 512 bytes");
+    run(
+        &["--store", &store, "import", "x", "--batch-size", "0"],
+        &[],
+    )
+    .fails(2, "batch-size");
+    // Without the `redis` feature: a usage error; with it, the server refuses the password.
+    // Either way one line, and the password is never shown.
+    let redis = run(&["--store", "redis://:hunter2@127.0.0.1:1/0", "list"], &[]);
+    assert!(redis.code == 1 || redis.code == 2, "{}", redis.stderr);
+    let code = redis.code;
+    let redis = redis.fails(code, "redis");
+    assert!(!redis.stderr.contains("hunter2"), "{}", redis.stderr);
+}
+
+fn dump_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn export_import_round_trips_sqlite_to_file_to_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sqlite_store(dir.path());
+    let source_path = dir.path().join("saves/storage.db");
+    let dump1 = dir.path().join("dump1.jsonl");
+    let dump2 = dir.path().join("dump2.jsonl");
+    let files = dir.path().join("copy/files");
+    let files_url = url("file", &files);
+    let target_path = dir.path().join("again/storage.db");
+    let target = url("sqlite", &target_path);
+
+    // No key anywhere: records move as stored.
+    let out = run(
+        &["--store", &source, "export", dump1.to_str().unwrap()],
+        &[],
+    )
+    .ok()
+    .stdout;
+    assert!(
+        out.starts_with("exported 5 records (1 encrypted, "),
+        "{out}"
+    );
+    let out = run(
+        &["--store", &files_url, "import", dump1.to_str().unwrap()],
+        &[],
+    )
+    .ok()
+    .stdout;
+    assert!(
+        out.starts_with("imported 5 records (exported from sqlite at "),
+        "{out}"
+    );
+    assert!(out.contains("in 1 batch"), "{out}");
+    let json = run(
+        &[
+            "--store",
+            &files_url,
+            "export",
+            dump2.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(json["exported"], 5);
+    assert_eq!(json["encrypted"], 1);
+    assert_eq!(json["bookkeeping_records"], 1);
+    let json = run(
+        &[
+            "--store",
+            &target,
+            "import",
+            dump2.to_str().unwrap(),
+            "--batch-size",
+            "2",
+            "--json",
+        ],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(json["imported"], 5);
+    assert_eq!(json["batches"], 3);
+    assert_eq!(json["source"], "file");
+
+    // The two dumps hold the same records, byte for byte.
+    let (a, b) = (dump_lines(&dump1), dump_lines(&dump2));
+    assert_eq!(a.len(), 5 + 1 + 2, "header, keycheck, 5 records, end");
+    assert_eq!(a[1..a.len() - 1], b[1..b.len() - 1]);
+    let dump_text = std::fs::read_to_string(&dump1).unwrap();
+    assert!(
+        !dump_text.contains("Bob's secret"),
+        "encrypted records stay encrypted"
+    );
+    assert!(
+        !dump_text.contains("player:gone"),
+        "expired records are not exported"
+    );
+
+    // Everything is there again, with its metadata, TTL, and readable with the passphrase.
+    let original =
+        Store::open(StorageConfig::sqlite(&source_path).encryption_key(passphrase_key())).unwrap();
+    for copy in [
+        Store::open(StorageConfig::file(&files).encryption_key(passphrase_key())).unwrap(),
+        Store::open(StorageConfig::sqlite(&target_path).encryption_key(passphrase_key())).unwrap(),
+    ] {
+        assert_eq!(copy.list_keys("").unwrap(), LIVE_KEYS);
+        for key in LIVE_KEYS {
+            assert_eq!(
+                copy.get_metadata(key).unwrap(),
+                original.get_metadata(key).unwrap(),
+                "{key}"
+            );
+            assert_eq!(
+                copy.load_bytes(key, &LoadOptions::default()).unwrap(),
+                original.load_bytes(key, &LoadOptions::default()).unwrap(),
+                "{key}"
+            );
+        }
+        let bob: Option<Player> = copy.load("player:bob", &LoadOptions::default()).unwrap();
+        assert_eq!(bob, Some(self::bob()));
+        let meta = copy.get_metadata("player:bob").unwrap().unwrap();
+        assert!(meta.encrypted && meta.expires_at.is_some());
+        assert_eq!(
+            meta.custom_field::<String>("guild").unwrap().unwrap(),
+            "Night Owls"
+        );
+    }
+    let out = run(
+        &["--store", &target, "get", "player:bob", "--json"],
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .ok()
+    .json();
+    assert_eq!(out["value"], serde_json::to_value(bob()).unwrap());
+
+    // An existing dump is not replaced without --force.
+    run(
+        &["--store", &source, "export", dump1.to_str().unwrap()],
+        &[],
+    )
+    .fails(1, "already exists: pass --force");
+    run(
+        &[
+            "--store",
+            &source,
+            "export",
+            dump1.to_str().unwrap(),
+            "--force",
+            "--prefix",
+            "player:",
+        ],
+        &[],
+    )
+    .ok();
+    assert_eq!(
+        dump_lines(&dump1).len(),
+        2 + 1 + 2,
+        "two players and the keycheck"
+    );
+}
+
+#[test]
+fn import_with_no_overwrite_refuses_existing_keys_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sqlite_store(dir.path());
+    let dump = dir.path().join("dump.jsonl");
+    run(&["--store", &source, "export", dump.to_str().unwrap()], &[]).ok();
+
+    let root = dir.path().join("other");
+    let other = Store::open(StorageConfig::file(&root)).unwrap();
+    other
+        .save("player:ada", &"someone else", &SaveOptions::new())
+        .unwrap();
+    drop(other);
+    let target = url("file", &root);
+    run(
+        &[
+            "--store",
+            &target,
+            "import",
+            dump.to_str().unwrap(),
+            "--no-overwrite",
+        ],
+        &[],
+    )
+    .fails(1, "1 key of the dump already has a live record");
+    let other = Store::open(StorageConfig::file(&root)).unwrap();
+    assert_eq!(
+        other.list_keys("").unwrap(),
+        ["player:ada"],
+        "nothing was imported"
+    );
+    assert_eq!(
+        other
+            .load::<String>("player:ada", &LoadOptions::default())
+            .unwrap()
+            .unwrap(),
+        "someone else"
+    );
+    drop(other);
+
+    // Without the flag, existing records are replaced.
+    run(&["--store", &target, "import", dump.to_str().unwrap()], &[]).ok();
+    let other = Store::open(StorageConfig::file(&root)).unwrap();
+    assert_eq!(other.list_keys("").unwrap(), LIVE_KEYS);
+    assert_eq!(
+        other
+            .load::<Player>("player:ada", &LoadOptions::default())
+            .unwrap(),
+        Some(ada())
+    );
+}
+
+#[test]
+fn import_refuses_a_store_with_another_encryption_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sqlite_store(dir.path());
+    let dump = dir.path().join("dump.jsonl");
+    run(&["--store", &source, "export", dump.to_str().unwrap()], &[]).ok();
+
+    // Same passphrase, but its own salt: the records would not decrypt there.
+    let path = dir.path().join("mine.db");
+    let mine = Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    mine.save("x", &1, &SaveOptions::new().encrypt(true))
+        .unwrap();
+    drop(mine);
+    run(
+        &[
+            "--store",
+            &url("sqlite", &path),
+            "import",
+            dump.to_str().unwrap(),
+        ],
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .fails(
+        1,
+        "already has its own encryption key and a different passphrase salt",
+    );
+    let mine = Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    assert_eq!(mine.list_keys("").unwrap(), ["x"]);
+    assert_eq!(
+        mine.load::<i32>("x", &LoadOptions::default()).unwrap(),
+        Some(1)
+    );
+
+    // Raw keys: accepted when the given key opens both, refused without a key.
+    let hex_source = dir.path().join("hex_source");
+    let key = || EncryptionKey::from_hex(HEX_KEY).unwrap();
+    populate(StorageConfig::file(&hex_source).encryption_key(key()));
+    let hex_dump = dir.path().join("hex.jsonl");
+    run(
+        &[
+            "--store",
+            &url("file", &hex_source),
+            "export",
+            hex_dump.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
+    let hex_target = dir.path().join("hex_target.db");
+    let t = Store::open(StorageConfig::sqlite(&hex_target).encryption_key(key())).unwrap();
+    t.save("mine", &2, &SaveOptions::new().encrypt(true))
+        .unwrap();
+    drop(t);
+    let import = [
+        "--store",
+        &url("sqlite", &hex_target),
+        "import",
+        hex_dump.to_str().unwrap(),
+    ];
+    run(&import, &[]).fails(1, "no key was given to check that both use the same one");
+    run(&import, &[("BEVY_STORAGE_KEY", HEX_KEY)]).ok();
+    let t = Store::open(StorageConfig::sqlite(&hex_target).encryption_key(key())).unwrap();
+    assert_eq!(
+        t.load::<Player>("player:bob", &LoadOptions::default())
+            .unwrap(),
+        Some(bob())
+    );
+    assert_eq!(
+        t.load::<i32>("mine", &LoadOptions::default()).unwrap(),
+        Some(2)
+    );
+}
+
+#[test]
+fn import_refuses_damaged_dumps_without_touching_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sqlite_store(dir.path());
+    let dump = dir.path().join("dump.jsonl");
+    run(&["--store", &source, "export", dump.to_str().unwrap()], &[]).ok();
+    let good = std::fs::read_to_string(&dump).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    let target_path = dir.path().join("target.db");
+    let target = url("sqlite", &target_path);
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("empty", String::new(), "is empty: not a bevy_storage dump"),
+        ("not a dump", "hello\n".into(), "is not a bevy_storage dump"),
+        (
+            "newer version",
+            good.replacen("\"version\":1", "\"version\":9", 1),
+            "is a version 9 dump, newer than the version 1",
+        ),
+        (
+            "cut at a line",
+            lines[..lines.len() - 1].join("\n") + "\n",
+            "without its end line, so it is truncated",
+        ),
+        (
+            "cut mid-line",
+            good[..good.len() - lines.last().unwrap().len() - 40].to_owned(),
+            "is not valid JSON",
+        ),
+        (
+            "a value byte changed",
+            {
+                let i = lines[3].find("\"value\":\"").unwrap() + 20;
+                let mut l = lines[3].to_owned();
+                let c = if &l[i..=i] == "A" { "B" } else { "A" };
+                l.replace_range(i..=i, c);
+                [&lines[..3], &[l.as_str()], &lines[4..]]
+                    .concat()
+                    .join("\n")
+                    + "\n"
+            },
+            "line 4",
+        ),
+        (
+            "metadata changed",
+            good.replacen("Crypt of Bones", "Crypt of Bonez", 1),
+            "its checksum does not match",
+        ),
+        (
+            "a record dropped",
+            [&lines[..3], &lines[4..]].concat().join("\n") + "\n",
+            "its end line counts 6 records but 5 were read",
+        ),
+        (
+            "unknown field",
+            good.replacen("\"size\":", "\"sighs\":1,\"size\":", 1),
+            "unknown field `sighs`",
+        ),
+        (
+            "appended",
+            good.clone() + &lines[2..4].join("\n") + "\n",
+            "there is data after its end line",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, text).unwrap();
+        let result = run(&["--store", &target, "import", bad.to_str().unwrap()], &[]);
+        assert_eq!(result.code, 1, "{what}: {}", result.stderr);
+        result.fails(1, needle);
+        assert!(!target_path.exists(), "{what}: the store was not created");
+    }
+    run(&["--store", &target, "import", "/nonexistent.jsonl"], &[]).fails(1, "cannot open");
+    // The good one still imports.
+    run(&["--store", &target, "import", dump.to_str().unwrap()], &[]).ok();
+}
+
+#[test]
+fn no_key_material_ever_appears_in_any_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path());
+    let dump = dir.path().join("dump.jsonl");
+    let s = store.as_str();
+    let d = dump.to_str().unwrap();
+    let target = url("file", &dir.path().join("copy"));
+    let wrong_pass = "wrong horse battery staple";
+    let bad_hex = "deadbeefsecretsecretsecret";
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--store", s, "list"],
+        vec!["--store", s, "get", "player:bob"],
+        vec!["--store", s, "get", "player:bob", "--json"],
+        vec!["--store", s, "get", "player:ada", "--raw"],
+        vec!["--store", s, "meta", "player:bob", "--json"],
+        vec!["--store", s, "stats", "--json"],
+        vec!["--store", s, "export", d, "--force"],
+        vec!["--store", &target, "import", d],
+        vec!["--store", s, "get", "nothing"],
+        vec!["--help"],
+    ];
+    let envs: Vec<Vec<(&str, &str)>> = vec![
+        vec![("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+        vec![("BEVY_STORAGE_PASSPHRASE", wrong_pass)],
+        vec![("BEVY_STORAGE_KEY", HEX_KEY)],
+        vec![("BEVY_STORAGE_KEY", bad_hex)],
+        vec![
+            ("BEVY_STORAGE_KEY", HEX_KEY),
+            ("BEVY_STORAGE_PASSPHRASE", PASSPHRASE),
+        ],
+    ];
+    let secrets = [
+        PASSPHRASE,
+        wrong_pass,
+        HEX_KEY,
+        bad_hex,
+        "horse",
+        "secretsecret",
+    ];
+    let mut runs = 0;
+    for env in &envs {
+        for args in &commands {
+            let r = run(args, env);
+            for secret in secrets {
+                assert!(
+                    !r.stdout.contains(secret) && !r.stderr.contains(secret),
+                    "{secret:?} leaked by {args:?} with {env:?}:\n{}\n{}",
+                    r.stdout,
+                    r.stderr
+                );
+            }
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 50);
+    // Files named on the command line are read, never echoed.
+    let pass_file = dir.path().join("pass");
+    std::fs::write(&pass_file, wrong_pass).unwrap();
+    let r = run(
+        &[
+            "--store",
+            s,
+            "get",
+            "player:bob",
+            "--passphrase-file",
+            pass_file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .fails(1, "does not match");
+    assert!(!r.stderr.contains(wrong_pass));
+    // The dump carries no key either.
+    let dump_text = std::fs::read_to_string(&dump).unwrap();
+    assert!(!dump_text.contains(PASSPHRASE) && !dump_text.contains(HEX_KEY));
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("many.db");
+    let store = Store::open(StorageConfig::sqlite(&path)).unwrap();
+    let saves = (0..3000)
+        .map(|i| StorageOperation::save(format!("item:{i:05}"), i))
+        .collect();
+    store.transaction(saves).unwrap();
+    drop(store);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bevy-storage"))
+        .args(["--store", &url("sqlite", &path), "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.code() == Some(0), "{stderr}");
+}
