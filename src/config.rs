@@ -38,6 +38,16 @@ pub enum BackendConfig {
         /// `synchronous = NORMAL` (default: survives a process crash) or `FULL` (power loss).
         synchronous: SqliteSynchronous,
     },
+    /// A Redis server shared by several game servers (feature `redis`).
+    #[cfg(feature = "redis")]
+    Redis {
+        /// `redis://[[user]:password@]host[:port][/db]` or `rediss://...` (TLS, feature
+        /// `redis-tls`). `Debug` hides the password.
+        url: String,
+        /// The key prefix of this store: stores with different namespaces never see each
+        /// other's records, stores with the same one share them.
+        namespace: String,
+    },
     /// A backend the game implements.
     Custom(Arc<dyn Backend>),
 }
@@ -52,6 +62,12 @@ impl fmt::Debug for BackendConfig {
                 .debug_struct("Sqlite")
                 .field("path", path)
                 .field("synchronous", synchronous)
+                .finish(),
+            #[cfg(feature = "redis")]
+            Self::Redis { url, namespace } => f
+                .debug_struct("Redis")
+                .field("url", &crate::backend::redis::redact_url(url))
+                .field("namespace", namespace)
                 .finish(),
             Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
         }
@@ -142,13 +158,24 @@ impl StorageConfig {
         })
     }
 
+    /// A store in the Redis server at `url` (`redis://[:password@]host[:port][/db]`), under
+    /// `namespace`. Needs the `redis` feature.
+    #[cfg(feature = "redis")]
+    pub fn redis(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self::new(BackendConfig::Redis {
+            url: url.into(),
+            namespace: namespace.into(),
+        })
+    }
+
     /// A store over the game's own backend.
     pub fn custom(backend: impl Backend) -> Self {
         Self::new(BackendConfig::Custom(Arc::new(backend)))
     }
 
     /// A store from a connection string: `memory:`, `file:PATH`, `sqlite:PATH`
-    /// (or `sqlite://PATH`).
+    /// (or `sqlite://PATH`), `redis://[:password@]host[:port][/db][?namespace=NAME]` or
+    /// `rediss://...` (the namespace defaults to `bevy_storage`).
     pub fn from_url(url: &str) -> Result<Self> {
         let (scheme, rest) = url.split_once(':').ok_or_else(|| {
             StorageError::Config(format!(
@@ -162,6 +189,16 @@ impl StorageConfig {
             #[cfg(feature = "sqlite")]
             "sqlite" if !rest.is_empty() => Ok(Self::sqlite(rest)),
             "file" | "sqlite" => Err(StorageError::Config(format!("{url:?} names no path"))),
+            #[cfg(feature = "redis")]
+            "redis" | "rediss" => {
+                let (url, namespace) = crate::backend::redis::split_namespace(url);
+                Ok(Self::redis(url, namespace))
+            }
+            #[cfg(not(feature = "redis"))]
+            "redis" | "rediss" => Err(StorageError::FeatureDisabled {
+                feature: "redis",
+                what: "a redis:// store".into(),
+            }),
             other => Err(StorageError::Config(format!(
                 "unknown or disabled backend {other:?} in {url:?}"
             ))),
@@ -260,6 +297,15 @@ impl StorageConfig {
                     ..SqliteOptions::default()
                 };
                 Arc::new(crate::backend::SqliteBackend::open(path, &options)?)
+            }
+            #[cfg(feature = "redis")]
+            BackendConfig::Redis { url, namespace } => {
+                let options = crate::backend::RedisOptions {
+                    pool_size: self.pool_size,
+                    ..crate::backend::RedisOptions::default()
+                };
+                let backend = crate::backend::RedisBackend::open(url, namespace, &options)?;
+                Arc::new(backend)
             }
             BackendConfig::Custom(backend) => Arc::clone(backend),
         })

@@ -942,6 +942,18 @@ impl Backend for RedisBackend {
         }
     }
 
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        let rkey = self.keys.record(key);
+        let (value, expires_at): (Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.run("reading a record", Retry::Safe, |con| {
+                redis::cmd("HMGET").arg(&rkey).arg("v").arg("x").query(con)
+            })?;
+        let expires_at = expires_at
+            .map(|x| parse_int(key, "x", &x).map(Timestamp))
+            .transpose()?;
+        Ok(value.map(|value| (value, expires_at)))
+    }
+
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         let rkey = self.keys.record(key);
         let fields: Vec<Option<Vec<u8>>> =

@@ -1,7 +1,6 @@
 //! Fixtures shared by the integration tests: one store per backend, on a manual clock.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bevy_storage::clock::ManualClock;
@@ -15,6 +14,9 @@ pub struct Fixture {
     pub kind: Kind,
     /// Kept so the directory lives as long as the fixture.
     pub dir: Option<TempDir>,
+    /// The fixture's own Redis namespace, removed when the fixture drops.
+    #[cfg(feature = "redis")]
+    pub redis: Option<RedisNamespace>,
 }
 
 /// Which backend a fixture uses.
@@ -23,6 +25,8 @@ pub enum Kind {
     Memory,
     File,
     Sqlite,
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 impl Kind {
@@ -45,32 +49,47 @@ impl Fixture {
     pub fn with(kind: Kind, tweak: impl Fn(StorageConfig) -> StorageConfig) -> Self {
         let clock = ManualClock::starting_now();
         let dir = kind.persistent().then(|| tempfile::tempdir().unwrap());
-        let fixture_config = Self::config_for(kind, dir.as_ref().map(|d| d.path().to_path_buf()));
-        let store = Store::open(tweak(fixture_config).clock(clock.clone())).unwrap();
-        Self {
-            store,
+        #[cfg(feature = "redis")]
+        let redis = (kind == Kind::Redis).then(RedisNamespace::fresh);
+        let mut fixture = Self {
+            // Replaced below, once the fixture owns what the backend needs.
+            store: Store::open(StorageConfig::memory()).unwrap(),
             clock,
             kind,
             dir,
-        }
+            #[cfg(feature = "redis")]
+            redis,
+        };
+        fixture.store =
+            Store::open(tweak(fixture.backend_config()).clock(fixture.clock.clone())).unwrap();
+        fixture
     }
 
-    fn config_for(kind: Kind, dir: Option<PathBuf>) -> StorageConfig {
-        match kind {
+    /// This fixture's backend with every other setting at its default.
+    fn backend_config(&self) -> StorageConfig {
+        let dir = || self.dir.as_ref().unwrap().path().to_path_buf();
+        match self.kind {
             Kind::Memory => StorageConfig::memory(),
-            Kind::File => StorageConfig::file(dir.unwrap().join("records")),
-            Kind::Sqlite => StorageConfig::sqlite(dir.unwrap().join("store.db")),
+            Kind::File => StorageConfig::file(dir().join("records")),
+            Kind::Sqlite => StorageConfig::sqlite(dir().join("store.db")),
+            #[cfg(feature = "redis")]
+            Kind::Redis => {
+                let ns = self.redis.as_ref().unwrap();
+                StorageConfig::redis(&ns.url, &ns.namespace)
+            }
         }
     }
 
     /// The config of this fixture's backend, for opening it again (persistent kinds only).
     pub fn config(&self) -> StorageConfig {
-        Self::config_for(self.kind, self.dir.as_ref().map(|d| d.path().to_path_buf()))
-            .clock(self.clock.clone())
+        self.backend_config().clock(self.clock.clone())
     }
 
     /// Drops the store and opens the same backend again (persistent kinds only).
-    pub fn reopen(&mut self, tweak: impl Fn(StorageConfig) -> StorageConfig) -> Result<(), bevy_storage::StorageError> {
+    pub fn reopen(
+        &mut self,
+        tweak: impl Fn(StorageConfig) -> StorageConfig,
+    ) -> Result<(), bevy_storage::StorageError> {
         assert!(self.kind.persistent());
         // Open the new one only after the old one is gone (file backends lock their root).
         let placeholder = Store::open(StorageConfig::memory()).unwrap();
@@ -81,5 +100,143 @@ impl Fixture {
 
     pub fn advance(&self, d: Duration) {
         self.clock.advance(d);
+    }
+}
+
+/// The Redis server the tests use: `REDIS_URL`, default `redis://127.0.0.1:6379`.
+#[cfg(feature = "redis")]
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// True when the tests run under CI (`CI=true`), where a missing Redis is a failure.
+#[cfg(feature = "redis")]
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// `Some(Kind::Redis)` when the test Redis answers. Otherwise, under CI, the test fails; locally
+/// it says loudly that it is skipped and the caller returns.
+#[cfg(feature = "redis")]
+pub fn redis_kind() -> Option<Kind> {
+    require_redis(&redis_url(), under_ci()).then_some(Kind::Redis)
+}
+
+/// Whether Redis answers `PING` at `url`; when it does not, panics if `ci`, else prints a
+/// skip notice on stderr and returns false.
+#[cfg(feature = "redis")]
+pub fn require_redis(url: &str, ci: bool) -> bool {
+    match check_redis(url, ci) {
+        Ok(()) => true,
+        Err(notice) => {
+            // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{notice}");
+            false
+        }
+    }
+}
+
+/// `Ok` when Redis answers at `url`; otherwise panics if `ci`, else returns the skip notice.
+#[cfg(feature = "redis")]
+pub fn check_redis(url: &str, ci: bool) -> Result<(), String> {
+    let Err(e) = redis_ping(url) else {
+        return Ok(());
+    };
+    if ci {
+        panic!(
+            "CI=true and Redis does not answer at {url} ({e}): the Redis tests must run under CI. \
+             .ci/run starts redis-server when it is down (see DEVELOPERS.md); set REDIS_URL if \
+             it listens elsewhere."
+        );
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    Err(format!(
+        "!!!!! SKIPPED {test}: no Redis at {url} ({e}). Start one (`redis-server`, see \
+         DEVELOPERS.md) or set REDIS_URL to run the Redis tests; under CI=true this fails."
+    ))
+}
+
+#[cfg(feature = "redis")]
+fn redis_ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query::<()>(&mut con)
+        .map_err(|e| e.to_string())
+}
+
+/// A namespace of its own for one fixture; every key under it is deleted on drop.
+#[cfg(feature = "redis")]
+pub struct RedisNamespace {
+    pub url: String,
+    pub namespace: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisNamespace {
+    /// A namespace no other test uses: `test:<16 random hex digits>`.
+    pub fn fresh() -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            url: redis_url(),
+            namespace: format!("test:{hex}"),
+        }
+    }
+
+    /// Every Redis key of this namespace (records and bookkeeping).
+    pub fn keys(&self) -> Vec<String> {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap();
+        let pattern = format!(
+            "{{{}}}:*",
+            self.namespace.replace(['*', '?', '[', ']', '\\'], "?")
+        );
+        let keys: Vec<String> = redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter(&mut con)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let prefix = format!("{{{}}}:", self.namespace);
+        keys.into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .collect()
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for RedisNamespace {
+    fn drop(&mut self) {
+        // Best effort: never turn a passing test into a panic while unwinding.
+        let result = std::panic::catch_unwind(|| {
+            let keys = self.keys();
+            if !keys.is_empty() {
+                let client = redis::Client::open(self.url.as_str()).unwrap();
+                let mut con = client
+                    .get_connection_with_timeout(Duration::from_secs(2))
+                    .unwrap();
+                for chunk in keys.chunks(500) {
+                    redis::cmd("UNLINK")
+                        .arg(chunk)
+                        .query::<()>(&mut con)
+                        .unwrap();
+                }
+            }
+        });
+        if result.is_err() {
+            eprintln!("could not remove the Redis namespace {:?}", self.namespace);
+        }
     }
 }
