@@ -17,8 +17,12 @@ use crate::error::{Result, StorageError};
 pub const MAX_KEY_LEN: usize = 512;
 
 /// Prefix of the store's own bookkeeping records. It starts with a control character, which
-/// user keys cannot contain, so the two can never collide.
-pub(crate) const INTERNAL_PREFIX: &str = "\u{1}bevy_storage/";
+/// user keys cannot contain, so the two can never collide. Tools that copy raw records
+/// (the inspector's export) must carry these records along.
+pub const INTERNAL_PREFIX: &str = "\u{1}bevy_storage/";
+
+/// The record in which a store keeps its encryption key check (and a passphrase's salt).
+pub const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
 
 /// Checks a key against the rules above.
 pub fn validate_key(key: &str) -> Result<()> {
@@ -46,7 +50,8 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
     }
 }
 
-pub(crate) fn is_internal(key: &str) -> bool {
+/// True for the store's own bookkeeping keys (see [`INTERNAL_PREFIX`]).
+pub fn is_internal(key: &str) -> bool {
     key.starts_with(INTERNAL_PREFIX)
 }
 

@@ -20,9 +20,8 @@ use crate::codec::crypto::KdfParams;
 use crate::codec::{self, Cipher, EnvelopeInfo, Format, SealOptions};
 use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
-use crate::key::{self, INTERNAL_PREFIX};
+use crate::key::{self, INTERNAL_PREFIX, KEYCHECK_KEY};
 
-const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
 const KEYCHECK_PAYLOAD: &[u8] = b"bevy_storage key check v1";
 
 /// When a saved record expires.

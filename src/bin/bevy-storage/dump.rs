@@ -42,7 +42,7 @@ pub const VERSION: u32 = 1;
 
 /// True for the store's own bookkeeping keys, which user keys can never be.
 pub fn is_internal(key: &str) -> bool {
-    key.starts_with('\u{1}')
+    bevy_storage::key::is_internal(key)
 }
 
 /// The first line of a dump.

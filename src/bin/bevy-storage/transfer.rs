@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The store's encryption key check (it holds a passphrase's salt).
-const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
+use bevy_storage::key::KEYCHECK_KEY;
 /// A batch is also cut when its records reach this many bytes.
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
@@ -42,7 +42,7 @@ pub fn export(cli: &Cli, file: &Path, prefix: &str, force: bool, out: &mut dyn W
     let mut entries = backend.scan(prefix)?;
     if !prefix.is_empty() {
         // The store's bookkeeping (its key check) goes along whatever the prefix.
-        entries.extend(backend.scan("\u{1}")?);
+        entries.extend(backend.scan(bevy_storage::key::INTERNAL_PREFIX)?);
     }
     entries.retain(|e| !now.is_past(e.expires_at));
     entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
