@@ -168,6 +168,13 @@ pub enum StorageError {
     #[error("world snapshot: {0}")]
     Snapshot(String),
 
+    /// There is no snapshot to load under this key (or no autosave under this prefix).
+    #[error("there is no world snapshot under {key:?}")]
+    NoSnapshot {
+        /// The slot key or autosave prefix.
+        key: String,
+    },
+
     /// A snapshot names a type this app does not register for reflection.
     #[error(
         "the snapshot holds a {type_path} but this app does not register that type for reflection (derive Reflect with #[reflect(Component)] or #[reflect(Resource)], or register a migration for it); the world was not changed"

@@ -549,12 +549,8 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                     let work = || -> crate::Result<Decoded> {
                         match &slot {
                             WorldSlot::Key(key) => {
-                                let bytes =
-                                    snapshot::read_snapshot(&store, key)?.ok_or_else(|| {
-                                        StorageError::Snapshot(format!(
-                                            "there is no snapshot under {key:?}"
-                                        ))
-                                    })?;
+                                let bytes = snapshot::read_snapshot(&store, key)?
+                                    .ok_or_else(|| StorageError::NoSnapshot { key: key.clone() })?;
                                 Ok(Decoded {
                                     key: key.clone(),
                                     world: snapshot::decode(&bytes, &context)?,
@@ -572,9 +568,7 @@ fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: Stor
                                             .map(|(k, e)| (k, shared(e)))
                                             .collect(),
                                     }),
-                                    None => Err(StorageError::Snapshot(format!(
-                                        "there is no autosave under {label:?}"
-                                    ))),
+                                    None => Err(StorageError::NoSnapshot { key: label.clone() }),
                                 }
                             }
                         }
@@ -647,8 +641,11 @@ fn deliver(world: &mut World, runtime: &mut WorldRuntime, done: Done) {
                 let despawn = world.resource::<SnapshotSettings>().despawn_existing;
                 decoded.apply(world, despawn)
             });
-            if let Err(e) = &result {
-                error!("world load from {key:?} failed, the world is unchanged: {e}");
+            match &result {
+                // Nothing saved yet is an ordinary answer (a first run), not a failure.
+                Err(e) if matches!(**e, StorageError::NoSnapshot { .. }) => info!("{e}"),
+                Err(e) => error!("world load from {key:?} failed, the world is unchanged: {e}"),
+                Ok(_) => {}
             }
             let response = WorldLoaded {
                 id,
