@@ -1326,3 +1326,54 @@ fn the_bare_plugin_uses_sqlite_under_saves() {
         assert!(dir.path().join("saves/storage").is_dir());
     }
 }
+
+/// A change made by an observer of the load (in the same frame as the load) is a real change
+/// and is saved, not mistaken for the loaded value.
+#[test]
+fn a_change_made_when_the_persisted_resource_arrives_is_saved() {
+    #[derive(Resource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+    struct Volume(u32);
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("settings.db");
+    let run = |db: &std::path::Path, change_to: Option<u32>| -> Volume {
+        let mut app = App::new();
+        app.add_plugins((MinimalPlugins, StoragePlugin::sqlite(db)))
+            .persist_resource_with::<Volume>(
+                "config:volume",
+                PersistOptions::default().throttle(Duration::ZERO),
+            )
+            .init_resource::<SeenLoad>()
+            .add_observer(
+                move |_: On<PersistedResourceLoaded>,
+                      mut v: ResMut<Volume>,
+                      mut seen: ResMut<SeenLoad>| {
+                    seen.0 = true;
+                    if let Some(to) = change_to {
+                        v.0 = to;
+                    }
+                },
+            );
+        assert!(pump_until(&mut app, Duration::from_secs(10), |w| w
+            .resource::<SeenLoad>()
+            .0));
+        let value = app.world().resource::<Volume>().clone();
+        app.world_mut().write_message(AppExit::Success);
+        app.update();
+        value
+    };
+    #[derive(Resource, Default)]
+    struct SeenLoad(bool);
+
+    assert_eq!(
+        run(&db, Some(7)),
+        Volume(7),
+        "first run: nothing stored, changed to 7"
+    );
+    assert_eq!(
+        run(&db, Some(0)),
+        Volume(0),
+        "second run: loaded 7, reset to 0 at once"
+    );
+    assert_eq!(run(&db, None), Volume(0), "the reset was saved");
+}

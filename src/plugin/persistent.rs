@@ -243,6 +243,9 @@ where
                 state.loaded_tick = tick;
                 state.dirty = false;
             }
+            // A change made right after this (by an observer of the load, in this same
+            // exclusive system) must carry a newer tick, or it would pass for the load itself.
+            world.increment_change_tick();
             Ok(true)
         }
         Ok(None) => Ok(false),
