@@ -135,7 +135,7 @@ fn print_leaderboard(store: &Store) {
             Some((key, wins, guest))
         })
         .collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1));
     println!("leaderboard (from metadata only):");
     for (key, wins, guest) in rows {
         println!(
