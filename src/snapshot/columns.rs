@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
 use bevy::ecs::entity::{EntityHashMap, EntityMapper};
 use bevy::ecs::reflect::ReflectComponent;
+use bevy::ecs::relationship::RelationshipHookMode;
 use bevy::prelude::*;
 use bevy::reflect::serde::TypedReflectSerializer;
 use bevy::reflect::{PartialReflect, TypeRegistry};
@@ -26,14 +27,22 @@ use super::Persist;
 /// [`Entity::PLACEHOLDER`].
 pub struct SnapshotEntityMapper<'a> {
     pub(crate) map: &'a EntityHashMap<Entity>,
+    /// References mapped to `PLACEHOLDER` since the counter was last reset.
+    pub(crate) unmapped: usize,
+}
+
+impl<'a> SnapshotEntityMapper<'a> {
+    pub(crate) fn new(map: &'a EntityHashMap<Entity>) -> Self {
+        Self { map, unmapped: 0 }
+    }
 }
 
 impl EntityMapper for SnapshotEntityMapper<'_> {
     fn get_mapped(&mut self, source: Entity) -> Entity {
-        self.map
-            .get(&source)
-            .copied()
-            .unwrap_or(Entity::PLACEHOLDER)
+        self.map.get(&source).copied().unwrap_or_else(|| {
+            self.unmapped += 1;
+            Entity::PLACEHOLDER
+        })
     }
 
     fn set_mapped(&mut self, _source: Entity, _target: Entity) {}
@@ -160,11 +169,54 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
         mapper: &mut SnapshotEntityMapper,
         _registry: &TypeRegistry,
     ) {
-        let mut values = self.values;
-        for value in &mut values {
-            T::map_entities(value, mapper);
+        let id = world.register_component::<T>();
+        let relationship = T::relationship_accessor().is_some();
+        let total = targets.len();
+        let mut rows = Vec::with_capacity(total);
+        for (target, mut value) in targets.into_iter().zip(self.values) {
+            mapper.unmapped = 0;
+            T::map_entities(&mut value, mapper);
+            if relationship && mapper.unmapped > 0 {
+                continue;
+            }
+            rows.push((target, value));
         }
-        world.insert_batch(targets.into_iter().zip(values));
+        warn_dropped::<T>(world, id, total - rows.len());
+        world.insert_batch(rows);
+    }
+}
+
+/// Passes entities through: for values already mapped.
+struct AlreadyMapped;
+
+impl EntityMapper for AlreadyMapped {
+    fn get_mapped(&mut self, source: Entity) -> Entity {
+        source
+    }
+
+    fn set_mapped(&mut self, _source: Entity, _target: Entity) {}
+}
+
+/// True for relationship components (`ChildOf` and the game's own `#[relationship]`s) once
+/// Bevy knows both sides: their hooks need a live target, so one that points outside the
+/// snapshot is left out rather than inserted with a placeholder target (which Bevy's hooks
+/// refuse with a panic).
+fn is_relationship(world: &World, id: bevy::ecs::component::ComponentId) -> bool {
+    world
+        .components()
+        .get_info(id)
+        .is_some_and(|info| info.relationship_accessor().is_some())
+}
+
+fn warn_dropped<T>(world: &World, id: bevy::ecs::component::ComponentId, dropped: usize) {
+    if dropped > 0 {
+        let name = world.components().get_info(id).map_or_else(
+            || std::any::type_name::<T>().to_string(),
+            |i| i.name().to_string(),
+        );
+        warn!(
+            "{dropped} {name} relationship(s) in the snapshot point at entities it does not hold (saved without their target?) and were left out"
+        );
     }
 }
 
@@ -245,14 +297,34 @@ impl LoadedColumn for ReflectLoaded {
         mapper: &mut SnapshotEntityMapper,
         registry: &TypeRegistry,
     ) {
+        let id = self.component.register_component(world);
+        let relationship = is_relationship(world, id);
+        let mut dropped = 0;
         for (entity, mut value) in targets.into_iter().zip(self.values) {
+            mapper.unmapped = 0;
             self.component.map_entities(value.as_mut(), mapper);
-            self.component.insert(
-                &mut world.entity_mut(entity),
-                value.as_partial_reflect(),
-                registry,
-            );
+            if mapper.unmapped == 0 {
+                self.component.insert(
+                    &mut world.entity_mut(entity),
+                    value.as_partial_reflect(),
+                    registry,
+                );
+            } else if relationship {
+                dropped += 1;
+            } else {
+                // A reference outside the snapshot. Bevy tells relationships apart only once
+                // both sides are registered, so insert without relationship hooks: a
+                // relationship whose target was not saved must not reach its hook.
+                self.component.apply_or_insert_mapped(
+                    &mut world.entity_mut(entity),
+                    value.as_partial_reflect(),
+                    registry,
+                    &mut AlreadyMapped,
+                    RelationshipHookMode::Skip,
+                );
+            }
         }
+        warn_dropped::<()>(world, id, dropped);
     }
 }
 
