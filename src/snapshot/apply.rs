@@ -62,7 +62,7 @@ impl DecodedWorld {
             .zip(live.iter().copied())
             .collect();
         let registry = self.registry.read();
-        let mut mapper = SnapshotEntityMapper { map: &map };
+        let mut mapper = SnapshotEntityMapper::new(&map);
         for (_, rows, column) in self.columns {
             let targets: Vec<Entity> = rows.iter().map(|r| live[*r as usize]).collect();
             column.apply(world, targets, &mut mapper, &registry);
