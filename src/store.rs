@@ -783,7 +783,7 @@ impl Store {
         if now.is_past(expires_at) {
             return Ok(None);
         }
-        let (payload, info) = codec::envelope::open(key, &value, self.inner.cipher.as_ref())?;
+        let (payload, info) = codec::envelope::open_vec(key, value, self.inner.cipher.as_ref())?;
         if options.update_access_time {
             self.inner.backend.touch(key, now)?;
         }

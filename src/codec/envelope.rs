@@ -190,45 +190,59 @@ pub fn inspect(key: &str, bytes: &[u8]) -> Result<EnvelopeInfo> {
 
 /// Checks and unwraps a record of `key`: returns the payload as it was before sealing.
 pub fn open(key: &str, bytes: &[u8], cipher: Option<&Cipher>) -> Result<(Vec<u8>, EnvelopeInfo)> {
-    let info = inspect(key, bytes)?;
-    let (content, crc_bytes) = bytes.split_at(bytes.len() - CRC_LEN);
-    let stored_crc = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
-    if checksum(content, key) != stored_crc {
+    // Check before copying: a damaged record costs no allocation.
+    inspect(key, bytes)?;
+    open_vec(key, bytes.to_vec(), cipher)
+}
+
+/// Like [`open`], reusing the record's own buffer for the payload (no copy for plain
+/// records, decryption in place for encrypted ones).
+pub fn open_vec(
+    key: &str,
+    mut bytes: Vec<u8>,
+    cipher: Option<&Cipher>,
+) -> Result<(Vec<u8>, EnvelopeInfo)> {
+    let info = inspect(key, &bytes)?;
+    let content_len = bytes.len() - CRC_LEN;
+    let stored_crc = u32::from_le_bytes(bytes[content_len..].try_into().expect("4 bytes"));
+    if checksum(&bytes[..content_len], key) != stored_crc {
         return Err(StorageError::corrupt(
             key,
             "checksum mismatch: the record is truncated or damaged, or was stored under another key",
         ));
     }
-    let header = &content[..HEADER_LEN];
-    let mut body = if info.encrypted {
+    bytes.truncate(content_len);
+    if info.encrypted {
         let cipher = cipher.ok_or_else(|| StorageError::EncryptionKeyMissing {
             key: key.to_owned(),
         })?;
-        if content.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
+        if bytes.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
             return Err(StorageError::corrupt(
                 key,
                 "encrypted record shorter than nonce and tag",
             ));
         }
-        let nonce: [u8; NONCE_LEN] = content[HEADER_LEN..HEADER_LEN + NONCE_LEN]
+        let header: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("header length");
+        let nonce: [u8; NONCE_LEN] = bytes[HEADER_LEN..HEADER_LEN + NONCE_LEN]
             .try_into()
             .expect("nonce length");
-        let tag_start = content.len() - TAG_LEN;
-        let tag: [u8; TAG_LEN] = content[tag_start..].try_into().expect("tag length");
-        let mut buf = content[HEADER_LEN + NONCE_LEN..tag_start].to_vec();
-        if !cipher.decrypt_in_place(&[header, key.as_bytes()], &nonce, &tag, &mut buf) {
+        let tag_start = bytes.len() - TAG_LEN;
+        let tag: [u8; TAG_LEN] = bytes[tag_start..].try_into().expect("tag length");
+        bytes.truncate(tag_start);
+        let body = &mut bytes[HEADER_LEN + NONCE_LEN..];
+        if !cipher.decrypt_in_place(&[&header, key.as_bytes()], &nonce, &tag, body) {
             return Err(StorageError::DecryptionFailed {
                 key: key.to_owned(),
             });
         }
-        buf
+        bytes.drain(..HEADER_LEN + NONCE_LEN);
     } else {
-        content[HEADER_LEN..].to_vec()
-    };
-    if info.compressed {
-        body = compress::decompress(key, &body)?;
+        bytes.drain(..HEADER_LEN);
     }
-    Ok((body, info))
+    if info.compressed {
+        bytes = compress::decompress(key, &bytes)?;
+    }
+    Ok((bytes, info))
 }
 
 #[cfg(test)]
