@@ -276,11 +276,15 @@ pub trait SnapshotAppExt {
     ) -> &mut Self;
 }
 
+/// The app's snapshot registry, created on first use.
+fn snapshot_registry(app: &mut App) -> Mut<'_, SnapshotRegistry> {
+    app.world_mut()
+        .get_resource_or_insert_with(SnapshotRegistry::new)
+}
+
 impl SnapshotAppExt for App {
     fn register_snapshot_component<T: SnapshotComponent>(&mut self) -> &mut Self {
-        self.world_mut()
-            .get_resource_or_insert_with(SnapshotRegistry::new)
-            .register_component::<T>();
+        snapshot_registry(self).register_component::<T>();
         self
     }
 
@@ -290,9 +294,7 @@ impl SnapshotAppExt for App {
         since_version: u32,
         upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
     ) -> &mut Self {
-        self.world_mut()
-            .get_resource_or_insert_with(SnapshotRegistry::new)
-            .migrate_component(old_type_path, since_version, upgrade);
+        snapshot_registry(self).migrate_component(old_type_path, since_version, upgrade);
         self
     }
 
@@ -302,9 +304,7 @@ impl SnapshotAppExt for App {
         since_version: u32,
         upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
     ) -> &mut Self {
-        self.world_mut()
-            .get_resource_or_insert_with(SnapshotRegistry::new)
-            .migrate_resource(old_type_path, since_version, upgrade);
+        snapshot_registry(self).migrate_resource(old_type_path, since_version, upgrade);
         self
     }
 }

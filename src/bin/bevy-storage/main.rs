@@ -682,6 +682,20 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
         }
         Ok(())
     };
+    // A payload this tool cannot decode: shown as hex, with a note saying why.
+    let undecoded =
+        |out: &mut dyn Write, mut report: Json, note: &str, heading: String| -> Outcome {
+            if cli.json {
+                report["value"] = Json::Null;
+                report["note"] = note.into();
+                report["hex"] = render::hex(shown).into();
+                report["truncated"] = (cut > 0).into();
+                return print_json(out, &report);
+            }
+            writeln!(out, "{heading}")?;
+            out.write_all(render::hex_dump(shown).as_bytes())?;
+            more(out)
+        };
     let mut report = json!({
         "key": key,
         "format": format_name(info.format),
@@ -696,16 +710,8 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
                 .filter(|t| ron_view::is_valid(t));
             let Some(text) = text else {
                 let note = "the record says RON but the payload is not valid RON text";
-                if cli.json {
-                    report["value"] = Json::Null;
-                    report["note"] = note.into();
-                    report["hex"] = render::hex(shown).into();
-                    report["truncated"] = (cut > 0).into();
-                    return print_json(out, &report);
-                }
-                writeln!(out, "# {note}; its {} bytes:", payload.len())?;
-                out.write_all(render::hex_dump(shown).as_bytes())?;
-                return more(out);
+                let heading = format!("# {note}; its {} bytes:", payload.len());
+                return undecoded(out, report, note, heading);
             };
             if cli.json {
                 match ron_view::to_json(text) {
@@ -725,20 +731,11 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
         Format::Binary => {
             let note = "postcard binary is not self-describing: only the game's own type can \
                         decode it (Store::load::<T>); here are its bytes";
-            if cli.json {
-                report["value"] = Json::Null;
-                report["note"] = note.into();
-                report["hex"] = render::hex(shown).into();
-                report["truncated"] = (cut > 0).into();
-                return print_json(out, &report);
-            }
-            writeln!(
-                out,
+            let heading = format!(
                 "# binary (postcard) payload, {} bytes: {note}",
                 payload.len()
-            )?;
-            out.write_all(render::hex_dump(shown).as_bytes())?;
-            more(out)?;
+            );
+            return undecoded(out, report, note, heading);
         }
         Format::Raw => match read_header(&payload) {
             Ok(header) => {
@@ -776,16 +773,8 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
                     e @ StorageError::SnapshotFormatTooNew { .. } => e.to_string(),
                     _ => "raw bytes encoded by the game itself (not a world snapshot)".into(),
                 };
-                if cli.json {
-                    report["value"] = Json::Null;
-                    report["note"] = note.into();
-                    report["hex"] = render::hex(shown).into();
-                    report["truncated"] = (cut > 0).into();
-                    return print_json(out, &report);
-                }
-                writeln!(out, "# {note}, {} bytes:", payload.len())?;
-                out.write_all(render::hex_dump(shown).as_bytes())?;
-                more(out)?;
+                let heading = format!("# {note}, {} bytes:", payload.len());
+                return undecoded(out, report, &note, heading);
             }
         },
     }
