@@ -203,20 +203,27 @@ impl StorageMetadata {
 #[derive(Clone)]
 pub struct ErasedValue(Arc<SerializeFn>);
 
-/// Serializes a captured value for a key (named in errors) in a format.
-type SerializeFn = dyn Fn(&str, Format) -> Result<Vec<u8>> + Send + Sync;
+/// Serializes a captured value for a key (named in errors) in a format, appending to a buffer.
+type SerializeFn = dyn Fn(&str, Format, &mut Vec<u8>) -> Result<()> + Send + Sync;
 
 impl ErasedValue {
     /// Wraps a value.
     pub fn new<T: Serialize + Send + Sync + 'static>(value: T) -> Self {
-        Self(Arc::new(move |key, format| {
-            codec::format::serialize(key, &value, format)
+        Self(Arc::new(move |key, format, out| {
+            codec::format::serialize_into(key, &value, format, out)
         }))
     }
 
     /// Serializes the value in `format`; `key` only names it in errors.
     pub fn serialize(&self, key: &str, format: Format) -> Result<Vec<u8>> {
-        (self.0)(key, format)
+        let mut out = Vec::new();
+        self.serialize_into(key, format, &mut out)?;
+        Ok(out)
+    }
+
+    /// Serializes the value in `format`, appending to `out`; `key` only names it in errors.
+    pub fn serialize_into(&self, key: &str, format: Format, out: &mut Vec<u8>) -> Result<()> {
+        (self.0)(key, format, out)
     }
 }
 
@@ -319,7 +326,10 @@ pub struct StorageStats {
     pub max_size: Option<u64>,
     /// `"memory"`, `"file"`, `"sqlite"`, or the custom backend's name.
     pub backend_type: String,
-    /// False when the last backend operation failed (an outage, an I/O error).
+    /// False while the backend is failing: when the last read or the last write failed in the
+    /// backend (an outage, an I/O error, a full disk). Reads and writes are judged apart, so
+    /// reads that still succeed while writes fail (a full disk) do not make it true again;
+    /// the next successful operation of the failing kind does.
     pub is_healthy: bool,
     /// The most recent backend failure, if any.
     pub last_error: Option<String>,
@@ -336,8 +346,21 @@ struct Counters {
     writes: AtomicU64,
     write_nanos: AtomicU64,
     errors: AtomicU64,
-    unhealthy: AtomicBool,
+    /// The last read failed in the backend.
+    reads_failing: AtomicBool,
+    /// The last write failed in the backend.
+    writes_failing: AtomicBool,
     last_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    /// The failure flag of one kind of operation.
+    fn failing(&self, kind: OpKind) -> &AtomicBool {
+        match kind {
+            OpKind::Read => &self.reads_failing,
+            OpKind::Write => &self.writes_failing,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -618,41 +641,50 @@ impl Store {
         count.fetch_add(1, Ordering::Relaxed);
         total.fetch_add(nanos, Ordering::Relaxed);
         match &result {
-            Ok(_) => c.unhealthy.store(false, Ordering::Relaxed),
+            Ok(_) => c.failing(kind).store(false, Ordering::Relaxed),
             Err(e) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                self.note_error(e);
+                self.note_error(kind, e);
             }
         }
         result
     }
 
-    fn note_error(&self, e: &StorageError) {
+    fn note_error(&self, kind: OpKind, e: &StorageError) {
         if e.is_backend_failure() {
             let c = &self.inner.counters;
-            c.unhealthy.store(true, Ordering::Relaxed);
+            c.failing(kind).store(true, Ordering::Relaxed);
             *c.last_error.lock() = Some(e.to_string());
         }
     }
 
-    /// Serializes and seals `value` into a record for `key` as `options` say.
-    fn build_record(
-        &self,
-        key: &str,
-        payload: &[u8],
-        format: Format,
-        options: &SaveOptions,
-        now: Timestamp,
-    ) -> Result<Record> {
-        let seal = SealOptions {
+    /// How a value saved with `options` in `format` is sealed: the store's defaults where
+    /// the options say nothing.
+    fn seal_options(&self, format: Format, options: &SaveOptions) -> SealOptions {
+        SealOptions {
             format,
             compression_level: options
                 .compression
                 .unwrap_or(self.inner.default_compression),
             encrypt: options.encrypt.unwrap_or(self.inner.default_encrypt),
-        };
+        }
+    }
+
+    /// Serializes `value` in `format` and seals it into a record for `key` as `options`
+    /// say, writing the payload straight into the record's buffer.
+    fn build_record(
+        &self,
+        key: &str,
+        format: Format,
+        options: &SaveOptions,
+        now: Timestamp,
+        serialize: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Result<Record> {
+        let seal = self.seal_options(format, options);
+        let mut buf = codec::envelope::payload_buffer(&seal, 0);
+        serialize(&mut buf)?;
         let (value, info): (Vec<u8>, EnvelopeInfo) =
-            codec::envelope::seal(key, payload, &seal, self.inner.cipher.as_ref())?;
+            codec::envelope::seal_vec(key, buf, &seal, self.inner.cipher.as_ref())?;
         let expires_at = match options.expiry {
             Expiry::StoreDefault => self.inner.default_ttl.map(|t| now.saturating_add(t)),
             Expiry::Never => None,
@@ -699,9 +731,10 @@ impl Store {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             let format = options.format.unwrap_or(self.inner.format);
-            let payload = codec::format::serialize(key, value, format)?;
             let now = self.inner.clock.now();
-            let record = self.build_record(key, &payload, format, options, now)?;
+            let record = self.build_record(key, format, options, now, |out| {
+                codec::format::serialize_into(key, value, format, out)
+            })?;
             self.write(vec![Self::put_op(key, record, options)], now)
                 .map(drop)
         })
@@ -713,7 +746,10 @@ impl Store {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             let now = self.inner.clock.now();
-            let record = self.build_record(key, bytes, Format::Raw, options, now)?;
+            let record = self.build_record(key, Format::Raw, options, now, |out| {
+                out.extend_from_slice(bytes);
+                Ok(())
+            })?;
             self.write(vec![Self::put_op(key, record, options)], now)
                 .map(drop)
         })
@@ -906,8 +942,9 @@ impl Store {
                         options,
                     } => {
                         let format = options.format.unwrap_or(self.inner.format);
-                        let payload = value.serialize(&key, format)?;
-                        let record = self.build_record(&key, &payload, format, &options, now)?;
+                        let record = self.build_record(&key, format, &options, now, |out| {
+                            value.serialize_into(&key, format, out)
+                        })?;
                         Self::put_op(&key, record, &options)
                     }
                     StorageOperation::Delete { key } => WriteOp::Delete { key },
@@ -947,11 +984,11 @@ impl Store {
         let c = &self.inner.counters;
         let (item_count, total_size) = match usage {
             Ok(u) => {
-                c.unhealthy.store(false, Ordering::Relaxed);
+                c.reads_failing.store(false, Ordering::Relaxed);
                 u
             }
             Err(e) => {
-                self.note_error(&e);
+                self.note_error(OpKind::Read, &e);
                 (0, 0)
             }
         };
@@ -972,7 +1009,8 @@ impl Store {
             available_space,
             max_size,
             backend_type: backend.backend_type().to_owned(),
-            is_healthy: !c.unhealthy.load(Ordering::Relaxed),
+            is_healthy: !c.reads_failing.load(Ordering::Relaxed)
+                && !c.writes_failing.load(Ordering::Relaxed),
             last_error: c.last_error.lock().clone(),
             cache: self
                 .inner

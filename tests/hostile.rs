@@ -1029,9 +1029,10 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         Ok(v) => assert_eq!(v, Some(value("a", 100))),
         Err(e) => assert!(is_injected(&Err(e))),
     }
-    // The failure shows in the stats. (`is_healthy` is recomputed by `get_stats` from its own
-    // reads, which work here; `last_error` keeps the write failure.)
+    // The failure shows in the stats: reads (those of `get_stats` itself included) still
+    // work, but the store is unhealthy until a write succeeds again.
     let stats = store.get_stats();
+    assert!(!stats.is_healthy, "writes are failing: {stats:?}");
     assert!(
         stats
             .last_error
@@ -1043,6 +1044,10 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
     assert!(stats.performance.errors >= 7, "{stats:?}");
     unchanged("after failed writes");
     assert!(!store.exists("d").unwrap());
+    assert!(
+        !store.get_stats().is_healthy,
+        "successful reads do not hide failing writes"
+    );
 
     // Many failed writes do not leak quota reservations: a write that fits still succeeds.
     for i in 0..100 {

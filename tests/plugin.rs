@@ -684,6 +684,25 @@ fn failing_backend_errors_arrive_as_responses_and_mark_stats_unhealthy() {
     assert!(app.world().resource::<StorageStats>().last_error.is_some());
 
     fail.store(false, Ordering::SeqCst);
+    // Reads work again (the stats refresh reads), but writes failed last: still unhealthy
+    // until a write succeeds.
+    let l = load(&mut app, "a");
+    pump_for(&mut app, &[l]);
+    assert!(
+        app.world()
+            .resource::<Seen>()
+            .load(l)
+            .unwrap()
+            .error()
+            .is_none()
+    );
+    for _ in 0..5 {
+        app.update();
+    }
+    assert!(!app.world().resource::<StorageStats>().is_healthy);
+    let s = save(&mut app, "c", 3u8);
+    pump_for(&mut app, &[s]);
+    assert!(save_ok(&app, s));
     assert!(pump_until(&mut app, WAIT, |w| w
         .resource::<StorageStats>()
         .is_healthy));

@@ -56,7 +56,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use r2d2::Pool;
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::ffi::ErrorCode;
 use rusqlite::{
     CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction,
@@ -93,7 +92,8 @@ CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
     WHERE expires_at IS NOT NULL;
 ";
 
-// Statements. All run through `prepare_cached`.
+// Statements. All but the readers' `SQL_GET_VALUE` (see `ReaderStatements`) run through
+// `prepare_cached`.
 const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, compressed, \
      encrypted, custom, value FROM records WHERE key = ?1";
 const SQL_GET_VALUE: &str = "SELECT expires_at, value FROM records WHERE key = ?1";
@@ -143,8 +143,9 @@ const WRITER_STATEMENTS: [&str; 7] = [
 ];
 
 /// Statements the readers run, checked the same way at open.
-const READER_STATEMENTS: [&str; 6] = [
+const READER_STATEMENTS: [&str; 7] = [
     SQL_GET,
+    SQL_GET_VALUE,
     SQL_GET_META,
     SQL_SCAN_ALL,
     SQL_SCAN_FROM,
@@ -209,7 +210,7 @@ pub struct SqliteBackend {
     path: PathBuf,
     // Declared before `writer` so the readers close first and the writer, as the last
     // connection, checkpoints the WAL and removes the `-wal`/`-shm` files.
-    readers: Pool<SqliteConnectionManager>,
+    readers: Pool<ReaderManager>,
     writer: Mutex<Connection>,
     options: SqliteOptions,
 }
@@ -252,13 +253,13 @@ impl SqliteBackend {
 
         let writer = open_writer(&path, options)?;
 
-        let reader_options = options.clone();
-        let manager = SqliteConnectionManager::file(&path)
-            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(move |conn| configure(conn, &reader_options, true));
+        let manager = ReaderManager {
+            path: path.clone(),
+            options: options.clone(),
+        };
         // Open one reader here so that a failure is reported now, clearly, instead of the
         // pool retrying in the background until its timeout.
-        let probe = r2d2::ManageConnection::connect(&manager)
+        let probe = open_reader(&path, options)
             .map_err(|e| open_error(&path, "opening a reader connection", e))?;
         for sql in READER_STATEMENTS {
             probe.prepare(sql).map_err(|e| schema_mismatch(&path, e))?;
@@ -303,7 +304,7 @@ impl SqliteBackend {
     }
 
     /// A reader connection from the pool.
-    fn reader(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+    fn reader(&self) -> Result<r2d2::PooledConnection<ReaderManager>> {
         self.readers.get().map_err(|e| {
             StorageError::unavailable(
                 BACKEND,
@@ -331,6 +332,81 @@ fn configure(conn: &Connection, options: &SqliteOptions, reader: bool) -> rusqli
         conn.pragma_update(None, "query_only", true)?;
     }
     Ok(())
+}
+
+/// Opens a read-only reader connection with its pragmas.
+fn open_reader(path: &Path, options: &SqliteOptions) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    configure(&conn, options, true)?;
+    Ok(conn)
+}
+
+/// The statements a reader keeps prepared for the whole life of its connection: the point
+/// read behind every load runs without a statement-cache lookup (which hashes the SQL and
+/// allocates its key on every call).
+struct ReaderStatements<'conn> {
+    get_value: rusqlite::Statement<'conn>,
+}
+
+self_cell::self_cell!(
+    /// A reader connection together with its prepared [`ReaderStatements`].
+    struct ReaderCell {
+        owner: Connection,
+        #[covariant]
+        dependent: ReaderStatements,
+    }
+);
+
+/// A pooled reader: a connection and the statements prepared on it, which always move
+/// together. Derefs to the connection for the statements run through its cache.
+pub(crate) struct ReaderConnection(ReaderCell);
+
+// SAFETY: rusqlite's `Connection` is `Send`; its `Statement`s are not only because they
+// borrow the connection, which is not `Sync`. A `ReaderConnection` owns the connection and
+// its statements together and is only ever used by one thread at a time (`&mut` through the
+// pool), so moving it to another thread moves the connection with every statement prepared
+// on it, which SQLite allows (the bundled SQLite is built thread-safe, and the connection is
+// opened without a mutex only because it is never shared).
+unsafe impl Send for ReaderConnection {}
+
+impl std::ops::Deref for ReaderConnection {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.0.borrow_owner()
+    }
+}
+
+/// Opens [`ReaderConnection`]s for the pool.
+struct ReaderManager {
+    path: PathBuf,
+    options: SqliteOptions,
+}
+
+impl r2d2::ManageConnection for ReaderManager {
+    type Connection = ReaderConnection;
+    type Error = rusqlite::Error;
+
+    fn connect(&self) -> rusqlite::Result<ReaderConnection> {
+        let conn = open_reader(&self.path, &self.options)?;
+        ReaderCell::try_new(conn, |conn| {
+            Ok(ReaderStatements {
+                get_value: conn.prepare(SQL_GET_VALUE)?,
+            })
+        })
+        .map(ReaderConnection)
+    }
+
+    fn is_valid(&self, conn: &mut ReaderConnection) -> rusqlite::Result<()> {
+        conn.execute_batch("")
+    }
+
+    fn has_broken(&self, _conn: &mut ReaderConnection) -> bool {
+        false
+    }
 }
 
 /// Opens the writer connection: pragmas, WAL mode, schema check and migration.
@@ -693,14 +769,16 @@ impl Backend for SqliteBackend {
     }
 
     fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
-        let conn = self.reader()?;
+        let mut conn = self.reader()?;
         let row = conn
-            .prepare_cached(SQL_GET_VALUE)
-            .and_then(|mut stmt| {
-                stmt.query_row([key], |row| {
-                    Ok((row.get::<_, Vec<u8>>(1)?, row.get::<_, Option<i64>>(0)?))
-                })
-                .optional()
+            .0
+            .with_dependent_mut(|_, statements| {
+                statements
+                    .get_value
+                    .query_row([key], |row| {
+                        Ok((row.get::<_, Vec<u8>>(1)?, row.get::<_, Option<i64>>(0)?))
+                    })
+                    .optional()
             })
             .map_err(|e| self.fail(e, format_args!("reading a record")))?;
         Ok(row.map(|(value, expires_at)| (value, expires_at.map(Timestamp))))

@@ -21,16 +21,28 @@ pub fn check_level(level: u8) -> Result<()> {
     }
 }
 
-/// Compresses `data`; `None` when it does not get smaller.
+/// Compresses `data` into a new buffer that starts with `prefix` zero bytes (room for the
+/// caller's header) and has capacity for `spare` more bytes after the compressed block (room
+/// for a trailer), so the caller appends without reallocating. The compressed block is the
+/// uncompressed length as a little-endian `u32` followed by an LZ4 block, as
+/// [`decompress`] reads it. `None` when it does not get smaller than `data`.
 #[cfg(feature = "compression")]
-pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
-    let out = lz4_flex::block::compress_prepend_size(data);
-    (out.len() < data.len()).then_some(out)
+pub fn compress_after(prefix: usize, data: &[u8], spare: usize) -> Option<Vec<u8>> {
+    u32::try_from(data.len()).ok()?;
+    // lz4_flex's own allocating entry point is its fastest (an unchecked output sink); the
+    // copy behind the prefix costs little next to the compression itself.
+    let block = lz4_flex::block::compress_prepend_size(data);
+    (block.len() < data.len()).then(|| {
+        let mut out = Vec::with_capacity(prefix + block.len() + spare);
+        out.resize(prefix, 0);
+        out.extend_from_slice(&block);
+        out
+    })
 }
 
 /// Without the `compression` feature nothing is compressed.
 #[cfg(not(feature = "compression"))]
-pub fn compress(_data: &[u8]) -> Option<Vec<u8>> {
+pub fn compress_after(_prefix: usize, _data: &[u8], _spare: usize) -> Option<Vec<u8>> {
     None
 }
 

@@ -62,10 +62,47 @@ pub struct EnvelopeInfo {
     pub encrypted: bool,
 }
 
+/// Bytes the envelope puts in front of the payload with these options: a payload for
+/// [`seal_vec`] starts at this offset of its buffer.
+pub fn payload_offset(options: &SealOptions) -> usize {
+    HEADER_LEN + if options.encrypt { NONCE_LEN } else { 0 }
+}
+
+/// Bytes the envelope appends after the body (the GCM tag when encrypting, the checksum).
+fn trailer_len(options: &SealOptions) -> usize {
+    CRC_LEN + if options.encrypt { TAG_LEN } else { 0 }
+}
+
+/// A buffer to write a payload into for [`seal_vec`]: [`payload_offset`] placeholder bytes,
+/// and capacity for `payload_capacity` payload bytes plus the envelope's trailer.
+pub fn payload_buffer(options: &SealOptions, payload_capacity: usize) -> Vec<u8> {
+    let offset = payload_offset(options);
+    let mut buf = Vec::with_capacity(offset + payload_capacity + trailer_len(options));
+    buf.resize(offset, 0);
+    buf
+}
+
 /// Wraps `payload` for `key`: compresses and encrypts as asked, adds header and checksum.
+///
+/// Copies `payload` once; [`seal_vec`] seals a payload written into a
+/// [`payload_buffer`] without copying it.
 pub fn seal(
     key: &str,
     payload: &[u8],
+    options: &SealOptions,
+    cipher: Option<&Cipher>,
+) -> Result<(Vec<u8>, EnvelopeInfo)> {
+    let mut buf = payload_buffer(options, payload.len());
+    buf.extend_from_slice(payload);
+    seal_vec(key, buf, options, cipher)
+}
+
+/// Seals the payload that follows the first [`payload_offset`] bytes of `buf` (as
+/// [`payload_buffer`] leaves them), in place: an uncompressed payload is encrypted where it
+/// lies and the header and trailer are written around it, so the record is `buf` itself.
+pub fn seal_vec(
+    key: &str,
+    mut buf: Vec<u8>,
     options: &SealOptions,
     cipher: Option<&Cipher>,
 ) -> Result<(Vec<u8>, EnvelopeInfo)> {
@@ -86,14 +123,25 @@ pub fn seal(
             });
         }
     };
-    let compressed = if options.compression_level > 0 {
-        compress::compress(payload)
-    } else {
-        None
-    };
-    let body: &[u8] = compressed.as_deref().unwrap_or(payload);
+    let offset = payload_offset(options);
+    if buf.len() < offset {
+        return Err(StorageError::Serialize {
+            key: key.to_owned(),
+            message: format!(
+                "seal_vec needs {offset} placeholder bytes before the payload, got a {}-byte buffer",
+                buf.len()
+            ),
+        });
+    }
+    let mut compressed = false;
+    if options.compression_level > 0
+        && let Some(out) = compress::compress_after(offset, &buf[offset..], trailer_len(options))
+    {
+        buf = out;
+        compressed = true;
+    }
     let mut flags = 0;
-    if compressed.is_some() {
+    if compressed {
         flags |= FLAG_COMPRESSED;
     }
     if cipher.is_some() {
@@ -109,32 +157,22 @@ pub fn seal(
         options.format.to_byte(),
         0,
     ];
-    let extra = if cipher.is_some() {
-        NONCE_LEN + TAG_LEN
-    } else {
-        0
-    };
-    let mut out = Vec::with_capacity(HEADER_LEN + extra + body.len() + CRC_LEN);
-    out.extend_from_slice(&header);
+    buf[..HEADER_LEN].copy_from_slice(&header);
+    buf.reserve_exact(trailer_len(options));
     if let Some(cipher) = cipher {
-        out.extend_from_slice(&[0; NONCE_LEN]);
-        out.extend_from_slice(body);
-        let body_start = HEADER_LEN + NONCE_LEN;
         let (nonce, tag) =
-            cipher.encrypt_in_place(&[&header, key.as_bytes()], &mut out[body_start..])?;
-        out[HEADER_LEN..body_start].copy_from_slice(&nonce);
-        out.extend_from_slice(&tag);
-    } else {
-        out.extend_from_slice(body);
+            cipher.encrypt_in_place(&[&header, key.as_bytes()], &mut buf[offset..])?;
+        buf[HEADER_LEN..offset].copy_from_slice(&nonce);
+        buf.extend_from_slice(&tag);
     }
-    let crc = checksum(&out, key);
-    out.extend_from_slice(&crc.to_le_bytes());
+    let crc = checksum(&buf, key);
+    buf.extend_from_slice(&crc.to_le_bytes());
     let info = EnvelopeInfo {
         format: options.format,
-        compressed: compressed.is_some(),
+        compressed,
         encrypted: cipher.is_some(),
     };
-    Ok((out, info))
+    Ok((buf, info))
 }
 
 fn checksum(bytes: &[u8], key: &str) -> u32 {

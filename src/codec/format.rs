@@ -41,15 +41,33 @@ impl Format {
 
 /// Serializes a value in the given format. `key` only names the record in errors.
 pub fn serialize<T: Serialize + ?Sized>(key: &str, value: &T, format: Format) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    serialize_into(key, value, format, &mut out)?;
+    Ok(out)
+}
+
+/// Serializes a value in the given format, appending to `out` (for example after the
+/// placeholder of an [`envelope::payload_buffer`](super::envelope::payload_buffer)). On error
+/// the contents of `out` are unspecified. `key` only names the record in errors.
+pub fn serialize_into<T: Serialize + ?Sized>(
+    key: &str,
+    value: &T,
+    format: Format,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let err = |message: String| StorageError::Serialize {
         key: key.to_owned(),
         message,
     };
     match format {
-        Format::Ron => ron::to_string(value)
-            .map(String::into_bytes)
+        Format::Ron => ron::Options::default()
+            .to_io_writer(&mut *out, value)
             .map_err(|e| err(e.to_string())),
-        Format::Binary => postcard::to_stdvec(value).map_err(|e| err(e.to_string())),
+        Format::Binary => {
+            *out =
+                postcard::to_extend(value, std::mem::take(out)).map_err(|e| err(e.to_string()))?;
+            Ok(())
+        }
         Format::Raw => Err(err(
             "the Raw format holds pre-encoded bytes; serialize with Ron or Binary".into(),
         )),

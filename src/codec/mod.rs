@@ -28,8 +28,9 @@ pub fn encode<T: Serialize + ?Sized>(
     options: &SealOptions,
     cipher: Option<&Cipher>,
 ) -> Result<(Vec<u8>, EnvelopeInfo)> {
-    let payload = format::serialize(key, value, options.format)?;
-    envelope::seal(key, &payload, options, cipher)
+    let mut buf = envelope::payload_buffer(options, 0);
+    format::serialize_into(key, value, options.format, &mut buf)?;
+    envelope::seal_vec(key, buf, options, cipher)
 }
 
 /// Opens the envelope of `key` and deserializes the value.
