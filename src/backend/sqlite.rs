@@ -46,7 +46,8 @@
 //!   for it, and each read sees the latest committed write.
 //!
 //! Every connection uses `journal_mode=WAL`, the configured `synchronous` level and busy
-//! timeout, `temp_store=MEMORY`, and prepared-statement caching. Readers also set
+//! timeout, `temp_store=MEMORY`, and prepared-statement caching; each reader also keeps the
+//! statement of the point read behind every load prepared for its whole life. Readers also set
 //! `query_only`. Other processes may open the same file; they wait for each other up to the
 //! busy timeout, after which the operation fails with [`StorageError::Unavailable`].
 
