@@ -459,6 +459,38 @@ fn batches_keep_created_at_and_report_previous_sizes() {
         }
     );
 
+    // New keys around an existing one: the existing record is found, and keeps its created_at.
+    assert_eq!(
+        previous(
+            vec![
+                put("n1", 1, at(4), None),
+                put("a", 6, at(4), None),
+                put("n2", 1, at(4), None)
+            ],
+            at(4)
+        ),
+        [None, Some(2), None]
+    );
+    assert_eq!(b.get_meta("a").unwrap().unwrap().created_at, at(3));
+    assert_eq!(b.get_meta("n2").unwrap().unwrap().created_at, at(4));
+    assert_eq!(
+        previous(
+            vec![
+                WriteOp::Delete { key: "n1".into() },
+                WriteOp::Delete { key: "n2".into() }
+            ],
+            at(4)
+        ),
+        [Some(1), Some(1)]
+    );
+    assert_eq!(
+        b.usage(at(4)).unwrap(),
+        Usage {
+            item_count: 1,
+            total_size: 6
+        }
+    );
+
     // Expired by `now` but still in Redis: absent for the size, create-only and created_at.
     assert_eq!(
         previous(vec![put("b", 9, at(4), Some(at(50_000)))], at(4)),
@@ -488,7 +520,7 @@ fn batches_keep_created_at_and_report_previous_sizes() {
         b.usage(at(60_001)).unwrap(),
         Usage {
             item_count: 1,
-            total_size: 2
+            total_size: 6
         }
     );
 
@@ -592,6 +624,12 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
                 StorageOperation::save(key, 5u32),
                 StorageOperation::save_with("fresh", 1u32, SaveOptions::new().overwrite(false)),
             ],
+            // Saves that look new at both ends of the batch.
+            vec![
+                StorageOperation::save("fresh", 1u32),
+                StorageOperation::save(key, 6u32),
+                StorageOperation::save("fresh2", 2u32),
+            ],
         ];
         for (i, batch) in batches.into_iter().enumerate() {
             layout(s.transaction(batch).unwrap_err(), &format!("batch {i}"));
@@ -604,6 +642,7 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
             assert!(50_000 < pttl && pttl <= 60_000, "batch {i}: PTTL {pttl}");
             assert_eq!(load::<String>(&s, "plain").as_deref(), Some("plain"));
             assert!(!s.exists("fresh").unwrap(), "batch {i}");
+            assert!(!s.exists("fresh2").unwrap(), "batch {i}");
             assert_eq!(stats(&s), before, "batch {i}");
         }
     }

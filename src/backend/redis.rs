@@ -65,20 +65,22 @@
 //!
 //! A batch ([`write`](Backend::write)) is one Lua script (`EVALSHA`, loaded again by itself
 //! after a server restart), so it is **one round trip** like a `MULTI`/`EXEC`, and Redis runs
-//! it with nothing else in between, like a transaction. The script first reads every record
-//! the batch replaces (one `MGET` for all of them, and one `EXISTS` that tells keys of another
-//! type apart), applies the operations in order to that copy, checking each create-only put
-//! against the state it will see (a live record, judged at `now`, refuses the whole batch),
-//! and only then writes the final state of each key: one `MSET` for the records without
-//! expiry, one `SET ... PXAT` per record with an expiry, one `DEL` for the rest, and the
-//! counters once with the sum of the changes. So a refused batch changes nothing, and other
-//! clients never see half a batch. Keeping a live record's `created_at`, reporting the
-//! previous size and the create-only check are read-modify-writes, which with
-//! `MULTI`/`EXEC` would need `WATCH` on a dedicated connection and a bounded number of
-//! retries; inside one script they need no retry at all: there is no window between the read
-//! and the write in which another client could change the record, so no conflict to detect,
-//! no retry loop to bound and no dedicated connection to hold. The scripts carry a `#!lua` shebang, so Redis refuses them *before* they start when it is out
-//! of memory (`maxmemory`), rather than half-way.
+//! it with nothing else in between, like a transaction. A batch of new keys without expiry is
+//! one `MSETNX` (all or nothing by itself). Otherwise the script first reads every record the
+//! batch replaces (one `EXISTS` over all the keys, which also tells keys of another type
+//! apart, and only when some exist one `MGET`), applies the operations in order to that copy,
+//! checking each create-only put against the state it will see (a live record, judged at
+//! `now`, refuses the whole batch), and only then writes the final state of each key: one
+//! `MSET` for the records without expiry, one `SET ... PXAT` per record with an expiry, one
+//! `DEL` for the rest, and the counters once with the sum of the changes. So a refused batch
+//! changes nothing, and other clients never see half a batch. Keeping a live record's
+//! `created_at`, reporting the previous size and the create-only check are read-modify-writes,
+//! which with `MULTI`/`EXEC` would need `WATCH` on a dedicated connection and a bounded number
+//! of retries; inside one script they need no retry at all: there is no window between the
+//! read and the write in which another client could change the record, so no conflict to
+//! detect, no retry loop to bound and no dedicated connection to hold. The scripts carry a
+//! `#!lua` shebang, so Redis refuses them *before* they start when it is out of memory
+//! (`maxmemory`), rather than half-way.
 //!
 //! # Listing
 //!
@@ -112,8 +114,10 @@
 //! in sync (NTP) with Redis's. Configure the server with `maxmemory-policy noeviction` (the
 //! default): an evicting policy would silently delete records.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -176,17 +180,21 @@ mod kind {
 
 /// Applies a batch; see the module docs. KEYS: usage, expiry, then one record key per
 /// operation. ARGV: now, kinds (one byte per operation, see [`kind`]), the count and bytes of
-/// the puts without expiry, the record-key prefix, then one encoded record per operation
-/// (empty for a delete). Returns `{1, index, previous size, ...}` with a pair for each
-/// operation (1-based) that replaced or deleted a live record, `{0, index}` when the
-/// create-only put at `index` meets a live record, or `{2, index, problem}` when the key of
-/// the operation at `index` holds something else than a layout-2 record (`problem` 1: another
-/// Redis type; 2: a string that is not a record). Nothing is changed in the last two cases.
+/// the puts without expiry, the record-key prefix, `1` when no key repeats in the batch (else
+/// `0`), then one encoded record per operation (empty for a delete). Returns
+/// `{1, index, previous size, ...}` with a pair for each operation (1-based) that replaced or
+/// deleted a live record, `{0, index}` when the create-only put at `index` meets a live
+/// record, or `{2, index, problem}` when the key of the operation at `index` holds something
+/// else than a layout-2 record (`problem` 1: another Redis type; 2: a string that is not a
+/// record). Nothing is changed in the last two cases.
 ///
-/// Everything is read before anything is written: one `MGET` of the records the batch
-/// replaces and one `EXISTS` (which, unlike `MGET`, also counts keys of other types). The
-/// operations are then applied in order to a copy in Lua, and only the final state of each
-/// key is written: one `MSET` for the records without expiry, a `SET ... PXAT` per record with
+/// A batch of new keys without expiry, each key once (the common case of saving new things),
+/// is one `MSETNX`, which sets every record or, when any of the keys exists, nothing; it is
+/// tried when the first and last keys are free. Otherwise everything is read before anything
+/// is written: one `EXISTS` over all the keys (it counts keys of any type) and, only when
+/// some exist, one `MGET` of the records they hold. The operations are then applied in order
+/// in Lua (to a copy of the records when a key repeats), and only the final state of each key
+/// is written: one `MSET` for the records without expiry, a `SET ... PXAT` per record with
 /// one, one `DEL` for the rest. The counters are updated once, the expiry index only for
 /// records with an expiry, old or new. `TIME` (the server's clock, which decides whether a
 /// record with an expiry is stored at all) is read once, and only when a record has an expiry.
@@ -195,112 +203,153 @@ local usage, expiry = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
 local kinds = ARGV[2]
 local prefix = ARGV[5]
+local distinct = ARGV[6] == '1'
 local count = #kinds
 local byte, sub, find, min = string.byte, string.sub, string.find, math.min
 local sunpack = struct.unpack
 local rcall = redis.call
 local keys, argv = KEYS, ARGV
 local D, X, C, Y = 68, 88, 67, 89
-if #keys ~= count + 2 or #argv ~= count + 5 then
+if #keys ~= count + 2 or #argv ~= count + 6 then
   return redis.error_reply('bevy_storage: malformed write batch')
 end
 
--- Read the records the batch replaces, before changing anything. MGET answers false for a
--- missing key and for a key of another type; EXISTS counts both kinds of existing keys, so
--- a difference means a key of another type.
-local olds
-if count <= 1000 then
-  olds = rcall('MGET', unpack(keys, 3, count + 2))
-else
-  olds = {}
-  for i = 1, count, 1000 do
-    local got = rcall('MGET', unpack(keys, i + 2, min(i + 999, count) + 2))
-    for m = 1, #got do olds[i + m - 1] = got[m] end
-  end
-end
-local found, present = 0, 0
-for n = 1, count do
-  if olds[n] then found = found + 1 end
-end
-for i = 1, count, 1000 do
-  present = present + rcall('EXISTS', unpack(keys, i + 2, min(i + 999, count) + 2))
-end
-if present ~= found then
-  for n = 1, count do
-    if not olds[n] and rcall('EXISTS', keys[n + 2]) == 1 then return {2, n, 1} end
-  end
-end
-
--- The server's clock, only when a record has an expiry: a record already past by it is not
--- stored at all.
-local tnow, cexp
-if find(kinds, '[XY]') then
-  local t = rcall('TIME')
-  tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  cexp = {}
-end
-
--- Apply the operations in order to a copy of the records (cur: record key -> record, or
--- false for none), judging liveness at now; the counters and expiry index follow.
 local result = {1}
 local dn, db = tonumber(argv[3]), tonumber(argv[4])
-local cur, zset = {}, nil
-local plen = #prefix
-for n = 1, count do
-  local rkey, k = keys[n + 2], byte(kinds, n)
-  local old = cur[rkey]
-  if old == nil then old = olds[n] end
-  local rec, exp = false, nil
-  if k ~= D then
-    rec = argv[n + 5]
-    if k == X or k == Y then
-      exp = sunpack('<i8', rec, 9)
-      if exp <= tnow then rec, exp = false, nil end
-    end
+local zset
+
+-- New records without expiry, each key once (saving new things): one MSETNX, which sets them
+-- all, or nothing when any of the keys exists (of any type). Tried only when the batch's first
+-- and last keys are free, so that a batch over existing keys rarely pays for it.
+local done = false
+if distinct and count <= 2000 and not find(kinds, '[^UC]')
+    and rcall('EXISTS', keys[3], keys[count + 2]) == 0 then
+  local sets = {}
+  for n = 1, count do
+    sets[2 * n - 1], sets[2 * n] = keys[n + 2], argv[n + 6]
   end
-  if old then
-    if #old < 42 or byte(old, 42) ~= 2 then return {2, n, 2} end
-    local oexp, osize = sunpack('<i8I4', old, 9)
-    if oexp == 0 or oexp > now then
-      if k == C or k == Y then return {0, n} end
-      result[#result + 1] = n
-      result[#result + 1] = osize
-      -- A live record's created_at carries over.
-      if rec then rec = sub(old, 1, 8) .. sub(rec, 9) end
-    end
-    if oexp == 0 then
-      dn = dn - 1
-      db = db - osize
-    elseif not exp then
-      zset = zset or {}
-      zset[sub(rkey, plen + 1)] = false
-    end
-  end
-  if exp then
-    zset = zset or {}
-    zset[sub(rkey, plen + 1)] = exp
-  end
-  if cexp then cexp[rkey] = exp end
-  cur[rkey] = rec
+  done = rcall('MSETNX', unpack(sets, 1, 2 * count)) == 1
 end
 
--- Write the final state of every key the batch touches.
-local sets, dels = {}, {}
-for rkey, rec in pairs(cur) do
-  if not rec then
-    dels[#dels + 1] = rkey
-  elseif cexp and cexp[rkey] then
-    rcall('SET', rkey, rec, 'PXAT', cexp[rkey])
-  else
-    sets[#sets + 1] = rkey
-    sets[#sets + 1] = rec
+if not done then
+  -- Read the records the batch replaces, before changing anything. EXISTS counts the keys
+  -- that exist, of any type; only when there are some, MGET reads them (false for a missing
+  -- key and for one of another type, which the difference of the two counts reveals).
+  local present = 0
+  for i = 1, count, 1000 do
+    present = present + rcall('EXISTS', unpack(keys, i + 2, min(i + 999, count) + 2))
   end
-end
-for i = 1, #sets, 1000 do
-  rcall('MSET', unpack(sets, i, min(i + 999, #sets)))
-end
-for i = 1, #dels, 1000 do
-  rcall('DEL', unpack(dels, i, min(i + 999, #dels)))
+  local olds = {}
+  if present > 0 then
+    for i = 1, count, 1000 do
+      local got = rcall('MGET', unpack(keys, i + 2, min(i + 999, count) + 2))
+      for m = 1, #got do olds[i + m - 1] = got[m] end
+    end
+    local found = 0
+    for n = 1, count do
+      if olds[n] then found = found + 1 end
+    end
+    if present ~= found then
+      for n = 1, count do
+        if not olds[n] and rcall('EXISTS', keys[n + 2]) == 1 then return {2, n, 1} end
+      end
+    end
+  end
+
+  -- The server's clock, only when a record has an expiry: a record already past by it is not
+  -- stored at all.
+  local tnow
+  if find(kinds, '[XY]') then
+    local t = rcall('TIME')
+    tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+
+  -- Apply the operations in order, judging liveness at now. When a key repeats, each
+  -- operation sees the record the previous one left (cur: record key -> record, or false for
+  -- none). The final state of each key goes to sets (MSET), pxs (SET PXAT) or dels (DEL).
+  local sets, pxs, dels = {}, {}, {}
+  local ns, np, nd = 0, 0, 0
+  local cur, cexp = {}, {}
+  local plen = #prefix
+  for n = 1, count do
+    local rkey, k = keys[n + 2], byte(kinds, n)
+    local old
+    if distinct then
+      old = olds[n]
+    else
+      old = cur[rkey]
+      if old == nil then old = olds[n] end
+    end
+    local rec, exp = false, nil
+    if k ~= D then
+      rec = argv[n + 6]
+      if k == X or k == Y then
+        exp = sunpack('<i8', rec, 9)
+        if exp <= tnow then rec, exp = false, nil end
+      end
+    end
+    if old then
+      if #old < 42 or byte(old, 42) ~= 2 then return {2, n, 2} end
+      local oexp, osize = sunpack('<i8I4', old, 9)
+      if oexp == 0 or oexp > now then
+        if k == C or k == Y then return {0, n} end
+        result[#result + 1] = n
+        result[#result + 1] = osize
+        -- A live record's created_at carries over.
+        if rec then rec = sub(old, 1, 8) .. sub(rec, 9) end
+      end
+      if oexp == 0 then
+        dn = dn - 1
+        db = db - osize
+      elseif not exp then
+        zset = zset or {}
+        zset[sub(rkey, plen + 1)] = false
+      end
+    end
+    if exp then
+      zset = zset or {}
+      zset[sub(rkey, plen + 1)] = exp
+    end
+    if not distinct then
+      cur[rkey] = rec
+      cexp[rkey] = exp
+    elseif exp then
+      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+      np = np + 3
+    elseif rec then
+      sets[ns + 1], sets[ns + 2] = rkey, rec
+      ns = ns + 2
+    elseif old then
+      nd = nd + 1
+      dels[nd] = rkey
+    end
+  end
+  if not distinct then
+    for rkey, rec in pairs(cur) do
+      local exp = cexp[rkey]
+      if exp then
+        pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+        np = np + 3
+      elseif rec then
+        sets[ns + 1], sets[ns + 2] = rkey, rec
+        ns = ns + 2
+      else
+        nd = nd + 1
+        dels[nd] = rkey
+      end
+    end
+  end
+
+  -- Everything is checked: write.
+  for i = 1, ns, 1000 do
+    rcall('MSET', unpack(sets, i, min(i + 999, ns)))
+  end
+  for i = 1, np, 3 do
+    rcall('SET', pxs[i], pxs[i + 1], 'PXAT', pxs[i + 2])
+  end
+  for i = 1, nd, 1000 do
+    rcall('DEL', unpack(dels, i, min(i + 999, nd)))
+  end
 end
 
 -- The expiry index: the last change of each key wins.
@@ -908,7 +957,8 @@ impl RedisBackend {
     }
 
     /// The `EVALSHA` command of the write script for a batch, in the Redis protocol (RESP),
-    /// built at once: each record is written straight into it, header and all.
+    /// built at once: each record is written straight into it, header and all. Hand the
+    /// buffer back with [`recycle`] once sent.
     fn pack_batch(&self, entries: &[BatchEntry<'_>], now: Timestamp) -> Vec<u8> {
         let prefix = self.keys.record_prefix.as_bytes();
         let mut kinds = Vec::with_capacity(entries.len());
@@ -924,8 +974,17 @@ impl RedisBackend {
             }
             size += 2 * 16 + prefix.len() + e.key.len() + e.record_len();
         }
-        let mut buf = Vec::with_capacity(size + 256 + entries.len() + 2 * prefix.len());
-        let args = 3 + 2 + entries.len() + 5 + entries.len();
+        let mut buf = PACK_BUFFER.take();
+        buf.clear();
+        buf.reserve(size + 256 + entries.len() + 2 * prefix.len());
+        // Whether each key appears once, which spares the script following a key through the
+        // batch.
+        let distinct = {
+            let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
+                HashSet::with_capacity_and_hasher(entries.len(), Default::default());
+            entries.iter().all(|e| seen.insert(e.key))
+        };
+        let args = 3 + 2 + entries.len() + 6 + entries.len();
         resp::array(&mut buf, args);
         resp::bulk(&mut buf, &[b"EVALSHA"]);
         resp::bulk(&mut buf, &[self.scripts.write.get_hash().as_bytes()]);
@@ -940,6 +999,7 @@ impl RedisBackend {
         resp::int(&mut buf, added.0 as i64);
         resp::int(&mut buf, added.1 as i64);
         resp::bulk(&mut buf, &[prefix]);
+        resp::bulk(&mut buf, &[if distinct { b"1" } else { b"0" }]);
         for e in entries {
             match &e.put {
                 None => resp::bulk(&mut buf, &[]),
@@ -1212,6 +1272,54 @@ fn parse_record(key: &str, bytes: &[u8]) -> Result<Header> {
     Ok(header)
 }
 
+thread_local! {
+    /// The buffer the last batch of this thread was packed into, reused by the next one (a
+    /// fresh one of a few hundred kilobytes would be faulted in page by page each time).
+    static PACK_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Largest packing buffer kept for the next batch.
+const KEPT_BUFFER: usize = 4 << 20;
+
+/// Keeps a packed batch's buffer for the thread's next batch, unless it is large.
+fn recycle(buf: Vec<u8>) {
+    if buf.capacity() <= KEPT_BUFFER {
+        PACK_BUFFER.set(buf);
+    }
+}
+
+/// A fast hasher (FxHash's) for the check that no key repeats in a batch: the keys come from
+/// this process, there is no flooding to fear.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+}
+
 /// One operation of a batch as the write script takes it.
 struct BatchEntry<'a> {
     /// The key, without the record-key prefix.
@@ -1426,9 +1534,10 @@ impl Backend for RedisBackend {
             };
             self.run(&doing, Retry::Never, |con| {
                 self.eval_batch(con, &packed, &mut free_values)
-            })?
+            })
         };
-        drop(packed);
+        recycle(packed);
+        let reply = reply?;
         let key_at = |index: i64| {
             usize::try_from(index)
                 .ok()
@@ -1547,7 +1656,9 @@ impl Backend for RedisBackend {
                         .collect();
                     let packed = self.pack_batch(&entries, Timestamp::now());
                     drop(entries);
-                    let reply = self.eval_batch(con, &packed, &mut || {})?;
+                    let reply = self.eval_batch(con, &packed, &mut || {});
+                    recycle(packed);
+                    let reply = reply?;
                     match reply[..] {
                         [2, index, _] if index >= 1 && index as usize <= raw_keys.len() => {
                             raw_keys.remove(index as usize - 1);
