@@ -1288,8 +1288,8 @@ fn recycle(buf: Vec<u8>) {
     }
 }
 
-/// A fast hasher (FxHash's) for the check that no key repeats in a batch: the keys come from
-/// this process, there is no flooding to fear.
+/// A fast hasher (FxHash's word mixing, MurmurHash3's finalizer) for the check that no key
+/// repeats in a batch: the keys come from this process, there is no flooding to fear.
 #[derive(Default)]
 struct KeyHasher(u64);
 
@@ -1301,7 +1301,13 @@ impl KeyHasher {
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
-        self.0.rotate_left(26)
+        // MurmurHash3's finalizer: every input bit reaches the bits the table uses.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
 
     fn write(&mut self, bytes: &[u8]) {
