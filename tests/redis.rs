@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bevy_storage::backend::{
-    Backend, PutMode, Record, RecordMeta, RedisBackend, RedisOptions, WriteOp,
+    Backend, PutMode, Record, RecordMeta, RedisBackend, RedisOptions, Usage, WriteOp,
 };
 use bevy_storage::clock::Timestamp;
 use bevy_storage::prelude::*;
@@ -64,6 +64,33 @@ fn record(value: &[u8], now: Timestamp, expires_at: Option<Timestamp>) -> Record
             encrypted: false,
             custom: CustomMetadata::new(),
         },
+    }
+}
+
+/// A record string of key layout 2 as Redis holds it (see the Redis backend's module docs).
+struct RawRecord {
+    created_at: i64,
+    expires_at: i64,
+    size: u64,
+    accessed_at: i64,
+    version: u8,
+    custom: Vec<u8>,
+}
+
+fn raw_record(con: &mut redis::Connection, record_key: &str) -> RawRecord {
+    let bytes: Vec<u8> = redis::cmd("GET").arg(record_key).query(con).unwrap();
+    assert!(bytes.len() >= 42, "{record_key}: {bytes:?}");
+    let i64_at = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let (size, custom_len) = (u32_at(16), u32_at(20));
+    assert_eq!(bytes.len(), 42 + custom_len + size, "{record_key}");
+    RawRecord {
+        created_at: i64_at(0),
+        expires_at: i64_at(8),
+        size: size as u64,
+        accessed_at: i64_at(32),
+        version: bytes[41],
+        custom: bytes[42..42 + custom_len].to_vec(),
     }
 }
 
@@ -201,15 +228,31 @@ fn records_expire_in_redis_by_themselves() {
     let record_key = format!("{{{}}}:r:session:1", ns.namespace);
     let pttl: i64 = redis::cmd("PTTL").arg(&record_key).query(&mut con).unwrap();
     assert!(0 < pttl && pttl <= 400, "PTTL {pttl}");
-    // Value and metadata are one hash, so they expire together.
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&record_key)
-        .query(&mut con)
-        .unwrap();
-    for field in ["v", "s", "c", "m", "a", "x", "f", "u"] {
-        assert!(fields.iter().any(|f| f == field), "{field} in {fields:?}");
-    }
+    // Value and metadata are one string (key layout 2), so they expire together.
+    let kind: String = redis::cmd("TYPE").arg(&record_key).query(&mut con).unwrap();
+    assert_eq!(kind, "string");
+    let stored = raw_record(&mut con, &record_key);
+    assert_eq!(stored.version, 2, "key layout version");
+    let meta = s.backend().get_meta("session:1").unwrap().unwrap();
+    assert_eq!(stored.expires_at, meta.expires_at.unwrap().0);
+    assert_eq!(stored.created_at, meta.created_at.0);
+    assert_eq!(stored.accessed_at, meta.accessed_at.0);
+    assert_eq!(stored.size, meta.size);
+    assert_eq!(
+        serde_json::from_slice::<CustomMetadata>(&stored.custom).unwrap(),
+        meta.custom
+    );
+    assert_eq!(meta.custom["kind"], "session");
     assert_eq!(s.get_stats().item_count, 2);
+    // A touch rewrites the access time in place and keeps the expiry.
+    let later = Timestamp(meta.accessed_at.0 + 7);
+    s.backend().touch("session:1", later).unwrap();
+    assert_eq!(raw_record(&mut con, &record_key).accessed_at, later.0);
+    let pttl: i64 = redis::cmd("PTTL").arg(&record_key).query(&mut con).unwrap();
+    assert!(0 < pttl && pttl <= 400, "PTTL {pttl} after a touch");
+    // Touching a missing key creates nothing.
+    s.backend().touch("nobody", later).unwrap();
+    assert!(!s.exists("nobody").unwrap());
 
     thread::sleep(Duration::from_millis(600));
     let exists: bool = redis::cmd("EXISTS")
@@ -260,33 +303,40 @@ fn bookkeeping_matches_a_full_recount() {
         state % n
     };
     let start = Timestamp::now();
+    let (mut applied, mut refused) = (0, 0);
     for step in 0..400 {
         let now = Timestamp(start.0 + step);
-        let key = format!("k{}", next(40));
-        let value = vec![b'x'; next(64) as usize];
-        let expires_at = match next(5) {
-            0 => Some(Timestamp(now.0 - 10_000)), // already past by Redis's clock too
-            1 => Some(Timestamp(now.0 + 50)),     // Redis expires it during the run
-            2 => Some(Timestamp(now.0 + 200)),    // expired by `now` later, still in Redis
-            _ => None,
-        };
-        let mode = if next(4) == 0 {
-            PutMode::CreateOnly
-        } else {
-            PutMode::Upsert
-        };
-        let mut ops = vec![WriteOp::Put {
-            key: key.clone(),
-            record: record(&value, now, expires_at),
-            mode,
-        }];
-        if next(3) == 0 {
-            ops.push(WriteOp::Delete {
-                key: format!("k{}", next(40)),
+        // Batches of one to six operations over few keys: records with and without expiry
+        // overwrite each other, keys repeat within a batch, deletes and create-only puts mix in.
+        let mut ops = Vec::new();
+        for _ in 0..=next(6) {
+            let key = format!("k{}", next(24));
+            if next(5) == 0 {
+                ops.push(WriteOp::Delete { key });
+                continue;
+            }
+            let value = vec![b'x'; next(64) as usize];
+            let expires_at = match next(6) {
+                0 => Some(Timestamp(now.0 - 10_000)), // already past by Redis's clock too
+                1 => Some(Timestamp(now.0 + 50)),     // Redis expires it during the run
+                2 => Some(Timestamp(now.0 + 200)),    // expired by `now` later, still in Redis
+                3 => Some(Timestamp(now.0 + 600_000)), // outlives the run
+                _ => None,
+            };
+            let mode = if next(5) == 0 {
+                PutMode::CreateOnly
+            } else {
+                PutMode::Upsert
+            };
+            ops.push(WriteOp::Put {
+                key,
+                record: record(&value, now, expires_at),
+                mode,
             });
         }
         match b.write(ops, now) {
-            Ok(_) | Err(StorageError::AlreadyExists { .. }) => {}
+            Ok(_) => applied += 1,
+            Err(StorageError::AlreadyExists { .. }) => refused += 1,
             Err(e) => panic!("{e}"),
         }
         if step % 97 == 0 {
@@ -305,8 +355,325 @@ fn bookkeeping_matches_a_full_recount() {
         });
         assert!(agreed, "step {step}: usage vs recount {last:?}");
     }
+    assert!(
+        applied > 100 && refused > 20,
+        "{applied} applied, {refused} refused"
+    );
     b.clear().unwrap();
     assert_eq!(b.usage(Timestamp::now()).unwrap().item_count, 0);
+    assert!(ns.keys().is_empty(), "{:?}", ns.keys());
+}
+
+#[test]
+fn batches_keep_created_at_and_report_previous_sizes() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
+    let mut con = raw(&ns.url);
+    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
+    let expiry_count = |con: &mut redis::Connection| -> u64 {
+        redis::cmd("ZCARD")
+            .arg(format!("{{{}}}:expiry", ns.namespace))
+            .query(con)
+            .unwrap()
+    };
+    let put =
+        |key: &str, size: usize, now: Timestamp, expires_at: Option<Timestamp>| WriteOp::Put {
+            key: key.into(),
+            record: record(&vec![b'v'; size], now, expires_at),
+            mode: PutMode::Upsert,
+        };
+    let previous = |ops: Vec<WriteOp>, now: Timestamp| -> Vec<Option<u64>> {
+        b.write(ops, now)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.previous_size)
+            .collect()
+    };
+    let t0 = Timestamp::now();
+    let at = |ms: i64| Timestamp(t0.0 + ms);
+    let in_a_minute = |t: Timestamp| Some(Timestamp(t.0 + 60_000));
+
+    assert_eq!(previous(vec![put("a", 3, t0, None)], t0), [None]);
+    // Without expiry, then with, then without again: created_at stays, the size follows.
+    assert_eq!(
+        previous(
+            vec![
+                put("a", 5, at(1), in_a_minute(at(1))),
+                put("a", 7, at(1), None)
+            ],
+            at(1)
+        ),
+        [Some(3), Some(5)]
+    );
+    let meta = b.get_meta("a").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.modified_at), (t0, at(1)));
+    assert_eq!((meta.size, meta.expires_at), (7, None));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(record_key("a"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(pttl, -1, "no expiry left on the record");
+    assert_eq!(expiry_count(&mut con), 0);
+
+    assert_eq!(
+        previous(vec![put("a", 4, at(2), in_a_minute(at(2)))], at(2)),
+        [Some(7)]
+    );
+    let meta = b.get_meta("a").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.size), (t0, 4));
+    assert_eq!(meta.expires_at, in_a_minute(at(2)));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(record_key("a"))
+        .query(&mut con)
+        .unwrap();
+    // `at(2)` may be a little ahead of Redis's clock.
+    assert!(50_000 < pttl && pttl <= 60_002, "PTTL {pttl}");
+    assert_eq!(expiry_count(&mut con), 1);
+    assert_eq!(
+        b.usage(at(2)).unwrap(),
+        Usage {
+            item_count: 1,
+            total_size: 4
+        }
+    );
+
+    // A delete in between: the record written after it is new.
+    assert_eq!(
+        previous(
+            vec![
+                WriteOp::Delete { key: "a".into() },
+                put("a", 2, at(3), None)
+            ],
+            at(3)
+        ),
+        [Some(4), None]
+    );
+    assert_eq!(b.get_meta("a").unwrap().unwrap().created_at, at(3));
+    assert_eq!(expiry_count(&mut con), 0);
+    assert_eq!(
+        b.usage(at(3)).unwrap(),
+        Usage {
+            item_count: 1,
+            total_size: 2
+        }
+    );
+
+    // New keys around an existing one: the existing record is found, and keeps its created_at.
+    assert_eq!(
+        previous(
+            vec![
+                put("n1", 1, at(4), None),
+                put("a", 6, at(4), None),
+                put("n2", 1, at(4), None)
+            ],
+            at(4)
+        ),
+        [None, Some(2), None]
+    );
+    assert_eq!(b.get_meta("a").unwrap().unwrap().created_at, at(3));
+    assert_eq!(b.get_meta("n2").unwrap().unwrap().created_at, at(4));
+    assert_eq!(
+        previous(
+            vec![
+                WriteOp::Delete { key: "n1".into() },
+                WriteOp::Delete { key: "n2".into() }
+            ],
+            at(4)
+        ),
+        [Some(1), Some(1)]
+    );
+    assert_eq!(
+        b.usage(at(4)).unwrap(),
+        Usage {
+            item_count: 1,
+            total_size: 6
+        }
+    );
+
+    // Expired by `now` but still in Redis: absent for the size, create-only and created_at.
+    assert_eq!(
+        previous(vec![put("b", 9, at(4), Some(at(50_000)))], at(4)),
+        [None]
+    );
+    let create = WriteOp::Put {
+        key: "b".into(),
+        record: record(b"new", at(60_000), None),
+        mode: PutMode::CreateOnly,
+    };
+    assert_eq!(previous(vec![create], at(60_000)), [None]);
+    assert_eq!(b.get_meta("b").unwrap().unwrap().created_at, at(60_000));
+
+    // Already past by Redis's clock: not stored at all, and what it replaced is gone.
+    let past = Some(Timestamp(t0.0 - 10_000));
+    assert_eq!(
+        previous(vec![put("b", 5, at(60_001), past)], at(60_001)),
+        [Some(3)]
+    );
+    assert_eq!(b.get("b").unwrap(), None);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(record_key("b"))
+        .query(&mut con)
+        .unwrap();
+    assert!(!exists);
+    assert_eq!(
+        b.usage(at(60_001)).unwrap(),
+        Usage {
+            item_count: 1,
+            total_size: 6
+        }
+    );
+
+    // Long custom metadata (past what get_meta reads ahead) round-trips.
+    let mut long = record(b"value", at(60_002), None);
+    long.meta
+        .custom
+        .insert("blob".into(), "m".repeat(5000).into());
+    long.meta.compressed = true;
+    b.write(
+        vec![WriteOp::Put {
+            key: "c".into(),
+            record: long.clone(),
+            mode: PutMode::Upsert,
+        }],
+        at(60_002),
+    )
+    .unwrap();
+    assert_eq!(b.get_meta("c").unwrap().unwrap(), long.meta);
+    assert_eq!(b.get("c").unwrap().unwrap(), long);
+    assert_eq!(
+        b.get_value("c").unwrap().unwrap(),
+        (b"value".to_vec(), None)
+    );
+
+    b.clear().unwrap();
+    assert!(ns.keys().is_empty(), "{:?}", ns.keys());
+}
+
+#[test]
+fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let s = store(&ns);
+    let mut con = raw(&ns.url);
+    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
+    // A record of key layout 1 (one hash), as only unreleased builds wrote it, and a string
+    // that is no record at all.
+    redis::cmd("HSET")
+        .arg(record_key("legacy"))
+        .arg(&["v", "old", "s", "3", "c", "1", "m", "1", "a", "1", "f", "0"])
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg(record_key("foreign"))
+        .arg("not a record")
+        .query::<()>(&mut con)
+        .unwrap();
+    s.save(
+        "keep",
+        &1u32,
+        &SaveOptions::new().ttl(Duration::from_secs(60)),
+    )
+    .unwrap();
+    save(&s, "plain", &"plain");
+    let kept = s.backend().get("keep").unwrap().unwrap();
+    let stats = |s: &Store| {
+        let st = s.get_stats();
+        (st.item_count, st.total_size)
+    };
+    let before = stats(&s);
+
+    for key in ["legacy", "foreign"] {
+        let layout = |err: StorageError, what: &str| match err {
+            StorageError::Corrupt { key: k, reason } => {
+                assert_eq!(k, key, "{what}");
+                if key == "legacy" {
+                    assert!(reason.contains("layout"), "{what}: {reason}");
+                    assert!(reason.contains(&record_key(key)), "{what}: {reason}");
+                }
+            }
+            other => panic!("{what} of {key}: expected Corrupt, got {other:?}"),
+        };
+        layout(
+            s.load::<u32>(key, &LoadOptions::default()).unwrap_err(),
+            "load",
+        );
+        layout(s.get_metadata(key).unwrap_err(), "get_metadata");
+        layout(s.exists(key).unwrap_err(), "exists");
+        layout(
+            s.save(key, &2u32, &SaveOptions::default()).unwrap_err(),
+            "save",
+        );
+        layout(s.delete(key).unwrap_err(), "delete");
+        let batches = [
+            // Changes first, the key last: the changes are undone.
+            vec![
+                StorageOperation::save("keep", 2u32),
+                StorageOperation::save("fresh", 3u32),
+                StorageOperation::delete("plain"),
+                StorageOperation::save(key, 4u32),
+            ],
+            // With a create-only put, before and after it.
+            vec![
+                StorageOperation::save_with("fresh", 1u32, SaveOptions::new().overwrite(false)),
+                StorageOperation::delete("keep"),
+                StorageOperation::delete(key),
+            ],
+            vec![
+                StorageOperation::save("plain", "changed"),
+                StorageOperation::save(key, 5u32),
+                StorageOperation::save_with("fresh", 1u32, SaveOptions::new().overwrite(false)),
+            ],
+            // Saves that look new at both ends of the batch.
+            vec![
+                StorageOperation::save("fresh", 1u32),
+                StorageOperation::save(key, 6u32),
+                StorageOperation::save("fresh2", 2u32),
+            ],
+        ];
+        for (i, batch) in batches.into_iter().enumerate() {
+            layout(s.transaction(batch).unwrap_err(), &format!("batch {i}"));
+            let now = s.backend().get("keep").unwrap().unwrap();
+            assert_eq!(now, kept, "batch {i}");
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(record_key("keep"))
+                .query(&mut con)
+                .unwrap();
+            assert!(50_000 < pttl && pttl <= 60_000, "batch {i}: PTTL {pttl}");
+            assert_eq!(load::<String>(&s, "plain").as_deref(), Some("plain"));
+            assert!(!s.exists("fresh").unwrap(), "batch {i}");
+            assert!(!s.exists("fresh2").unwrap(), "batch {i}");
+            assert_eq!(stats(&s), before, "batch {i}");
+        }
+    }
+    let legacy: Option<String> = redis::cmd("HGET")
+        .arg(record_key("legacy"))
+        .arg("v")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(legacy.as_deref(), Some("old"), "left as it was");
+    let foreign: Option<String> = redis::cmd("GET")
+        .arg(record_key("foreign"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(foreign.as_deref(), Some("not a record"));
+    assert_eq!(s.list_keys("").unwrap(), ["keep", "plain"]);
+
+    // clear removes every record and leaves what is not one be.
+    s.clear().unwrap();
+    assert!(s.list_keys("").unwrap().is_empty());
+    assert_eq!(stats(&s), (0, 0));
+    let mut left = ns.keys();
+    left.sort();
+    assert_eq!(left, [record_key("foreign"), record_key("legacy")]);
+    redis::cmd("DEL")
+        .arg(record_key("legacy"))
+        .arg(record_key("foreign"))
+        .query::<()>(&mut con)
+        .unwrap();
+    save(&s, "legacy", &"new");
+    assert_eq!(load::<String>(&s, "legacy").as_deref(), Some("new"));
+    s.clear().unwrap();
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
 

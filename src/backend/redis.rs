@@ -11,7 +11,7 @@
 //! errors. Through [`StorageConfig::from_url`](crate::StorageConfig::from_url) a
 //! `?namespace=NAME` query parameter picks the namespace (default [`DEFAULT_NAMESPACE`]).
 //!
-//! # Key layout (version 1)
+//! # Key layout (version 2)
 //!
 //! Every key of a store lives under its namespace `NS`, written `{NS}` so that no namespace can
 //! be a prefix of another's keys (`game` and `game:eu` stay apart) and so that a Redis Cluster
@@ -19,46 +19,78 @@
 //!
 //! | Redis key | type | holds |
 //! |---|---|---|
-//! | `{NS}:r:<key>` | hash | one record: `v` value bytes, `s` size, `c` created_at, `m` modified_at, `a` accessed_at, `x` expires_at (absent: never), `f` flags (1 compressed, 2 encrypted), `u` custom metadata as JSON (absent when empty); timestamps in ms since the epoch |
+//! | `{NS}:r:<key>` | string | one record: the 42-byte header below, the custom metadata, the value bytes |
 //! | `{NS}:usage` | hash | `n` and `b`: count and bytes of the records *without* expiry |
 //! | `{NS}:expiry` | sorted set | the keys of the records *with* an expiry, scored by `expires_at` |
-//! | `{NS}:expiry-size` | hash | key → size of those records |
 //!
-//! A record is one hash, so its value and metadata are written, read and expire together: a
-//! record with `expires_at` gets `PEXPIREAT expires_at` and Redis removes it by itself at that
-//! millisecond, whether or not anyone runs [`purge_expired`](Backend::purge_expired). An empty
-//! store leaves no key at all behind.
+//! A record is one Redis string: a fixed header (integers little-endian, timestamps in ms since
+//! the epoch), then `custom_len` bytes of custom metadata (a JSON object; nothing when there is
+//! none), then `size` bytes of value. The fields the scripts read come first, so that one
+//! `struct.unpack('<i8i8I4', record)` in Lua reads them:
 //!
-//! The three bookkeeping keys make [`usage`](Backend::usage) cheap: the counters plus one walk
-//! over the live records that have an expiry (in pages), instead of a `SCAN` of the whole
-//! database. Every change goes through the scripts below, which keep them exact; a record that
-//! Redis expired leaves a stale entry in `{NS}:expiry`, which is ignored (its record is gone)
-//! and trimmed by the next writes, `purge_expired` and `clear`.
+//! | offset | type | field |
+//! |---|---|---|
+//! | 0 | i64 | `created_at` |
+//! | 8 | i64 | `expires_at`, 0 for never (an expiry at or before the epoch is written as -1) |
+//! | 16 | u32 | `size`: length of the value |
+//! | 20 | u32 | `custom_len`: length of the custom metadata |
+//! | 24 | i64 | `modified_at` |
+//! | 32 | i64 | `accessed_at` |
+//! | 40 | u8 | flags: 1 compressed, 2 encrypted |
+//! | 41 | u8 | layout version, 2 |
+//!
+//! The value and its metadata are written, read and expire together: a record with an expiry
+//! is written with `SET ... PXAT expires_at` and Redis removes it by itself at that
+//! millisecond, whether or not anyone runs [`purge_expired`](Backend::purge_expired); a touch
+//! rewrites the 8 bytes of `accessed_at` in place (`SETRANGE`, which keeps the expiry). A read
+//! is one `GET` (or a `GETRANGE` of the header and the custom metadata for the metadata alone),
+//! parsed here. An empty store leaves no key at all behind.
+//!
+//! Layout 1 (one hash per record, plus an `{NS}:expiry-size` hash) was only ever written by
+//! unreleased builds, so there is nothing to migrate. A key under `{NS}:r:` that does not hold
+//! a layout-2 record (such as a layout-1 hash) is never read as one: reading, writing or
+//! deleting it fails with [`StorageError::Corrupt`] naming the key and changes nothing;
+//! listing, counting and [`clear`](Backend::clear) pass over such keys and leave them be.
+//! Remove such a key by hand (`redis-cli DEL`).
+//!
+//! The two bookkeeping keys make [`usage`](Backend::usage) cheap: the counters plus one walk
+//! over the live records that have an expiry (in pages, reading their sizes from their
+//! headers), instead of a `SCAN` of the whole database. Every change goes through the scripts
+//! below, which keep them exact. A record that Redis expired leaves a stale entry in
+//! `{NS}:expiry`, and so may a key later written again without an expiry; such entries are
+//! ignored (the usage, purge and trim scripts check the record's header) and trimmed by the
+//! next writes, `purge_expired` and `clear`.
 //!
 //! # Atomicity: Lua scripts instead of `WATCH`/`MULTI`/`EXEC`
 //!
 //! A batch ([`write`](Backend::write)) is one Lua script (`EVALSHA`, loaded again by itself
 //! after a server restart), so it is **one round trip** like a `MULTI`/`EXEC`, and Redis runs
-//! it with nothing else in between, like a transaction. The script first checks every
-//! create-only put against the state it will see (a live record, judged at `now`, refuses the
-//! whole batch) and only then writes, so a refused batch changes nothing, and other clients
-//! never see half a batch. Keeping a live record's `created_at`, reporting the previous size
-//! and the create-only check are read-modify-writes, which with `MULTI`/`EXEC` would need
-//! `WATCH` on a dedicated connection and a bounded number of retries; inside one script they
-//! need no retry at all: there is no window between the read and the write in which another
-//! client could change the record, so no conflict to detect, no retry loop to bound and no
-//! dedicated connection to hold. The
-//! scripts carry a `#!lua` shebang, so Redis refuses them *before* they start when it is out
-//! of memory (`maxmemory`), rather than half-way.
+//! it with nothing else in between, like a transaction. A batch of new keys without expiry is
+//! one `MSETNX` (all or nothing by itself). Otherwise the script first reads every record the
+//! batch replaces (one `EXISTS` over all the keys, which also tells keys of another type
+//! apart, and only when some exist one `MGET`), applies the operations in order to that copy,
+//! checking each create-only put against the state it will see (a live record, judged at
+//! `now`, refuses the whole batch), and only then writes the final state of each key: one
+//! `MSET` for the records without expiry, one `SET ... PXAT` per record with an expiry, one
+//! `DEL` for the rest, and the counters once with the sum of the changes. So a refused batch
+//! changes nothing, and other clients never see half a batch. Keeping a live record's
+//! `created_at`, reporting the previous size and the create-only check are read-modify-writes,
+//! which with `MULTI`/`EXEC` would need `WATCH` on a dedicated connection and a bounded number
+//! of retries; inside one script they need no retry at all: there is no window between the
+//! read and the write in which another client could change the record, so no conflict to
+//! detect, no retry loop to bound and no dedicated connection to hold. The scripts carry a
+//! `#!lua` shebang, so Redis refuses them *before* they start when it is out of memory
+//! (`maxmemory`), rather than half-way.
 //!
 //! # Listing
 //!
 //! [`scan`](Backend::scan) and [`clear`](Backend::clear) walk the keys with
-//! `SCAN MATCH {NS}:r:<prefix>* TYPE hash` (never `KEYS`, which blocks the server), with the
+//! `SCAN MATCH {NS}:r:<prefix>* TYPE string` (never `KEYS`, which blocks the server), with the
 //! glob characters `* ? [ ] \` of the namespace and prefix escaped so that a prefix matches
-//! literally; `SCAN` may repeat a key, so results are de-duplicated. `SCAN` walks the whole
-//! database whatever the pattern, so a store that lists keys often on a large shared server is
-//! better given its own database number (`redis://host/3`).
+//! literally; `SCAN` may repeat a key, so results are de-duplicated. `scan` then reads the
+//! headers of each page in one pipeline. `SCAN` walks the whole database whatever the
+//! pattern, so a store that lists keys often on a large shared server is better given its own
+//! database number (`redis://host/3`).
 //!
 //! # Connections and failures
 //!
@@ -77,12 +109,15 @@
 //! # Time
 //!
 //! Liveness is judged by the store's clock (`now`), expiry by Redis's: a record disappears when
-//! the *Redis server's* clock reaches its `expires_at`. Keep the game servers' clocks in sync
-//! (NTP) with Redis's. Configure the server with `maxmemory-policy noeviction` (the default):
-//! an evicting policy would silently delete records.
+//! the *Redis server's* clock reaches its `expires_at`, and a record written with an
+//! `expires_at` already past by that clock is not stored at all. Keep the game servers' clocks
+//! in sync (NTP) with Redis's. Configure the server with `maxmemory-policy noeviction` (the
+//! default): an evicting policy would silently delete records.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -119,123 +154,257 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Attempts an operation makes on different connections after connection failures.
 const MAX_ATTEMPTS: u32 = 3;
 
-/// Applies a batch; see the module docs. KEYS: usage, expiry, expiry-size, then one record key
-/// per operation. ARGV: now, record-key prefix, then per operation either `D key` or
-/// `U|C key value size expires_at created_at modified_at accessed_at flags custom`
-/// (`expires_at` and `custom` empty for none). Returns `{1, previous size or -1 ...}` or
-/// `{0, index}` when the create-only put at `index` (1-based) meets a live record.
+/// Length of a record's header; see the module docs for its fields.
+const HEADER_LEN: usize = 42;
+
+/// The key layout version, the last byte of every record's header.
+const LAYOUT_VERSION: u8 = 2;
+
+/// Bytes of custom metadata [`get_meta`](Backend::get_meta) reads along with the header, so
+/// that most records need a single `GETRANGE`.
+const CUSTOM_READ_AHEAD: usize = 214;
+
+/// The kinds of operation in the write script's `kinds` argument, one byte per operation.
+mod kind {
+    /// Delete.
+    pub const DELETE: u8 = b'D';
+    /// Upsert of a record without expiry.
+    pub const UPSERT: u8 = b'U';
+    /// Upsert of a record with an expiry.
+    pub const UPSERT_EXPIRING: u8 = b'X';
+    /// Create-only put of a record without expiry.
+    pub const CREATE: u8 = b'C';
+    /// Create-only put of a record with an expiry.
+    pub const CREATE_EXPIRING: u8 = b'Y';
+}
+
+/// Applies a batch; see the module docs. KEYS: usage, expiry, then one record key per
+/// operation. ARGV: now, kinds (one byte per operation, see [`kind`]), the count and bytes of
+/// the puts without expiry, the record-key prefix, `1` when no key repeats in the batch (else
+/// `0`), then one encoded record per operation (empty for a delete). Returns
+/// `{1, index, previous size, ...}` with a pair for each operation (1-based) that replaced or
+/// deleted a live record, `{0, index}` when the create-only put at `index` meets a live
+/// record, or `{2, index, problem}` when the key of the operation at `index` holds something
+/// else than a layout-2 record (`problem` 1: another Redis type; 2: a string that is not a
+/// record). Nothing is changed in the last two cases.
+///
+/// A batch of new keys without expiry, each key once (the common case of saving new things),
+/// is one `MSETNX`, which sets every record or, when any of the keys exists, nothing; it is
+/// tried when the first and last keys are free. Otherwise everything is read before anything
+/// is written: one `EXISTS` over all the keys (it counts keys of any type) and, only when
+/// some exist, one `MGET` of the records they hold. The operations are then applied in order
+/// in Lua (to a copy of the records when a key repeats), and only the final state of each key
+/// is written: one `MSET` for the records without expiry, a `SET ... PXAT` per record with
+/// one, one `DEL` for the rest. The counters are updated once, the expiry index only for
+/// records with an expiry, old or new. `TIME` (the server's clock, which decides whether a
+/// record with an expiry is stored at all) is read once, and only when a record has an expiry.
 const WRITE_SCRIPT: &str = r#"#!lua
-local usage, expiry, expsize = KEYS[1], KEYS[2], KEYS[3]
+local usage, expiry = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
-local prefix = ARGV[2]
-
-local ops = {}
-local i = 3
-while i <= #ARGV do
-  local op = {kind = ARGV[i], key = ARGV[i + 1], rkey = KEYS[4 + #ops]}
-  if op.kind == 'D' then
-    i = i + 2
-  else
-    op.value, op.size, op.expires = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    op.created, op.modified, op.accessed = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-    op.flags, op.custom = ARGV[i + 8], ARGV[i + 9]
-    i = i + 10
-  end
-  ops[#ops + 1] = op
-end
-
--- The record under a record key (size, expiry, creation time, liveness at now), or nil.
-local function stored(rkey)
-  local f = redis.call('HMGET', rkey, 's', 'x', 'c')
-  if not f[1] then return nil end
-  return {size = f[1], expires = f[2], created = f[3],
-          live = (not f[2]) or tonumber(f[2]) > now}
-end
-
--- Check every create-only put against the state it will see, before changing anything.
-local seen = {}
-for n, op in ipairs(ops) do
-  local live = seen[op.rkey]
-  if live == nil then
-    local old = stored(op.rkey)
-    live = old ~= nil and old.live
-  end
-  if op.kind == 'C' and live then return {0, n} end
-  seen[op.rkey] = op.kind ~= 'D'
+local kinds = ARGV[2]
+local prefix = ARGV[5]
+local distinct = ARGV[6] == '1'
+local count = #kinds
+local byte, sub, find, min = string.byte, string.sub, string.find, math.min
+local sunpack = struct.unpack
+local rcall = redis.call
+local keys, argv = KEYS, ARGV
+local D, X, C, Y = 68, 88, 67, 89
+if #keys ~= count + 2 or #argv ~= count + 6 then
+  return redis.error_reply('bevy_storage: malformed write batch')
 end
 
 local result = {1}
-for n, op in ipairs(ops) do
-  local old = stored(op.rkey)
-  local previous = -1
-  local created = op.created
-  redis.call('ZREM', expiry, op.key)
-  redis.call('HDEL', expsize, op.key)
-  if old then
-    if old.live then
-      previous = tonumber(old.size)
-      created = old.created or created
-    end
-    if not old.expires then
-      if redis.call('HINCRBY', usage, 'n', -1) <= 0 then
-        redis.call('DEL', usage)
-      else
-        redis.call('HINCRBY', usage, 'b', 0 - tonumber(old.size))
-      end
-    end
+local dn, db = tonumber(argv[3]), tonumber(argv[4])
+local zset
+
+-- New records without expiry, each key once (saving new things): one MSETNX, which sets them
+-- all, or nothing when any of the keys exists (of any type). Tried only when the batch's first
+-- and last keys are free, so that a batch over existing keys rarely pays for it.
+local done = false
+if distinct and count <= 2000 and not find(kinds, '[^UC]')
+    and rcall('EXISTS', keys[3], keys[count + 2]) == 0 then
+  local sets = {}
+  for n = 1, count do
+    sets[2 * n - 1], sets[2 * n] = keys[n + 2], argv[n + 6]
   end
-  redis.call('DEL', op.rkey)
-  if op.kind ~= 'D' then
-    local fields = {'v', op.value, 's', op.size, 'c', created, 'm', op.modified,
-                    'a', op.accessed, 'f', op.flags}
-    if op.custom ~= '' then
-      fields[#fields + 1] = 'u'
-      fields[#fields + 1] = op.custom
-    end
-    if op.expires ~= '' then
-      fields[#fields + 1] = 'x'
-      fields[#fields + 1] = op.expires
-    end
-    redis.call('HSET', op.rkey, unpack(fields))
-    if op.expires ~= '' then
-      redis.call('PEXPIREAT', op.rkey, op.expires)
-    end
-    -- A record whose expiry has already passed by the server's clock is gone at once.
-    if redis.call('EXISTS', op.rkey) == 1 then
-      if op.expires ~= '' then
-        redis.call('ZADD', expiry, op.expires, op.key)
-        redis.call('HSET', expsize, op.key, op.size)
-      else
-        redis.call('HINCRBY', usage, 'n', 1)
-        redis.call('HINCRBY', usage, 'b', op.size)
-      end
-    end
-  end
-  result[n + 1] = previous
+  done = rcall('MSETNX', unpack(sets, 1, 2 * count)) == 1
 end
 
--- Forget a few records that Redis expired by itself (the earliest expiries go first).
-for _, member in ipairs(redis.call('ZRANGE', expiry, 0, 7)) do
-  if redis.call('EXISTS', prefix .. member) == 0 then
-    redis.call('ZREM', expiry, member)
-    redis.call('HDEL', expsize, member)
+if not done then
+  -- Read the records the batch replaces, before changing anything. EXISTS counts the keys
+  -- that exist, of any type; only when there are some, MGET reads them (false for a missing
+  -- key and for one of another type, which the difference of the two counts reveals).
+  local present = 0
+  for i = 1, count, 1000 do
+    present = present + rcall('EXISTS', unpack(keys, i + 2, min(i + 999, count) + 2))
+  end
+  local olds = {}
+  if present > 0 then
+    for i = 1, count, 1000 do
+      local got = rcall('MGET', unpack(keys, i + 2, min(i + 999, count) + 2))
+      for m = 1, #got do olds[i + m - 1] = got[m] end
+    end
+    local found = 0
+    for n = 1, count do
+      if olds[n] then found = found + 1 end
+    end
+    if present ~= found then
+      for n = 1, count do
+        if not olds[n] and rcall('EXISTS', keys[n + 2]) == 1 then return {2, n, 1} end
+      end
+    end
+  end
+
+  -- The server's clock, only when a record has an expiry: a record already past by it is not
+  -- stored at all.
+  local tnow
+  if find(kinds, '[XY]') then
+    local t = rcall('TIME')
+    tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+
+  -- Apply the operations in order, judging liveness at now. When a key repeats, each
+  -- operation sees the record the previous one left (cur: record key -> record, or false for
+  -- none). The final state of each key goes to sets (MSET), pxs (SET PXAT) or dels (DEL).
+  local sets, pxs, dels = {}, {}, {}
+  local ns, np, nd = 0, 0, 0
+  local cur, cexp = {}, {}
+  local plen = #prefix
+  for n = 1, count do
+    local rkey, k = keys[n + 2], byte(kinds, n)
+    local old
+    if distinct then
+      old = olds[n]
+    else
+      old = cur[rkey]
+      if old == nil then old = olds[n] end
+    end
+    local rec, exp = false, nil
+    if k ~= D then
+      rec = argv[n + 6]
+      if k == X or k == Y then
+        exp = sunpack('<i8', rec, 9)
+        if exp <= tnow then rec, exp = false, nil end
+      end
+    end
+    if old then
+      if #old < 42 or byte(old, 42) ~= 2 then return {2, n, 2} end
+      local oexp, osize = sunpack('<i8I4', old, 9)
+      if oexp == 0 or oexp > now then
+        if k == C or k == Y then return {0, n} end
+        result[#result + 1] = n
+        result[#result + 1] = osize
+        -- A live record's created_at carries over.
+        if rec then rec = sub(old, 1, 8) .. sub(rec, 9) end
+      end
+      if oexp == 0 then
+        dn = dn - 1
+        db = db - osize
+      elseif not exp then
+        zset = zset or {}
+        zset[sub(rkey, plen + 1)] = false
+      end
+    end
+    if exp then
+      zset = zset or {}
+      zset[sub(rkey, plen + 1)] = exp
+    end
+    if not distinct then
+      cur[rkey] = rec
+      cexp[rkey] = exp
+    elseif exp then
+      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+      np = np + 3
+    elseif rec then
+      sets[ns + 1], sets[ns + 2] = rkey, rec
+      ns = ns + 2
+    elseif old then
+      nd = nd + 1
+      dels[nd] = rkey
+    end
+  end
+  if not distinct then
+    for rkey, rec in pairs(cur) do
+      local exp = cexp[rkey]
+      if exp then
+        pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+        np = np + 3
+      elseif rec then
+        sets[ns + 1], sets[ns + 2] = rkey, rec
+        ns = ns + 2
+      else
+        nd = nd + 1
+        dels[nd] = rkey
+      end
+    end
+  end
+
+  -- Everything is checked: write.
+  for i = 1, ns, 1000 do
+    rcall('MSET', unpack(sets, i, min(i + 999, ns)))
+  end
+  for i = 1, np, 3 do
+    rcall('SET', pxs[i], pxs[i + 1], 'PXAT', pxs[i + 2])
+  end
+  for i = 1, nd, 1000 do
+    rcall('DEL', unpack(dels, i, min(i + 999, nd)))
+  end
+end
+
+-- The expiry index: the last change of each key wins.
+if zset then
+  local adds, rems = {}, {}
+  for m, score in pairs(zset) do
+    if score then
+      adds[#adds + 1] = score
+      adds[#adds + 1] = m
+    else
+      rems[#rems + 1] = m
+    end
+  end
+  for i = 1, #adds, 1000 do
+    rcall('ZADD', expiry, unpack(adds, i, min(i + 999, #adds)))
+  end
+  for i = 1, #rems, 1000 do
+    rcall('ZREM', expiry, unpack(rems, i, min(i + 999, #rems)))
+  end
+end
+
+if dn ~= 0 or db ~= 0 then
+  if rcall('HINCRBY', usage, 'n', dn) <= 0 then
+    rcall('DEL', usage)
+  else
+    rcall('HINCRBY', usage, 'b', db)
+  end
+end
+
+-- Forget a few entries whose record Redis expired by itself (the earliest expiries go first),
+-- or which no longer has an expiry.
+for _, m in ipairs(rcall('ZRANGE', expiry, 0, 7)) do
+  local h = redis.pcall('GETRANGE', prefix .. m, 0, 41)
+  if type(h) ~= 'string' or #h ~= 42 or byte(h, 42) ~= 2 or sunpack('<i8', h, 9) == 0 then
+    rcall('ZREM', expiry, m)
   end
 end
 return result
 "#;
 
-/// Sets the access time of an existing record. KEYS: the record. ARGV: the time.
+/// Sets the access time of an existing record, keeping its expiry. KEYS: the record. ARGV:
+/// the time, 8 bytes little-endian. Fails on a key of another type, passes over a string that
+/// is not a record.
 const TOUCH_SCRIPT: &str = r#"#!lua
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'a', ARGV[1])
+if redis.call('GETRANGE', KEYS[1], 41, 41) == '\2' then
+  redis.call('SETRANGE', KEYS[1], 32, ARGV[1])
 end
 return 0
 "#;
 
-/// One page of usage. KEYS: usage, expiry, expiry-size. ARGV: now, record-key prefix, offset,
-/// page size. Returns `{count, bytes, examined}`: the records without expiry (first page only)
-/// plus the live ones with an expiry in this page.
+/// One page of usage. KEYS: usage, expiry. ARGV: now, record-key prefix, offset, page size.
+/// Returns `{count, bytes, examined}`: the records without expiry (first page only) plus the
+/// live ones with an expiry in this page, their sizes read from their headers.
 const USAGE_SCRIPT: &str = r#"#!lua flags=no-writes
+local now = tonumber(ARGV[1])
 local count, bytes = 0, 0
 if tonumber(ARGV[3]) == 0 then
   local u = redis.call('HMGET', KEYS[1], 'n', 'b')
@@ -244,37 +413,56 @@ end
 local members = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf',
                            'LIMIT', ARGV[3], ARGV[4])
 for _, m in ipairs(members) do
-  if redis.call('EXISTS', ARGV[2] .. m) == 1 then
-    count = count + 1
-    bytes = bytes + tonumber(redis.call('HGET', KEYS[3], m) or 0)
+  local h = redis.pcall('GETRANGE', ARGV[2] .. m, 0, 41)
+  if type(h) == 'string' and #h == 42 and string.byte(h, 42) == 2 then
+    local e, size = struct.unpack('<i8I4', h, 9)
+    if e ~= 0 and e > now then
+      count = count + 1
+      bytes = bytes + size
+    end
   end
 end
 return {count, bytes, #members}
 "#;
 
-/// Removes up to a page of records with `expires_at <= now`. KEYS: usage, expiry,
-/// expiry-size. ARGV: now, record-key prefix, page size. Returns `{removed, examined}`.
+/// Removes up to a page of records with `expires_at <= now`. KEYS: usage, expiry. ARGV: now,
+/// record-key prefix, page size. Returns `{removed, examined}`. Only a record whose own header
+/// says it has expired is removed; entries of records gone or without expiry are forgotten.
 const PURGE_SCRIPT: &str = r#"#!lua
+local now = tonumber(ARGV[1])
 local members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local removed = 0
 for _, m in ipairs(members) do
-  removed = removed + redis.call('DEL', ARGV[2] .. m)
-  redis.call('ZREM', KEYS[2], m)
-  redis.call('HDEL', KEYS[3], m)
+  local rkey = ARGV[2] .. m
+  local h = redis.pcall('GETRANGE', rkey, 0, 41)
+  local e = 0
+  if type(h) == 'string' and #h == 42 and string.byte(h, 42) == 2 then
+    e = struct.unpack('<i8', h, 9)
+  end
+  if e == 0 then
+    redis.call('ZREM', KEYS[2], m)
+  elseif e <= now then
+    removed = removed + redis.call('DEL', rkey)
+    redis.call('ZREM', KEYS[2], m)
+  else
+    redis.call('ZADD', KEYS[2], e, m)
+  end
 end
 return {removed, #members}
 "#;
 
-/// Forgets the expiry entries whose record is gone, a page at a time. KEYS: usage, expiry,
-/// expiry-size. ARGV: record-key prefix, offset, page size. Returns `{examined, removed}`.
+/// Forgets the expiry entries whose record is gone (or has no expiry), a page at a time.
+/// KEYS: usage, expiry. ARGV: record-key prefix, offset, page size. Returns
+/// `{examined, removed}`.
 const TRIM_SCRIPT: &str = r#"#!lua
 local offset = tonumber(ARGV[2])
 local members = redis.call('ZRANGE', KEYS[2], offset, offset + tonumber(ARGV[3]) - 1)
 local removed = 0
 for _, m in ipairs(members) do
-  if redis.call('EXISTS', ARGV[1] .. m) == 0 then
+  local h = redis.pcall('GETRANGE', ARGV[1] .. m, 0, 41)
+  if type(h) ~= 'string' or #h ~= 42 or string.byte(h, 42) ~= 2
+     or struct.unpack('<i8', h, 9) == 0 then
     redis.call('ZREM', KEYS[2], m)
-    redis.call('HDEL', KEYS[3], m)
     removed = removed + 1
   end
 end
@@ -331,7 +519,6 @@ struct Keys {
     record_prefix: String,
     usage: String,
     expiry: String,
-    expiry_size: String,
 }
 
 impl Keys {
@@ -341,7 +528,6 @@ impl Keys {
             record_prefix: format!("{base}r:"),
             usage: format!("{base}usage"),
             expiry: format!("{base}expiry"),
-            expiry_size: format!("{base}expiry-size"),
         }
     }
 
@@ -350,11 +536,6 @@ impl Keys {
         k.push_str(&self.record_prefix);
         k.push_str(key);
         k
-    }
-
-    /// The three bookkeeping keys, in the order the scripts take them.
-    fn bookkeeping(&self) -> [&str; 3] {
-        [&self.usage, &self.expiry, &self.expiry_size]
     }
 }
 
@@ -729,7 +910,7 @@ impl RedisBackend {
                 .arg("COUNT")
                 .arg(SCAN_COUNT)
                 .arg("TYPE")
-                .arg("hash")
+                .arg("string")
                 .query(con)?;
             let fresh: Vec<Vec<u8>> = keys
                 .into_iter()
@@ -745,24 +926,140 @@ impl RedisBackend {
         }
     }
 
-    /// The script invocation that deletes the given raw record keys with their bookkeeping.
-    fn delete_invocation(
+    /// Sends a batch packed by [`pack_batch`](Self::pack_batch) and reads the script's answer
+    /// (see [`WRITE_SCRIPT`]), loading the script first if the server does not know it (yet,
+    /// or after a restart). `while_waiting` runs once the batch is sent, while Redis runs it.
+    fn eval_batch(
         &self,
-        raw_keys: &[Vec<u8>],
-        now: Timestamp,
-    ) -> redis::ScriptInvocation<'_> {
-        let mut inv = self.scripts.write.prepare_invoke();
-        for k in self.keys.bookkeeping() {
-            inv.key(k);
+        con: &mut redis::Connection,
+        packed: &[u8],
+        while_waiting: &mut dyn FnMut(),
+    ) -> redis::RedisResult<Vec<i64>> {
+        let mut eval = |con: &mut redis::Connection| -> redis::RedisResult<Vec<i64>> {
+            con.send_packed_command(packed)?;
+            while_waiting();
+            let reply = loop {
+                match con.recv_response()? {
+                    redis::Value::Push { .. } => continue,
+                    reply => break reply,
+                }
+            };
+            Ok(redis::from_redis_value(reply.extract_error()?)?)
+        };
+        match eval(con) {
+            // Not run: the server does not know the script.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.scripts.write.load(con)?;
+                eval(con)
+            }
+            other => other,
         }
-        inv.arg(now.0).arg(&self.keys.record_prefix);
-        let prefix = self.keys.record_prefix.as_bytes();
-        for raw in raw_keys {
-            inv.key(raw.as_slice());
-            inv.arg("D").arg(&raw[prefix.len().min(raw.len())..]);
-        }
-        inv
     }
+
+    /// The `EVALSHA` command of the write script for a batch, in the Redis protocol (RESP),
+    /// built at once: each record is written straight into it, header and all. Hand the
+    /// buffer back with [`recycle`] once sent.
+    fn pack_batch(&self, entries: &[BatchEntry<'_>], now: Timestamp) -> Vec<u8> {
+        let prefix = self.keys.record_prefix.as_bytes();
+        let mut kinds = Vec::with_capacity(entries.len());
+        let mut added = (0u64, 0u64);
+        let mut size = 0;
+        for e in entries {
+            kinds.push(e.kind);
+            if matches!(e.kind, kind::UPSERT | kind::CREATE)
+                && let Some((record, _)) = &e.put
+            {
+                added.0 += 1;
+                added.1 += record.value.len() as u64;
+            }
+            size += 2 * 16 + prefix.len() + e.key.len() + e.record_len();
+        }
+        let mut buf = PACK_BUFFER.take();
+        buf.clear();
+        buf.reserve(size + 256 + entries.len() + 2 * prefix.len());
+        // Whether each key appears once, which spares the script following a key through the
+        // batch.
+        let distinct = {
+            let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
+                HashSet::with_capacity_and_hasher(entries.len(), Default::default());
+            entries.iter().all(|e| seen.insert(e.key))
+        };
+        let args = 3 + 2 + entries.len() + 6 + entries.len();
+        resp::array(&mut buf, args);
+        resp::bulk(&mut buf, &[b"EVALSHA"]);
+        resp::bulk(&mut buf, &[self.scripts.write.get_hash().as_bytes()]);
+        resp::int(&mut buf, entries.len() as i64 + 2);
+        resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+        resp::bulk(&mut buf, &[self.keys.expiry.as_bytes()]);
+        for e in entries {
+            resp::bulk(&mut buf, &[prefix, e.key]);
+        }
+        resp::int(&mut buf, now.0);
+        resp::bulk(&mut buf, &[&kinds]);
+        resp::int(&mut buf, added.0 as i64);
+        resp::int(&mut buf, added.1 as i64);
+        resp::bulk(&mut buf, &[prefix]);
+        resp::bulk(&mut buf, &[if distinct { b"1" } else { b"0" }]);
+        for e in entries {
+            match &e.put {
+                None => resp::bulk(&mut buf, &[]),
+                Some((record, custom)) => {
+                    let header = encode_header(&record.meta, record.value.len(), custom.len());
+                    resp::bulk(&mut buf, &[&header, custom, &record.value]);
+                }
+            }
+        }
+        buf
+    }
+
+    /// The stored bytes of the record of `key`, if any.
+    fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let rkey = self.keys.record(key);
+        self.run("reading a record", Retry::Safe, |con| {
+            let read = redis::cmd("GET").arg(&rkey).query(con);
+            self.record_result(key, read)
+        })?
+    }
+
+    /// The error for a record key that holds something else than a layout-2 record:
+    /// `problem` 1 for a key of another Redis type, 2 for a string that is not a record.
+    fn layout_error(&self, key: &str, problem: i64) -> StorageError {
+        let rkey = self.keys.record(key);
+        let what = if problem == 1 {
+            "a value of another Redis type (such as the hash of key layout 1, which only \
+             unreleased builds of bevy_storage wrote)"
+        } else {
+            "a string that is not a record of key layout 2"
+        };
+        StorageError::corrupt(
+            key,
+            format!(
+                "the Redis key `{rkey}` on {} holds {what} instead of a record string of key \
+                 layout {LAYOUT_VERSION}; it was neither read nor changed: remove it by hand \
+                 (redis-cli DEL) to use this key again",
+                self.address
+            ),
+        )
+    }
+
+    /// Maps a failure of a command on the record of `key`: a key of another type is a
+    /// [`layout_error`](Self::layout_error).
+    fn record_result<T>(
+        &self,
+        key: &str,
+        result: redis::RedisResult<T>,
+    ) -> redis::RedisResult<std::result::Result<T, StorageError>> {
+        match result {
+            Ok(v) => Ok(Ok(v)),
+            Err(e) if is_wrong_type(&e) => Ok(Err(self.layout_error(key, 1))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// True when Redis refused a command for the type of the key it names.
+fn is_wrong_type(e: &RedisError) -> bool {
+    e.code() == Some("WRONGTYPE") || e.detail().is_some_and(|d| d.contains("WRONGTYPE"))
 }
 
 /// The value of `field` in an `INFO` answer.
@@ -863,57 +1160,303 @@ fn flags(meta: &RecordMeta) -> u8 {
     u8::from(meta.compressed) | (u8::from(meta.encrypted) << 1)
 }
 
-/// Parses a stored integer field.
-fn parse_int(key: &str, field: &str, raw: &[u8]) -> Result<i64> {
-    std::str::from_utf8(raw)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            StorageError::corrupt(key, format!("Redis field `{field}` is not an integer"))
-        })
+/// The little-endian `i64` at `at`; the caller checked the length.
+fn le_i64(bytes: &[u8], at: usize) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    i64::from_le_bytes(b)
 }
 
-/// The metadata fields of a record hash, in the order [`META_FIELDS`] asks for them.
-const META_FIELDS: [&str; 7] = ["s", "c", "m", "a", "x", "f", "u"];
+/// The little-endian `u32` at `at`; the caller checked the length.
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
 
-/// Builds the metadata from the [`META_FIELDS`] of a record; `None` if there is no record.
-fn parse_meta(key: &str, fields: &[Option<Vec<u8>>]) -> Result<Option<RecordMeta>> {
-    let [s, c, m, a, x, f, u] = fields else {
-        return Err(StorageError::backend(BACKEND, "unexpected answer to HMGET"));
-    };
-    let Some(s) = s else {
-        return Ok(None);
-    };
-    let required = |field: &str, raw: &Option<Vec<u8>>| match raw {
-        Some(raw) => parse_int(key, field, raw),
-        None => Err(StorageError::corrupt(
+/// A record's header; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    created_at: i64,
+    /// `None`: never.
+    expires_at: Option<i64>,
+    size: u32,
+    custom_len: u32,
+    modified_at: i64,
+    accessed_at: i64,
+    flags: u8,
+}
+
+impl Header {
+    /// Where the value starts.
+    fn value_start(&self) -> usize {
+        HEADER_LEN + self.custom_len as usize
+    }
+
+    /// The length of the whole record.
+    fn record_len(&self) -> usize {
+        self.value_start() + self.size as usize
+    }
+
+    /// Reads the header at the start of `bytes` (a record or its beginning).
+    fn parse(key: &str, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < HEADER_LEN {
+            return Err(StorageError::corrupt(
+                key,
+                format!(
+                    "the Redis record is {} bytes long, shorter than its {HEADER_LEN}-byte header",
+                    bytes.len()
+                ),
+            ));
+        }
+        let version = bytes[HEADER_LEN - 1];
+        if version != LAYOUT_VERSION {
+            return Err(StorageError::corrupt(
+                key,
+                format!(
+                    "the Redis record has key layout version {version}; this build reads version \
+                     {LAYOUT_VERSION}"
+                ),
+            ));
+        }
+        let expires_at = le_i64(bytes, 8);
+        Ok(Self {
+            created_at: le_i64(bytes, 0),
+            expires_at: (expires_at != 0).then_some(expires_at),
+            size: le_u32(bytes, 16),
+            custom_len: le_u32(bytes, 20),
+            modified_at: le_i64(bytes, 24),
+            accessed_at: le_i64(bytes, 32),
+            flags: bytes[40],
+        })
+    }
+
+    /// The metadata this header describes, with the custom metadata read from `custom`.
+    fn meta(&self, key: &str, custom: &[u8]) -> Result<RecordMeta> {
+        let custom = if custom.is_empty() {
+            CustomMetadata::new()
+        } else {
+            serde_json::from_slice(custom).map_err(|e| {
+                StorageError::corrupt(key, format!("custom metadata is not a JSON object: {e}"))
+            })?
+        };
+        Ok(RecordMeta {
+            created_at: Timestamp(self.created_at),
+            modified_at: Timestamp(self.modified_at),
+            accessed_at: Timestamp(self.accessed_at),
+            expires_at: self.expires_at.map(Timestamp),
+            size: u64::from(self.size),
+            compressed: self.flags & 1 != 0,
+            encrypted: self.flags & 2 != 0,
+            custom,
+        })
+    }
+}
+
+/// Checks that `bytes` is a whole record: its header and exactly the lengths it announces.
+fn parse_record(key: &str, bytes: &[u8]) -> Result<Header> {
+    let header = Header::parse(key, bytes)?;
+    if bytes.len() != header.record_len() {
+        return Err(StorageError::corrupt(
             key,
-            format!("Redis field `{field}` is missing"),
-        )),
+            format!(
+                "the Redis record is {} bytes long but its header announces {} ({HEADER_LEN} of \
+                 header, {} of custom metadata, {} of value)",
+                bytes.len(),
+                header.record_len(),
+                header.custom_len,
+                header.size
+            ),
+        ));
+    }
+    Ok(header)
+}
+
+thread_local! {
+    /// The buffer the last batch of this thread was packed into, reused by the next one (a
+    /// fresh one of a few hundred kilobytes would be faulted in page by page each time).
+    static PACK_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Largest packing buffer kept for the next batch.
+const KEPT_BUFFER: usize = 4 << 20;
+
+/// Keeps a packed batch's buffer for the thread's next batch, unless it is large.
+fn recycle(buf: Vec<u8>) {
+    if buf.capacity() <= KEPT_BUFFER {
+        PACK_BUFFER.set(buf);
+    }
+}
+
+/// A fast hasher (FxHash's word mixing, MurmurHash3's finalizer) for the check that no key
+/// repeats in a batch: the keys come from this process, there is no flooding to fear.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // MurmurHash3's finalizer: every input bit reaches the bits the table uses.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+}
+
+/// One operation of a batch as the write script takes it.
+struct BatchEntry<'a> {
+    /// The key, without the record-key prefix.
+    key: &'a [u8],
+    /// See [`kind`].
+    kind: u8,
+    /// A put's record and its custom metadata as JSON (empty when there is none).
+    put: Option<(&'a Record, Vec<u8>)>,
+}
+
+impl<'a> BatchEntry<'a> {
+    fn new(op: &'a WriteOp) -> Result<Self> {
+        let (key, record, mode) = match op {
+            WriteOp::Delete { key } => {
+                return Ok(Self {
+                    key: key.as_bytes(),
+                    kind: kind::DELETE,
+                    put: None,
+                });
+            }
+            WriteOp::Put { key, record, mode } => (key, record, mode),
+        };
+        let meta = &record.meta;
+        let custom = if meta.custom.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&meta.custom).map_err(|e| {
+                StorageError::backend(BACKEND, format!("encoding custom metadata: {e}"))
+            })?
+        };
+        for (what, len) in [
+            ("value", record.value.len()),
+            ("custom metadata", custom.len()),
+        ] {
+            if u32::try_from(len).is_err() {
+                return Err(StorageError::backend(
+                    BACKEND,
+                    format!(
+                        "{key:?}: the {what} is {len} bytes long; a Redis record holds at most \
+                         4 GiB - 1"
+                    ),
+                ));
+            }
+        }
+        let expiring = meta.expires_at.is_some();
+        Ok(Self {
+            key: key.as_bytes(),
+            kind: match (mode, expiring) {
+                (PutMode::Upsert, false) => kind::UPSERT,
+                (PutMode::Upsert, true) => kind::UPSERT_EXPIRING,
+                (PutMode::CreateOnly, false) => kind::CREATE,
+                (PutMode::CreateOnly, true) => kind::CREATE_EXPIRING,
+            },
+            put: Some((record, custom)),
+        })
+    }
+
+    /// The length of the encoded record (0 for a delete).
+    fn record_len(&self) -> usize {
+        match &self.put {
+            None => 0,
+            Some((record, custom)) => HEADER_LEN + custom.len() + record.value.len(),
+        }
+    }
+}
+
+/// The header of a record (see the module docs); the lengths were checked to fit.
+fn encode_header(meta: &RecordMeta, size: usize, custom_len: usize) -> [u8; HEADER_LEN] {
+    // 0 means "never": an expiry at the epoch (long past for any real clock) is written as -1.
+    let expires_at = match meta.expires_at {
+        None => 0,
+        Some(Timestamp(0)) => -1,
+        Some(Timestamp(t)) => t,
     };
-    let size = u64::try_from(parse_int(key, "s", s)?)
-        .map_err(|_| StorageError::corrupt(key, "negative size"))?;
-    let flags = required("f", f)?;
-    let custom = match u {
-        None => CustomMetadata::new(),
-        Some(json) => serde_json::from_slice(json).map_err(|e| {
-            StorageError::corrupt(key, format!("custom metadata is not a JSON object: {e}"))
-        })?,
-    };
-    Ok(Some(RecordMeta {
-        created_at: Timestamp(required("c", c)?),
-        modified_at: Timestamp(required("m", m)?),
-        accessed_at: Timestamp(required("a", a)?),
-        expires_at: x
-            .as_deref()
-            .map(|x| parse_int(key, "x", x))
-            .transpose()?
-            .map(Timestamp),
-        size,
-        compressed: flags & 1 != 0,
-        encrypted: flags & 2 != 0,
-        custom,
-    }))
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&meta.created_at.0.to_le_bytes());
+    h[8..16].copy_from_slice(&expires_at.to_le_bytes());
+    h[16..20].copy_from_slice(&(size as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&(custom_len as u32).to_le_bytes());
+    h[24..32].copy_from_slice(&meta.modified_at.0.to_le_bytes());
+    h[32..40].copy_from_slice(&meta.accessed_at.0.to_le_bytes());
+    h[40] = flags(meta);
+    h[41] = LAYOUT_VERSION;
+    h
+}
+
+/// Writing commands in the Redis protocol (RESP): an array of bulk strings.
+mod resp {
+    /// Appends the decimal digits of `n`.
+    fn decimal(buf: &mut Vec<u8>, n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        buf.extend_from_slice(&digits[at..]);
+    }
+
+    /// The start of a command of `len` arguments.
+    pub fn array(buf: &mut Vec<u8>, len: usize) {
+        buf.push(b'*');
+        decimal(buf, len as u64);
+        buf.extend_from_slice(b"\r\n");
+    }
+
+    /// One argument, the concatenation of `parts`.
+    pub fn bulk(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+        buf.push(b'$');
+        decimal(buf, parts.iter().map(|p| p.len() as u64).sum());
+        buf.extend_from_slice(b"\r\n");
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+        buf.extend_from_slice(b"\r\n");
+    }
+
+    /// One argument, an integer in decimal.
+    pub fn int(buf: &mut Vec<u8>, n: i64) {
+        let mut text = Vec::with_capacity(20);
+        if n < 0 {
+            text.push(b'-');
+        }
+        decimal(&mut text, n.unsigned_abs());
+        bulk(buf, &[&text]);
+    }
 }
 
 impl Backend for RedisBackend {
@@ -922,119 +1465,132 @@ impl Backend for RedisBackend {
     }
 
     fn get(&self, key: &str) -> Result<Option<Record>> {
-        let rkey = self.keys.record(key);
-        let mut fields: Vec<Option<Vec<u8>>> =
-            self.run("reading a record", Retry::Safe, |con| {
-                redis::cmd("HMGET")
-                    .arg(&rkey)
-                    .arg("v")
-                    .arg(&META_FIELDS)
-                    .query(con)
-            })?;
-        if fields.is_empty() {
-            return Err(StorageError::backend(BACKEND, "unexpected answer to HMGET"));
-        }
-        let value = fields.remove(0);
-        match (parse_meta(key, &fields)?, value) {
-            (Some(meta), Some(value)) => Ok(Some(Record { value, meta })),
-            (Some(_), None) => Err(StorageError::corrupt(key, "Redis field `v` is missing")),
-            (None, _) => Ok(None),
-        }
+        let Some(mut bytes) = self.get_record(key)? else {
+            return Ok(None);
+        };
+        let header = parse_record(key, &bytes)?;
+        let meta = header.meta(key, &bytes[HEADER_LEN..header.value_start()])?;
+        bytes.drain(..header.value_start());
+        Ok(Some(Record { value: bytes, meta }))
     }
 
     fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
-        let rkey = self.keys.record(key);
-        let (value, expires_at): (Option<Vec<u8>>, Option<Vec<u8>>) =
-            self.run("reading a record", Retry::Safe, |con| {
-                redis::cmd("HMGET").arg(&rkey).arg("v").arg("x").query(con)
-            })?;
-        let expires_at = expires_at
-            .map(|x| parse_int(key, "x", &x).map(Timestamp))
-            .transpose()?;
-        Ok(value.map(|value| (value, expires_at)))
+        let Some(mut bytes) = self.get_record(key)? else {
+            return Ok(None);
+        };
+        let header = parse_record(key, &bytes)?;
+        bytes.drain(..header.value_start());
+        Ok(Some((bytes, header.expires_at.map(Timestamp))))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         let rkey = self.keys.record(key);
-        let fields: Vec<Option<Vec<u8>>> =
-            self.run("reading record metadata", Retry::Safe, |con| {
-                redis::cmd("HMGET").arg(&rkey).arg(&META_FIELDS).query(con)
-            })?;
-        parse_meta(key, &fields)
+        // The header and, most of the time, all of the custom metadata in one read. Should the
+        // metadata be longer, read again up to its end (header included, so that both come
+        // from the same version of the record); past a few attempts (the record keeps being
+        // rewritten longer), read the whole record at once.
+        let mut want = HEADER_LEN + CUSTOM_READ_AHEAD;
+        for _ in 0..3 {
+            let bytes: Vec<u8> = self.run("reading record metadata", Retry::Safe, |con| {
+                let read = redis::cmd("GETRANGE")
+                    .arg(&rkey)
+                    .arg(0)
+                    .arg(want - 1)
+                    .query(con);
+                self.record_result(key, read)
+            })??;
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            let header = Header::parse(key, &bytes)?;
+            let end = header.value_start();
+            if bytes.len() >= end {
+                return header.meta(key, &bytes[HEADER_LEN..end]).map(Some);
+            }
+            if bytes.len() < want {
+                // The whole record came back, and it is shorter than its header says.
+                return parse_record(key, &bytes).map(|_| None);
+            }
+            want = end;
+        }
+        Ok(self.get(key)?.map(|r| r.meta))
     }
 
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = self.scripts.write.prepare_invoke();
-        for k in self.keys.bookkeeping() {
-            inv.key(k);
-        }
-        inv.arg(now.0).arg(&self.keys.record_prefix);
-        for op in &ops {
-            inv.key(self.keys.record(op.key()));
-            match op {
-                WriteOp::Delete { key } => {
-                    inv.arg("D").arg(key);
+        let entries = ops
+            .iter()
+            .map(BatchEntry::new)
+            .collect::<Result<Vec<_>>>()?;
+        let packed = self.pack_batch(&entries, now);
+        drop(entries);
+        let mut ops = ops;
+        let doing = format!("writing a batch of {} operation(s)", ops.len());
+        let reply = {
+            // The values are in `packed` now: free them while Redis runs the batch.
+            let mut values = Some(&mut ops);
+            let mut free_values = || {
+                for op in values.take().into_iter().flatten() {
+                    if let WriteOp::Put { record, .. } = op {
+                        record.value = Vec::new();
+                    }
                 }
-                WriteOp::Put { key, record, mode } => {
-                    let meta = &record.meta;
-                    let custom = if meta.custom.is_empty() {
-                        String::new()
-                    } else {
-                        serde_json::to_string(&meta.custom).map_err(|e| {
-                            StorageError::backend(BACKEND, format!("encoding custom metadata: {e}"))
-                        })?
-                    };
-                    let expires = meta.expires_at.map(|t| t.0.to_string()).unwrap_or_default();
-                    inv.arg(if *mode == PutMode::CreateOnly {
-                        "C"
-                    } else {
-                        "U"
-                    })
-                    .arg(key)
-                    .arg(&record.value)
-                    .arg(record.value.len())
-                    .arg(expires)
-                    .arg(meta.created_at.0)
-                    .arg(meta.modified_at.0)
-                    .arg(meta.accessed_at.0)
-                    .arg(flags(meta))
-                    .arg(custom);
-                }
-            }
-        }
-        let count = ops.len();
-        let doing = format!("writing a batch of {count} operation(s)");
-        let reply: Vec<i64> = self.run(&doing, Retry::Never, |con| inv.invoke(con))?;
-        match reply.as_slice() {
-            [1, sizes @ ..] if sizes.len() == count => Ok(sizes
-                .iter()
-                .map(|&s| WriteOutcome {
-                    previous_size: u64::try_from(s).ok(),
-                })
-                .collect()),
-            [0, index] => {
-                let key = usize::try_from(*index)
-                    .ok()
-                    .and_then(|i| ops.get(i.wrapping_sub(1)))
-                    .map(|op| op.key().to_owned())
-                    .unwrap_or_default();
-                Err(StorageError::AlreadyExists { key })
-            }
-            _ => Err(StorageError::backend(
+            };
+            self.run(&doing, Retry::Never, |con| {
+                self.eval_batch(con, &packed, &mut free_values)
+            })
+        };
+        recycle(packed);
+        let reply = reply?;
+        let key_at = |index: i64| {
+            usize::try_from(index)
+                .ok()
+                .and_then(|i| ops.get(i.wrapping_sub(1)))
+                .map(|op| op.key().to_owned())
+                .unwrap_or_default()
+        };
+        let unexpected = || {
+            StorageError::backend(
                 BACKEND,
                 format!("{doing}: unexpected answer {reply:?} from the write script"),
-            )),
+            )
+        };
+        match reply.as_slice() {
+            [1, pairs @ ..] if pairs.len() % 2 == 0 => {
+                let mut outcomes = vec![WriteOutcome::default(); ops.len()];
+                for pair in pairs.chunks_exact(2) {
+                    let slot = usize::try_from(pair[0])
+                        .ok()
+                        .and_then(|i| i.checked_sub(1))
+                        .and_then(|i| outcomes.get_mut(i));
+                    match (slot, u64::try_from(pair[1])) {
+                        (Some(slot), Ok(size)) => slot.previous_size = Some(size),
+                        _ => return Err(unexpected()),
+                    }
+                }
+                Ok(outcomes)
+            }
+            [0, index] => Err(StorageError::AlreadyExists {
+                key: key_at(*index),
+            }),
+            [2, index, problem] => Err(self.layout_error(&key_at(*index), *problem)),
+            _ => Err(unexpected()),
         }
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let rkey = self.keys.record(key);
         self.run("updating an access time", Retry::Safe, |con| {
-            self.scripts.touch.key(&rkey).arg(at.0).invoke::<()>(con)
-        })
+            let touched = self
+                .scripts
+                .touch
+                .key(&rkey)
+                .arg(&at.0.to_le_bytes()[..])
+                .invoke::<()>(con);
+            self.record_result(key, touched)
+        })?
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
@@ -1044,19 +1600,21 @@ impl Backend for RedisBackend {
             self.scan_records(con, prefix, |con, raw_keys| {
                 let mut pipe = redis::pipe();
                 for raw in &raw_keys {
-                    pipe.cmd("HMGET").arg(raw).arg("s").arg("x");
+                    pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
                 }
-                let rows: Vec<(Option<i64>, Option<i64>)> = pipe.query(con)?;
-                for (raw, (size, expires_at)) in raw_keys.into_iter().zip(rows) {
-                    // Gone since SCAN saw it (or not a record): skip.
-                    let Some(size) = size else { continue };
+                let headers: Vec<Vec<u8>> = pipe.query(con)?;
+                for (raw, header) in raw_keys.into_iter().zip(headers) {
                     let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
+                        continue;
+                    };
+                    // Gone since SCAN saw it (or not a record): skip.
+                    let Ok(header) = Header::parse(&key, &header) else {
                         continue;
                     };
                     entries.push(KeyEntry {
                         key,
-                        size: u64::try_from(size).unwrap_or(0),
-                        expires_at: expires_at.map(Timestamp),
+                        size: u64::from(header.size),
+                        expires_at: header.expires_at.map(Timestamp),
                     });
                 }
                 Ok(())
@@ -1074,7 +1632,6 @@ impl Backend for RedisBackend {
                     .purge
                     .key(&self.keys.usage)
                     .key(&self.keys.expiry)
-                    .key(&self.keys.expiry_size)
                     .arg(now.0)
                     .arg(&self.keys.record_prefix)
                     .arg(SCRIPT_PAGE)
@@ -1088,13 +1645,34 @@ impl Backend for RedisBackend {
     }
 
     fn clear(&self) -> Result<()> {
+        let skip = self.keys.record_prefix.len();
         self.run("removing every record", Retry::Safe, |con| {
             // Each page is deleted by the write script, so the bookkeeping stays exact even
-            // while another store writes to the same namespace.
-            self.scan_records(con, "", |con, raw_keys| {
-                self.delete_invocation(&raw_keys, Timestamp::now())
-                    .invoke::<Vec<i64>>(con)
-                    .map(drop)
+            // while another store writes to the same namespace. A key that is not a record
+            // makes the script refuse its page: it is left alone and the rest deleted again.
+            self.scan_records(con, "", |con, mut raw_keys| {
+                while !raw_keys.is_empty() {
+                    let entries: Vec<BatchEntry<'_>> = raw_keys
+                        .iter()
+                        .map(|raw| BatchEntry {
+                            key: &raw[skip.min(raw.len())..],
+                            kind: kind::DELETE,
+                            put: None,
+                        })
+                        .collect();
+                    let packed = self.pack_batch(&entries, Timestamp::now());
+                    drop(entries);
+                    let reply = self.eval_batch(con, &packed, &mut || {});
+                    recycle(packed);
+                    let reply = reply?;
+                    match reply[..] {
+                        [2, index, _] if index >= 1 && index as usize <= raw_keys.len() => {
+                            raw_keys.remove(index as usize - 1);
+                        }
+                        _ => break,
+                    }
+                }
+                Ok(())
             })?;
             // Then forget the records Redis expired by itself.
             let mut offset = 0usize;
@@ -1104,7 +1682,6 @@ impl Backend for RedisBackend {
                     .trim
                     .key(&self.keys.usage)
                     .key(&self.keys.expiry)
-                    .key(&self.keys.expiry_size)
                     .arg(&self.keys.record_prefix)
                     .arg(offset)
                     .arg(SCRIPT_PAGE)
@@ -1127,7 +1704,6 @@ impl Backend for RedisBackend {
                     .usage
                     .key(&self.keys.usage)
                     .key(&self.keys.expiry)
-                    .key(&self.keys.expiry_size)
                     .arg(now.0)
                     .arg(&self.keys.record_prefix)
                     .arg(offset)
@@ -1226,6 +1802,109 @@ mod tests {
         assert!(!b.record("x").starts_with(&a.record_prefix));
         assert!(!a.record("r:x").starts_with(&b.record_prefix));
         assert_ne!(a.record("r:x"), b.record("x"));
+    }
+
+    fn sample_meta() -> RecordMeta {
+        let mut custom = CustomMetadata::new();
+        custom.insert("level".into(), "cave".into());
+        RecordMeta {
+            created_at: Timestamp(1_700_000_000_123),
+            modified_at: Timestamp(1_700_000_000_456),
+            accessed_at: Timestamp(1_700_000_000_789),
+            expires_at: Some(Timestamp(1_800_000_000_000)),
+            size: 5,
+            compressed: true,
+            encrypted: false,
+            custom,
+        }
+    }
+
+    /// A record as the write script stores it.
+    fn stored(meta: &RecordMeta, value: &[u8]) -> Vec<u8> {
+        let custom = if meta.custom.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&meta.custom).unwrap()
+        };
+        let mut bytes = encode_header(meta, value.len(), custom.len()).to_vec();
+        bytes.extend_from_slice(&custom);
+        bytes.extend_from_slice(value);
+        bytes
+    }
+
+    #[test]
+    fn records_round_trip_through_the_layout() {
+        let mut meta = sample_meta();
+        for expires_at in [Some(Timestamp(1_800_000_000_000)), None] {
+            meta.expires_at = expires_at;
+            let bytes = stored(&meta, b"value");
+            assert_eq!(bytes[HEADER_LEN - 1], LAYOUT_VERSION);
+            let header = parse_record("k", &bytes).unwrap();
+            let custom = &bytes[HEADER_LEN..header.value_start()];
+            assert_eq!(header.meta("k", custom).unwrap(), meta);
+            assert_eq!(&bytes[header.value_start()..], b"value");
+        }
+        // Without custom metadata nothing sits between the header and the value.
+        meta.custom.clear();
+        meta.encrypted = true;
+        let bytes = stored(&meta, b"v");
+        assert_eq!(bytes.len(), HEADER_LEN + 1);
+        let header = parse_record("k", &bytes).unwrap();
+        assert_eq!(
+            header.meta("k", &[]).unwrap(),
+            RecordMeta {
+                size: 1,
+                ..meta.clone()
+            }
+        );
+        // An expiry at the epoch stays an expiry (long past), never "never".
+        meta.expires_at = Some(Timestamp(0));
+        let header = Header::parse("k", &stored(&meta, b"v")).unwrap();
+        assert_eq!(header.expires_at, Some(-1));
+    }
+
+    #[test]
+    fn damaged_records_are_corrupt_errors() {
+        let meta = sample_meta();
+        let good = stored(&meta, b"value");
+        let mut wrong_version = good.clone();
+        wrong_version[HEADER_LEN - 1] = 1;
+        let mut bad_json = good.clone();
+        bad_json[HEADER_LEN] = b'[';
+        for (bytes, why) in [
+            (&b"short"[..], "shorter than its"),
+            (&wrong_version[..], "layout version 1"),
+            (&good[..good.len() - 1], "header announces"),
+            (&[&good[..], b"x"].concat()[..], "header announces"),
+        ] {
+            match parse_record("k", bytes) {
+                Err(StorageError::Corrupt { key, reason }) => {
+                    assert_eq!(key, "k");
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        let header = parse_record("k", &bad_json).unwrap();
+        let err = header
+            .meta("k", &bad_json[HEADER_LEN..header.value_start()])
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn commands_are_packed_in_resp() {
+        let mut buf = Vec::new();
+        resp::array(&mut buf, 3);
+        resp::bulk(&mut buf, &[b"SET"]);
+        resp::bulk(&mut buf, &[b"ke", b"y", b""]);
+        resp::int(&mut buf, -1_700_000_000_123);
+        resp::bulk(&mut buf, &[]);
+        resp::int(&mut buf, 0);
+        assert_eq!(
+            buf,
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$14\r\n-1700000000123\r\n$0\r\n\r\n$1\r\n0\r\n"
+        );
     }
 
     #[test]
