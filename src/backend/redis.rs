@@ -271,6 +271,19 @@ if not done then
   local ns, np, nd = 0, 0, 0
   local cur, cexp = {}, {}
   local plen = #prefix
+  -- Queues the final state of a key: a record with an expiry, one without, or none.
+  local function queue(rkey, rec, exp)
+    if exp then
+      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+      np = np + 3
+    elseif rec then
+      sets[ns + 1], sets[ns + 2] = rkey, rec
+      ns = ns + 2
+    else
+      nd = nd + 1
+      dels[nd] = rkey
+    end
+  end
   for n = 1, count do
     local rkey, k = keys[n + 2], byte(kinds, n)
     local old
@@ -313,31 +326,12 @@ if not done then
     if not distinct then
       cur[rkey] = rec
       cexp[rkey] = exp
-    elseif exp then
-      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
-      np = np + 3
-    elseif rec then
-      sets[ns + 1], sets[ns + 2] = rkey, rec
-      ns = ns + 2
-    elseif old then
-      nd = nd + 1
-      dels[nd] = rkey
+    elseif rec or old then
+      queue(rkey, rec, exp)
     end
   end
   if not distinct then
-    for rkey, rec in pairs(cur) do
-      local exp = cexp[rkey]
-      if exp then
-        pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
-        np = np + 3
-      elseif rec then
-        sets[ns + 1], sets[ns + 2] = rkey, rec
-        ns = ns + 2
-      else
-        nd = nd + 1
-        dels[nd] = rkey
-      end
-    end
+    for rkey, rec in pairs(cur) do queue(rkey, rec, cexp[rkey]) end
   end
 
   -- Everything is checked: write.
