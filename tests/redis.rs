@@ -871,6 +871,179 @@ fn assert_unavailable<T: std::fmt::Debug>(
     assert!(took < Duration::from_secs(3), "{what} took {took:?}");
 }
 
+/// Calls of `command` the server has run since its start.
+fn calls(con: &mut redis::Connection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Batches of new records without expiry go to Redis as `MULTI`/`MSETNX`/`EXEC`; when a key
+/// turns out to be taken nothing of that attempt stays, and the write script does the batch
+/// with the usual semantics. Checked on a server of its own, whose command counts show which
+/// path ran.
+#[test]
+fn new_records_go_native_and_taken_keys_fall_back_to_the_script() {
+    let Some(server) = OwnServer::start(&[]) else {
+        return;
+    };
+    let url = server.url();
+    let b = RedisBackend::open(&url, "native", &RedisOptions::default()).unwrap();
+    let mut con = raw(&url);
+    let paths = |con: &mut redis::Connection| (calls(con, "exec"), calls(con, "evalsha"));
+    let put = |key: String, size: usize, now: Timestamp, mode: PutMode| WriteOp::Put {
+        key,
+        record: record(&vec![b'v'; size], now, None),
+        mode,
+    };
+    let new_batch = |from: usize, to: usize, now: Timestamp, mode: PutMode| -> Vec<WriteOp> {
+        (from..to)
+            .map(|i| put(format!("k{i}"), i, now, mode))
+            .collect()
+    };
+    let usage = |now: Timestamp| {
+        let u = b.usage(now).unwrap();
+        (u.item_count, u.total_size)
+    };
+    let bytes = |from: usize, to: usize| (from..to).sum::<usize>() as u64;
+    let token_left = |con: &mut redis::Connection| -> bool {
+        redis::cmd("EXISTS")
+            .arg("{native}:batch")
+            .query(con)
+            .unwrap()
+    };
+    let t0 = Timestamp::now();
+    // A delete takes the script: the server knows it from now on (a first EVALSHA would
+    // count twice, once refused with NOSCRIPT).
+    b.write(vec![WriteOp::Delete { key: "none".into() }], t0)
+        .unwrap();
+
+    // New keys: native, one EXEC and no script.
+    let before = paths(&mut con);
+    let outcomes = b.write(new_batch(0, 100, t0, PutMode::Upsert), t0).unwrap();
+    assert_eq!(outcomes.len(), 100);
+    assert!(outcomes.iter().all(|o| o.previous_size.is_none()));
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1));
+    assert_eq!(usage(t0), (100, bytes(0, 100)));
+    assert!(!token_left(&mut con));
+    let meta = b.get_meta("k7").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.size, meta.expires_at), (t0, 7, None));
+    let created_only = new_batch(100, 150, t0, PutMode::CreateOnly);
+    b.write(created_only, t0).unwrap();
+    assert_eq!(usage(t0), (150, bytes(0, 150)));
+
+    // One key taken (k149, the last): the native attempt writes nothing, the script writes
+    // the batch, keeps k149's created_at and reports its size.
+    let t1 = Timestamp(t0.0 + 1_000);
+    let before = paths(&mut con);
+    let outcomes = b
+        .write(new_batch(149, 200, t1, PutMode::Upsert), t1)
+        .unwrap();
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1 + 1));
+    assert_eq!(outcomes[0].previous_size, Some(149));
+    assert!(outcomes[1..].iter().all(|o| o.previous_size.is_none()));
+    let meta = b.get_meta("k149").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.modified_at), (t0, t1));
+    assert_eq!(usage(t1), (200, bytes(0, 200)));
+    assert!(!token_left(&mut con));
+
+    // Create-only with a key taken (k150, the first): refused whole, nothing written.
+    let err = b
+        .write(new_batch(150, 260, t1, PutMode::CreateOnly), t1)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::AlreadyExists { key } if key == "k150"),
+        "{err:?}"
+    );
+    assert!(b.get_meta("k200").unwrap().is_none());
+    assert_eq!(usage(t1), (200, bytes(0, 200)));
+
+    // After a taken key, the next 15 new-record batches take the script (the refused one
+    // above was the first); then native again.
+    let before = paths(&mut con);
+    for i in 0..14 {
+        let from = 1_000 + 10 * i;
+        b.write(new_batch(from, from + 10, t1, PutMode::Upsert), t1)
+            .unwrap();
+    }
+    assert_eq!(paths(&mut con), (before.0, before.1 + 14));
+    b.write(new_batch(2_000, 2_010, t1, PutMode::Upsert), t1)
+        .unwrap();
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1 + 14));
+    assert_eq!(
+        usage(t1),
+        (
+            200 + 140 + 10,
+            bytes(0, 200) + bytes(1_000, 1_140) + bytes(2_000, 2_010)
+        )
+    );
+
+    // A record dead by the store's clock but still in Redis takes the script, which
+    // replaces it as a new record.
+    let t2 = Timestamp(t1.0 + 1_000);
+    b.write(
+        vec![WriteOp::Put {
+            key: "short".into(),
+            record: record(b"old", t2, Some(Timestamp(t2.0 + 100))),
+            mode: PutMode::Upsert,
+        }],
+        t2,
+    )
+    .unwrap();
+    let t3 = Timestamp(t2.0 + 200);
+    let outcomes = b
+        .write(
+            vec![
+                put("short".into(), 5, t3, PutMode::CreateOnly),
+                put("other".into(), 6, t3, PutMode::CreateOnly),
+            ],
+            t3,
+        )
+        .unwrap();
+    assert_eq!(outcomes[0].previous_size, None);
+    let meta = b.get_meta("short").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.size, meta.expires_at), (t3, 5, None));
+
+    // Out of memory: the native batch is refused whole, nothing is written or counted, and
+    // the store writes again once there is room.
+    let counted = usage(t3);
+    redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "1"])
+        .query::<()>(&mut con)
+        .unwrap();
+    let err = b
+        .write(new_batch(5_000, 5_100, t3, PutMode::Upsert), t3)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StorageError::Backend { .. } | StorageError::Unavailable { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("OOM"), "{err}");
+    redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query::<()>(&mut con)
+        .unwrap();
+    assert!(b.get_meta("k5000").unwrap().is_none());
+    assert_eq!(usage(t3), counted);
+    assert!(!token_left(&mut con));
+    b.write(new_batch(5_000, 5_100, t3, PutMode::Upsert), t3)
+        .unwrap();
+    assert_eq!(
+        usage(t3),
+        (counted.0 + 100, counted.1 + bytes(5_000, 5_100))
+    );
+
+    b.clear().unwrap();
+    assert_eq!(usage(t3), (0, 0));
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
 #[test]
 fn outage_fails_fast_reports_unhealthy_and_recovers_by_itself() {
     let Some(mut server) = OwnServer::start(&[]) else {

@@ -22,6 +22,7 @@
 //! | `{NS}:r:<key>` | string | one record: the 42-byte header below, the custom metadata, the value bytes |
 //! | `{NS}:usage` | hash | `n` and `b`: count and bytes of the records *without* expiry |
 //! | `{NS}:expiry` | sorted set | the keys of the records *with* an expiry, scored by `expires_at` |
+//! | `{NS}:batch` | string | the batch token of a transaction of new records; set and removed inside it, so never seen |
 //!
 //! A record is one Redis string: a fixed header (integers little-endian, timestamps in ms since
 //! the epoch), then `custom_len` bytes of custom metadata (a JSON object; nothing when there is
@@ -56,31 +57,49 @@
 //! The two bookkeeping keys make [`usage`](Backend::usage) cheap: the counters plus one walk
 //! over the live records that have an expiry (in pages, reading their sizes from their
 //! headers), instead of a `SCAN` of the whole database. Every change goes through the scripts
-//! below, which keep them exact. A record that Redis expired leaves a stale entry in
-//! `{NS}:expiry`, and so may a key later written again without an expiry; such entries are
-//! ignored (the usage, purge and trim scripts check the record's header) and trimmed by the
-//! next writes, `purge_expired` and `clear`.
+//! below or the transaction of new records, which keep them exact. A record that Redis
+//! expired leaves a stale entry in `{NS}:expiry`, and so may a key later written again
+//! without an expiry; such entries are ignored (the usage, purge and trim scripts check the
+//! record's header) and trimmed by the next batches the write script runs, `purge_expired`
+//! and `clear`.
 //!
-//! # Atomicity: Lua scripts instead of `WATCH`/`MULTI`/`EXEC`
+//! # Atomicity: one transaction or one script per batch, never `WATCH`
 //!
-//! A batch ([`write`](Backend::write)) is one Lua script (`EVALSHA`, loaded again by itself
-//! after a server restart), so it is **one round trip** like a `MULTI`/`EXEC`, and Redis runs
-//! it with nothing else in between, like a transaction. A batch of new keys without expiry is
-//! one `MSETNX` (all or nothing by itself). Otherwise the script first reads every record the
-//! batch replaces (one `EXISTS` over all the keys, which also tells keys of another type
-//! apart, and only when some exist one `MGET`), applies the operations in order to that copy,
-//! checking each create-only put against the state it will see (a live record, judged at
-//! `now`, refuses the whole batch), and only then writes the final state of each key: one
-//! `MSET` for the records without expiry, one `SET ... PXAT` per record with an expiry, one
-//! `DEL` for the rest, and the counters once with the sum of the changes. So a refused batch
-//! changes nothing, and other clients never see half a batch. Keeping a live record's
-//! `created_at`, reporting the previous size and the create-only check are read-modify-writes,
-//! which with `MULTI`/`EXEC` would need `WATCH` on a dedicated connection and a bounded number
-//! of retries; inside one script they need no retry at all: there is no window between the
-//! read and the write in which another client could change the record, so no conflict to
-//! detect, no retry loop to bound and no dedicated connection to hold. The scripts carry a
-//! `#!lua` shebang, so Redis refuses them *before* they start when it is out of memory
-//! (`maxmemory`), rather than half-way.
+//! A batch ([`write`](Backend::write)) is **one round trip**, and Redis runs it with nothing
+//! else in between, in one of two ways.
+//!
+//! **New records without expiry, each key once** (the common case of saving new things) are
+//! sent as native commands: `MULTI`, one `MSETNX` of every record plus the batch token
+//! `{NS}:batch`, a four-line script that counts the records only if the token exists (and
+//! removes it), `EXEC`. `MSETNX` sets every key or, when any of them exists (of any type),
+//! none, so the token exists exactly when the records were written; the counters follow in
+//! the same transaction, and the token never outlives it. Redis runs this about twice as
+//! fast as the same records passed through a script (`INFO commandstats` on the project's
+//! 2-core test machine: 0.75 ms for the `EXEC` of 1,000 records of 242 bytes, against
+//! 1.1-1.8 ms for the script's `EVALSHA`, most of it turning 2,000 arguments into Lua
+//! strings and back). A server out of
+//! memory refuses the `MSETNX` as it is queued, and `EXEC` then refuses the whole transaction.
+//! When a key is taken nothing was written, and the batch goes to the script below; the next
+//! 15 such batches go straight to the script, so a store that saves over existing keys pays
+//! for the refused `MSETNX` once in 16 batches.
+//!
+//! **Every other batch** is one Lua script (`EVALSHA`, loaded again by itself after a server
+//! restart). It first reads every record the batch replaces (one `EXISTS` over all the keys,
+//! which also tells keys of another type apart, and only when some exist one `MGET`), applies
+//! the operations in order to that copy, checking each create-only put against the state it
+//! will see (a live record, judged at `now`, refuses the whole batch), and only then writes
+//! the final state of each key: one `MSET` for the records without expiry, one
+//! `SET ... PXAT` per record with an expiry, one `DEL` for the rest, and the counters once
+//! with the sum of the changes. So a refused batch changes nothing, and other clients never
+//! see half a batch.
+//!
+//! Keeping a live record's `created_at`, reporting the previous size and the create-only
+//! check are read-modify-writes. With native commands they would need `WATCH` on every key
+//! of the batch, a retry loop and a dedicated connection, and Redis 7.0's `WATCH` costs time
+//! quadratic in the number of keys (4.3 ms for 1,000 keys here, more than the whole script);
+//! inside the script there is no window between the read and the write, so no conflict to
+//! detect and no retry to bound. The scripts carry a `#!lua` shebang, so Redis refuses them
+//! *before* they start when it is out of memory (`maxmemory`), rather than half-way.
 //!
 //! # Listing
 //!
@@ -119,7 +138,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -384,6 +403,19 @@ end
 return result
 "#;
 
+/// The second half of a batch of new records without expiry written natively (see
+/// [`RedisBackend::pack_new_records`]): runs inside the batch's `MULTI`/`EXEC` right after its
+/// `MSETNX`, which sets the batch token along with the records or, when any of the keys
+/// exists, nothing at all. The token therefore exists exactly when the records were written:
+/// the script removes it and only then counts the records. KEYS: the batch token, usage.
+/// ARGV: the count and bytes of the records. Returns 1 when the records were written, else 0.
+const COUNT_NEW_RECORDS_SCRIPT: &str = r#"#!lua
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'n', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'b', ARGV[2])
+return 1
+"#;
+
 /// Sets the access time of an existing record, keeping its expiry. KEYS: the record. ARGV:
 /// the time, 8 bytes little-endian. Fails on a key of another type, passes over a string that
 /// is not a record.
@@ -495,6 +527,9 @@ pub struct RedisBackend {
     keys: Keys,
     scripts: Scripts,
     options: RedisOptions,
+    /// Batches of new records that take the script instead of `MSETNX` before `MSETNX` is
+    /// tried again; set when `MSETNX` found a key taken (see [`RedisBackend::write`]).
+    new_records_backoff: AtomicU32,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -513,6 +548,9 @@ struct Keys {
     record_prefix: String,
     usage: String,
     expiry: String,
+    /// `{NS}:batch`: set and removed within one `MULTI`/`EXEC` by a batch of new records (see
+    /// [`COUNT_NEW_RECORDS_SCRIPT`]), so it never exists between commands.
+    batch_token: String,
 }
 
 impl Keys {
@@ -522,6 +560,7 @@ impl Keys {
             record_prefix: format!("{base}r:"),
             usage: format!("{base}usage"),
             expiry: format!("{base}expiry"),
+            batch_token: format!("{base}batch"),
         }
     }
 
@@ -733,6 +772,7 @@ impl RedisBackend {
                 trim: Script::new(TRIM_SCRIPT),
             },
             options: options.clone(),
+            new_records_backoff: AtomicU32::new(0),
         };
         backend.check_server()?;
         Ok(backend)
@@ -932,13 +972,7 @@ impl RedisBackend {
         let mut eval = |con: &mut redis::Connection| -> redis::RedisResult<Vec<i64>> {
             con.send_packed_command(packed)?;
             while_waiting();
-            let reply = loop {
-                match con.recv_response()? {
-                    redis::Value::Push { .. } => continue,
-                    reply => break reply,
-                }
-            };
-            Ok(redis::from_redis_value(reply.extract_error()?)?)
+            Ok(redis::from_redis_value(recv_reply(con)?.extract_error()?)?)
         };
         match eval(con) {
             // Not run: the server does not know the script.
@@ -950,34 +984,72 @@ impl RedisBackend {
         }
     }
 
+    /// Sends a batch of new records packed by [`pack_new_records`](Self::pack_new_records)
+    /// and returns what `EXEC` answered: `[1, 1]` when the records were written, `[0, 0]` when
+    /// a key was taken and nothing was written.
+    fn exec_new_records(
+        &self,
+        con: &mut redis::Connection,
+        packed: &[u8],
+    ) -> redis::RedisResult<Vec<i64>> {
+        con.send_packed_command(packed)?;
+        // MULTI, MSETNX and EVAL answer OK or QUEUED, or an error (say, out of memory) after
+        // which EXEC refuses the whole transaction. Every answer is read, so that the
+        // connection stays in step, and the first error wins.
+        let mut refused = None;
+        for _ in 0..3 {
+            if let Err(e) = recv_reply(con)?.extract_error() {
+                refused.get_or_insert(e);
+            }
+        }
+        let exec = recv_reply(con)?.extract_error();
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        redis::from_redis_value(exec?).map_err(Into::into)
+    }
+
+    /// A batch of new records without expiry, each key once, as native commands in the Redis
+    /// protocol (RESP): `MULTI`, one `MSETNX` of the batch token and every record, the
+    /// [`COUNT_NEW_RECORDS_SCRIPT`], `EXEC`. Hand the buffer back with [`recycle`] once sent.
+    fn pack_new_records(&self, entries: &[BatchEntry<'_>], summary: &BatchSummary) -> Vec<u8> {
+        let prefix = self.keys.record_prefix.as_bytes();
+        let mut buf = packing_buffer(summary.packed_size + 512);
+        resp::array(&mut buf, 1);
+        resp::bulk(&mut buf, &[b"MULTI"]);
+        resp::array(&mut buf, 3 + 2 * entries.len());
+        resp::bulk(&mut buf, &[b"MSETNX"]);
+        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+        resp::bulk(&mut buf, &[b"1"]);
+        for e in entries {
+            resp::bulk(&mut buf, &[prefix, e.key]);
+            e.pack_record(&mut buf);
+        }
+        resp::array(&mut buf, 7);
+        resp::bulk(&mut buf, &[b"EVAL"]);
+        resp::bulk(&mut buf, &[COUNT_NEW_RECORDS_SCRIPT.as_bytes()]);
+        resp::bulk(&mut buf, &[b"2"]);
+        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+        resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+        resp::int(&mut buf, summary.added_count as i64);
+        resp::int(&mut buf, summary.added_bytes as i64);
+        resp::array(&mut buf, 1);
+        resp::bulk(&mut buf, &[b"EXEC"]);
+        buf
+    }
+
     /// The `EVALSHA` command of the write script for a batch, in the Redis protocol (RESP),
     /// built at once: each record is written straight into it, header and all. Hand the
     /// buffer back with [`recycle`] once sent.
-    fn pack_batch(&self, entries: &[BatchEntry<'_>], now: Timestamp) -> Vec<u8> {
+    fn pack_batch(
+        &self,
+        entries: &[BatchEntry<'_>],
+        summary: &BatchSummary,
+        now: Timestamp,
+    ) -> Vec<u8> {
         let prefix = self.keys.record_prefix.as_bytes();
-        let mut kinds = Vec::with_capacity(entries.len());
-        let mut added = (0u64, 0u64);
-        let mut size = 0;
-        for e in entries {
-            kinds.push(e.kind);
-            if matches!(e.kind, kind::UPSERT | kind::CREATE)
-                && let Some((record, _)) = &e.put
-            {
-                added.0 += 1;
-                added.1 += record.value.len() as u64;
-            }
-            size += 2 * 16 + prefix.len() + e.key.len() + e.record_len();
-        }
-        let mut buf = PACK_BUFFER.take();
-        buf.clear();
-        buf.reserve(size + 256 + entries.len() + 2 * prefix.len());
-        // Whether each key appears once, which spares the script following a key through the
-        // batch.
-        let distinct = {
-            let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
-                HashSet::with_capacity_and_hasher(entries.len(), Default::default());
-            entries.iter().all(|e| seen.insert(e.key))
-        };
+        let kinds: Vec<u8> = entries.iter().map(|e| e.kind).collect();
+        let mut buf = packing_buffer(summary.packed_size + 256 + entries.len() + 2 * prefix.len());
         let args = 3 + 2 + entries.len() + 6 + entries.len();
         resp::array(&mut buf, args);
         resp::bulk(&mut buf, &[b"EVALSHA"]);
@@ -990,20 +1062,23 @@ impl RedisBackend {
         }
         resp::int(&mut buf, now.0);
         resp::bulk(&mut buf, &[&kinds]);
-        resp::int(&mut buf, added.0 as i64);
-        resp::int(&mut buf, added.1 as i64);
+        resp::int(&mut buf, summary.added_count as i64);
+        resp::int(&mut buf, summary.added_bytes as i64);
         resp::bulk(&mut buf, &[prefix]);
-        resp::bulk(&mut buf, &[if distinct { b"1" } else { b"0" }]);
+        resp::bulk(&mut buf, &[if summary.distinct { b"1" } else { b"0" }]);
         for e in entries {
-            match &e.put {
-                None => resp::bulk(&mut buf, &[]),
-                Some((record, custom)) => {
-                    let header = encode_header(&record.meta, record.value.len(), custom.len());
-                    resp::bulk(&mut buf, &[&header, custom, &record.value]);
-                }
-            }
+            e.pack_record(&mut buf);
         }
         buf
+    }
+
+    /// Whether a batch of new records without expiry should be tried as an `MSETNX` (see
+    /// [`write`](Backend::write)): yes unless one found a key taken in the last
+    /// [`NEW_RECORDS_BACKOFF`] such batches.
+    fn try_new_records(&self) -> bool {
+        self.new_records_backoff
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
     }
 
     /// The stored bytes of the record of `key`, if any.
@@ -1047,6 +1122,17 @@ impl RedisBackend {
             Ok(v) => Ok(Ok(v)),
             Err(e) if is_wrong_type(&e) => Ok(Err(self.layout_error(key, 1))),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// The next answer on `con`, passing over push messages (which a RESP3 server may send at any
+/// time).
+fn recv_reply(con: &mut redis::Connection) -> redis::RedisResult<redis::Value> {
+    loop {
+        match con.recv_response()? {
+            redis::Value::Push { .. } => continue,
+            reply => return Ok(reply),
         }
     }
 }
@@ -1272,8 +1358,22 @@ thread_local! {
     static PACK_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
+/// Batches of new records that take the write script after an `MSETNX` found a key taken,
+/// before `MSETNX` is tried again: a store that keeps saving over existing keys pays for the
+/// refused `MSETNX` once every this many batches.
+const NEW_RECORDS_BACKOFF: u32 = 16;
+
 /// Largest packing buffer kept for the next batch.
 const KEPT_BUFFER: usize = 4 << 20;
+
+/// An empty buffer of at least `capacity` bytes to pack a batch into: the one the thread's
+/// last batch was packed into, if it kept one.
+fn packing_buffer(capacity: usize) -> Vec<u8> {
+    let mut buf = PACK_BUFFER.take();
+    buf.clear();
+    buf.reserve(capacity);
+    buf
+}
 
 /// Keeps a packed batch's buffer for the thread's next batch, unless it is large.
 fn recycle(buf: Vec<u8>) {
@@ -1383,6 +1483,57 @@ impl<'a> BatchEntry<'a> {
             None => 0,
             Some((record, custom)) => HEADER_LEN + custom.len() + record.value.len(),
         }
+    }
+
+    /// Appends the encoded record as one RESP argument (empty for a delete).
+    fn pack_record(&self, buf: &mut Vec<u8>) {
+        match &self.put {
+            None => resp::bulk(buf, &[]),
+            Some((record, custom)) => {
+                let header = encode_header(&record.meta, record.value.len(), custom.len());
+                resp::bulk(buf, &[&header, custom, &record.value]);
+            }
+        }
+    }
+}
+
+/// What the packing of a batch needs to know about it as a whole.
+struct BatchSummary {
+    /// Each key appears once, which spares the write script following a key through the
+    /// batch.
+    distinct: bool,
+    /// Every operation puts a record without expiry.
+    puts_without_expiry: bool,
+    /// Count and value bytes of the puts without expiry, for the usage counters.
+    added_count: u64,
+    added_bytes: u64,
+    /// About the size of the packed batch: its keys and records with their RESP framing.
+    packed_size: usize,
+}
+
+impl BatchSummary {
+    fn of(entries: &[BatchEntry<'_>], record_prefix: &str) -> Self {
+        let mut summary = Self {
+            distinct: true,
+            puts_without_expiry: true,
+            added_count: 0,
+            added_bytes: 0,
+            packed_size: 0,
+        };
+        for e in entries {
+            match (&e.put, e.kind) {
+                (Some((record, _)), kind::UPSERT | kind::CREATE) => {
+                    summary.added_count += 1;
+                    summary.added_bytes += record.value.len() as u64;
+                }
+                _ => summary.puts_without_expiry = false,
+            }
+            summary.packed_size += 2 * 16 + record_prefix.len() + e.key.len() + e.record_len();
+        }
+        let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
+            HashSet::with_capacity_and_hasher(entries.len(), Default::default());
+        summary.distinct = entries.iter().all(|e| seen.insert(e.key));
+        summary
     }
 }
 
@@ -1518,10 +1669,33 @@ impl Backend for RedisBackend {
             .iter()
             .map(BatchEntry::new)
             .collect::<Result<Vec<_>>>()?;
-        let packed = self.pack_batch(&entries, now);
+        let summary = BatchSummary::of(&entries, &self.keys.record_prefix);
+        let doing = format!("writing a batch of {} operation(s)", ops.len());
+        // New records without expiry, each key once (saving new things): native commands,
+        // which Redis runs about twice as fast as the script; see the module docs.
+        if summary.distinct && summary.puts_without_expiry && self.try_new_records() {
+            let packed = self.pack_new_records(&entries, &summary);
+            let answer = self.run(&doing, Retry::Never, |con| {
+                self.exec_new_records(con, &packed)
+            });
+            recycle(packed);
+            match answer?.as_slice() {
+                [1, 1] => return Ok(vec![WriteOutcome::default(); ops.len()]),
+                // A key is taken and nothing was written: the script sorts the batch out.
+                [0, 0] => self
+                    .new_records_backoff
+                    .store(NEW_RECORDS_BACKOFF - 1, Ordering::Relaxed),
+                other => {
+                    return Err(StorageError::backend(
+                        BACKEND,
+                        format!("{doing}: unexpected answer {other:?} to a batch of new records"),
+                    ));
+                }
+            }
+        }
+        let packed = self.pack_batch(&entries, &summary, now);
         drop(entries);
         let mut ops = ops;
-        let doing = format!("writing a batch of {} operation(s)", ops.len());
         let reply = {
             // The values are in `packed` now: free them while Redis runs the batch.
             let mut values = Some(&mut ops);
@@ -1654,7 +1828,8 @@ impl Backend for RedisBackend {
                             put: None,
                         })
                         .collect();
-                    let packed = self.pack_batch(&entries, Timestamp::now());
+                    let summary = BatchSummary::of(&entries, &self.keys.record_prefix);
+                    let packed = self.pack_batch(&entries, &summary, Timestamp::now());
                     drop(entries);
                     let reply = self.eval_batch(con, &packed, &mut || {});
                     recycle(packed);
