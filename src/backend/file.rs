@@ -136,6 +136,7 @@ use std::sync::{Arc, LazyLock, Weak};
 
 use fs4::fs_std::FileExt;
 use parking_lot::{Mutex, MutexGuard, RwLock};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Backend, KeyEntry, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
@@ -490,6 +491,11 @@ impl Backend for FileBackend {
         self.lookup(key, load_record)?.into_result()
     }
 
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        let _gate = self.inner.gate.read();
+        self.lookup(key, load_value)?.into_result()
+    }
+
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         let _gate = self.inner.gate.read();
         self.lookup(key, load_header)?.into_result()
@@ -840,6 +846,25 @@ struct HeaderOwned {
     meta: RecordMeta,
 }
 
+/// The part of a header a load needs: the key, to check the file is this key's, and the
+/// expiry. The other fields are passed over without being built (no custom metadata map).
+#[derive(Deserialize)]
+struct HeaderForLoad {
+    key: String,
+    meta: ExpiryOnly,
+}
+
+#[derive(Deserialize)]
+struct ExpiryOnly {
+    expires_at: Option<Timestamp>,
+}
+
+/// The key of a header alone.
+#[derive(Deserialize)]
+struct HeaderKey {
+    key: String,
+}
+
 /// What is wrong with a file that has a data-file name.
 #[derive(Debug)]
 enum Damage {
@@ -994,23 +1019,29 @@ fn length_damage(fixed: &Fixed, actual: u64) -> Option<Damage> {
     })
 }
 
-fn parse_header(
+/// Checks the header's checksum and reads it as `H` (all of it, or the part a reader needs).
+fn parse_header<H: DeserializeOwned>(
     fixed_bytes: &[u8; FIXED_LEN],
     fixed: &Fixed,
     header: &[u8],
-) -> std::result::Result<(String, RecordMeta), Damage> {
+) -> std::result::Result<H, Damage> {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&fixed_bytes[..24]);
     crc.update(header);
     if crc.finalize() != fixed.header_crc {
         return Err(Damage::Corrupt("header checksum mismatch".to_owned()));
     }
-    let HeaderOwned { key, mut meta } = serde_json::from_slice(header)
-        .map_err(|e| Damage::Corrupt(format!("unreadable header: {e}")))?;
+    serde_json::from_slice(header).map_err(|e| Damage::Corrupt(format!("unreadable header: {e}")))
+}
+
+/// The key and metadata of a whole header, with the access time the fixed part holds when it
+/// is newer (see `touch`).
+fn full_header(fixed: &Fixed, header: HeaderOwned) -> (String, RecordMeta) {
+    let HeaderOwned { key, mut meta } = header;
     if let Some(at) = fixed.accessed_at {
         meta.accessed_at = at;
     }
-    Ok((key, meta))
+    (key, meta)
 }
 
 fn too_short(len: u64) -> Damage {
@@ -1019,8 +1050,11 @@ fn too_short(len: u64) -> Damage {
     ))
 }
 
-/// Parses a whole record file.
-fn parse_record(bytes: &[u8]) -> std::result::Result<(String, Record), Damage> {
+/// Checks a whole record file (its lengths and both checksums) and reads its header as `H`;
+/// returns the header, the fixed part and where the value starts.
+fn parse_record<H: DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<(H, Fixed, usize), Damage> {
     let fixed_bytes: &[u8; FIXED_LEN] = bytes
         .get(..FIXED_LEN)
         .and_then(|b| b.try_into().ok())
@@ -1030,18 +1064,11 @@ fn parse_record(bytes: &[u8]) -> std::result::Result<(String, Record), Damage> {
         return Err(damage);
     }
     let value_start = FIXED_LEN + fixed.header_len;
-    let (key, meta) = parse_header(fixed_bytes, &fixed, &bytes[FIXED_LEN..value_start])?;
-    let value = &bytes[value_start..];
-    if crc32fast::hash(value) != fixed.value_crc {
+    let header = parse_header(fixed_bytes, &fixed, &bytes[FIXED_LEN..value_start])?;
+    if crc32fast::hash(&bytes[value_start..]) != fixed.value_crc {
         return Err(Damage::Corrupt("value checksum mismatch".to_owned()));
     }
-    Ok((
-        key,
-        Record {
-            value: value.to_vec(),
-            meta,
-        },
-    ))
+    Ok((header, fixed, value_start))
 }
 
 fn read_error(path: &Path, e: io::Error) -> StorageError {
@@ -1051,8 +1078,27 @@ fn read_error(path: &Path, e: io::Error) -> StorageError {
 /// Reads and checks a whole record file.
 fn load_record(path: &Path) -> Result<Loaded<Record>> {
     match fs::read(path) {
-        Ok(bytes) => Ok(match parse_record(&bytes) {
-            Ok((key, record)) => Loaded::Found(key, record),
+        Ok(mut bytes) => Ok(match parse_record(&bytes) {
+            Ok((header, fixed, value_start)) => {
+                let (key, meta) = full_header(&fixed, header);
+                // The value is the end of the file: keep the buffer, without what precedes it.
+                bytes.drain(..value_start);
+                Loaded::Found(key, Record { value: bytes, meta })
+            }
+            Err(damage) => Loaded::Damaged(damage),
+        }),
+        Err(e) => unreadable(path, e),
+    }
+}
+
+/// Reads and checks a whole record file, for its value and expiry.
+fn load_value(path: &Path) -> Result<Loaded<(Vec<u8>, Option<Timestamp>)>> {
+    match fs::read(path) {
+        Ok(mut bytes) => Ok(match parse_record::<HeaderForLoad>(&bytes) {
+            Ok((header, _, value_start)) => {
+                bytes.drain(..value_start);
+                Loaded::Found(header.key, (bytes, header.meta.expires_at))
+            }
             Err(damage) => Loaded::Damaged(damage),
         }),
         Err(e) => unreadable(path, e),
@@ -1104,7 +1150,10 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Loaded<RecordMeta>> 
     file.read_exact(&mut header)
         .map_err(|e| read_error(path, e))?;
     Ok(match parse_header(&fixed_bytes, &fixed, &header) {
-        Ok((key, meta)) => Loaded::Found(key, meta),
+        Ok(header) => {
+            let (key, meta) = full_header(&fixed, header);
+            Loaded::Found(key, meta)
+        }
         Err(damage) => Loaded::Damaged(damage),
     })
 }
@@ -1157,7 +1206,9 @@ fn parse_journal(bytes: &[u8]) -> std::result::Result<Vec<Change>, JournalDamage
     let changes: Vec<Change> = postcard::from_bytes(payload).map_err(|_| JournalDamage::Invalid)?;
     // Every record must be intact and belong to its key.
     let valid = changes.iter().all(|change| match &change.bytes {
-        Some(bytes) => parse_record(bytes).is_ok_and(|(key, _)| key == change.key),
+        Some(bytes) => {
+            parse_record::<HeaderKey>(bytes).is_ok_and(|(header, ..)| header.key == change.key)
+        }
         None => true,
     });
     if valid {
@@ -1950,6 +2001,10 @@ mod tests {
                 other => panic!("{key}: {other:?}"),
             }
             assert!(matches!(b.get_meta(key), Err(StorageError::Corrupt { .. })));
+            assert!(matches!(
+                b.get_value(key),
+                Err(StorageError::Corrupt { .. })
+            ));
         }
         assert_eq!(
             listed_keys(&b, ""),
@@ -2026,6 +2081,11 @@ mod tests {
                 "{what}: {:?}",
                 b.get("t")
             );
+            assert!(
+                matches!(b.get_value("t"), Err(StorageError::Corrupt { .. })),
+                "{what}: {:?}",
+                b.get_value("t")
+            );
             if what != "value bit flip" {
                 assert!(
                     matches!(b.get_meta("t"), Err(StorageError::Corrupt { .. })),
@@ -2046,8 +2106,17 @@ mod tests {
             b.get("t"),
             Err(StorageError::UnsupportedVersion { found: 9, .. })
         ));
+        assert!(matches!(
+            b.get_value("t"),
+            Err(StorageError::UnsupportedVersion { found: 9, .. })
+        ));
         fs::write(&path, &original).unwrap();
         assert_eq!(value_of(&b, "t").unwrap(), noise(100, 9));
+        assert_eq!(
+            b.get_value("t").unwrap(),
+            Some((noise(100, 9), None)),
+            "what a load reads matches the record"
+        );
     }
 
     #[test]
