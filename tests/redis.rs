@@ -677,6 +677,59 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
 
+/// A record string cut short or run long (by hand, or a torn copy) is corrupt for every read,
+/// the metadata included, and a save over it replaces it.
+#[test]
+fn records_of_the_wrong_length_are_corrupt_for_every_read() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let s = store(&ns);
+    let mut con = raw(&ns.url);
+    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
+    let long_custom = "x".repeat(500);
+    s.save("plain", &"a value", &SaveOptions::default())
+        .unwrap();
+    s.save(
+        "annotated",
+        &"a value",
+        &SaveOptions::new().metadata("note", long_custom.as_str()),
+    )
+    .unwrap();
+    for key in ["plain", "annotated"] {
+        let intact: Vec<u8> = redis::cmd("GET")
+            .arg(record_key(key))
+            .query(&mut con)
+            .unwrap();
+        let cut = intact[..intact.len() - 1].to_vec();
+        let long = [&intact[..], b"!"].concat();
+        for (what, bytes) in [("cut", cut), ("long", long)] {
+            redis::cmd("SET")
+                .arg(record_key(key))
+                .arg(&bytes)
+                .query::<()>(&mut con)
+                .unwrap();
+            let corrupt = |r: Result<bool, StorageError>, op: &str| match r {
+                Err(StorageError::Corrupt { key: k, reason }) => {
+                    assert_eq!(k, key, "{what} {op}");
+                    assert!(reason.contains("bytes long"), "{what} {op}: {reason}");
+                }
+                other => panic!("{what} {key} {op}: expected Corrupt, got {other:?}"),
+            };
+            corrupt(
+                s.load::<String>(key, &LoadOptions::default())
+                    .map(|v| v.is_some()),
+                "load",
+            );
+            corrupt(s.get_metadata(key).map(|m| m.is_some()), "get_metadata");
+            corrupt(s.exists(key), "exists");
+        }
+        s.save(key, &"again", &SaveOptions::default()).unwrap();
+        assert_eq!(load::<String>(&s, key).as_deref(), Some("again"));
+        assert!(s.exists(key).unwrap());
+    }
+    s.clear().unwrap();
+}
+
 #[test]
 fn connection_strings_and_secrets() {
     require_redis!();

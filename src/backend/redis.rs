@@ -1138,8 +1138,13 @@ fn recv_reply(con: &mut redis::Connection) -> redis::RedisResult<redis::Value> {
 }
 
 /// True when Redis refused a command for the type of the key it names.
+/// For a transaction, when any of its commands was.
 fn is_wrong_type(e: &RedisError) -> bool {
-    e.code() == Some("WRONGTYPE") || e.detail().is_some_and(|d| d.contains("WRONGTYPE"))
+    e.code() == Some("WRONGTYPE")
+        || e.detail().is_some_and(|d| d.contains("WRONGTYPE"))
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == "WRONGTYPE"))
 }
 
 /// The value of `field` in an `INFO` answer.
@@ -1278,6 +1283,23 @@ impl Header {
         self.value_start() + self.size as usize
     }
 
+    /// Checks that a record of `len` bytes is as long as this header announces.
+    fn check_len(&self, key: &str, len: usize) -> Result<()> {
+        if len == self.record_len() {
+            return Ok(());
+        }
+        Err(StorageError::corrupt(
+            key,
+            format!(
+                "the Redis record is {len} bytes long but its header announces {} ({HEADER_LEN} \
+                 of header, {} of custom metadata, {} of value)",
+                self.record_len(),
+                self.custom_len,
+                self.size
+            ),
+        ))
+    }
+
     /// Reads the header at the start of `bytes` (a record or its beginning).
     fn parse(key: &str, bytes: &[u8]) -> Result<Self> {
         if bytes.len() < HEADER_LEN {
@@ -1336,19 +1358,7 @@ impl Header {
 /// Checks that `bytes` is a whole record: its header and exactly the lengths it announces.
 fn parse_record(key: &str, bytes: &[u8]) -> Result<Header> {
     let header = Header::parse(key, bytes)?;
-    if bytes.len() != header.record_len() {
-        return Err(StorageError::corrupt(
-            key,
-            format!(
-                "the Redis record is {} bytes long but its header announces {} ({HEADER_LEN} of \
-                 header, {} of custom metadata, {} of value)",
-                bytes.len(),
-                header.record_len(),
-                header.custom_len,
-                header.size
-            ),
-        ));
-    }
+    header.check_len(key, bytes.len())?;
     Ok(header)
 }
 
@@ -1630,31 +1640,34 @@ impl Backend for RedisBackend {
 
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         let rkey = self.keys.record(key);
-        // The header and, most of the time, all of the custom metadata in one read. Should the
-        // metadata be longer, read again up to its end (header included, so that both come
-        // from the same version of the record); past a few attempts (the record keeps being
-        // rewritten longer), read the whole record at once.
+        // The header and, most of the time, all of the custom metadata in one read, with the
+        // record's length (in one MULTI/EXEC, so both describe the same version of the
+        // record) to check that it holds the value its header announces, as a load would.
+        // Should the metadata be longer, read again up to its end; past a few attempts (the
+        // record keeps being rewritten longer), read the whole record at once.
         let mut want = HEADER_LEN + CUSTOM_READ_AHEAD;
         for _ in 0..3 {
-            let bytes: Vec<u8> = self.run("reading record metadata", Retry::Safe, |con| {
-                let read = redis::cmd("GETRANGE")
-                    .arg(&rkey)
-                    .arg(0)
-                    .arg(want - 1)
-                    .query(con);
-                self.record_result(key, read)
-            })??;
-            if bytes.is_empty() {
+            let (bytes, len): (Vec<u8>, usize) =
+                self.run("reading record metadata", Retry::Safe, |con| {
+                    let read = redis::pipe()
+                        .atomic()
+                        .cmd("GETRANGE")
+                        .arg(&rkey)
+                        .arg(0)
+                        .arg(want - 1)
+                        .cmd("STRLEN")
+                        .arg(&rkey)
+                        .query(con);
+                    self.record_result(key, read)
+                })??;
+            if len == 0 {
                 return Ok(None);
             }
             let header = Header::parse(key, &bytes)?;
+            header.check_len(key, len)?;
             let end = header.value_start();
             if bytes.len() >= end {
                 return header.meta(key, &bytes[HEADER_LEN..end]).map(Some);
-            }
-            if bytes.len() < want {
-                // The whole record came back, and it is shorter than its header says.
-                return parse_record(key, &bytes).map(|_| None);
             }
             want = end;
         }
