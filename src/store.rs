@@ -930,6 +930,16 @@ impl Store {
     /// serialization error, `overwrite(false)` on an existing key, the quota, the backend),
     /// nothing is changed.
     pub fn transaction(&self, operations: Vec<StorageOperation>) -> Result<()> {
+        self.transaction_outcomes(operations).map(drop)
+    }
+
+    /// [`transaction`](Self::transaction), with what each operation found: for a delete,
+    /// `previous_size` is `Some` exactly when it removed a live record (every backend reports
+    /// it for deletes); empty when there were no operations.
+    pub(crate) fn transaction_outcomes(
+        &self,
+        operations: Vec<StorageOperation>,
+    ) -> Result<Vec<WriteOutcome>> {
         self.instrument(OpKind::Write, || {
             let now = self.inner.clock.now();
             let mut ops = Vec::with_capacity(operations.len());
@@ -951,9 +961,9 @@ impl Store {
                 });
             }
             if ops.is_empty() {
-                return Ok(());
+                return Ok(Vec::new());
             }
-            self.write(ops, now).map(drop)
+            self.write(ops, now)
         })
     }
 

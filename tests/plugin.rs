@@ -27,6 +27,8 @@ struct TestBackend {
     write_delay: Duration,
     fail: Arc<AtomicBool>,
     writes: Arc<AtomicUsize>,
+    /// Calls of `get` and `get_meta`.
+    reads: Arc<AtomicUsize>,
 }
 
 impl TestBackend {
@@ -40,6 +42,7 @@ impl TestBackend {
             write_delay: Duration::ZERO,
             fail: Arc::new(AtomicBool::new(false)),
             writes: Arc::new(AtomicUsize::new(0)),
+            reads: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -66,10 +69,12 @@ impl Backend for TestBackend {
     }
     fn get(&self, key: &str) -> bevy_storage::Result<Option<Record>> {
         self.check()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get(key)
     }
     fn get_meta(&self, key: &str) -> bevy_storage::Result<Option<RecordMeta>> {
         self.check()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_meta(key)
     }
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> bevy_storage::Result<Vec<WriteOutcome>> {
@@ -896,17 +901,23 @@ fn read_cache_hits_misses_and_invalidation() {
 fn batching_commits_a_frame_of_writes_in_one_transaction() {
     let backend = TestBackend::memory();
     let writes = Arc::clone(&backend.writes);
+    let reads = Arc::clone(&backend.reads);
     let mut app = app_with(StoragePlugin::custom(backend).batch_writes(WriteBatching::PerFrame));
     let warm = save(&mut app, "old", 0u8);
     pump_for(&mut app, &[warm]);
     let before = writes.load(Ordering::SeqCst);
+    let reads_before = reads.load(Ordering::SeqCst);
 
     let mut ids: Vec<RequestId> = (0..10)
         .map(|i| save(&mut app, &format!("b:{i}"), i))
         .collect();
     let d_old = delete(&mut app, "old");
     let d_none = delete(&mut app, "never-saved");
-    ids.extend([d_old, d_none]);
+    // A delete sees the batch's earlier save of its key, and the next delete sees it gone.
+    let s_new = save(&mut app, "new", 1u8);
+    let d_new = delete(&mut app, "new");
+    let d_again = delete(&mut app, "new");
+    ids.extend([d_old, d_none, s_new, d_new, d_again]);
     pump_for(&mut app, &ids);
 
     assert_eq!(
@@ -914,20 +925,26 @@ fn batching_commits_a_frame_of_writes_in_one_transaction() {
         1,
         "one backend transaction for the frame"
     );
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        reads_before,
+        "the deletes learn what they removed from the commit itself"
+    );
     let seen = app.world().resource::<Seen>();
     for id in &ids[..10] {
         assert!(seen.save(*id).unwrap().is_ok());
     }
-    match (seen.get(d_old).unwrap(), seen.get(d_none).unwrap()) {
-        (Resp::Delete(a), Resp::Delete(b)) => {
-            assert!(*a.result.as_ref().unwrap());
-            assert!(!*b.result.as_ref().unwrap());
-        }
+    let existed = |id: RequestId| match seen.get(id).unwrap() {
+        Resp::Delete(d) => *d.result.as_ref().unwrap(),
         other => panic!("{other:?}"),
-    }
+    };
+    assert_eq!(
+        [d_old, d_none, d_new, d_again].map(existed),
+        [true, false, true, false]
+    );
     let activity = app.world().resource::<StorageActivity>();
     assert_eq!(activity.batches_committed, 1);
-    assert_eq!(activity.batched_requests, 12);
+    assert_eq!(activity.batched_requests, 15);
     let l = load(&mut app, "b:7");
     pump_for(&mut app, &[l]);
     assert_eq!(loaded::<i32>(&app, l), Some(7));

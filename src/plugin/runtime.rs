@@ -318,50 +318,32 @@ fn save_op(key: &str, value: &ErasedValue, options: &SaveOptions) -> StorageOper
 }
 
 /// Runs a batch of saves and deletes as one transaction; every item gets the real result of
-/// that one commit.
+/// that one commit, and each delete whether it removed a live record (as the backend found it
+/// while committing, after the batch's earlier operations on the same key).
 fn run_batch(store: &Store, ops: &[Op]) -> Vec<Outcome> {
-    // `Store::transaction` does not say which deletes removed something; find out first.
-    // Requests for these keys are serialized by the scheduler, so nothing of ours races.
-    let mut live: HashMap<&str, bool> = HashMap::new();
-    let mut existed = Vec::new();
-    let mut operations = Vec::with_capacity(ops.len());
-    for op in ops {
-        match op {
+    let operations = ops
+        .iter()
+        .map(|op| match op {
             Op::Save {
                 key,
                 value,
                 options,
                 ..
-            } => {
-                live.insert(key, true);
-                operations.push(save_op(key, value, options));
-            }
-            Op::Delete { key, .. } => {
-                let was_live = match live.get(key.as_str()) {
-                    Some(&known) => known,
-                    None => match store.exists(key) {
-                        Ok(found) => found,
-                        // The backend is failing: commit nothing, report it to everyone.
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            return ops.iter().map(|op| op.fail(Arc::clone(&e))).collect();
-                        }
-                    },
-                };
-                existed.push(was_live);
-                live.insert(key, false);
-                operations.push(StorageOperation::delete(key.clone()));
-            }
+            } => save_op(key, value, options),
+            Op::Delete { key, .. } => StorageOperation::delete(key.clone()),
             _ => unreachable!("only saves and deletes are batched"),
+        })
+        .collect();
+    let outcomes = match store.transaction_outcomes(operations) {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            let e = Arc::new(e);
+            return ops.iter().map(|op| op.fail(Arc::clone(&e))).collect();
         }
-    }
-    if let Err(e) = store.transaction(operations) {
-        let e = Arc::new(e);
-        return ops.iter().map(|op| op.fail(Arc::clone(&e))).collect();
-    }
-    let mut existed = existed.into_iter();
+    };
     ops.iter()
-        .map(|op| match op {
+        .zip(outcomes)
+        .map(|(op, outcome)| match op {
             Op::Save { id, key, .. } => Outcome::Save(SaveCompleted {
                 id: *id,
                 key: key.clone(),
@@ -370,7 +352,7 @@ fn run_batch(store: &Store, ops: &[Op]) -> Vec<Outcome> {
             Op::Delete { id, key } => Outcome::Delete(DeleteCompleted {
                 id: *id,
                 key: key.clone(),
-                result: Ok(existed.next().unwrap_or(false)),
+                result: Ok(outcome.previous_size.is_some()),
             }),
             _ => unreachable!("only saves and deletes are batched"),
         })
