@@ -364,6 +364,111 @@ fn bookkeeping_matches_a_full_recount() {
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
 
+/// Several stores writing one namespace at once, with batches that take the native path
+/// (new keys), batches that find their keys taken and fall back to the script, and batches
+/// that always take it (expiries, deletes, repeated keys): every batch is all or nothing and
+/// the counters still match a full recount.
+#[test]
+fn concurrent_native_and_script_batches_keep_the_counters_exact() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let stores: Vec<Arc<RedisBackend>> = (0..4)
+        .map(|_| {
+            Arc::new(RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap())
+        })
+        .collect();
+    let start = Timestamp::now();
+    let workers: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(w, b)| {
+            let b = Arc::clone(b);
+            thread::spawn(move || {
+                let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (w as u64 + 1);
+                let mut next = |n: u64| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state % n
+                };
+                let mut refused = 0;
+                for step in 0..150 {
+                    let now = Timestamp(start.0 + step);
+                    // Keys shared by every worker, so batches collide: on even steps keys new
+                    // to the store (the native path, unless another worker got there first),
+                    // on odd steps a mix over 40 keys.
+                    let ops: Vec<WriteOp> = (0..1 + next(8))
+                        .map(|i| {
+                            if step % 2 == 0 {
+                                return WriteOp::Put {
+                                    key: format!("f{step}:{i}"),
+                                    record: record(&vec![b'n'; 1 + i as usize], now, None),
+                                    mode: if next(3) == 0 {
+                                        PutMode::CreateOnly
+                                    } else {
+                                        PutMode::Upsert
+                                    },
+                                };
+                            }
+                            let key = format!("k{}", next(40));
+                            match next(10) {
+                                0 => WriteOp::Delete { key },
+                                1 => WriteOp::Put {
+                                    key,
+                                    record: record(
+                                        b"expiring",
+                                        now,
+                                        Some(Timestamp(now.0 + 600_000)),
+                                    ),
+                                    mode: PutMode::Upsert,
+                                },
+                                n => WriteOp::Put {
+                                    key,
+                                    record: record(&vec![b'v'; next(50) as usize], now, None),
+                                    mode: if n < 4 {
+                                        PutMode::CreateOnly
+                                    } else {
+                                        PutMode::Upsert
+                                    },
+                                },
+                            }
+                        })
+                        .collect();
+                    match b.write(ops, now) {
+                        Ok(_) => {}
+                        Err(StorageError::AlreadyExists { .. }) => refused += 1,
+                        Err(e) => panic!("worker {w}: {e}"),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(refused > 0, "create-only puts met taken keys");
+    let b = &stores[0];
+    let now = Timestamp(start.0 + 150);
+    let live: Vec<_> = b
+        .scan("")
+        .unwrap()
+        .into_iter()
+        .filter(|e| !now.is_past(e.expires_at))
+        .collect();
+    let usage = b.usage(now).unwrap();
+    assert_eq!(
+        (usage.item_count, usage.total_size),
+        (live.len() as u64, live.iter().map(|e| e.size).sum::<u64>())
+    );
+    let mut con = raw(&ns.url);
+    let token: bool = redis::cmd("EXISTS")
+        .arg(format!("{{{}}}:batch", ns.namespace))
+        .query(&mut con)
+        .unwrap();
+    assert!(!token, "the batch token never outlives its transaction");
+    b.clear().unwrap();
+    assert!(ns.keys().is_empty(), "{:?}", ns.keys());
+}
+
 #[test]
 fn batches_keep_created_at_and_report_previous_sizes() {
     require_redis!();
