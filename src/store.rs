@@ -1,6 +1,6 @@
 //! [`Store`]: the key-value API every backend shares, with its semantics implemented once.
 //!
-//! The store validates keys, turns values into sealed records with the [`codec`](crate::codec),
+//! The store validates keys, turns values into sealed records with the [`codec`],
 //! hides expired records, enforces the quota, keeps `created_at` across overwrites, and counts
 //! statistics. Backends below it only keep bytes.
 

@@ -46,7 +46,7 @@ pub fn compress_after(_prefix: usize, _data: &[u8], _spare: usize) -> Option<Vec
     None
 }
 
-/// Decompresses a payload written by [`compress`], refusing sizes no LZ4 block can produce.
+/// Decompresses a payload written by [`compress_after`], refusing sizes no LZ4 block can produce.
 pub fn decompress(key: &str, data: &[u8]) -> Result<Vec<u8>> {
     #[cfg(feature = "compression")]
     {

@@ -35,7 +35,7 @@ const FLAG_ENCRYPTED: u8 = 2;
 pub struct SealOptions {
     /// The format the payload is in (recorded in the header).
     pub format: Format,
-    /// 0 = no compression, 1..=9 = LZ4 (see [`compress`](super::compress)).
+    /// 0 = no compression, 1..=9 = LZ4 (see [`compress`] for what the levels do).
     pub compression_level: u8,
     /// Encrypt with the store's cipher.
     pub encrypt: bool,
