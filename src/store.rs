@@ -1046,14 +1046,31 @@ impl Store {
     /// Sends a batch to the backend under the quota, and drops the cached reads it touches
     /// (before and after the write, so no reader keeps a value older than the write).
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
-        let Some(cache) = &self.inner.cache else {
-            return self.write_under_quota(ops, now);
+        let count = ops.len();
+        let result = match &self.inner.cache {
+            None => self.write_under_quota(ops, now),
+            Some(cache) => {
+                let keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
+                cache.invalidate(keys.iter().map(String::as_str));
+                let result = self.write_under_quota(ops, now);
+                cache.invalidate(keys.iter().map(String::as_str));
+                result
+            }
         };
-        let keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
-        cache.invalidate(keys.iter().map(String::as_str));
-        let result = self.write_under_quota(ops, now);
-        cache.invalidate(keys.iter().map(String::as_str));
-        result
+        // Callers pair outcomes with operations: a (custom) backend that breaks the contract
+        // gets an error here rather than requests left without an answer.
+        match result {
+            Ok(outcomes) if outcomes.len() != count => Err(StorageError::backend(
+                self.inner.backend.backend_type(),
+                format!(
+                    "the backend answered a batch of {count} operation(s) with {} outcome(s); \
+                     Backend::write must return one per operation (the batch may have been \
+                     applied)",
+                    outcomes.len()
+                ),
+            )),
+            other => other,
+        }
     }
 
     fn write_under_quota(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {

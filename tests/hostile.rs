@@ -894,6 +894,8 @@ struct Faults {
     fail_all: std::sync::atomic::AtomicBool,
     /// How many operations were refused.
     refused: AtomicUsize,
+    /// Break the contract of `Backend::write`: apply the batch but answer one outcome short.
+    short_answers: std::sync::atomic::AtomicBool,
 }
 
 impl Faults {
@@ -941,7 +943,11 @@ impl Backend for Faulty {
         if n == self.faults.fail_nth.load(Ordering::SeqCst) {
             return Err(self.faults.error("writing"));
         }
-        self.inner.write(ops, now)
+        let mut outcomes = self.inner.write(ops, now)?;
+        if self.faults.short_answers.load(Ordering::SeqCst) {
+            outcomes.pop();
+        }
+        Ok(outcomes)
     }
     fn touch(&self, key: &str, at: Timestamp) -> bevy_storage::Result<()> {
         self.faults.check_change("touching")?;
@@ -1112,6 +1118,41 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
     }
     unchanged("at the end");
     assert!(faults.refused.load(Ordering::SeqCst) >= 100);
+}
+
+/// A custom backend that answers a batch with fewer outcomes than operations gets a typed
+/// error naming the broken contract, never a panic or a request left unanswered.
+#[test]
+fn a_backend_answering_too_few_outcomes_is_an_error() {
+    let faults = Arc::new(Faults::default());
+    let store = Store::open(StorageConfig::custom(Faulty {
+        inner: Arc::new(bevy_storage::backend::MemoryBackend::new()),
+        faults: Arc::clone(&faults),
+    }))
+    .unwrap();
+    store.save("kept", &1u32, &SaveOptions::default()).unwrap();
+    faults.short_answers.store(true, Ordering::SeqCst);
+    let err = store
+        .transaction(vec![
+            StorageOperation::save("a", 2u32),
+            StorageOperation::delete("kept"),
+        ])
+        .unwrap_err();
+    match &err {
+        StorageError::Backend { backend, message } => {
+            assert_eq!(backend, "faulty");
+            assert!(
+                message.contains("2 operation(s) with 1 outcome(s)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Backend, got {other:?}"),
+    }
+    assert!(store.save("b", &3u32, &SaveOptions::default()).is_err());
+    assert!(!store.get_stats().is_healthy);
+    faults.short_answers.store(false, Ordering::SeqCst);
+    store.save("b", &3u32, &SaveOptions::default()).unwrap();
+    assert!(store.get_stats().is_healthy);
 }
 
 #[test]

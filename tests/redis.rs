@@ -782,8 +782,9 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
 
-/// A record string cut short or run long (by hand, or a torn copy) is corrupt for every read,
-/// the metadata included, and a save over it replaces it.
+/// A record string cut short, run long or empty (by hand, or a torn copy) is corrupt for
+/// every read, the metadata included; a save replaces a damaged record, and refuses an empty
+/// string like any other non-record.
 #[test]
 fn records_of_the_wrong_length_are_corrupt_for_every_read() {
     require_redis!();
@@ -807,7 +808,7 @@ fn records_of_the_wrong_length_are_corrupt_for_every_read() {
             .unwrap();
         let cut = intact[..intact.len() - 1].to_vec();
         let long = [&intact[..], b"!"].concat();
-        for (what, bytes) in [("cut", cut), ("long", long)] {
+        for (what, bytes) in [("cut", cut), ("long", long), ("empty", Vec::new())] {
             redis::cmd("SET")
                 .arg(record_key(key))
                 .arg(&bytes)
@@ -827,10 +828,22 @@ fn records_of_the_wrong_length_are_corrupt_for_every_read() {
             );
             corrupt(s.get_metadata(key).map(|m| m.is_some()), "get_metadata");
             corrupt(s.exists(key), "exists");
+            if what == "empty" {
+                // Too short to be a record at all: writes refuse it as well and leave it for
+                // a person to remove (see the layout test).
+                assert!(matches!(
+                    s.save(key, &"again", &SaveOptions::default()),
+                    Err(StorageError::Corrupt { .. })
+                ));
+                redis::cmd("DEL")
+                    .arg(record_key(key))
+                    .query::<()>(&mut con)
+                    .unwrap();
+            }
+            s.save(key, &"again", &SaveOptions::default()).unwrap();
+            assert_eq!(load::<String>(&s, key).as_deref(), Some("again"), "{what}");
+            assert!(s.exists(key).unwrap(), "{what}");
         }
-        s.save(key, &"again", &SaveOptions::default()).unwrap();
-        assert_eq!(load::<String>(&s, key).as_deref(), Some("again"));
-        assert!(s.exists(key).unwrap());
     }
     s.clear().unwrap();
 }
@@ -1165,15 +1178,23 @@ fn new_records_go_native_and_taken_keys_fall_back_to_the_script() {
     assert_eq!((meta.created_at, meta.size, meta.expires_at), (t3, 5, None));
 
     // Out of memory: the native batch is refused whole, nothing is written or counted, and
-    // the store writes again once there is room.
+    // the store writes again once there is room. A backend of its own, whose first batch of
+    // new records takes the native path (no backoff yet): the script never runs.
+    let fresh = || RedisBackend::open(&url, "native", &RedisOptions::default()).unwrap();
+    let oom = fresh();
     let counted = usage(t3);
+    let before = paths(&mut con);
     redis::cmd("CONFIG")
         .arg(&["SET", "maxmemory", "1"])
         .query::<()>(&mut con)
         .unwrap();
-    let err = b
+    let err = oom
         .write(new_batch(5_000, 5_100, t3, PutMode::Upsert), t3)
         .unwrap_err();
+    redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query::<()>(&mut con)
+        .unwrap();
     assert!(
         matches!(
             &err,
@@ -1182,18 +1203,49 @@ fn new_records_go_native_and_taken_keys_fall_back_to_the_script() {
         "{err:?}"
     );
     assert!(err.to_string().contains("OOM"), "{err}");
-    redis::cmd("CONFIG")
-        .arg(&["SET", "maxmemory", "0"])
-        .query::<()>(&mut con)
-        .unwrap();
+    assert_eq!(paths(&mut con).1, before.1, "refused on the native path");
     assert!(b.get_meta("k5000").unwrap().is_none());
     assert_eq!(usage(t3), counted);
     assert!(!token_left(&mut con));
-    b.write(new_batch(5_000, 5_100, t3, PutMode::Upsert), t3)
+    let before = paths(&mut con);
+    oom.write(new_batch(5_000, 5_100, t3, PutMode::Upsert), t3)
         .unwrap();
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1), "native");
+    let counted = (counted.0 + 100, counted.1 + bytes(5_000, 5_100));
+    assert_eq!(usage(t3), counted);
+
+    // A batch token left behind by hand, a string or a key of another type, only sends one
+    // batch of new records to the script, and is removed.
+    for (i, make) in [
+        vec!["SET", "{native}:batch", "left"],
+        vec!["HSET", "{native}:batch", "f", "v"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        redis::cmd(make[0])
+            .arg(&make[1..])
+            .query::<()>(&mut con)
+            .unwrap();
+        let from = 6_000 + 100 * i;
+        let before = paths(&mut con);
+        fresh()
+            .write(new_batch(from, from + 10, t3, PutMode::Upsert), t3)
+            .unwrap();
+        assert_eq!(paths(&mut con), (before.0 + 1, before.1 + 1), "{make:?}");
+        assert!(!token_left(&mut con), "{make:?}");
+        let before = paths(&mut con);
+        fresh()
+            .write(new_batch(from + 10, from + 20, t3, PutMode::Upsert), t3)
+            .unwrap();
+        assert_eq!(paths(&mut con), (before.0 + 1, before.1), "{make:?}");
+    }
     assert_eq!(
         usage(t3),
-        (counted.0 + 100, counted.1 + bytes(5_000, 5_100))
+        (
+            counted.0 + 40,
+            counted.1 + bytes(6_000, 6_020) + bytes(6_100, 6_120)
+        )
     );
 
     b.clear().unwrap();
