@@ -225,7 +225,7 @@ fn records_expire_in_redis_by_themselves() {
     s.save("session:1", &"token", &ttl).unwrap();
     save(&s, "forever", &1);
     let mut con = raw(&ns.url);
-    let record_key = format!("{{{}}}:r:session:1", ns.namespace);
+    let record_key = ns.record_key("session:1");
     let pttl: i64 = redis::cmd("PTTL").arg(&record_key).query(&mut con).unwrap();
     assert!(0 < pttl && pttl <= 400, "PTTL {pttl}");
     // Value and metadata are one string (key layout 2), so they expire together.
@@ -271,13 +271,31 @@ fn records_expire_in_redis_by_themselves() {
     // The expiry index forgot it too: only the counters and the live record are left.
     let mut left = ns.keys();
     left.sort();
-    assert_eq!(
-        left,
-        [
-            format!("{{{}}}:r:forever", ns.namespace),
-            format!("{{{}}}:usage", ns.namespace)
-        ]
-    );
+    assert_eq!(left, [ns.record_key("forever"), ns.redis_key("usage")]);
+}
+
+/// A small deterministic generator (xorshift64): no dependency, same run every time.
+struct XorShift(u64);
+
+impl XorShift {
+    /// The next number below `n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Count and bytes of the records live at `now`, from a full listing.
+fn recount(b: &RedisBackend, now: Timestamp) -> (u64, u64) {
+    let live: Vec<_> = b
+        .scan("")
+        .unwrap()
+        .into_iter()
+        .filter(|e| !now.is_past(e.expires_at))
+        .collect();
+    (live.len() as u64, live.iter().map(|e| e.size).sum::<u64>())
 }
 
 #[test]
@@ -285,23 +303,9 @@ fn bookkeeping_matches_a_full_recount() {
     require_redis!();
     let ns = RedisNamespace::fresh();
     let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
-    let recount = |now: Timestamp| {
-        let live: Vec<_> = b
-            .scan("")
-            .unwrap()
-            .into_iter()
-            .filter(|e| !now.is_past(e.expires_at))
-            .collect();
-        (live.len() as u64, live.iter().map(|e| e.size).sum::<u64>())
-    };
-    // A small deterministic generator: no dependency, same run every time.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let recount = |now: Timestamp| recount(&b, now);
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut next = |n: u64| rng.below(n);
     let start = Timestamp::now();
     let (mut applied, mut refused) = (0, 0);
     for step in 0..400 {
@@ -384,13 +388,8 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
         .map(|(w, b)| {
             let b = Arc::clone(b);
             thread::spawn(move || {
-                let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (w as u64 + 1);
-                let mut next = |n: u64| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state % n
-                };
+                let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1));
+                let mut next = |n: u64| rng.below(n);
                 let mut refused = 0;
                 for step in 0..150 {
                     let now = Timestamp(start.0 + step);
@@ -448,20 +447,11 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
     assert!(refused > 0, "create-only puts met taken keys");
     let b = &stores[0];
     let now = Timestamp(start.0 + 150);
-    let live: Vec<_> = b
-        .scan("")
-        .unwrap()
-        .into_iter()
-        .filter(|e| !now.is_past(e.expires_at))
-        .collect();
     let usage = b.usage(now).unwrap();
-    assert_eq!(
-        (usage.item_count, usage.total_size),
-        (live.len() as u64, live.iter().map(|e| e.size).sum::<u64>())
-    );
+    assert_eq!((usage.item_count, usage.total_size), recount(b, now));
     let mut con = raw(&ns.url);
     let token: bool = redis::cmd("EXISTS")
-        .arg(format!("{{{}}}:batch", ns.namespace))
+        .arg(ns.redis_key("batch"))
         .query(&mut con)
         .unwrap();
     assert!(!token, "the batch token never outlives its transaction");
@@ -475,10 +465,9 @@ fn batches_keep_created_at_and_report_previous_sizes() {
     let ns = RedisNamespace::fresh();
     let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
     let mut con = raw(&ns.url);
-    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
     let expiry_count = |con: &mut redis::Connection| -> u64 {
         redis::cmd("ZCARD")
-            .arg(format!("{{{}}}:expiry", ns.namespace))
+            .arg(ns.redis_key("expiry"))
             .query(con)
             .unwrap()
     };
@@ -515,7 +504,7 @@ fn batches_keep_created_at_and_report_previous_sizes() {
     assert_eq!((meta.created_at, meta.modified_at), (t0, at(1)));
     assert_eq!((meta.size, meta.expires_at), (7, None));
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(record_key("a"))
+        .arg(ns.record_key("a"))
         .query(&mut con)
         .unwrap();
     assert_eq!(pttl, -1, "no expiry left on the record");
@@ -529,7 +518,7 @@ fn batches_keep_created_at_and_report_previous_sizes() {
     assert_eq!((meta.created_at, meta.size), (t0, 4));
     assert_eq!(meta.expires_at, in_a_minute(at(2)));
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(record_key("a"))
+        .arg(ns.record_key("a"))
         .query(&mut con)
         .unwrap();
     // `at(2)` may be a little ahead of Redis's clock.
@@ -617,7 +606,7 @@ fn batches_keep_created_at_and_report_previous_sizes() {
     );
     assert_eq!(b.get("b").unwrap(), None);
     let exists: bool = redis::cmd("EXISTS")
-        .arg(record_key("b"))
+        .arg(ns.record_key("b"))
         .query(&mut con)
         .unwrap();
     assert!(!exists);
@@ -661,16 +650,15 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
     let ns = RedisNamespace::fresh();
     let s = store(&ns);
     let mut con = raw(&ns.url);
-    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
     // A record of key layout 1 (one hash), as only unreleased builds wrote it, and a string
     // that is no record at all.
     redis::cmd("HSET")
-        .arg(record_key("legacy"))
+        .arg(ns.record_key("legacy"))
         .arg(&["v", "old", "s", "3", "c", "1", "m", "1", "a", "1", "f", "0"])
         .query::<()>(&mut con)
         .unwrap();
     redis::cmd("SET")
-        .arg(record_key("foreign"))
+        .arg(ns.record_key("foreign"))
         .arg("not a record")
         .query::<()>(&mut con)
         .unwrap();
@@ -694,7 +682,7 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
                 assert_eq!(k, key, "{what}");
                 if key == "legacy" {
                     assert!(reason.contains("layout"), "{what}: {reason}");
-                    assert!(reason.contains(&record_key(key)), "{what}: {reason}");
+                    assert!(reason.contains(&ns.record_key(key)), "{what}: {reason}");
                 }
             }
             other => panic!("{what} of {key}: expected Corrupt, got {other:?}"),
@@ -741,7 +729,7 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
             let now = s.backend().get("keep").unwrap().unwrap();
             assert_eq!(now, kept, "batch {i}");
             let pttl: i64 = redis::cmd("PTTL")
-                .arg(record_key("keep"))
+                .arg(ns.record_key("keep"))
                 .query(&mut con)
                 .unwrap();
             assert!(50_000 < pttl && pttl <= 60_000, "batch {i}: PTTL {pttl}");
@@ -752,13 +740,13 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
         }
     }
     let legacy: Option<String> = redis::cmd("HGET")
-        .arg(record_key("legacy"))
+        .arg(ns.record_key("legacy"))
         .arg("v")
         .query(&mut con)
         .unwrap();
     assert_eq!(legacy.as_deref(), Some("old"), "left as it was");
     let foreign: Option<String> = redis::cmd("GET")
-        .arg(record_key("foreign"))
+        .arg(ns.record_key("foreign"))
         .query(&mut con)
         .unwrap();
     assert_eq!(foreign.as_deref(), Some("not a record"));
@@ -770,10 +758,10 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
     assert_eq!(stats(&s), (0, 0));
     let mut left = ns.keys();
     left.sort();
-    assert_eq!(left, [record_key("foreign"), record_key("legacy")]);
+    assert_eq!(left, [ns.record_key("foreign"), ns.record_key("legacy")]);
     redis::cmd("DEL")
-        .arg(record_key("legacy"))
-        .arg(record_key("foreign"))
+        .arg(ns.record_key("legacy"))
+        .arg(ns.record_key("foreign"))
         .query::<()>(&mut con)
         .unwrap();
     save(&s, "legacy", &"new");
@@ -791,7 +779,6 @@ fn records_of_the_wrong_length_are_corrupt_for_every_read() {
     let ns = RedisNamespace::fresh();
     let s = store(&ns);
     let mut con = raw(&ns.url);
-    let record_key = |key: &str| format!("{{{}}}:r:{key}", ns.namespace);
     let long_custom = "x".repeat(500);
     s.save("plain", &"a value", &SaveOptions::default())
         .unwrap();
@@ -803,14 +790,14 @@ fn records_of_the_wrong_length_are_corrupt_for_every_read() {
     .unwrap();
     for key in ["plain", "annotated"] {
         let intact: Vec<u8> = redis::cmd("GET")
-            .arg(record_key(key))
+            .arg(ns.record_key(key))
             .query(&mut con)
             .unwrap();
         let cut = intact[..intact.len() - 1].to_vec();
         let long = [&intact[..], b"!"].concat();
         for (what, bytes) in [("cut", cut), ("long", long), ("empty", Vec::new())] {
             redis::cmd("SET")
-                .arg(record_key(key))
+                .arg(ns.record_key(key))
                 .arg(&bytes)
                 .query::<()>(&mut con)
                 .unwrap();
@@ -836,7 +823,7 @@ fn records_of_the_wrong_length_are_corrupt_for_every_read() {
                     Err(StorageError::Corrupt { .. })
                 ));
                 redis::cmd("DEL")
-                    .arg(record_key(key))
+                    .arg(ns.record_key(key))
                     .query::<()>(&mut con)
                     .unwrap();
             }

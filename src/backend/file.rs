@@ -1075,15 +1075,19 @@ fn read_error(path: &Path, e: io::Error) -> StorageError {
     StorageError::io(format!("reading the record file {}", path.display()), e)
 }
 
-/// Reads and checks a whole record file.
-fn load_record(path: &Path) -> Result<Loaded<Record>> {
+/// Reads and checks a whole record file, reading its header as `H`; `found` makes the key and
+/// the result from the header, the fixed part and the value (the file's own buffer, without
+/// what precedes the value).
+fn load_whole<H: DeserializeOwned, T>(
+    path: &Path,
+    found: impl FnOnce(H, &Fixed, Vec<u8>) -> (String, T),
+) -> Result<Loaded<T>> {
     match fs::read(path) {
-        Ok(mut bytes) => Ok(match parse_record(&bytes) {
+        Ok(mut bytes) => Ok(match parse_record::<H>(&bytes) {
             Ok((header, fixed, value_start)) => {
-                let (key, meta) = full_header(&fixed, header);
-                // The value is the end of the file: keep the buffer, without what precedes it.
                 bytes.drain(..value_start);
-                Loaded::Found(key, Record { value: bytes, meta })
+                let (key, result) = found(header, &fixed, bytes);
+                Loaded::Found(key, result)
             }
             Err(damage) => Loaded::Damaged(damage),
         }),
@@ -1091,18 +1095,19 @@ fn load_record(path: &Path) -> Result<Loaded<Record>> {
     }
 }
 
+/// Reads and checks a whole record file.
+fn load_record(path: &Path) -> Result<Loaded<Record>> {
+    load_whole(path, |header: HeaderOwned, fixed, value| {
+        let (key, meta) = full_header(fixed, header);
+        (key, Record { value, meta })
+    })
+}
+
 /// Reads and checks a whole record file, for its value and expiry.
 fn load_value(path: &Path) -> Result<Loaded<(Vec<u8>, Option<Timestamp>)>> {
-    match fs::read(path) {
-        Ok(mut bytes) => Ok(match parse_record::<HeaderForLoad>(&bytes) {
-            Ok((header, _, value_start)) => {
-                bytes.drain(..value_start);
-                Loaded::Found(header.key, (bytes, header.meta.expires_at))
-            }
-            Err(damage) => Loaded::Damaged(damage),
-        }),
-        Err(e) => unreadable(path, e),
-    }
+    load_whole(path, |header: HeaderForLoad, _, value| {
+        (header.key, (value, header.meta.expires_at))
+    })
 }
 
 /// A file that cannot be read: missing, a directory under a data-file name, or an I/O error.

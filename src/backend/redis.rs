@@ -1547,8 +1547,10 @@ struct BatchSummary {
 
 impl BatchSummary {
     fn of(entries: &[BatchEntry<'_>], record_prefix: &str) -> Self {
+        let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
+            HashSet::with_capacity_and_hasher(entries.len(), Default::default());
         let mut summary = Self {
-            distinct: true,
+            distinct: entries.iter().all(|e| seen.insert(e.key)),
             puts_without_expiry: true,
             added_count: 0,
             added_bytes: 0,
@@ -1564,9 +1566,6 @@ impl BatchSummary {
             }
             summary.packed_size += 2 * 16 + record_prefix.len() + e.key.len() + e.record_len();
         }
-        let mut seen: HashSet<&[u8], BuildHasherDefault<KeyHasher>> =
-            HashSet::with_capacity_and_hasher(entries.len(), Default::default());
-        summary.distinct = entries.iter().all(|e| seen.insert(e.key));
         summary
     }
 }

@@ -188,6 +188,17 @@ impl RedisNamespace {
         }
     }
 
+    /// The Redis key `{NS}:<suffix>` of this namespace (`r:<key>` for a record, `usage`,
+    /// `expiry`, `batch`).
+    pub fn redis_key(&self, suffix: &str) -> String {
+        format!("{{{}}}:{suffix}", self.namespace)
+    }
+
+    /// The Redis key of the record of `key`: `{NS}:r:<key>`.
+    pub fn record_key(&self, key: &str) -> String {
+        self.redis_key(&format!("r:{key}"))
+    }
+
     /// Every Redis key of this namespace (records and bookkeeping).
     pub fn keys(&self) -> Vec<String> {
         let client = redis::Client::open(self.url.as_str()).unwrap();
