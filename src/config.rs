@@ -19,6 +19,80 @@ pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 /// Default number of pooled connections.
 pub const DEFAULT_POOL_SIZE: u32 = 10;
 
+/// `url` with every credential hidden, for messages, logs and `Debug`: the whole user info
+/// (everything between `scheme://` and the **last** `@`, so a password holding `/`, `@`, `:`,
+/// `?` or `#`, percent-encoded or not, is hidden whole) and the values of query parameters
+/// that carry secrets (`password`, `pass`, `passwd`, `pwd`, `secret`, `token`, `auth`,
+/// `sslpassword`, any case). A user name is kept when a `:` separates it from a password.
+///
+/// ```
+/// use bevy_storage::config::redact_url;
+/// assert_eq!(redact_url("redis://:s3/cr3t@host:6379/0"), "redis://:***@host:6379/0");
+/// assert_eq!(redact_url("redis://alice:p@ss@host"), "redis://alice:***@host");
+/// assert_eq!(redact_url("postgres://host/db?password=x"), "postgres://host/db?password=***");
+/// assert_eq!(redact_url("sqlite:saves/storage.db"), "sqlite:saves/storage.db");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once(':') else {
+        return url.to_owned();
+    };
+    let (slashes, rest) = match rest.strip_prefix("//") {
+        Some(rest) => ("//", rest),
+        None => ("", rest),
+    };
+    // The user info ends at the last `@`: a password may hold any character, and an `@` in
+    // a path or query only hides more than needed.
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***@"),
+                _ => "***@".to_owned(),
+            };
+            (shown, &rest[at + 1..])
+        }
+        None => (String::new(), rest),
+    };
+    let after = match after.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, Some(f)),
+                None => (query, None),
+            };
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if is_secret_parameter(name) => format!("{name}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            let mut out = format!("{path}?{}", query.join("&"));
+            if let Some(fragment) = fragment {
+                out.push('#');
+                out.push_str(fragment);
+            }
+            out
+        }
+        None => after.to_owned(),
+    };
+    format!("{scheme}:{slashes}{userinfo}{after}")
+}
+
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "pass",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "auth",
+        "sslpassword",
+    ]
+    .contains(&name.as_str())
+}
+
 /// Which backend holds the records, and where.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -66,7 +140,7 @@ impl fmt::Debug for BackendConfig {
             #[cfg(feature = "redis")]
             Self::Redis { url, namespace } => f
                 .debug_struct("Redis")
-                .field("url", &crate::backend::redis::redact_url(url))
+                .field("url", &redact_url(url))
                 .field("namespace", namespace)
                 .finish(),
             Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
@@ -100,7 +174,24 @@ pub struct StorageConfig {
     pub default_ttl: Option<Duration>,
     /// Compress saves that do not say otherwise (LZ4). Default on with the `compression` feature.
     pub enable_compression: bool,
-    /// Encrypt saves that do not say otherwise. Default off. Needs `encryption_key`.
+    /// Encrypt saves that do not say otherwise, and refuse to load records that are not
+    /// encrypted. Default off. Needs `encryption_key`.
+    ///
+    /// What an encrypted store guarantees: a value that [`Store::load`](crate::Store::load)
+    /// returns was sealed with the store's key under the key it is read from. Values are
+    /// confidential and tamper-evident (AES-256-GCM): an edited, truncated or forged record,
+    /// one copied from another key, and one written in plaintext by someone without the key
+    /// are all errors ([`DecryptionFailed`](StorageError::DecryptionFailed),
+    /// [`Corrupt`](StorageError::Corrupt), [`NotEncrypted`](StorageError::NotEncrypted)),
+    /// never a value. Plaintext records (saved before encryption was on, or with
+    /// `encrypt(false)`) are read only with
+    /// [`LoadOptions::accept_plaintext`](crate::LoadOptions::accept_plaintext).
+    ///
+    /// What it does not: the metadata columns (custom metadata, times, expiry, sizes) are
+    /// stored in the clear and are **not** authenticated, so never base a decision that
+    /// matters on them (keep such fields inside the value); key names are visible; and a
+    /// record can be rolled back to an older version of itself that was sealed with the same
+    /// key under the same name, or deleted, by anyone who can write the file.
     pub enable_encryption: bool,
     /// The key for encrypted records. `Debug` never prints it.
     pub encryption_key: Option<EncryptionKey>,
@@ -179,7 +270,8 @@ impl StorageConfig {
     pub fn from_url(url: &str) -> Result<Self> {
         let (scheme, rest) = url.split_once(':').ok_or_else(|| {
             StorageError::Config(format!(
-                "{url:?} has no scheme: use memory:, file:PATH or sqlite:PATH"
+                "{:?} has no scheme: use memory:, file:PATH or sqlite:PATH",
+                redact_url(url)
             ))
         })?;
         let rest = rest.strip_prefix("//").unwrap_or(rest);
@@ -188,7 +280,10 @@ impl StorageConfig {
             "file" if !rest.is_empty() => Ok(Self::file(rest)),
             #[cfg(feature = "sqlite")]
             "sqlite" if !rest.is_empty() => Ok(Self::sqlite(rest)),
-            "file" | "sqlite" => Err(StorageError::Config(format!("{url:?} names no path"))),
+            "file" | "sqlite" => Err(StorageError::Config(format!(
+                "{:?} names no path",
+                redact_url(url)
+            ))),
             #[cfg(feature = "redis")]
             "redis" | "rediss" => {
                 let (url, namespace) = crate::backend::redis::split_namespace(url);
@@ -200,7 +295,8 @@ impl StorageConfig {
                 what: "a redis:// store".into(),
             }),
             other => Err(StorageError::Config(format!(
-                "unknown or disabled backend {other:?} in {url:?}"
+                "unknown or disabled backend {other:?} in {:?}",
+                redact_url(url)
             ))),
         }
     }
@@ -223,7 +319,9 @@ impl StorageConfig {
         self
     }
 
-    /// Encrypt saves by default (needs [`encryption_key`](Self::encryption_key)).
+    /// Encrypt saves by default and refuse plaintext records on load (needs
+    /// [`encryption_key`](Self::encryption_key); see
+    /// [the field](StorageConfig#structfield.enable_encryption) for what it guarantees).
     pub fn enable_encryption(mut self, on: bool) -> Self {
         self.enable_encryption = on;
         self

@@ -60,6 +60,31 @@ pub enum StorageError {
         message: String,
     },
 
+    /// The stored value nests deeper than the decoders allow
+    /// ([`MAX_DEPTH`](crate::codec::depth::MAX_DEPTH) levels): a crafted or edited save, refused
+    /// before it can exhaust the stack. On a save, the value itself nests that deep and was not
+    /// written (no load would accept it).
+    #[error(
+        "record {key:?} nests deeper than {limit} levels: refused (a crafted or damaged save, or a value too deeply nested to store)"
+    )]
+    NestingTooDeep {
+        /// Key being read or written.
+        key: String,
+        /// The nesting limit.
+        limit: usize,
+    },
+    /// The store encrypts every record, and this one is not encrypted: it was not written with
+    /// the store's key (an edited or forged save, or a plaintext record from before encryption
+    /// was turned on). Load it with
+    /// [`LoadOptions::accept_plaintext`](crate::LoadOptions::accept_plaintext) to migrate such
+    /// records deliberately.
+    #[error(
+        "record {key:?} is not encrypted, but this store encrypts every record: it was not written with the store's key (edited, forged, or saved before encryption was on); refused (LoadOptions::accept_plaintext(true) reads it, for migrating old saves)"
+    )]
+    NotEncrypted {
+        /// Key being read.
+        key: String,
+    },
     /// The stored record is damaged: truncated, bit-flipped, or not a record at all.
     #[error("record {key:?} is corrupt: {reason}")]
     Corrupt {

@@ -22,7 +22,24 @@ use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
 use crate::key::{self, INTERNAL_PREFIX, KEYCHECK_KEY};
 
-const KEYCHECK_PAYLOAD: &[u8] = b"bevy_storage key check v1";
+/// What the first stores sealed in their key check: it authenticates the key-derivation
+/// parameters only implicitly (other parameters derive another key, which fails to open it).
+const KEYCHECK_PAYLOAD_V1: &[u8] = b"bevy_storage key check v1";
+/// What stores seal in their key check now, followed by the key-derivation parameters
+/// ([`KdfParams::to_bytes`]) or `raw`: the parameters are authenticated by the key itself.
+const KEYCHECK_PAYLOAD_V2: &[u8] = b"bevy_storage key check v2:";
+/// A key-check record is a few hundred bytes; a larger one is refused before parsing.
+const KEYCHECK_MAX_LEN: usize = 4096;
+
+/// The payload a store seals in its key check for these parameters.
+fn keycheck_payload(kdf: Option<&KdfParams>) -> Vec<u8> {
+    let mut payload = KEYCHECK_PAYLOAD_V2.to_vec();
+    match kdf {
+        Some(params) => payload.extend_from_slice(&params.to_bytes()),
+        None => payload.extend_from_slice(b"raw"),
+    }
+    payload
+}
 
 /// When a saved record expires.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -135,6 +152,12 @@ pub struct LoadOptions {
     /// Record this read as the record's last access (one extra small write). Default off,
     /// so that reads stay reads.
     pub update_access_time: bool,
+    /// In a store that encrypts by default, also return records that are not encrypted.
+    /// Default off: such a store refuses them with [`StorageError::NotEncrypted`], because
+    /// anyone who can edit the save file can write a plaintext record (see
+    /// [`StorageConfig::enable_encryption`]). Turn it on to migrate saves written before
+    /// encryption was enabled, or to read records the game saved with `encrypt(false)`.
+    pub accept_plaintext: bool,
 }
 
 impl LoadOptions {
@@ -145,6 +168,12 @@ impl LoadOptions {
     /// Update the record's last-access time on this load.
     pub fn update_access_time(mut self, on: bool) -> Self {
         self.update_access_time = on;
+        self
+    }
+    /// Accept a record that is not encrypted in a store that encrypts by default (see
+    /// [`accept_plaintext`](Self::accept_plaintext)).
+    pub fn accept_plaintext(mut self, on: bool) -> Self {
+        self.accept_plaintext = on;
         self
     }
 }
@@ -566,15 +595,39 @@ impl Store {
     ) -> Result<Cipher> {
         for _ in 0..3 {
             if let Some(record) = backend.get(KEYCHECK_KEY)? {
+                // The record is untrusted: bounded before parsing, its parameters bounded
+                // before the (costly) key derivation, and bound into what it seals.
+                if record.value.len() > KEYCHECK_MAX_LEN {
+                    return Err(StorageError::corrupt(
+                        KEYCHECK_KEY,
+                        format!(
+                            "key-check record of {} bytes (at most {KEYCHECK_MAX_LEN}): edited or damaged",
+                            record.value.len()
+                        ),
+                    ));
+                }
                 let check: KeyCheck = serde_json::from_slice(&record.value).map_err(|e| {
                     StorageError::corrupt(KEYCHECK_KEY, format!("key-check record: {e}"))
                 })?;
+                if let Some(params) = &check.kdf {
+                    params.check_bounds().map_err(|reason| {
+                        StorageError::corrupt(
+                            KEYCHECK_KEY,
+                            format!("key-derivation parameters refused: {reason}"),
+                        )
+                    })?;
+                }
                 if key.is_passphrase() != check.kdf.is_some() {
                     return Err(StorageError::WrongEncryptionKey);
                 }
                 let cipher = Cipher::new(key, check.kdf.as_ref())?;
                 return match codec::envelope::open(KEYCHECK_KEY, &check.sealed, Some(&cipher)) {
-                    Ok((payload, _)) if payload == KEYCHECK_PAYLOAD => Ok(cipher),
+                    Ok((payload, _))
+                        if payload == keycheck_payload(check.kdf.as_ref())
+                            || payload == KEYCHECK_PAYLOAD_V1 =>
+                    {
+                        Ok(cipher)
+                    }
                     Ok(_) | Err(StorageError::DecryptionFailed { .. }) => {
                         Err(StorageError::WrongEncryptionKey)
                     }
@@ -592,8 +645,8 @@ impl Store {
                 compression_level: 0,
                 encrypt: true,
             };
-            let (sealed, _) =
-                codec::envelope::seal(KEYCHECK_KEY, KEYCHECK_PAYLOAD, &seal, Some(&cipher))?;
+            let payload = keycheck_payload(kdf.as_ref());
+            let (sealed, _) = codec::envelope::seal(KEYCHECK_KEY, &payload, &seal, Some(&cipher))?;
             let value = serde_json::to_vec(&KeyCheck { kdf, sealed })
                 .map_err(|e| StorageError::backend("store", e))?;
             let now = clock.now();
@@ -807,6 +860,11 @@ impl Store {
         let now = self.inner.clock.now();
         let cache = self.inner.cache.as_ref();
         if let Some(hit) = cache.and_then(|c| c.get(key, now)) {
+            if self.inner.default_encrypt && !options.accept_plaintext && !hit.info.encrypted {
+                return Err(StorageError::NotEncrypted {
+                    key: key.to_owned(),
+                });
+            }
             if options.update_access_time {
                 self.inner.backend.touch(key, now)?;
             }
@@ -818,6 +876,16 @@ impl Store {
         };
         if now.is_past(expires_at) {
             return Ok(None);
+        }
+        if self.inner.default_encrypt && !options.accept_plaintext {
+            // Integrity before anything else: a record this store's key did not seal is
+            // refused before it is checked, decompressed or decoded.
+            let info = codec::envelope::inspect(key, &value)?;
+            if !info.encrypted {
+                return Err(StorageError::NotEncrypted {
+                    key: key.to_owned(),
+                });
+            }
         }
         let (payload, info) = codec::envelope::open_vec(key, value, self.inner.cipher.as_ref())?;
         if options.update_access_time {

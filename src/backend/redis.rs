@@ -1197,22 +1197,7 @@ fn validate_namespace(namespace: &str) -> Result<()> {
     }
 }
 
-/// `url` with the password of its user info replaced by `***`, for messages and `Debug`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub(crate) use crate::config::redact_url;
 
 /// Splits a `?namespace=NAME` parameter off a Redis URL: the URL to connect to (other query
 /// parameters kept) and the namespace ([`DEFAULT_NAMESPACE`] when absent).
@@ -1968,7 +1953,7 @@ mod tests {
             "rediss://alice:***@host/0?protocol=resp3"
         );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-        assert_eq!(redact_url("redis://alice@host"), "redis://alice@host");
+        assert_eq!(redact_url("redis://alice@host"), "redis://***@host");
     }
 
     #[test]

@@ -2,8 +2,17 @@
 //!
 //! A key is either 32 raw bytes or a passphrase. A passphrase is stretched with Argon2id and a
 //! random salt that each store keeps beside its records (the store does that at open), so the
-//! same passphrase gives different keys in different stores. Key material is zeroized on drop
-//! and never printed: `Debug` shows only what kind of key it is.
+//! same passphrase gives different keys in different stores. Key material is never printed:
+//! `Debug` shows only what kind of key it is.
+//!
+//! Zeroizing: the raw key and the passphrase are wiped on drop (`zeroize`), and so is
+//! Argon2's working memory (the `argon2` crate's `zeroize` feature). The AES key schedule
+//! inside [`ring`]'s `LessSafeKey` is not: ring keeps it private and does not wipe it on drop
+//! (ring's own choice; see briansmith/ring#15), so it lives in the [`Cipher`] for as long as
+//! the store is open and in freed memory afterwards.
+//!
+//! The parameters of a passphrase's key derivation ([`KdfParams`]) are stored beside the
+//! records, so they are untrusted: they are checked against [`kdf_limits`] before any work.
 
 use std::fmt;
 
@@ -141,6 +150,71 @@ impl KdfParams {
     }
 }
 
+/// Bounds on the Argon2id parameters a store may hold. They are read from storage, so they
+/// are checked before any work: a save file edited to ask for 4 GiB of memory or a million
+/// passes is refused at once instead of stalling the game. Within these bounds stretching a
+/// passphrase takes well under a second in an optimized build.
+pub mod kdf_limits {
+    /// Most memory, in KiB (46 MiB, the most of OWASP's recommended settings; the default
+    /// is 19 MiB).
+    pub const MAX_M_COST_KIB: u32 = 46 * 1024;
+    /// Fewest memory KiB (Argon2's own floor is 8 per lane).
+    pub const MIN_M_COST_KIB: u32 = 8;
+    /// Most passes (the default is 2).
+    pub const MAX_T_COST: u32 = 8;
+    /// Most lanes (the default is 1; lanes run one after another here).
+    pub const MAX_P_COST: u32 = 4;
+    /// Most total work, memory × passes, in KiB (96 MiB-passes, twice OWASP's; the default
+    /// is 38).
+    pub const MAX_WORK_KIB: u64 = 96 * 1024;
+}
+
+impl KdfParams {
+    /// Checks the parameters against [`kdf_limits`] before any work is done; the message
+    /// says which one is out of bounds.
+    pub fn check_bounds(&self) -> std::result::Result<(), String> {
+        use kdf_limits::*;
+        if !(1..=MAX_P_COST).contains(&self.p_cost) {
+            return Err(format!(
+                "Argon2 lanes {} outside 1..={MAX_P_COST}",
+                self.p_cost
+            ));
+        }
+        if !(1..=MAX_T_COST).contains(&self.t_cost) {
+            return Err(format!(
+                "Argon2 passes {} outside 1..={MAX_T_COST}",
+                self.t_cost
+            ));
+        }
+        let min_memory = MIN_M_COST_KIB * self.p_cost;
+        if !(min_memory..=MAX_M_COST_KIB).contains(&self.m_cost) {
+            return Err(format!(
+                "Argon2 memory {} KiB outside {min_memory}..={MAX_M_COST_KIB} KiB",
+                self.m_cost
+            ));
+        }
+        let work = u64::from(self.m_cost) * u64::from(self.t_cost);
+        if work > MAX_WORK_KIB {
+            return Err(format!(
+                "Argon2 work of {} KiB × {} passes is over the limit of {MAX_WORK_KIB} KiB-passes",
+                self.m_cost, self.t_cost
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parameters as bytes, bound into the store's key check so that they are
+    /// authenticated by the key itself.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28);
+        out.extend_from_slice(&self.salt);
+        out.extend_from_slice(&self.m_cost.to_le_bytes());
+        out.extend_from_slice(&self.t_cost.to_le_bytes());
+        out.extend_from_slice(&self.p_cost.to_le_bytes());
+        out
+    }
+}
+
 /// A ready-to-use AES-256-GCM cipher (through [`ring`]'s AES-NI/CLMUL assembly where the CPU
 /// has them). Cheap to share behind an `Arc`.
 #[derive(Clone)]
@@ -162,6 +236,11 @@ impl Cipher {
         let raw: Zeroizing<[u8; KEY_LEN]> = match (&key.0, kdf) {
             (KeySource::Raw(raw), _) => raw.clone(),
             (KeySource::Passphrase(pass), Some(params)) => {
+                params.check_bounds().map_err(|reason| {
+                    StorageError::InvalidEncryptionKey(format!(
+                        "refusing the store's key-derivation parameters: {reason}"
+                    ))
+                })?;
                 let argon = argon2::Argon2::new(
                     argon2::Algorithm::Argon2id,
                     argon2::Version::V0x13,

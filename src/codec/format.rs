@@ -1,8 +1,11 @@
 //! The serde formats a value can be written in.
 
-use serde::de::DeserializeOwned;
+use std::marker::PhantomData;
+
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde::{Deserialize, Serialize};
 
+use super::depth::{Bounded, BoundedValue, DepthBudget, MAX_DEPTH};
 use crate::error::{Result, StorageError};
 
 /// How values are turned into bytes before compression and encryption.
@@ -49,52 +52,117 @@ pub fn serialize<T: Serialize + ?Sized>(key: &str, value: &T, format: Format) ->
 /// Serializes a value in the given format, appending to `out` (for example after the
 /// placeholder of an [`envelope::payload_buffer`](super::envelope::payload_buffer)). On error
 /// the contents of `out` are unspecified. `key` only names the record in errors.
+///
+/// A value nested deeper than [`MAX_DEPTH`] is refused with
+/// [`StorageError::NestingTooDeep`]: no load would accept it.
 pub fn serialize_into<T: Serialize + ?Sized>(
     key: &str,
     value: &T,
     format: Format,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let err = |message: String| StorageError::Serialize {
-        key: key.to_owned(),
-        message,
-    };
-    match format {
+    let budget = DepthBudget::new(MAX_DEPTH);
+    let bounded = BoundedValue::new(value, &budget);
+    let result = match format {
         Format::Ron => ron::Options::default()
-            .to_io_writer(&mut *out, value)
-            .map_err(|e| err(e.to_string())),
-        Format::Binary => {
-            *out =
-                postcard::to_extend(value, std::mem::take(out)).map_err(|e| err(e.to_string()))?;
-            Ok(())
+            .to_io_writer(&mut *out, &bounded)
+            .map_err(|e| e.to_string()),
+        Format::Binary => match postcard::to_extend(&bounded, std::mem::take(out)) {
+            Ok(extended) => {
+                *out = extended;
+                Ok(())
+            }
+            Err(e) => Err(postcard_serialize_failure(value, &e)),
+        },
+        Format::Raw => {
+            Err("the Raw format holds pre-encoded bytes; serialize with Ron or Binary".into())
         }
-        Format::Raw => Err(err(
-            "the Raw format holds pre-encoded bytes; serialize with Ron or Binary".into(),
-        )),
+    };
+    result.map_err(|message| {
+        if budget.exceeded() {
+            StorageError::NestingTooDeep {
+                key: key.to_owned(),
+                limit: MAX_DEPTH,
+            }
+        } else {
+            StorageError::Serialize {
+                key: key.to_owned(),
+                message,
+            }
+        }
+    })
+}
+
+/// What went wrong in a postcard serialization, with the cause and the field path: postcard
+/// drops the message of a custom error (a `Serialize` impl's own), so the value is run again
+/// through RON with the path recorded, which keeps both. Only runs on the error path.
+fn postcard_serialize_failure<T: Serialize + ?Sized>(value: &T, error: &postcard::Error) -> String {
+    let budget = DepthBudget::new(MAX_DEPTH);
+    let mut text = String::new();
+    let traced = ron::Serializer::new(&mut text, None)
+        .map_err(|e| e.to_string())
+        .and_then(|mut serializer| {
+            serde_path_to_error::serialize(&BoundedValue::new(value, &budget), &mut serializer)
+                .map_err(|e| match e.path().to_string().as_str() {
+                    "." | "" => e.inner().to_string(),
+                    path => format!("at {path}: {}", e.inner()),
+                })
+        });
+    match (error, traced) {
+        (_, Err(cause)) => cause,
+        // RON took the value: the limit is postcard's own (for example a sequence of
+        // unknown length).
+        (error, Ok(())) => format!("{error} (postcard)"),
     }
 }
 
 /// Deserializes a value written in `format`. `key` only names the record in errors.
+///
+/// The bytes are treated as hostile: nesting deeper than [`MAX_DEPTH`] is refused with
+/// [`StorageError::NestingTooDeep`] before it can exhaust the stack, and lengths are checked
+/// against the bytes there are (see [`depth`](super::depth)).
 pub fn deserialize<T: DeserializeOwned>(key: &str, bytes: &[u8], format: Format) -> Result<T> {
-    let err = |message: String| StorageError::Deserialize {
-        key: key.to_owned(),
-        message,
-    };
-    match format {
-        Format::Ron => ron::de::from_bytes(bytes).map_err(|e| err(e.to_string())),
+    let budget = DepthBudget::new(MAX_DEPTH);
+    let seed = Bounded::seed(PhantomData::<T>, &budget);
+    let result = match format {
+        Format::Ron => ron_options()
+            .from_bytes_seed(bytes, seed)
+            .map_err(|e| e.to_string()),
         Format::Binary => {
-            let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| err(e.to_string()))?;
-            if rest.is_empty() {
-                Ok(value)
-            } else {
-                Err(err(format!(
-                    "{} bytes left over after the value: it was saved as another type",
-                    rest.len()
-                )))
+            let mut de = postcard::Deserializer::from_bytes(bytes);
+            match seed.deserialize(&mut de) {
+                Ok(value) => match de.finalize() {
+                    Ok([]) => Ok(value),
+                    Ok(rest) => Err(format!(
+                        "{} bytes left over after the value: it was saved as another type",
+                        rest.len()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
             }
         }
-        Format::Raw => Err(err(
-            "the record holds raw bytes; read it with Store::load_bytes".into(),
-        )),
-    }
+        Format::Raw => Err("the record holds raw bytes; read it with Store::load_bytes".into()),
+    };
+    result.map_err(|message| {
+        if budget.exceeded() || message.contains("Exceeded recursion limit") {
+            StorageError::NestingTooDeep {
+                key: key.to_owned(),
+                limit: MAX_DEPTH,
+            }
+        } else {
+            StorageError::Deserialize {
+                key: key.to_owned(),
+                message,
+            }
+        }
+    })
+}
+
+/// RON's reader options. RON keeps a recursion limit of its own, which also bounds what it
+/// skips (unknown fields); it counts up to two steps per level (an enum and its newtype
+/// variant, a sequence and its element), so it is set above twice [`MAX_DEPTH`] and the
+/// shared budget, which counts levels as saves do, speaks first.
+pub(crate) fn ron_options() -> ron::Options {
+    ron::Options::default().with_recursion_limit(2 * MAX_DEPTH + 8)
 }

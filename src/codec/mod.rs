@@ -9,6 +9,7 @@
 
 pub mod compress;
 pub mod crypto;
+pub mod depth;
 pub mod envelope;
 pub mod format;
 

@@ -34,6 +34,8 @@ use super::columns::{
     ReflectValues,
 };
 use super::{SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotRegistry};
+use crate::codec::depth::{Bounded, BoundedValue, DepthBudget, MAX_DEPTH};
+use crate::codec::format::ron_options;
 use crate::error::{Result, StorageError};
 
 const MAGIC: [u8; 4] = *b"BSNP";
@@ -109,17 +111,25 @@ impl CapturedWorld {
         out.push(0);
         out.extend_from_slice(&self.game_version.to_le_bytes());
         out.extend_from_slice(&(self.entities.len() as u32).to_le_bytes());
+        // The same depth count as the decoder's: a world holding a value nested too deeply
+        // to load back is refused here, not written.
+        let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);
+        let bounded = BoundedValue::new(&body, &budget);
         let failed = |e: &dyn fmt::Display| {
-            StorageError::Snapshot(format!("could not serialize the world: {e}"))
+            if budget.exceeded() {
+                nesting_too_deep()
+            } else {
+                StorageError::Snapshot(format!("could not serialize the world: {e}"))
+            }
         };
         match self.encoding {
             SnapshotEncoding::Ron => {
-                let text = ron::ser::to_string_pretty(&body, ron::ser::PrettyConfig::default())
+                let text = ron::ser::to_string_pretty(&bounded, ron::ser::PrettyConfig::default())
                     .map_err(|e| failed(&e))?;
                 out.extend_from_slice(text.as_bytes());
             }
             SnapshotEncoding::Binary => {
-                out = postcard::to_extend(&body, out).map_err(|e| failed(&e))?;
+                out = postcard::to_extend(&bounded, out).map_err(|e| failed(&e))?;
             }
         }
         Ok(out)
@@ -223,6 +233,19 @@ impl LoadFromPath for NoAssetServer {
     }
 }
 
+/// How deeply a snapshot body may nest: [`MAX_DEPTH`] levels for a component's or resource's
+/// own value, plus the levels of the body around it (columns, rows, values).
+pub const SNAPSHOT_MAX_DEPTH: usize = MAX_DEPTH + 8;
+
+/// The error of a snapshot nested deeper than [`SNAPSHOT_MAX_DEPTH`]; its `key` names the
+/// snapshot rather than a record (the caller that knows the slot's key puts it in).
+fn nesting_too_deep() -> StorageError {
+    StorageError::NestingTooDeep {
+        key: "world snapshot".into(),
+        limit: SNAPSHOT_MAX_DEPTH,
+    }
+}
+
 struct DecodeState<'a> {
     registry: &'a TypeRegistry,
     snapshots: &'a SnapshotRegistry,
@@ -266,20 +289,22 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
         failure: RefCell::new(None),
     };
     let body = &bytes[HEADER_LEN..];
+    // The body is untrusted: its nesting is bounded (see `codec::depth`) on every path, the
+    // reflected component values included.
+    let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);
+    let seed = Bounded::seed(BodySeed(&state), &budget);
     let parsed = match header.encoding {
         SnapshotEncoding::Ron => {
-            let mut de = ron::de::Deserializer::from_bytes(body)
+            let mut de = ron::de::Deserializer::from_bytes_with_options(body, &ron_options())
                 .map_err(|e| StorageError::Snapshot(format!("snapshot body is not RON: {e}")))?;
-            let parsed = BodySeed(&state).deserialize(&mut de);
+            let parsed = seed.deserialize(&mut de);
             parsed
                 .and_then(|p| de.end().map(|()| p))
                 .map_err(|e| e.to_string())
         }
         SnapshotEncoding::Binary => {
             let mut de = postcard::Deserializer::from_bytes(body);
-            let parsed = BodySeed(&state)
-                .deserialize(&mut de)
-                .map_err(|e| e.to_string());
+            let parsed = seed.deserialize(&mut de).map_err(|e| e.to_string());
             parsed.and_then(|p| match de.finalize() {
                 Ok([]) => Ok(p),
                 Ok(rest) => Err(format!(
@@ -293,6 +318,10 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
     let failure = state.failure.into_inner();
     drop(reg);
     let (entities, columns, resources) = match (parsed, failure) {
+        _ if budget.exceeded() => return Err(nesting_too_deep()),
+        (Err(message), None) if message.contains("Exceeded recursion limit") => {
+            return Err(nesting_too_deep());
+        }
         (_, Some(typed)) => return Err(typed),
         (Err(message), None) => {
             return Err(StorageError::Snapshot(format!(

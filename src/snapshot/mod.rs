@@ -84,10 +84,14 @@ pub struct SnapshotSettings {
     /// registered for a later version run when an older snapshot is loaded; a snapshot from a
     /// newer game version is refused.
     pub game_version: u32,
-    /// Compression level for the stored record (0 off, 1-9 LZ4). Default 1.
-    pub compression: u8,
-    /// Encrypt snapshots with the store's key. Default off.
-    pub encrypt: bool,
+    /// Compression level for the stored record (0 off, 1-9 LZ4). `None` (the default): the
+    /// store's own default ([`StorageConfig::enable_compression`](crate::StorageConfig)), so a
+    /// build without the `compression` feature saves worlds uncompressed.
+    pub compression: Option<u8>,
+    /// Encrypt snapshots with the store's key. `None` (the default): the store's own default
+    /// ([`StorageConfig::enable_encryption`](crate::StorageConfig)), so a store that encrypts
+    /// every save encrypts its worlds too.
+    pub encrypt: Option<bool>,
     /// On load, despawn the entities marked [`Persist`] that exist now. Default on.
     pub despawn_existing: bool,
     /// When set, only these component types are saved (besides the deny list).
@@ -104,8 +108,8 @@ impl Default for SnapshotSettings {
         Self {
             encoding: SnapshotEncoding::default(),
             game_version: 0,
-            compression: 1,
-            encrypt: false,
+            compression: None,
+            encrypt: None,
             despawn_existing: true,
             allowed_components: None,
             denied_components: [
@@ -130,14 +134,14 @@ impl SnapshotSettings {
         self.game_version = version;
         self
     }
-    /// Sets the compression level (0-9).
+    /// Sets the compression level (0-9) instead of the store's default.
     pub fn compression(mut self, level: u8) -> Self {
-        self.compression = level;
+        self.compression = Some(level);
         self
     }
-    /// Encrypts snapshots with the store's key.
+    /// Encrypts snapshots with the store's key (or not), instead of the store's default.
     pub fn encrypt(mut self, on: bool) -> Self {
-        self.encrypt = on;
+        self.encrypt = Some(on);
         self
     }
     /// Whether loading despawns the persisted entities that exist now.

@@ -36,7 +36,8 @@ pub struct SlotInfo {
 }
 
 /// Stores encoded snapshot bytes under `key` with the slot metadata (the snapshot's header
-/// fields plus the game's own `custom` fields), compressed and encrypted as `settings` say.
+/// fields plus the game's own `custom` fields), compressed and encrypted as `settings` say,
+/// or as the store does by default where they say nothing.
 pub fn store_snapshot(
     store: &Store,
     key: &str,
@@ -45,10 +46,11 @@ pub fn store_snapshot(
     custom: CustomMetadata,
 ) -> Result<()> {
     let header = read_header(bytes)?;
-    let options = SaveOptions::new()
-        .no_expiry()
-        .compression(settings.compression)
-        .encrypt(settings.encrypt)
+    let mut options = SaveOptions::new().no_expiry();
+    // Unset: the store's defaults, as for every other save.
+    options.compression = settings.compression;
+    options.encrypt = settings.encrypt;
+    let options = options
         .metadata_map(custom)
         .metadata(FIELD_FORMAT, header.format_version)
         .metadata(FIELD_GAME_VERSION, header.game_version)

@@ -1,0 +1,679 @@
+//! Bounded nesting for every decoder of stored bytes.
+//!
+//! serde's derived code recurses once per level of nesting, and postcard, unlike RON and
+//! serde_json, has no limit of its own: a 100 KB record of a recursive type nested 100,000
+//! deep overflows any thread's stack, which aborts the process (Rust cannot catch a stack
+//! overflow). A save file is untrusted input, so every decoder here runs through
+//! [`Bounded`], which counts levels and refuses to go deeper than [`MAX_DEPTH`] with a
+//! typed error ([`StorageError::NestingTooDeep`](crate::StorageError::NestingTooDeep))
+//! long before the stack is at risk: the limit holds on a thread with a 2 MiB stack (Bevy's
+//! task pool threads, a game's main thread) in a debug build.
+//!
+//! What counts as a level: each `Some`, newtype struct, sequence, tuple, map, struct and enum
+//! variant the value is made of (a plain struct of scalars is 1 level; `Vec<Vec<u8>>` is 2;
+//! a linked list of `Option<Box<Node>>` spends 2 levels per node). Saves count the same way
+//! with the same limit (see [`BoundedValue`]), so a save that succeeds can always be loaded
+//! again: a value nested deeper than the limit is refused when it is saved, never written.
+
+use std::cell::Cell;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, Visitor};
+use serde::ser::{self, Serialize, Serializer};
+
+/// How deeply a stored value may nest (see the [module docs](self) for what a level is):
+/// 128, as serde_json's and RON's own limits. Game data rarely nests past 20.
+pub const MAX_DEPTH: usize = 128;
+
+/// The nesting budget of one encode or decode, shared by its wrappers.
+#[derive(Debug)]
+pub struct DepthBudget {
+    limit: usize,
+    depth: Cell<usize>,
+    exceeded: Cell<bool>,
+}
+
+impl DepthBudget {
+    /// A budget of `limit` levels.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            depth: Cell::new(0),
+            exceeded: Cell::new(false),
+        }
+    }
+
+    /// The number of levels allowed.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// True once a value went deeper than the limit (the encode or decode then failed; this
+    /// tells that failure apart from others even when the format drops the message, as
+    /// postcard's errors do).
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.get()
+    }
+
+    fn message(&self) -> impl fmt::Display + '_ {
+        struct Message(usize);
+        impl fmt::Display for Message {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "the value nests deeper than {} levels", self.0)
+            }
+        }
+        Message(self.limit)
+    }
+
+    fn enter_de<E: de::Error>(&self) -> Result<(), E> {
+        let depth = self.depth.get();
+        if depth >= self.limit {
+            self.exceeded.set(true);
+            return Err(E::custom(self.message()));
+        }
+        self.depth.set(depth + 1);
+        Ok(())
+    }
+
+    fn enter_ser<E: ser::Error>(&self) -> Result<(), E> {
+        let depth = self.depth.get();
+        if depth >= self.limit {
+            self.exceeded.set(true);
+            return Err(E::custom(self.message()));
+        }
+        self.depth.set(depth + 1);
+        Ok(())
+    }
+
+    fn leave(&self) {
+        self.depth.set(self.depth.get().saturating_sub(1));
+    }
+
+    /// Runs `inner` one level down, refusing when the budget is spent.
+    fn nested_de<T, E: de::Error>(&self, inner: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        self.enter_de::<E>()?;
+        let result = inner();
+        self.leave();
+        result
+    }
+
+    fn nested_ser<T, E: ser::Error>(&self, inner: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        self.enter_ser::<E>()?;
+        let result = inner();
+        self.leave();
+        result
+    }
+}
+
+/// A serde deserializer, visitor, seed or access wrapped so that everything it reaches is
+/// depth-counted against one [`DepthBudget`]. Start with [`Bounded::seed`].
+pub struct Bounded<'b, T> {
+    inner: T,
+    budget: &'b DepthBudget,
+}
+
+impl<'b, T> Bounded<'b, T> {
+    /// Wraps a [`DeserializeSeed`] (for example `PhantomData::<MyType>`, or a reflection
+    /// seed) so that the value it reads is depth-limited.
+    pub fn seed(inner: T, budget: &'b DepthBudget) -> Self {
+        Self { inner, budget }
+    }
+
+    fn wrap<U>(&self, inner: U) -> Bounded<'b, U> {
+        Bounded {
+            inner,
+            budget: self.budget,
+        }
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Bounded<'_, S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<S::Value, D::Error> {
+        let d = self.wrap(deserializer);
+        self.inner.deserialize(d)
+    }
+}
+
+macro_rules! forward_deserialize {
+    ($($method:ident($($arg:ident: $ty:ty),*)),* $(,)?) => {
+        $(
+            fn $method<V: Visitor<'de>>(self $(, $arg: $ty)*, visitor: V) -> Result<V::Value, D::Error> {
+                let visitor = self.wrap(visitor);
+                self.inner.$method($($arg,)* visitor)
+            }
+        )*
+    };
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Bounded<'_, D> {
+    type Error = D::Error;
+
+    forward_deserialize!(
+        deserialize_any(),
+        deserialize_bool(),
+        deserialize_i8(),
+        deserialize_i16(),
+        deserialize_i32(),
+        deserialize_i64(),
+        deserialize_i128(),
+        deserialize_u8(),
+        deserialize_u16(),
+        deserialize_u32(),
+        deserialize_u64(),
+        deserialize_u128(),
+        deserialize_f32(),
+        deserialize_f64(),
+        deserialize_char(),
+        deserialize_str(),
+        deserialize_string(),
+        deserialize_bytes(),
+        deserialize_byte_buf(),
+        deserialize_option(),
+        deserialize_unit(),
+        deserialize_unit_struct(name: &'static str),
+        deserialize_newtype_struct(name: &'static str),
+        deserialize_seq(),
+        deserialize_tuple(len: usize),
+        deserialize_tuple_struct(name: &'static str, len: usize),
+        deserialize_map(),
+        deserialize_struct(name: &'static str, fields: &'static [&'static str]),
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]),
+        deserialize_identifier(),
+        deserialize_ignored_any(),
+    );
+
+    fn is_human_readable(&self) -> bool {
+        self.inner.is_human_readable()
+    }
+}
+
+macro_rules! forward_visit {
+    ($($method:ident($ty:ty)),* $(,)?) => {
+        $(
+            fn $method<E: de::Error>(self, v: $ty) -> Result<V::Value, E> {
+                self.inner.$method(v)
+            }
+        )*
+    };
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Bounded<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.expecting(f)
+    }
+
+    forward_visit!(
+        visit_bool(bool),
+        visit_i8(i8),
+        visit_i16(i16),
+        visit_i32(i32),
+        visit_i64(i64),
+        visit_i128(i128),
+        visit_u8(u8),
+        visit_u16(u16),
+        visit_u32(u32),
+        visit_u64(u64),
+        visit_u128(u128),
+        visit_f32(f32),
+        visit_f64(f64),
+        visit_char(char),
+        visit_str(&str),
+        visit_borrowed_str(&'de str),
+        visit_string(String),
+        visit_bytes(&[u8]),
+        visit_borrowed_bytes(&'de [u8]),
+        visit_byte_buf(Vec<u8>),
+    );
+
+    fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+        self.inner.visit_none()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+        self.inner.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+        let d = self.wrap(d);
+        self.budget.nested_de(|| self.inner.visit_some(d))
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+        let d = self.wrap(d);
+        self.budget.nested_de(|| self.inner.visit_newtype_struct(d))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+        let seq = self.wrap(seq);
+        self.budget.nested_de(|| self.inner.visit_seq(seq))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        let map = self.wrap(map);
+        self.budget.nested_de(|| self.inner.visit_map(map))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<V::Value, A::Error> {
+        let data = self.wrap(data);
+        self.budget.nested_de(|| self.inner.visit_enum(data))
+    }
+}
+
+impl<'de, A: de::SeqAccess<'de>> de::SeqAccess<'de> for Bounded<'_, A> {
+    type Error = A::Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, A::Error> {
+        let seed = self.wrap(seed);
+        self.inner.next_element_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.inner.size_hint()
+    }
+}
+
+impl<'de, A: de::MapAccess<'de>> de::MapAccess<'de> for Bounded<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let seed = self.wrap(seed);
+        self.inner.next_key_seed(seed)
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+        let seed = self.wrap(seed);
+        self.inner.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.inner.size_hint()
+    }
+}
+
+impl<'de, 'b, A: de::EnumAccess<'de>> de::EnumAccess<'de> for Bounded<'b, A> {
+    type Error = A::Error;
+    type Variant = Bounded<'b, A::Variant>;
+
+    fn variant_seed<T: DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<(T::Value, Self::Variant), A::Error> {
+        let seed = self.wrap(seed);
+        let budget = self.budget;
+        self.inner
+            .variant_seed(seed)
+            .map(|(value, variant)| (value, Bounded::seed(variant, budget)))
+    }
+}
+
+impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for Bounded<'_, A> {
+    type Error = A::Error;
+
+    fn unit_variant(self) -> Result<(), A::Error> {
+        self.inner.unit_variant()
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+        let seed = self.wrap(seed);
+        self.inner.newtype_variant_seed(seed)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
+        let visitor = self.wrap(visitor);
+        self.inner.tuple_variant(len, visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, A::Error> {
+        let visitor = self.wrap(visitor);
+        self.inner.struct_variant(fields, visitor)
+    }
+}
+
+/// A value to serialize with the same depth count as [`Bounded`] decodes with: saving a value
+/// nested deeper than the budget fails instead of writing a record no load would accept.
+pub struct BoundedValue<'a, 'b, T: ?Sized> {
+    value: &'a T,
+    budget: &'b DepthBudget,
+}
+
+impl<'a, 'b, T: ?Sized> BoundedValue<'a, 'b, T> {
+    /// Wraps `value` for serialization against `budget`.
+    pub fn new(value: &'a T, budget: &'b DepthBudget) -> Self {
+        Self { value, budget }
+    }
+}
+
+impl<T: Serialize + ?Sized> Serialize for BoundedValue<'_, '_, T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(BoundedSerializer {
+            inner: serializer,
+            budget: self.budget,
+        })
+    }
+}
+
+/// The serializer side of [`BoundedValue`]; also wraps each compound serializer, which
+/// gives the level back in its `end`.
+struct BoundedSerializer<'b, S> {
+    inner: S,
+    budget: &'b DepthBudget,
+}
+
+impl<'b, S> BoundedSerializer<'b, S> {
+    fn value<'a, T: ?Sized>(&self, value: &'a T) -> BoundedValue<'a, 'b, T> {
+        BoundedValue::new(value, self.budget)
+    }
+}
+
+/// Opens a compound one level down; its `end` leaves the level.
+fn open<'b, C, E: ser::Error>(
+    budget: &'b DepthBudget,
+    open: impl FnOnce() -> Result<C, E>,
+) -> Result<BoundedSerializer<'b, C>, E> {
+    budget.enter_ser::<E>()?;
+    open().map(|inner| BoundedSerializer { inner, budget })
+}
+
+macro_rules! forward_serialize {
+    ($($method:ident($ty:ty)),* $(,)?) => {
+        $(
+            fn $method(self, v: $ty) -> Result<S::Ok, S::Error> {
+                self.inner.$method(v)
+            }
+        )*
+    };
+}
+
+impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+    type SerializeSeq = BoundedSerializer<'b, S::SerializeSeq>;
+    type SerializeTuple = BoundedSerializer<'b, S::SerializeTuple>;
+    type SerializeTupleStruct = BoundedSerializer<'b, S::SerializeTupleStruct>;
+    type SerializeTupleVariant = BoundedSerializer<'b, S::SerializeTupleVariant>;
+    type SerializeMap = BoundedSerializer<'b, S::SerializeMap>;
+    type SerializeStruct = BoundedSerializer<'b, S::SerializeStruct>;
+    type SerializeStructVariant = BoundedSerializer<'b, S::SerializeStructVariant>;
+
+    forward_serialize!(
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_i128(i128),
+        serialize_u8(u8),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_u128(u128),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_str(&str),
+        serialize_bytes(&[u8]),
+        serialize_unit_struct(&'static str),
+    );
+
+    fn serialize_none(self) -> Result<S::Ok, S::Error> {
+        self.inner.serialize_none()
+    }
+
+    fn serialize_unit(self) -> Result<S::Ok, S::Error> {
+        self.inner.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+    ) -> Result<S::Ok, S::Error> {
+        // A decoder visits an enum one level down even when the variant carries nothing.
+        self.budget
+            .nested_ser(|| self.inner.serialize_unit_variant(name, index, variant))
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<S::Ok, S::Error> {
+        let value = self.value(value);
+        self.budget.nested_ser(|| self.inner.serialize_some(&value))
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<S::Ok, S::Error> {
+        let value = self.value(value);
+        self.budget
+            .nested_ser(|| self.inner.serialize_newtype_struct(name, &value))
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<S::Ok, S::Error> {
+        let value = self.value(value);
+        // One level, the enum: a decoder reads the newtype's content straight from the
+        // variant.
+        self.budget.nested_ser(|| {
+            self.inner
+                .serialize_newtype_variant(name, index, variant, &value)
+        })
+    }
+
+    fn serialize_seq(self, len: Option<usize>) -> Result<Self::SerializeSeq, S::Error> {
+        open(self.budget, move || self.inner.serialize_seq(len))
+    }
+
+    fn serialize_tuple(self, len: usize) -> Result<Self::SerializeTuple, S::Error> {
+        open(self.budget, move || self.inner.serialize_tuple(len))
+    }
+
+    fn serialize_tuple_struct(
+        self,
+        name: &'static str,
+        len: usize,
+    ) -> Result<Self::SerializeTupleStruct, S::Error> {
+        open(self.budget, move || {
+            self.inner.serialize_tuple_struct(name, len)
+        })
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self::SerializeTupleVariant, S::Error> {
+        // The enum and the tuple inside it: two levels, given back by `end_variant`.
+        self.budget.enter_ser::<S::Error>()?;
+        open(self.budget, move || {
+            self.inner
+                .serialize_tuple_variant(name, index, variant, len)
+        })
+    }
+
+    fn serialize_map(self, len: Option<usize>) -> Result<Self::SerializeMap, S::Error> {
+        open(self.budget, move || self.inner.serialize_map(len))
+    }
+
+    fn serialize_struct(
+        self,
+        name: &'static str,
+        len: usize,
+    ) -> Result<Self::SerializeStruct, S::Error> {
+        open(self.budget, move || self.inner.serialize_struct(name, len))
+    }
+
+    fn serialize_struct_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self::SerializeStructVariant, S::Error> {
+        self.budget.enter_ser::<S::Error>()?;
+        open(self.budget, move || {
+            self.inner
+                .serialize_struct_variant(name, index, variant, len)
+        })
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.inner.is_human_readable()
+    }
+}
+
+impl<S> BoundedSerializer<'_, S> {
+    /// The `end` of a tuple or struct variant: it gives back two levels, the enum's and the
+    /// compound's.
+    fn end_variant(&self) {
+        self.budget.leave();
+        self.budget.leave();
+    }
+}
+
+impl<S: ser::SerializeSeq> ser::SerializeSeq for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_element(&value)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.budget.leave();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeTuple> ser::SerializeTuple for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_element(&value)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.budget.leave();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeTupleStruct> ser::SerializeTupleStruct for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_field(&value)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.budget.leave();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeTupleVariant> ser::SerializeTupleVariant for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_field(&value)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.end_variant();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeMap> ser::SerializeMap for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), S::Error> {
+        let key = self.value(key);
+        self.inner.serialize_key(&key)
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_value(&value)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.budget.leave();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeStruct> ser::SerializeStruct for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_field(key, &value)
+    }
+
+    fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
+        self.inner.skip_field(key)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.budget.leave();
+        self.inner.end()
+    }
+}
+
+impl<S: ser::SerializeStructVariant> ser::SerializeStructVariant for BoundedSerializer<'_, S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), S::Error> {
+        let value = self.value(value);
+        self.inner.serialize_field(key, &value)
+    }
+
+    fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
+        self.inner.skip_field(key)
+    }
+
+    fn end(self) -> Result<S::Ok, S::Error> {
+        self.end_variant();
+        self.inner.end()
+    }
+}
