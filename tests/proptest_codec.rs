@@ -71,6 +71,7 @@ fn is_typed_decode_error(e: &StorageError) -> bool {
             | StorageError::DecryptionFailed { .. }
             | StorageError::EncryptionKeyMissing { .. }
             | StorageError::Deserialize { .. }
+            | StorageError::NestingTooDeep { .. }
     )
 }
 
@@ -712,6 +713,89 @@ proptest! {
 // ------------------------------------------------------------------------------- budgets
 
 // Cases per test; the total must stay at or above 100,000 (see `case_budget_is_at_least_100k`).
+// ------------------------------------------------------------------------------ nesting
+
+/// A recursive type as games save them (quest trees, dialogue graphs, scripts).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum Tree {
+    Leaf(u8),
+    Node(Vec<Tree>),
+    Pair(Box<Tree>, Box<Tree>),
+}
+
+impl Tree {
+    /// Its nesting as the codec counts it (`codec::depth`): a newtype variant is one level,
+    /// a sequence one more, a tuple variant two.
+    fn levels(&self) -> usize {
+        match self {
+            Tree::Leaf(_) => 1,
+            Tree::Node(children) => 2 + children.iter().map(Tree::levels).max().unwrap_or(0),
+            Tree::Pair(a, b) => 2 + a.levels().max(b.levels()),
+        }
+    }
+}
+
+/// Trees from flat to twice as deep as the codec accepts.
+fn tree() -> impl Strategy<Value = Tree> {
+    let leaf = any::<u8>().prop_map(Tree::Leaf);
+    leaf.prop_recursive(130, 400, 2, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Tree::Node),
+            (inner.clone(), inner).prop_map(|(a, b)| Tree::Pair(Box::new(a), Box::new(b))),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES_NESTING))]
+
+    /// On a test thread (2 MiB of stack, as a Bevy pool thread): a tree saves exactly when
+    /// it nests no deeper than `MAX_DEPTH`, then loads back equal; deeper ones are refused
+    /// with `NestingTooDeep` when saved.
+    #[test]
+    fn trees_save_exactly_up_to_the_depth_limit(tree in tree(), format in format()) {
+        let options = SealOptions { format, compression_level: 0, encrypt: false };
+        let allowed = tree.levels() <= codec::depth::MAX_DEPTH;
+        match codec::encode("tree", &tree, &options, None) {
+            Ok((bytes, _)) => {
+                prop_assert!(allowed, "saved a tree of {} levels", tree.levels());
+                let back: Tree = codec::decode("tree", &bytes, None)
+                    .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                prop_assert_eq!(back, tree);
+            }
+            Err(e) => {
+                prop_assert!(!allowed, "refused a tree of {} levels: {e}", tree.levels());
+                prop_assert!(matches!(e, StorageError::NestingTooDeep { .. }), "{e:?}");
+            }
+        }
+    }
+
+    /// Any bytes as the payload of a recursive type, mostly runs of variant tags (deep
+    /// nesting): a typed error or a tree within the limit, never a stack overflow.
+    #[test]
+    fn nested_payloads_decode_within_the_limit(
+        tags in prop::collection::vec(prop_oneof![8 => 1u8..=2, 1 => any::<u8>()], 0..2_000),
+        ron in any::<bool>(),
+    ) {
+        let (payload, format) = if ron {
+            let text: String = tags
+                .iter()
+                .map(|t| match t % 3 { 0 => "Leaf(1)", 1 => "Node([", _ => "Pair(" })
+                .collect();
+            (text.into_bytes(), Format::Ron)
+        } else {
+            (tags, Format::Binary)
+        };
+        let options = SealOptions { format, compression_level: 0, encrypt: false };
+        let (bytes, _) = envelope::seal("tree", &payload, &options, None).unwrap();
+        match codec::decode::<Tree>("tree", &bytes, None) {
+            Ok(tree) => prop_assert!(tree.levels() <= codec::depth::MAX_DEPTH),
+            Err(e) => check_error(&e, "tree")?,
+        }
+    }
+}
+
+const CASES_NESTING: u32 = 3_000;
 const CASES_ANY_BYTES: u32 = 30_000;
 const CASES_FRAMED: u32 = 25_000;
 const CASES_MUTATED: u32 = 40_000;
@@ -726,6 +810,7 @@ fn case_budget_is_at_least_100k() {
         + CASES_MUTATED
         + CASES_FILES
         + CASES_JOURNAL
-        + CASES_SNAPSHOT;
+        + CASES_SNAPSHOT
+        + 2 * CASES_NESTING;
     assert!(total >= 100_000, "only {total} property cases per run");
 }

@@ -8,7 +8,13 @@
 //! - `2`: a valid record (one of a few: RON, postcard, LZ4, AES-GCM), damaged by the input
 //!   read as `(offset u16, xor u8)` edits, with or without the checksum recomputed;
 //! - `3`: round trip: the bytes, if they are JSON, encoded with the codec and decoded again
-//!   must give the same value.
+//!   must give the same value (or, nested past the limit, be refused when saved);
+//! - bit 5 set: the bytes as the payload of a valid record of a recursive type (`Tree`), in
+//!   postcard (bit 7 clear) or RON (bit 7 set): nesting is the material, and the depth limit
+//!   must refuse what is too deep with `NestingTooDeep`.
+//!
+//! Run it with `ulimit -s 2048` so that the fuzzer's own thread has the 2 MiB stack of a
+//! game's threads: a decoder that recursed without bound would crash it.
 //!
 //! Bit 7 of the first byte reads with the cipher; bit 6 recomputes the checksum in mode 2.
 //! Oracles: never a panic; an error is one of the typed decode errors; an authenticated or
@@ -86,7 +92,31 @@ fn typed(e: &StorageError) -> bool {
             | StorageError::DecryptionFailed { .. }
             | StorageError::EncryptionKeyMissing { .. }
             | StorageError::Deserialize { .. }
+            | StorageError::NestingTooDeep { .. }
     )
+}
+
+/// A recursive type, as games save (quest trees, dialogue graphs).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Tree {
+    Leaf(u8),
+    Node(Vec<Tree>),
+    Pair(Box<Tree>, Box<Tree>),
+}
+
+/// Drops a tree without recursing.
+fn drop_flat(tree: Tree) {
+    let mut stack = vec![tree];
+    while let Some(t) = stack.pop() {
+        match t {
+            Tree::Leaf(_) => {}
+            Tree::Node(children) => stack.extend(children),
+            Tree::Pair(a, b) => {
+                stack.push(*a);
+                stack.push(*b);
+            }
+        }
+    }
 }
 
 fn check<T>(what: &str, r: &Result<T, StorageError>) {
@@ -119,6 +149,21 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode & 0x20 != 0 {
+        let format = if mode & 0x80 != 0 { Format::Ron } else { Format::Binary };
+        let options = SealOptions {
+            format,
+            compression_level: 0,
+            encrypt: false,
+        };
+        let (bytes, _) = envelope::seal(KEY, rest, &options, None).unwrap();
+        let tree = codec::decode::<Tree>(KEY, &bytes, None);
+        check("decode Tree", &tree);
+        if let Ok(tree) = tree {
+            drop_flat(tree);
+        }
+        return;
+    }
     let cipher = (mode & 0x80 != 0).then(|| &*CIPHER);
     match mode & 3 {
         0 => {
@@ -164,7 +209,12 @@ fuzz_target!(|data: &[u8]| {
                 compression_level: (mode >> 2) & 1,
                 encrypt: cipher.is_some(),
             };
-            let (bytes, _) = codec::encode(KEY, &value, &options, cipher).unwrap();
+            let (bytes, _) = match codec::encode(KEY, &value, &options, cipher) {
+                Ok(sealed) => sealed,
+                // Nested past the limit: refused when saved, never written.
+                Err(StorageError::NestingTooDeep { .. }) => return,
+                Err(e) => panic!("a JSON value does not save: {e}\n{value}"),
+            };
             let back: serde_json::Value = codec::decode(KEY, &bytes, cipher)
                 .unwrap_or_else(|e| panic!("a saved value does not load back: {e}\n{value}"));
             assert_eq!(back, value, "a saved value loads back different");

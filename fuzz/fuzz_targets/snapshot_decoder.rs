@@ -116,6 +116,7 @@ fn run(bytes: &[u8]) {
             matches!(
                 e,
                 StorageError::Snapshot(_)
+                    | StorageError::NestingTooDeep { .. }
                     | StorageError::UnregisteredType { .. }
                     | StorageError::SnapshotFormatTooNew { .. }
                     | StorageError::SnapshotGameVersionTooNew { .. }
