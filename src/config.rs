@@ -78,6 +78,63 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}:{slashes}{userinfo}{after}")
 }
 
+/// `text` (an error message from a client library that saw `url`) with every credential of
+/// `url` replaced by `***`, as written and percent-decoded: for messages that may quote parts
+/// of a URL [`redact_url`] cannot see.
+pub(crate) fn redact_text(text: &str, url: &str) -> String {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some((_, rest)) = url.split_once(':') {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
+            secrets.push(userinfo.to_owned());
+            if let Some((_, password)) = userinfo.split_once(':') {
+                secrets.push(password.to_owned());
+            }
+        }
+        if let Some((_, query)) = rest.split_once('?') {
+            for pair in query.split(['&', '#']) {
+                if let Some((name, value)) = pair.split_once('=')
+                    && is_secret_parameter(name)
+                {
+                    secrets.push(value.to_owned());
+                }
+            }
+        }
+    }
+    let decoded: Vec<String> = secrets.iter().map(|s| percent_decode(s)).collect();
+    secrets.extend(decoded);
+    secrets.retain(|s| !s.is_empty());
+    // Longest first, so that a password is not left half hidden by a shorter piece.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
+    for secret in &secrets {
+        out = out.replace(secret.as_str(), "***");
+    }
+    out
+}
+
+/// `%XX` escapes decoded (invalid ones kept as they are), as URL parsers read user info.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_secret_parameter(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     [
@@ -407,5 +464,53 @@ impl StorageConfig {
             }
             BackendConfig::Custom(backend) => Arc::clone(backend),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every form a credential can take in a URL: whatever the characters of the password,
+    /// encoded or not, the redacted URL holds none of it and keeps what locates the server.
+    #[test]
+    fn redaction_table() {
+        let table: &[(&str, &str, &[&str])] = &[
+            ("redis://:hunter2@host:6379/1", "redis://:***@host:6379/1", &["hunter2"]),
+            ("redis://:s3/cr3t@host", "redis://:***@host", &["s3/cr3t", "cr3t"]),
+            ("redis://alice:p@ss:w@rd@host/0?protocol=resp3", "redis://alice:***@host/0?protocol=resp3", &["p@ss", "w@rd"]),
+            ("rediss://bob:a?b#c@host:6380", "rediss://bob:***@host:6380", &["a?b#c"]),
+            ("redis://:pct%2Fenc%40pw@host", "redis://:***@host", &["pct%2Fenc%40pw", "pct/enc@pw"]),
+            ("redis://only-a-secret@host", "redis://***@host", &["only-a-secret"]),
+            ("redis://we/ird:pw@host", "redis://***@host", &["we/ird", "pw@"]),
+            ("redis://user:@host", "redis://user:***@host", &[]),
+            ("redis:pw-no-slashes@host", "redis:***@host", &["pw-no-slashes"]),
+            ("postgres://u:pg!pw@db:5432/test?sslmode=require", "postgres://u:***@db:5432/test?sslmode=require", &["pg!pw"]),
+            ("postgres://db/test?user=u&password=qwerty&sslmode=disable", "postgres://db/test?user=u&password=***&sslmode=disable", &["qwerty"]),
+            ("redis://host/0?Token=t0k3n#frag", "redis://host/0?Token=***#frag", &["t0k3n"]),
+            ("redis://host:6379", "redis://host:6379", &[]),
+            ("sqlite:saves/storage.db", "sqlite:saves/storage.db", &[]),
+            ("file:saves/dir", "file:saves/dir", &[]),
+            ("memory:", "memory:", &[]),
+            ("no scheme at all", "no scheme at all", &[]),
+        ];
+        for (url, redacted, secrets) in table {
+            let got = redact_url(url);
+            assert_eq!(&got, redacted, "{url}");
+            for secret in *secrets {
+                assert!(!got.contains(secret), "{url} -> {got} leaks {secret}");
+            }
+            // Redacting twice changes nothing more.
+            assert_eq!(redact_url(&got), got, "{url}");
+        }
+    }
+
+    #[test]
+    fn client_messages_lose_every_spelling_of_the_password() {
+        let url = "redis://:pct%2Fenc%40pw@host";
+        let message = "could not connect with password pct/enc@pw (pct%2Fenc%40pw)";
+        let clean = redact_text(message, url);
+        assert!(!clean.contains("pct/enc@pw") && !clean.contains("pct%2Fenc%40pw"), "{clean}");
+        assert_eq!(redact_text("no secret here", "redis://host"), "no secret here");
     }
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bevy_storage::backend::{PutMode, WriteOp};
 use bevy_storage::prelude::*;
-use common::{Fixture, Kind, test_key};
+#[cfg(feature = "encryption")]
+use common::test_key;
+use common::{Fixture, Kind};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

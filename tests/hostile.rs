@@ -499,6 +499,11 @@ const RAW: [u8; 32] = [
 const PASSPHRASE: &str = "Tr0ub4dor&3-purple-SECRET-passphrase";
 const SHORT_PASSPHRASE: &str = "Sec7ret";
 const REDIS_PASSWORD: &str = "hunter2-REDIS-pw";
+/// Passwords with the characters that end a URL's authority, raw and percent-encoded.
+const REDIS_PASSWORD_SLASH: &str = "s3/cr3t-REDIS";
+const REDIS_PASSWORD_MIXED: &str = "p@ss:w?rd#REDIS";
+const REDIS_PASSWORD_ENCODED: &str = "pct%2Fenc%40REDIS";
+const REDIS_PASSWORD_DECODED: &str = "pct/enc@REDIS";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -521,6 +526,12 @@ fn secret_spellings() -> Vec<String> {
         "purple-SECRET".to_owned(),
         SHORT_PASSPHRASE.to_owned(),
         REDIS_PASSWORD.to_owned(),
+        REDIS_PASSWORD_SLASH.to_owned(),
+        "cr3t-REDIS".to_owned(),
+        REDIS_PASSWORD_MIXED.to_owned(),
+        "w?rd#REDIS".to_owned(),
+        REDIS_PASSWORD_ENCODED.to_owned(),
+        REDIS_PASSWORD_DECODED.to_owned(),
     ]
 }
 
@@ -607,6 +618,11 @@ fn redis_urls() -> Vec<String> {
         format!("redis://player:{REDIS_PASSWORD}@127.0.0.1:1"),
         format!("rediss://:{REDIS_PASSWORD}@127.0.0.1:1/2"),
         format!("redis://:{REDIS_PASSWORD}@127.0.0.1:1/0?namespace=game"),
+        format!("redis://:{REDIS_PASSWORD_SLASH}@127.0.0.1:1/0"),
+        format!("redis://player:{REDIS_PASSWORD_SLASH}@127.0.0.1:1"),
+        format!("redis://player:{REDIS_PASSWORD_MIXED}@127.0.0.1:1/0"),
+        format!("redis://:{REDIS_PASSWORD_ENCODED}@127.0.0.1:1/0"),
+        format!("redis://player:{REDIS_PASSWORD_ENCODED}@127.0.0.1:1/0?namespace=game"),
     ]
 }
 
@@ -730,7 +746,13 @@ fn no_key_material_in_error_messages() {
     );
     #[cfg(feature = "redis")]
     for url in redis_urls() {
-        let config = StorageConfig::from_url(&url).unwrap();
+        let config = match StorageConfig::from_url(&url) {
+            Ok(config) => config,
+            Err(e) => {
+                push(&format!("unparsable Redis URL {url}"), e);
+                continue;
+            }
+        };
         assert_debug_clean("a Redis StorageConfig", &config);
         assert_debug_clean(
             "a Redis StoragePluginBuilder",
@@ -845,7 +867,11 @@ fn no_key_material_in_log_output() {
             .encryption_key(EncryptionKey::from_passphrase(format!("{PASSPHRASE}!")).unwrap()),
     ];
     #[cfg(feature = "redis")]
-    configs.push(StorageConfig::from_url(&redis_urls()[0]).unwrap());
+    configs.extend(
+        redis_urls()
+            .iter()
+            .filter_map(|url| StorageConfig::from_url(url).ok()),
+    );
     let failures_before = log.lock().unwrap().matches("could not open").count();
     let count = configs.len();
     for config in configs {

@@ -275,3 +275,76 @@ fn snapshots_are_compressed_and_encrypted_as_configured() {
         "{err}"
     );
 }
+
+/// A store that encrypts every save encrypts its worlds too, without the snapshot settings
+/// saying so; and a plaintext world planted in it is refused on load, leaving the live world
+/// as it was.
+#[cfg(feature = "encryption")]
+#[test]
+fn world_saves_follow_the_store_defaults_and_refuse_forged_plaintext() {
+    use bevy_storage::{EncryptionKey, StorageError};
+    let storage = StoragePlugin::memory().encryption(EncryptionKey::from_bytes([5; 32]));
+    let mut app = app_with(storage, SnapshotPlugin::new(settings()));
+    populate(app.world_mut());
+    app.world_mut().write_message(SaveWorld::new("slot"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let meta = store.get_metadata("slot").unwrap().unwrap();
+    assert!(meta.encrypted, "the world was saved in plaintext: {meta:?}");
+    assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
+
+    // The attacker writes a world of their own, in plaintext, with a tool that has no key.
+    let attacker = bevy_storage::Store::with_backend(
+        store.backend().clone(),
+        StorageConfig::memory(),
+    )
+    .unwrap();
+    let forged = bevy_storage::snapshot::read_snapshot(
+        &bevy_storage::Store::with_backend(
+            store.backend().clone(),
+            StorageConfig::memory().encryption_key(EncryptionKey::from_bytes([5; 32])),
+        )
+        .unwrap(),
+        "slot",
+    )
+    .unwrap()
+    .unwrap();
+    attacker
+        .save_bytes("forged", &forged, &SaveOptions::new().encrypt(false))
+        .unwrap();
+    let persisted_before = app
+        .world_mut()
+        .query_filtered::<Entity, With<Persist>>()
+        .iter(app.world())
+        .count();
+    app.world_mut().write_message(LoadWorld::new("forged"));
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    let err = loaded.result.unwrap_err();
+    assert!(
+        matches!(*err, StorageError::NotEncrypted { .. }),
+        "a forged plaintext world was not refused: {err}"
+    );
+    let persisted_after = app
+        .world_mut()
+        .query_filtered::<Entity, With<Persist>>()
+        .iter(app.world())
+        .count();
+    assert_eq!(persisted_before, persisted_after, "the live world was kept");
+}
+
+/// A build without the `compression` feature saves worlds with the default settings (the
+/// snapshot settings no longer ask for compression themselves).
+#[test]
+fn default_world_saves_work_in_every_build() {
+    let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
+    populate(app.world_mut());
+    app.world_mut().write_message(SaveWorld::new("slot"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    let saved = app.world().resource::<Seen>().saved[0].clone();
+    assert!(saved.result.is_ok(), "{:?}", saved.result);
+    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let meta = store.get_metadata("slot").unwrap().unwrap();
+    assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
+}

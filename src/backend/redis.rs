@@ -746,7 +746,7 @@ impl RedisBackend {
         let client = redis::Client::open(url).map_err(|e| {
             StorageError::Config(format!(
                 "invalid Redis URL {address:?}: {}",
-                e.detail().unwrap_or(e.category())
+                crate::config::redact_text(e.detail().unwrap_or(e.category()), url)
             ))
         })?;
         let shared = Arc::new(Shared {

@@ -287,12 +287,27 @@ pub fn open_vec(
 mod tests {
     use super::*;
 
+    /// Options at `level`, or uncompressed in a build without the `compression` feature
+    /// (which refuses a level above 0: tested apart below).
     fn opts(level: u8) -> SealOptions {
         SealOptions {
             format: Format::Raw,
-            compression_level: level,
+            compression_level: if cfg!(feature = "compression") { level } else { 0 },
             encrypt: false,
         }
+    }
+
+    #[cfg(not(feature = "compression"))]
+    #[test]
+    fn compression_without_the_feature_is_refused() {
+        let options = SealOptions {
+            compression_level: 1,
+            ..opts(0)
+        };
+        assert!(matches!(
+            seal("k", b"x", &options, None),
+            Err(StorageError::FeatureDisabled { feature: "compression", .. })
+        ));
     }
 
     #[test]
@@ -350,7 +365,15 @@ mod tests {
     #[test]
     fn invalid_level_is_refused() {
         assert!(matches!(
-            seal("k", b"x", &opts(10), None),
+            seal(
+                "k",
+                b"x",
+                &SealOptions {
+                    compression_level: 10,
+                    ..opts(0)
+                },
+                None
+            ),
             Err(StorageError::InvalidCompressionLevel(10))
         ));
     }
