@@ -1157,3 +1157,56 @@ fn internal_meta(now: Timestamp, size: usize) -> RecordMeta {
         custom: CustomMetadata::new(),
     }
 }
+
+/// Shorthands with default options, named after the inspector's `get` and `set` (and
+/// bevy_pkv's): `store.set(key, &value)` is `store.save(key, &value, &SaveOptions::default())`,
+/// `store.get::<T>(key)` is `store.load(key, &LoadOptions::default())`.
+///
+/// By reference or by value: calls that finish their work before they return ([`Store::save`],
+/// [`Store::set`]) borrow the value; what carries a value to later work owns it
+/// ([`StorageOperation::save`] until [`Store::transaction`] runs it, the plugin's
+/// `SaveRequest` until the task pool does).
+impl Store {
+    /// [`save`](Self::save) with the store's default options (its default TTL, compression
+    /// and encryption; overwriting allowed).
+    ///
+    /// ```
+    /// # use bevy_storage::prelude::*;
+    /// let store = Store::open(StorageConfig::memory())?;
+    /// store.set("volume", &0.8f32)?;
+    /// assert_eq!(store.get::<f32>("volume")?, Some(0.8));
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.save(key, value, &SaveOptions::default())
+    }
+
+    /// [`load`](Self::load) with default options: `Ok(None)` when missing or expired,
+    /// errors (corrupt, wrong type, wrong key) as errors.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.load(key, &LoadOptions::default())
+    }
+
+    /// Saves a payload already serialized in `format` (RON text, postcard bytes), as
+    /// [`load_bytes`](Self::load_bytes) returns it: the counterpart for tools such as the
+    /// inspector's `set`, which writes RON a game then loads as its own type. The payload is
+    /// not checked against the format: a wrong one fails when it is loaded.
+    pub fn save_encoded(
+        &self,
+        key: &str,
+        payload: &[u8],
+        format: Format,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            let record = self.build_record(key, format, options, now, |out| {
+                out.extend_from_slice(payload);
+                Ok(())
+            })?;
+            self.write(vec![Self::put_op(key, record, options)], now)
+                .map(drop)
+        })
+    }
+}
