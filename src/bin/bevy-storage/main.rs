@@ -411,8 +411,14 @@ const SCHEMES: [&str; 5] = ["sqlite", "file", "memory", "redis", "rediss"];
 /// `Ok(None)`: the text has a scheme of its own.
 fn infer_scheme(given: &str) -> Outcome<Option<String>> {
     if let Some((scheme, _)) = given.split_once(':')
-        && SCHEMES.contains(&scheme)
+        && (SCHEMES.contains(&scheme)
+            || scheme.len() > 1
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
     {
+        // A scheme, known or not (`StorageConfig::from_url` names an unknown one); a
+        // one-letter "scheme" is a Windows drive.
         return Ok(None);
     }
     let path = std::path::Path::new(given);

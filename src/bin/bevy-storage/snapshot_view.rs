@@ -33,6 +33,13 @@ pub fn read(header: &SnapshotHeader, payload: &[u8]) -> Result<SnapshotView, Str
             let text = std::str::from_utf8(body).map_err(|_| "the RON body is not UTF-8")?;
             let (entities, columns, resources) = ron_view::snapshot_body(text)
                 .ok_or("the RON body does not have a snapshot's shape")?;
+            if entities.len() != header.entity_count as usize {
+                return Err(format!(
+                    "the header says {} entities, the body has {}",
+                    header.entity_count,
+                    entities.len()
+                ));
+            }
             let mut per_entity: Vec<Vec<(String, String)>> = vec![Vec::new(); entities.len()];
             for (type_path, rows, values) in columns {
                 if rows.len() != values.len() {
@@ -111,7 +118,8 @@ pub fn render(view: &SnapshotView, out: &mut String) {
                     crate::plural(components.len() as u64, "component", "components")
                 );
                 for (path, value) in components {
-                    let _ = writeln!(out, "  {}: {}", short(path), ron_display(value));
+                    let refs = references(value, &view.entities);
+                    let _ = writeln!(out, "  {}: {}{refs}", short(path), ron_display(value));
                 }
             }
             if view.resources.is_empty() {
@@ -142,6 +150,42 @@ pub fn render(view: &SnapshotView, out: &mut String) {
             }
         }
     }
+}
+
+/// The saved entities a value refers to, as `  (4294967249 is entity 46v0)`: entity fields
+/// are saved as their id bits, which say nothing to a reader.
+fn references(text: &str, entities: &[u64]) -> String {
+    let mut found: Vec<String> = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i].is_ascii_digit() && (i == 0 || !is_word(bytes[i - 1])) {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            if (i == bytes.len() || !is_word(bytes[i]) && bytes[i] != b'.')
+                && let Ok(bits) = text[start..i].parse::<u64>()
+                && entities.contains(&bits)
+            {
+                let note = format!("{bits} is entity {}", entity_name(bits));
+                if !found.contains(&note) {
+                    found.push(note);
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    if found.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", found.join(", "))
+    }
+}
+
+fn is_word(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'.'
 }
 
 /// RON text cut to one screen line.

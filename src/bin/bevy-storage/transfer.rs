@@ -124,8 +124,9 @@ pub fn import(
         let names: Vec<String> = bookkeeping.iter().map(|r| format!("{:?}", r.key)).collect();
         let why = if encrypted > 0 {
             format!(
-                "the encryption key check its {} need to be read",
-                plural(encrypted, "encrypted record", "encrypted records")
+                "the encryption key check that {} of the dump {} to be read",
+                plural(encrypted, "encrypted record", "encrypted records"),
+                if encrypted == 1 { "needs" } else { "need" }
             )
         } else {
             "no encrypted record of the dump needs it".to_owned()

@@ -15,11 +15,13 @@ use crate::{
 /// How `set` reads its value text.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Syntax {
-    /// RON if the text is valid RON, else JSON
+    /// JSON if the text is valid JSON, else RON
     Auto,
     /// RON, as `get` prints it
     Ron,
-    /// JSON, as `get --json` prints a value
+    /// JSON, as `get --json` prints a value: objects become structs (or maps), a one-key
+    /// object with a capitalised key an enum variant with data, lists sequences, null None.
+    /// Tuples and unit variants are not told apart in JSON: write those values in RON
     Json,
 }
 
@@ -97,11 +99,13 @@ fn ron_payload(text: &str, syntax: Syntax) -> Outcome<(String, &'static str)> {
         Syntax::Json => {
             as_json().map_err(|e| Failure::usage(format!("the value is not valid JSON: {e}")))
         }
-        Syntax::Auto => match as_ron() {
-            Some(found) => Ok(found),
-            None => as_json().map_err(|e| {
+        // JSON first: a JSON object is also a valid RON *map*, which a game's struct would
+        // not load; read as JSON it becomes the struct `get --json` printed.
+        Syntax::Auto => match as_json() {
+            Ok(found) => Ok(found),
+            Err(json_error) => as_ron().ok_or_else(|| {
                 Failure::usage(format!(
-                    "the value is neither RON nor JSON (as JSON: {e}); quote it for the shell, \
+                    "the value is neither JSON ({json_error}) nor RON; quote it for the shell, \
                      for example '(name: \"Ada\", gold: 120)'"
                 ))
             }),
@@ -253,10 +257,11 @@ pub fn set(cli: &Cli, args: &SetArgs, out: &mut dyn Write) -> Outcome {
             }),
         );
     }
-    let mut notes = vec![format!(
-        "{read_as} stored as {}",
-        crate::format_name(format)
-    )];
+    let mut notes = vec![match format {
+        Format::Raw => "raw bytes".to_owned(),
+        _ if read_as == "RON" => "RON, stored as written".to_owned(),
+        _ => format!("{read_as}, stored as RON"),
+    }];
     if meta.as_ref().is_some_and(|m| m.compressed) {
         notes.push("compressed".into());
     }
