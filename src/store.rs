@@ -745,6 +745,7 @@ impl Store {
     pub fn save_bytes(&self, key: &str, bytes: &[u8], options: &SaveOptions) -> Result<()> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
+            self.refuse_what_never_fits(bytes.len(), Format::Raw, options)?;
             let now = self.inner.clock.now();
             let record = self.build_record(key, Format::Raw, options, now, |out| {
                 out.extend_from_slice(bytes);
@@ -1181,6 +1182,35 @@ impl Store {
         self.save(key, value, &SaveOptions::default())
     }
 
+    /// A payload of `len` bytes whose record could not fit under the quota even in an empty
+    /// store is refused before it is compressed, encrypted or sent: uncompressed, the record
+    /// holds at least the payload; LZ4 cannot shrink anything below 1/256 of its size.
+    fn refuse_what_never_fits(
+        &self,
+        len: usize,
+        format: Format,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        let Some(quota) = &self.inner.quota else {
+            return Ok(());
+        };
+        let len = len as u64;
+        let smallest = if self.seal_options(format, options).compression_level > 0 {
+            len / 256
+        } else {
+            len
+        };
+        if smallest > quota.max {
+            let used = *quota.used.lock();
+            return Err(StorageError::QuotaExceeded {
+                needed: smallest,
+                available: quota.max.saturating_sub(used),
+                max_size: quota.max,
+            });
+        }
+        Ok(())
+    }
+
     /// [`load`](Self::load) with default options: `Ok(None)` when missing or expired,
     /// errors (corrupt, wrong type, wrong key) as errors.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
@@ -1200,6 +1230,7 @@ impl Store {
     ) -> Result<()> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
+            self.refuse_what_never_fits(payload.len(), format, options)?;
             let now = self.inner.clock.now();
             let record = self.build_record(key, format, options, now, |out| {
                 out.extend_from_slice(payload);
