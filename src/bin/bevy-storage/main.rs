@@ -465,15 +465,12 @@ fn redis_password(cli: &Cli, url: &str) -> Outcome<String> {
         .split_once("://")
         .filter(|(s, _)| s.starts_with("redis"))
     else {
-        if env.is_some() || file.is_some() {
-            let source = if file.is_some() {
-                "--password-file"
-            } else {
-                "BEVY_STORAGE_REDIS_PASSWORD"
-            };
-            return Err(Failure::usage(format!(
-                "{source} gives a Redis password but the store is not a redis:// URL"
-            )));
+        // The variable may be set for a whole shell session: other stores ignore it. The
+        // flag was given for this command, so it must be meant for this store.
+        if file.is_some() {
+            return Err(Failure::usage(
+                "--password-file gives a Redis password but the store is not a redis:// URL",
+            ));
         }
         return Ok(url.to_owned());
     };
@@ -1034,6 +1031,9 @@ fn meta(cli: &Cli, key: &str, out: &mut dyn Write) -> Outcome {
     let yes = |b: bool| if b { "yes" } else { "no" };
     writeln!(out, "key:         {key}")?;
     match &header {
+        Ok(info) if info.format == Format::Raw && m.custom.contains_key("snapshot_format") => {
+            writeln!(out, "format:      raw (a world snapshot: `get` lists it)")?;
+        }
         Ok(info) => writeln!(out, "format:      {}", format_name(info.format))?,
         Err(e) => writeln!(out, "format:      unknown ({e})")?,
     }
