@@ -1182,35 +1182,6 @@ impl Store {
         self.save(key, value, &SaveOptions::default())
     }
 
-    /// A payload of `len` bytes whose record could not fit under the quota even in an empty
-    /// store is refused before it is compressed, encrypted or sent: uncompressed, the record
-    /// holds at least the payload; LZ4 cannot shrink anything below 1/256 of its size.
-    fn refuse_what_never_fits(
-        &self,
-        len: usize,
-        format: Format,
-        options: &SaveOptions,
-    ) -> Result<()> {
-        let Some(quota) = &self.inner.quota else {
-            return Ok(());
-        };
-        let len = len as u64;
-        let smallest = if self.seal_options(format, options).compression_level > 0 {
-            len / 256
-        } else {
-            len
-        };
-        if smallest > quota.max {
-            let used = *quota.used.lock();
-            return Err(StorageError::QuotaExceeded {
-                needed: smallest,
-                available: quota.max.saturating_sub(used),
-                max_size: quota.max,
-            });
-        }
-        Ok(())
-    }
-
     /// [`load`](Self::load) with default options: `Ok(None)` when missing or expired,
     /// errors (corrupt, wrong type, wrong key) as errors.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
@@ -1239,5 +1210,34 @@ impl Store {
             self.write(vec![Self::put_op(key, record, options)], now)
                 .map(drop)
         })
+    }
+
+    /// A payload of `len` bytes whose record could not fit under the quota even in an empty
+    /// store is refused before it is compressed, encrypted or sent: uncompressed, the record
+    /// holds at least the payload; LZ4 cannot shrink anything below 1/256 of its size.
+    fn refuse_what_never_fits(
+        &self,
+        len: usize,
+        format: Format,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        let Some(quota) = &self.inner.quota else {
+            return Ok(());
+        };
+        let len = len as u64;
+        let smallest = if self.seal_options(format, options).compression_level > 0 {
+            len / 256
+        } else {
+            len
+        };
+        if smallest > quota.max {
+            let used = *quota.used.lock();
+            return Err(StorageError::QuotaExceeded {
+                needed: smallest,
+                available: quota.max.saturating_sub(used),
+                max_size: quota.max,
+            });
+        }
+        Ok(())
     }
 }
