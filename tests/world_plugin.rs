@@ -236,6 +236,7 @@ fn a_save_sent_with_app_exit_is_not_lost() {
     );
 }
 
+#[cfg(all(feature = "compression", feature = "encryption"))]
 #[test]
 fn snapshots_are_compressed_and_encrypted_as_configured() {
     use bevy_storage::EncryptionKey;
@@ -295,11 +296,9 @@ fn world_saves_follow_the_store_defaults_and_refuse_forged_plaintext() {
     assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
 
     // The attacker writes a world of their own, in plaintext, with a tool that has no key.
-    let attacker = bevy_storage::Store::with_backend(
-        store.backend().clone(),
-        StorageConfig::memory(),
-    )
-    .unwrap();
+    let attacker =
+        bevy_storage::Store::with_backend(store.backend().clone(), StorageConfig::memory())
+            .unwrap();
     let forged = bevy_storage::snapshot::read_snapshot(
         &bevy_storage::Store::with_backend(
             store.backend().clone(),
