@@ -121,7 +121,11 @@ fn percent_decode(text: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(high), Some(low)) => {
                 out.push((high * 16 + low) as u8);
                 i += 3;
@@ -201,6 +205,39 @@ impl fmt::Debug for BackendConfig {
                 .field("namespace", namespace)
                 .finish(),
             Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
+        }
+    }
+}
+
+impl BackendConfig {
+    /// The backend's type, as [`Backend::backend_type`] names it: `memory`, `file`, `sqlite`,
+    /// `redis`, or a custom backend's own.
+    pub fn backend_type(&self) -> String {
+        match self {
+            Self::Memory => "memory".to_owned(),
+            Self::File { .. } => "file".to_owned(),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { .. } => "sqlite".to_owned(),
+            #[cfg(feature = "redis")]
+            Self::Redis { .. } => "redis".to_owned(),
+            Self::Custom(b) => b.backend_type().to_owned(),
+        }
+    }
+
+    /// A short description for logs and messages (`SQLite store at saves/storage.db`); a
+    /// Redis password is hidden.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Memory => "in-memory store".to_owned(),
+            Self::File { root } => format!("file store at {}", root.display()),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { path, .. } => format!("SQLite store at {}", path.display()),
+            #[cfg(feature = "redis")]
+            Self::Redis { url, namespace } => format!(
+                "Redis store at {} (namespace {namespace:?})",
+                redact_url(url)
+            ),
+            Self::Custom(b) => format!("custom {:?} store", b.backend_type()),
         }
     }
 }
@@ -476,18 +513,62 @@ mod tests {
     #[test]
     fn redaction_table() {
         let table: &[(&str, &str, &[&str])] = &[
-            ("redis://:hunter2@host:6379/1", "redis://:***@host:6379/1", &["hunter2"]),
-            ("redis://:s3/cr3t@host", "redis://:***@host", &["s3/cr3t", "cr3t"]),
-            ("redis://alice:p@ss:w@rd@host/0?protocol=resp3", "redis://alice:***@host/0?protocol=resp3", &["p@ss", "w@rd"]),
-            ("rediss://bob:a?b#c@host:6380", "rediss://bob:***@host:6380", &["a?b#c"]),
-            ("redis://:pct%2Fenc%40pw@host", "redis://:***@host", &["pct%2Fenc%40pw", "pct/enc@pw"]),
-            ("redis://only-a-secret@host", "redis://***@host", &["only-a-secret"]),
-            ("redis://we/ird:pw@host", "redis://***@host", &["we/ird", "pw@"]),
+            (
+                "redis://:hunter2@host:6379/1",
+                "redis://:***@host:6379/1",
+                &["hunter2"],
+            ),
+            (
+                "redis://:s3/cr3t@host",
+                "redis://:***@host",
+                &["s3/cr3t", "cr3t"],
+            ),
+            (
+                "redis://alice:p@ss:w@rd@host/0?protocol=resp3",
+                "redis://alice:***@host/0?protocol=resp3",
+                &["p@ss", "w@rd"],
+            ),
+            (
+                "rediss://bob:a?b#c@host:6380",
+                "rediss://bob:***@host:6380",
+                &["a?b#c"],
+            ),
+            (
+                "redis://:pct%2Fenc%40pw@host",
+                "redis://:***@host",
+                &["pct%2Fenc%40pw", "pct/enc@pw"],
+            ),
+            (
+                "redis://only-a-secret@host",
+                "redis://***@host",
+                &["only-a-secret"],
+            ),
+            (
+                "redis://we/ird:pw@host",
+                "redis://***@host",
+                &["we/ird", "pw@"],
+            ),
             ("redis://user:@host", "redis://user:***@host", &[]),
-            ("redis:pw-no-slashes@host", "redis:***@host", &["pw-no-slashes"]),
-            ("postgres://u:pg!pw@db:5432/test?sslmode=require", "postgres://u:***@db:5432/test?sslmode=require", &["pg!pw"]),
-            ("postgres://db/test?user=u&password=qwerty&sslmode=disable", "postgres://db/test?user=u&password=***&sslmode=disable", &["qwerty"]),
-            ("redis://host/0?Token=t0k3n#frag", "redis://host/0?Token=***#frag", &["t0k3n"]),
+            (
+                "redis:pw-no-slashes@host",
+                "redis:***@host",
+                &["pw-no-slashes"],
+            ),
+            (
+                "postgres://u:pg!pw@db:5432/test?sslmode=require",
+                "postgres://u:***@db:5432/test?sslmode=require",
+                &["pg!pw"],
+            ),
+            (
+                "postgres://db/test?user=u&password=qwerty&sslmode=disable",
+                "postgres://db/test?user=u&password=***&sslmode=disable",
+                &["qwerty"],
+            ),
+            (
+                "redis://host/0?Token=t0k3n#frag",
+                "redis://host/0?Token=***#frag",
+                &["t0k3n"],
+            ),
             ("redis://host:6379", "redis://host:6379", &[]),
             ("sqlite:saves/storage.db", "sqlite:saves/storage.db", &[]),
             ("file:saves/dir", "file:saves/dir", &[]),
@@ -510,7 +591,13 @@ mod tests {
         let url = "redis://:pct%2Fenc%40pw@host";
         let message = "could not connect with password pct/enc@pw (pct%2Fenc%40pw)";
         let clean = redact_text(message, url);
-        assert!(!clean.contains("pct/enc@pw") && !clean.contains("pct%2Fenc%40pw"), "{clean}");
-        assert_eq!(redact_text("no secret here", "redis://host"), "no secret here");
+        assert!(
+            !clean.contains("pct/enc@pw") && !clean.contains("pct%2Fenc%40pw"),
+            "{clean}"
+        );
+        assert_eq!(
+            redact_text("no secret here", "redis://host"),
+            "no secret here"
+        );
     }
 }

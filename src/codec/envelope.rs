@@ -292,7 +292,11 @@ mod tests {
     fn opts(level: u8) -> SealOptions {
         SealOptions {
             format: Format::Raw,
-            compression_level: if cfg!(feature = "compression") { level } else { 0 },
+            compression_level: if cfg!(feature = "compression") {
+                level
+            } else {
+                0
+            },
             encrypt: false,
         }
     }
@@ -306,7 +310,10 @@ mod tests {
         };
         assert!(matches!(
             seal("k", b"x", &options, None),
-            Err(StorageError::FeatureDisabled { feature: "compression", .. })
+            Err(StorageError::FeatureDisabled {
+                feature: "compression",
+                ..
+            })
         ));
     }
 
