@@ -5,7 +5,8 @@
 //! crash-safely (temp file, fsync, rename). Everything the `Store` offers (TTL, metadata,
 //! compression, encryption, transactions, quota) works on top of it unchanged.
 //!
-//! Run: `cargo run --example custom_backend`
+//! Run: `cargo run --example custom_backend` (twice: the second launch finds the first's
+//! records in `saves/profile.json`, which stays there to be looked at).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -159,10 +160,28 @@ struct Settings {
 }
 
 fn main() -> Result<(), StorageError> {
-    let dir = tempfile::tempdir().map_err(|e| StorageError::io("creating a temp dir", e))?;
-    let path = dir.path().join("profile.json");
+    // Under the current directory, and left there: look at it after a run, run again.
+    let path = PathBuf::from("saves/profile.json");
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| StorageError::io("creating saves/", e))?;
+    }
 
     let store = Store::open(StorageConfig::custom(JsonFileBackend::open(&path)?))?;
+    let launches = match store.get::<u32>("profile:launches")? {
+        Some(n) => {
+            let name: String = store.get("profile:name")?.unwrap_or_default();
+            println!(
+                "found the last launch's records in {}: {:?} (player {name}, {n} launches so far)",
+                path.display(),
+                store.list_keys("")?
+            );
+            n + 1
+        }
+        None => {
+            println!("{} holds no profile yet", path.display());
+            1
+        }
+    };
     let settings = Settings {
         music_volume: 0.6,
         fullscreen: true,
@@ -171,9 +190,9 @@ fn main() -> Result<(), StorageError> {
     store.save("settings", &settings, &SaveOptions::new().compression(0))?;
     store.transaction(vec![
         StorageOperation::save("profile:name", "Ada"),
-        StorageOperation::save("profile:level", 7u32),
+        StorageOperation::save("profile:launches", launches),
     ])?;
-    println!("saved 3 records to {}", path.display());
+    println!("launch {launches}: saved 3 records");
 
     // A second store over the same file (a restart) sees everything.
     drop(store);
@@ -186,6 +205,11 @@ fn main() -> Result<(), StorageError> {
     println!(
         "backend={} items={} bytes={} healthy={}",
         stats.backend_type, stats.item_count, stats.total_size, stats.is_healthy
+    );
+    let shown = fs::canonicalize(&path).unwrap_or(path);
+    println!(
+        "the records are in {} (run again to find them)",
+        shown.display()
     );
     Ok(())
 }

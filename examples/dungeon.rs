@@ -3,8 +3,10 @@
 //! A hero crawls a dungeon on autopilot: fights the monsters that hunt it, picks up gold and
 //! potions, and when it falls a new hero takes over. The whole run is deterministic from its
 //! seed. The world (hero, monsters, items, the run's state) lives in the default embedded
-//! SQLite store (`saves/storage.db`): it is autosaved every two seconds and at exit, and the
-//! next run resumes from the newest autosave that loads.
+//! SQLite store (`saves/storage.db`): it is autosaved every two seconds, every 100 turns and
+//! at exit (the newest 3 kept), and the next run resumes from the newest autosave that loads.
+//! A closed stdout (`cargo run --example dungeon | head -3`) does not stop the game: it plays
+//! its turns silently and still saves at exit.
 //!
 //! ```text
 //! cargo run --example dungeon                      # play 300 turns (resumes if there is a save)
@@ -12,6 +14,7 @@
 //! cargo run --example dungeon -- --new --seed 7    # start over with another dungeon
 //! cargo run --example dungeon -- --slot second     # a separate save slot
 //! cargo run --example dungeon -- --list-slots      # show the saves of a slot without playing
+//! cargo run --example dungeon -- --autosave-turns 25   # autosave more often
 //! ```
 
 use std::time::Duration;
@@ -27,6 +30,15 @@ use bevy_storage::snapshot::{Persist, SnapshotSettings, list_slots};
 use bevy_storage::{StorageConfig, Store};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+
+/// `println!` that survives a closed stdout (`| head -3`): the line is dropped, the game goes
+/// on and still saves at exit (`println!` would panic inside a system and lose the run).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 const WIDTH: i32 = 24;
 const HEIGHT: i32 = 10;
@@ -46,6 +58,9 @@ struct Args {
     /// Dungeon seed for a new game.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// Also autosave every this many turns (besides every 2 s and at exit); 0: never.
+    #[arg(long, default_value_t = 100)]
+    autosave_turns: u64,
     /// List the slot's saves and exit.
     #[arg(long)]
     list_slots: bool,
@@ -153,9 +168,10 @@ fn main() -> AppExit {
         (on_loaded, take_turn.run_if(resource_equals(Phase::Playing))).chain(),
     )
     .add_systems(Last, report_saves.after(SnapshotSet));
-    println!(
+    say!(
         "dungeon: slot {:?}, store saves/storage.db, {} turns this run",
-        args.slot, args.turns
+        args.slot,
+        args.turns
     );
     app.run()
 }
@@ -169,16 +185,20 @@ fn list(prefix: &str) -> AppExit {
         }
     };
     match list_slots(&store, prefix) {
-        Ok(slots) if slots.is_empty() => println!("no saves under {prefix}"),
+        Ok(slots) if slots.is_empty() => say!("no saves under {prefix}"),
         Ok(slots) => {
             for s in slots {
                 let when = s
                     .saved_at
                     .elapsed()
                     .map_or("just now".into(), |d| format!("{}s ago", d.as_secs()));
-                println!(
+                say!(
                     "{}  {when:>10}  turn {:>5}  gold {:>5}  {} entities  {} bytes",
-                    s.key, s.custom["turn"], s.custom["gold"], s.entity_count, s.size
+                    s.key,
+                    s.custom["turn"],
+                    s.custom["gold"],
+                    s.entity_count,
+                    s.size
                 );
             }
         }
@@ -193,7 +213,7 @@ fn list(prefix: &str) -> AppExit {
 
 fn start(args: Res<Args>, mut commands: Commands, mut loads: MessageWriter<LoadWorld>) {
     if args.new {
-        println!("starting a new game (seed {})", args.seed);
+        say!("starting a new game (seed {})", args.seed);
         commands.queue(new_game(args.seed));
         commands.insert_resource(Phase::Playing);
     } else {
@@ -241,13 +261,13 @@ fn on_loaded(
         match &response.result {
             Ok(_) => {
                 let turn = run.as_ref().map_or(0, |r| r.turn);
-                println!("resumed from autosave at turn {turn} ({})", response.key);
+                say!("resumed from autosave at turn {turn} ({})", response.key);
                 for (key, why) in &response.skipped {
-                    println!("  (skipped the damaged autosave {key}: {why})");
+                    say!("  (skipped the damaged autosave {key}: {why})");
                 }
             }
             Err(e) => {
-                println!(
+                say!(
                     "no autosave to resume ({e}); starting a new game (seed {})",
                     args.seed
                 );
@@ -401,9 +421,12 @@ fn take_turn(
     if hero_hp.hp <= 0 {
         run.heroes_lost += 1;
         run.best_gold = run.best_gold.max(hero.gold);
-        println!(
+        say!(
             "turn {:>5}: {} fell with {} gold and {} kills; a new hero enters",
-            run.turn, hero.name, hero.gold, hero.kills
+            run.turn,
+            hero.name,
+            hero.gold,
+            hero.kills
         );
         commands.entity(hero_entity).despawn();
     }
@@ -414,7 +437,7 @@ fn take_turn(
     meta.0.insert("gold".into(), hero.gold.into());
     meta.0.insert("heroes_lost".into(), run.heroes_lost.into());
     if session.turns_played.is_multiple_of(50) || session.turns_played == args.turns {
-        println!(
+        say!(
             "turn {:>5} | {} hp {:>2}/{} | gold {:>4} | kills {:>3} | potions {} | monsters {:>2} | items {:>2} | heroes lost {}",
             run.turn,
             hero.name,
@@ -428,6 +451,12 @@ fn take_turn(
             run.heroes_lost
         );
     }
+    if args.autosave_turns > 0
+        && session.turns_played.is_multiple_of(args.autosave_turns)
+        && session.turns_played < args.turns
+    {
+        saves.write(SaveWorld::autosave());
+    }
     if session.turns_played >= args.turns {
         *phase = Phase::Finished;
         draw_map(
@@ -435,7 +464,7 @@ fn take_turn(
             monsters.iter().map(|m| *m.1),
             items.iter().map(|i| *i.1),
         );
-        println!("saving at turn {} and exiting", run.turn);
+        say!("saving at turn {} and exiting", run.turn);
         saves.write(SaveWorld::autosave());
         exit.write(AppExit::Success);
     }
@@ -444,7 +473,7 @@ fn take_turn(
 fn report_saves(mut saved: MessageReader<WorldSaved>) {
     for s in saved.read() {
         match &s.result {
-            Ok(n) => println!("  autosaved {n} entities to {}", s.key),
+            Ok(n) => say!("  autosaved {n} entities to {}", s.key),
             Err(e) => eprintln!("  save to {} failed: {e}", s.key),
         }
     }
@@ -474,6 +503,6 @@ fn draw_map(
     monsters.for_each(|p| put(p, 'm'));
     put(hero, '@');
     for row in grid {
-        println!("  {}", row.into_iter().collect::<String>());
+        say!("  {}", row.into_iter().collect::<String>());
     }
 }

@@ -5,9 +5,15 @@
 //! other with a lease (a create-only save with a TTL), settle a trade in one transaction, and
 //! race to record the same matches without ever recording one twice.
 //!
+//! The records stay in Redis after a run, under the namespace `example:redis_servers`, so you
+//! can look at them and run again (the second run finds the profiles the first created):
+//!
 //! ```sh
 //! cargo run --features redis --example redis_servers   # REDIS_URL, default redis://127.0.0.1:6379
+//! redis-cli --scan --pattern '{example:redis_servers}:*'   # the braces are part of the keys
+//! cargo run --features redis --example redis_servers -- --cleanup   # removes them
 //! ```
+//! `--namespace NAME` uses another namespace.
 
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -97,18 +103,58 @@ impl Server {
 
 fn main() {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    // A namespace of this run's own, removed at the end.
-    let namespace = format!("example:redis_servers:{}", std::process::id());
-    if let Err(e) = run(&url, &namespace) {
+    let mut namespace = "example:redis_servers".to_owned();
+    let mut cleanup = false;
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next_if_not_flag()) {
+            ("--cleanup", None) => cleanup = true,
+            ("--namespace", Some(name)) => namespace = name,
+            _ => {
+                eprintln!("usage: redis_servers [--namespace NAME] [--cleanup]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let result = if cleanup {
+        clean(&url, &namespace)
+    } else {
+        run(&url, &namespace)
+    };
+    if let Err(e) = result {
         eprintln!("error: {e}");
         eprintln!("(start Redis with `redis-server`, or point REDIS_URL at one)");
         std::process::exit(1);
     }
 }
 
+/// The next argument, unless it is another flag.
+trait NextValue {
+    fn next_if_not_flag(&mut self) -> Option<String>;
+}
+
+impl<I: Iterator<Item = String>> NextValue for std::iter::Peekable<I> {
+    fn next_if_not_flag(&mut self) -> Option<String> {
+        self.next_if(|a| !a.starts_with("--"))
+    }
+}
+
+/// `--cleanup`: removes this namespace's records (and nothing else).
+fn clean(url: &str, namespace: &str) -> Result<(), StorageError> {
+    let store = Store::open(StorageConfig::redis(url, namespace).pool_size(1))?;
+    let count = store.get_stats().item_count;
+    store.clear()?;
+    println!("removed {count} records of namespace {namespace:?}");
+    Ok(())
+}
+
 fn run(url: &str, namespace: &str) -> Result<(), StorageError> {
     let eu = Server::open("eu-1", url, namespace)?;
     let us = Server::open("us-1", url, namespace)?;
+    let earlier = eu.store.list_keys("")?.len();
+    if earlier > 0 {
+        println!("namespace {namespace:?} holds {earlier} records of an earlier run");
+    }
     println!("two servers share namespace {namespace:?} on one Redis\n");
 
     // 1. Profiles are shared: whoever sees a player first creates the profile.
@@ -187,7 +233,9 @@ fn run(url: &str, namespace: &str) -> Result<(), StorageError> {
                         Err(e) => return Err(e),
                     }
                 }
-                server.say(format!("recorded {won} of the 20 matches"));
+                server.say(format!(
+                    "recorded {won} of the 20 matches (the rest by the other server or an earlier run)"
+                ));
                 Ok(server)
             })
         })
@@ -212,7 +260,11 @@ fn run(url: &str, namespace: &str) -> Result<(), StorageError> {
         ));
     }
 
-    servers[0].store.clear()?;
-    println!("\ncleared namespace {namespace:?}; done");
+    // Ada logs out of us-1: the next run can host her again.
+    servers[1].release("ada")?;
+    println!(
+        "\nthe records stay in Redis: redis-cli --scan --pattern '{{{namespace}}}:*' lists them; \
+         run again to continue, or pass --cleanup to remove them"
+    );
     Ok(())
 }

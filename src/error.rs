@@ -231,7 +231,9 @@ pub enum StorageError {
         current: u32,
     },
 
-    /// A transaction was empty or named the same key twice in conflicting ways.
+    /// Reserved for a transaction the store cannot apply as given; no operation returns it
+    /// today (an empty transaction is `Ok` and changes nothing; a key named twice applies
+    /// its operations in order).
     #[error("invalid transaction: {0}")]
     InvalidTransaction(String),
 }

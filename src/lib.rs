@@ -166,3 +166,10 @@ pub mod prelude {
         StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
     };
 }
+
+/// README.md's Rust blocks, compiled and run as doctests (`cargo test --doc readme`). Each is
+/// a complete program a user can paste into `src/main.rs`, so none may warn.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+#[doc(test(attr(deny(warnings))))]
+pub mod readme {}

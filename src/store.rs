@@ -798,6 +798,7 @@ impl Store {
     pub fn save_bytes(&self, key: &str, bytes: &[u8], options: &SaveOptions) -> Result<()> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
+            self.refuse_what_never_fits(bytes.len(), Format::Raw, options)?;
             let now = self.inner.clock.now();
             let record = self.build_record(key, Format::Raw, options, now, |out| {
                 out.extend_from_slice(bytes);
@@ -1223,5 +1224,88 @@ fn internal_meta(now: Timestamp, size: usize) -> RecordMeta {
         compressed: false,
         encrypted: false,
         custom: CustomMetadata::new(),
+    }
+}
+
+/// Shorthands with default options, named after the inspector's `get` and `set` (and
+/// bevy_pkv's): `store.set(key, &value)` is `store.save(key, &value, &SaveOptions::default())`,
+/// `store.get::<T>(key)` is `store.load(key, &LoadOptions::default())`.
+///
+/// By reference or by value: calls that finish their work before they return ([`Store::save`],
+/// [`Store::set`]) borrow the value; what carries a value to later work owns it
+/// ([`StorageOperation::save`] until [`Store::transaction`] runs it, the plugin's
+/// `SaveRequest` until the task pool does).
+impl Store {
+    /// [`save`](Self::save) with the store's default options (its default TTL, compression
+    /// and encryption; overwriting allowed).
+    ///
+    /// ```
+    /// # use bevy_storage::prelude::*;
+    /// let store = Store::open(StorageConfig::memory())?;
+    /// store.set("volume", &0.8f32)?;
+    /// assert_eq!(store.get::<f32>("volume")?, Some(0.8));
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.save(key, value, &SaveOptions::default())
+    }
+
+    /// [`load`](Self::load) with default options: `Ok(None)` when missing or expired,
+    /// errors (corrupt, wrong type, wrong key) as errors.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.load(key, &LoadOptions::default())
+    }
+
+    /// Saves a payload already serialized in `format` (RON text, postcard bytes), as
+    /// [`load_bytes`](Self::load_bytes) returns it: the counterpart for tools such as the
+    /// inspector's `set`, which writes RON a game then loads as its own type. The payload is
+    /// not checked against the format: a wrong one fails when it is loaded.
+    pub fn save_encoded(
+        &self,
+        key: &str,
+        payload: &[u8],
+        format: Format,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        self.instrument(OpKind::Write, || {
+            key::validate_key(key)?;
+            self.refuse_what_never_fits(payload.len(), format, options)?;
+            let now = self.inner.clock.now();
+            let record = self.build_record(key, format, options, now, |out| {
+                out.extend_from_slice(payload);
+                Ok(())
+            })?;
+            self.write(vec![Self::put_op(key, record, options)], now)
+                .map(drop)
+        })
+    }
+
+    /// A payload of `len` bytes whose record could not fit under the quota even in an empty
+    /// store is refused before it is compressed, encrypted or sent: uncompressed, the record
+    /// holds at least the payload; LZ4 cannot shrink anything below 1/256 of its size.
+    fn refuse_what_never_fits(
+        &self,
+        len: usize,
+        format: Format,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        let Some(quota) = &self.inner.quota else {
+            return Ok(());
+        };
+        let len = len as u64;
+        let smallest = if self.seal_options(format, options).compression_level > 0 {
+            len / 256
+        } else {
+            len
+        };
+        if smallest > quota.max {
+            let used = *quota.used.lock();
+            return Err(StorageError::QuotaExceeded {
+                needed: smallest,
+                available: quota.max.saturating_sub(used),
+                max_size: quota.max,
+            });
+        }
+        Ok(())
     }
 }

@@ -105,7 +105,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
     cmd.args(args)
         .env_remove("BEVY_STORAGE_URL")
         .env_remove("BEVY_STORAGE_KEY")
-        .env_remove("BEVY_STORAGE_PASSPHRASE");
+        .env_remove("BEVY_STORAGE_PASSPHRASE")
+        .env_remove("BEVY_STORAGE_REDIS_PASSWORD");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -223,6 +224,12 @@ fn help_documents_commands_exit_codes_and_key_sources() {
         "export",
         "import",
         "purge-expired",
+        "set",
+        "clear",
+        "BEVY_STORAGE_REDIS_PASSWORD",
+        "--password-file",
+        "--quota",
+        "a path alone",
         "BEVY_STORAGE_URL",
         "BEVY_STORAGE_KEY",
         "BEVY_STORAGE_PASSPHRASE",
@@ -234,12 +241,22 @@ fn help_documents_commands_exit_codes_and_key_sources() {
     ] {
         assert!(help.contains(needle), "{needle:?} missing from --help");
     }
-    assert!(
-        run(&["import", "--help"], &[])
-            .ok()
-            .stdout
-            .contains("--no-overwrite")
-    );
+    let import = run(&["import", "--help"], &[]).ok().stdout;
+    assert!(import.contains("--no-overwrite") && import.contains("--allow-internal-keys"));
+    let set = run(&["set", "--help"], &[]).ok().stdout;
+    for needle in [
+        "--ttl",
+        "--compression",
+        "--encrypt",
+        "--metadata",
+        "--no-overwrite",
+        "--raw",
+        "--value-file",
+        "--syntax",
+    ] {
+        assert!(set.contains(needle), "{needle:?} missing from set --help");
+    }
+    assert!(run(&["clear", "--help"], &[]).ok().stdout.contains("--yes"));
     assert!(
         run(&["--version"], &[])
             .ok()
@@ -325,7 +342,7 @@ fn get_decodes_ron_to_pretty_ron_and_to_json() {
 }
 
 #[test]
-fn get_shows_binary_as_hex_and_snapshots_by_header() {
+fn get_shows_binary_as_hex_and_a_damaged_snapshot_by_its_header() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite_store(dir.path());
     let out = run(&["--store", &store, "get", "config:audio"], &[])
@@ -344,17 +361,26 @@ fn get_shows_binary_as_hex_and_snapshots_by_header() {
     let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(json["hex"], hex);
 
+    // A snapshot whose body does not match its header (42 entities announced, none there):
+    // the header is shown, with why the body is not listed.
     let out = run(&["--store", &store, "get", "slot:1"], &[]).ok().stdout;
-    assert!(out.starts_with("world snapshot, "), "{out}");
-    assert!(out.contains("game version:   7"), "{out}");
-    assert!(out.contains("entities:       42"), "{out}");
-    assert!(out.contains("encoding:       ron"), "{out}");
+    assert!(
+        out.starts_with(
+            "world snapshot: 42 entities, game version 7, format version 1, ron encoding, "
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("the body cannot be listed: the header says 42 entities, the body has 0"),
+        "{out}"
+    );
     let json = run(&["--store", &store, "get", "slot:1", "--json"], &[])
         .ok()
         .json();
     assert_eq!(
         json["snapshot"],
-        json!({"format_version": 1, "encoding": "ron", "game_version": 7, "entity_count": 42})
+        json!({"format_version": 1, "encoding": "ron", "game_version": 7, "entity_count": 42,
+               "error": "the header says 42 entities, the body has 0"})
     );
 
     let out = run(&["--store", &store, "get", "blob:raw"], &[])
@@ -578,7 +604,11 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
     .unwrap();
     run(&["--store", &url("sqlite", &not_sqlite), "list"], &[]).fails(1, "cannot open the store");
     run(&["--store", "ftp://host/x", "list"], &[]).fails(2, "unknown or disabled backend \"ftp\"");
-    run(&["--store", "saves/storage.db", "list"], &[]).fails(2, "has no scheme");
+    // A path alone: SQLite by its extension (it must exist, as above), else refused.
+    let bare = dir.path().join("nope.sqlite");
+    run(&["--store", bare.to_str().unwrap(), "list"], &[]).fails(1, "no store at ");
+    run(&["--store", not_sqlite.to_str().unwrap(), "list"], &[])
+        .fails(2, "cannot tell which store");
     run(&["list"], &[]).fails(
         2,
         "no store given: pass --store URL or set BEVY_STORAGE_URL",
@@ -595,7 +625,11 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
     .fails(2, "batch-size");
     // Without the `redis` feature: a usage error; with it, the server refuses the password.
     // Either way one line, and the password is never shown.
-    let redis = run(&["--store", "redis://:hunter2@127.0.0.1:1/0", "list"], &[]);
+    // (From the environment: on the command line the password also earns a warning line.)
+    let redis = run(
+        &["list"],
+        &[("BEVY_STORAGE_URL", "redis://:hunter2@127.0.0.1:1/0")],
+    );
     assert!(redis.code == 1 || redis.code == 2, "{}", redis.stderr);
     let code = redis.code;
     let redis = redis.fails(code, "redis");
@@ -634,7 +668,13 @@ fn export_import_round_trips_sqlite_to_file_to_sqlite() {
         "{out}"
     );
     let out = run(
-        &["--store", &files_url, "import", dump1.to_str().unwrap()],
+        &[
+            "--store",
+            &files_url,
+            "import",
+            "--allow-internal-keys",
+            dump1.to_str().unwrap(),
+        ],
         &[],
     )
     .ok()
@@ -664,6 +704,7 @@ fn export_import_round_trips_sqlite_to_file_to_sqlite() {
             "--store",
             &target,
             "import",
+            "--allow-internal-keys",
             dump2.to_str().unwrap(),
             "--batch-size",
             "2",
@@ -773,6 +814,7 @@ fn import_with_no_overwrite_refuses_existing_keys_before_writing() {
             "--store",
             &target,
             "import",
+            "--allow-internal-keys",
             dump.to_str().unwrap(),
             "--no-overwrite",
         ],
@@ -795,7 +837,17 @@ fn import_with_no_overwrite_refuses_existing_keys_before_writing() {
     drop(other);
 
     // Without the flag, existing records are replaced.
-    run(&["--store", &target, "import", dump.to_str().unwrap()], &[]).ok();
+    run(
+        &[
+            "--store",
+            &target,
+            "import",
+            "--allow-internal-keys",
+            dump.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
     let other = Store::open(StorageConfig::file(&root)).unwrap();
     assert_eq!(other.list_keys("").unwrap(), LIVE_KEYS);
     assert_eq!(
@@ -824,6 +876,7 @@ fn import_refuses_a_store_with_another_encryption_key() {
             "--store",
             &url("sqlite", &path),
             "import",
+            "--allow-internal-keys",
             dump.to_str().unwrap(),
         ],
         &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
@@ -863,6 +916,7 @@ fn import_refuses_a_store_with_another_encryption_key() {
         "--store",
         &url("sqlite", &hex_target),
         "import",
+        "--allow-internal-keys",
         hex_dump.to_str().unwrap(),
     ];
     run(&import, &[]).fails(1, "no key was given to check that both use the same one");
@@ -946,14 +1000,43 @@ fn import_refuses_damaged_dumps_without_touching_the_store() {
     for (what, text, needle) in cases {
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, text).unwrap();
-        let result = run(&["--store", &target, "import", bad.to_str().unwrap()], &[]);
+        let result = run(
+            &[
+                "--store",
+                &target,
+                "import",
+                "--allow-internal-keys",
+                bad.to_str().unwrap(),
+            ],
+            &[],
+        );
         assert_eq!(result.code, 1, "{what}: {}", result.stderr);
         result.fails(1, needle);
         assert!(!target_path.exists(), "{what}: the store was not created");
     }
-    run(&["--store", &target, "import", "/nonexistent.jsonl"], &[]).fails(1, "cannot open");
+    run(
+        &[
+            "--store",
+            &target,
+            "import",
+            "--allow-internal-keys",
+            "/nonexistent.jsonl",
+        ],
+        &[],
+    )
+    .fails(1, "cannot open");
     // The good one still imports.
-    run(&["--store", &target, "import", dump.to_str().unwrap()], &[]).ok();
+    run(
+        &[
+            "--store",
+            &target,
+            "import",
+            "--allow-internal-keys",
+            dump.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
 }
 
 #[test]
@@ -974,7 +1057,7 @@ fn no_key_material_ever_appears_in_any_output() {
         vec!["--store", s, "meta", "player:bob", "--json"],
         vec!["--store", s, "stats", "--json"],
         vec!["--store", s, "export", d, "--force"],
-        vec!["--store", &target, "import", d],
+        vec!["--store", &target, "import", "--allow-internal-keys", d],
         vec!["--store", s, "get", "nothing"],
         vec!["--help"],
     ];
@@ -1054,4 +1137,803 @@ fn a_closed_stdout_is_not_a_crash() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.code() == Some(0), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// First contact (issue 16) and the inspector's items of issue 13
+
+/// A store with one plain and one encrypted record (passphrase [`PASSPHRASE`]).
+fn small_store(dir: &Path) -> (std::path::PathBuf, Store) {
+    let path = dir.join("saves/storage.db");
+    let store = Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    store.set("plain", &5u32).unwrap();
+    store
+        .save("secret", &bob(), &SaveOptions::new().encrypt(true))
+        .unwrap();
+    (path, store)
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Profile {
+    name: String,
+    level: u32,
+    class: Class,
+    pet: Option<String>,
+    tags: Vec<String>,
+    stash: std::collections::BTreeMap<String, u32>,
+}
+
+#[test]
+fn set_writes_ron_and_json_that_the_game_loads_as_its_own_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saves/storage.db");
+    let store = url("sqlite", &path);
+
+    // RON as `get` prints it; `set` creates the store.
+    let ron_text = ron::to_string(&ada()).unwrap();
+    let out = run(
+        &[
+            "--store",
+            &store,
+            "set",
+            "player:ada",
+            &ron_text,
+            "--ttl",
+            "30d",
+            "-m",
+            "level=3",
+            "-m",
+            "zone=Crypt of Bones",
+            "--compression",
+            "0",
+        ],
+        &[],
+    )
+    .ok()
+    .stdout;
+    assert!(out.starts_with("set \"player:ada\": "), "{out}");
+    assert!(out.contains("RON, stored as written"), "{out}");
+    assert!(out.contains("expires in 30 days"), "{out}");
+    let game = Store::open(StorageConfig::sqlite(&path)).unwrap();
+    assert_eq!(game.get::<Player>("player:ada").unwrap(), Some(ada()));
+    let meta = game.get_metadata("player:ada").unwrap().unwrap();
+    assert_eq!(meta.custom["level"], json!(3));
+    assert_eq!(meta.custom["zone"], json!("Crypt of Bones"));
+    assert!(!meta.compressed);
+    let ttl = meta.expires_at.unwrap().duration_since(game.now()).unwrap();
+    assert!(ttl > Duration::from_secs(29 * 86_400) && ttl <= Duration::from_secs(30 * 86_400));
+
+    // JSON as `get --json` prints it, from a file: structs, enums with data (tagged),
+    // options, lists, maps.
+    let file = dir.path().join("profile.json");
+    std::fs::write(
+        &file,
+        r#"{"name": "Ada", "level": 3, "class": {"Warrior": {"level": 3}}, "pet": null,
+            "tags": ["brave", "fast"], "stash": {"Gold coins": 12, "gems": 3}}"#,
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "--store",
+            &store,
+            "set",
+            "profile:ada",
+            "--value-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok()
+    .stdout;
+    assert!(out.contains("JSON, stored as RON"), "{out}");
+    let profile: Profile = game.get("profile:ada").unwrap().unwrap();
+    assert_eq!(
+        profile,
+        Profile {
+            name: "Ada".into(),
+            level: 3,
+            class: Class::Warrior { level: 3 },
+            pet: None,
+            tags: vec!["brave".into(), "fast".into()],
+            stash: [("Gold coins".to_owned(), 12), ("gems".to_owned(), 3)].into(),
+        }
+    );
+    // From standard input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bevy-storage"))
+        .args(["--store", &store, "set", "motd", "--value-file", "-"])
+        .env_remove("BEVY_STORAGE_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"\"welcome back\"")
+            .unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        game.get::<String>("motd").unwrap().as_deref(),
+        Some("welcome back")
+    );
+    // Scalars and --syntax.
+    run(
+        &["--store", &store, "set", "gold", "42", "--syntax", "json"],
+        &[],
+    )
+    .ok();
+    assert_eq!(game.get::<u32>("gold").unwrap(), Some(42));
+    run(
+        &[
+            "--store",
+            &store,
+            "set",
+            "pos",
+            "(1.5, -2.0)",
+            "--syntax",
+            "ron",
+        ],
+        &[],
+    )
+    .ok();
+    assert_eq!(game.get::<(f32, f32)>("pos").unwrap(), Some((1.5, -2.0)));
+
+    // --raw stores bytes, as save_bytes does.
+    let blob = dir.path().join("blob.bin");
+    std::fs::write(&blob, [0u8, 159, 146, 150]).unwrap();
+    run(
+        &[
+            "--store",
+            &store,
+            "set",
+            "blob",
+            "--raw",
+            "--value-file",
+            blob.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
+    let (bytes, info) = game
+        .load_bytes("blob", &LoadOptions::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (bytes, info.format),
+        (vec![0u8, 159, 146, 150], Format::Raw)
+    );
+
+    // --no-overwrite is atomic and changes nothing; bad values and options are usage errors.
+    run(
+        &["--store", &store, "set", "gold", "7", "--no-overwrite"],
+        &[],
+    )
+    .fails(1, "already has a live record and --no-overwrite was given");
+    assert_eq!(game.get::<u32>("gold").unwrap(), Some(42));
+    run(&["--store", &store, "set", "gold", "{oops"], &[]).fails(2, "the value is neither JSON");
+    run(
+        &["--store", &store, "set", "gold", "(a: 1", "--syntax", "ron"],
+        &[],
+    )
+    .fails(2, "the value is not valid RON");
+    run(
+        &["--store", &store, "set", "gold", "1", "--ttl", "soon"],
+        &[],
+    )
+    .fails(2, "is not a duration");
+    run(
+        &["--store", &store, "set", "gold", "1", "-m", "novalue"],
+        &[],
+    )
+    .fails(2, "write FIELD=VALUE");
+    run(&["--store", &store, "set", "gold"], &[]).fails(2, "");
+    assert_eq!(game.get::<u32>("gold").unwrap(), Some(42));
+}
+
+#[test]
+fn set_encrypts_only_with_a_key_and_reads_it_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = small_store(dir.path());
+    let store = url("sqlite", &path);
+    // Without --encrypt a malformed key is never read.
+    run(
+        &["--store", &store, "set", "open", "1"],
+        &[("BEVY_STORAGE_KEY", "nonsense")],
+    )
+    .ok();
+    run(
+        &["--store", &store, "set", "sealed", "\"x\"", "--encrypt"],
+        &[],
+    )
+    .fails(2, "--encrypt needs the store's key");
+    run(
+        &["--store", &store, "set", "sealed", "\"x\"", "--encrypt"],
+        &[("BEVY_STORAGE_PASSPHRASE", "not the passphrase")],
+    )
+    .fails(1, "");
+    let out = run(
+        &[
+            "--store",
+            &store,
+            "set",
+            "sealed",
+            "\"the vault code\"",
+            "--encrypt",
+        ],
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .ok()
+    .stdout;
+    assert!(out.contains("encrypted"), "{out}");
+    let raw = std::fs::read(&path).unwrap();
+    assert!(!raw.windows(10).any(|w| w == b"vault code"));
+    let game = Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    assert_eq!(
+        game.get::<String>("sealed").unwrap().as_deref(),
+        Some("the vault code")
+    );
+    assert!(game.get_metadata("sealed").unwrap().unwrap().encrypted);
+}
+
+#[test]
+fn get_reads_key_material_only_for_an_encrypted_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = small_store(dir.path());
+    let store = url("sqlite", &path);
+    // A passphrase too short to be one: no matter for a plain record.
+    let short = [("BEVY_STORAGE_PASSPHRASE", "short")];
+    let out = run(&["--store", &store, "get", "plain"], &short)
+        .ok()
+        .stdout;
+    assert_eq!(out.trim(), "5");
+    run(&["--store", &store, "get", "secret"], &short).fails(2, "BEVY_STORAGE_PASSPHRASE");
+    run(&["--store", &store, "get", "secret"], &[]).fails(1, "is encrypted");
+    let out = run(
+        &["--store", &store, "get", "secret"],
+        &[("BEVY_STORAGE_PASSPHRASE", PASSPHRASE)],
+    )
+    .ok()
+    .stdout;
+    assert!(out.contains("secret name"), "{out}");
+}
+
+#[test]
+fn clear_needs_yes_and_keeps_the_key_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = small_store(dir.path());
+    let store = url("sqlite", &path);
+    run(&["--store", &store, "clear"], &[])
+        .fails(2, "clear removes all 2 records of sqlite:")
+        .stderr
+        .contains("pass --yes");
+    let game = Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    assert_eq!(
+        game.list_keys("").unwrap().len(),
+        2,
+        "nothing removed without --yes"
+    );
+    let out = run(&["--store", &store, "clear", "--yes"], &[]).ok().stdout;
+    assert!(out.starts_with("cleared 2 records from sqlite:"), "{out}");
+    assert!(game.list_keys("").unwrap().is_empty());
+    // The key check stayed: the right passphrase still opens it, a wrong one does not.
+    drop(game);
+    Store::open(StorageConfig::sqlite(&path).encryption_key(passphrase_key())).unwrap();
+    let wrong = EncryptionKey::from_passphrase("another passphrase entirely").unwrap();
+    assert!(Store::open(StorageConfig::sqlite(&path).encryption_key(wrong)).is_err());
+    let json = run(&["--store", &store, "clear", "--yes", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["cleared"], 0);
+}
+
+mod world {
+    use bevy::prelude::*;
+    use bevy_storage::snapshot::{
+        Persist, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
+    };
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Component, Reflect, Clone, Serialize, Deserialize)]
+    #[reflect(Component)]
+    pub struct Position {
+        pub x: f32,
+        pub y: f32,
+    }
+
+    #[derive(Component, Reflect)]
+    #[reflect(Component)]
+    pub enum Monster {
+        Rat,
+        Ogre { rage: u8 },
+    }
+
+    #[derive(Component, Reflect)]
+    #[reflect(Component)]
+    pub struct Hunts(#[entities] pub Entity);
+
+    #[derive(Resource, Reflect, Default)]
+    #[reflect(Resource)]
+    pub struct Score(pub u64);
+
+    /// A real world's snapshot: a hero, an ogre hunting it, a rat, the score.
+    pub fn snapshot(encoding: SnapshotEncoding) -> Vec<u8> {
+        let mut app = App::new();
+        app.register_type::<Position>()
+            .register_type::<Monster>()
+            .register_type::<Hunts>()
+            .register_type::<Score>();
+        let world = app.world_mut();
+        let hero = world
+            .spawn((Persist, Name::new("hero"), Position { x: 1.5, y: -2.0 }))
+            .id();
+        world.spawn((
+            Persist,
+            Monster::Ogre { rage: 3 },
+            Position { x: 4.0, y: 0.0 },
+            Hunts(hero),
+        ));
+        world.spawn((Persist, Monster::Rat));
+        world.spawn(Position { x: 9.0, y: 9.0 }); // not Persist: not saved
+        world.insert_resource(Score(7));
+        let mut snapshots = SnapshotRegistry::new();
+        snapshots.register_component::<Position>(); // the typed fast path
+        let settings = SnapshotSettings::default()
+            .encoding(encoding)
+            .game_version(3)
+            .allow_resource::<Score>();
+        capture(world, &settings, &snapshots)
+            .unwrap()
+            .encode()
+            .unwrap()
+    }
+}
+
+#[test]
+fn get_lists_a_snapshots_entities_and_components() {
+    use bevy_storage::snapshot::SnapshotEncoding;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saves/storage.db");
+    let game = Store::open(StorageConfig::sqlite(&path)).unwrap();
+    for (key, encoding) in [
+        ("slot:ron", SnapshotEncoding::Ron),
+        ("slot:bin", SnapshotEncoding::Binary),
+    ] {
+        let settings = SnapshotSettings::default().encoding(encoding);
+        let bytes = world::snapshot(encoding);
+        store_snapshot(&game, key, &bytes, &settings, CustomMetadata::new()).unwrap();
+    }
+    let store = url("sqlite", &path);
+    let out = run(&["--store", &store, "get", "slot:ron"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.starts_with(
+            "world snapshot: 3 entities, game version 3, format version 1, ron encoding"
+        ),
+        "{out}"
+    );
+    // Every saved entity with its components, values readable (names of variants kept).
+    assert_eq!(out.matches("\nentity ").count(), 3, "{out}");
+    assert!(out.contains("  Name: \"hero\""), "{out}");
+    assert!(out.contains("  Position: (x: 1.5, y: -2.0)"), "{out}");
+    assert!(out.contains("  Monster: Ogre(rage: 3)"), "{out}");
+    assert!(out.contains("  Monster: Rat"), "{out}");
+    assert!(
+        !out.contains("x: 9.0"),
+        "entities without Persist are not saved: {out}"
+    );
+    // The reference to the hero is shown as that entity.
+    let hero_line = out
+        .lines()
+        .position(|l| l.contains("Name: \"hero\""))
+        .unwrap();
+    let hero_header = out
+        .lines()
+        .take(hero_line)
+        .filter(|l| l.starts_with("entity "))
+        .last()
+        .unwrap();
+    let hero_id = hero_header.split_whitespace().nth(1).unwrap();
+    let hunts = out.lines().find(|l| l.contains("Hunts:")).unwrap();
+    assert!(
+        hunts.ends_with(&format!("is entity {hero_id})")),
+        "{hunts} / {hero_header}"
+    );
+    assert!(out.contains("resources:\n  Score: (7)"), "{out}");
+    assert!(out.contains("types: "), "{out}");
+    assert!(out.contains("Position, "), "{out}");
+
+    let json = run(&["--store", &store, "get", "slot:ron", "--json"], &[])
+        .ok()
+        .json();
+    let snapshot = &json["snapshot"];
+    assert_eq!(snapshot["entity_count"], 3);
+    let entities = snapshot["entities"].as_array().unwrap();
+    assert_eq!(entities.len(), 3);
+    let ogre = entities
+        .iter()
+        .find(|e| {
+            e["components"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .any(|k| k.ends_with("Hunts"))
+        })
+        .unwrap();
+    let components = ogre["components"].as_object().unwrap();
+    let monster = components
+        .iter()
+        .find(|(k, _)| k.ends_with("::Monster"))
+        .unwrap()
+        .1;
+    assert_eq!(monster, &json!({"Ogre": {"rage": 3}}));
+    let position = components
+        .iter()
+        .find(|(k, _)| k.ends_with("::Position"))
+        .unwrap()
+        .1;
+    assert_eq!(position, &json!({"x": 4.0, "y": 0.0}));
+    let score = snapshot["resources"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    assert!(score.0.ends_with("::Score"), "{score:?}");
+
+    let meta = run(&["--store", &store, "meta", "slot:ron"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        meta.contains("format:      raw (a world snapshot: `get` lists it)"),
+        "{meta}"
+    );
+
+    // Binary snapshots do not describe their values: the ids, and why no more.
+    let out = run(&["--store", &store, "get", "slot:bin"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains("3 entities, game version 3, format version 1, binary encoding"),
+        "{out}"
+    );
+    assert!(out.contains("entity ids: "), "{out}");
+    assert!(
+        out.contains("only the game can decode its components"),
+        "{out}"
+    );
+    let json = run(&["--store", &store, "get", "slot:bin", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(json["snapshot"]["entities"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_store_given_as_a_path_is_inferred_from_its_extension_or_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = small_store(dir.path());
+    let out = run(&["--store", path.to_str().unwrap(), "list"], &[])
+        .ok()
+        .stdout;
+    assert!(out.contains("2 keys"), "{out}");
+    let stats = run(&["--store", path.to_str().unwrap(), "stats"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        stats.contains(&format!("store:            sqlite:{}", path.display())),
+        "{stats}"
+    );
+    // Through the environment too.
+    run(&["list"], &[("BEVY_STORAGE_URL", path.to_str().unwrap())]).ok();
+    // An existing directory is a file store.
+    let files = dir.path().join("files");
+    Store::open(StorageConfig::file(&files))
+        .unwrap()
+        .set("k", &1u8)
+        .unwrap();
+    let out = run(&["--store", files.to_str().unwrap(), "get", "k"], &[])
+        .ok()
+        .stdout;
+    assert_eq!(out.trim(), "1");
+    // .sqlite and .sqlite3 too; `set` creates the file.
+    let created = dir.path().join("new.sqlite3");
+    run(
+        &["--store", created.to_str().unwrap(), "set", "k", "2"],
+        &[],
+    )
+    .ok();
+    assert!(created.is_file());
+    // Anything else: one message, the choices listed once.
+    let bad = run(&["--store", "saves/thing.bin", "list"], &[]).fails(2, "cannot tell which store");
+    assert_eq!(
+        bad.stderr.matches("sqlite:PATH").count(),
+        1,
+        "{}",
+        bad.stderr
+    );
+    let bad =
+        run(&["--store", "ftp://host/x", "list"], &[]).fails(2, "unknown or disabled backend");
+    assert_eq!(
+        bad.stderr.matches("sqlite:PATH").count(),
+        0,
+        "{}",
+        bad.stderr
+    );
+    assert!(
+        bad.stderr.contains("see bevy-storage --help"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn stats_report_space_under_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = small_store(dir.path());
+    let url = url("sqlite", &path);
+    let total = store.get_stats().total_size;
+    let out = run(&["--store", &url, "stats"], &[]).ok().stdout;
+    assert!(
+        out.contains("quota:            100.0 MiB (StorageConfig's default max_size"),
+        "{out}"
+    );
+    assert!(out.contains("MiB under the quota ("), "{out}");
+    let json = run(&["--store", &url, "stats", "--json"], &[]).ok().json();
+    assert_eq!(json["quota"], 100 * 1024 * 1024);
+    assert_eq!(json["available_under_quota"], 100 * 1024 * 1024 - total);
+    assert_eq!(json["available_space"], 100 * 1024 * 1024 - total);
+    assert!(json["disk_available"].as_u64().unwrap() > 0);
+    // The game's own quota.
+    let json = run(
+        &["--store", &url, "stats", "--json", "--quota", "1KiB"],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(json["quota"], 1024);
+    assert_eq!(json["available_space"], 1024 - total);
+    let json = run(
+        &["--store", &url, "stats", "--json", "--quota", "none"],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(json["quota"], Json::Null);
+    assert_eq!(json["available_space"], json["disk_available"]);
+    run(&["--store", &url, "stats", "--quota", "lots"], &[]).fails(2, "is not a size");
+}
+
+#[test]
+fn meta_prints_a_small_size_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = small_store(dir.path());
+    let size = store.get_metadata("plain").unwrap().unwrap().size;
+    let out = run(&["--store", &url("sqlite", &path), "meta", "plain"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains(&format!("size:        {size} bytes as stored\n")),
+        "{out}"
+    );
+    store
+        .save("big", &vec![7u64; 4000], &SaveOptions::new().compression(0))
+        .unwrap();
+    let big = store.get_metadata("big").unwrap().unwrap().size;
+    let out = run(&["--store", &url("sqlite", &path), "meta", "big"], &[])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains(&format!("KiB ({big} bytes as stored)")),
+        "{out}"
+    );
+}
+
+#[test]
+fn import_refuses_internal_keys_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sqlite_store(dir.path());
+    let dump = dir.path().join("dump.jsonl");
+    run(&["--store", &source, "export", dump.to_str().unwrap()], &[]).ok();
+    let target_path = dir.path().join("target.db");
+    let target = url("sqlite", &target_path);
+    let refused = run(&["--store", &target, "import", dump.to_str().unwrap()], &[])
+        .fails(2, "needs --allow-internal-keys");
+    assert!(
+        refused.stderr.contains(r#""\u{1}bevy_storage/keycheck""#),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("nothing was imported"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !target_path.exists(),
+        "refused before the store was created"
+    );
+    // A store that exists keeps what it had.
+    let existing = Store::open(StorageConfig::sqlite(&target_path)).unwrap();
+    existing.set("mine", &1u8).unwrap();
+    run(&["--store", &target, "import", dump.to_str().unwrap()], &[])
+        .fails(2, "--allow-internal-keys");
+    assert_eq!(existing.list_keys("").unwrap(), ["mine"]);
+    assert!(
+        existing
+            .backend()
+            .get(bevy_storage::key::KEYCHECK_KEY)
+            .unwrap()
+            .is_none()
+    );
+    // Asked for: imported, and the encrypted record reads with the passphrase.
+    run(
+        &[
+            "--store",
+            &target,
+            "import",
+            "--allow-internal-keys",
+            dump.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
+    drop(existing);
+    let copy =
+        Store::open(StorageConfig::sqlite(&target_path).encryption_key(passphrase_key())).unwrap();
+    assert_eq!(copy.get::<Player>("player:bob").unwrap(), Some(bob()));
+}
+
+/// A `redis-server` of this test's own, with a password; killed on drop.
+struct PasswordRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PasswordRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const REDIS_PASSWORD: &str = "p@ss:w/rd with spaces";
+
+fn password_redis() -> Option<PasswordRedis> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true and redis-server cannot be started: {e}")
+        }
+        Err(e) => {
+            eprintln!("!!!!! SKIPPED: cannot start redis-server ({e})");
+            return None;
+        }
+    };
+    let server = PasswordRedis {
+        child,
+        port,
+        _dir: dir,
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(server);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis-server did not start on port {port}");
+}
+
+#[test]
+fn the_redis_password_comes_from_the_environment_or_a_file_not_argv() {
+    let Some(server) = password_redis() else {
+        return;
+    };
+    let store = format!("redis://127.0.0.1:{}/0?namespace=cli", server.port);
+    let env = [("BEVY_STORAGE_REDIS_PASSWORD", REDIS_PASSWORD)];
+    // Without the password Redis refuses, and says so.
+    run(&["--store", &store, "set", "k", "1"], &[]).fails(1, "");
+    // From the environment.
+    let out = run(&["--store", &store, "set", "k", "1"], &env).ok();
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    assert_eq!(
+        run(&["--store", &store, "get", "k"], &env)
+            .ok()
+            .stdout
+            .trim(),
+        "1"
+    );
+    // From a file (a trailing newline is not part of it).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("redis-password");
+    std::fs::write(&file, format!("{REDIS_PASSWORD}\n")).unwrap();
+    let out = run(
+        &[
+            "--store",
+            &store,
+            "--password-file",
+            file.to_str().unwrap(),
+            "list",
+        ],
+        &[],
+    )
+    .ok();
+    assert!(out.stdout.contains("1 key"), "{}", out.stdout);
+    // In the URL on the command line: it works, with a warning; the password is never printed.
+    let encoded = "p%40ss%3Aw%2Frd%20with%20spaces";
+    let in_url = format!(
+        "redis://:{encoded}@127.0.0.1:{}/0?namespace=cli",
+        server.port
+    );
+    let out = run(&["--store", &in_url, "list"], &[]).ok();
+    assert!(
+        out.stderr
+            .starts_with("warning: the Redis password in --store is visible"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("BEVY_STORAGE_REDIS_PASSWORD"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(encoded) && !out.stdout.contains(encoded));
+    // The same URL from BEVY_STORAGE_URL is not on the command line: no warning.
+    let out = run(&["list"], &[("BEVY_STORAGE_URL", &in_url)]).ok();
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    // Twice, or for a store that is not Redis: usage errors naming the sources, not the value.
+    let twice = run(&["--store", &in_url, "list"], &env).fails(2, "given twice");
+    assert!(!twice.stderr.contains(REDIS_PASSWORD));
+    // The variable may be set for a whole shell: other stores ignore it. The flag is explicit.
+    run(&["--store", "memory:", "list"], &env).ok();
+    run(
+        &[
+            "--store",
+            "memory:",
+            "--password-file",
+            file.to_str().unwrap(),
+            "list",
+        ],
+        &[],
+    )
+    .fails(
+        2,
+        "--password-file gives a Redis password but the store is not a redis:// URL",
+    );
+    // A wrong password: refused, and not printed either.
+    let wrong = run(
+        &["--store", &store, "list"],
+        &[("BEVY_STORAGE_REDIS_PASSWORD", "nope-nope")],
+    )
+    .fails(1, "");
+    assert!(!wrong.stderr.contains("nope-nope"), "{}", wrong.stderr);
 }

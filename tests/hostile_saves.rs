@@ -721,9 +721,9 @@ fn deep_snapshot(encoding: SnapshotEncoding, typed: bool, depth: usize) -> Vec<u
             let end = shallow_pos + body[shallow_pos..].find(']').unwrap() + 2;
             let deep = format!("{}Leaf{}", "Node([".repeat(depth), "])".repeat(depth));
             let mut out = head;
-            out.extend_from_slice(body[..shallow_pos].as_bytes());
+            out.extend_from_slice(&body.as_bytes()[..shallow_pos]);
             out.extend_from_slice(deep.as_bytes());
-            out.extend_from_slice(body[end..].as_bytes());
+            out.extend_from_slice(&body.as_bytes()[end..]);
             out
         }
         SnapshotEncoding::Binary => {

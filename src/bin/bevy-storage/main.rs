@@ -8,7 +8,9 @@
 mod dump;
 mod render;
 mod ron_view;
+mod snapshot_view;
 mod transfer;
+mod write;
 
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Write};
@@ -23,7 +25,8 @@ use bevy_storage::snapshot::{SnapshotEncoding, read_header};
 use bevy_storage::{
     BackendConfig, EncryptionKey, Format, LoadOptions, StorageConfig, StorageError, Store,
 };
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Value as Json, json};
 use zeroize::Zeroizing;
 
@@ -32,16 +35,24 @@ Stores (--store URL or BEVY_STORAGE_URL):
   sqlite:PATH     an embedded SQLite database file
   file:DIR        a file store (one file per key under DIR)
   memory:         an empty in-memory store (for trying commands out)
-  redis://[:PASSWORD@]HOST[:PORT][/DB][?namespace=NAME]   with the `redis` feature
-Every command but `import` needs an existing store; `import` creates it.
+  redis://HOST[:PORT][/DB][?namespace=NAME]   with the `redis` feature
+  PATH            a path alone: *.db, *.sqlite, *.sqlite3 is SQLite, a directory a file store
+Every command but `import` and `set` needs an existing store; those two create it.
+A Redis password comes from BEVY_STORAGE_REDIS_PASSWORD or --password-file (a password in
+the URL works, with a warning when it is on the command line: ps and shell history show it).
 
 Key material (never on the command line; give at most one):
   BEVY_STORAGE_KEY         environment: a raw 256-bit key as 64 hex digits
   BEVY_STORAGE_PASSPHRASE  environment: the store's passphrase
   --key-file PATH          a file holding 64 hex digits, or exactly 32 raw bytes
   --passphrase-file PATH   a file holding the passphrase (a trailing newline is ignored)
-Only `get` decrypts. The other commands work on encrypted records without a key: `export`
-and `import` move records exactly as stored (still compressed and encrypted).
+Only `get` decrypts and `set --encrypt` encrypts, and they read the key only when a record
+needs it. The other commands work on encrypted records without a key: `export` and `import`
+move records exactly as stored (still compressed and encrypted).
+
+Quota: a game's store refuses writes beyond its max_size (100 MiB unless the game set
+another). `stats` reports the free space under that quota; --quota SIZE (or none) names the
+game's own.
 
 Exit codes:
   0  success
@@ -51,7 +62,10 @@ Exit codes:
   3  not found: `get`, `meta` or `delete` of a key with no live record
 
 Examples:
-  bevy-storage --store sqlite:saves/storage.db list player:
+  bevy-storage --store saves/storage.db list player:
+  bevy-storage --store saves/storage.db set player:ada '(name: \"Ada\", gold: 120)' --ttl 30d
+  bevy-storage --store saves/storage.db get autosave/000000000003   # entities and components
+  bevy-storage --store saves/storage.db clear --yes
   BEVY_STORAGE_PASSPHRASE=... bevy-storage --store sqlite:saves/storage.db get player:ada --json
   bevy-storage --store sqlite:saves/storage.db export backup.jsonl
   bevy-storage --store file:saves/copy import backup.jsonl";
@@ -79,6 +93,14 @@ struct Cli {
     #[arg(long, value_name = "PATH", global = true)]
     passphrase_file: Option<PathBuf>,
 
+    /// Read the Redis password from this file (or set BEVY_STORAGE_REDIS_PASSWORD)
+    #[arg(long, value_name = "PATH", global = true)]
+    password_file: Option<PathBuf>,
+
+    /// The game's quota (its max_size) for `stats`: 100MiB, 2GiB, 500000 (bytes) or none
+    #[arg(long, value_name = "SIZE", global = true, value_parser = parse_quota)]
+    quota: Option<Quota>,
+
     /// Print machine-readable JSON on stdout
     #[arg(long, global = true)]
     json: bool,
@@ -89,6 +111,24 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+
+    /// True when the store URL came from the command line (not the environment).
+    #[arg(skip)]
+    store_on_command_line: bool,
+}
+
+/// `--quota`: a size in bytes, or no quota.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Quota {
+    Bytes(u64),
+    Unlimited,
+}
+
+fn parse_quota(text: &str) -> Result<Quota, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Quota::Unlimited);
+    }
+    render::parse_size(text).map(Quota::Bytes)
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,7 +139,7 @@ enum Command {
         prefix: Option<String>,
     },
     /// Print a record's value: RON pretty-printed (JSON with --json), binary as a hex dump,
-    /// a world snapshot by its header
+    /// a world snapshot as its entities with their components
     Get {
         /// The record's key
         key: String,
@@ -123,6 +163,15 @@ enum Command {
         /// The record's key
         key: String,
     },
+    /// Save a value under a key: RON or JSON text (stored as RON, which the game loads as its
+    /// own type), with the options of a save; creates the store if needed
+    Set(write::SetArgs),
+    /// Remove every record of the store (its encryption key check is kept)
+    Clear {
+        /// Confirm: without it nothing is removed
+        #[arg(long)]
+        yes: bool,
+    },
     /// Write every live record, as stored, to a portable dump file (JSON Lines)
     Export {
         /// The dump to write
@@ -141,6 +190,11 @@ enum Command {
         /// Fail, before writing anything, if a key of the dump already has a live record
         #[arg(long)]
         no_overwrite: bool,
+        /// Also import the store's own bookkeeping records (keys starting with
+        /// "\u{1}bevy_storage/", such as the encryption key check encrypted records need);
+        /// without it a dump holding any is refused
+        #[arg(long)]
+        allow_internal_keys: bool,
         /// Records per atomic batch
         #[arg(long, default_value_t = 500, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -225,7 +279,11 @@ fn main() -> ExitCode {
             message.replace('\n', " ")
         );
     }));
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::command().try_get_matches().and_then(|matches| {
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        cli.store_on_command_line = matches.value_source("store") == Some(ValueSource::CommandLine);
+        Ok(cli)
+    }) {
         Ok(cli) => cli,
         Err(e) => return clap_failure(&e),
     };
@@ -286,6 +344,8 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Outcome {
         Command::Meta { key } => meta(cli, key, out),
         Command::Stats => stats(cli, out),
         Command::Delete { key } => delete(cli, key, out),
+        Command::Set(args) => write::set(cli, args, out),
+        Command::Clear { yes } => write::clear(cli, *yes, out),
         Command::PurgeExpired => purge_expired(cli, out),
         Command::Export {
             file,
@@ -295,8 +355,16 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Outcome {
         Command::Import {
             file,
             no_overwrite,
+            allow_internal_keys,
             batch_size,
-        } => transfer::import(cli, file, *no_overwrite, *batch_size as usize, out),
+        } => transfer::import(
+            cli,
+            file,
+            *no_overwrite,
+            *allow_internal_keys,
+            *batch_size as usize,
+            out,
+        ),
     }
 }
 
@@ -305,7 +373,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Outcome {
 
 /// The store's configuration from `--store` / `BEVY_STORAGE_URL`.
 fn store_config(cli: &Cli) -> Outcome<StorageConfig> {
-    let url = cli
+    let given = cli
         .store
         .as_deref()
         .map(str::trim)
@@ -313,21 +381,149 @@ fn store_config(cli: &Cli) -> Outcome<StorageConfig> {
         .ok_or_else(|| {
             Failure::usage(
                 "no store given: pass --store URL or set BEVY_STORAGE_URL \
-                 (for example sqlite:saves/storage.db or file:saves/dir)",
+                 (for example saves/storage.db, sqlite:saves/storage.db or file:saves/dir)",
             )
         })?;
-    let config = StorageConfig::from_url(url).map_err(|e| {
-        let hidden = redact_url(url);
+    let url = match infer_scheme(given)? {
+        Some(url) => url,
+        None => given.to_owned(),
+    };
+    let url = redis_password(cli, &url)?;
+    let config = StorageConfig::from_url(&url).map_err(|e| {
+        let hidden = redact_url(&url);
         let message = e
             .to_string()
             .replace(&format!("{url:?}"), &format!("{hidden:?}"))
-            .replace(url, &hidden);
+            .replace(url.as_str(), &hidden);
         Failure::usage(format!(
-            "{message} (stores: sqlite:PATH, file:DIR, memory:, redis://HOST[:PORT][/DB])"
+            "{message} (see bevy-storage --help for the stores)"
         ))
     })?;
     // The inspector is no game: no quota (imports may be large) and a small pool.
     Ok(config.max_size(None).pool_size(2))
+}
+
+/// The schemes `StorageConfig::from_url` knows.
+const SCHEMES: [&str; 5] = ["sqlite", "file", "memory", "redis", "rediss"];
+
+/// A path without a scheme: `*.db`, `*.sqlite`, `*.sqlite3` → `sqlite:PATH`, an existing
+/// directory → `file:DIR`; anything else with no known scheme is one clear usage error.
+/// `Ok(None)`: the text has a scheme of its own.
+fn infer_scheme(given: &str) -> Outcome<Option<String>> {
+    if let Some((scheme, _)) = given.split_once(':')
+        && (SCHEMES.contains(&scheme)
+            || scheme.len() > 1
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+    {
+        // A scheme, known or not (`StorageConfig::from_url` names an unknown one); a
+        // one-letter "scheme" is a Windows drive.
+        return Ok(None);
+    }
+    let path = std::path::Path::new(given);
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let inferred = if matches!(extension.as_deref(), Some("db" | "sqlite" | "sqlite3")) {
+        format!("sqlite:{given}")
+    } else if path.is_dir() {
+        format!("file:{given}")
+    } else {
+        return Err(Failure::usage(format!(
+            "cannot tell which store {:?} is: name it with a scheme, sqlite:PATH (an SQLite \
+             file; a path ending in .db, .sqlite or .sqlite3 needs none), file:DIR (a file \
+             store; an existing directory needs none), memory: or redis://HOST[:PORT][/DB]",
+            redact_url(given)
+        )));
+    };
+    Ok(Some(inferred))
+}
+
+/// Puts the Redis password from `BEVY_STORAGE_REDIS_PASSWORD` or `--password-file` into a
+/// `redis://` URL; warns when the URL itself carries one on the command line.
+fn redis_password(cli: &Cli, url: &str) -> Outcome<String> {
+    let env = env_secret("BEVY_STORAGE_REDIS_PASSWORD")?;
+    let file = match &cli.password_file {
+        Some(path) => {
+            let bytes = read_secret_file(path)?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| {
+                Failure::usage(format!(
+                    "password file {}: the password is not UTF-8 text",
+                    path.display()
+                ))
+            })?;
+            let text = text.strip_suffix('\n').unwrap_or(text);
+            Some(Zeroizing::new(
+                text.strip_suffix('\r').unwrap_or(text).to_owned(),
+            ))
+        }
+        None => None,
+    };
+    let Some((scheme, rest)) = url
+        .split_once("://")
+        .filter(|(s, _)| s.starts_with("redis"))
+    else {
+        // The variable may be set for a whole shell session: other stores ignore it. The
+        // flag was given for this command, so it must be meant for this store.
+        if file.is_some() {
+            return Err(Failure::usage(
+                "--password-file gives a Redis password but the store is not a redis:// URL",
+            ));
+        }
+        return Ok(url.to_owned());
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, host) = match authority.rfind('@') {
+        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+        None => (None, authority),
+    };
+    let in_url = userinfo.is_some_and(|u| u.contains(':'));
+    let password = match (env, file) {
+        (Some(_), Some(_)) => {
+            return Err(Failure::usage(
+                "the Redis password is given twice (BEVY_STORAGE_REDIS_PASSWORD and \
+                 --password-file): give only one",
+            ));
+        }
+        (Some(p), None) | (None, Some(p)) => p,
+        (None, None) => {
+            if in_url && cli.store_on_command_line {
+                eprintln!(
+                    "warning: the Redis password in --store is visible to other users (ps) and \
+                     in your shell history; set BEVY_STORAGE_REDIS_PASSWORD or pass \
+                     --password-file instead"
+                );
+            }
+            return Ok(url.to_owned());
+        }
+    };
+    if in_url {
+        return Err(Failure::usage(
+            "the Redis password is given twice (in the URL and from BEVY_STORAGE_REDIS_PASSWORD \
+             or --password-file): give only one",
+        ));
+    }
+    let user = userinfo.unwrap_or("");
+    Ok(format!(
+        "{scheme}://{user}:{}@{host}{tail}",
+        percent_encode(&password)
+    ))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (for a URL's password).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// `scheme://user:password@host/...` → `scheme://***@host/...`.
@@ -548,7 +744,7 @@ fn keyed_reader(
     )
 }
 
-fn check_key(key: &str) -> Outcome {
+pub(crate) fn check_key(key: &str) -> Outcome {
     bevy_storage::key::validate_key(key).map_err(Failure::from)
 }
 
@@ -646,20 +842,23 @@ const HEX_LIMIT: usize = 4096;
 fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outcome {
     let config = store_config(cli)?;
     check_key(key)?;
-    let key_material = key_material(cli)?;
     let store = open_store(&config, false)?;
-    let store = match key_material {
-        Some(k) => keyed_reader(store.backend(), &config, k)?,
-        None => store,
-    };
+    // The key is read (and a passphrase stretched) only for a record that is encrypted.
     let (payload, info) = match store.load_bytes(key, &LoadOptions::default()) {
         Ok(Some(found)) => found,
         Ok(None) => return Err(Failure::NotFound(format!("no record under key {key:?}"))),
         Err(StorageError::EncryptionKeyMissing { .. }) => {
-            return Err(Failure::runtime(format!(
-                "record {key:?} is encrypted: give its key with BEVY_STORAGE_KEY or \
-                 BEVY_STORAGE_PASSPHRASE (or --key-file / --passphrase-file)"
-            )));
+            let Some(material) = key_material(cli)? else {
+                return Err(Failure::runtime(format!(
+                    "record {key:?} is encrypted: give its key with BEVY_STORAGE_KEY or \
+                     BEVY_STORAGE_PASSPHRASE (or --key-file / --passphrase-file)"
+                )));
+            };
+            let keyed = keyed_reader(store.backend(), &config, material)?;
+            match keyed.load_bytes(key, &LoadOptions::default())? {
+                Some(found) => found,
+                None => return Err(Failure::NotFound(format!("no record under key {key:?}"))),
+            }
         }
         Err(e) => return Err(e.into()),
     };
@@ -743,6 +942,7 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
                     SnapshotEncoding::Ron => "ron",
                     SnapshotEncoding::Binary => "binary",
                 };
+                let view = snapshot_view::read(&header, &payload);
                 if cli.json {
                     report["value"] = Json::Null;
                     report["snapshot"] = json!({
@@ -751,22 +951,39 @@ fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> Outc
                         "game_version": header.game_version,
                         "entity_count": header.entity_count,
                     });
-                    report["note"] = "a world snapshot: only its header is shown".into();
+                    match &view {
+                        Ok(view) => {
+                            let listing = snapshot_view::to_json(view);
+                            for field in ["entities", "resources", "note"] {
+                                if let Some(value) = listing.get(field) {
+                                    report["snapshot"][field] = value.clone();
+                                }
+                            }
+                        }
+                        Err(why) => report["snapshot"]["error"] = why.clone().into(),
+                    }
                     return print_json(out, &report);
                 }
                 writeln!(
                     out,
-                    "world snapshot, {}",
+                    "world snapshot: {}, game version {}, format version {}, {} encoding, {}",
+                    plural(u64::from(header.entity_count), "entity", "entities"),
+                    header.game_version,
+                    header.format_version,
+                    encoding,
                     render::size(payload.len() as u64)
                 )?;
-                writeln!(out, "  format version: {}", header.format_version)?;
-                writeln!(out, "  encoding:       {encoding}")?;
-                writeln!(out, "  game version:   {}", header.game_version)?;
-                writeln!(out, "  entities:       {}", header.entity_count)?;
-                writeln!(
-                    out,
-                    "(only the header is shown: --raw writes the snapshot bytes, which the game loads)"
-                )?;
+                match &view {
+                    Ok(view) => {
+                        let mut text = String::new();
+                        snapshot_view::render(view, &mut text);
+                        out.write_all(text.as_bytes())?;
+                    }
+                    Err(why) => writeln!(
+                        out,
+                        "(the body cannot be listed: {why}; --raw writes the snapshot bytes)"
+                    )?,
+                }
             }
             Err(snapshot_error) => {
                 let note = match snapshot_error {
@@ -814,15 +1031,13 @@ fn meta(cli: &Cli, key: &str, out: &mut dyn Write) -> Outcome {
     let yes = |b: bool| if b { "yes" } else { "no" };
     writeln!(out, "key:         {key}")?;
     match &header {
+        Ok(info) if info.format == Format::Raw && m.custom.contains_key("snapshot_format") => {
+            writeln!(out, "format:      raw (a world snapshot: `get` lists it)")?;
+        }
         Ok(info) => writeln!(out, "format:      {}", format_name(info.format))?,
         Err(e) => writeln!(out, "format:      unknown ({e})")?,
     }
-    writeln!(
-        out,
-        "size:        {} ({} bytes as stored)",
-        render::size(m.size),
-        m.size
-    )?;
+    writeln!(out, "size:        {}", render::size_as_stored(m.size))?;
     writeln!(out, "compressed:  {}", yes(m.compressed))?;
     writeln!(out, "encrypted:   {}", yes(m.encrypted))?;
     writeln!(out, "created:     {}", render::time(m.created_at))?;
@@ -873,6 +1088,20 @@ fn stats(cli: &Cli, out: &mut dyn Write) -> Outcome {
     }
     let mut groups: Vec<(String, (u64, u64))> = groups.into_iter().collect();
     groups.sort_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(&b.0)));
+    // The store is opened without a quota; the game's is StorageConfig's default unless
+    // --quota names another.
+    let default_quota = StorageConfig::memory().max_size;
+    let (quota, quota_source) = match cli.quota {
+        Some(Quota::Bytes(n)) => (Some(n), "--quota"),
+        Some(Quota::Unlimited) => (None, "--quota"),
+        None => (default_quota, "StorageConfig's default max_size"),
+    };
+    let disk = store.backend().available_space();
+    let under_quota = quota.map(|q| q.saturating_sub(stats.total_size));
+    let available = match (under_quota, disk) {
+        (Some(q), Some(d)) => Some(q.min(d)),
+        (q, d) => q.or(d),
+    };
     if cli.json {
         let prefixes: serde_json::Map<String, Json> = groups
             .iter()
@@ -886,7 +1115,11 @@ fn stats(cli: &Cli, out: &mut dyn Write) -> Outcome {
                 "records": stats.item_count,
                 "total_size": stats.total_size,
                 "expired_awaiting_purge": expired,
-                "available_space": stats.available_space,
+                "quota": quota,
+                "quota_source": quota_source,
+                "available_under_quota": under_quota,
+                "disk_available": disk,
+                "available_space": available,
                 "healthy": stats.is_healthy,
                 "last_error": stats.last_error,
                 "prefixes": prefixes,
@@ -903,9 +1136,33 @@ fn stats(cli: &Cli, out: &mut dyn Write) -> Outcome {
         stats.total_size
     )?;
     writeln!(out, "expired:          {expired} awaiting purge-expired")?;
-    match stats.available_space {
-        Some(space) => writeln!(out, "available space:  {}", render::size(space))?,
-        None => writeln!(out, "available space:  unknown")?,
+    match quota {
+        Some(q) => writeln!(
+            out,
+            "quota:            {} ({quota_source}; --quota SIZE if the game sets another), {:.1}% used",
+            render::size(q),
+            if q == 0 {
+                100.0
+            } else {
+                stats.total_size as f64 * 100.0 / q as f64
+            }
+        )?,
+        None => writeln!(out, "quota:            none ({quota_source})")?,
+    }
+    let disk_text = disk.map_or("unknown".to_owned(), render::size);
+    match (under_quota, available) {
+        (Some(q), Some(space)) if Some(q) == available => writeln!(
+            out,
+            "available space:  {} under the quota ({disk_text} free on disk)",
+            render::size(space)
+        )?,
+        (Some(_), Some(space)) => writeln!(
+            out,
+            "available space:  {} (the disk has less free than the quota allows)",
+            render::size(space)
+        )?,
+        (None, Some(space)) => writeln!(out, "available space:  {} on disk", render::size(space))?,
+        (_, None) => writeln!(out, "available space:  unknown")?,
     }
     match &stats.last_error {
         Some(e) if !stats.is_healthy => writeln!(out, "healthy:          no ({e})")?,

@@ -19,6 +19,83 @@ pub fn size(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// A stored size for `meta`: `905 bytes as stored`, `1.2 KiB (1234 bytes as stored)`.
+pub fn size_as_stored(bytes: u64) -> String {
+    let exact = if bytes == 1 {
+        "1 byte as stored".to_owned()
+    } else {
+        format!("{bytes} bytes as stored")
+    };
+    if bytes < 1024 {
+        exact
+    } else {
+        format!("{} ({exact})", size(bytes))
+    }
+}
+
+/// Parses a size: `500000`, `500000B`, `64KiB`, `100MiB`, `2GiB`, `1TiB` (also `KB`, `MB`,
+/// `GB`, `TB` as powers of 1000, and `K`/`M`/`G`/`T` as powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 100MiB, 2GiB, 500000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    let bytes = number * scale;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Parses a duration: `90s`, `10m`, `12h`, `30d`, `2w`, `1500ms`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 10m, 12h, 30d)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        "w" => 7.0 * 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?} (ms, s, m, h, d, w)"
+            ));
+        }
+    };
+    std::time::Duration::try_from_secs_f64(number * seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration"))
+}
+
 /// A timestamp as RFC 3339 UTC, to the second (`2025-06-01T12:00:00Z`).
 pub fn time(at: Timestamp) -> String {
     let (date, secs, _) = split(at);

@@ -46,6 +46,80 @@ pub fn to_json(text: &str) -> Option<Json> {
     })
 }
 
+/// The parts of a world snapshot's RON body, `(entities, [(type path, rows, values)],
+/// [(type path, values)])`, each value as compact RON text with its struct and variant names.
+pub type SnapshotBody = (
+    Vec<u64>,
+    Vec<(String, Vec<u32>, Vec<String>)>,
+    Vec<(String, Vec<String>)>,
+);
+
+/// Splits a snapshot's RON body into [`SnapshotBody`]; `None` if it has another shape.
+pub fn snapshot_body(text: &str) -> Option<SnapshotBody> {
+    let item = parse(text)?;
+    let [Part::Group('(', parts)] = item.as_slice() else {
+        return None;
+    };
+    let [entities, columns, resources] = parts.as_slice() else {
+        return None;
+    };
+    let list = |item: &Item| -> Option<Vec<Item>> {
+        match item.as_slice() {
+            [Part::Group('[', items)] => Some(items.clone()),
+            _ => None,
+        }
+    };
+    let number = |item: &Item| -> Option<u64> {
+        match item.as_slice() {
+            [Part::Atom(a)] => a.parse().ok(),
+            _ => None,
+        }
+    };
+    let string = |item: &Item| -> Option<String> {
+        match item.as_slice() {
+            [Part::Atom(a)] => ron::from_str::<String>(a).ok(),
+            _ => None,
+        }
+    };
+    let texts = |item: &Item| -> Option<Vec<String>> {
+        Some(
+            list(item)?
+                .iter()
+                .map(|value| {
+                    let mut out = String::new();
+                    flat_item(value, &mut out);
+                    out
+                })
+                .collect(),
+        )
+    };
+    let tuple = |item: &Item| -> Option<Vec<Item>> {
+        match item.as_slice() {
+            [Part::Group('(', items)] => Some(items.clone()),
+            _ => None,
+        }
+    };
+    let entities = list(entities)?
+        .iter()
+        .map(number)
+        .collect::<Option<Vec<u64>>>()?;
+    let mut out_columns = Vec::new();
+    for column in list(columns)? {
+        let [path, rows, values] = tuple(&column)?.try_into().ok()?;
+        let rows = list(&rows)?
+            .iter()
+            .map(|r| number(r).and_then(|n| u32::try_from(n).ok()))
+            .collect::<Option<Vec<u32>>>()?;
+        out_columns.push((string(&path)?, rows, texts(&values)?));
+    }
+    let mut out_resources = Vec::new();
+    for resource in list(resources)? {
+        let [path, values] = tuple(&resource)?.try_into().ok()?;
+        out_resources.push((string(&path)?, texts(&values)?));
+    }
+    Some((entities, out_columns, out_resources))
+}
+
 fn parse(text: &str) -> Option<Item> {
     let tokens = tokenize(text)?;
     let mut pos = 0;

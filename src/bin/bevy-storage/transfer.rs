@@ -96,6 +96,7 @@ pub fn import(
     cli: &Cli,
     file: &Path,
     no_overwrite: bool,
+    allow_internal_keys: bool,
     batch_size: usize,
     out: &mut dyn Write,
 ) -> Outcome {
@@ -119,6 +120,25 @@ pub fn import(
         }
     }
     bar.finish_and_clear();
+    if !bookkeeping.is_empty() && !allow_internal_keys {
+        let names: Vec<String> = bookkeeping.iter().map(|r| format!("{:?}", r.key)).collect();
+        let why = if encrypted > 0 {
+            format!(
+                "the encryption key check that {} of the dump {} to be read",
+                plural(encrypted, "encrypted record", "encrypted records"),
+                if encrypted == 1 { "needs" } else { "need" }
+            )
+        } else {
+            "no encrypted record of the dump needs it".to_owned()
+        };
+        return Err(Failure::usage(format!(
+            "the dump holds {} of the store's own bookkeeping ({}: {why}); they replace a \
+             store's internals, so importing them needs --allow-internal-keys (only for a dump \
+             you trust, such as your own export); nothing was imported",
+            plural(bookkeeping.len() as u64, "internal key", "internal keys"),
+            names.join(", ")
+        )));
+    }
     let origin = format!(
         "exported from {} at {}",
         reader.header.source, reader.header.created_at
