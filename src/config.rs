@@ -209,6 +209,39 @@ impl fmt::Debug for BackendConfig {
     }
 }
 
+impl BackendConfig {
+    /// The backend's type, as [`Backend::backend_type`] names it: `memory`, `file`, `sqlite`,
+    /// `redis`, or a custom backend's own.
+    pub fn backend_type(&self) -> String {
+        match self {
+            Self::Memory => "memory".to_owned(),
+            Self::File { .. } => "file".to_owned(),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { .. } => "sqlite".to_owned(),
+            #[cfg(feature = "redis")]
+            Self::Redis { .. } => "redis".to_owned(),
+            Self::Custom(b) => b.backend_type().to_owned(),
+        }
+    }
+
+    /// A short description for logs and messages (`SQLite store at saves/storage.db`); a
+    /// Redis password is hidden.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Memory => "in-memory store".to_owned(),
+            Self::File { root } => format!("file store at {}", root.display()),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { path, .. } => format!("SQLite store at {}", path.display()),
+            #[cfg(feature = "redis")]
+            Self::Redis { url, namespace } => format!(
+                "Redis store at {} (namespace {namespace:?})",
+                redact_url(url)
+            ),
+            Self::Custom(b) => format!("custom {:?} store", b.backend_type()),
+        }
+    }
+}
+
 /// Everything a store needs to open. Build it with [`StorageConfig::sqlite`],
 /// [`file`](StorageConfig::file), [`memory`](StorageConfig::memory),
 /// [`custom`](StorageConfig::custom) or [`from_url`](StorageConfig::from_url), then adjust

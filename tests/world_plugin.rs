@@ -347,3 +347,132 @@ fn default_world_saves_work_in_every_build() {
     let meta = store.get_metadata("slot").unwrap().unwrap();
     assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
 }
+
+// ------------------------------------------------------------------ one request path
+
+/// Key-value responses seen, in delivery order.
+#[derive(Resource, Default)]
+struct KeyValueSeen(Vec<String>);
+
+fn mixed_app() -> App {
+    use bevy_storage::plugin::{ClearCompleted, DeleteCompleted, LoadCompleted};
+    let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
+    app.init_resource::<KeyValueSeen>()
+        .add_observer(|ev: On<DeleteCompleted>, mut seen: ResMut<KeyValueSeen>| {
+            seen.0.push(format!("delete {:?}", ev.event().result))
+        })
+        .add_observer(|ev: On<ClearCompleted>, mut seen: ResMut<KeyValueSeen>| {
+            seen.0
+                .push(format!("clear {:?}", ev.event().result.is_ok()))
+        })
+        .add_observer(|ev: On<LoadCompleted>, mut seen: ResMut<KeyValueSeen>| {
+            seen.0.push(format!("load found={}", ev.event().found()))
+        });
+    populate(app.world_mut());
+    app
+}
+
+fn store_of(app: &App) -> bevy_storage::Store {
+    app.world().resource::<Storage>().store().unwrap().clone()
+}
+
+fn pump_kv(app: &mut App, n: usize) {
+    let start = Instant::now();
+    while app.world().resource::<KeyValueSeen>().0.len() < n {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out");
+        app.update();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A world save and a delete of its slot sent in one frame run in the order they were sent,
+/// in both orders (they share one scheduler and the slot's key).
+#[test]
+fn world_and_key_value_requests_on_one_key_keep_their_order() {
+    use bevy_storage::plugin::DeleteRequest;
+    // Save, then delete: the delete removes what the save wrote.
+    let mut app = mixed_app();
+    app.update(); // the store opens
+    app.world_mut().write_message(SaveWorld::new("slot"));
+    app.world_mut().write_message(DeleteRequest::new("slot"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    pump_kv(&mut app, 1);
+    assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
+    assert_eq!(
+        app.world().resource::<KeyValueSeen>().0,
+        ["delete Ok(true)"]
+    );
+    assert!(
+        !store_of(&app).exists("slot").unwrap(),
+        "the delete ran last"
+    );
+
+    // Delete, then save: the slot holds the new save.
+    let mut app = mixed_app();
+    app.world_mut().write_message(DeleteRequest::new("slot"));
+    app.world_mut().write_message(SaveWorld::new("slot"));
+    pump_until(&mut app, "the save", |s| !s.saved.is_empty());
+    pump_kv(&mut app, 1);
+    assert_eq!(
+        app.world().resource::<KeyValueSeen>().0,
+        ["delete Ok(false)"]
+    );
+    assert!(store_of(&app).exists("slot").unwrap(), "the save ran last");
+}
+
+/// A world load waits for a clear sent before it, and a clear sent after a world save waits
+/// for it: all in one frame.
+#[test]
+fn world_requests_keep_their_order_across_a_clear() {
+    use bevy_storage::plugin::{ClearRequest, LoadRequest};
+    let mut app = mixed_app();
+    app.world_mut().write_message(SaveWorld::new("slot"));
+    app.world_mut().write_message(ClearRequest::new());
+    app.world_mut().write_message(LoadWorld::new("slot"));
+    app.world_mut().write_message(SaveWorld::new("after"));
+    app.world_mut().write_message(LoadRequest::new("after"));
+    pump_until(&mut app, "both saves and the load", |s| {
+        s.saved.len() == 2 && s.loaded.len() == 1
+    });
+    pump_kv(&mut app, 2);
+    let seen = app.world().resource::<Seen>();
+    assert!(seen.saved.iter().all(|s| s.result.is_ok()));
+    let load = seen.loaded[0].result.as_ref().unwrap_err();
+    assert!(
+        matches!(**load, bevy_storage::StorageError::NoSnapshot { .. }),
+        "the load ran after the clear: {load}"
+    );
+    assert_eq!(
+        app.world().resource::<KeyValueSeen>().0,
+        ["clear true", "load found=true"],
+        "the clear ran after the first save, the key-value load after the second"
+    );
+    let store = store_of(&app);
+    assert!(!store.exists("slot").unwrap());
+    assert!(store.exists("after").unwrap());
+}
+
+/// A world save sent after a world load captures the loaded world, even when the load's
+/// decoding takes a while: world requests run one at a time.
+#[test]
+fn a_world_save_captures_what_an_earlier_load_applied() {
+    let mut app = mixed_app();
+    app.world_mut().write_message(SaveWorld::new("first"));
+    pump_until(&mut app, "the first save", |s| s.saved.len() == 1);
+    for i in 0..50 {
+        app.world_mut()
+            .spawn((Persist, Position(100 + i, 0), Name::new("extra")));
+    }
+    app.world_mut().write_message(LoadWorld::new("first"));
+    app.world_mut().write_message(SaveWorld::new("second"));
+    pump_until(&mut app, "the load and the second save", |s| {
+        s.saved.len() == 2 && s.loaded.len() == 1
+    });
+    let saved = &app.world().resource::<Seen>().saved[1];
+    assert_eq!(saved.key, "second");
+    assert_eq!(
+        *saved.result.as_ref().unwrap(),
+        2,
+        "the second save captured the loaded world (2 persisted entities), not the one before it"
+    );
+}

@@ -69,9 +69,12 @@
 //! - **Persistent resources**: [`PersistResourceExt::persist_resource`].
 
 mod commands;
+mod kind;
 mod persistent;
 pub mod requests;
 mod runtime;
+mod scheduler;
+mod scope;
 mod systems;
 pub mod world;
 
@@ -102,7 +105,8 @@ use crate::codec::{EncryptionKey, Format};
 use crate::config::StorageConfig;
 use crate::error::StorageError;
 use crate::store::{StorageStats, Store};
-use runtime::{OpenSource, Runtime};
+use runtime::Runtime;
+use scheduler::OpenSource;
 
 /// Where the default [`StoragePlugin`] keeps its SQLite database.
 pub const DEFAULT_SQLITE_PATH: &str = "saves/storage.db";
@@ -382,21 +386,8 @@ impl Plugin for StoragePluginBuilder {
             None => self.config.max_size,
         };
 
-        app.add_message::<SaveRequest>()
-            .add_message::<LoadRequest>()
-            .add_message::<DeleteRequest>()
-            .add_message::<ExistsRequest>()
-            .add_message::<ListKeysRequest>()
-            .add_message::<TransactionRequest>()
-            .add_message::<ClearRequest>()
-            .add_message::<SaveCompleted>()
-            .add_message::<LoadCompleted>()
-            .add_message::<DeleteCompleted>()
-            .add_message::<ExistsCompleted>()
-            .add_message::<ListKeysCompleted>()
-            .add_message::<TransactionCompleted>()
-            .add_message::<ClearCompleted>()
-            .add_message::<ExpiredPurged>()
+        requests::add_key_value_kinds(app);
+        app.add_message::<ExpiredPurged>()
             .add_message::<PersistedResourceLoaded>()
             .add_message::<PersistedResourceSaved>()
             .add_message::<AppExit>()
@@ -441,18 +432,7 @@ impl Plugin for StoragePluginBuilder {
 }
 
 fn backend_type(config: &StorageConfig) -> String {
-    use crate::config::BackendConfig;
-    match &config.backend {
-        BackendConfig::Memory => "memory".to_owned(),
-        BackendConfig::File { .. } => "file".to_owned(),
-        #[cfg(feature = "sqlite")]
-        BackendConfig::Sqlite { .. } => "sqlite".to_owned(),
-        #[cfg(feature = "redis")]
-        BackendConfig::Redis { .. } => "redis".to_owned(),
-        BackendConfig::Custom(b) => b.backend_type().to_owned(),
-        #[allow(unreachable_patterns)]
-        _ => String::new(),
-    }
+    config.backend.backend_type()
 }
 
 /// The plugin's systems, to order a game's own systems around them.

@@ -12,10 +12,13 @@ use bevy::prelude::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::requests::{PersistedResourceLoaded, PersistedResourceSaved, RequestId};
-use super::runtime::{Op, Outcome, Reply, publish};
+use super::kind::{Pending, publish};
+use super::requests::{
+    LoadCompleted, LoadRequest, PersistedResourceLoaded, PersistedResourceSaved, SaveCompleted,
+    SaveRequest,
+};
 use super::{StorageRuntime, StorageSet};
-use crate::store::{ErasedValue, LoadOptions, SaveOptions};
+use crate::store::SaveOptions;
 
 /// How a persisted resource is saved.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,7 +188,10 @@ fn persist_system<R>(
         state.phase = Phase::Loading;
         // A change made after the default was inserted (by a Startup system) counts.
         state.dirty = resource.last_changed() != resource.added();
-        runtime.inner.internal.push(load_op::<R>(state.key.clone()));
+        let load = LoadRequest::new(state.key.clone());
+        runtime
+            .inner
+            .push_internal(Box::new(Pending::internal(load, on_loaded::<R>)));
         return;
     }
     if resource.is_changed() && state.loaded_tick != Some(resource.last_changed()) {
@@ -204,37 +210,17 @@ fn persist_system<R>(
     }
     state.dirty = false;
     state.last_save = Some(now);
-    let op = Op::Save {
-        id: RequestId::next(),
-        key: state.key.clone(),
-        value: ErasedValue::new(resource.clone()),
-        options: state.options.save_options.clone(),
-    };
+    let save = SaveRequest::new(state.key.clone(), resource.clone())
+        .with_options(state.options.save_options.clone());
     runtime
         .inner
-        .internal
-        .push((Reply::Internal(Box::new(on_saved::<R>)), op));
+        .push_internal(Box::new(Pending::internal(save, on_saved::<R>)));
 }
 
-fn load_op<R>(key: String) -> (Reply, Op)
+fn on_loaded<R>(world: &mut World, done: LoadCompleted)
 where
     R: Resource + Clone + Default + Serialize + DeserializeOwned,
 {
-    let op = Op::Load {
-        id: RequestId::next(),
-        key,
-        options: LoadOptions::default(),
-    };
-    (Reply::Internal(Box::new(on_loaded::<R>)), op)
-}
-
-fn on_loaded<R>(world: &mut World, outcome: Outcome)
-where
-    R: Resource + Clone + Default + Serialize + DeserializeOwned,
-{
-    let Outcome::Load(done) = outcome else {
-        return;
-    };
     let result = match done.decode::<R>() {
         Ok(Some(value)) => {
             world.insert_resource(value);
@@ -271,13 +257,10 @@ where
     );
 }
 
-fn on_saved<R>(world: &mut World, outcome: Outcome)
+fn on_saved<R>(world: &mut World, done: SaveCompleted)
 where
     R: Resource + Clone + Default + Serialize + DeserializeOwned,
 {
-    let Outcome::Save(done) = outcome else {
-        return;
-    };
     if let Some(mut state) = world.get_resource_mut::<PersistState<R>>() {
         match &done.result {
             Err(e) => {

@@ -23,13 +23,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bevy::prelude::{Event, Message};
+use bevy::prelude::{Event, Message, World};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::kind::{RequestKind, add_request_kind};
+use super::scope::Scope;
 use crate::codec::{self, Format};
 use crate::error::StorageError;
-use crate::store::{ErasedValue, LoadOptions, SaveOptions, StorageOperation};
+use crate::key;
+use crate::store::{ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
 
 /// An error shared between a response message, its observer event and the other requests
 /// of the same batch.
@@ -550,4 +553,253 @@ pub struct PersistedResourceSaved {
     pub type_name: &'static str,
     /// The outcome of the save.
     pub result: StorageResult<()>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// How each kind runs (see `kind::RequestKind`)
+// ---------------------------------------------------------------------------------------------
+
+/// Registers the key-value request kinds.
+pub(crate) fn add_key_value_kinds(app: &mut bevy::prelude::App) {
+    add_request_kind::<SaveRequest>(app);
+    add_request_kind::<LoadRequest>(app);
+    add_request_kind::<DeleteRequest>(app);
+    add_request_kind::<ExistsRequest>(app);
+    add_request_kind::<ListKeysRequest>(app);
+    add_request_kind::<TransactionRequest>(app);
+    add_request_kind::<ClearRequest>(app);
+}
+
+/// The parts every key-value kind shares: no input from the world, and the pool's output is
+/// the response itself.
+macro_rules! key_value_kind {
+    ($response:ty) => {
+        type Response = $response;
+        type Input = ();
+        type Output = $response;
+
+        fn id(&self) -> RequestId {
+            self.id
+        }
+
+        fn input(&self, _world: &mut World) -> Result<(), SharedError> {
+            Ok(())
+        }
+
+        fn finish(&self, _world: &mut World, output: $response) -> $response {
+            output
+        }
+    };
+}
+
+fn shared(e: StorageError) -> SharedError {
+    Arc::new(e)
+}
+
+impl RequestKind for SaveRequest {
+    key_value_kind!(SaveCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::key(&self.key)
+    }
+
+    fn run(&self, store: &Store, (): ()) -> SaveCompleted {
+        SaveCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: store.transaction(vec![self.operation()]).map_err(shared),
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> SaveCompleted {
+        SaveCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: Err(error),
+        }
+    }
+
+    /// Valid-key saves that may overwrite join batches: a bad key or a create-only save
+    /// fails on its own, never a whole batch.
+    fn batch_operation(&self) -> Option<StorageOperation> {
+        let batchable = self.options.overwrite && key::validate_key(&self.key).is_ok();
+        batchable.then(|| self.operation())
+    }
+
+    fn batched(&self, _removed: bool) -> SaveCompleted {
+        SaveCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: Ok(()),
+        }
+    }
+}
+
+impl SaveRequest {
+    fn operation(&self) -> StorageOperation {
+        StorageOperation::Save {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            options: self.options.clone(),
+        }
+    }
+}
+
+impl RequestKind for LoadRequest {
+    key_value_kind!(LoadCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::key(&self.key)
+    }
+
+    fn run(&self, store: &Store, (): ()) -> LoadCompleted {
+        LoadCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: store
+                .load_bytes(&self.key, &self.options)
+                .map(|found| found.map(|(payload, info)| LoadedValue::new(payload, info.format)))
+                .map_err(shared),
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> LoadCompleted {
+        LoadCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: Err(error),
+        }
+    }
+}
+
+impl RequestKind for DeleteRequest {
+    key_value_kind!(DeleteCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::key(&self.key)
+    }
+
+    fn run(&self, store: &Store, (): ()) -> DeleteCompleted {
+        self.batched_result(store.delete(&self.key).map_err(shared))
+    }
+
+    fn fail(&self, error: SharedError) -> DeleteCompleted {
+        self.batched_result(Err(error))
+    }
+
+    fn batch_operation(&self) -> Option<StorageOperation> {
+        key::validate_key(&self.key)
+            .is_ok()
+            .then(|| StorageOperation::delete(self.key.clone()))
+    }
+
+    fn batched(&self, removed: bool) -> DeleteCompleted {
+        self.batched_result(Ok(removed))
+    }
+}
+
+impl DeleteRequest {
+    fn batched_result(&self, result: StorageResult<bool>) -> DeleteCompleted {
+        DeleteCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result,
+        }
+    }
+}
+
+impl RequestKind for ExistsRequest {
+    key_value_kind!(ExistsCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::key(&self.key)
+    }
+
+    fn run(&self, store: &Store, (): ()) -> ExistsCompleted {
+        ExistsCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: store.exists(&self.key).map_err(shared),
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> ExistsCompleted {
+        ExistsCompleted {
+            id: self.id,
+            key: self.key.clone(),
+            result: Err(error),
+        }
+    }
+}
+
+impl RequestKind for ListKeysRequest {
+    key_value_kind!(ListKeysCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::prefix(&self.prefix)
+    }
+
+    fn run(&self, store: &Store, (): ()) -> ListKeysCompleted {
+        ListKeysCompleted {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: store.list_keys(&self.prefix).map_err(shared),
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> ListKeysCompleted {
+        ListKeysCompleted {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: Err(error),
+        }
+    }
+}
+
+impl RequestKind for TransactionRequest {
+    key_value_kind!(TransactionCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::keys(self.operations.iter().map(|o| o.key().to_owned()))
+    }
+
+    fn run(&self, store: &Store, (): ()) -> TransactionCompleted {
+        self.completed(store.transaction(self.operations.clone()).map_err(shared))
+    }
+
+    fn fail(&self, error: SharedError) -> TransactionCompleted {
+        self.completed(Err(error))
+    }
+}
+
+impl TransactionRequest {
+    fn completed(&self, result: StorageResult<()>) -> TransactionCompleted {
+        TransactionCompleted {
+            id: self.id,
+            keys: self.operations.iter().map(|o| o.key().to_owned()).collect(),
+            result,
+        }
+    }
+}
+
+impl RequestKind for ClearRequest {
+    key_value_kind!(ClearCompleted);
+
+    fn scope(&self) -> Scope {
+        Scope::all()
+    }
+
+    fn run(&self, store: &Store, (): ()) -> ClearCompleted {
+        ClearCompleted {
+            id: self.id,
+            result: store.clear().map_err(shared),
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> ClearCompleted {
+        ClearCompleted {
+            id: self.id,
+            result: Err(error),
+        }
+    }
 }

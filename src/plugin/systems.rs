@@ -1,13 +1,14 @@
 //! The plugin's systems: dispatch requests, collect results, TTL cleanup, stats, exit flush.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bevy::log::{error, info};
 use bevy::prelude::*;
 
+use super::kind::RequestKinds;
 use super::requests::*;
-use super::runtime::{Done, Op, Reply};
+use super::scheduler::Done;
 use super::{StorageActivity, StorageRuntime, StorageState};
 use crate::store::StorageStats;
 
@@ -16,60 +17,17 @@ pub(crate) fn start_opening(mut runtime: ResMut<StorageRuntime>) {
     runtime.inner.ensure_open_started();
 }
 
-/// The request readers, as one parameter.
-#[derive(bevy::ecs::system::SystemParam)]
-pub(crate) struct RequestReaders<'w, 's> {
-    saves: MessageReader<'w, 's, SaveRequest>,
-    loads: MessageReader<'w, 's, LoadRequest>,
-    deletes: MessageReader<'w, 's, DeleteRequest>,
-    exists: MessageReader<'w, 's, ExistsRequest>,
-    lists: MessageReader<'w, 's, ListKeysRequest>,
-    transactions: MessageReader<'w, 's, TransactionRequest>,
-    clears: MessageReader<'w, 's, ClearRequest>,
-}
-
-impl RequestReaders<'_, '_> {
-    fn read_all(&mut self) -> Vec<(Reply, Op)> {
-        let mut ops: Vec<(Reply, Op)> = Vec::new();
-        let mut push = |op: Op| ops.push((Reply::Public, op));
-        self.saves.read().cloned().map(Op::from).for_each(&mut push);
-        self.loads.read().cloned().map(Op::from).for_each(&mut push);
-        self.deletes
-            .read()
-            .cloned()
-            .map(Op::from)
-            .for_each(&mut push);
-        self.exists
-            .read()
-            .cloned()
-            .map(Op::from)
-            .for_each(&mut push);
-        self.lists.read().cloned().map(Op::from).for_each(&mut push);
-        self.transactions
-            .read()
-            .cloned()
-            .map(Op::from)
-            .for_each(&mut push);
-        self.clears
-            .read()
-            .cloned()
-            .map(Op::from)
-            .for_each(&mut push);
-        ops
-    }
-}
-
-/// Last: reads this frame's requests (all kinds, in id order) and hands them to the
-/// scheduler; closes a write batch whose window is over.
-pub(crate) fn dispatch_requests(
-    mut runtime: ResMut<StorageRuntime>,
-    mut readers: RequestReaders,
-    time: Res<Time<Real>>,
-) {
-    let now = time.elapsed();
-    let ops = readers.read_all();
-    runtime.inner.submit(ops, now);
-    runtime.inner.close_due_batch(now);
+/// Last: reads this frame's requests (every kind, in id order) and hands them to the
+/// scheduler; closes a write batch whose window is over; starts the world requests whose turn
+/// has come.
+pub(crate) fn dispatch_requests(world: &mut World) {
+    let now = world.resource::<Time<Real>>().elapsed();
+    let jobs = RequestKinds::read_all(world);
+    world.resource_scope(|world, mut runtime: Mut<StorageRuntime>| {
+        runtime.inner.submit(jobs, now);
+        runtime.inner.close_due_batch(now);
+        runtime.inner.start_world_work(world);
+    });
 }
 
 /// Last: starts the TTL cleanup and the stats refresh when they are due.
@@ -100,28 +58,60 @@ pub(crate) fn run_maintenance(mut runtime: ResMut<StorageRuntime>, time: Res<Tim
     }
 }
 
-/// PreUpdate: delivers what the pool finished: responses (messages and observer events),
-/// cleanup reports and fresh stats.
+/// PreUpdate: delivers what the pool finished: responses (messages and observer events,
+/// loaded worlds applied), cleanup reports and fresh stats; then starts the world requests
+/// whose turn came.
 pub(crate) fn collect_results(world: &mut World) {
     let done = world.resource::<StorageRuntime>().inner.try_collect();
     apply(world, done);
+    world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
+        runtime.inner.start_world_work(world);
+    });
 }
 
-/// Last, on `AppExit`: finishes every request already sent, then delivers the results.
+/// Last, on `AppExit`: finishes every request already sent, world requests included, and
+/// delivers the results. The one place the plugin blocks the main thread.
 pub(crate) fn flush_on_exit(world: &mut World) {
-    let (done, complete) = world
+    world
         .resource_mut::<StorageRuntime>()
         .inner
-        .drain_blocking();
-    apply(world, done);
-    if !complete {
-        let (queued, running) = world.resource::<StorageRuntime>().inner.counts();
-        let timeout = world.resource::<StorageRuntime>().inner.exit_timeout;
-        error!(
-            "bevy_storage: {} storage requests were still pending {timeout:?} after AppExit; they may be lost",
-            queued + running
-        );
+        .submit_everything();
+    let timeout = world.resource::<StorageRuntime>().inner.exit_timeout;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = world.resource::<StorageRuntime>().inner.try_collect();
+        apply(world, done);
+        world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
+            runtime.inner.start_world_work(world);
+        });
+        if world
+            .resource::<StorageRuntime>()
+            .inner
+            .shared
+            .outstanding()
+            == 0
+        {
+            let done = world.resource::<StorageRuntime>().inner.try_collect();
+            apply(world, done);
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let next = world
+            .resource::<StorageRuntime>()
+            .inner
+            .recv_timeout(left.min(Duration::from_millis(5)));
+        if let Some(done) = next {
+            apply(world, vec![done]);
+        }
     }
+    let (queued, running) = world.resource::<StorageRuntime>().inner.counts();
+    error!(
+        "bevy_storage: {} storage requests were still pending {timeout:?} after AppExit; they may be lost",
+        queued + running
+    );
 }
 
 /// Applies results on the main thread.
@@ -148,25 +138,25 @@ fn apply(world: &mut World, done: Vec<Done>) {
                 stats.last_error = Some(e.to_string());
                 world.resource_mut::<StorageActivity>().state = StorageState::Failed(e.to_string());
             }
-            Done::Job {
-                outcomes,
+            Done::Work {
+                jobs,
                 batch_committed,
+                release,
             } => {
                 if let Some(n) = batch_committed {
                     let mut activity = world.resource_mut::<StorageActivity>();
                     activity.batches_committed += 1;
                     activity.batched_requests += n as u64;
                 }
-                for (reply, outcome) in outcomes {
-                    if outcome.is_ok() {
+                for job in jobs {
+                    if job.deliver(world) {
                         completed += 1;
                     } else {
                         failed += 1;
                     }
-                    match reply {
-                        Reply::Public => outcome.publish(world),
-                        Reply::Internal(f) => f(world, outcome),
-                    }
+                }
+                if let Some(seq) = release {
+                    world.resource::<StorageRuntime>().inner.shared.release(seq);
                 }
             }
             Done::Stats(stats) => {

@@ -1,30 +1,29 @@
 //! World snapshots through the plugin: [`SaveWorld`] / [`LoadWorld`] messages answered by
 //! [`WorldSaved`] / [`WorldLoaded`], and rotating autosaves.
 //!
-//! Only capture (reading the world) and apply (writing it) run on the main thread; encoding,
-//! compression, encryption, I/O and decoding run on the `AsyncComputeTaskPool`. World
-//! requests are handled one at a time, in the order they were sent (by [`RequestId`]): a save
-//! captures the world when its turn comes, after every earlier load has been applied.
+//! World requests go through the plugin's one scheduler with the key-value requests: a world
+//! request is ordered by [`RequestId`] against every request on its slot's key (a
+//! `DeleteRequest` of the slot, a `ClearRequest`) and against every other world request.
+//! Only capture (reading the world) and apply (writing it) run on the main thread, when the
+//! request's turn comes; encoding, compression, encryption, I/O and decoding run on the
+//! `AsyncComputeTaskPool`. A save captures the world after every earlier load was applied.
 
-use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bevy::app::AppExit;
 use bevy::ecs::entity::EntityHashMap;
-use bevy::ecs::message::MessageCursor;
 use bevy::prelude::*;
-use bevy::tasks::AsyncComputeTaskPool;
-use crossbeam_channel::{Receiver, Sender};
 use serde::de::DeserializeOwned;
 
-use super::requests::{RequestId, SharedError, StorageResult};
-use super::{Storage, StorageSet};
+use super::StorageSet;
+use super::kind::{RequestKind, add_request_kind, publish};
+use super::requests::{RequestId, SharedError, StorageResponse, StorageResult};
+use super::scope::Scope;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
 use crate::snapshot::{
-    self, DecodedWorld, SnapshotComponent, SnapshotContext, SnapshotRegistry, SnapshotSettings,
+    self, CapturedWorld, DecodedWorld, SnapshotComponent, SnapshotContext, SnapshotRegistry,
+    SnapshotSettings,
 };
 use crate::store::Store;
 
@@ -102,40 +101,29 @@ impl SnapshotPlugin {
 
 impl Plugin for SnapshotPlugin {
     fn build(&self, app: &mut App) {
-        let (sender, receiver) = crossbeam_channel::unbounded();
         if !app.world().contains_resource::<SnapshotRegistry>() {
             app.insert_resource(SnapshotRegistry::new());
         }
+        add_request_kind::<SaveWorld>(app);
+        add_request_kind::<LoadWorld>(app);
         app.register_type::<snapshot::Persist>()
             .insert_resource(self.settings.clone())
             .init_resource::<SnapshotMetadata>()
-            .add_message::<SaveWorld>()
-            .add_message::<LoadWorld>()
-            .add_message::<WorldSaved>()
-            .add_message::<WorldLoaded>()
-            .insert_resource(WorldRuntime {
+            .insert_resource(AutosaveConfig {
                 autosave: self.autosave.clone(),
-                since_autosave: Duration::ZERO,
-                autosave_queued: false,
-                queue: VecDeque::new(),
-                in_flight: None,
-                sender,
-                receiver,
-                save_cursor: MessageCursor::default(),
-                load_cursor: MessageCursor::default(),
             })
-            .configure_sets(
-                Last,
-                SnapshotSet
-                    .after(StorageSet::Dispatch)
-                    .before(StorageSet::Flush),
-            )
-            .add_systems(
-                Last,
-                (run_world_requests, flush_world_requests_on_exit)
-                    .chain()
-                    .in_set(SnapshotSet),
+            .init_resource::<AutosaveTimer>()
+            .configure_sets(Last, SnapshotSet.before(StorageSet::Dispatch))
+            .add_systems(Last, tick_autosave.in_set(SnapshotSet));
+    }
+
+    fn finish(&self, app: &mut App) {
+        if !app.world().contains_resource::<super::StorageRuntime>() {
+            error!(
+                "bevy_storage: SnapshotPlugin needs StoragePlugin in the app; world requests will be answered with an error"
             );
+            app.add_systems(Last, answer_without_storage.in_set(SnapshotSet));
+        }
     }
 }
 
@@ -157,6 +145,8 @@ pub struct SaveWorld {
     pub slot: WorldSlot,
     /// Fields added to the slot metadata for this save.
     pub metadata: CustomMetadata,
+    /// The autosave rotation's prefix and size, resolved when the request is read.
+    rotation: Option<(String, usize)>,
 }
 
 impl SaveWorld {
@@ -175,6 +165,7 @@ impl SaveWorld {
             id: RequestId::next(),
             slot,
             metadata: CustomMetadata::new(),
+            rotation: None,
         }
     }
 
@@ -206,6 +197,8 @@ pub struct LoadWorld {
     pub id: RequestId,
     /// What to load.
     pub slot: WorldSlot,
+    /// The autosave rotation's prefix and size, resolved when the request is read.
+    rotation: Option<(String, usize)>,
 }
 
 impl LoadWorld {
@@ -214,6 +207,7 @@ impl LoadWorld {
         Self {
             id: RequestId::next(),
             slot: WorldSlot::Key(key.into()),
+            rotation: None,
         }
     }
 
@@ -222,6 +216,7 @@ impl LoadWorld {
         Self {
             id: RequestId::next(),
             slot: WorldSlot::Autosave,
+            rotation: None,
         }
     }
 }
@@ -251,6 +246,24 @@ pub struct WorldLoaded {
     pub result: StorageResult<EntityHashMap<Entity>>,
     /// Newer autosaves that could not be loaded, with why (autosave loads only).
     pub skipped: Vec<(String, SharedError)>,
+}
+
+impl StorageResponse for WorldSaved {
+    fn id(&self) -> RequestId {
+        self.id
+    }
+    fn error(&self) -> Option<&StorageError> {
+        self.result.as_ref().err().map(|e| &**e)
+    }
+}
+
+impl StorageResponse for WorldLoaded {
+    fn id(&self) -> RequestId {
+        self.id
+    }
+    fn error(&self) -> Option<&StorageError> {
+        self.result.as_ref().err().map(|e| &**e)
+    }
 }
 
 /// App methods for the typed fast path and migrations.
@@ -309,368 +322,308 @@ impl SnapshotAppExt for App {
     }
 }
 
-enum WorldOp {
-    Save {
-        id: RequestId,
-        slot: WorldSlot,
-        metadata: CustomMetadata,
-    },
-    Load {
-        id: RequestId,
-        slot: WorldSlot,
-    },
-}
-
-enum Done {
-    Saved {
-        id: RequestId,
-        key: String,
-        autosave: bool,
-        result: StorageResult<usize>,
-    },
-    Decoded {
-        id: RequestId,
-        key: String,
-        result: StorageResult<DecodedWorld>,
-        skipped: Vec<(String, SharedError)>,
-    },
-}
-
-/// A snapshot decoded on the pool, on its way to the main thread.
-struct Decoded {
-    key: String,
-    world: DecodedWorld,
-    skipped: Vec<(String, SharedError)>,
-}
-
-#[derive(Resource)]
-struct WorldRuntime {
+/// The snapshot plugin's settings the world requests read when they run.
+#[derive(Resource, Debug, Clone)]
+struct AutosaveConfig {
     autosave: Option<Autosave>,
-    since_autosave: Duration,
-    autosave_queued: bool,
-    queue: VecDeque<WorldOp>,
-    in_flight: Option<RequestId>,
-    sender: Sender<Done>,
-    receiver: Receiver<Done>,
-    save_cursor: MessageCursor<SaveWorld>,
-    load_cursor: MessageCursor<LoadWorld>,
+}
+
+impl AutosaveConfig {
+    fn prefix(&self) -> String {
+        self.autosave
+            .as_ref()
+            .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone())
+    }
+
+    fn keep(&self) -> usize {
+        self.autosave
+            .as_ref()
+            .map_or(DEFAULT_AUTOSAVE_KEEP, |a| a.keep)
+    }
+}
+
+/// The autosave timer: real time since the last autosave, and the one still running.
+#[derive(Resource, Default)]
+struct AutosaveTimer {
+    since: Duration,
+    running: Option<RequestId>,
 }
 
 fn shared(e: StorageError) -> SharedError {
     Arc::new(e)
 }
 
-/// Reads new requests, ticks the autosave timer, delivers finished work and starts the next.
-fn run_world_requests(world: &mut World) {
-    let delta = world.resource::<Time<Real>>().delta();
-    world.resource_scope(|world, mut runtime: Mut<WorldRuntime>| {
-        let runtime = &mut *runtime;
-        let mut new: Vec<WorldOp> = Vec::new();
-        let saves = world.resource::<Messages<SaveWorld>>();
-        new.extend(runtime.save_cursor.read(saves).map(|m| WorldOp::Save {
-            id: m.id,
-            slot: m.slot.clone(),
-            metadata: m.metadata.clone(),
-        }));
-        let loads = world.resource::<Messages<LoadWorld>>();
-        new.extend(runtime.load_cursor.read(loads).map(|m| WorldOp::Load {
-            id: m.id,
-            slot: m.slot.clone(),
-        }));
-        new.sort_by_key(|op| match op {
-            WorldOp::Save { id, .. } | WorldOp::Load { id, .. } => *id,
-        });
-        runtime.queue.extend(new);
-
-        if let Some(autosave) = &runtime.autosave {
-            runtime.since_autosave += delta;
-            if runtime.since_autosave >= autosave.interval && !runtime.autosave_queued {
-                runtime.since_autosave = Duration::ZERO;
-                runtime.autosave_queued = true;
-                runtime.queue.push_back(WorldOp::Save {
-                    id: RequestId::next(),
-                    slot: WorldSlot::Autosave,
-                    metadata: CustomMetadata::new(),
-                });
-            }
-        }
-        pump(world, runtime, None);
-    });
-}
-
-/// Delivers what finished and starts queued work until something is in flight (or, when
-/// `block_until` is set, until everything is done or the deadline passes).
-fn pump(world: &mut World, runtime: &mut WorldRuntime, block_until: Option<Instant>) {
-    loop {
-        let done = match block_until {
-            Some(deadline) if runtime.in_flight.is_some() => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match runtime.receiver.recv_timeout(left) {
-                    Ok(done) => Some(done),
-                    Err(_) => {
-                        warn!(
-                            "world snapshot still running at exit after the timeout; it may be lost"
-                        );
-                        return;
-                    }
-                }
-            }
-            _ => runtime.receiver.try_recv().ok(),
-        };
-        if let Some(done) = done {
-            runtime.in_flight = None;
-            deliver(world, runtime, done);
-            continue;
-        }
-        if runtime.in_flight.is_some() {
-            return;
-        }
-        let Some(op) = runtime.queue.pop_front() else {
-            return;
-        };
-        let store = {
-            let storage = world.get_resource::<Storage>();
-            match storage {
-                None => Err(shared(StorageError::Config(
-                    "SnapshotPlugin needs StoragePlugin in the app".into(),
-                ))),
-                Some(storage) => match (storage.store(), storage.error()) {
-                    (Some(store), _) => Ok(store.clone()),
-                    (None, Some(e)) => Err(shared(StorageError::Config(format!(
-                        "the store could not be opened: {e}"
-                    )))),
-                    (None, None) => {
-                        // Still opening: wait for it (blocking only at exit).
-                        runtime.queue.push_front(op);
-                        if block_until.is_some_and(|d| Instant::now() < d) {
-                            std::thread::sleep(Duration::from_millis(5));
-                            continue;
-                        }
-                        return;
-                    }
-                },
-            }
-        };
-        start(world, runtime, op, store);
+/// The slot a request names, as a key (an autosave's prefix before its key is chosen).
+fn slot_label(slot: &WorldSlot, rotation: &Option<(String, usize)>) -> String {
+    match (slot, rotation) {
+        (WorldSlot::Key(key), _) => key.clone(),
+        (WorldSlot::Autosave, Some((prefix, _))) => prefix.clone(),
+        (WorldSlot::Autosave, None) => DEFAULT_AUTOSAVE_PREFIX.to_owned(),
     }
 }
 
-fn start(world: &mut World, runtime: &mut WorldRuntime, op: WorldOp, store: StorageResult<Store>) {
-    let sender = runtime.sender.clone();
-    match op {
-        WorldOp::Save { id, slot, metadata } => {
-            let autosave = slot == WorldSlot::Autosave;
-            let slot = match slot {
-                WorldSlot::Key(key) => key,
-                WorldSlot::Autosave => autosave_prefix(runtime),
-            };
-            let fail = |runtime: &mut WorldRuntime, world: &mut World, e: SharedError| {
-                deliver(
-                    world,
-                    runtime,
-                    Done::Saved {
-                        id,
-                        key: slot.clone(),
-                        autosave,
-                        result: Err(e),
-                    },
-                )
-            };
-            let store = match store {
-                Ok(store) => store,
-                Err(e) => return fail(runtime, world, e),
-            };
-            let settings = world.resource::<SnapshotSettings>().clone();
-            let registry = world.resource::<SnapshotRegistry>().clone();
-            let mut custom = world.resource::<SnapshotMetadata>().0.clone();
-            custom.extend(metadata);
-            let captured = match snapshot::capture(world, &settings, &registry) {
-                Ok(c) => c,
-                Err(e) => return fail(runtime, world, shared(e)),
-            };
-            let entities = captured.entity_count();
-            let keep = runtime
-                .autosave
-                .as_ref()
-                .map_or(DEFAULT_AUTOSAVE_KEEP, |a| a.keep);
-            runtime.in_flight = Some(id);
-            AsyncComputeTaskPool::get()
-                .spawn(async move {
-                    let work = || -> crate::Result<String> {
-                        let bytes = captured.encode()?;
-                        if autosave {
-                            snapshot::store_autosave(&store, &slot, keep, &bytes, &settings, custom)
-                        } else {
-                            snapshot::store_snapshot(&store, &slot, &bytes, &settings, custom)
-                                .map(|()| slot.clone())
-                        }
-                    };
-                    let (key, result) = match catch_unwind(AssertUnwindSafe(work)) {
-                        Ok(Ok(key)) => (key, Ok(entities)),
-                        Ok(Err(e)) => (slot, Err(shared(e))),
-                        Err(_) => (
-                            slot,
-                            Err(shared(StorageError::Snapshot("encoding panicked".into()))),
-                        ),
-                    };
-                    let _ = sender.send(Done::Saved {
-                        id,
-                        key,
-                        autosave,
-                        result,
-                    });
-                })
-                .detach();
-        }
-        WorldOp::Load { id, slot } => {
-            let label = match &slot {
-                WorldSlot::Key(k) => k.clone(),
-                WorldSlot::Autosave => autosave_prefix(runtime),
-            };
-            let store = match store {
-                Ok(store) => store,
-                Err(e) => {
-                    return deliver(
-                        world,
-                        runtime,
-                        Done::Decoded {
-                            id,
-                            key: label,
-                            result: Err(e),
-                            skipped: Vec::new(),
-                        },
-                    );
-                }
-            };
-            let context = SnapshotContext::from_world(world);
-            runtime.in_flight = Some(id);
-            AsyncComputeTaskPool::get()
-                .spawn(async move {
-                    let work = || -> crate::Result<Decoded> {
-                        match &slot {
-                            WorldSlot::Key(key) => {
-                                let bytes = snapshot::read_snapshot(&store, key)?
-                                    .ok_or_else(|| StorageError::NoSnapshot { key: key.clone() })?;
-                                Ok(Decoded {
-                                    key: key.clone(),
-                                    world: snapshot::decode(&bytes, &context)?,
-                                    skipped: Vec::new(),
-                                })
-                            }
-                            WorldSlot::Autosave => {
-                                match snapshot::load_newest_autosave(&store, &label, &context)? {
-                                    Some(found) => Ok(Decoded {
-                                        key: found.key,
-                                        world: found.world,
-                                        skipped: found
-                                            .skipped
-                                            .into_iter()
-                                            .map(|(k, e)| (k, shared(e)))
-                                            .collect(),
-                                    }),
-                                    None => Err(StorageError::NoSnapshot { key: label.clone() }),
-                                }
-                            }
-                        }
-                    };
-                    let done = match catch_unwind(AssertUnwindSafe(work)) {
-                        Ok(Ok(decoded)) => Done::Decoded {
-                            id,
-                            key: decoded.key,
-                            result: Ok(decoded.world),
-                            skipped: decoded.skipped,
-                        },
-                        Ok(Err(e)) => Done::Decoded {
-                            id,
-                            key: label,
-                            result: Err(shared(e)),
-                            skipped: Vec::new(),
-                        },
-                        Err(_) => Done::Decoded {
-                            id,
-                            key: label,
-                            result: Err(shared(StorageError::Snapshot("decoding panicked".into()))),
-                            skipped: Vec::new(),
-                        },
-                    };
-                    let _ = sender.send(done);
-                })
-                .detach();
-        }
+/// The scope of a world request on `slot`: its key, or every key of the rotation.
+fn slot_scope(slot: &WorldSlot, rotation: &Option<(String, usize)>) -> Scope {
+    match slot {
+        WorldSlot::Key(key) => Scope::key(key),
+        WorldSlot::Autosave => Scope::prefix(&slot_label(slot, rotation)),
     }
 }
 
-fn autosave_prefix(runtime: &WorldRuntime) -> String {
-    runtime
-        .autosave
-        .as_ref()
-        .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone())
+/// The rotation's prefix and size, as the app configures them.
+fn rotation(world: &World) -> (String, usize) {
+    match world.get_resource::<AutosaveConfig>() {
+        Some(config) => (config.prefix(), config.keep()),
+        None => (DEFAULT_AUTOSAVE_PREFIX.to_owned(), DEFAULT_AUTOSAVE_KEEP),
+    }
 }
 
-fn deliver(world: &mut World, runtime: &mut WorldRuntime, done: Done) {
-    match done {
-        Done::Saved {
-            id,
-            key,
-            autosave,
-            result,
-        } => {
+/// What a world save takes from the world when its turn comes.
+pub(crate) struct SaveInput {
+    captured: CapturedWorld,
+    settings: SnapshotSettings,
+    custom: CustomMetadata,
+}
+
+impl RequestKind for SaveWorld {
+    type Response = WorldSaved;
+    type Input = Option<SaveInput>;
+    type Output = WorldSaved;
+    const TOUCHES_WORLD: bool = true;
+
+    fn id(&self) -> RequestId {
+        self.id
+    }
+
+    fn resolve(&mut self, world: &World) {
+        self.rotation = Some(rotation(world));
+    }
+
+    fn scope(&self) -> Scope {
+        slot_scope(&self.slot, &self.rotation)
+    }
+
+    fn input(&self, world: &mut World) -> Result<Option<SaveInput>, SharedError> {
+        let settings = world
+            .get_resource::<SnapshotSettings>()
+            .cloned()
+            .unwrap_or_default();
+        let registry = world
+            .get_resource::<SnapshotRegistry>()
+            .cloned()
+            .unwrap_or_else(SnapshotRegistry::new);
+        let mut custom = world
+            .get_resource::<SnapshotMetadata>()
+            .map(|m| m.0.clone())
+            .unwrap_or_default();
+        custom.extend(self.metadata.clone());
+        let captured = snapshot::capture(world, &settings, &registry).map_err(shared)?;
+        Ok(Some(SaveInput {
+            captured,
+            settings,
+            custom,
+        }))
+    }
+
+    fn run(&self, store: &Store, input: Option<SaveInput>) -> WorldSaved {
+        let label = slot_label(&self.slot, &self.rotation);
+        let autosave = self.slot == WorldSlot::Autosave;
+        let Some(input) = input else {
+            return self.fail(shared(StorageError::Snapshot(
+                "the world was not captured".into(),
+            )));
+        };
+        let entities = input.captured.entity_count();
+        let keep = self
+            .rotation
+            .as_ref()
+            .map_or(DEFAULT_AUTOSAVE_KEEP, |r| r.1);
+        let stored = input.captured.encode().and_then(|bytes| {
             if autosave {
-                runtime.autosave_queued = false;
+                snapshot::store_autosave(store, &label, keep, &bytes, &input.settings, input.custom)
+            } else {
+                snapshot::store_snapshot(store, &label, &bytes, &input.settings, input.custom)
+                    .map(|()| label.clone())
             }
-            match &result {
-                Ok(n) => debug!("world saved to {key:?} ({n} entities)"),
-                Err(e) => error!("world save to {key:?} failed: {e}"),
-            }
-            let response = WorldSaved {
-                id,
+        });
+        match stored {
+            Ok(key) => WorldSaved {
+                id: self.id,
                 key,
                 autosave,
-                result,
-            };
-            world.write_message(response.clone());
-            world.trigger(response);
+                result: Ok(entities),
+            },
+            Err(e) => self.fail(shared(e)),
         }
-        Done::Decoded {
-            id,
+    }
+
+    fn finish(&self, world: &mut World, saved: WorldSaved) -> WorldSaved {
+        if let Some(mut timer) = world.get_resource_mut::<AutosaveTimer>()
+            && timer.running == Some(self.id)
+        {
+            timer.running = None;
+        }
+        match &saved.result {
+            Ok(n) => debug!("world saved to {:?} ({n} entities)", saved.key),
+            Err(e) => error!("world save to {:?} failed: {e}", saved.key),
+        }
+        saved
+    }
+
+    fn fail(&self, error: SharedError) -> WorldSaved {
+        WorldSaved {
+            id: self.id,
+            key: slot_label(&self.slot, &self.rotation),
+            autosave: self.slot == WorldSlot::Autosave,
+            result: Err(error),
+        }
+    }
+}
+
+/// What a world load hands back from the pool: the decoded snapshot, to apply.
+pub(crate) struct LoadOutput {
+    key: String,
+    result: StorageResult<DecodedWorld>,
+    skipped: Vec<(String, SharedError)>,
+}
+
+impl RequestKind for LoadWorld {
+    type Response = WorldLoaded;
+    type Input = Option<SnapshotContext>;
+    type Output = LoadOutput;
+    const TOUCHES_WORLD: bool = true;
+
+    fn id(&self) -> RequestId {
+        self.id
+    }
+
+    fn resolve(&mut self, world: &World) {
+        self.rotation = Some(rotation(world));
+    }
+
+    fn scope(&self) -> Scope {
+        slot_scope(&self.slot, &self.rotation)
+    }
+
+    fn input(&self, world: &mut World) -> Result<Option<SnapshotContext>, SharedError> {
+        Ok(Some(SnapshotContext::from_world(world)))
+    }
+
+    fn run(&self, store: &Store, context: Option<SnapshotContext>) -> LoadOutput {
+        let label = slot_label(&self.slot, &self.rotation);
+        let failed = |e: StorageError| LoadOutput {
+            key: label.clone(),
+            result: Err(shared(e)),
+            skipped: Vec::new(),
+        };
+        let Some(context) = context else {
+            return failed(StorageError::Snapshot("the world was not read".into()));
+        };
+        match &self.slot {
+            WorldSlot::Key(key) => {
+                let decoded = snapshot::read_snapshot(store, key).and_then(|bytes| {
+                    let bytes =
+                        bytes.ok_or_else(|| StorageError::NoSnapshot { key: key.clone() })?;
+                    snapshot::decode(&bytes, &context)
+                });
+                match decoded {
+                    Ok(world) => LoadOutput {
+                        key: key.clone(),
+                        result: Ok(world),
+                        skipped: Vec::new(),
+                    },
+                    Err(e) => failed(e),
+                }
+            }
+            WorldSlot::Autosave => match snapshot::load_newest_autosave(store, &label, &context) {
+                Ok(Some(found)) => LoadOutput {
+                    key: found.key,
+                    result: Ok(found.world),
+                    skipped: found
+                        .skipped
+                        .into_iter()
+                        .map(|(k, e)| (k, shared(e)))
+                        .collect(),
+                },
+                Ok(None) => failed(StorageError::NoSnapshot { key: label.clone() }),
+                Err(e) => failed(e),
+            },
+        }
+    }
+
+    fn finish(&self, world: &mut World, output: LoadOutput) -> WorldLoaded {
+        let LoadOutput {
             key,
             result,
             skipped,
-        } => {
-            let result = result.map(|decoded| {
-                let despawn = world.resource::<SnapshotSettings>().despawn_existing;
-                decoded.apply(world, despawn)
-            });
-            match &result {
-                // Nothing saved yet is an ordinary answer (a first run), not a failure.
-                Err(e) if matches!(**e, StorageError::NoSnapshot { .. }) => info!("{e}"),
-                Err(e) => error!("world load from {key:?} failed, the world is unchanged: {e}"),
-                Ok(_) => {}
-            }
-            let response = WorldLoaded {
-                id,
-                key,
-                result,
-                skipped,
-            };
-            world.write_message(response.clone());
-            world.trigger(response);
+        } = output;
+        let result = result.map(|decoded| {
+            let despawn = world
+                .get_resource::<SnapshotSettings>()
+                .is_none_or(|s| s.despawn_existing);
+            decoded.apply(world, despawn)
+        });
+        match &result {
+            // Nothing saved yet is an ordinary answer (a first run), not a failure.
+            Err(e) if matches!(**e, StorageError::NoSnapshot { .. }) => info!("{e}"),
+            Err(e) => error!("world load from {key:?} failed, the world is unchanged: {e}"),
+            Ok(_) => {}
+        }
+        WorldLoaded {
+            id: self.id,
+            key,
+            result,
+            skipped,
+        }
+    }
+
+    fn fail(&self, error: SharedError) -> WorldLoaded {
+        WorldLoaded {
+            id: self.id,
+            key: slot_label(&self.slot, &self.rotation),
+            result: Err(error),
+            skipped: Vec::new(),
         }
     }
 }
 
-/// On `AppExit`, finishes every world request already sent (a game that saves and quits in
-/// the same frame loses nothing).
-fn flush_world_requests_on_exit(world: &mut World, mut exits: Local<MessageCursor<AppExit>>) {
-    let exiting = exits
-        .read(world.resource::<Messages<AppExit>>())
-        .next()
-        .is_some();
-    if !exiting {
+/// Writes an autosave request when the timer is due and the last one has finished.
+fn tick_autosave(
+    config: Res<AutosaveConfig>,
+    mut timer: ResMut<AutosaveTimer>,
+    time: Res<Time<Real>>,
+    mut saves: MessageWriter<SaveWorld>,
+) {
+    let Some(autosave) = &config.autosave else {
         return;
+    };
+    timer.since += time.delta();
+    if timer.since >= autosave.interval && timer.running.is_none() {
+        timer.since = Duration::ZERO;
+        let request = SaveWorld::autosave();
+        timer.running = Some(request.id);
+        saves.write(request);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    world.resource_scope(|world, mut runtime: Mut<WorldRuntime>| {
-        pump(world, &mut runtime, Some(deadline));
-    });
+}
+
+/// Without a [`StoragePlugin`](super::StoragePlugin) nothing would answer world requests:
+/// answer each with the error that says so.
+fn answer_without_storage(
+    mut saves: MessageReader<SaveWorld>,
+    mut loads: MessageReader<LoadWorld>,
+    mut commands: Commands,
+) {
+    let missing = || {
+        shared(StorageError::Config(
+            "SnapshotPlugin needs StoragePlugin in the app".into(),
+        ))
+    };
+    for save in saves.read() {
+        let response = save.fail(missing());
+        commands.queue(move |world: &mut World| publish(world, response));
+    }
+    for load in loads.read() {
+        let response = load.fail(missing());
+        commands.queue(move |world: &mut World| publish(world, response));
+    }
 }

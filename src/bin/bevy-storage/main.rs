@@ -390,7 +390,7 @@ fn store_config(cli: &Cli) -> Outcome<StorageConfig> {
     };
     let url = redis_password(cli, &url)?;
     let config = StorageConfig::from_url(&url).map_err(|e| {
-        let hidden = redact_url(&url);
+        let hidden = bevy_storage::config::redact_url(&url);
         let message = e
             .to_string()
             .replace(&format!("{url:?}"), &format!("{hidden:?}"))
@@ -435,7 +435,7 @@ fn infer_scheme(given: &str) -> Outcome<Option<String>> {
             "cannot tell which store {:?} is: name it with a scheme, sqlite:PATH (an SQLite \
              file; a path ending in .db, .sqlite or .sqlite3 needs none), file:DIR (a file \
              store; an existing directory needs none), memory: or redis://HOST[:PORT][/DB]",
-            redact_url(given)
+            bevy_storage::config::redact_url(given)
         )));
     };
     Ok(Some(inferred))
@@ -526,18 +526,6 @@ fn percent_encode(text: &str) -> String {
     out
 }
 
-/// `scheme://user:password@host/...` → `scheme://***@host/...`.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
-}
-
 /// `sqlite:PATH`, `file:DIR`... for messages (a Redis password is hidden).
 fn describe(config: &StorageConfig) -> String {
     match &config.backend {
@@ -547,7 +535,10 @@ fn describe(config: &StorageConfig) -> String {
         BackendConfig::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
         #[cfg(feature = "redis")]
         BackendConfig::Redis { url, namespace } => {
-            format!("{} (namespace {namespace:?})", redact_url(url))
+            format!(
+                "{} (namespace {namespace:?})",
+                bevy_storage::config::redact_url(url)
+            )
         }
         other => format!("{other:?}"),
     }

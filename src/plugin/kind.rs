@@ -1,0 +1,257 @@
+//! What a request kind is, once: [`RequestKind`] says what a request touches, how it runs
+//! against the [`Store`] and what it answers; everything else (reading the messages, ordering,
+//! batching, running on the pool, delivering the response as a message and an observer
+//! event) is generic, here and in the [scheduler](super::scheduler).
+//!
+//! Adding a kind: define the request and response types and `impl RequestKind` beside them,
+//! and register it with [`add_request_kind`] where the plugin builds (one line in
+//! `requests.rs` for key-value kinds, in `world.rs` for world kinds).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bevy::ecs::message::MessageCursor;
+use bevy::prelude::*;
+
+use super::requests::{RequestId, SharedError, StorageResponse};
+use super::scope::Scope;
+use crate::store::{StorageOperation, Store};
+
+/// One kind of request the plugin answers.
+pub(crate) trait RequestKind: Message + Clone {
+    /// The answer: written as a message and triggered as an observer event.
+    type Response: Message + Event<Trigger<'static>: Default> + Clone + StorageResponse;
+    /// What the request takes from the world on the main thread when its turn comes (a
+    /// captured world): `()` for key-value kinds. `Default` is what a request that never
+    /// took its input runs with.
+    type Input: Default + Send + 'static;
+    /// What the pool hands back to the main thread: the response itself for key-value kinds.
+    type Output: Send + 'static;
+    /// The request reads or writes the live world: it takes its [`Input`](Self::Input) and
+    /// [`finish`](Self::finish)es on the main thread, and holds its scope until it finished.
+    const TOUCHES_WORLD: bool = false;
+
+    /// The request's id (ordering, and the response's id).
+    fn id(&self) -> RequestId;
+    /// When the request is read: settles what it needs from the app's configuration (the
+    /// autosave rotation of a world request).
+    fn resolve(&mut self, _world: &World) {}
+    /// What it touches (after [`resolve`](Self::resolve)).
+    fn scope(&self) -> Scope;
+    /// Main thread, when its turn comes (world kinds): what it takes from the world.
+    fn input(&self, world: &mut World) -> Result<Self::Input, SharedError>;
+    /// On a pool thread: the work against the store.
+    fn run(&self, store: &Store, input: Self::Input) -> Self::Output;
+    /// Main thread: the response from the pool's output (world kinds apply a loaded world).
+    fn finish(&self, world: &mut World, output: Self::Output) -> Self::Response;
+    /// The response of this request failing with `error`.
+    fn fail(&self, error: SharedError) -> Self::Response;
+    /// A write that may join a write batch: the operation it adds to the batch's transaction.
+    fn batch_operation(&self) -> Option<StorageOperation> {
+        None
+    }
+    /// The output of a write committed in a batch (`removed`: a delete found a live record).
+    fn batched(&self, _removed: bool) -> Self::Output {
+        unreachable!("only kinds with a batch_operation are batched")
+    }
+}
+
+/// Writes `response` as a message and triggers it as an observer event.
+pub(crate) fn publish<E>(world: &mut World, response: E)
+where
+    E: Message + Event<Trigger<'static>: Default> + Clone,
+{
+    world.write_message(response.clone());
+    world.trigger(response);
+}
+
+/// A callback of the plugin's own requests, run on the main thread with the response.
+pub(crate) type InternalReply<T> = Box<dyn FnOnce(&mut World, T) + Send + Sync>;
+
+/// Where a request's response goes.
+pub(crate) enum Reply<T> {
+    /// To the game: a message plus an observer event.
+    Public,
+    /// To the plugin itself (persisted resources).
+    Internal(InternalReply<T>),
+}
+
+/// A request on its way through the scheduler, of any kind.
+pub(crate) trait Job: Send {
+    fn id(&self) -> RequestId;
+    fn scope(&self) -> &Scope;
+    fn touches_world(&self) -> bool;
+    fn batch_operation(&self) -> Option<StorageOperation>;
+    /// Main thread, when the job's turn comes (world kinds).
+    fn take_input(&mut self, world: &mut World);
+    /// Pool thread: runs the request, keeping its output.
+    fn execute(&mut self, store: &Store);
+    /// Pool thread: records the outcome of the batch the write was committed in.
+    fn set_batched(&mut self, outcome: Result<bool, SharedError>);
+    /// Records a failure (the store could not open, the task panicked).
+    fn set_failed(&mut self, error: SharedError);
+    /// Main thread: writes the response (or hands it to the plugin's callback). True when
+    /// the request succeeded.
+    fn deliver(self: Box<Self>, world: &mut World) -> bool;
+}
+
+/// The [`Job`] of a request of kind `R`.
+pub(crate) struct Pending<R: RequestKind> {
+    request: R,
+    scope: Scope,
+    reply: Reply<R::Response>,
+    input: Option<R::Input>,
+    result: Option<Result<R::Output, SharedError>>,
+}
+
+impl<R: RequestKind> Pending<R> {
+    /// A request from the game, read from its messages.
+    pub(crate) fn public(mut request: R, world: &World) -> Self {
+        request.resolve(world);
+        Self::new(request, Reply::Public)
+    }
+
+    /// A request of the plugin's own; `reply` gets the response instead of the game.
+    pub(crate) fn internal(
+        request: R,
+        reply: impl FnOnce(&mut World, R::Response) + Send + Sync + 'static,
+    ) -> Self {
+        Self::new(request, Reply::Internal(Box::new(reply)))
+    }
+
+    fn new(request: R, reply: Reply<R::Response>) -> Self {
+        let scope = request.scope();
+        let scope = if R::TOUCHES_WORLD {
+            scope.and_world()
+        } else {
+            scope
+        };
+        Self {
+            request,
+            scope,
+            reply,
+            input: None,
+            result: None,
+        }
+    }
+}
+
+impl<R: RequestKind> Job for Pending<R> {
+    fn id(&self) -> RequestId {
+        self.request.id()
+    }
+
+    fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    fn touches_world(&self) -> bool {
+        R::TOUCHES_WORLD
+    }
+
+    fn batch_operation(&self) -> Option<StorageOperation> {
+        self.request.batch_operation()
+    }
+
+    fn take_input(&mut self, world: &mut World) {
+        match catch_unwind(AssertUnwindSafe(|| self.request.input(world))) {
+            Ok(Ok(input)) => self.input = Some(input),
+            Ok(Err(e)) => self.result = Some(Err(e)),
+            Err(payload) => self.result = Some(Err(super::scheduler::panic_error(payload))),
+        }
+    }
+
+    fn execute(&mut self, store: &Store) {
+        if self.result.is_some() {
+            return; // failed while taking its input
+        }
+        let input = self.input.take().unwrap_or_default();
+        self.result = Some(Ok(self.request.run(store, input)));
+    }
+
+    fn set_batched(&mut self, outcome: Result<bool, SharedError>) {
+        self.result = Some(outcome.map(|removed| self.request.batched(removed)));
+    }
+
+    fn set_failed(&mut self, error: SharedError) {
+        self.result = Some(Err(error));
+    }
+
+    fn deliver(self: Box<Self>, world: &mut World) -> bool {
+        let Pending {
+            request,
+            reply,
+            result,
+            ..
+        } = *self;
+        let response = match result {
+            Some(Ok(output)) => {
+                match catch_unwind(AssertUnwindSafe(|| request.finish(world, output))) {
+                    Ok(response) => response,
+                    Err(payload) => request.fail(super::scheduler::panic_error(payload)),
+                }
+            }
+            Some(Err(e)) => request.fail(e),
+            None => request.fail(super::scheduler::panic_error(Box::new(
+                "the request finished without a result",
+            ))),
+        };
+        let ok = response.is_ok();
+        match reply {
+            Reply::Public => publish(world, response),
+            Reply::Internal(callback) => callback(world, response),
+        }
+        ok
+    }
+}
+
+/// The generic reader of one request kind.
+type ReadKind = fn(&mut World) -> Vec<Box<dyn Job>>;
+
+/// The request kinds of this app, each read by one generic reader.
+#[derive(Resource, Default)]
+pub(crate) struct RequestKinds {
+    readers: Vec<ReadKind>,
+}
+
+impl RequestKinds {
+    /// Every request of every kind sent since the last call, in id order.
+    pub(crate) fn read_all(world: &mut World) -> Vec<Box<dyn Job>> {
+        let readers = world
+            .get_resource::<RequestKinds>()
+            .map(|k| k.readers.clone())
+            .unwrap_or_default();
+        let mut jobs: Vec<Box<dyn Job>> = readers.iter().flat_map(|read| read(world)).collect();
+        jobs.sort_by_key(|job| job.id());
+        jobs
+    }
+}
+
+/// The reader's place in the messages of kind `R`.
+#[derive(Resource)]
+struct KindCursor<R: RequestKind>(MessageCursor<R>);
+
+/// Registers request kind `R`: its messages, its response's messages, its reader.
+pub(crate) fn add_request_kind<R: RequestKind>(app: &mut App) {
+    if app.world().contains_resource::<KindCursor<R>>() {
+        return;
+    }
+    app.add_message::<R>()
+        .add_message::<R::Response>()
+        .insert_resource(KindCursor::<R>(MessageCursor::default()))
+        .init_resource::<RequestKinds>();
+    app.world_mut()
+        .resource_mut::<RequestKinds>()
+        .readers
+        .push(read_kind::<R>);
+}
+
+fn read_kind<R: RequestKind>(world: &mut World) -> Vec<Box<dyn Job>> {
+    world.resource_scope(|world, mut cursor: Mut<KindCursor<R>>| {
+        let messages = world.resource::<Messages<R>>();
+        let requests: Vec<R> = cursor.0.read(messages).cloned().collect();
+        requests
+            .into_iter()
+            .map(|request| Box::new(Pending::public(request, world)) as Box<dyn Job>)
+            .collect()
+    })
+}

@@ -1,0 +1,479 @@
+//! The one scheduler of every request, key-value and world alike: requests whose
+//! [scopes](super::scope) overlap run one after another in id order, the others in parallel
+//! on the [`AsyncComputeTaskPool`]; saves and deletes may be committed together as one write
+//! batch.
+//!
+//! The scheduler lives behind a mutex shared with the tasks: when a task finishes, it starts
+//! the next request for its keys itself, so a chain of requests for one key does not wait for
+//! frames. A world request, whose turn has come, waits for the main thread to take its input
+//! (capture the world); it holds its scope until its response was delivered on the main
+//! thread (a loaded world applied), so the next world request sees the world it left.
+//! Results always travel through one channel, in completion order.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bevy::tasks::{AsyncComputeTaskPool, TaskPool};
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+
+use super::WriteBatching;
+use super::kind::Job;
+use super::requests::{SharedError, StorageResult};
+use super::scope::{Scope, ScopeSet};
+use crate::config::StorageConfig;
+use crate::error::StorageError;
+use crate::store::{StorageStats, Store};
+
+/// Turns a panic payload into an error, so that a panicking `Serialize` impl or backend
+/// still gets every request its response.
+pub(crate) fn panic_error(payload: Box<dyn Any + Send>) -> SharedError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    Arc::new(StorageError::backend(
+        "bevy_storage plugin",
+        format!("the storage task panicked: {message}"),
+    ))
+}
+
+/// What the main thread hears from the pool.
+pub(crate) enum Done {
+    /// The store opened (or failed to).
+    Opened(Result<Store, SharedError>),
+    /// Requests finished. `batch_committed`: the size of a batch that committed. `release`:
+    /// the work holds its scope until these responses are delivered (world requests).
+    Work {
+        jobs: Vec<Box<dyn Job>>,
+        batch_committed: Option<usize>,
+        release: Option<u64>,
+    },
+    /// Fresh statistics (`None`: the refresh panicked).
+    Stats(Option<StorageStats>),
+    /// A TTL cleanup finished.
+    Purged(StorageResult<usize>),
+}
+
+/// A unit of work: one request, or a batch of saves and deletes committed together.
+struct Work {
+    seq: u64,
+    scope: Scope,
+    jobs: Vec<Box<dyn Job>>,
+    batch: Option<BatchState>,
+}
+
+struct BatchState {
+    /// Still collecting writes; not runnable yet.
+    open: bool,
+    /// Real time when the batch opened.
+    opened_at: Duration,
+}
+
+impl Work {
+    fn runnable(&self) -> bool {
+        !self.batch.as_ref().is_some_and(|b| b.open)
+    }
+
+    fn touches_world(&self) -> bool {
+        self.jobs.iter().any(|j| j.touches_world())
+    }
+
+    /// Runs the work on a pool thread; every job keeps its outcome. Returns the size of a
+    /// batch that committed.
+    fn execute(&mut self, store: &Store) -> Option<usize> {
+        let batched = self.batch.is_some() && self.jobs.len() > 1;
+        let jobs = &mut self.jobs;
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            if batched {
+                run_batch(store, jobs)
+            } else {
+                for job in jobs.iter_mut() {
+                    job.execute(store);
+                }
+                false
+            }
+        }));
+        match run {
+            Ok(committed) => committed.then_some(self.jobs.len()),
+            Err(payload) => {
+                let e = panic_error(payload);
+                for job in &mut self.jobs {
+                    job.set_failed(Arc::clone(&e));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Commits a batch of saves and deletes as one transaction; every job gets the real result of
+/// that one commit, and each delete whether it removed a live record (as the backend found it
+/// while committing, after the batch's earlier operations on the same key).
+fn run_batch(store: &Store, jobs: &mut [Box<dyn Job>]) -> bool {
+    let operations = jobs
+        .iter()
+        .map(|job| {
+            job.batch_operation()
+                .expect("only batchable jobs join a batch")
+        })
+        .collect();
+    match store.transaction_outcomes(operations) {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.iter_mut().zip(outcomes) {
+                job.set_batched(Ok(outcome.previous_size.is_some()));
+            }
+            true
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for job in jobs.iter_mut() {
+                job.set_batched(Err(Arc::clone(&e)));
+            }
+            false
+        }
+    }
+}
+
+enum StoreState {
+    Opening,
+    Ready(Store),
+    Failed(SharedError),
+}
+
+struct Sched {
+    state: StoreState,
+    /// The open has been started (it may still be running).
+    opening_started: bool,
+    waiting: VecDeque<Work>,
+    running: HashMap<u64, Scope>,
+    running_set: ScopeSet,
+    /// World work whose turn has come, waiting for the main thread to take its input.
+    main_ready: Vec<Work>,
+    /// Tasks on the pool right now.
+    pool_tasks: usize,
+    next_seq: u64,
+    /// The batch that new writes may still join.
+    open_batch: Option<u64>,
+    /// Scopes of the work queued after the open batch: a write for one of those keys must
+    /// not jump ahead of them into the batch.
+    after_open_batch: ScopeSet,
+}
+
+/// State shared by the main thread and the pool tasks.
+pub(crate) struct Shared {
+    sched: Mutex<Sched>,
+    pub(crate) tx: Sender<Done>,
+    cell: Arc<OnceLock<Result<Store, SharedError>>>,
+}
+
+pub(crate) fn pool() -> &'static AsyncComputeTaskPool {
+    AsyncComputeTaskPool::get_or_init(TaskPool::default)
+}
+
+/// What the store is opened from.
+pub(crate) enum OpenSource {
+    Config(Box<StorageConfig>),
+    Store(Store),
+}
+
+impl Shared {
+    pub(crate) fn new(tx: Sender<Done>, cell: Arc<OnceLock<Result<Store, SharedError>>>) -> Self {
+        Self {
+            sched: Mutex::new(Sched {
+                state: StoreState::Opening,
+                opening_started: false,
+                waiting: VecDeque::new(),
+                running: HashMap::new(),
+                running_set: ScopeSet::default(),
+                main_ready: Vec::new(),
+                pool_tasks: 0,
+                next_seq: 0,
+                open_batch: None,
+                after_open_batch: ScopeSet::default(),
+            }),
+            tx,
+            cell,
+        }
+    }
+
+    /// Queues requests (already in id order) and starts what can start.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        jobs: Vec<Box<dyn Job>>,
+        batching: WriteBatching,
+        now: Duration,
+    ) {
+        let mut sched = self.sched.lock();
+        for mut job in jobs {
+            if let StoreState::Failed(e) = &sched.state {
+                job.set_failed(Arc::clone(e));
+                let _ = self.tx.send(Done::Work {
+                    jobs: vec![job],
+                    batch_committed: None,
+                    release: None,
+                });
+                continue;
+            }
+            sched.enqueue(job, batching, now);
+        }
+        self.schedule(&mut sched);
+    }
+
+    /// Closes the open batch if its window is over (`force`: whatever the window).
+    pub(crate) fn close_due_batch(
+        self: &Arc<Self>,
+        batching: WriteBatching,
+        now: Duration,
+        force: bool,
+    ) {
+        let mut sched = self.sched.lock();
+        let Some(seq) = sched.open_batch else {
+            return;
+        };
+        let due = force
+            || match batching {
+                WriteBatching::Off | WriteBatching::PerFrame => true,
+                WriteBatching::Window(window) => sched
+                    .waiting
+                    .iter()
+                    .find(|w| w.seq == seq)
+                    .and_then(|w| w.batch.as_ref())
+                    .is_none_or(|b| now.saturating_sub(b.opened_at) >= window),
+            };
+        if due {
+            sched.close_batch();
+            self.schedule(&mut sched);
+        }
+    }
+
+    /// Starts every waiting work that conflicts with nothing running and nothing queued
+    /// before it; world work goes to the main thread first.
+    fn schedule(self: &Arc<Self>, sched: &mut Sched) {
+        let StoreState::Ready(store) = &sched.state else {
+            return;
+        };
+        let store = store.clone();
+        let mut blocked = ScopeSet::default();
+        let mut i = 0;
+        while i < sched.waiting.len() {
+            let work = &sched.waiting[i];
+            if work.runnable()
+                && !sched.running_set.conflicts(&work.scope)
+                && !blocked.conflicts(&work.scope)
+            {
+                let work = sched.waiting.remove(i).expect("index is in bounds");
+                sched.running_set.add(&work.scope);
+                sched.running.insert(work.seq, work.scope.clone());
+                if work.touches_world() {
+                    sched.main_ready.push(work);
+                } else {
+                    sched.pool_tasks += 1;
+                    self.start(work, store.clone(), false);
+                }
+            } else {
+                blocked.add(&work.scope);
+                if blocked.all > 0 {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// Runs `work` on the pool. `hold_scope`: keep its scope until its responses are
+    /// delivered ([`release`](Self::release)).
+    fn start(self: &Arc<Self>, mut work: Work, store: Store, hold_scope: bool) {
+        let shared = Arc::clone(self);
+        pool()
+            .spawn(async move {
+                let seq = work.seq;
+                let batch_committed = work.execute(&store);
+                // Send before releasing the keys: once nothing is outstanding, every result
+                // is already in the channel (the exit flush relies on it).
+                let _ = shared.tx.send(Done::Work {
+                    jobs: work.jobs,
+                    batch_committed,
+                    release: hold_scope.then_some(seq),
+                });
+                let mut sched = shared.sched.lock();
+                sched.pool_tasks -= 1;
+                if !hold_scope {
+                    sched.release(seq);
+                }
+                shared.schedule(&mut sched);
+            })
+            .detach();
+    }
+
+    /// Main thread: gives the world work whose turn has come its input, and starts it.
+    pub(crate) fn start_world_work(self: &Arc<Self>, world: &mut bevy::prelude::World) {
+        let (ready, store) = {
+            let mut sched = self.sched.lock();
+            let StoreState::Ready(store) = &sched.state else {
+                return;
+            };
+            let store = store.clone();
+            (std::mem::take(&mut sched.main_ready), store)
+        };
+        for mut work in ready {
+            for job in &mut work.jobs {
+                job.take_input(world);
+            }
+            self.sched.lock().pool_tasks += 1;
+            self.start(work, store.clone(), true);
+        }
+    }
+
+    /// Main thread, after delivering held work: frees its scope and starts what waited.
+    pub(crate) fn release(self: &Arc<Self>, seq: u64) {
+        let mut sched = self.sched.lock();
+        sched.release(seq);
+        self.schedule(&mut sched);
+    }
+
+    /// Opens the store on the pool.
+    pub(crate) fn start_open(self: &Arc<Self>, source: OpenSource) {
+        {
+            let mut sched = self.sched.lock();
+            if sched.opening_started {
+                return;
+            }
+            sched.opening_started = true;
+        }
+        let shared = Arc::clone(self);
+        pool()
+            .spawn(async move {
+                let result = match source {
+                    OpenSource::Store(store) => Ok(store),
+                    OpenSource::Config(config) => {
+                        catch_unwind(AssertUnwindSafe(|| Store::open(*config)))
+                            .unwrap_or_else(|p| {
+                                Err(StorageError::Config(panic_error(p).to_string()))
+                            })
+                            .map_err(Arc::new)
+                    }
+                };
+                let _ = shared.cell.set(result.clone());
+                let mut sched = shared.sched.lock();
+                // Under the lock, so that "nothing outstanding" implies "all results sent".
+                let _ = shared.tx.send(Done::Opened(result.clone()));
+                match result {
+                    Ok(store) => {
+                        sched.state = StoreState::Ready(store);
+                        shared.schedule(&mut sched);
+                    }
+                    Err(e) => {
+                        sched.open_batch = None;
+                        for mut work in std::mem::take(&mut sched.waiting) {
+                            for job in &mut work.jobs {
+                                job.set_failed(Arc::clone(&e));
+                            }
+                            let _ = shared.tx.send(Done::Work {
+                                jobs: work.jobs,
+                                batch_committed: None,
+                                release: None,
+                            });
+                        }
+                        sched.state = StoreState::Failed(e);
+                    }
+                }
+            })
+            .detach();
+    }
+
+    /// Requests queued, running or waiting for the main thread, plus an open in progress.
+    pub(crate) fn outstanding(&self) -> usize {
+        let sched = self.sched.lock();
+        let opening =
+            usize::from(sched.opening_started && matches!(sched.state, StoreState::Opening));
+        sched.waiting.len() + sched.running.len() + opening
+    }
+
+    /// Tasks running on the pool right now.
+    pub(crate) fn pool_tasks(&self) -> usize {
+        self.sched.lock().pool_tasks
+    }
+
+    /// (queued requests, running work)
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let sched = self.sched.lock();
+        (
+            sched.waiting.iter().map(|w| w.jobs.len()).sum(),
+            sched.running.len(),
+        )
+    }
+
+    pub(crate) fn store(&self) -> Option<Store> {
+        match &self.sched.lock().state {
+            StoreState::Ready(store) => Some(store.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Sched {
+    fn enqueue(&mut self, job: Box<dyn Job>, batching: WriteBatching, now: Duration) {
+        let scope = job.scope().clone();
+        if batching != WriteBatching::Off && job.batch_operation().is_some() {
+            if let Some(seq) = self.open_batch {
+                if !self.after_open_batch.conflicts(&scope)
+                    && let Some(work) = self.waiting.iter_mut().find(|w| w.seq == seq)
+                {
+                    work.scope.merge_keys(&scope);
+                    work.jobs.push(job);
+                    return;
+                }
+                self.close_batch();
+            }
+            let seq = self.next_seq();
+            self.open_batch = Some(seq);
+            self.after_open_batch = ScopeSet::default();
+            self.waiting.push_back(Work {
+                seq,
+                scope,
+                jobs: vec![job],
+                batch: Some(BatchState {
+                    open: true,
+                    opened_at: now,
+                }),
+            });
+            return;
+        }
+        if self.open_batch.is_some() {
+            self.after_open_batch.add(&scope);
+        }
+        let seq = self.next_seq();
+        self.waiting.push_back(Work {
+            seq,
+            scope,
+            jobs: vec![job],
+            batch: None,
+        });
+    }
+
+    fn release(&mut self, seq: u64) {
+        if let Some(scope) = self.running.remove(&seq) {
+            self.running_set.remove(&scope);
+        }
+    }
+
+    fn close_batch(&mut self) {
+        if let Some(seq) = self.open_batch.take()
+            && let Some(work) = self.waiting.iter_mut().find(|w| w.seq == seq)
+            && let Some(batch) = &mut work.batch
+        {
+            batch.open = false;
+        }
+        self.after_open_batch = ScopeSet::default();
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
