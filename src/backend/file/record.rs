@@ -18,10 +18,10 @@
 //! ```
 //!
 //! The file length must be exactly `48 + H + V`. A file that is too short or too long, has the
-//! wrong magic, or fails a checksum is **corrupt**: [`get`](Backend::get) and
-//! [`get_meta`](Backend::get_meta) of its key return [`StorageError::Corrupt`], while
-//! [`scan`](Backend::scan) (and so `usage` and `purge_expired`) skip it without failing, and
-//! every other record is unaffected. A record of a newer format version gives
+//! wrong magic, or fails a checksum is **corrupt**: [`get`](crate::backend::Backend::get) and
+//! [`get_meta`](crate::backend::Backend::get_meta) of its key return [`StorageError::Corrupt`],
+//! while [`scan`](crate::backend::Backend::scan) (and so `usage` and `purge_expired`) skip it
+//! without failing, and every other record is unaffected. A record of a newer format version gives
 //! [`StorageError::UnsupportedVersion`]. Writing the key again replaces a damaged file.
 //!
 //! The access time lives in its own checksummed slot so that `touch` is one 12-byte write in
