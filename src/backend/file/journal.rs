@@ -1,13 +1,14 @@
 //! Crash safety of batches: the journal that makes a batch of several keys all or nothing.
 //!
-//! Each file is replaced atomically on its own (see [`dir`](super::dir)); a batch that changes
+//! Each file is replaced atomically on its own: written to a temp file, `fsync`ed, renamed
+//! into place, then the directory `fsync`ed (see [`dir`](super::dir)). A batch that changes
 //! more than one key is made atomic with `<root>/.journal`:
 //!
 //! 1. The final content of every changed key (the complete new record file, or "deleted") is
 //!    written to a temp file with a checksum, `fsync`ed, renamed to `.journal`, and the
 //!    directory `fsync`ed. This is the commit point.
-//! 2. Each change is applied as above (new files written and `fsync`ed first, then all
-//!    renames and removes, then one directory `fsync`).
+//! 2. Each change is applied as a single file would be (new files written and `fsync`ed
+//!    first, then all renames and removes, then one directory `fsync`).
 //! 3. `.journal` is removed and the directory `fsync`ed.
 //!
 //! At [`open`](FileBackend::open), leftover `.tmp-*` files are removed, then a `.journal` that
