@@ -448,7 +448,7 @@ fn a_journal_naming_hostile_keys_rolls_forward_inside_the_root() {
         }
         changes.push(("../../deleted".to_owned(), None));
     }
-    // The journal format of `backend::file` (see its module docs).
+    // The journal format of `backend::file` (see the module docs of src/backend/file/journal.rs).
     let payload = postcard::to_stdvec(&changes).unwrap();
     let mut journal = b"BSTJ\x01\0\0\0".to_vec();
     journal.extend_from_slice(&(payload.len() as u64).to_le_bytes());

@@ -1,0 +1,702 @@
+//! The Redis backend: one store shared by several game servers through one Redis server.
+//!
+//! Needs the `redis` cargo feature (and `redis-tls` for `rediss://`) and Redis 7.0 or newer
+//! (or a compatible server such as Valkey).
+//!
+//! # Connection strings
+//!
+//! `redis://[[user]:password@]host[:port][/db]`, and `rediss://...` for TLS with the
+//! `redis-tls` feature (rustls, server certificates checked against the system's roots;
+//! `SSL_CERT_FILE` adds a private CA). The password never appears in `Debug` output, logs or
+//! errors. Through [`StorageConfig::from_url`](crate::StorageConfig::from_url) a
+//! `?namespace=NAME` query parameter picks the namespace (default [`DEFAULT_NAMESPACE`]).
+//!
+//! # Key layout (version 2)
+//!
+//! Every key of a store lives under its namespace `NS`, written `{NS}` so that no namespace can
+//! be a prefix of another's keys (`game` and `game:eu` stay apart) and so that a Redis Cluster
+//! would keep a namespace in one slot:
+//!
+//! | Redis key | type | holds |
+//! |---|---|---|
+//! | `{NS}:r:<key>` | string | one record: a 42-byte header, the custom metadata, the value bytes |
+//! | `{NS}:usage` | hash | `n` and `b`: count and bytes of the records *without* expiry |
+//! | `{NS}:expiry` | sorted set | the keys of the records *with* an expiry, scored by `expires_at` |
+//! | `{NS}:batch` | string | the batch token of a transaction of new records; set and removed inside it, so never seen between commands |
+//!
+//! The value and its metadata are written, read and expire together: a record with an expiry
+//! is written with `SET ... PXAT expires_at` and Redis removes it by itself at that
+//! millisecond, whether or not anyone runs [`purge_expired`](Backend::purge_expired); a touch
+//! rewrites the 8 bytes of `accessed_at` in place (`SETRANGE`, which keeps the expiry). A read
+//! is one `GET` (or a `GETRANGE` of the header and the custom metadata for the metadata alone),
+//! parsed here. An empty store leaves no key at all behind.
+//!
+//! Layout 1 (one hash per record, plus an `{NS}:expiry-size` hash) was only ever written by
+//! unreleased builds, so there is nothing to migrate. A key under `{NS}:r:` that does not hold
+//! a layout-2 record (such as a layout-1 hash) is never read as one: reading, writing or
+//! deleting it fails with [`StorageError::Corrupt`] naming the key and changes nothing;
+//! listing, counting and [`clear`](Backend::clear) pass over such keys and leave them be.
+//! Remove such a key by hand (`redis-cli DEL`).
+//!
+//! The byte layout of a record is described in `redis/record.rs`.
+//!
+//! # Atomicity
+//!
+//! A batch ([`write`](Backend::write)) is **one round trip**, and Redis runs it with nothing
+//! else in between: new records without expiry, each key once (the common case of saving new
+//! things), as one `MULTI`/`EXEC` of native commands; every other batch as one Lua script that
+//! reads every record the batch replaces before it writes anything. So a refused batch (a
+//! create-only put over a live record, a key that is not a record) changes nothing, and other
+//! clients never see half a batch; no `WATCH`, no retry loop. The scripts carry a `#!lua`
+//! shebang, so Redis refuses them *before* they start when it is out of memory (`maxmemory`),
+//! rather than half-way. How and why, with measurements: `redis/batch.rs`.
+//!
+//! # Listing
+//!
+//! [`scan`](Backend::scan) and [`clear`](Backend::clear) walk the keys with
+//! `SCAN MATCH {NS}:r:<prefix>* TYPE string` (never `KEYS`, which blocks the server), with the
+//! glob characters `* ? [ ] \` of the namespace and prefix escaped so that a prefix matches
+//! literally; `SCAN` may repeat a key, so results are de-duplicated. `scan` then reads the
+//! headers of each page in one pipeline. `SCAN` walks the whole database whatever the
+//! pattern, so a store that lists keys often on a large shared server is better given its own
+//! database number (`redis://host/3`).
+//!
+//! # Connections and failures
+//!
+//! A pool ([`r2d2`]) of up to [`RedisOptions::pool_size`] connections, each opened within
+//! [`RedisOptions::connect_timeout`] and with [`RedisOptions::response_timeout`] on every
+//! read and write of its socket. When Redis is down an operation fails with
+//! [`StorageError::Unavailable`] within `connect_timeout + response_timeout` (3 s by default),
+//! and immediately while the pool's reconnection attempts keep failing. The pool reconnects in
+//! the background, so the store recovers by itself within about half a `connect_timeout` of
+//! Redis coming back; connections that were open before an outage are checked with `PING`
+//! before a write is sent on them, so a restart does not make writes fail once more per
+//! pooled connection. Reads are retried on another connection after a connection failure; a
+//! write whose connection fails *after* it was sent is not retried (it may or may not have
+//! been applied) and the error says so.
+//!
+//! # Time
+//!
+//! Liveness is judged by the store's clock (`now`), expiry by Redis's: a record disappears when
+//! the *Redis server's* clock reaches its `expires_at`, and a record written with an
+//! `expires_at` already past by that clock is not stored at all. Keep the game servers' clocks
+//! in sync (NTP) with Redis's. Configure the server with `maxmemory-policy noeviction` (the
+//! default): an evicting policy would silently delete records.
+//!
+//! # Where the code is
+//!
+//! | file | holds |
+//! |---|---|
+//! | `redis/mod.rs` | [`RedisBackend`], [`RedisOptions`], listing, the [`Backend`] impl |
+//! | `redis/record.rs` | the record string (its byte table), the Redis keys of a namespace |
+//! | `redis/batch.rs` | batches: the transaction of new records, the write script's call |
+//! | `redis/scripts.rs` | the Lua scripts of `redis/scripts/*.lua`, built with `header.lua` |
+//! | `redis/connection.rs` | the connection pool, retries and failures |
+//! | `redis/resp.rs` | the RESP encoder that packs batches |
+//! | `redis/hasher.rs` | the hasher of the check that no key repeats in a batch |
+
+mod batch;
+mod connection;
+mod hasher;
+mod record;
+mod resp;
+mod scripts;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use r2d2::Pool;
+
+use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
+use crate::clock::Timestamp;
+use crate::error::{Result, StorageError};
+use connection::{Manager, Retry, Shared, is_wrong_type};
+use record::{HEADER_LEN, Header, Keys, LAYOUT_VERSION, parse_record};
+use scripts::Scripts;
+
+const BACKEND: &str = "redis";
+
+/// The namespace used when a connection string names none.
+pub const DEFAULT_NAMESPACE: &str = "bevy_storage";
+
+/// Longest namespace accepted, in bytes.
+const MAX_NAMESPACE_LEN: usize = 256;
+
+/// Keys asked for per `SCAN` call.
+const SCAN_COUNT: usize = 1000;
+
+/// Expiring records examined per call of the usage, purge and trim scripts, so that no script
+/// blocks the server for long.
+const SCRIPT_PAGE: usize = 1000;
+
+/// Bytes of custom metadata [`get_meta`](Backend::get_meta) reads along with the header, so
+/// that most records need a single `GETRANGE`.
+const CUSTOM_READ_AHEAD: usize = 214;
+
+/// Tuning of the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Most connections open at once (at least 1). Default 10.
+    pub pool_size: u32,
+    /// How long opening a connection, or waiting for a free one, may take. Default 1 s.
+    pub connect_timeout: Duration,
+    /// How long a command may wait for the server's answer. Default 2 s.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 10,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Records in a Redis server, under one namespace. See the [module docs](self) for the key
+/// layout, atomicity and failure handling.
+pub struct RedisBackend {
+    pool: Pool<Manager>,
+    shared: Arc<Shared>,
+    /// The connection string without its password, for messages.
+    address: String,
+    namespace: String,
+    keys: Keys,
+    scripts: Scripts,
+    options: RedisOptions,
+    /// Batches of new records that take the script instead of `MSETNX` before `MSETNX` is
+    /// tried again; set when `MSETNX` found a key taken (see `batch.rs`).
+    new_records_backoff: AtomicU32,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.address)
+            .field("namespace", &self.namespace)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects to the Redis server at `url` (see the [module docs](self) for the format) and
+    /// uses the keys of `namespace`.
+    ///
+    /// Fails with [`StorageError::Config`] for a malformed URL, an invalid namespace (empty,
+    /// longer than 256 bytes, or holding `{`, `}` or a control character) or a `pool_size` of
+    /// 0; [`StorageError::FeatureDisabled`] for `rediss://` without the `redis-tls` feature;
+    /// [`StorageError::Unavailable`] when the server cannot be reached within the timeouts;
+    /// [`StorageError::Backend`] when it refuses the credentials or is older than Redis 7.
+    pub fn open(url: &str, namespace: &str, options: &RedisOptions) -> Result<Self> {
+        let address = redact_url(url);
+        validate_namespace(namespace)?;
+        if options.pool_size == 0 {
+            return Err(StorageError::Config(
+                "RedisOptions::pool_size must be at least 1".into(),
+            ));
+        }
+        if options.connect_timeout.is_zero() || options.response_timeout.is_zero() {
+            return Err(StorageError::Config(
+                "the Redis connect and response timeouts must not be zero".into(),
+            ));
+        }
+        let scheme = url.split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("redis" | "rediss")) {
+            return Err(StorageError::Config(format!(
+                "{address:?} is not a Redis URL: use redis://[:password@]host[:port][/db] or rediss://..."
+            )));
+        }
+        if scheme == Some("rediss") {
+            #[cfg(not(feature = "redis-tls"))]
+            return Err(StorageError::FeatureDisabled {
+                feature: "redis-tls",
+                what: format!("the TLS connection {address:?}"),
+            });
+            #[cfg(feature = "redis-tls")]
+            {
+                // redis builds its rustls config from the process-wide provider; an error only
+                // means one is installed already.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+        }
+        let client = redis::Client::open(url).map_err(|e| {
+            StorageError::Config(format!(
+                "invalid Redis URL {address:?}: {}",
+                crate::config::redact_text(e.detail().unwrap_or(e.category()), url)
+            ))
+        })?;
+        let (pool, shared) = connection::pool(client, options);
+        let backend = Self {
+            pool,
+            shared,
+            address,
+            namespace: namespace.to_owned(),
+            keys: Keys::new(namespace),
+            scripts: Scripts::new(),
+            options: options.clone(),
+            new_records_backoff: AtomicU32::new(0),
+        };
+        backend.check_server()?;
+        Ok(backend)
+    }
+
+    /// The namespace this backend's keys live under.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Refuses servers older than Redis 7 (the scripts need shebang flags).
+    fn check_server(&self) -> Result<()> {
+        let info: String = self.run("checking the server", Retry::Safe, |con| {
+            redis::cmd("INFO").arg("server").query(con)
+        })?;
+        let version = info_field(&info, "redis_version").unwrap_or("unknown");
+        let major = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok());
+        match major {
+            Some(m) if m >= 7 => Ok(()),
+            _ => Err(StorageError::backend(
+                BACKEND,
+                format!(
+                    "the server at {} is Redis {version}; the Redis backend needs Redis 7.0 or newer",
+                    self.address
+                ),
+            )),
+        }
+    }
+
+    /// Walks the record keys that start with `prefix` with `SCAN`, handing each page
+    /// (de-duplicated raw Redis keys) to `page`.
+    fn scan_records(
+        &self,
+        con: &mut redis::Connection,
+        prefix: &str,
+        mut page: impl FnMut(&mut redis::Connection, Vec<Vec<u8>>) -> redis::RedisResult<()>,
+    ) -> redis::RedisResult<()> {
+        let mut pattern = glob_escape(&self.keys.record_prefix);
+        pattern.push_str(&glob_escape(prefix));
+        pattern.push('*');
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .arg("TYPE")
+                .arg("string")
+                .query(con)?;
+            let fresh: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
+            if !fresh.is_empty() {
+                page(con, fresh)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// The stored bytes of the record of `key`, if any.
+    fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let rkey = self.keys.record(key);
+        self.run("reading a record", Retry::Safe, |con| {
+            let read = redis::cmd("GET").arg(&rkey).query(con);
+            self.record_result(key, read)
+        })?
+    }
+
+    /// The error for a record key that holds something else than a layout-2 record:
+    /// `problem` 1 for a key of another Redis type, 2 for a string that is not a record.
+    fn layout_error(&self, key: &str, problem: i64) -> StorageError {
+        let rkey = self.keys.record(key);
+        let what = if problem == 1 {
+            "a value of another Redis type (such as the hash of key layout 1, which only \
+             unreleased builds of bevy_storage wrote)"
+        } else {
+            "a string that is not a record of key layout 2"
+        };
+        StorageError::corrupt(
+            key,
+            format!(
+                "the Redis key `{rkey}` on {} holds {what} instead of a record string of key \
+                 layout {LAYOUT_VERSION}; it was neither read nor changed: remove it by hand \
+                 (redis-cli DEL) to use this key again",
+                self.address
+            ),
+        )
+    }
+
+    /// Maps a failure of a command on the record of `key`: a key of another type is a
+    /// [`layout_error`](Self::layout_error).
+    fn record_result<T>(
+        &self,
+        key: &str,
+        result: redis::RedisResult<T>,
+    ) -> redis::RedisResult<std::result::Result<T, StorageError>> {
+        match result {
+            Ok(v) => Ok(Ok(v)),
+            Err(e) if is_wrong_type(&e) => Ok(Err(self.layout_error(key, 1))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The value of `field` in an `INFO` answer.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name == field).then(|| value.trim())
+    })
+}
+
+/// Escapes the characters special to Redis's glob patterns so `s` matches literally.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn validate_namespace(namespace: &str) -> Result<()> {
+    let problem = if namespace.is_empty() {
+        Some("it is empty")
+    } else if namespace.len() > MAX_NAMESPACE_LEN {
+        Some("it is longer than 256 bytes")
+    } else if namespace.contains(['{', '}']) {
+        Some("it contains `{` or `}`")
+    } else if namespace.chars().any(char::is_control) {
+        Some("it contains a control character")
+    } else {
+        None
+    };
+    match problem {
+        Some(why) => Err(StorageError::Config(format!(
+            "invalid Redis namespace {namespace:?}: {why}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(crate) use crate::config::redact_url;
+
+/// Splits a `?namespace=NAME` parameter off a Redis URL: the URL to connect to (other query
+/// parameters kept) and the namespace ([`DEFAULT_NAMESPACE`] when absent).
+pub(crate) fn split_namespace(url: &str) -> (String, String) {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (url, None),
+    };
+    let (base, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (before_fragment, ""),
+    };
+    let mut namespace = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("namespace=") {
+            Some(ns) => {
+                namespace = Some(ns.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    (
+        out,
+        namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+    )
+}
+
+impl Backend for RedisBackend {
+    fn backend_type(&self) -> &str {
+        BACKEND
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Record>> {
+        let Some(mut bytes) = self.get_record(key)? else {
+            return Ok(None);
+        };
+        let header = parse_record(key, &bytes)?;
+        let meta = header.meta(key, &bytes[HEADER_LEN..header.value_start()])?;
+        bytes.drain(..header.value_start());
+        Ok(Some(Record { value: bytes, meta }))
+    }
+
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        let Some(mut bytes) = self.get_record(key)? else {
+            return Ok(None);
+        };
+        let header = parse_record(key, &bytes)?;
+        bytes.drain(..header.value_start());
+        Ok(Some((bytes, header.expires_at.map(Timestamp))))
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
+        let rkey = self.keys.record(key);
+        // The header and, most of the time, all of the custom metadata in one read, with the
+        // record's length and whether it exists at all (an empty string is no record), in one
+        // MULTI/EXEC so that all three describe the same version of the record: the length
+        // is checked against the value the header announces, as a load would.
+        // Should the metadata be longer, read again up to its end; past a few attempts (the
+        // record keeps being rewritten longer), read the whole record at once.
+        let mut want = HEADER_LEN + CUSTOM_READ_AHEAD;
+        for _ in 0..3 {
+            let (bytes, len, exists): (Vec<u8>, usize, bool) =
+                self.run("reading record metadata", Retry::Safe, |con| {
+                    let read = redis::pipe()
+                        .atomic()
+                        .cmd("GETRANGE")
+                        .arg(&rkey)
+                        .arg(0)
+                        .arg(want - 1)
+                        .cmd("STRLEN")
+                        .arg(&rkey)
+                        .cmd("EXISTS")
+                        .arg(&rkey)
+                        .query(con);
+                    self.record_result(key, read)
+                })??;
+            if !exists {
+                return Ok(None);
+            }
+            let header = Header::parse(key, &bytes)?;
+            header.check_len(key, len)?;
+            let end = header.value_start();
+            if bytes.len() >= end {
+                return header.meta(key, &bytes[HEADER_LEN..end]).map(Some);
+            }
+            want = end;
+        }
+        Ok(self.get(key)?.map(|r| r.meta))
+    }
+
+    fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
+        // One round trip: a transaction of new records or the write script (see `batch.rs`).
+        self.write_batch(ops, now)
+    }
+
+    fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        let rkey = self.keys.record(key);
+        self.run("updating an access time", Retry::Safe, |con| {
+            let touched = self
+                .scripts
+                .touch
+                .key(&rkey)
+                .arg(&at.0.to_le_bytes()[..])
+                .invoke::<()>(con);
+            self.record_result(key, touched)
+        })?
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
+        let skip = self.keys.record_prefix.len();
+        self.run("listing keys", Retry::Safe, |con| {
+            let mut entries = Vec::new();
+            self.scan_records(con, prefix, |con, raw_keys| {
+                let mut pipe = redis::pipe();
+                for raw in &raw_keys {
+                    pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
+                }
+                let headers: Vec<Vec<u8>> = pipe.query(con)?;
+                for (raw, header) in raw_keys.into_iter().zip(headers) {
+                    let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
+                        continue;
+                    };
+                    // Gone since SCAN saw it (or not a record): skip.
+                    let Ok(header) = Header::parse(&key, &header) else {
+                        continue;
+                    };
+                    entries.push(KeyEntry {
+                        key,
+                        size: u64::from(header.size),
+                        expires_at: header.expires_at.map(Timestamp),
+                    });
+                }
+                Ok(())
+            })?;
+            Ok(entries)
+        })
+    }
+
+    fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        self.run("removing expired records", Retry::Safe, |con| {
+            let mut removed = 0usize;
+            loop {
+                let (gone, examined): (usize, usize) = self
+                    .scripts
+                    .purge
+                    .key(&self.keys.usage)
+                    .key(&self.keys.expiry)
+                    .arg(now.0)
+                    .arg(&self.keys.record_prefix)
+                    .arg(SCRIPT_PAGE)
+                    .invoke(con)?;
+                removed += gone;
+                if examined < SCRIPT_PAGE {
+                    return Ok(removed);
+                }
+            }
+        })
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.run("removing every record", Retry::Safe, |con| {
+            // Each page is deleted by the write script, so the bookkeeping stays exact even
+            // while another store writes to the same namespace. A key that is not a record
+            // makes the script refuse its page: it is left alone and the rest deleted again.
+            self.scan_records(con, "", |con, raw_keys| self.delete_records(con, raw_keys))?;
+            // Then forget the records Redis expired by itself.
+            let mut offset = 0usize;
+            loop {
+                let (examined, removed): (usize, usize) = self
+                    .scripts
+                    .trim
+                    .key(&self.keys.usage)
+                    .key(&self.keys.expiry)
+                    .arg(&self.keys.record_prefix)
+                    .arg(offset)
+                    .arg(SCRIPT_PAGE)
+                    .invoke(con)?;
+                if examined < SCRIPT_PAGE {
+                    return Ok(());
+                }
+                offset += examined - removed;
+            }
+        })
+    }
+
+    fn usage(&self, now: Timestamp) -> Result<Usage> {
+        self.run("computing usage", Retry::Safe, |con| {
+            let mut usage = Usage::default();
+            let mut offset = 0usize;
+            loop {
+                let (count, bytes, examined): (u64, u64, usize) = self
+                    .scripts
+                    .usage
+                    .key(&self.keys.usage)
+                    .key(&self.keys.expiry)
+                    .arg(now.0)
+                    .arg(&self.keys.record_prefix)
+                    .arg(offset)
+                    .arg(SCRIPT_PAGE)
+                    .invoke(con)?;
+                usage.item_count += count;
+                usage.total_size += bytes;
+                if examined < SCRIPT_PAGE {
+                    return Ok(usage);
+                }
+                offset += examined;
+            }
+        })
+    }
+
+    fn available_space(&self) -> Option<u64> {
+        let info: String = self
+            .run("reading memory use", Retry::Safe, |con| {
+                redis::cmd("INFO").arg("memory").query(con)
+            })
+            .ok()?;
+        let field = |name| info_field(&info, name)?.parse::<u64>().ok();
+        match field("maxmemory")? {
+            0 => None,
+            max => Some(max.saturating_sub(field("used_memory")?)),
+        }
+    }
+
+    fn health_check(&self) -> Result<()> {
+        self.run("checking the connection", Retry::Safe, |con| {
+            redis::cmd("PING").query::<()>(con)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("a*b?c[d]e\\f"), "a\\*b\\?c\\[d\\]e\\\\f");
+        assert_eq!(glob_escape("plain:é:名"), "plain:é:名");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:hunter2@host:6379/1"),
+            "redis://:***@host:6379/1"
+        );
+        assert_eq!(
+            redact_url("rediss://alice:p@ss:w@rd@host/0?protocol=resp3"),
+            "rediss://alice:***@host/0?protocol=resp3"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("redis://alice@host"), "redis://***@host");
+    }
+
+    #[test]
+    fn namespace_parameter_is_split_off() {
+        assert_eq!(
+            split_namespace("redis://h:1/2?namespace=game:eu"),
+            ("redis://h:1/2".to_owned(), "game:eu".to_owned())
+        );
+        assert_eq!(
+            split_namespace("redis://h/?protocol=resp3&namespace=g#insecure"),
+            (
+                "redis://h/?protocol=resp3#insecure".to_owned(),
+                "g".to_owned()
+            )
+        );
+        assert_eq!(
+            split_namespace("redis://h"),
+            ("redis://h".to_owned(), DEFAULT_NAMESPACE.to_owned())
+        );
+    }
+
+    #[test]
+    fn namespaces_are_validated() {
+        for bad in ["", "a{b", "a}b", "a\nb", &"x".repeat(257)] {
+            assert!(
+                matches!(validate_namespace(bad), Err(StorageError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        for good in ["game", "game:eu", "test:1234:", "名前", "a*b?[c]"] {
+            validate_namespace(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn info_fields_are_found() {
+        let info = "# Memory\r\nused_memory:1024\r\nmaxmemory:4096\r\n";
+        assert_eq!(info_field(info, "maxmemory"), Some("4096"));
+        assert_eq!(info_field(info, "used_memory"), Some("1024"));
+        assert_eq!(info_field(info, "absent"), None);
+    }
+}

@@ -1,0 +1,183 @@
+local usage, expiry = KEYS[1], KEYS[2]
+local now = tonumber(ARGV[1])
+local kinds = ARGV[2]
+local prefix = ARGV[5]
+local distinct = ARGV[6] == '1'
+local count = #kinds
+local byte, sub, find, min = string.byte, string.sub, string.find, math.min
+local sunpack = struct.unpack
+local rcall = redis.call
+local keys, argv = KEYS, ARGV
+local D, X, C, Y = 68, 88, 67, 89
+if #keys ~= count + 2 or #argv ~= count + 6 then
+  return redis.error_reply('bevy_storage: malformed write batch')
+end
+
+local result = {1}
+local dn, db = tonumber(argv[3]), tonumber(argv[4])
+local zset
+
+-- New records without expiry, each key once (saving new things): one MSETNX, which sets them
+-- all, or nothing when any of the keys exists (of any type). Tried only when the batch's first
+-- and last keys are free, so that a batch over existing keys rarely pays for it.
+local done = false
+if distinct and count <= 2000 and not find(kinds, '[^UC]')
+    and rcall('EXISTS', keys[3], keys[count + 2]) == 0 then
+  local sets = {}
+  for n = 1, count do
+    sets[2 * n - 1], sets[2 * n] = keys[n + 2], argv[n + 6]
+  end
+  done = rcall('MSETNX', unpack(sets, 1, 2 * count)) == 1
+end
+
+if not done then
+  -- Read the records the batch replaces, before changing anything. EXISTS counts the keys
+  -- that exist, of any type; only when there are some, MGET reads them (false for a missing
+  -- key and for one of another type, which the difference of the two counts reveals).
+  local present = 0
+  for i = 1, count, 1000 do
+    present = present + rcall('EXISTS', unpack(keys, i + 2, min(i + 999, count) + 2))
+  end
+  local olds = {}
+  if present > 0 then
+    for i = 1, count, 1000 do
+      local got = rcall('MGET', unpack(keys, i + 2, min(i + 999, count) + 2))
+      for m = 1, #got do olds[i + m - 1] = got[m] end
+    end
+    local found = 0
+    for n = 1, count do
+      if olds[n] then found = found + 1 end
+    end
+    if present ~= found then
+      for n = 1, count do
+        if not olds[n] and rcall('EXISTS', keys[n + 2]) == 1 then return {2, n, 1} end
+      end
+    end
+  end
+
+  -- The server's clock, only when a record has an expiry: a record already past by it is not
+  -- stored at all.
+  local tnow
+  if find(kinds, '[XY]') then
+    local t = rcall('TIME')
+    tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+
+  -- Apply the operations in order, judging liveness at now. When a key repeats, each
+  -- operation sees the record the previous one left (cur: record key -> record, or false for
+  -- none). The final state of each key goes to sets (MSET), pxs (SET PXAT) or dels (DEL).
+  local sets, pxs, dels = {}, {}, {}
+  local ns, np, nd = 0, 0, 0
+  local cur, cexp = {}, {}
+  local plen = #prefix
+  -- Queues the final state of a key: a record with an expiry, one without, or none.
+  local function queue(rkey, rec, exp)
+    if exp then
+      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
+      np = np + 3
+    elseif rec then
+      sets[ns + 1], sets[ns + 2] = rkey, rec
+      ns = ns + 2
+    else
+      nd = nd + 1
+      dels[nd] = rkey
+    end
+  end
+  for n = 1, count do
+    local rkey, k = keys[n + 2], byte(kinds, n)
+    local old
+    if distinct then
+      old = olds[n]
+    else
+      old = cur[rkey]
+      if old == nil then old = olds[n] end
+    end
+    local rec, exp = false, nil
+    if k ~= D then
+      rec = argv[n + 6]
+      if k == X or k == Y then
+        exp = sunpack('<i8', rec, 9)
+        if exp <= tnow then rec, exp = false, nil end
+      end
+    end
+    if old then
+      if not is_record(old) then return {2, n, 2} end
+      local oexp, osize = sunpack('<i8I4', old, 9)
+      if oexp == 0 or oexp > now then
+        if k == C or k == Y then return {0, n} end
+        result[#result + 1] = n
+        result[#result + 1] = osize
+        -- A live record's created_at carries over.
+        if rec then rec = sub(old, 1, 8) .. sub(rec, 9) end
+      end
+      if oexp == 0 then
+        dn = dn - 1
+        db = db - osize
+      elseif not exp then
+        zset = zset or {}
+        zset[sub(rkey, plen + 1)] = false
+      end
+    end
+    if exp then
+      zset = zset or {}
+      zset[sub(rkey, plen + 1)] = exp
+    end
+    if not distinct then
+      cur[rkey] = rec
+      cexp[rkey] = exp
+    elseif rec or old then
+      queue(rkey, rec, exp)
+    end
+  end
+  if not distinct then
+    for rkey, rec in pairs(cur) do queue(rkey, rec, cexp[rkey]) end
+  end
+
+  -- Everything is checked: write.
+  for i = 1, ns, 1000 do
+    rcall('MSET', unpack(sets, i, min(i + 999, ns)))
+  end
+  for i = 1, np, 3 do
+    rcall('SET', pxs[i], pxs[i + 1], 'PXAT', pxs[i + 2])
+  end
+  for i = 1, nd, 1000 do
+    rcall('DEL', unpack(dels, i, min(i + 999, nd)))
+  end
+end
+
+-- The expiry index: the last change of each key wins.
+if zset then
+  local adds, rems = {}, {}
+  for m, score in pairs(zset) do
+    if score then
+      adds[#adds + 1] = score
+      adds[#adds + 1] = m
+    else
+      rems[#rems + 1] = m
+    end
+  end
+  for i = 1, #adds, 1000 do
+    rcall('ZADD', expiry, unpack(adds, i, min(i + 999, #adds)))
+  end
+  for i = 1, #rems, 1000 do
+    rcall('ZREM', expiry, unpack(rems, i, min(i + 999, #rems)))
+  end
+end
+
+if dn ~= 0 or db ~= 0 then
+  if rcall('HINCRBY', usage, 'n', dn) <= 0 then
+    rcall('DEL', usage)
+  else
+    rcall('HINCRBY', usage, 'b', db)
+  end
+end
+
+-- Forget a few entries whose record Redis expired by itself (the earliest expiries go first),
+-- or which no longer has an expiry.
+for _, m in ipairs(rcall('ZRANGE', expiry, 0, 7)) do
+  local h = record_header(prefix .. m)
+  if not h or sunpack('<i8', h, 9) == 0 then
+    rcall('ZREM', expiry, m)
+  end
+end
+return result

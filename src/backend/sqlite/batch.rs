@@ -1,0 +1,358 @@
+//! Write batches: one `BEGIN IMMEDIATE` transaction per batch on the writer connection, so a
+//! batch is all or nothing and never fails half-way with `SQLITE_BUSY`; a plain put is one
+//! upsert statement, without a lookup of the record it replaces.
+
+use rusqlite::{CachedStatement, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::SqliteBackend;
+use super::schema::{SQL_DELETE, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED};
+use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
+use crate::clock::Timestamp;
+use crate::error::{Result, StorageError};
+
+/// What [`SQL_PREVIOUS`] / [`SQL_DELETE`] find about the row a write replaces.
+struct Previous {
+    size: i64,
+    expires_at: Option<i64>,
+}
+
+impl Previous {
+    /// The size to report if the row was live at `now`.
+    fn live_size(&self, now: Timestamp) -> Option<u64> {
+        let live = !now.is_past(self.expires_at.map(Timestamp));
+        // A negative size cannot be written by this backend; report it as 0 rather than fail.
+        live.then(|| u64::try_from(self.size).unwrap_or(0))
+    }
+}
+
+/// Custom metadata as stored: JSON text, or NULL when there is none.
+fn custom_json(custom: &CustomMetadata) -> rusqlite::Result<Option<String>> {
+    if custom.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(custom)
+        .map(Some)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// The statements of one write batch, prepared on first use and kept for the whole batch.
+struct BatchStatements<'t> {
+    tx: &'t Transaction<'t>,
+    previous: Option<CachedStatement<'t>>,
+    upsert: Option<CachedStatement<'t>>,
+    upsert_keep_created: Option<CachedStatement<'t>>,
+    delete: Option<CachedStatement<'t>>,
+}
+
+impl<'t> BatchStatements<'t> {
+    fn new(tx: &'t Transaction<'t>) -> Self {
+        Self {
+            tx,
+            previous: None,
+            upsert: None,
+            upsert_keep_created: None,
+            delete: None,
+        }
+    }
+
+    fn get<'s>(
+        tx: &'t Transaction<'t>,
+        slot: &'s mut Option<CachedStatement<'t>>,
+        sql: &str,
+    ) -> rusqlite::Result<&'s mut CachedStatement<'t>> {
+        if slot.is_none() {
+            *slot = Some(tx.prepare_cached(sql)?);
+        }
+        Ok(slot.as_mut().expect("just prepared"))
+    }
+
+    /// Runs one operation of a batch inside its transaction.
+    fn apply(&mut self, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
+        match op {
+            WriteOp::Put {
+                key,
+                record,
+                mode: PutMode::Upsert,
+            } => {
+                // One statement: this is the hot path of every save.
+                let meta = &record.meta;
+                let custom = custom_json(&meta.custom)?;
+                Self::get(
+                    self.tx,
+                    &mut self.upsert_keep_created,
+                    SQL_UPSERT_KEEP_CREATED,
+                )?
+                .execute(rusqlite::params![
+                    key,
+                    meta.created_at.0,
+                    meta.modified_at.0,
+                    meta.accessed_at.0,
+                    meta.expires_at.map(|t| t.0),
+                    meta.size,
+                    meta.compressed,
+                    meta.encrypted,
+                    custom,
+                    record.value,
+                    now.0,
+                ])?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: None,
+                }))
+            }
+            WriteOp::Put { key, record, mode } => {
+                let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
+                    .query_row([&key], |row| {
+                        Ok((
+                            Previous {
+                                size: row.get(0)?,
+                                expires_at: row.get(1)?,
+                            },
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                let live =
+                    previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
+                if mode == PutMode::CreateOnly && live.is_some() {
+                    return Ok(OpResult::Exists(key));
+                }
+                let meta = &record.meta;
+                let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
+                let custom = custom_json(&meta.custom)?;
+                Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
+                    key,
+                    created_at,
+                    meta.modified_at.0,
+                    meta.accessed_at.0,
+                    meta.expires_at.map(|t| t.0),
+                    meta.size,
+                    meta.compressed,
+                    meta.encrypted,
+                    custom,
+                    record.value,
+                ])?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: live.map(|(size, _)| size),
+                }))
+            }
+            WriteOp::Delete { key } => {
+                let previous = Self::get(self.tx, &mut self.delete, SQL_DELETE)?
+                    .query_row([&key], |row| {
+                        Ok(Previous {
+                            size: row.get(0)?,
+                            expires_at: row.get(1)?,
+                        })
+                    })
+                    .optional()?;
+                Ok(OpResult::Done(WriteOutcome {
+                    previous_size: previous.and_then(|p| p.live_size(now)),
+                }))
+            }
+        }
+    }
+}
+
+enum OpResult {
+    Done(WriteOutcome),
+    /// A create-only put found a live record under this key.
+    Exists(String),
+}
+
+impl SqliteBackend {
+    /// Applies a batch in one `BEGIN IMMEDIATE` transaction: see
+    /// [`write`](crate::backend::Backend::write).
+    pub(super) fn write_batch(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+    ) -> Result<Vec<WriteOutcome>> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = ops.len();
+        let mut conn = self.writer();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.fail(e, format_args!("writing a batch of {count} operation(s)")))?;
+        let mut outcomes = Vec::with_capacity(count);
+        {
+            // Prepared once per batch: a cache lookup per operation costs more than the seek.
+            let mut statements = BatchStatements::new(&tx);
+            for op in ops {
+                match statements.apply(op, now).map_err(|e| {
+                    self.fail(e, format_args!("writing a batch of {count} operation(s)"))
+                })? {
+                    OpResult::Done(outcome) => outcomes.push(outcome),
+                    // Dropping `tx` rolls back everything done so far.
+                    OpResult::Exists(key) => return Err(StorageError::AlreadyExists { key }),
+                }
+            }
+        }
+        tx.commit()
+            .map_err(|e| self.fail(e, format_args!("writing a batch of {count} operation(s)")))?;
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tempfile::TempDir;
+
+    use crate::backend::sqlite::testing::*;
+    use crate::backend::{Backend, PutMode, Record, WriteOp};
+    use crate::error::StorageError;
+
+    #[test]
+    fn create_only_failure_rolls_back_the_whole_batch() {
+        let dir = TempDir::new().unwrap();
+        let b = open(&dir);
+        put1(&b, "a", b"old-a", at(0), None);
+        put1(&b, "c", b"old-c", at(0), None);
+        let err = b
+            .write(
+                vec![
+                    put("b", record(b"new-b", at(1), None)),
+                    delete("c"),
+                    put("a", record(b"upserted", at(1), None)),
+                    create("a", record(b"new-a", at(1), None)),
+                ],
+                at(1),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, StorageError::AlreadyExists { key } if key == "a"),
+            "{err:?}"
+        );
+        assert_eq!(b.get("a").unwrap().unwrap().value, b"old-a");
+        assert_eq!(b.get("b").unwrap(), None);
+        assert_eq!(b.get("c").unwrap().unwrap().value, b"old-c");
+
+        // A create-only put inside one batch sees earlier operations of that batch.
+        let err = b
+            .write(
+                vec![
+                    create("n", record(b"1", at(1), None)),
+                    create("n", record(b"2", at(1), None)),
+                ],
+                at(1),
+            )
+            .unwrap_err();
+        assert!(matches!(&err, StorageError::AlreadyExists { key } if key == "n"));
+        assert_eq!(b.get("n").unwrap(), None);
+        let out = b
+            .write(
+                vec![delete("a"), create("a", record(b"re-created", at(2), None))],
+                at(2),
+            )
+            .unwrap();
+        assert_eq!(out[0].previous_size, Some(5));
+        assert_eq!(out[1].previous_size, None);
+        assert_eq!(b.get("a").unwrap().unwrap().value, b"re-created");
+
+        // An expired record counts as absent; expiry is judged at `now`.
+        put1(&b, "e", b"short", at(0), Some(at(10)));
+        let err = b
+            .write(vec![create("e", record(b"x", at(9), None))], at(9))
+            .unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists { .. }));
+        let out = b
+            .write(vec![create("e", record(b"x", at(10), None))], at(10))
+            .unwrap();
+        assert_eq!(out[0].previous_size, None);
+        assert_eq!(b.get("e").unwrap().unwrap().value, b"x");
+
+        // The writer is still usable after a failed batch.
+        put1(&b, "after", b"ok", at(11), None);
+        assert!(b.writer.lock().is_autocommit());
+    }
+
+    #[test]
+    fn created_at_is_kept_across_overwrites_and_reset_after_expiry() {
+        let dir = TempDir::new().unwrap();
+        let b = open(&dir);
+        put1(&b, "k", b"v1", at(0), Some(at(100)));
+        put1(&b, "k", b"v2", at(50), Some(at(100)));
+        let meta = b.get_meta("k").unwrap().unwrap();
+        assert_eq!(meta.created_at, at(0));
+        assert_eq!(meta.modified_at, at(50));
+        // At the exact deadline the record is expired: a put starts a new record.
+        put1(&b, "k", b"v3", at(100), None);
+        let meta = b.get_meta("k").unwrap().unwrap();
+        assert_eq!(meta.created_at, at(100));
+        assert_eq!(meta.expires_at, None);
+        // Kept across a put inside a batch, too.
+        b.write(
+            vec![
+                put("k", record(b"v4", at(200), None)),
+                put("k", record(b"v5", at(200), None)),
+            ],
+            at(200),
+        )
+        .unwrap();
+        assert_eq!(b.get_meta("k").unwrap().unwrap().created_at, at(100));
+        // A delete then a put in the same batch starts a new record.
+        b.write(
+            vec![delete("k"), put("k", record(b"v6", at(300), None))],
+            at(300),
+        )
+        .unwrap();
+        assert_eq!(b.get_meta("k").unwrap().unwrap().created_at, at(300));
+    }
+
+    #[test]
+    fn outcomes_report_the_previous_live_size() {
+        // Upserts skip the lookup (previous size None); create-only puts and deletes report.
+        let dir = TempDir::new().unwrap();
+        let b = open(&dir);
+        let create = |key: &str, r: Record| WriteOp::Put {
+            key: key.into(),
+            record: r,
+            mode: PutMode::CreateOnly,
+        };
+        let sizes = |ops, now| -> Vec<Option<u64>> {
+            b.write(ops, now)
+                .unwrap()
+                .into_iter()
+                .map(|o| o.previous_size)
+                .collect()
+        };
+        assert_eq!(
+            sizes(vec![put("a", record(b"123", at(0), None))], at(0)),
+            [None]
+        );
+        assert_eq!(
+            sizes(vec![put("a", record(b"12345", at(1), None))], at(1)),
+            [None]
+        );
+        assert_eq!(
+            sizes(
+                vec![
+                    create("b", record(b"1", at(2), Some(at(10)))),
+                    put("b", record(b"12", at(2), Some(at(10)))),
+                    delete("b"),
+                    delete("b"),
+                    delete("never"),
+                ],
+                at(2)
+            ),
+            [None, None, Some(2), None, None]
+        );
+        put1(&b, "c", b"123", at(2), Some(at(4)));
+        assert_eq!(
+            sizes(vec![create("c", record(b"1", at(4), None))], at(4)),
+            [None],
+            "an expired record does not count"
+        );
+        put1(&b, "x", b"1234", at(0), Some(at(5)));
+        assert_eq!(
+            sizes(vec![delete("a"), delete("x")], at(5)),
+            [Some(5), None]
+        );
+        put1(&b, "y", b"1234", at(0), Some(at(5)));
+        assert_eq!(
+            sizes(vec![put("y", record(b"1", at(6), None))], at(6)),
+            [None]
+        );
+        assert_eq!(b.write(Vec::new(), at(7)).unwrap(), []);
+    }
+}
