@@ -23,7 +23,7 @@ use bevy::app::ScheduleRunnerPlugin;
 use bevy::log::{Level, LogPlugin};
 use bevy::prelude::*;
 use bevy_storage::plugin::{
-    LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, SnapshotSet,
+    LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, SnapshotSystems,
     StoragePlugin, WorldLoaded, WorldSaved,
 };
 use bevy_storage::snapshot::{Persist, SnapshotSettings, list_slots};
@@ -167,7 +167,7 @@ fn main() -> AppExit {
         Update,
         (on_loaded, take_turn.run_if(resource_equals(Phase::Playing))).chain(),
     )
-    .add_systems(Last, report_saves.after(SnapshotSet));
+    .add_systems(Last, report_saves.after(SnapshotSystems));
     say!(
         "dungeon: slot {:?}, store saves/storage.db, {} turns this run",
         args.slot,

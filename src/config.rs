@@ -80,8 +80,15 @@ pub fn redact_url(url: &str) -> String {
 
 /// `text` (an error message from a client library that saw `url`) with every credential of
 /// `url` replaced by `***`, as written and percent-decoded: for messages that may quote parts
-/// of a URL [`redact_url`] cannot see.
-pub(crate) fn redact_text(text: &str, url: &str) -> String {
+/// of a URL [`redact_url`] cannot see. A custom backend that connects with a URL passes its
+/// client's errors through it.
+///
+/// ```
+/// use bevy_storage::config::redact_text;
+/// let url = "redis://:pa%2Fss@host";
+/// assert_eq!(redact_text("auth failed for pa/ss", url), "auth failed for ***");
+/// ```
+pub fn redact_text(text: &str, url: &str) -> String {
     let mut secrets: Vec<String> = Vec::new();
     if let Some((_, rest)) = url.split_once(':') {
         let rest = rest.strip_prefix("//").unwrap_or(rest);

@@ -23,6 +23,9 @@ pub const INTERNAL_PREFIX: &str = "\u{1}bevy_storage/";
 
 /// The record in which a store keeps its encryption key check (and a passphrase's salt).
 pub const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
+/// Every bookkeeping key the store writes: statistics subtract these by point reads instead
+/// of scanning the internal prefix (a `SCAN` of a whole Redis database on every refresh).
+pub const INTERNAL_KEYS: &[&str] = &[KEYCHECK_KEY];
 
 /// Checks a key against the rules above.
 pub fn validate_key(key: &str) -> Result<()> {

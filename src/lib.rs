@@ -143,7 +143,7 @@ pub use store::{
 
 pub use plugin::{
     PersistResourceExt, Storage, StorageActivity, StorageCommandsExt, StoragePlugin,
-    StoragePluginBuilder, StorageSet, WriteBatching,
+    StoragePluginBuilder, StorageSystems, WriteBatching,
 };
 
 /// The names a game usually needs.
@@ -153,12 +153,13 @@ pub mod prelude {
         ExistsRequest, ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted,
         LoadRequest, PersistOptions, PersistResourceExt, PersistedResourceLoaded,
         PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest, Storage, StorageActivity,
-        StorageCommandsExt, StoragePlugin, StoragePluginBuilder, StorageResponse, StorageSet,
+        StorageCommandsExt, StoragePlugin, StoragePluginBuilder, StorageResponse, StorageSystems,
         TransactionCompleted, TransactionRequest, WriteBatching,
     };
     pub use crate::plugin::{
-        LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, WorldLoaded,
-        WorldSaved, WorldSlot,
+        ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,
+        SnapshotPlugin, SnapshotSystems, WorldLoaded, WorldSaved, WorldSlot, resource_loaded,
+        storage_ready,
     };
     pub use crate::snapshot::{Persist, SnapshotEncoding, SnapshotSettings};
     pub use crate::{

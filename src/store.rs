@@ -20,7 +20,7 @@ use crate::codec::crypto::KdfParams;
 use crate::codec::{self, Cipher, EnvelopeInfo, Format, SealOptions};
 use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
-use crate::key::{self, INTERNAL_PREFIX, KEYCHECK_KEY};
+use crate::key::{self, INTERNAL_KEYS, KEYCHECK_KEY};
 
 /// What the first stores sealed in their key check: it authenticates the key-derivation
 /// parameters only implicitly (other parameters derive another key, which fails to open it).
@@ -1052,11 +1052,17 @@ impl Store {
         let usage = backend
             .usage(now)
             .and_then(|u| {
-                let internal = backend.scan(INTERNAL_PREFIX)?;
+                // The store's own records, by point reads: never a scan of the backend.
+                let mut internal = (0u64, 0u64);
+                for key in INTERNAL_KEYS {
+                    if let Some(meta) = backend.get_meta(key)? {
+                        internal.0 += 1;
+                        internal.1 += meta.size;
+                    }
+                }
                 Ok((
-                    u.item_count.saturating_sub(internal.len() as u64),
-                    u.total_size
-                        .saturating_sub(internal.iter().map(|e| e.size).sum::<u64>()),
+                    u.item_count.saturating_sub(internal.0),
+                    u.total_size.saturating_sub(internal.1),
                 ))
             })
             .and_then(|u| backend.health_check().map(|()| u));

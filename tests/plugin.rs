@@ -1413,3 +1413,52 @@ fn a_change_made_when_the_persisted_resource_arrives_is_saved() {
     );
     assert_eq!(run(&db, None), Volume(0), "the reset was saved");
 }
+
+/// `storage_ready` holds systems back until the store is open; `resource_loaded` until a
+/// persisted resource has its saved value, so such a system never sees the default instead.
+#[cfg(feature = "sqlite")]
+#[test]
+fn run_conditions_wait_for_the_store_and_for_persisted_resources() {
+    #[derive(Resource, Default)]
+    struct Observed {
+        ready_frames: usize,
+        first_volume: Option<u8>,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("conditions.db");
+    {
+        let store = bevy_storage::Store::open(StorageConfig::sqlite(&path)).unwrap();
+        let saved = Settings {
+            volume: 9,
+            name: "saved".into(),
+        };
+        store
+            .save("config:settings", &saved, &SaveOptions::new())
+            .unwrap();
+    }
+    let mut app = app_with(persistent_plugin(&path));
+    app.persist_resource::<Settings>("config:settings")
+        .init_resource::<Observed>()
+        .add_systems(
+            Update,
+            (
+                (|mut o: ResMut<Observed>| o.ready_frames += 1).run_if(storage_ready),
+                (|settings: Res<Settings>, mut o: ResMut<Observed>| {
+                    o.first_volume.get_or_insert(settings.volume);
+                })
+                .run_if(resource_loaded::<Settings>),
+            ),
+        );
+    assert!(!storage_ready(None));
+    app.update();
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Observed>()
+        .first_volume
+        .is_some()));
+    assert_eq!(
+        app.world().resource::<Observed>().first_volume,
+        Some(9),
+        "the first run saw the saved value, never the default"
+    );
+    assert!(app.world().resource::<Observed>().ready_frames > 0);
+}

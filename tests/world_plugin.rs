@@ -476,3 +476,37 @@ fn a_world_save_captures_what_an_earlier_load_applied() {
         "the second save captured the loaded world (2 persisted entities), not the one before it"
     );
 }
+
+/// The asynchronous slot listing is answered like the other requests, in order with the saves
+/// of its slots sent before it.
+#[test]
+fn slots_are_listed_asynchronously_after_the_saves_before_them() {
+    use bevy_storage::plugin::{ListSlots, SlotsListed};
+    #[derive(Resource, Default)]
+    struct Listed(Vec<SlotsListed>);
+    let mut app = mixed_app();
+    app.init_resource::<Listed>().add_observer(
+        |ev: On<SlotsListed>, mut listed: ResMut<Listed>| listed.0.push(ev.event().clone()),
+    );
+    app.world_mut().write_message(SaveWorld::new("slot:1"));
+    app.world_mut().write_message(SaveWorld::new("slot:2"));
+    let list = ListSlots::new("slot:");
+    let id = list.id;
+    app.world_mut().write_message(list);
+    let start = Instant::now();
+    while app.world().resource::<Listed>().0.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out");
+        app.update();
+    }
+    let listed = &app.world().resource::<Listed>().0[0];
+    assert_eq!(listed.id, id);
+    let slots = listed.result.as_ref().unwrap();
+    let mut keys: Vec<&str> = slots.iter().map(|s| s.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["slot:1", "slot:2"],
+        "both saves ran before the listing"
+    );
+    assert!(slots.iter().all(|s| s.entity_count == 2));
+}

@@ -29,7 +29,7 @@
 //! ```
 //!
 //! # How it runs
-//! - Requests are [messages](requests). The [`StorageSet::Dispatch`] system (in `Last`)
+//! - Requests are [messages](requests). The [`StorageSystems::Dispatch`] system (in `Last`)
 //!   reads every request sent during the frame, in [`RequestId`] order, and hands them to a
 //!   scheduler. Serialization, compression, encryption and backend I/O run on the
 //!   [`AsyncComputeTaskPool`](bevy::tasks::AsyncComputeTaskPool); the main thread only moves
@@ -38,12 +38,12 @@
 //!   a load of that key sees the saved value); requests for different keys run in parallel.
 //!   A [`ClearRequest`] waits for everything before it and holds back everything after it;
 //!   a listing waits for the requests on keys it could list.
-//! - Results are delivered by [`StorageSet::Collect`] (in `PreUpdate`): each request gets
+//! - Results are delivered by [`StorageSystems::Collect`] (in `PreUpdate`): each request gets
 //!   exactly one response with its id, written as a message *and* triggered as an observer
 //!   event. Nothing fails silently: bad keys, wrong encryption keys, backend failures, a
 //!   store that could not be opened and even a panicking `Serialize` impl all come back as
 //!   an `Err` in the response.
-//! - On [`AppExit`], [`StorageSet::Flush`] blocks until every request already sent has
+//! - On [`AppExit`], [`StorageSystems::Flush`] blocks until every request already sent has
 //!   finished (bounded by [`StoragePluginBuilder::exit_timeout`]) and delivers the results:
 //!   a game that saves and quits in the same frame loses nothing. Dropping the app without
 //!   `AppExit` also waits for requests already dispatched.
@@ -86,7 +86,7 @@ use bevy::app::AppExit;
 use bevy::prelude::*;
 
 pub use commands::StorageCommandsExt;
-pub use persistent::{PersistOptions, PersistResourceExt};
+pub use persistent::{PersistOptions, PersistResourceExt, PersistState, resource_loaded};
 pub use requests::{
     ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted, ExistsRequest,
     ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted, LoadRequest, LoadedValue,
@@ -94,9 +94,11 @@ pub use requests::{
     SharedError, StorageResponse, StorageResult, TransactionCompleted, TransactionRequest,
 };
 
+#[allow(deprecated)]
+pub use world::SnapshotSet;
 pub use world::{
-    Autosave, LoadWorld, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin, SnapshotSet,
-    WorldLoaded, WorldSaved, WorldSlot,
+    Autosave, ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,
+    SnapshotPlugin, SnapshotSystems, WorldLoaded, WorldSaved, WorldSlot,
 };
 
 use crate::backend::Backend;
@@ -400,32 +402,32 @@ impl Plugin for StoragePluginBuilder {
             })
             .init_resource::<StorageActivity>()
             .insert_resource(runtime)
-            .configure_sets(PreUpdate, StorageSet::Collect)
+            .configure_sets(PreUpdate, StorageSystems::Collect)
             .configure_sets(
                 Last,
                 (
-                    StorageSet::Persist,
-                    StorageSet::Dispatch,
-                    StorageSet::Maintenance,
-                    StorageSet::Flush,
+                    StorageSystems::Persist,
+                    StorageSystems::Dispatch,
+                    StorageSystems::Maintenance,
+                    StorageSystems::Flush,
                 )
                     .chain(),
             )
             .add_systems(PreStartup, systems::start_opening)
             .add_systems(
                 PreUpdate,
-                systems::collect_results.in_set(StorageSet::Collect),
+                systems::collect_results.in_set(StorageSystems::Collect),
             )
             .add_systems(
                 Last,
                 (
                     (systems::dispatch_requests, systems::update_activity)
                         .chain()
-                        .in_set(StorageSet::Dispatch),
-                    systems::run_maintenance.in_set(StorageSet::Maintenance),
+                        .in_set(StorageSystems::Dispatch),
+                    systems::run_maintenance.in_set(StorageSystems::Maintenance),
                     systems::flush_on_exit
                         .run_if(on_message::<AppExit>)
-                        .in_set(StorageSet::Flush),
+                        .in_set(StorageSystems::Flush),
                 ),
             );
     }
@@ -446,9 +448,9 @@ fn backend_type(config: &StorageConfig) -> String {
 /// | `Flush` | `Last` | on `AppExit`: waits for outstanding requests, delivers their responses |
 ///
 /// A request sent in `Last` after `Dispatch` is dispatched in the next frame; order such a
-/// system `.before(StorageSet::Dispatch)` to have it dispatched at once.
+/// system `.before(StorageSystems::Dispatch)` to have it dispatched at once.
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StorageSet {
+pub enum StorageSystems {
     /// Delivers finished work (`PreUpdate`).
     Collect,
     /// Queues saves of changed persisted resources (`Last`).
@@ -459,6 +461,28 @@ pub enum StorageSet {
     Maintenance,
     /// Completes everything on `AppExit` (`Last`).
     Flush,
+}
+
+/// The old name of [`StorageSystems`] (Bevy names system sets `*Systems` since 0.17).
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed to StorageSystems, as Bevy's own sets"
+)]
+pub type StorageSet = StorageSystems;
+
+/// A run condition: true once the plugin's store is open (`false` while it opens, and for
+/// good if it could not be opened: see [`Storage::error`]).
+///
+/// ```no_run
+/// # use bevy::prelude::*;
+/// # use bevy_storage::prelude::*;
+/// # fn show_save_menu() {}
+/// App::new()
+///     .add_plugins((MinimalPlugins, StoragePlugin))
+///     .add_systems(Update, show_save_menu.run_if(storage_ready));
+/// ```
+pub fn storage_ready(storage: Option<Res<Storage>>) -> bool {
+    storage.is_some_and(|s| s.is_ready())
 }
 
 /// The plugin's [`Store`], for code that wants to call it directly (from its own tasks: its

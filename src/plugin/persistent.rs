@@ -17,7 +17,7 @@ use super::requests::{
     LoadCompleted, LoadRequest, PersistedResourceLoaded, PersistedResourceSaved, SaveCompleted,
     SaveRequest,
 };
-use super::{StorageRuntime, StorageSet};
+use super::{StorageRuntime, StorageSystems};
 use crate::store::SaveOptions;
 
 /// How a persisted resource is saved.
@@ -133,7 +133,7 @@ impl PersistResourceExt for App {
                 missing_plugin_logged: false,
                 _marker: PhantomData,
             })
-            .add_systems(Last, persist_system::<R>.in_set(StorageSet::Persist))
+            .add_systems(Last, persist_system::<R>.in_set(StorageSystems::Persist))
     }
 }
 
@@ -147,8 +147,9 @@ enum Phase {
     Ready,
 }
 
+/// The state of one persisted resource (public only as the parameter of [`resource_loaded`]).
 #[derive(Resource)]
-struct PersistState<R> {
+pub struct PersistState<R> {
     key: String,
     options: PersistOptions,
     phase: Phase,
@@ -159,6 +160,25 @@ struct PersistState<R> {
     save_failing: bool,
     missing_plugin_logged: bool,
     _marker: PhantomData<fn() -> R>,
+}
+
+/// A run condition: true once the persisted resource `R` has its saved value (the load at
+/// startup answered: found and inserted, nothing saved yet, or failed and the default kept).
+/// Systems that must not see the default in place of the player's saved settings run after it:
+///
+/// ```no_run
+/// # use bevy::prelude::*;
+/// # use bevy_storage::prelude::*;
+/// # #[derive(Resource, Clone, Default, serde::Serialize, serde::Deserialize)]
+/// # struct Settings { volume: f32 }
+/// # fn apply_volume(_: Res<Settings>) {}
+/// App::new()
+///     .add_plugins((MinimalPlugins, StoragePlugin))
+///     .persist_resource::<Settings>("settings")
+///     .add_systems(Update, apply_volume.run_if(resource_loaded::<Settings>));
+/// ```
+pub fn resource_loaded<R: Resource>(state: Option<Res<PersistState<R>>>) -> bool {
+    state.is_some_and(|s| s.phase == Phase::Ready)
 }
 
 fn persist_system<R>(

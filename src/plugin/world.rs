@@ -15,15 +15,15 @@ use bevy::ecs::entity::EntityHashMap;
 use bevy::prelude::*;
 use serde::de::DeserializeOwned;
 
-use super::StorageSet;
+use super::StorageSystems;
 use super::kind::{RequestKind, add_request_kind, publish};
 use super::requests::{RequestId, SharedError, StorageResponse, StorageResult};
 use super::scope::Scope;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
 use crate::snapshot::{
-    self, CapturedWorld, DecodedWorld, SnapshotComponent, SnapshotContext, SnapshotRegistry,
-    SnapshotSettings,
+    self, CapturedWorld, DecodedWorld, SlotInfo, SnapshotComponent, SnapshotContext,
+    SnapshotRegistry, SnapshotSettings,
 };
 use crate::store::Store;
 
@@ -106,6 +106,7 @@ impl Plugin for SnapshotPlugin {
         }
         add_request_kind::<SaveWorld>(app);
         add_request_kind::<LoadWorld>(app);
+        add_request_kind::<ListSlots>(app);
         app.register_type::<snapshot::Persist>()
             .insert_resource(self.settings.clone())
             .init_resource::<SnapshotMetadata>()
@@ -113,8 +114,8 @@ impl Plugin for SnapshotPlugin {
                 autosave: self.autosave.clone(),
             })
             .init_resource::<AutosaveTimer>()
-            .configure_sets(Last, SnapshotSet.before(StorageSet::Dispatch))
-            .add_systems(Last, tick_autosave.in_set(SnapshotSet));
+            .configure_sets(Last, SnapshotSystems.before(StorageSystems::Dispatch))
+            .add_systems(Last, tick_autosave.in_set(SnapshotSystems));
     }
 
     fn finish(&self, app: &mut App) {
@@ -122,14 +123,21 @@ impl Plugin for SnapshotPlugin {
             error!(
                 "bevy_storage: SnapshotPlugin needs StoragePlugin in the app; world requests will be answered with an error"
             );
-            app.add_systems(Last, answer_without_storage.in_set(SnapshotSet));
+            app.add_systems(Last, answer_without_storage.in_set(SnapshotSystems));
         }
     }
 }
 
 /// The snapshot plugin's systems (in `Last`, after the storage requests are dispatched).
 #[derive(SystemSet, Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SnapshotSet;
+pub struct SnapshotSystems;
+
+/// The old name of [`SnapshotSystems`].
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed to SnapshotSystems, as Bevy's own sets"
+)]
+pub type SnapshotSet = SnapshotSystems;
 
 /// The game's own fields written into every snapshot's slot metadata (play time, level
 /// name ...). Keep it current; [`SaveWorld::metadata`] adds per-save fields on top.
@@ -583,6 +591,98 @@ impl RequestKind for LoadWorld {
             key: slot_label(&self.slot, &self.rotation),
             result: Err(error),
             skipped: Vec::new(),
+        }
+    }
+}
+
+/// Lists the world snapshots under a prefix, newest first, from their metadata alone;
+/// answered by [`SlotsListed`]. For a load menu: the listing runs on the task pool in turn with
+/// the saves and deletes of those slots.
+///
+/// ```no_run
+/// # use bevy::prelude::*;
+/// # use bevy_storage::prelude::*;
+/// fn open_load_menu(mut lists: MessageWriter<ListSlots>) {
+///     lists.write(ListSlots::new("slot:"));
+/// }
+/// fn show_slots(listed: On<SlotsListed>) {
+///     for slot in listed.result.as_deref().unwrap_or_default() {
+///         println!("{}: {} entities", slot.key, slot.entity_count);
+///     }
+/// }
+/// ```
+#[derive(Message, Debug, Clone)]
+pub struct ListSlots {
+    /// The request's id.
+    pub id: RequestId,
+    /// The key prefix of the slots (`""`: every snapshot in the store).
+    pub prefix: String,
+}
+
+impl ListSlots {
+    /// Lists the snapshots whose keys start with `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            id: RequestId::next(),
+            prefix: prefix.into(),
+        }
+    }
+}
+
+/// The answer to a [`ListSlots`]. A message and an observer event.
+#[derive(Message, Event, Debug, Clone)]
+pub struct SlotsListed {
+    /// The request's id.
+    pub id: RequestId,
+    /// The prefix listed.
+    pub prefix: String,
+    /// The slots, newest first.
+    pub result: StorageResult<Vec<SlotInfo>>,
+}
+
+impl StorageResponse for SlotsListed {
+    fn id(&self) -> RequestId {
+        self.id
+    }
+    fn error(&self) -> Option<&StorageError> {
+        self.result.as_ref().err().map(|e| &**e)
+    }
+}
+
+impl RequestKind for ListSlots {
+    type Response = SlotsListed;
+    type Input = ();
+    type Output = SlotsListed;
+
+    fn id(&self) -> RequestId {
+        self.id
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::prefix(&self.prefix)
+    }
+
+    fn input(&self, _world: &mut World) -> Result<(), SharedError> {
+        Ok(())
+    }
+
+    fn run(&self, store: &Store, (): ()) -> SlotsListed {
+        SlotsListed {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: snapshot::list_slots(store, &self.prefix).map_err(shared),
+        }
+    }
+
+    fn finish(&self, _world: &mut World, listed: SlotsListed) -> SlotsListed {
+        listed
+    }
+
+    fn fail(&self, error: SharedError) -> SlotsListed {
+        SlotsListed {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: Err(error),
         }
     }
 }
