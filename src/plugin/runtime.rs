@@ -136,15 +136,16 @@ impl Runtime {
 }
 
 impl Drop for Runtime {
-    /// Dropping the app without an `AppExit` still finishes what is running on the pool
-    /// (world requests, which need the app's world, cannot be finished then).
+    /// Dropping the app without an `AppExit` still finishes every key-value request already
+    /// dispatched, the store's open included (world requests, which need the app's world,
+    /// cannot be finished then).
     fn drop(&mut self) {
-        if self.shared.pool_tasks() == 0 && self.internal.get_mut().is_empty() {
+        if self.shared.outstanding_without_world() == 0 && self.internal.get_mut().is_empty() {
             return;
         }
         self.submit_everything();
         let deadline = Instant::now() + self.exit_timeout;
-        while self.shared.pool_tasks() > 0 {
+        while self.shared.outstanding_without_world() > 0 {
             if Instant::now() >= deadline {
                 bevy::log::error!(
                     "bevy_storage: storage requests were still running {:?} after the app was dropped; their results are lost",

@@ -154,8 +154,6 @@ struct Sched {
     running_set: ScopeSet,
     /// World work whose turn has come, waiting for the main thread to take its input.
     main_ready: Vec<Work>,
-    /// Tasks on the pool right now.
-    pool_tasks: usize,
     next_seq: u64,
     /// The batch that new writes may still join.
     open_batch: Option<u64>,
@@ -191,7 +189,6 @@ impl Shared {
                 running: HashMap::new(),
                 running_set: ScopeSet::default(),
                 main_ready: Vec::new(),
-                pool_tasks: 0,
                 next_seq: 0,
                 open_batch: None,
                 after_open_batch: ScopeSet::default(),
@@ -272,7 +269,6 @@ impl Shared {
                 if work.touches_world() {
                     sched.main_ready.push(work);
                 } else {
-                    sched.pool_tasks += 1;
                     self.start(work, store.clone(), false);
                 }
             } else {
@@ -301,7 +297,6 @@ impl Shared {
                     release: hold_scope.then_some(seq),
                 });
                 let mut sched = shared.sched.lock();
-                sched.pool_tasks -= 1;
                 if !hold_scope {
                     sched.release(seq);
                 }
@@ -324,7 +319,6 @@ impl Shared {
             for job in &mut work.jobs {
                 job.take_input(world);
             }
-            self.sched.lock().pool_tasks += 1;
             self.start(work, store.clone(), true);
         }
     }
@@ -394,9 +388,15 @@ impl Shared {
         sched.waiting.len() + sched.running.len() + opening
     }
 
-    /// Tasks running on the pool right now.
-    pub(crate) fn pool_tasks(&self) -> usize {
-        self.sched.lock().pool_tasks
+    /// Like [`outstanding`](Self::outstanding), leaving out world requests (which need the
+    /// app's world to finish): what dropping the app can still wait for.
+    pub(crate) fn outstanding_without_world(&self) -> usize {
+        let sched = self.sched.lock();
+        let opening =
+            usize::from(sched.opening_started && matches!(sched.state, StoreState::Opening));
+        let waiting = sched.waiting.iter().filter(|w| !w.scope.world).count();
+        let running = sched.running.values().filter(|s| !s.world).count();
+        opening + waiting + running
     }
 
     /// (queued requests, running work)
