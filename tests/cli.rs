@@ -1937,3 +1937,134 @@ fn the_redis_password_comes_from_the_environment_or_a_file_not_argv() {
     .fails(1, "");
     assert!(!wrong.stderr.contains("nope-nope"), "{}", wrong.stderr);
 }
+
+/// Runs the binary as [`run`] does, on a main thread with the 2 MiB stack of a game's threads.
+fn run_on_a_small_stack(args: &[&str]) -> Run {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bevy-storage"));
+    cmd.args(args)
+        .env_remove("BEVY_STORAGE_URL")
+        .env_remove("BEVY_STORAGE_KEY")
+        .env_remove("BEVY_STORAGE_PASSPHRASE")
+        .env_remove("BEVY_STORAGE_REDIS_PASSWORD");
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2 * 1024 * 1024,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_STACK, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("the binary runs");
+    Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {:?}", out.status)),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Hostile saves and dumps (issue 13): nesting 100,000 deep in a dump line, in a RON record
+/// and in a postcard record never crash the inspector on a 2 MiB stack: each is one error
+/// line (or, for `get`, the record shown as text), and the store is left as it was.
+#[test]
+fn hostile_dumps_and_records_never_crash_the_inspector() {
+    use bevy_storage::backend::{PutMode, Record, RecordMeta, WriteOp};
+    use bevy_storage::codec::envelope::{self, SealOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hostile.db");
+    let store_url = url("sqlite", &path);
+    let store = Store::open(StorageConfig::sqlite(&path)).unwrap();
+    store.set("mine", &1u8).unwrap();
+    let plant = |key: &str, payload: &[u8], format: Format| {
+        let options = SealOptions {
+            format,
+            compression_level: 0,
+            encrypt: false,
+        };
+        let (value, _) = envelope::seal(key, payload, &options, None).unwrap();
+        let now = bevy_storage::clock::Timestamp::now();
+        let record = Record {
+            meta: RecordMeta {
+                created_at: now,
+                modified_at: now,
+                accessed_at: now,
+                expires_at: None,
+                size: value.len() as u64,
+                compressed: false,
+                encrypted: false,
+                custom: Default::default(),
+            },
+            value,
+        };
+        let op = WriteOp::Put {
+            key: key.to_owned(),
+            record,
+            mode: PutMode::Upsert,
+        };
+        store.backend().write(vec![op], now).unwrap();
+    };
+    let deep_ron = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    plant("deep:ron", deep_ron.as_bytes(), Format::Ron);
+    plant("deep:postcard", &vec![1u8; 100_000], Format::Binary);
+    for key in ["deep:ron", "deep:postcard"] {
+        for args in [
+            vec!["--store", &store_url, "get", key],
+            vec!["--store", &store_url, "get", "--json", key],
+        ] {
+            let out = run_on_a_small_stack(&args);
+            println!(
+                "get {key}: exit {}, {}",
+                out.code,
+                out.stderr.trim().chars().take(160).collect::<String>()
+            );
+            assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+            assert!(
+                out.code == 0 || out.stderr.starts_with("error: "),
+                "{args:?}: exit {} {}",
+                out.code,
+                out.stderr
+            );
+        }
+    }
+
+    // A dump whose record line nests 100,000 deep, and one with a deep custom field.
+    let dump = dir.path().join("good.jsonl");
+    run(
+        &["--store", &store_url, "export", dump.to_str().unwrap()],
+        &[],
+    )
+    .ok();
+    let good = std::fs::read_to_string(&dump).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    let header = lines[0];
+    for (name, line) in [
+        ("a deep line", deep_ron.clone()),
+        (
+            "a deep custom field",
+            format!(
+                r#"{{"key":"x","value":"","size":0,"created_at":0,"modified_at":0,"accessed_at":0,"expires_at":null,"compressed":false,"encrypted":false,"custom":{{"a":{deep_ron}}}}}"#
+            ),
+        ),
+    ] {
+        let hostile = dir.path().join(format!("{}.jsonl", name.replace(' ', "-")));
+        std::fs::write(&hostile, format!("{header}\n{line}\n")).unwrap();
+        let target = url("sqlite", &dir.path().join("target.db"));
+        let out = run_on_a_small_stack(&["--store", &target, "import", hostile.to_str().unwrap()]);
+        println!("import {name}: exit {}, {}", out.code, out.stderr.trim());
+        assert_ne!(out.code, 0, "{name} was imported");
+        assert!(
+            out.stderr.starts_with("error: ") && !out.stderr.contains("panicked"),
+            "{name}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(store.list_keys("mine").unwrap(), ["mine"]);
+}
