@@ -12,6 +12,9 @@
 //! - **Disk faults**: an error-injecting backend shows that the store returns the typed error
 //!   and keeps the previous values (also its quota and read cache stay right); when the tests
 //!   run as root, a small tmpfs is filled for real through the file and SQLite backends.
+// The secret and fault-injection tests need the `encryption` feature; without it their
+// helpers are unused.
+#![cfg_attr(not(feature = "encryption"), allow(dead_code, unused_imports))]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -564,6 +567,7 @@ fn assert_error_clean(what: &str, e: &StorageError) {
     }
 }
 
+#[cfg(feature = "encryption")]
 #[test]
 fn no_key_material_in_debug_output() {
     let keys = [
@@ -628,6 +632,7 @@ fn redis_urls() -> Vec<String> {
 
 /// Errors from every path that handles a secret: bad keys, wrong keys, missing keys,
 /// tampered records, unreachable servers with a password in their URL.
+#[cfg(feature = "encryption")]
 #[test]
 fn no_key_material_in_error_messages() {
     let mut errors: Vec<(String, StorageError)> = Vec::new();
@@ -838,6 +843,7 @@ impl<S: bevy::log::tracing::Subscriber> bevy::log::tracing_subscriber::Layer<S> 
 
 /// The plugin logs why a store cannot be opened; with a wrong key or passphrase, and with a
 /// password in a Redis URL, that log line must say what is wrong without the secret.
+#[cfg(feature = "encryption")]
 #[test]
 fn no_key_material_in_log_output() {
     use bevy::prelude::*;
@@ -1181,18 +1187,20 @@ fn a_backend_answering_too_few_outcomes_is_an_error() {
     assert!(store.get_stats().is_healthy);
 }
 
+#[cfg(feature = "encryption")]
 #[test]
 fn injected_faults_memory() {
     injected_faults_keep_previous_values(Arc::new(bevy_storage::backend::MemoryBackend::new()));
 }
 
+#[cfg(feature = "encryption")]
 #[test]
 fn injected_faults_file() {
     let dir = tempfile::tempdir().unwrap();
     injected_faults_keep_previous_values(Arc::new(FileBackend::open(dir.path()).unwrap()));
 }
 
-#[cfg(feature = "sqlite")]
+#[cfg(all(feature = "sqlite", feature = "encryption"))]
 #[test]
 fn injected_faults_sqlite() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,3 +1,5 @@
+#![cfg(all(feature = "compression", feature = "encryption"))]
+// The cases seal records with LZ4 and AES-GCM; the smallest build runs the other suites.
 //! Property tests over everything that parses stored bytes: the record envelope and value
 //! codec, the file backend's record files and journal, and the world-snapshot decoder.
 //!
