@@ -151,10 +151,10 @@ pub mod prelude {
     pub use crate::plugin::{
         ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted,
         ExistsRequest, ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted,
-        LoadRequest, PersistOptions, PersistResourceExt, PersistedResourceLoaded,
-        PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest, Storage, StorageActivity,
-        StorageCommandsExt, StoragePlugin, StoragePluginBuilder, StorageResponse, StorageSystems,
-        TransactionCompleted, TransactionRequest, WriteBatching,
+        LoadRequest, PersistCommandsExt, PersistOptions, PersistResourceExt,
+        PersistedResourceLoaded, PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest,
+        Storage, StorageActivity, StorageCommandsExt, StoragePlugin, StoragePluginBuilder,
+        StorageResponse, StorageSystems, TransactionCompleted, TransactionRequest, WriteBatching,
     };
     pub use crate::plugin::{
         ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,

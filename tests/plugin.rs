@@ -1462,3 +1462,94 @@ fn run_conditions_wait_for_the_store_and_for_persisted_resources() {
     );
     assert!(app.world().resource::<Observed>().ready_frames > 0);
 }
+
+/// Explicit control of a persisted resource: persist now (whatever the throttle), revert to
+/// the stored value (dropping unsaved changes), reset to the default (and remove the stored
+/// value, so the next launch starts from the default too).
+#[cfg(feature = "sqlite")]
+#[test]
+fn persisted_resources_persist_revert_and_reset_on_demand() {
+    use bevy::ecs::system::RunSystemOnce;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("explicit.db");
+    let make = || {
+        let mut app = app_with(persistent_plugin(&path));
+        // A throttle that never ends: only the explicit actions save.
+        app.persist_resource_with::<Settings>(
+            "config:settings",
+            PersistOptions::default().throttle(Duration::from_secs(3600)),
+        );
+        app
+    };
+    let stored = |app: &App| -> Option<Settings> {
+        app.world()
+            .resource::<Storage>()
+            .store()
+            .and_then(|s| s.get::<Settings>("config:settings").unwrap())
+    };
+    let act = |app: &mut App, f: fn(Commands)| {
+        app.world_mut().run_system_once(f).unwrap();
+    };
+    let mut app = make();
+    assert!(pump_until(&mut app, WAIT, |w| !w
+        .resource::<Seen>()
+        .persisted_loaded
+        .is_empty()));
+
+    // The first change is saved at once (the throttle starts with it); the second waits.
+    app.world_mut().resource_mut::<Settings>().volume = 3;
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Seen>()
+        .persisted_saved
+        == 1));
+    app.world_mut().resource_mut::<Settings>().volume = 4;
+    for _ in 0..10 {
+        app.update();
+    }
+    assert_eq!(stored(&app).unwrap().volume, 3, "throttled");
+
+    // Persist now.
+    act(&mut app, |mut c| c.persist_resource_now::<Settings>());
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Seen>()
+        .persisted_saved
+        == 2));
+    assert_eq!(stored(&app).unwrap().volume, 4);
+
+    // Revert drops an unsaved change.
+    app.world_mut().resource_mut::<Settings>().volume = 99;
+    act(&mut app, |mut c| c.revert_resource::<Settings>());
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Seen>()
+        .persisted_loaded
+        .len()
+        == 2));
+    assert_eq!(app.world().resource::<Settings>().volume, 4);
+    for _ in 0..5 {
+        app.update();
+    }
+    assert_eq!(
+        app.world().resource::<Seen>().persisted_saved,
+        2,
+        "the reverted value is not saved back"
+    );
+
+    // Reset: the default, and nothing stored.
+    act(&mut app, |mut c| c.reset_resource::<Settings>());
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Seen>()
+        .persisted_saved
+        == 3));
+    assert_eq!(*app.world().resource::<Settings>(), Settings::default());
+    assert_eq!(stored(&app), None);
+    drop(app);
+
+    // The next launch starts from the default.
+    let mut app = make();
+    assert!(pump_until(&mut app, WAIT, |w| !w
+        .resource::<Seen>()
+        .persisted_loaded
+        .is_empty()));
+    assert_eq!(app.world().resource::<Seen>().persisted_loaded, [Ok(false)]);
+    assert_eq!(*app.world().resource::<Settings>(), Settings::default());
+}

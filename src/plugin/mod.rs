@@ -86,7 +86,9 @@ use bevy::app::AppExit;
 use bevy::prelude::*;
 
 pub use commands::StorageCommandsExt;
-pub use persistent::{PersistOptions, PersistResourceExt, PersistState, resource_loaded};
+pub use persistent::{
+    PersistCommandsExt, PersistOptions, PersistResourceExt, PersistState, resource_loaded,
+};
 pub use requests::{
     ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted, ExistsRequest,
     ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted, LoadRequest, LoadedValue,

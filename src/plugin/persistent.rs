@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 
 use super::kind::{Pending, publish};
 use super::requests::{
-    LoadCompleted, LoadRequest, PersistedResourceLoaded, PersistedResourceSaved, SaveCompleted,
-    SaveRequest,
+    DeleteCompleted, DeleteRequest, LoadCompleted, LoadRequest, PersistedResourceLoaded,
+    PersistedResourceSaved, SaveCompleted, SaveRequest,
 };
 use super::{StorageRuntime, StorageSystems};
 use crate::store::SaveOptions;
@@ -131,6 +131,8 @@ impl PersistResourceExt for App {
                 loaded_tick: None,
                 save_failing: false,
                 missing_plugin_logged: false,
+                action: None,
+                reverting: false,
                 _marker: PhantomData,
             })
             .add_systems(Last, persist_system::<R>.in_set(StorageSystems::Persist))
@@ -159,7 +161,79 @@ pub struct PersistState<R> {
     loaded_tick: Option<Tick>,
     save_failing: bool,
     missing_plugin_logged: bool,
+    /// What the game asked for explicitly, done at the next `Persist` step.
+    action: Option<PersistAction>,
+    /// The load in flight is a revert: nothing stored means the default.
+    reverting: bool,
     _marker: PhantomData<fn() -> R>,
+}
+
+/// What a game can ask of a persisted resource explicitly (see [`PersistCommandsExt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PersistAction {
+    Persist,
+    Revert,
+    Reset,
+}
+
+/// Explicit control of a persisted resource, beside the automatic save on change.
+///
+/// ```no_run
+/// # use bevy::prelude::*;
+/// # use bevy_storage::prelude::*;
+/// # #[derive(Resource, Clone, Default, serde::Serialize, serde::Deserialize)]
+/// # struct Settings { volume: f32 }
+/// #[derive(Message)]
+/// enum MenuButton { Apply, Cancel, Defaults }
+///
+/// fn settings_menu(mut commands: Commands, mut buttons: MessageReader<MenuButton>) {
+///     for button in buttons.read() {
+///         match button {
+///             // Saved at once, whatever the throttle.
+///             MenuButton::Apply => commands.persist_resource_now::<Settings>(),
+///             // Back to what is saved; unsaved changes are dropped.
+///             MenuButton::Cancel => commands.revert_resource::<Settings>(),
+///             // The default, and the stored value removed.
+///             MenuButton::Defaults => commands.reset_resource::<Settings>(),
+///         }
+///     }
+/// }
+/// ```
+pub trait PersistCommandsExt {
+    /// Saves the resource now, whatever the throttle, even if it did not change. Answered by
+    /// a [`PersistedResourceSaved`].
+    fn persist_resource_now<R: Resource>(&mut self);
+    /// Replaces the resource with its stored value (its `Default` when nothing is stored),
+    /// discarding changes not saved yet. Answered by a [`PersistedResourceLoaded`].
+    fn revert_resource<R: Resource>(&mut self);
+    /// Replaces the resource with its `Default` and removes the stored value, so the next
+    /// launch starts from the default too. Answered by a [`PersistedResourceSaved`] (of the
+    /// removal).
+    fn reset_resource<R: Resource>(&mut self);
+}
+
+impl PersistCommandsExt for Commands<'_, '_> {
+    fn persist_resource_now<R: Resource>(&mut self) {
+        self.queue(ask::<R>(PersistAction::Persist));
+    }
+
+    fn revert_resource<R: Resource>(&mut self) {
+        self.queue(ask::<R>(PersistAction::Revert));
+    }
+
+    fn reset_resource<R: Resource>(&mut self) {
+        self.queue(ask::<R>(PersistAction::Reset));
+    }
+}
+
+fn ask<R: Resource>(action: PersistAction) -> impl FnOnce(&mut World) {
+    move |world: &mut World| match world.get_resource_mut::<PersistState<R>>() {
+        Some(mut state) => state.action = Some(action),
+        None => warn!(
+            "bevy_storage: {action:?} of {}, which is not persisted (call persist_resource first)",
+            type_name::<R>()
+        ),
+    }
 }
 
 /// A run condition: true once the persisted resource `R` has its saved value (the load at
@@ -217,6 +291,34 @@ fn persist_system<R>(
     if resource.is_changed() && state.loaded_tick != Some(resource.last_changed()) {
         state.dirty = true;
     }
+    if state.phase == Phase::Ready
+        && let Some(action) = state.action.take()
+    {
+        match action {
+            PersistAction::Persist => {
+                state.dirty = true;
+                state.last_save = None; // due now
+            }
+            PersistAction::Revert => {
+                state.phase = Phase::Loading;
+                state.reverting = true;
+                state.dirty = false;
+                let load = LoadRequest::new(state.key.clone());
+                runtime
+                    .inner
+                    .push_internal(Box::new(Pending::internal(load, on_loaded::<R>)));
+                return;
+            }
+            PersistAction::Reset => {
+                state.dirty = false;
+                let delete = DeleteRequest::new(state.key.clone());
+                runtime
+                    .inner
+                    .push_internal(Box::new(Pending::internal(delete, on_reset::<R>)));
+                return;
+            }
+        }
+    }
     if state.phase != Phase::Ready || !state.dirty {
         return;
     }
@@ -237,24 +339,64 @@ fn persist_system<R>(
         .push_internal(Box::new(Pending::internal(save, on_saved::<R>)));
 }
 
+/// Inserts `value` as the resource's stored value: a change that is not saved back.
+fn insert_as_stored<R>(world: &mut World, value: R)
+where
+    R: Resource + Clone + Default + Serialize + DeserializeOwned,
+{
+    world.insert_resource(value);
+    let tick = world.get_resource_ref::<R>().map(|r| r.last_changed());
+    if let Some(mut state) = world.get_resource_mut::<PersistState<R>>() {
+        state.loaded_tick = tick;
+        state.dirty = false;
+    }
+    // A change made right after this (by an observer, in this same exclusive system) must
+    // carry a newer tick, or it would pass for the load itself.
+    world.increment_change_tick();
+}
+
+fn on_reset<R>(world: &mut World, done: DeleteCompleted)
+where
+    R: Resource + Clone + Default + Serialize + DeserializeOwned,
+{
+    let result = done.result.map(drop);
+    match &result {
+        Ok(()) => insert_as_stored(world, R::default()),
+        Err(e) => warn!(
+            "bevy_storage: could not reset the persisted resource {} under {:?}: {e}; keeping its current value",
+            type_name::<R>(),
+            done.key
+        ),
+    }
+    publish(
+        world,
+        PersistedResourceSaved {
+            key: done.key,
+            type_name: type_name::<R>(),
+            result,
+        },
+    );
+}
+
 fn on_loaded<R>(world: &mut World, done: LoadCompleted)
 where
     R: Resource + Clone + Default + Serialize + DeserializeOwned,
 {
+    let reverting = world
+        .get_resource_mut::<PersistState<R>>()
+        .is_some_and(|mut s| std::mem::take(&mut s.reverting));
     let result = match done.decode::<R>() {
         Ok(Some(value)) => {
-            world.insert_resource(value);
-            let tick = world.get_resource_ref::<R>().map(|r| r.last_changed());
-            if let Some(mut state) = world.get_resource_mut::<PersistState<R>>() {
-                state.loaded_tick = tick;
-                state.dirty = false;
-            }
-            // A change made right after this (by an observer of the load, in this same
-            // exclusive system) must carry a newer tick, or it would pass for the load itself.
-            world.increment_change_tick();
+            insert_as_stored(world, value);
             Ok(true)
         }
-        Ok(None) => Ok(false),
+        Ok(None) => {
+            if reverting {
+                // Nothing stored: what the resource reverts to is its default.
+                insert_as_stored(world, R::default());
+            }
+            Ok(false)
+        }
         Err(e) => {
             warn!(
                 "bevy_storage: could not load the persisted resource {} from {:?}: {e}; keeping its current value",
