@@ -1,0 +1,92 @@
+//! A store's statistics ([`StorageStats`]) and the counters behind them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// Timings and counts of the operations a store ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PerformanceStats {
+    /// Reads (load, exists, get_metadata, list_keys).
+    pub reads: u64,
+    /// Writes (save, delete, transaction, clear, purge).
+    pub writes: u64,
+    /// `reads + writes`.
+    pub operation_count: u64,
+    /// Operations that returned an error.
+    pub errors: u64,
+    /// Mean time of a read.
+    pub avg_read_time: Duration,
+    /// Mean time of a write.
+    pub avg_write_time: Duration,
+}
+
+/// Read-cache effectiveness (all zero when the cache is off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Loads served from memory.
+    pub hits: u64,
+    /// Loads that went to the backend.
+    pub misses: u64,
+    /// Entries held now.
+    pub entries: u64,
+}
+
+/// A store's size, health and performance, from [`Store::get_stats`](super::Store::get_stats).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, bevy::prelude::Resource)]
+pub struct StorageStats {
+    /// Live (unexpired) records.
+    pub item_count: u64,
+    /// Their total stored size in bytes.
+    pub total_size: u64,
+    /// Bytes that can still be written: the smaller of what the quota and the medium allow
+    /// (`None` when neither is known).
+    pub available_space: Option<u64>,
+    /// The quota, if any.
+    pub max_size: Option<u64>,
+    /// `"memory"`, `"file"`, `"sqlite"`, or the custom backend's name.
+    pub backend_type: String,
+    /// False while the backend is failing: when the last read or the last write failed in the
+    /// backend (an outage, an I/O error, a full disk). Reads and writes are judged apart, so
+    /// reads that still succeed while writes fail (a full disk) do not make it true again;
+    /// the next successful operation of the failing kind does.
+    pub is_healthy: bool,
+    /// The most recent backend failure, if any.
+    pub last_error: Option<String>,
+    /// Operation counts and mean timings.
+    pub performance: PerformanceStats,
+    /// Read-cache hits and misses.
+    pub cache: CacheStats,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) reads: AtomicU64,
+    pub(super) read_nanos: AtomicU64,
+    pub(super) writes: AtomicU64,
+    pub(super) write_nanos: AtomicU64,
+    pub(super) errors: AtomicU64,
+    /// The last read failed in the backend.
+    pub(super) reads_failing: AtomicBool,
+    /// The last write failed in the backend.
+    pub(super) writes_failing: AtomicBool,
+    pub(super) last_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    /// The failure flag of one kind of operation.
+    pub(super) fn failing(&self, kind: OpKind) -> &AtomicBool {
+        match kind {
+            OpKind::Read => &self.reads_failing,
+            OpKind::Write => &self.writes_failing,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum OpKind {
+    Read,
+    Write,
+}
