@@ -686,7 +686,10 @@ fn failing_backend_errors_arrive_as_responses_and_mark_stats_unhealthy() {
     assert!(pump_until(&mut app, WAIT, |w| !w
         .resource::<StorageStats>()
         .is_healthy));
-    assert!(app.world().resource::<StorageStats>().last_error.is_some());
+    let stats = app.world().resource::<StorageStats>();
+    assert!(stats.last_error.is_some());
+    let failed_at = stats.last_error_at.expect("the failure carries its time");
+    assert!(failed_at.elapsed().unwrap_or_default() < Duration::from_secs(60));
 
     fail.store(false, Ordering::SeqCst);
     // Reads work again (the stats refresh reads), but writes failed last: still unhealthy
@@ -711,6 +714,13 @@ fn failing_backend_errors_arrive_as_responses_and_mark_stats_unhealthy() {
     assert!(pump_until(&mut app, WAIT, |w| w
         .resource::<StorageStats>()
         .is_healthy));
+    // Recovered: the old error is history, not shown beside a healthy store.
+    let stats = app.world().resource::<StorageStats>();
+    assert_eq!(
+        (stats.last_error.as_deref(), stats.last_error_at),
+        (None, None),
+        "{stats:?}"
+    );
 }
 
 #[test]

@@ -136,6 +136,7 @@ fn apply(world: &mut World, done: Vec<Done>) {
                 let mut stats = world.resource_mut::<StorageStats>();
                 stats.is_healthy = false;
                 stats.last_error = Some(e.to_string());
+                stats.last_error_at = Some(std::time::SystemTime::now());
                 world.resource_mut::<StorageActivity>().state = StorageState::Failed(e.to_string());
             }
             Done::Work {

@@ -271,7 +271,7 @@ impl Store {
         count.fetch_add(1, Ordering::Relaxed);
         total.fetch_add(nanos, Ordering::Relaxed);
         match &result {
-            Ok(_) => c.failing(kind).store(false, Ordering::Relaxed),
+            Ok(_) => self.note_success(kind),
             Err(e) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 self.note_error(kind, e);
@@ -284,7 +284,20 @@ impl Store {
         if e.is_backend_failure() {
             let c = &self.inner.counters;
             c.failing(kind).store(true, Ordering::Relaxed);
-            *c.last_error.lock() = Some(e.to_string());
+            let at = self.inner.clock.now().to_system_time();
+            *c.last_error.lock() = Some((e.to_string(), at));
+        }
+    }
+
+    /// An operation of `kind` succeeded: once no kind is failing any more, the last error is
+    /// history and no longer reported.
+    fn note_success(&self, kind: OpKind) {
+        let c = &self.inner.counters;
+        if c.failing(kind).swap(false, Ordering::Relaxed)
+            && !c.reads_failing.load(Ordering::Relaxed)
+            && !c.writes_failing.load(Ordering::Relaxed)
+        {
+            *c.last_error.lock() = None;
         }
     }
 
@@ -646,7 +659,7 @@ impl Store {
         let c = &self.inner.counters;
         let (item_count, total_size) = match usage {
             Ok(u) => {
-                c.reads_failing.store(false, Ordering::Relaxed);
+                self.note_success(OpKind::Read);
                 u
             }
             Err(e) => {
@@ -665,6 +678,11 @@ impl Store {
         let avg = |nanos: &AtomicU64, n: u64| {
             Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
         };
+        // One lock: a guard in a field of the literal below would live to its end.
+        let (last_error, last_error_at) = match &*c.last_error.lock() {
+            Some((error, at)) => (Some(error.clone()), Some(*at)),
+            None => (None, None),
+        };
         StorageStats {
             item_count,
             total_size,
@@ -673,7 +691,8 @@ impl Store {
             backend_type: backend.backend_type().to_owned(),
             is_healthy: !c.reads_failing.load(Ordering::Relaxed)
                 && !c.writes_failing.load(Ordering::Relaxed),
-            last_error: c.last_error.lock().clone(),
+            last_error,
+            last_error_at,
             cache: self
                 .inner
                 .cache

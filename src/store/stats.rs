@@ -1,7 +1,7 @@
 //! A store's statistics ([`StorageStats`]) and the counters behind them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -53,8 +53,12 @@ pub struct StorageStats {
     /// reads that still succeed while writes fail (a full disk) do not make it true again;
     /// the next successful operation of the failing kind does.
     pub is_healthy: bool,
-    /// The most recent backend failure, if any.
+    /// The backend failure that makes the store unhealthy now: the most recent one while
+    /// `is_healthy` is false, `None` once an operation of every failing kind succeeded again
+    /// (a stale error is never shown after recovery).
     pub last_error: Option<String>,
+    /// When [`last_error`](Self::last_error) happened, by the store's clock.
+    pub last_error_at: Option<SystemTime>,
     /// Operation counts and mean timings.
     pub performance: PerformanceStats,
     /// Read-cache hits and misses.
@@ -72,7 +76,8 @@ pub(super) struct Counters {
     pub(super) reads_failing: AtomicBool,
     /// The last write failed in the backend.
     pub(super) writes_failing: AtomicBool,
-    pub(super) last_error: Mutex<Option<String>>,
+    /// The failure behind the failing flags, and when it happened.
+    pub(super) last_error: Mutex<Option<(String, SystemTime)>>,
 }
 
 impl Counters {
