@@ -546,71 +546,43 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
 impl<S> BoundedSerializer<'_, S> {
     /// The `end` of a tuple or struct variant: it gives back two levels, the enum's and the
     /// compound's.
+    fn end_compound(&self) {
+        self.budget.leave();
+    }
+
     fn end_variant(&self) {
         self.budget.leave();
         self.budget.leave();
     }
 }
 
-impl<S: ser::SerializeSeq> ser::SerializeSeq for BoundedSerializer<'_, S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
+/// The compounds whose elements are values: each element is bounded, and `end` gives the
+/// compound's level back (two for a variant, see `end_variant`).
+macro_rules! bounded_elements {
+    ($($trait:ident :: $method:ident, $end:ident);* $(;)?) => {$(
+        impl<S: ser::$trait> ser::$trait for BoundedSerializer<'_, S> {
+            type Ok = S::Ok;
+            type Error = S::Error;
 
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
-        let value = self.value(value);
-        self.inner.serialize_element(&value)
-    }
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
+                let value = self.value(value);
+                self.inner.$method(&value)
+            }
 
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.budget.leave();
-        self.inner.end()
-    }
+            fn end(self) -> Result<S::Ok, S::Error> {
+                self.$end();
+                self.inner.end()
+            }
+        }
+    )*};
 }
 
-impl<S: ser::SerializeTuple> ser::SerializeTuple for BoundedSerializer<'_, S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
-
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
-        let value = self.value(value);
-        self.inner.serialize_element(&value)
-    }
-
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.budget.leave();
-        self.inner.end()
-    }
-}
-
-impl<S: ser::SerializeTupleStruct> ser::SerializeTupleStruct for BoundedSerializer<'_, S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
-        let value = self.value(value);
-        self.inner.serialize_field(&value)
-    }
-
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.budget.leave();
-        self.inner.end()
-    }
-}
-
-impl<S: ser::SerializeTupleVariant> ser::SerializeTupleVariant for BoundedSerializer<'_, S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
-        let value = self.value(value);
-        self.inner.serialize_field(&value)
-    }
-
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.end_variant();
-        self.inner.end()
-    }
-}
+bounded_elements!(
+    SerializeSeq::serialize_element, end_compound;
+    SerializeTuple::serialize_element, end_compound;
+    SerializeTupleStruct::serialize_field, end_compound;
+    SerializeTupleVariant::serialize_field, end_variant;
+);
 
 impl<S: ser::SerializeMap> ser::SerializeMap for BoundedSerializer<'_, S> {
     type Ok = S::Ok;

@@ -344,18 +344,21 @@ pub trait StorageResponse {
     }
 }
 
+/// `StorageResponse` for responses with an `id` and a `result` (the world responses use it
+/// too).
 macro_rules! impl_response {
     ($($ty:ty),* $(,)?) => {$(
-        impl StorageResponse for $ty {
-            fn id(&self) -> RequestId {
+        impl $crate::plugin::requests::StorageResponse for $ty {
+            fn id(&self) -> $crate::plugin::requests::RequestId {
                 self.id
             }
-            fn error(&self) -> Option<&StorageError> {
+            fn error(&self) -> Option<&$crate::StorageError> {
                 self.result.as_ref().err().map(|e| &**e)
             }
         }
     )*};
 }
+pub(crate) use impl_response;
 
 impl_response!(
     SaveCompleted,

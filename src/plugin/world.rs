@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use super::StorageSystems;
 use super::kind::{RequestKind, add_request_kind, publish};
-use super::requests::{RequestId, SharedError, StorageResponse, StorageResult};
+use super::requests::{RequestId, SharedError, StorageResult, impl_response};
 use super::scope::Scope;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
@@ -256,23 +256,9 @@ pub struct WorldLoaded {
     pub skipped: Vec<(String, SharedError)>,
 }
 
-impl StorageResponse for WorldSaved {
-    fn id(&self) -> RequestId {
-        self.id
-    }
-    fn error(&self) -> Option<&StorageError> {
-        self.result.as_ref().err().map(|e| &**e)
-    }
-}
+impl_response!(WorldSaved);
 
-impl StorageResponse for WorldLoaded {
-    fn id(&self) -> RequestId {
-        self.id
-    }
-    fn error(&self) -> Option<&StorageError> {
-        self.result.as_ref().err().map(|e| &**e)
-    }
-}
+impl_response!(WorldLoaded);
 
 /// App methods for the typed fast path and migrations.
 pub trait SnapshotAppExt {
@@ -640,14 +626,7 @@ pub struct SlotsListed {
     pub result: StorageResult<Vec<SlotInfo>>,
 }
 
-impl StorageResponse for SlotsListed {
-    fn id(&self) -> RequestId {
-        self.id
-    }
-    fn error(&self) -> Option<&StorageError> {
-        self.result.as_ref().err().map(|e| &**e)
-    }
-}
+impl_response!(SlotsListed);
 
 impl RequestKind for ListSlots {
     type Response = SlotsListed;
