@@ -170,6 +170,53 @@ pub enum StorageError {
         message: String,
     },
 
+    /// The medium is full: the disk under a file or SQLite store (`ENOSPC`, `SQLITE_FULL`,
+    /// a disk quota) or the memory of a Redis server (`OOM command not allowed`). Nothing of
+    /// the failed write was applied and every record written before is intact; the store
+    /// reports itself unhealthy until a write succeeds again. Free space (delete records, or
+    /// on the server raise `maxmemory`) and retry.
+    #[error("{backend} store is full: {message}; nothing was written (free space and retry)")]
+    StorageFull {
+        /// Backend type.
+        backend: String,
+        /// What was being done, and what the system said.
+        message: String,
+    },
+
+    /// The store is read-only: opened with
+    /// [`StorageConfig::read_only`](crate::StorageConfig::read_only), or opened read-only by
+    /// itself because its medium refused writes (a read-only mount, a file without write
+    /// permission; [`StorageStats::read_only`](crate::StorageStats::read_only) says so).
+    /// Loads, lists, `exists` and metadata work; every write gets this error and changes
+    /// nothing.
+    #[error("{backend} store is read-only ({reason}): {operation} refused")]
+    ReadOnly {
+        /// Backend type.
+        backend: String,
+        /// The write that was refused.
+        operation: String,
+        /// Why the store is read-only.
+        reason: String,
+    },
+
+    /// A write batch was sent but its outcome is unknown: the connection broke or the
+    /// server stopped answering after the batch left, so it may or may not have been
+    /// applied (atomically: all of it or none). `batch_token` names the batch; on Redis
+    /// [`RedisBackend::batch_applied`](crate::backend::RedisBackend::batch_applied) answers
+    /// whether it was applied once the server is back.
+    #[error(
+        "{backend} write outcome unknown: {message}; the batch was sent and may or may not have been applied (all or none)"
+    )]
+    OutcomeUnknown {
+        /// Backend type.
+        backend: String,
+        /// What failed after the batch was sent.
+        message: String,
+        /// The batch's token, to ask later whether it was applied (`None` when the backend
+        /// cannot tell).
+        batch_token: Option<String>,
+    },
+
     /// A backend failed for another reason.
     #[error("{backend} backend error: {message}")]
     Backend {
@@ -255,11 +302,35 @@ impl StorageError {
         }
     }
 
-    /// An I/O error with a description of what was being done.
+    /// An I/O error with a description of what was being done. A full disk or disk quota
+    /// (`ENOSPC`, `EDQUOT`) becomes [`StorageFull`](Self::StorageFull) (backend `file`), so
+    /// that a full medium has one error whatever the backend.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ) {
+            return Self::StorageFull {
+                backend: "file".into(),
+                message: format!("{}: {source}", context.into()),
+            };
+        }
         Self::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// The store refuses `operation` because it is read-only for `reason`.
+    pub(crate) fn read_only(
+        backend: impl Into<String>,
+        operation: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::ReadOnly {
+            backend: backend.into(),
+            operation: operation.into(),
+            reason: reason.into(),
         }
     }
 
@@ -274,7 +345,11 @@ impl StorageError {
     pub fn is_backend_failure(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable { .. } | Self::Backend { .. } | Self::Io { .. }
+            Self::Unavailable { .. }
+                | Self::Backend { .. }
+                | Self::Io { .. }
+                | Self::StorageFull { .. }
+                | Self::OutcomeUnknown { .. }
         )
     }
 }

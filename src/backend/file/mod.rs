@@ -89,6 +89,22 @@ use record::{Loaded, encode_record, load_header, load_record, load_value, touch_
 
 const BACKEND: &str = "file";
 
+/// How a [`FileBackend`] opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileOptions {
+    /// Read only: no lock, nothing created, every write fails with
+    /// [`StorageError::ReadOnly`]. Default false.
+    pub read_only: bool,
+}
+
+impl FileOptions {
+    /// Options for a read-only (`true`) or a writing backend.
+    pub fn read_only(read_only: bool) -> Self {
+        Self { read_only }
+    }
+}
+
 /// One file per key under a root directory. See the [module docs](self) for the layout on disk,
 /// the names, crash safety and the locking rules.
 ///
@@ -113,7 +129,22 @@ impl FileBackend {
     /// - [`StorageError::Backend`] if an interrupted batch was journaled by a newer version
     ///   of this crate.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(root, FileOptions::default())
+    }
+
+    /// [`open`](Self::open) with options: [`FileOptions::read_only`] opens an existing
+    /// directory for reading only, taking no lock and creating nothing (no lock file, no
+    /// recovery of an interrupted batch). A directory whose lock file cannot be written (a
+    /// read-only mount, no permission) is opened that way by itself.
+    pub fn open_with(root: impl AsRef<Path>, options: FileOptions) -> Result<Self> {
         let given = root.as_ref();
+        if options.read_only && !given.is_dir() {
+            return Err(StorageError::read_only(
+                BACKEND,
+                format!("creating the storage directory {}", given.display()),
+                "the store is opened read-only and the directory does not exist",
+            ));
+        }
         fs::create_dir_all(given).map_err(|e| {
             StorageError::io(
                 format!("creating the storage directory {}", given.display()),
@@ -127,8 +158,16 @@ impl FileBackend {
             )
         })?;
         Ok(Self {
-            inner: Inner::shared(root)?,
+            inner: Inner::shared(root, options.read_only)?,
         })
+    }
+
+    /// Refuses `operation` on a read-only backend, before anything is touched.
+    fn guard_write(&self, operation: &str) -> Result<()> {
+        match &self.inner.read_only {
+            Some(reason) => Err(StorageError::read_only(BACKEND, operation, reason.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The root directory (canonicalized: absolute, symbolic links resolved).
@@ -278,6 +317,7 @@ impl Backend for FileBackend {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        self.guard_write("writing a batch")?;
         let mut state = self.lock_writer()?;
         // The metadata each key has after the ops so far (`None` = absent); a damaged file
         // counts as absent and is replaced.
@@ -336,6 +376,7 @@ impl Backend for FileBackend {
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        self.guard_write("updating an access time")?;
         let _state = self.lock_writer()?;
         let dir = &self.inner.dir;
         let path = match place_of(key) {
@@ -362,6 +403,7 @@ impl Backend for FileBackend {
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        self.guard_write("removing expired records")?;
         let _state = self.lock_writer()?;
         let expired: Vec<Change> = {
             let _gate = self.inner.gate.read();
@@ -382,6 +424,7 @@ impl Backend for FileBackend {
     }
 
     fn clear(&self) -> Result<()> {
+        self.guard_write("removing every record")?;
         let mut state = self.inner.writer.lock();
         let dir = &self.inner.dir;
         {
@@ -400,6 +443,10 @@ impl Backend for FileBackend {
 
     fn available_space(&self) -> Option<u64> {
         fs4::available_space(&self.inner.dir.root).ok()
+    }
+
+    fn read_only(&self) -> Option<String> {
+        self.inner.read_only.clone()
     }
 
     fn health_check(&self) -> Result<()> {

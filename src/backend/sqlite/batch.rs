@@ -67,7 +67,7 @@ impl<'t> BatchStatements<'t> {
     }
 
     /// Runs one operation of a batch inside its transaction.
-    fn apply(&mut self, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
+    fn apply(&mut self, op: &WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
         match op {
             WriteOp::Put {
                 key,
@@ -101,7 +101,7 @@ impl<'t> BatchStatements<'t> {
             }
             WriteOp::Put { key, record, mode } => {
                 let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
-                    .query_row([&key], |row| {
+                    .query_row([key], |row| {
                         Ok((
                             Previous {
                                 size: row.get(0)?,
@@ -113,8 +113,8 @@ impl<'t> BatchStatements<'t> {
                     .optional()?;
                 let live =
                     previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
-                if mode == PutMode::CreateOnly && live.is_some() {
-                    return Ok(OpResult::Exists(key));
+                if *mode == PutMode::CreateOnly && live.is_some() {
+                    return Ok(OpResult::Exists(key.clone()));
                 }
                 let meta = &record.meta;
                 let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
@@ -137,7 +137,7 @@ impl<'t> BatchStatements<'t> {
             }
             WriteOp::Delete { key } => {
                 let previous = Self::get(self.tx, &mut self.delete, SQL_DELETE)?
-                    .query_row([&key], |row| {
+                    .query_row([key], |row| {
                         Ok(Previous {
                             size: row.get(0)?,
                             expires_at: row.get(1)?,
@@ -160,7 +160,13 @@ enum OpResult {
 
 impl SqliteBackend {
     /// Applies a batch in one `BEGIN IMMEDIATE` transaction: see
-    /// [`write`](crate::backend::Backend::write).
+    /// [`write`](crate::backend::Backend::write). Refused on a read-only or damaged database.
+    ///
+    /// On a full disk (`SQLITE_FULL`) the WAL is checkpointed and truncated
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`) and the batch tried once more: pages freed by
+    /// deletes since the last checkpoint only become reusable once the WAL is written back,
+    /// and the WAL file itself keeps its size (up to the journal size limit) otherwise. If
+    /// it fails again the error is [`StorageError::StorageFull`] and nothing was written.
     pub(super) fn write_batch(
         &self,
         ops: Vec<WriteOp>,
@@ -169,6 +175,22 @@ impl SqliteBackend {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        self.guard_write("writing a batch")?;
+        match self.write_once(&ops, now) {
+            Err(StorageError::StorageFull { .. }) => {
+                {
+                    let conn = self.writer();
+                    // Best effort: a checkpoint that cannot run leaves the retry to fail.
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                }
+                self.write_once(&ops, now)
+            }
+            other => other,
+        }
+    }
+
+    /// One attempt at a batch, in one transaction.
+    fn write_once(&self, ops: &[WriteOp], now: Timestamp) -> Result<Vec<WriteOutcome>> {
         let count = ops.len();
         let mut conn = self.writer();
         let tx = conn

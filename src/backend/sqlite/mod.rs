@@ -53,7 +53,10 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
-use connection::{ReaderManager, open_error, open_reader, open_writer, sql_error};
+use connection::{
+    ReaderManager, check_read_only, is_damage, open_error, open_read_only, open_reader,
+    open_writer, read_only_medium, sql_error,
+};
 use schema::{
     READER_STATEMENTS, RawMeta, SQL_CLEAR, SQL_GET, SQL_GET_META, SQL_HEALTH, SQL_PURGE,
     SQL_SCAN_ALL, SQL_SCAN_FROM, SQL_SCAN_RANGE, SQL_TOUCH, SQL_USAGE, prefix_upper_bound,
@@ -94,6 +97,11 @@ pub struct SqliteOptions {
     /// read for a free reader connection) before failing with
     /// [`StorageError::Unavailable`]. Default 5 s.
     pub busy_timeout: Duration,
+    /// Open the database for reading only: every write fails with
+    /// [`StorageError::ReadOnly`] and the file is never changed. A store also opens
+    /// read-only by itself when the file cannot be written (a read-only mount, no write
+    /// permission). Default false.
+    pub read_only: bool,
 }
 
 impl Default for SqliteOptions {
@@ -102,6 +110,7 @@ impl Default for SqliteOptions {
             synchronous: SqliteSynchronous::Normal,
             pool_size: 10,
             busy_timeout: Duration::from_secs(5),
+            read_only: false,
         }
     }
 }
@@ -115,6 +124,10 @@ pub struct SqliteBackend {
     readers: Pool<ReaderManager>,
     writer: Mutex<Connection>,
     options: SqliteOptions,
+    /// Why the store only reads (the option, or a medium that refused writes).
+    read_only: Option<String>,
+    /// The damage found in the file, once a statement met it: writes are refused from then on.
+    damage: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -153,16 +166,44 @@ impl SqliteBackend {
             })?;
         }
 
-        let writer = open_writer(&path, options)?;
+        let read_only = if options.read_only {
+            Some("opened read-only".to_owned())
+        } else {
+            read_only_medium(&path)
+        };
+        if let Some(reason) = read_only.as_ref().filter(|_| !options.read_only) {
+            bevy::log::warn!("{}: {reason}; the store is opened read-only", path.display());
+        }
+        let writer = match &read_only {
+            None => open_writer(&path, options)?,
+            Some(_) => {
+                if !path.exists() {
+                    return Err(StorageError::read_only(
+                        BACKEND,
+                        format!("creating {}", path.display()),
+                        "the store is opened read-only and the database does not exist",
+                    ));
+                }
+                let conn = open_read_only(&path, options)
+                    .map_err(|e| open_error(&path, "opening the database read-only", e))?;
+                check_read_only(&conn, &path)?;
+                conn
+            }
+        };
 
         let manager = ReaderManager {
             path: path.clone(),
             options: options.clone(),
+            read_only: read_only.is_some(),
         };
         // Open one reader here so that a failure is reported now, clearly, instead of the
         // pool retrying in the background until its timeout.
-        let probe = open_reader(&path, options)
-            .map_err(|e| open_error(&path, "opening a reader connection", e))?;
+        let probe = if read_only.is_some() {
+            open_read_only(&path, options)
+        } else {
+            open_reader(&path, options)
+        }
+        .map_err(|e| open_error(&path, "opening a reader connection", e))?;
         for sql in READER_STATEMENTS {
             probe.prepare(sql).map_err(|e| schema_mismatch(&path, e))?;
         }
@@ -186,6 +227,8 @@ impl SqliteBackend {
             readers,
             writer: Mutex::new(writer),
             options: options.clone(),
+            read_only,
+            damage: Mutex::new(None),
         })
     }
 
@@ -218,9 +261,41 @@ impl SqliteBackend {
         })
     }
 
-    /// Maps a failure of `doing` (lazily formatted) on this database.
+    /// Maps a failure of `doing` (lazily formatted) on this database. Damage is
+    /// [`StorageError::Corrupt`] with SQLite's message, and is remembered: from then on
+    /// every write is refused (see [`guard_write`](Self::guard_write)).
     fn fail(&self, e: rusqlite::Error, doing: fmt::Arguments<'_>) -> StorageError {
+        if is_damage(&e) {
+            let reason = format!(
+                "the SQLite database is damaged ({doing}: {e}); writes are refused so as not to \
+                 damage it further; copy its readable records to a new store with \
+                 `bevy-storage salvage`"
+            );
+            let mut damage = self.damage.lock();
+            if damage.is_none() {
+                bevy::log::error!("{}: {reason}", self.path.display());
+                *damage = Some(reason.clone());
+            }
+            return StorageError::Corrupt {
+                key: self.path.display().to_string(),
+                reason,
+            };
+        }
         sql_error(e, &format!("{doing} in {}", self.path.display()))
+    }
+
+    /// Refuses `operation` on a read-only or damaged database, before it touches the file.
+    fn guard_write(&self, operation: &str) -> Result<()> {
+        if let Some(reason) = &self.read_only {
+            return Err(StorageError::read_only(BACKEND, operation, reason.clone()));
+        }
+        if let Some(reason) = &*self.damage.lock() {
+            return Err(StorageError::Corrupt {
+                key: self.path.display().to_string(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -281,6 +356,7 @@ impl Backend for SqliteBackend {
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        self.guard_write("updating an access time")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_TOUCH)
             .and_then(|mut stmt| stmt.execute(rusqlite::params![key, at.0]))
@@ -324,6 +400,7 @@ impl Backend for SqliteBackend {
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        self.guard_write("removing expired records")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_PURGE)
             .and_then(|mut stmt| stmt.execute([now.0]))
@@ -331,6 +408,7 @@ impl Backend for SqliteBackend {
     }
 
     fn clear(&self) -> Result<()> {
+        self.guard_write("removing every record")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_CLEAR)
             .and_then(|mut stmt| stmt.execute([]))
@@ -356,6 +434,14 @@ impl Backend for SqliteBackend {
             _ => Path::new("."),
         };
         fs4::available_space(dir).ok()
+    }
+
+    fn read_only(&self) -> Option<String> {
+        self.read_only.clone()
+    }
+
+    fn damage(&self) -> Option<String> {
+        self.damage.lock().clone()
     }
 
     fn health_check(&self) -> Result<()> {
