@@ -131,7 +131,10 @@ impl Inner {
                             | std::io::ErrorKind::PermissionDenied
                     ) =>
                 {
-                    let reason = format!("the lock file {} cannot be written: {e}", lock_path.display());
+                    let reason = format!(
+                        "the lock file {} cannot be written: {e}",
+                        lock_path.display()
+                    );
                     bevy::log::warn!(
                         "{}: {reason}; the store is opened read-only",
                         dir.root.display()

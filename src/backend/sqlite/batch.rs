@@ -4,8 +4,10 @@
 
 use rusqlite::{CachedStatement, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::SqliteBackend;
+use std::sync::atomic::Ordering;
+
 use super::schema::{SQL_DELETE, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED};
+use super::{SqliteBackend, reserve};
 use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
@@ -162,11 +164,10 @@ impl SqliteBackend {
     /// Applies a batch in one `BEGIN IMMEDIATE` transaction: see
     /// [`write`](crate::backend::Backend::write). Refused on a read-only or damaged database.
     ///
-    /// On a full disk (`SQLITE_FULL`) the WAL is checkpointed and truncated
-    /// (`PRAGMA wal_checkpoint(TRUNCATE)`) and the batch tried once more: pages freed by
-    /// deletes since the last checkpoint only become reusable once the WAL is written back,
-    /// and the WAL file itself keeps its size (up to the journal size limit) otherwise. If
-    /// it fails again the error is [`StorageError::StorageFull`] and nothing was written.
+    /// On a full disk (`SQLITE_FULL`) the disk reserve is released, the WAL written back
+    /// and emptied and the batch tried once more, as `sqlite/reserve.rs` describes. If it
+    /// still fails the error is [`StorageError::StorageFull`], nothing was written, and the
+    /// WAL is emptied again so that the failed attempt keeps no space.
     pub(super) fn write_batch(
         &self,
         ops: Vec<WriteOp>,
@@ -176,17 +177,71 @@ impl SqliteBackend {
             return Ok(Vec::new());
         }
         self.guard_write("writing a batch")?;
-        match self.write_once(&ops, now) {
+        let only_deletes = ops.iter().all(|op| matches!(op, WriteOp::Delete { .. }));
+        if self.reserve_missing.load(Ordering::Relaxed) && !only_deletes && !self.restore_reserve()
+        {
+            return Err(self.full_without_headroom());
+        }
+        let result = match self.write_once(&ops, now) {
             Err(StorageError::StorageFull { .. }) => {
-                {
-                    let conn = self.writer();
-                    // Best effort: a checkpoint that cannot run leaves the retry to fail.
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                reserve::release(&reserve::reserve_path(&self.path));
+                self.reserve_missing.store(true, Ordering::Relaxed);
+                if self.restore_reserve() || only_deletes {
+                    let again = self.write_once(&ops, now);
+                    if again.is_err() {
+                        self.checkpoint_truncate();
+                    }
+                    again
+                } else {
+                    Err(self.full_without_headroom())
                 }
-                self.write_once(&ops, now)
             }
             other => other,
+        };
+        if result.is_ok() && self.reserve_missing.load(Ordering::Relaxed) {
+            self.restore_reserve();
         }
+        result
+    }
+
+    /// Empties the WAL and sizes the reserve file to what the free pages of the database
+    /// leave of the headroom; true (and the reserve no longer missing) when it is whole.
+    fn restore_reserve(&self) -> bool {
+        let free_bytes = {
+            let conn = self.writer();
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let pages: i64 = conn
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap_or(0);
+            let size: i64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap_or(0);
+            u64::try_from(pages.saturating_mul(size)).unwrap_or(0)
+        };
+        let needed = self.options.disk_reserve.saturating_sub(free_bytes);
+        let whole = reserve::resize(&reserve::reserve_path(&self.path), needed);
+        self.reserve_missing.store(!whole, Ordering::Relaxed);
+        whole
+    }
+
+    /// The error of a save refused because the disk has no headroom left.
+    fn full_without_headroom(&self) -> StorageError {
+        StorageError::StorageFull {
+            backend: super::BACKEND.into(),
+            message: format!(
+                "the disk under {} is full (saves are refused until deletes or free disk space \
+                 leave the {} byte headroom a checkpoint needs)",
+                self.path.display(),
+                self.options.disk_reserve
+            ),
+        }
+    }
+
+    /// Writes the WAL back and truncates it to nothing. Best effort: a checkpoint that cannot
+    /// run leaves the next write to fail.
+    fn checkpoint_truncate(&self) {
+        let conn = self.writer();
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
     /// One attempt at a batch, in one transaction.

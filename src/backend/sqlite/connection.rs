@@ -260,7 +260,12 @@ pub(super) fn open_read_only(path: &Path, options: &SqliteOptions) -> rusqlite::
     });
     match first {
         Ok(conn) => Ok(conn),
-        Err(e) if matches!(error_code(&e), Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)) => {
+        Err(e)
+            if matches!(
+                error_code(&e),
+                Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)
+            ) =>
+        {
             let conn = Connection::open_with_flags(uri("&immutable=1"), flags)?;
             configure(&conn, options, true)?;
             Ok(conn)
@@ -325,6 +330,7 @@ mod tests {
             synchronous: SqliteSynchronous::Full,
             pool_size: 2,
             busy_timeout: Duration::from_millis(1500),
+            ..SqliteOptions::default()
         };
         let b = SqliteBackend::open(db(&dir), &options).unwrap();
         let w = b.writer.lock();

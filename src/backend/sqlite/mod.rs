@@ -35,9 +35,31 @@
 //! | `sqlite/schema.rs` | the `records` table, its statements, rows to metadata |
 //! | `sqlite/connection.rs` | the writer and the reader pool, pragmas, error mapping |
 //! | `sqlite/batch.rs` | write batches, one transaction each |
+//! | `sqlite/salvage.rs` | copying the readable records of a damaged database |
+//!
+//! # Damage, full disks, read-only files
+//!
+//! A statement that meets a damaged page (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) fails with
+//! [`StorageError::Corrupt`] carrying SQLite's message, and the backend remembers it: from
+//! then on every write is refused with that error (the file is not written into further),
+//! [`Backend::damage`] reports it and the store is unhealthy. A store still opens over a
+//! damaged file whose first page is readable, so that what can be read can be;
+//! [`salvage::salvage`] (`bevy-storage salvage SRC DEST`) copies every readable record into a
+//! new file.
+//!
+//! A full disk (`SQLITE_FULL`) is [`StorageError::StorageFull`]; the batch is retried once
+//! after `PRAGMA wal_checkpoint(TRUNCATE)`, which writes the WAL back and frees its space, so
+//! that the pages freed by deletes can be used again.
+//!
+//! [`SqliteOptions::read_only`] opens the file read-only (as `immutable` on a read-only
+//! medium, where SQLite cannot create the WAL's shared memory); a file that cannot be opened
+//! for writing (`EROFS`, `EACCES`) is opened that way by itself. Writes then fail with
+//! [`StorageError::ReadOnly`].
 
 mod batch;
 mod connection;
+mod reserve;
+pub mod salvage;
 mod schema;
 #[cfg(test)]
 mod testing;
@@ -102,6 +124,13 @@ pub struct SqliteOptions {
     /// read-only by itself when the file cannot be written (a read-only mount, no write
     /// permission). Default false.
     pub read_only: bool,
+    /// Headroom kept for a full disk: free pages of the database plus a file
+    /// `<db>-reserve` allocated beside it, released on `SQLITE_FULL` so that the WAL can
+    /// still be written back and the space freed by deletes used again (see
+    /// [`StorageError::StorageFull`] and the module docs). Default 4 MiB (the most a WAL
+    /// holds between two automatic checkpoints, 1,000 pages of 4 KiB); 0 keeps none. Not
+    /// kept when read-only.
+    pub disk_reserve: u64,
 }
 
 impl Default for SqliteOptions {
@@ -111,6 +140,7 @@ impl Default for SqliteOptions {
             pool_size: 10,
             busy_timeout: Duration::from_secs(5),
             read_only: false,
+            disk_reserve: 4 * 1024 * 1024,
         }
     }
 }
@@ -128,6 +158,8 @@ pub struct SqliteBackend {
     read_only: Option<String>,
     /// The damage found in the file, once a statement met it: writes are refused from then on.
     damage: Mutex<Option<String>>,
+    /// The disk reserve is not in place (see `sqlite/reserve.rs`).
+    reserve_missing: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -172,7 +204,10 @@ impl SqliteBackend {
             read_only_medium(&path)
         };
         if let Some(reason) = read_only.as_ref().filter(|_| !options.read_only) {
-            bevy::log::warn!("{}: {reason}; the store is opened read-only", path.display());
+            bevy::log::warn!(
+                "{}: {reason}; the store is opened read-only",
+                path.display()
+            );
         }
         let writer = match &read_only {
             None => open_writer(&path, options)?,
@@ -222,6 +257,16 @@ impl SqliteBackend {
                 )
             })?;
 
+        let reserve_missing = read_only.is_none()
+            && !reserve::resize(&reserve::reserve_path(&path), options.disk_reserve);
+        if reserve_missing {
+            bevy::log::warn!(
+                "{}: no room for the {} byte disk reserve; a full disk may then need a restart \
+                 to be written again",
+                path.display(),
+                options.disk_reserve
+            );
+        }
         Ok(Self {
             path,
             readers,
@@ -229,6 +274,7 @@ impl SqliteBackend {
             options: options.clone(),
             read_only,
             damage: Mutex::new(None),
+            reserve_missing: reserve_missing.into(),
         })
     }
 
