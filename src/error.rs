@@ -201,9 +201,13 @@ pub enum StorageError {
 
     /// A write batch was sent but its outcome is unknown: the connection broke or the
     /// server stopped answering after the batch left, so it may or may not have been
-    /// applied (atomically: all of it or none). `batch_token` names the batch; on Redis
-    /// [`RedisBackend::batch_applied`](crate::backend::RedisBackend::batch_applied) answers
-    /// whether it was applied once the server is back.
+    /// applied, and may still be applied after this error (a hung server runs it when it
+    /// wakes up). It is atomic either way: all of it or none, so one of its keys tells for
+    /// the whole batch. To find out, once the server answers again, read the metadata of a
+    /// key the batch saved: the batch was applied exactly when that record's `modified_at`
+    /// is the time of the save (every put of a batch carries it). The built-in backends
+    /// leave `batch_token` `None`; a custom backend that can name its batches puts the name
+    /// there.
     #[error(
         "{backend} write outcome unknown: {message}; the batch was sent and may or may not have been applied (all or none)"
     )]
@@ -278,9 +282,11 @@ pub enum StorageError {
         current: u32,
     },
 
-    /// Reserved for a transaction the store cannot apply as given; no operation returns it
-    /// today (an empty transaction is `Ok` and changes nothing; a key named twice applies
-    /// its operations in order).
+    /// A transaction the backend cannot apply as given, refused whole before anything was
+    /// written: on Redis, a batch larger than
+    /// [`MAX_BATCH_OPERATIONS`](crate::backend::redis::MAX_BATCH_OPERATIONS) operations or
+    /// [`MAX_BATCH_BYTES`](crate::backend::redis::MAX_BATCH_BYTES) (an empty transaction is
+    /// `Ok` and changes nothing; a key named twice applies its operations in order).
     #[error("invalid transaction: {0}")]
     InvalidTransaction(String),
 }

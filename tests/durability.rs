@@ -608,3 +608,222 @@ fn a_read_only_mount_opens_read_only_by_itself() {
     store.save("k00", &7u32, &SaveOptions::default()).unwrap();
     assert_eq!(store.get_stats().read_only, None);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis: bounds that hold when the server hangs
+
+#[cfg(feature = "redis")]
+mod redis_bounds {
+    use std::process::{Child, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A private `redis-server` on a free port, killed on drop.
+    struct Server {
+        child: Child,
+        port: u16,
+        _dir: TempDir,
+    }
+
+    impl Server {
+        fn start() -> Option<Self> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = TempDir::new().unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(child) => child,
+                Err(e) => {
+                    assert!(
+                        !common::under_ci(),
+                        "CI=true and redis-server cannot run: {e}"
+                    );
+                    eprintln!("!!!!! SKIPPED: cannot start redis-server ({e})");
+                    return None;
+                }
+            };
+            let server = Self {
+                child,
+                port,
+                _dir: dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if server.cli(&["PING"]).is_some_and(|o| o.contains("PONG")) {
+                    return Some(server);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("redis-server did not answer on port {port}");
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn cli(&self, args: &[&str]) -> Option<String> {
+            let out = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string()])
+                .args(args)
+                .output()
+                .ok()?;
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+
+        fn signal(&self, signal: i32) {
+            let pid = self.child.id() as i32;
+            assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.signal(libc::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The README's bound: connect timeout + response timeout, 3 s by default.
+    const BOUND: Duration = Duration::from_secs(3);
+    /// Scheduling slack on a loaded 2-core machine.
+    const SLACK: Duration = Duration::from_millis(400);
+
+    #[test]
+    fn every_operation_fails_within_the_bound_when_the_server_hangs() {
+        let Some(server) = Server::start() else {
+            return;
+        };
+        let store = Store::open(StorageConfig::redis(server.url(), "hang").pool_size(4)).unwrap();
+        for i in 0..20u32 {
+            store
+                .save(&format!("k{i}"), &i, &SaveOptions::default())
+                .unwrap();
+        }
+        server.signal(libc::SIGSTOP);
+        type Op<'a> = (&'a str, Box<dyn Fn() -> Result<(), StorageError> + 'a>);
+        let ops: Vec<Op<'_>> = vec![
+            (
+                "save",
+                Box::new(|| store.save("k1", &100u32, &SaveOptions::default())),
+            ),
+            (
+                "load",
+                Box::new(|| store.load::<u32>("k2", &LoadOptions::default()).map(drop)),
+            ),
+            ("exists", Box::new(|| store.exists("k3").map(drop))),
+            ("list", Box::new(|| store.list_keys("k").map(drop))),
+            ("delete", Box::new(|| store.delete("k4").map(drop))),
+            (
+                "transaction",
+                Box::new(|| {
+                    store.transaction(vec![
+                        StorageOperation::save("k5", 5u32),
+                        StorageOperation::delete("k6"),
+                    ])
+                }),
+            ),
+            ("metadata", Box::new(|| store.get_metadata("k7").map(drop))),
+        ];
+        // Twice over: the first round meets fresh connections, the second the aftermath.
+        for round in 0..2 {
+            for (name, op) in &ops {
+                let started = Instant::now();
+                let err = op().expect_err(name);
+                let took = started.elapsed();
+                eprintln!("round {round}: {name} failed after {took:?}: {err}");
+                assert!(took <= BOUND + SLACK, "{name} took {took:?}: {err}");
+                let write = matches!(*name, "save" | "delete" | "transaction");
+                assert!(
+                    matches!(err, StorageError::Unavailable { .. })
+                        || (write && matches!(err, StorageError::OutcomeUnknown { .. })),
+                    "{name}: {err:?}"
+                );
+            }
+        }
+        let started = Instant::now();
+        let stats = store.get_stats();
+        let took = started.elapsed();
+        eprintln!("stats after {took:?}: healthy {}", stats.is_healthy);
+        assert!(took <= BOUND + SLACK, "stats took {took:?}");
+        assert!(!stats.is_healthy);
+
+        server.signal(libc::SIGCONT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.save("after", &1u32, &SaveOptions::default()).is_err() {
+            assert!(Instant::now() < deadline, "no recovery");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(store.get_stats().is_healthy);
+    }
+
+    /// How long one batch blocks Redis, from `INFO commandstats` (`usec_per_call`), and the
+    /// refusal of batches over the limit. Prints the figures the README quotes.
+    #[test]
+    fn batch_blocking_time_and_the_size_limit() {
+        let Some(server) = Server::start() else {
+            return;
+        };
+        let store = Store::open(StorageConfig::redis(server.url(), "big").max_size(None)).unwrap();
+        let batch = |n: usize, from: usize, ttl: bool| -> Vec<StorageOperation> {
+            (from..from + n)
+                .map(|i| {
+                    let mut options = plain();
+                    if ttl {
+                        options = options.ttl(Duration::from_secs(3600));
+                    }
+                    StorageOperation::save_with(
+                        format!("r{i:06}"),
+                        random_bytes(200, i as u64),
+                        options,
+                    )
+                })
+                .collect()
+        };
+        for (n, ttl) in [
+            (1_000, false),
+            (1_000, true),
+            (10_000, false),
+            (10_000, true),
+        ] {
+            server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+            let started = Instant::now();
+            store
+                .transaction(batch(n, if ttl { 500_000 } else { 0 }, ttl))
+                .unwrap();
+            let took = started.elapsed();
+            let stats = server.cli(&["INFO", "commandstats"]).unwrap();
+            let lines: Vec<&str> = stats
+                .lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_exec"))
+                .collect();
+            eprintln!("batch of {n} records (ttl {ttl}) in {took:?}: {lines:?}");
+            // Clear for the next round so that it writes new keys again.
+            store.clear().unwrap();
+        }
+        let err = store
+            .transaction(batch(
+                bevy_storage::backend::redis::MAX_BATCH_OPERATIONS + 1,
+                0,
+                true,
+            ))
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::InvalidTransaction(_)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+        assert!(store.list_keys("").unwrap().is_empty());
+    }
+}

@@ -1182,13 +1182,7 @@ fn new_records_go_native_and_taken_keys_fall_back_to_the_script() {
         .arg(&["SET", "maxmemory", "0"])
         .query::<()>(&mut con)
         .unwrap();
-    assert!(
-        matches!(
-            &err,
-            StorageError::Backend { .. } | StorageError::Unavailable { .. }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(&err, StorageError::StorageFull { .. }), "{err:?}");
     assert!(err.to_string().contains("OOM"), "{err}");
     assert_eq!(paths(&mut con).1, before.1, "refused on the native path");
     assert!(b.get_meta("k5000").unwrap().is_none());
