@@ -562,7 +562,7 @@ fn explicit_read_only_file_store_takes_no_lock() {
         store.load::<u32>("k00", &LoadOptions::default()).unwrap(),
         Some(100)
     );
-    assert!(!writer.get_stats().read_only.is_some());
+    assert!(writer.get_stats().read_only.is_none());
     // A missing directory is not created.
     let err =
         Store::open(StorageConfig::file(dir.path().join("missing")).read_only(true)).unwrap_err();

@@ -20,10 +20,12 @@ use crate::error::{Result, StorageError};
 /// The advisory lock file.
 pub(super) const LOCK_FILE: &str = ".lock";
 
+/// The open directories: (canonical root, read-only) to the backend.
+type Registry = HashMap<(PathBuf, bool), Weak<Inner>>;
+
 /// Directories open in this process (and whether read-only), so that opening one twice
 /// shares one backend.
-static OPEN_ROOTS: LazyLock<Mutex<HashMap<(PathBuf, bool), Weak<Inner>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+static OPEN_ROOTS: LazyLock<Mutex<Registry>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// What the handles of one open directory share.
 pub(super) struct Inner {
