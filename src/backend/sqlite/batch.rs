@@ -186,7 +186,15 @@ impl SqliteBackend {
             Err(StorageError::StorageFull { .. }) => {
                 reserve::release(&reserve::reserve_path(&self.path));
                 self.reserve_missing.store(true, Ordering::Relaxed);
-                if self.restore_reserve() || only_deletes {
+                // Deletes may use the reserve's space (they free pages); saves only what is
+                // left once the reserve is whole again.
+                let room = if only_deletes {
+                    self.checkpoint_truncate();
+                    true
+                } else {
+                    self.restore_reserve()
+                };
+                if room {
                     let again = self.write_once(&ops, now);
                     if again.is_err() {
                         self.checkpoint_truncate();
@@ -218,7 +226,7 @@ impl SqliteBackend {
                 .unwrap_or(0);
             u64::try_from(pages.saturating_mul(size)).unwrap_or(0)
         };
-        let needed = self.options.disk_reserve.saturating_sub(free_bytes);
+        let needed = self.headroom.saturating_sub(free_bytes);
         let whole = reserve::resize(&reserve::reserve_path(&self.path), needed);
         self.reserve_missing.store(!whole, Ordering::Relaxed);
         whole
@@ -232,7 +240,7 @@ impl SqliteBackend {
                 "the disk under {} is full (saves are refused until deletes or free disk space \
                  leave the {} byte headroom a checkpoint needs)",
                 self.path.display(),
-                self.options.disk_reserve
+                self.headroom
             ),
         }
     }

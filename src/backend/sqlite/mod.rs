@@ -127,9 +127,10 @@ pub struct SqliteOptions {
     /// Headroom kept for a full disk: free pages of the database plus a file
     /// `<db>-reserve` allocated beside it, released on `SQLITE_FULL` so that the WAL can
     /// still be written back and the space freed by deletes used again (see
-    /// [`StorageError::StorageFull`] and the module docs). Default 4 MiB (the most a WAL
-    /// holds between two automatic checkpoints, 1,000 pages of 4 KiB); 0 keeps none. Not
-    /// kept when read-only.
+    /// [`StorageError::StorageFull`] and the module docs). Default 4 MiB (about what a WAL
+    /// holds between two automatic checkpoints by default); 0 keeps none. On a small disk it
+    /// is at most an eighth of the disk's size, and the WAL is checkpointed every headroom's
+    /// worth of pages. Not kept when read-only.
     pub disk_reserve: u64,
 }
 
@@ -160,6 +161,8 @@ pub struct SqliteBackend {
     damage: Mutex<Option<String>>,
     /// The disk reserve is not in place (see `sqlite/reserve.rs`).
     reserve_missing: std::sync::atomic::AtomicBool,
+    /// The headroom kept for a full disk, in bytes (see `sqlite/reserve.rs`).
+    headroom: u64,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -257,14 +260,23 @@ impl SqliteBackend {
                 )
             })?;
 
-        let reserve_missing = read_only.is_none()
-            && !reserve::resize(&reserve::reserve_path(&path), options.disk_reserve);
+        let headroom = if read_only.is_some() {
+            0
+        } else {
+            reserve::headroom(&path, options.disk_reserve)
+        };
+        if headroom > 0 {
+            // The WAL never holds more than the headroom between two checkpoints, so that
+            // the headroom always suffices to write it back.
+            let pages = i64::try_from(headroom / 4096).unwrap_or(i64::MAX).max(16);
+            let _ = writer.pragma_update(None, "wal_autocheckpoint", pages);
+        }
+        let reserve_missing = !reserve::resize(&reserve::reserve_path(&path), headroom);
         if reserve_missing {
             bevy::log::warn!(
-                "{}: no room for the {} byte disk reserve; a full disk may then need a restart \
-                 to be written again",
-                path.display(),
-                options.disk_reserve
+                "{}: no room for the {headroom} byte disk reserve; saves are refused until \
+                 there is",
+                path.display()
             );
         }
         Ok(Self {
@@ -275,6 +287,7 @@ impl SqliteBackend {
             read_only,
             damage: Mutex::new(None),
             reserve_missing: reserve_missing.into(),
+            headroom,
         })
     }
 

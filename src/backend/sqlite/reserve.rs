@@ -5,9 +5,11 @@
 //! them into the database, and that copy needs the database file to grow while the WAL
 //! still holds them. On a disk filled up to the last byte the checkpoint then fails too,
 //! and with it every later write, even deletes (they only add to the WAL). So the backend
-//! keeps *headroom* of [`SqliteOptions::disk_reserve`] bytes: pages on the database's free
-//! list (left by deletes; a checkpoint reuses them without growing the file) plus a file
-//! `<db>-reserve` allocated on disk (`posix_fallocate`) for the rest.
+//! keeps *headroom* of [`SqliteOptions::disk_reserve`] bytes (at most an eighth of the
+//! disk): pages on the database's free list (left by deletes; a checkpoint reuses them
+//! without growing the file) plus a file `<db>-reserve` allocated on disk
+//! (`posix_fallocate`) for the rest, and checkpoints the WAL every headroom's worth of pages
+//! (`wal_autocheckpoint`), so that the headroom always suffices to write the WAL back.
 //!
 //! On `SQLITE_FULL` the backend removes the reserve file, checkpoints with `TRUNCATE`
 //! (which writes the WAL back and empties the WAL file) and sizes the reserve again. When
@@ -22,6 +24,19 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
+
+/// The headroom for the database at `db`: `wanted`, but at most an eighth of the size of the
+/// disk it is on (a small disk cannot spare 4 MiB; its WAL is kept as small).
+pub(super) fn headroom(db: &Path, wanted: u64) -> u64 {
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match fs4::total_space(dir) {
+        Ok(total) => wanted.min(total / 8),
+        Err(_) => wanted,
+    }
+}
 
 /// The reserve file of the database at `db`.
 pub(super) fn reserve_path(db: &Path) -> PathBuf {
