@@ -53,6 +53,12 @@
 //! path that resolves to it) returns a handle to the same backend, sharing its lock and
 //! mutex. The lock is released when the last handle is dropped.
 //!
+//! A backend opened read-only ([`FileOptions::read_only`], or by itself when the lock file
+//! cannot be written: a read-only mount, no permission) takes no lock and creates, removes
+//! and recovers nothing; every change fails with [`StorageError::ReadOnly`]. It may share the
+//! directory with a writer, whose changes it sees file by file (an unfinished batch left by a
+//! crash stays unfinished until a writer opens the directory).
+//!
 //! # Where the code is
 //!
 //! Each file holds one idea and documents its own format:
