@@ -294,7 +294,7 @@ impl StoragePluginBuilder {
     }
 
     /// Opens the store read-only (file and SQLite stores): loads work, every write fails
-    /// with [`StorageError::ReadOnly`](crate::StorageError::ReadOnly). See
+    /// with [`StorageError::ReadOnly`]. See
     /// [`StorageConfig::read_only`](crate::StorageConfig::read_only).
     pub fn read_only(self, on: bool) -> Self {
         self.store_option(|c| c.read_only(on))
