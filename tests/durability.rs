@@ -827,3 +827,52 @@ mod redis_bounds {
         assert!(store.list_keys("").unwrap().is_empty());
     }
 }
+
+/// `bevy-storage salvage` end to end: the report, the exit code, and the copy.
+#[cfg(feature = "cli")]
+#[test]
+fn salvage_command_reports_losses_and_copies_the_rest() {
+    let dir = TempDir::new().unwrap();
+    let path = build_store(dir.path());
+    let run = |dest: &Path, json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bevy-storage"));
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.arg("salvage").arg(&path).arg(dest).output().unwrap()
+    };
+    // An intact store: everything copied, exit code 0.
+    let out = run(&dir.path().join("whole.db"), false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("salvaged 3001 record(s)"), "{stdout}");
+    assert!(stdout.contains("every record was readable"), "{stdout}");
+    // Damaged leaves: the losses are reported by key range, exit code 1.
+    let (page_size, leaves) = pages(&path, "records", "leaf");
+    damage(&path, page_size, &[leaves[5]]);
+    let dest = dir.path().join("part.db");
+    let out = run(&dest, true);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recovered = report["recovered"].as_u64().unwrap();
+    let lost = report["lost_key_count"].as_u64().unwrap();
+    assert!(recovered >= 2900 && lost > 0, "{report}");
+    assert_eq!(recovered + lost, 3001, "{report}");
+    let first = report["lost_keys"][0]["first"].as_str().unwrap();
+    assert!(first.starts_with("rec:"), "{report}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not be read"));
+    let copy = Store::open(StorageConfig::sqlite(&dest)).unwrap();
+    assert_eq!(copy.list_keys("rec:").unwrap().len() as u64, recovered - 1);
+    // The destination must be new.
+    let out = run(&dest, false);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
