@@ -76,8 +76,8 @@ const NEW_RECORDS_BACKOFF: u32 = 16;
 
 /// Most operations in one batch. Larger batches are refused with
 /// [`StorageError::InvalidTransaction`] (never split: a batch is all or nothing): one script
-/// of 10,000 records blocks the server for every other client for about 20 ms (see the
-/// README's "Redis bounds" for the measurement).
+/// of 10,000 records with a TTL blocks the server for every other client for 66-132 ms on
+/// the project's 2-core machine (see the README's "Durability" section for the measurement).
 pub const MAX_BATCH_OPERATIONS: usize = 10_000;
 
 /// Most bytes (records and keys, about as sent) in one batch; larger ones are refused as
