@@ -390,6 +390,52 @@ mod tests {
     }
 
     #[test]
+    fn full_disk_damage_and_read_only_codes_are_typed() {
+        let sqlite = |code: i32| {
+            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some("m".into()))
+        };
+        let full = sql_error(sqlite(rusqlite::ffi::SQLITE_FULL), "writing");
+        assert!(matches!(full, StorageError::StorageFull { .. }), "{full:?}");
+        assert!(full.is_backend_failure());
+        let ro = sql_error(sqlite(rusqlite::ffi::SQLITE_READONLY), "writing");
+        assert!(matches!(ro, StorageError::ReadOnly { .. }), "{ro:?}");
+        assert!(is_damage(&sqlite(rusqlite::ffi::SQLITE_CORRUPT)));
+        assert!(is_damage(&sqlite(rusqlite::ffi::SQLITE_NOTADB)));
+        assert!(!is_damage(&sqlite(rusqlite::ffi::SQLITE_FULL)));
+        let opened = open_error(
+            Path::new("x.db"),
+            "opening",
+            sqlite(rusqlite::ffi::SQLITE_CORRUPT),
+        );
+        assert!(matches!(opened, StorageError::Corrupt { .. }), "{opened:?}");
+    }
+
+    #[test]
+    fn read_only_option_refuses_writes_and_leaves_the_file_alone() {
+        let dir = TempDir::new().unwrap();
+        put1(&open(&dir), "k", b"v", at(0), None);
+        let before = std::fs::read(db(&dir)).unwrap();
+        let options = SqliteOptions {
+            read_only: true,
+            ..SqliteOptions::default()
+        };
+        let b = SqliteBackend::open(db(&dir), &options).unwrap();
+        assert_eq!(b.get("k").unwrap().unwrap().value, b"v");
+        let err = b
+            .write(vec![put("k", record(b"w", at(1), None))], at(1))
+            .unwrap_err();
+        assert!(matches!(err, StorageError::ReadOnly { .. }), "{err:?}");
+        assert!(matches!(
+            b.touch("k", at(2)),
+            Err(StorageError::ReadOnly { .. })
+        ));
+        assert!(matches!(b.clear(), Err(StorageError::ReadOnly { .. })));
+        assert!(b.read_only().is_some());
+        drop(b);
+        assert!(std::fs::read(db(&dir)).unwrap() == before);
+    }
+
+    #[test]
     fn directory_path_is_unavailable() {
         let dir = TempDir::new().unwrap();
         let err = SqliteBackend::open(dir.path(), &SqliteOptions::default()).unwrap_err();

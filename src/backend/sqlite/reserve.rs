@@ -81,3 +81,26 @@ pub(super) fn resize(path: &Path, bytes: u64) -> bool {
 pub(super) fn release(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_is_sized_exactly_and_removed_at_zero() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = dir.path().join("s.db");
+        let path = reserve_path(&db);
+        assert_eq!(path, dir.path().join("s.db-reserve"));
+        assert!(resize(&path, 64 * 1024));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 1024);
+        assert!(resize(&path, 16 * 1024));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * 1024);
+        assert!(resize(&path, 0));
+        assert!(!path.exists());
+        // Never more than an eighth of the disk.
+        let total = fs4::total_space(dir.path()).unwrap();
+        assert_eq!(headroom(&db, u64::MAX), total / 8);
+        assert_eq!(headroom(&db, 10), 10);
+    }
+}
