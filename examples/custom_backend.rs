@@ -187,7 +187,11 @@ fn main() -> Result<(), StorageError> {
         fullscreen: true,
         key_bindings: [("jump".to_string(), "Space".to_string())].into(),
     };
-    store.save("settings", &settings, &SaveOptions::new().compression(0))?;
+    store.save(
+        "settings",
+        &settings,
+        &SaveOptions::new().compression(Compression::Off),
+    )?;
     store.transaction(vec![
         StorageOperation::save("profile:name", "Ada"),
         StorageOperation::save("profile:launches", launches),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bevy_storage::clock::{ManualClock, Timestamp};
 use bevy_storage::snapshot::{SnapshotSettings, store_snapshot};
 use bevy_storage::{
-    CustomMetadata, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig,
+    Compression, CustomMetadata, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig,
     StorageOperation, Store,
 };
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,7 @@ fn populate(config: StorageConfig) -> Store {
             &ada(),
             &SaveOptions::new()
                 .ttl(Duration::from_secs(30 * 86_400))
-                .compression(1)
+                .compression(Compression::Lz4)
                 .metadata("level", "Crypt of Bones")
                 .metadata("play_time_s", 4521),
         )
@@ -1185,7 +1185,7 @@ fn set_writes_ron_and_json_that_the_game_loads_as_its_own_type() {
             "-m",
             "zone=Crypt of Bones",
             "--compression",
-            "0",
+            "off",
         ],
         &[],
     )
@@ -1720,7 +1720,11 @@ fn meta_prints_a_small_size_once() {
         "{out}"
     );
     store
-        .save("big", &vec![7u64; 4000], &SaveOptions::new().compression(0))
+        .save(
+            "big",
+            &vec![7u64; 4000],
+            &SaveOptions::new().compression(Compression::Off),
+        )
         .unwrap();
     let big = store.get_metadata("big").unwrap().unwrap().size;
     let out = run(&["--store", &url("sqlite", &path), "meta", "big"], &[])
@@ -1986,7 +1990,7 @@ fn hostile_dumps_and_records_never_crash_the_inspector() {
     let plant = |key: &str, payload: &[u8], format: Format| {
         let options = SealOptions {
             format,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: false,
         };
         let (value, _) = envelope::seal(key, payload, &options, None).unwrap();

@@ -11,7 +11,7 @@ use bevy_storage::plugin::{
 use bevy_storage::snapshot::{
     Persist, SnapshotEncoding, SnapshotSettings, autosave_keys, list_slots,
 };
-use bevy_storage::{SaveOptions, StorageConfig};
+use bevy_storage::{Compression, SaveOptions, StorageConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,7 +242,7 @@ fn snapshots_are_compressed_and_encrypted_as_configured() {
     use bevy_storage::EncryptionKey;
     let key = || EncryptionKey::from_bytes([3; 32]);
     let storage = StoragePlugin::memory().encryption_key(key());
-    let plugin = SnapshotPlugin::new(settings().compression(9).encrypt(true));
+    let plugin = SnapshotPlugin::new(settings().compression(Compression::Lz4).encrypt(true));
     let mut app = app_with(storage, plugin);
     populate(app.world_mut());
     for i in 0..200 {
