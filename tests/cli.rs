@@ -1163,6 +1163,48 @@ struct Profile {
     stash: std::collections::BTreeMap<String, u32>,
 }
 
+/// `set --compression` takes `off` or `lz4`, and still the levels of the releases that took
+/// one (`0` off, `1`-`9` lz4); anything else is a usage error.
+#[test]
+fn set_compression_takes_a_name_or_an_old_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saves/storage.db");
+    let store = url("sqlite", &path);
+    let text = format!("{:?}", "compress me ".repeat(50));
+    for (flag, compressed) in [
+        ("off", false),
+        ("lz4", true),
+        ("LZ4", true),
+        ("0", false),
+        ("9", true),
+    ] {
+        let key = format!("k:{flag}");
+        run(
+            &["--store", &store, "set", &key, &text, "--compression", flag],
+            &[],
+        )
+        .ok();
+        let game = Store::open(StorageConfig::sqlite(&path)).unwrap();
+        let meta = game.get_metadata(&key).unwrap().unwrap();
+        assert_eq!(meta.compressed, compressed, "--compression {flag}");
+    }
+    for bad in ["zip", "10"] {
+        run(
+            &[
+                "--store",
+                &store,
+                "set",
+                "k:bad",
+                &text,
+                "--compression",
+                bad,
+            ],
+            &[],
+        )
+        .fails(2, "use off or lz4");
+    }
+}
+
 #[test]
 fn set_writes_ron_and_json_that_the_game_loads_as_its_own_type() {
     let dir = tempfile::tempdir().unwrap();
