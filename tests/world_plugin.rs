@@ -11,7 +11,7 @@ use bevy_storage::plugin::{
 use bevy_storage::snapshot::{
     Persist, SnapshotEncoding, SnapshotSettings, autosave_keys, list_slots,
 };
-use bevy_storage::{Compression, SaveOptions, StorageConfig};
+use bevy_storage::{SaveOptions, StorageConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,7 +239,7 @@ fn a_save_sent_with_app_exit_is_not_lost() {
 #[cfg(all(feature = "compression", feature = "encryption"))]
 #[test]
 fn snapshots_are_compressed_and_encrypted_as_configured() {
-    use bevy_storage::EncryptionKey;
+    use bevy_storage::{Compression, EncryptionKey};
     let key = || EncryptionKey::from_bytes([3; 32]);
     let storage = StoragePlugin::memory().encryption_key(key());
     let plugin = SnapshotPlugin::new(settings().compression(Compression::Lz4).encrypt(true));

@@ -378,6 +378,7 @@ mod tests {
     /// `OLD_PAYLOAD` at level 1 (levels 1-9 wrote these same bytes): RON, LZ4, not encrypted.
     const OLD_LEVEL_1_RECORD: &str = "425354520101010061000000ff19286e616d653a22416461222c676f6c64\
         3a3132302c696e76656e746f72793a5b2273776f7264222c080020606f7264225d29bc4b0297";
+    #[cfg(feature = "compression")]
     const OLD_PAYLOAD: &str = "(name:\"Ada\",gold:120,inventory:[\"sword\",\"sword\",\"sword\",\
         \"sword\",\"sword\",\"sword\",\"sword\",\"sword\"])";
 
