@@ -131,6 +131,8 @@ pub mod key;
 pub mod plugin;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::{Backend, CustomMetadata};
 pub use codec::{Compression, EncryptionKey, Format};

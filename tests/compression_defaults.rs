@@ -133,9 +133,10 @@ fn save_every_layer(
                     result.clone().map_err(|e| e.to_string())
                 }
                 Layer::Snapshot => {
-                    let mut settings = SnapshotSettings::default();
-                    settings.compression = choice;
-                    app.insert_resource(settings);
+                    app.insert_resource(SnapshotSettings {
+                        compression: choice,
+                        ..default()
+                    });
                     app.world_mut().write_message(SaveWorld::new(key.clone()));
                     pump_until(&mut app, &key, |s| s.worlds.iter().any(|(k, _)| *k == key));
                     let seen = app.world().resource::<Seen>();
