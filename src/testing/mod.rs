@@ -21,11 +21,11 @@
 //! tempfile = "3"
 //! ```
 //!
-//! ```ignore
+//! ```
 //! // tests/my_backend.rs
 //! use bevy_storage::StorageConfig;
 //! use bevy_storage::testing::TestBackend;
-//! use my_game::MyBackend;
+//! # use bevy_storage::backend::FileBackend as MyBackend; // stands in for the game's own
 //!
 //! bevy_storage::backend_conformance_suite!(my_backend, {
 //!     let dir = tempfile::tempdir().unwrap();
