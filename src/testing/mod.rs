@@ -9,9 +9,10 @@
 //! relies on.
 //!
 //! # Running it against your backend
-//! Enable the feature for your tests only, then invoke [`backend_conformance_suite!`] in a
-//! test file with a factory: an expression that makes a [`TestBackend`] over a fresh, empty
-//! instance of your backend each time it is evaluated. It becomes one `#[test]` per case, in a
+//! Enable the feature for your tests only, then invoke
+//! [`backend_conformance_suite!`](crate::backend_conformance_suite) in a test file with a
+//! factory: an expression that makes a [`TestBackend`] over a fresh, empty instance of your
+//! backend each time it is evaluated. It becomes one `#[test]` per case, in a
 //! module of the name you give (`my_backend::ttl_hides_expired_records_before_cleanup`), so
 //! `cargo test` reports each case by name.
 //!
@@ -45,8 +46,8 @@
 //! # Adding a case
 //! A case is a `pub fn name(factory: &dyn Fn() -> TestBackend)` in `cases.rs` that builds its
 //! store with [`Fixture::new`] or [`Fixture::with`] and panics on a failure; then one line in
-//! the list of [`backend_conformance_suite!`] (the `__conformance_cases!` macro in this
-//! file). Every backend runs it from then on.
+//! the list of [`backend_conformance_suite!`](crate::backend_conformance_suite) (the
+//! `__conformance_cases!` macro in this file). Every backend runs it from then on.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -62,9 +63,10 @@ pub mod cases;
 
 /// A backend under test: how to open a store over one fresh instance of it.
 ///
-/// The factory given to [`backend_conformance_suite!`] makes one per fixture, so each case
-/// starts empty; `config` is called once to open the store and again each time a case reopens
-/// it, and must reach the same records then (for a persistent backend).
+/// The factory given to [`backend_conformance_suite!`](crate::backend_conformance_suite)
+/// makes one per fixture, so each case starts empty; `config` is called once to open the
+/// store and again each time a case reopens it, and must reach the same records then (for a
+/// persistent backend).
 pub struct TestBackend {
     config: Arc<dyn Fn() -> StorageConfig + Send + Sync>,
     persistent: bool,
@@ -231,7 +233,7 @@ macro_rules! __conformance_cases {
     };
 }
 
-/// One `#[test]` per case (see [`backend_conformance_suite!`]).
+/// One `#[test]` per case (see [`backend_conformance_suite!`](crate::backend_conformance_suite)).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_tests {
