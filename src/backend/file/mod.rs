@@ -335,6 +335,32 @@ impl Backend for FileBackend {
         Ok(outcomes)
     }
 
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        // Under the writer's mutex no other change can come between the check and the
+        // removal (one process per directory, see the module docs).
+        let _state = self.lock_writer()?;
+        let same = matches!(
+            self.lookup(key, load_value)?,
+            Lookup::Found((stored, expiry)) if stored == value && expiry == expires_at
+        );
+        if same {
+            let change = [Change {
+                key: key.to_owned(),
+                bytes: None,
+            }];
+            self.inner
+                .dir
+                .apply(&change, &self.inner.gate, self.crash_limit())
+                .map_err(|e| e.error)?;
+        }
+        Ok(same)
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let _state = self.lock_writer()?;
         let dir = &self.inner.dir;

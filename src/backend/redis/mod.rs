@@ -501,6 +501,33 @@ impl Backend for RedisBackend {
         self.write_batch(ops, now)
     }
 
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        let rkey = self.keys.record(key);
+        // Never resent: a removal that was applied but not acknowledged, sent again, would
+        // answer "changed" and the taken value would reach no one.
+        let answer: i64 = self.run("taking a record", Retry::Never, |con| {
+            self.scripts
+                .delete_if_unchanged
+                .key(&self.keys.usage)
+                .key(&self.keys.expiry)
+                .key(&rkey)
+                .arg(expires_at.map_or(0, |t| t.0))
+                .arg(value)
+                .arg(&self.keys.record_prefix)
+                .invoke(con)
+        })?;
+        match answer {
+            1 => Ok(true),
+            0 => Ok(false),
+            problem => Err(self.layout_error(key, -problem)),
+        }
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let rkey = self.keys.record(key);
         self.run("updating an access time", Retry::Safe, |con| {

@@ -280,6 +280,15 @@ impl Backend for SqliteBackend {
         self.write_batch(ops, now)
     }
 
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.delete_row_if_unchanged(key, value, expires_at)
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let conn = self.writer();
         conn.prepare_cached(SQL_TOUCH)

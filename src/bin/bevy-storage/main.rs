@@ -693,6 +693,17 @@ impl Backend for ReadOnly {
             ))
         }
     }
+    fn delete_if_unchanged(
+        &self,
+        _key: &str,
+        _value: &[u8],
+        _expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        Err(StorageError::backend(
+            "inspector",
+            "this view of the store is read-only",
+        ))
+    }
     fn touch(&self, _key: &str, _at: Timestamp) -> bevy_storage::Result<()> {
         Ok(())
     }
