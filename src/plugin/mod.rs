@@ -76,6 +76,7 @@ mod runtime;
 mod scheduler;
 mod scope;
 mod systems;
+mod take;
 pub mod world;
 
 use std::path::PathBuf;
@@ -95,6 +96,7 @@ pub use requests::{
     PersistedResourceLoaded, PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest,
     SharedError, StorageResponse, StorageResult, TransactionCompleted, TransactionRequest,
 };
+pub use take::{TakeCompleted, TakeRequest};
 
 #[allow(deprecated)]
 pub use world::SnapshotSet;

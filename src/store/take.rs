@@ -54,12 +54,10 @@ impl Store {
     /// # Ok::<(), StorageError>(())
     /// ```
     pub fn take<T: DeserializeOwned>(&self, key: &str, options: &LoadOptions) -> Result<Option<T>> {
-        self.instrument(OpKind::Write, || {
-            self.take_with(key, options, |payload, info| {
-                codec::format::deserialize(key, payload, info.format)
-            })
-            .map(|taken| taken.map(|(value, _, _)| value))
+        self.take_with(key, options, |payload, info| {
+            codec::format::deserialize(key, payload, info.format)
         })
+        .map(|taken| taken.map(|(value, _, _)| value))
     }
 
     /// [`take`](Self::take) of the decoded payload bytes, as [`load_bytes`](Self::load_bytes)
@@ -71,15 +69,24 @@ impl Store {
         key: &str,
         options: &LoadOptions,
     ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
-        self.instrument(OpKind::Write, || {
-            self.take_with(key, options, |_, _| Ok(()))
-                .map(|taken| taken.map(|((), payload, info)| (payload, info)))
-        })
+        self.take_with(key, options, |_, _| Ok(()))
+            .map(|taken| taken.map(|((), payload, info)| (payload, info)))
     }
 
-    /// The take loop: `check` runs on the opened payload before the removal; its error
-    /// leaves the record in place. Returns what `check` returned with the payload.
+    /// A take, counted in the statistics as a write: `check` runs on the opened payload
+    /// before the removal; its error leaves the record in place. Returns what `check`
+    /// returned with the payload.
     pub(crate) fn take_with<R>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+        check: impl FnMut(&[u8], EnvelopeInfo) -> Result<R>,
+    ) -> Result<Option<(R, Vec<u8>, EnvelopeInfo)>> {
+        self.instrument(OpKind::Write, || self.take_loop(key, options, check))
+    }
+
+    /// The take loop; see the [module docs](self).
+    fn take_loop<R>(
         &self,
         key: &str,
         options: &LoadOptions,
