@@ -367,7 +367,7 @@ impl StorageConfig {
     /// directory. Where that is on each platform and the identifier rule:
     /// [`app_dir`](crate::app_dir).
     ///
-    /// Fails with [`StorageError::InvalidAppId`](crate::StorageError::InvalidAppId) for an
+    /// Fails with [`StorageError::InvalidAppId`] for an
     /// identifier that breaks the rule, or `Config` when the user has no data directory.
     ///
     /// ```no_run
