@@ -4,12 +4,29 @@
 //! One test, because it changes the process environment: every step runs in order, and the
 //! environment is only changed before any thread of this binary reads it.
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bevy::log::tracing_subscriber;
 
 use bevy::prelude::*;
 use bevy_storage::app_dir::{APP_SQLITE_FILE, DIR_ENV};
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::{StorageConfig, StorageError, Store};
+
+/// A log writer into a shared buffer.
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 #[derive(Resource, Default)]
 struct Saved(Vec<SaveCompleted>);
@@ -84,6 +101,27 @@ fn for_app_finds_the_per_user_directory_and_honours_the_override() {
         "another directory"
     );
     drop(store);
+
+    // The plugin logs where the saves are, once, when it is added.
+    let logged = Arc::new(Mutex::new(Vec::new()));
+    let writer = Arc::clone(&logged);
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || Captured(Arc::clone(&writer)))
+        .finish();
+    bevy::log::tracing::subscriber::with_default(subscriber, || {
+        App::new().add_plugins((MinimalPlugins, StoragePlugin::for_app(game_id)));
+    });
+    let logged = String::from_utf8(logged.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("the saves of com.studio.game are in"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logged}");
+    assert!(
+        lines[0].contains(" INFO ") && lines[0].contains("profile-2"),
+        "{logged}"
+    );
 
     // The plugin saves there too.
     let done = save_through(StoragePlugin::for_app(game_id), "level", 3);
