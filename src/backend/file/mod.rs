@@ -42,8 +42,8 @@
 //!
 //! # Concurrency
 //!
-//! All methods may be called from many threads. Changes (`write`, `touch`, `purge_expired`,
-//! `clear`) take turns behind a mutex. Readers (`get`, `get_meta`, `scan`) never wait for
+//! All methods may be called from many threads. Changes (`write`, `delete_if_unchanged`,
+//! `touch`, `purge_expired`, `clear`) take turns behind a mutex. Readers (`get`, `get_meta`, `scan`) never wait for
 //! a batch's files to be written and `fsync`ed; they only wait while a batch's renames
 //! run, so a reader in this process sees a batch entirely or not at all.
 //!

@@ -50,6 +50,9 @@
 //! clients never see half a batch; no `WATCH`, no retry loop. The scripts carry a `#!lua`
 //! shebang, so Redis refuses them *before* they start when it is out of memory (`maxmemory`),
 //! rather than half-way. How and why, with measurements: `redis/batch.rs`.
+//! [`delete_if_unchanged`](Backend::delete_if_unchanged) (what `Store::take` removes with) is
+//! one Lua script too: it compares the stored value and expiry with what was read and removes
+//! the record and its share of the counters in the same step.
 //!
 //! # Listing
 //!

@@ -14,8 +14,8 @@
 //!
 //! # Connections
 //!
-//! - One **writer** connection behind a mutex runs every change (`write`, `touch`,
-//!   `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
+//! - One **writer** connection behind a mutex runs every change (`write`,
+//!   `delete_if_unchanged`, `touch`, `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
 //!   transaction, so it is all or nothing and never fails half-way with `SQLITE_BUSY`.
 //! - A pool of [`SqliteOptions::pool_size`] read-only **reader** connections (`r2d2`) serves
 //!   `get`, `get_meta`, `scan` and `usage`. In WAL mode readers never block the writer nor wait
