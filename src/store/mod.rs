@@ -7,6 +7,7 @@
 mod cache;
 mod options;
 mod stats;
+pub mod take;
 
 use cache::{CachedRead, ReadCache};
 pub use options::{

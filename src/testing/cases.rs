@@ -15,7 +15,9 @@ use crate::error::StorageError;
 use crate::store::{LoadOptions, SaveOptions, StorageOperation, Store};
 
 mod integrity;
+mod take;
 pub use integrity::*;
+pub use take::*;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Player {
