@@ -252,11 +252,12 @@ pub struct Codec {
 }
 
 impl Codec {
-    /// A random choice: compression and encryption half the time, the binary format a third.
+    /// A random choice: compression and encryption half the time (where their features are
+    /// on), the binary format a third.
     pub fn random(rng: &mut Rng) -> Self {
         Codec {
-            compress: rng.below(2) == 0,
-            encrypt: rng.below(2) == 0,
+            compress: rng.below(2) == 0 && cfg!(feature = "compression"),
+            encrypt: rng.below(2) == 0 && cfg!(feature = "encryption"),
             binary: rng.below(3) == 0,
         }
     }
