@@ -225,9 +225,11 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--seed" => o.seed = number()?,
             "--dir" => o.dir = PathBuf::from(value()?),
             "-h" | "--help" => {
-                return Err("usage: power_loss [--backend file|sqlite-full|sqlite-normal|all] \
+                return Err(
+                    "usage: power_loss [--backend file|sqlite-full|sqlite-normal|all] \
                      [--ops N] [--states N] [--seed S] [--dir PATH]"
-                    .into());
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
@@ -259,7 +261,14 @@ struct TraceRun<'a> {
     trace_file: PathBuf,
 }
 
-fn child_args(backend: Backend, codec: Codec, dir: &Path, seed: u64, first: u64, ops: u64) -> Vec<String> {
+fn child_args(
+    backend: Backend,
+    codec: Codec,
+    dir: &Path,
+    seed: u64,
+    first: u64,
+    ops: u64,
+) -> Vec<String> {
     let mut args = vec![
         "--child".into(),
         "--backend".into(),
@@ -339,16 +348,20 @@ fn run_trace(
     for (i, call) in calls.iter().enumerate() {
         first.apply(i, call);
     }
-    let (ops, states) = replay(&mut state, &first.lines)?;
-    if ops.len() as u64 != options.ops {
-        return Err(format!("the trace holds {} of {} operations", ops.len(), options.ops));
+    let history = replay(&mut state, &first.lines)?;
+    if history.ops.len() as u64 != options.ops {
+        return Err(format!(
+            "the trace holds {} of {} operations",
+            history.ops.len(),
+            options.ops
+        ));
     }
-    totals.acked += ops.len();
+    totals.acked += history.ops.len();
     totals.calls += calls.len();
     let run = TraceRun {
         backend,
         codec,
-        history: History { states, ops },
+        history,
         work: &work,
         calls: &calls,
         trace_file,
@@ -435,7 +448,14 @@ fn check_one(
     }
     totals.violations += 1;
     if totals.evidence.is_none() {
-        totals.evidence = Some(save_evidence(run, state, p, variant, &allowed, &outcome.violations));
+        totals.evidence = Some(save_evidence(
+            run,
+            state,
+            p,
+            variant,
+            &allowed,
+            &outcome.violations,
+        ));
     }
     Ok(())
 }
@@ -450,24 +470,29 @@ fn save_evidence(
     allowed: &Allowed,
     violations: &[String],
 ) -> PathBuf {
-    let dir = run
-        .work
-        .with_file_name(format!("{}-violation", run.work.file_name().unwrap_or_default().to_string_lossy()));
+    let dir = run.work.with_file_name(format!(
+        "{}-violation",
+        run.work.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let _ = materialize(state, &dir.join("state"));
     let _ = std::fs::copy(&run.trace_file, dir.join("trace.txt"));
     let mut text = format!(
-        "backend {}, codec {:?}\ncrash before call {p} of {} (variant {variant:?}); {} operations acknowledged, {}\n\nviolations:\n",
+        "backend {}, codec {:?}\ncrash before call {p} of {} (variant {variant:?}); {} traced operations acknowledged after the warm-up, {}\n\nviolations:\n",
         run.backend.name(),
         run.codec,
         run.calls.len(),
         allowed.answered,
-        if allowed.in_flight { "one in flight" } else { "none in flight" },
+        if allowed.in_flight {
+            "one in flight"
+        } else {
+            "none in flight"
+        },
     );
     for v in violations {
         text.push_str(&format!("- {v}\n"));
     }
-    text.push_str("\nthe calls around the crash point (>> marks the first call lost):\n");
+    text.push_str("\nthe calls around the crash point (the crash comes just before the call marked >>; the child's stdout is fd 1):\n");
     for i in p.saturating_sub(25)..(p + 5).min(run.calls.len()) {
         text.push_str(&format!(
             "{} {i:6} [{}] {}\n",
@@ -537,7 +562,11 @@ fn main() -> ExitCode {
     };
     println!(
         "power-loss harness: backends {:?}, {} states each, {} ops per trace, seed {}",
-        options.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+        options
+            .backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>(),
         options.states,
         options.ops,
         options.seed
@@ -557,7 +586,10 @@ fn main() -> ExitCode {
                     t.calls,
                     t.acked,
                     if backend.may_lose_tail() {
-                        format!(", {} states lost a tail of acknowledged commits", t.lost_tail)
+                        format!(
+                            ", {} states lost a tail of acknowledged commits",
+                            t.lost_tail
+                        )
                     } else {
                         String::new()
                     },

@@ -22,8 +22,7 @@ use bevy_storage::Store;
 
 use super::Backend;
 use super::workload::{
-    Codec, Line, NKEYS, Op, Val, check_listing, describe, key_name, parse_line,
-    read_all,
+    Codec, Line, NKEYS, Op, Val, check_listing, describe, key_name, parse_line, read_all,
 };
 
 /// One traced operation: where it was sent and answered (call indices).
@@ -49,12 +48,9 @@ pub struct Allowed {
     pub in_flight: bool,
 }
 
-/// Replays child output lines onto `model`; returns the operations, or the first problem.
+/// Replays child output lines onto `model`; returns the history, or the first problem.
 /// `lines` carry the call index at which each was written.
-pub fn replay(
-    model: &mut Vec<Option<Val>>,
-    lines: &[(usize, String)],
-) -> Result<(Vec<Record>, Vec<Vec<Option<Val>>>), String> {
+pub fn replay(model: &mut Vec<Option<Val>>, lines: &[(usize, String)]) -> Result<History, String> {
     let mut ops: Vec<Record> = Vec::new();
     let mut states = vec![model.clone()];
     let mut open: Option<(u64, Op, usize)> = None;
@@ -95,9 +91,11 @@ pub fn replay(
         }
     }
     if let Some((n, _, _)) = open {
-        return Err(format!("op {n} was never answered (the child did not finish)"));
+        return Err(format!(
+            "op {n} was never answered (the child did not finish)"
+        ));
     }
-    Ok((ops, states))
+    Ok(History { states, ops })
 }
 
 impl History {
@@ -179,7 +177,7 @@ pub fn check_state(
                 "nothing in flight".to_owned()
             };
             violations.push(format!(
-                "the state matches no allowed state ({} operations acknowledged{}, {in_flight}): {}",
+                "the state matches no allowed state ({} traced operations acknowledged after the warm-up{}, {in_flight}): {}",
                 m,
                 if backend.may_lose_tail() {
                     ", any prefix allowed"

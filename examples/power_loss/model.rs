@@ -642,11 +642,28 @@ mod tests {
         let root = dir.path().to_string_lossy().into_owned();
         let mut m = Model::from_disk(dir.path(), dir.path()).unwrap();
         let calls = [
-            call("openat", vec![r("AT_FDCWD"), s(&format!("{root}/t")), r("O_WRONLY|O_CREAT"), r("0666")], 3),
+            call(
+                "openat",
+                vec![
+                    r("AT_FDCWD"),
+                    s(&format!("{root}/t")),
+                    r("O_WRONLY|O_CREAT"),
+                    r("0666"),
+                ],
+                3,
+            ),
             call("write", vec![r("3"), s("new"), r("3")], 3),
             call("fsync", vec![r("3")], 0),
-            call("rename", vec![s(&format!("{root}/t")), s(&format!("{root}/k"))], 0),
-            call("openat", vec![r("AT_FDCWD"), s(&root), r("O_RDONLY|O_CLOEXEC")], 4),
+            call(
+                "rename",
+                vec![s(&format!("{root}/t")), s(&format!("{root}/k"))],
+                0,
+            ),
+            call(
+                "openat",
+                vec![r("AT_FDCWD"), s(&root), r("O_RDONLY|O_CLOEXEC")],
+                4,
+            ),
             call("fsync", vec![r("4")], 0),
         ];
         let content = |m: &Model, v| m.crash_state(v).get("k").cloned().flatten();
@@ -669,14 +686,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_string_lossy().into_owned();
         let mut m = Model::from_disk(dir.path(), dir.path()).unwrap();
-        m.apply(0, &call("openat", vec![r("AT_FDCWD"), s(&format!("{root}/f")), r("O_RDWR|O_CREAT"), r("0666")], 3));
-        m.apply(1, &call("pwrite64", vec![r("3"), Arg::Bytes(vec![7; 2048]), r("2048"), r("0")], 2048));
-        m.apply(2, &call("openat", vec![r("AT_FDCWD"), s(&root), r("O_RDONLY")], 4));
+        m.apply(
+            0,
+            &call(
+                "openat",
+                vec![
+                    r("AT_FDCWD"),
+                    s(&format!("{root}/f")),
+                    r("O_RDWR|O_CREAT"),
+                    r("0666"),
+                ],
+                3,
+            ),
+        );
+        m.apply(
+            1,
+            &call(
+                "pwrite64",
+                vec![r("3"), Arg::Bytes(vec![7; 2048]), r("2048"), r("0")],
+                2048,
+            ),
+        );
+        m.apply(
+            2,
+            &call("openat", vec![r("AT_FDCWD"), s(&root), r("O_RDONLY")], 4),
+        );
         m.apply(3, &call("fsync", vec![r("4")], 0));
-        assert_eq!(m.crash_state(Variant::NamesOnly).get("f"), Some(&Some(Vec::new())));
+        assert_eq!(
+            m.crash_state(Variant::NamesOnly).get("f"),
+            Some(&Some(Vec::new()))
+        );
         let torn: Vec<usize> = (0..40)
-            .map(|s| m.crash_state(Variant::Subset(s))["f"].as_ref().unwrap().iter().filter(|b| **b == 7).count())
+            .map(|s| {
+                m.crash_state(Variant::Subset(s))["f"]
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .filter(|b| **b == 7)
+                    .count()
+            })
             .collect();
-        assert!(torn.iter().any(|n| *n > 0 && *n < 2048 && n % 512 == 0), "{torn:?}");
+        assert!(
+            torn.iter().any(|n| *n > 0 && *n < 2048 && n % 512 == 0),
+            "{torn:?}"
+        );
     }
 }

@@ -92,7 +92,8 @@ pub fn record(
     trace: &Path,
     stderr: &Path,
 ) -> Result<(), String> {
-    let err_file = std::fs::File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
+    let err_file =
+        std::fs::File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
     let status = Command::new("strace")
         .args(["-f", "-tt", "-e"])
         .arg(format!("trace={TRACED}"))
@@ -195,7 +196,9 @@ fn parse_call(tid: u32, s: &str) -> Result<Call, String> {
         "{name}({}) = {ret_text}",
         args.iter()
             .map(|a| match a {
-                Arg::Bytes(b) if b.len() <= 80 && b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') =>
+                Arg::Bytes(b)
+                    if b.len() <= 300
+                        && b.iter().all(|c| c.is_ascii_graphic() || b" \n".contains(c)) =>
                     format!("{:?}", String::from_utf8_lossy(b)),
                 Arg::Bytes(b) => format!("<{} bytes>", b.len()),
                 Arg::Iov(b) => format!("[<{} bytes>]", b.len()),
