@@ -248,6 +248,12 @@ struct Totals {
     acked: usize,
     /// States in which `Normal` lost acknowledged commits (a tail, as allowed).
     lost_tail: usize,
+    /// States with an operation in flight at the crash.
+    in_flight: usize,
+    /// States holding a file backend journal, or a SQLite WAL (recovery had work to do).
+    journal: usize,
+    /// States holding a file backend temp file (left by the crash, removed by the open).
+    temp: usize,
     evidence: Option<PathBuf>,
 }
 
@@ -443,6 +449,13 @@ fn check_one(
     let _ = std::fs::remove_dir_all(&scratch);
     totals.states += 1;
     totals.lost_tail += usize::from(outcome.lost > 0);
+    totals.in_flight += usize::from(allowed.in_flight);
+    totals.journal += usize::from(
+        state
+            .keys()
+            .any(|p| p.ends_with("/.journal") || p.ends_with("-wal")),
+    );
+    totals.temp += usize::from(state.keys().any(|p| p.contains("/.tmp-")));
     if outcome.violations.is_empty() {
         return Ok(());
     }
@@ -578,13 +591,16 @@ fn main() -> ExitCode {
             Ok(t) => {
                 failed |= t.violations > 0 || t.states < options.states;
                 println!(
-                    "power-loss {} states={} violations={}\n    ({} traces, {} calls recorded, {} ops acknowledged{}{}; {:.1?})",
+                    "power-loss {} states={} violations={}\n    ({} traces, {} calls recorded, {} ops acknowledged; states with an op in flight {}, with a journal or WAL {}, with a temp file {}{}{}; {:.1?})",
                     backend.name(),
                     t.states,
                     t.violations,
                     t.traces,
                     t.calls,
                     t.acked,
+                    t.in_flight,
+                    t.journal,
+                    t.temp,
                     if backend.may_lose_tail() {
                         format!(
                             ", {} states lost a tail of acknowledged commits",

@@ -190,3 +190,41 @@ pub fn check_state(
     }
     Outcome { violations, lost }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation is in flight from its `S` line to its answer, acknowledged after it.
+    #[test]
+    fn crash_points_allow_the_acknowledged_and_the_in_flight_state() {
+        let mut model = vec![None; NKEYS + 1];
+        let lines: Vec<(usize, String)> =
+            [(0, "READY"), (3, "S 1 s 2"), (9, "A 1"), (10, "S 2 d 2")]
+                .iter()
+                .map(|(i, l)| (*i, (*l).to_owned()))
+                .chain([(15, "A 2".to_owned())])
+                .collect();
+        let history = replay(&mut model, &lines).unwrap();
+        assert_eq!(history.states.len(), 3);
+        assert!(history.states[1][2].is_some() && history.states[2][2].is_none());
+        let at = |p| {
+            let a = history.allowed(p);
+            (a.answered, a.in_flight)
+        };
+        assert_eq!(at(3), (0, false));
+        assert_eq!(at(4), (0, true));
+        assert_eq!(at(9), (0, true));
+        assert_eq!(at(10), (1, false));
+        assert_eq!(at(11), (1, true));
+        assert_eq!(at(16), (2, false));
+    }
+
+    #[test]
+    fn an_unanswered_or_failed_operation_is_a_harness_error() {
+        let mut model = vec![None; NKEYS + 1];
+        assert!(replay(&mut model, &[(1, "S 1 s 2".to_owned())]).is_err());
+        let failed = [(1, "S 1 s 2".to_owned()), (2, "E 1 disk full".to_owned())];
+        assert!(replay(&mut model, &failed).is_err());
+    }
+}
