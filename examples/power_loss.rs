@@ -39,7 +39,9 @@
 //! the `sqlite` feature), `--ops N` traced operations per trace (default 40; the warm-up does
 //! half as many), `--states N` distinct crash states to check per backend (default 1000),
 //! `--seed S` (default: from the clock, printed), `--dir PATH` (work and evidence directory,
-//! default the system temp dir). Needs `strace` (Linux).
+//! default the system temp dir), `--fresh` (no warm-up: the traced child creates the store in
+//! an empty directory, so the creation of the store's own directory or database is checked
+//! too; the empty directory itself is taken as durable). Needs `strace` (Linux).
 //!
 //! The harness's own self-check: a build with `--cfg bevy_storage_sabotage_fsync` drops the
 //! file backend's directory `fsync` after its renames and turns SQLite `Full` into
@@ -181,6 +183,7 @@ struct Options {
     states: usize,
     seed: u64,
     dir: PathBuf,
+    fresh: bool,
 }
 
 fn parse_options(args: &[String]) -> Result<Options, String> {
@@ -193,6 +196,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
         dir: std::env::temp_dir(),
+        fresh: false,
     };
     let mut i = 0;
     while i < args.len() {
@@ -224,10 +228,15 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--states" => o.states = number()?.max(1) as usize,
             "--seed" => o.seed = number()?,
             "--dir" => o.dir = PathBuf::from(value()?),
+            "--fresh" => {
+                o.fresh = true;
+                i += 1;
+                continue;
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: power_loss [--backend file|sqlite-full|sqlite-normal|all] \
-                     [--ops N] [--states N] [--seed S] [--dir PATH]"
+                     [--ops N] [--states N] [--seed S] [--dir PATH] [--fresh]"
                         .into(),
                 );
             }
@@ -315,25 +324,32 @@ fn run_trace(
     let store_dir = store_dir.canonicalize().map_err(|e| e.to_string())?;
     let codec = Codec::random(rng);
 
-    // 1. The warm-up: its directory is the initial state.
-    let warm = (options.ops / 2).max(1);
-    let output = Command::new(&exe)
-        .args(child_args(backend, codec, &store_dir, rng.next(), 0, warm))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("warm-up child: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "the warm-up child failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
+    // 1. The warm-up: its directory is the initial state (with --fresh: an empty directory,
+    // the store's own files made by the traced child).
+    let warm = if options.fresh {
+        0
+    } else {
+        (options.ops / 2).max(1)
+    };
     let mut state: Vec<Option<Val>> = vec![None; NKEYS + 1];
-    let warm_lines: Vec<(usize, String)> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| (0, l.to_owned()))
-        .collect();
-    replay(&mut state, &warm_lines).map_err(|e| format!("warm-up: {e}"))?;
+    if warm > 0 {
+        let output = Command::new(&exe)
+            .args(child_args(backend, codec, &store_dir, rng.next(), 0, warm))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("warm-up child: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "the warm-up child failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let warm_lines: Vec<(usize, String)> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| (0, l.to_owned()))
+            .collect();
+        replay(&mut state, &warm_lines).map_err(|e| format!("warm-up: {e}"))?;
+    }
     let initial = Model::from_disk(&store_dir, &work).map_err(|e| e.to_string())?;
 
     // 2. The traced run.
@@ -574,7 +590,7 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "power-loss harness: backends {:?}, {} states each, {} ops per trace, seed {}",
+        "power-loss harness: backends {:?}, {} states each, {} ops per trace, seed {}{}",
         options
             .backends
             .iter()
@@ -582,7 +598,12 @@ fn main() -> ExitCode {
             .collect::<Vec<_>>(),
         options.states,
         options.ops,
-        options.seed
+        options.seed,
+        if options.fresh {
+            ", fresh stores (no warm-up)"
+        } else {
+            ""
+        }
     );
     let mut failed = false;
     for &backend in &options.backends {
