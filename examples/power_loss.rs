@@ -524,8 +524,9 @@ fn save_evidence(
     text.push_str("\nthe calls around the crash point (the crash comes just before the call marked >>; the child's stdout is fd 1):\n");
     for i in p.saturating_sub(25)..(p + 5).min(run.calls.len()) {
         text.push_str(&format!(
-            "{} {i:6} [{}] {}\n",
+            "{} {i:6} (trace.txt line {}) [{}] {}\n",
             if i == p { ">>" } else { "  " },
+            run.calls[i].line,
             run.calls[i].tid,
             run.calls[i].text
         ));

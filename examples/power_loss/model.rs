@@ -625,6 +625,7 @@ mod tests {
             args,
             ret,
             text: String::new(),
+            line: 0,
         }
     }
     fn s(v: &str) -> Arg {

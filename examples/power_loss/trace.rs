@@ -80,6 +80,8 @@ pub struct Call {
     pub ret: i64,
     /// The line as strace printed it (without buffers), for reports.
     pub text: String,
+    /// The line of the trace file where the call completed (from 1).
+    pub line: usize,
 }
 
 /// Runs `program args` under strace, writing the trace to `trace`; stdout is discarded (its
@@ -161,8 +163,9 @@ pub fn parse(text: &str) -> Result<Vec<Call>, String> {
         } else {
             rest.to_owned()
         };
-        let call = parse_call(tid, &whole)
+        let mut call = parse_call(tid, &whole)
             .map_err(|e| format!("trace line {}: {e}: {}", number + 1, shorten(line)))?;
+        call.line = number + 1;
         calls.push(call);
     }
     Ok(calls)
@@ -213,6 +216,7 @@ fn parse_call(tid: u32, s: &str) -> Result<Call, String> {
         args,
         ret,
         text,
+        line: 0,
     })
 }
 
@@ -313,6 +317,10 @@ mod tests {
         assert_eq!(calls[1].name, "fsync");
         assert_eq!(calls[1].ret, -1);
         assert_eq!(calls[2].name, "pwrite64");
+        assert_eq!(
+            calls[2].line, 4,
+            "a resumed call is placed where it completed"
+        );
         assert_eq!(calls[2].args[3].int(), Some(512));
         assert_eq!(calls[3].args[1], Arg::Iov(b"AB".to_vec()));
     }
