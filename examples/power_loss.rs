@@ -507,7 +507,7 @@ fn save_evidence(
     let _ = materialize(state, &dir.join("state"));
     let _ = std::fs::copy(&run.trace_file, dir.join("trace.txt"));
     let mut text = format!(
-        "backend {}, codec {:?}\ncrash before call {p} of {} (variant {variant:?}); {} traced operations acknowledged after the warm-up, {}\n\nviolations:\n",
+        "backend {}, codec {:?}\ncrash before call {p} of {} (variant {variant:?}); {} traced operations acknowledged, {}\n\nviolations:\n",
         run.backend.name(),
         run.codec,
         run.calls.len(),

@@ -177,7 +177,7 @@ pub fn check_state(
                 "nothing in flight".to_owned()
             };
             violations.push(format!(
-                "the state matches no allowed state ({} traced operations acknowledged after the warm-up{}, {in_flight}): {}",
+                "the state matches no allowed state ({} traced operations acknowledged{}, {in_flight}): {}",
                 m,
                 if backend.may_lose_tail() {
                     ", any prefix allowed"
