@@ -78,7 +78,11 @@ impl SqliteSynchronous {
     fn pragma_value(self) -> &'static str {
         match self {
             SqliteSynchronous::Normal => "NORMAL",
+            #[cfg(not(bevy_storage_sabotage_fsync))]
             SqliteSynchronous::Full => "FULL",
+            // The power-loss harness's self-check: `Full` that does not sync (DEVELOPERS.md).
+            #[cfg(bevy_storage_sabotage_fsync)]
+            SqliteSynchronous::Full => "OFF",
         }
     }
 }
