@@ -966,3 +966,11 @@ backend_suite!(
         None => return,
     }
 );
+#[cfg(feature = "postgres")]
+backend_suite!(
+    postgres,
+    match crate::common::postgres_kind() {
+        Some(kind) => kind,
+        None => return,
+    }
+);
