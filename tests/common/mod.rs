@@ -278,27 +278,37 @@ pub fn postgres_url() -> String {
 /// locally it says loudly that it is skipped and the caller returns.
 #[cfg(feature = "postgres")]
 pub fn postgres_kind() -> Option<Kind> {
-    let url = postgres_url();
+    match check_postgres(&postgres_url(), under_ci()) {
+        Ok(()) => Some(Kind::Postgres),
+        Err(notice) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{notice}");
+            None
+        }
+    }
+}
+
+/// `Ok` when PostgreSQL answers at `url`; otherwise panics if `ci`, else returns the skip
+/// notice.
+#[cfg(feature = "postgres")]
+pub fn check_postgres(url: &str, ci: bool) -> Result<(), String> {
     let options = bevy_storage::backend::PostgresOptions::default();
-    let Err(e) = bevy_storage::backend::PostgresBackend::open(&url, "test:ping", &options) else {
-        return Some(Kind::Postgres);
+    let Err(e) = bevy_storage::backend::PostgresBackend::open(url, "test:ping", &options) else {
+        return Ok(());
     };
-    let shown = bevy_storage::config::redact_url(&url);
-    if under_ci() {
+    let shown = bevy_storage::config::redact_url(url);
+    if ci {
         panic!(
             "CI=true and PostgreSQL does not answer at {shown} ({e}): the PostgreSQL tests must \
              run under CI. .ci/run starts it when it is down (see DEVELOPERS.md); set \
              POSTGRES_URL if it listens elsewhere."
         );
     }
-    use std::io::Write as _;
     let test = std::thread::current().name().unwrap_or("?").to_owned();
-    let _ = writeln!(
-        std::io::stderr(),
+    Err(format!(
         "!!!!! SKIPPED {test}: no PostgreSQL at {shown} ({e}). Start one or set POSTGRES_URL to \
          run the PostgreSQL tests; under CI=true this fails."
-    );
-    None
+    ))
 }
 
 /// A namespace of its own for one fixture; its records are deleted on drop.
