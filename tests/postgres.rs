@@ -448,3 +448,149 @@ fn a_vanished_server_is_unavailable_at_once_and_recovery_follows() {
     }
     assert_eq!(load::<u32>(&store, "k"), Some(1));
 }
+
+// ------------------------------------------------------------ one quota for every server
+
+/// Bytes that do not compress, so sizes on disk follow sizes saved.
+fn noise(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes
+}
+
+/// The live records' count and size, counted from the table itself.
+fn recount(url: &str, namespace: &str, now: i64) -> (u64, u64) {
+    let mut con = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let row = con
+        .query_one(
+            "SELECT count(*), coalesce(sum(size), 0)::bigint FROM bevy_storage_records \
+             WHERE namespace = $1 AND (expires_at IS NULL OR expires_at > $2)",
+            &[&namespace, &now],
+        )
+        .unwrap();
+    (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+}
+
+#[test]
+fn the_quota_holds_across_servers_racing_to_fill_it() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    const MAX: u64 = 20_000;
+    let servers: Vec<Store> = (0..3)
+        .map(|_| {
+            Store::open(StorageConfig::postgres(&ns.url, &ns.namespace).max_size(Some(MAX)))
+                .unwrap()
+        })
+        .collect();
+    let saved = AtomicUsize::new(0);
+    let refused = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for (i, server) in servers.iter().enumerate() {
+            for t in 0..3 {
+                let (saved, refused) = (&saved, &refused);
+                s.spawn(move || {
+                    for k in 0..40 {
+                        let value = noise(400);
+                        match server.save(
+                            &format!("s{i}:t{t}:{k}"),
+                            &value,
+                            &SaveOptions::default(),
+                        ) {
+                            Ok(()) => saved.fetch_add(1, Ordering::Relaxed),
+                            Err(StorageError::QuotaExceeded { max_size, .. }) => {
+                                assert_eq!(max_size, MAX);
+                                refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => panic!("{e}"),
+                        };
+                    }
+                });
+            }
+        }
+    });
+    let now = bevy_storage::clock::Timestamp::now().0;
+    let (items, size) = recount(&ns.url, &ns.namespace, now);
+    assert!(size <= MAX, "{size} bytes stored under a quota of {MAX}");
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the race must reach the quota"
+    );
+    assert_eq!(items as usize, saved.load(Ordering::Relaxed));
+    // Every server reports the same usage, read from the shared counters.
+    for server in &servers {
+        let stats = server.get_stats();
+        assert_eq!((stats.item_count, stats.total_size), (items, size));
+    }
+    // Space freed by one server is usable by another.
+    let first = servers[0].list_keys("s0:").unwrap();
+    for key in &first {
+        servers[0].delete(key).unwrap();
+    }
+    servers[1]
+        .save("after", &noise(400), &SaveOptions::default())
+        .unwrap();
+}
+
+#[test]
+fn expired_records_do_not_count_and_the_counters_match_a_recount() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    let clock = bevy_storage::clock::ManualClock::starting_now();
+    let config = |max: u64| {
+        StorageConfig::postgres(&ns.url, &ns.namespace)
+            .max_size(Some(max))
+            .clock(clock.clone())
+    };
+    let store = Store::open(config(1 << 20)).unwrap();
+    let ttl = SaveOptions::default().ttl(Duration::from_secs(60));
+    for k in 0..8 {
+        store
+            .save(&format!("short:{k}"), &noise(1_000), &ttl)
+            .unwrap();
+    }
+    // A second server whose quota leaves 4,000 bytes free: the big save (about 8 KiB once
+    // encoded) does not fit while the short-lived records live.
+    let used = store.get_stats().total_size;
+    let other = Store::open(config(used + 4_000)).unwrap();
+    let err = other
+        .save("big", &noise(3_000), &SaveOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StorageError::QuotaExceeded { .. }), "{err}");
+    clock.advance(Duration::from_secs(61));
+    // Expired, not yet purged: no longer counted, so the save fits.
+    other
+        .save("big", &noise(3_000), &SaveOptions::default())
+        .unwrap();
+
+    // Random mixed batches from two stores: the counters always equal a full recount.
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..60 {
+        let s = if round % 2 == 0 { &store } else { &other };
+        let mut ops = Vec::new();
+        for _ in 0..rng.usize(1..5) {
+            let key = format!("k{}", rng.usize(0..12));
+            ops.push(if rng.bool() {
+                StorageOperation::save(key, vec![0u8; rng.usize(1..300)])
+            } else {
+                StorageOperation::delete(key)
+            });
+        }
+        s.transaction(ops).unwrap();
+        if round % 10 == 0 {
+            clock.advance(Duration::from_secs(1));
+            s.purge_expired().unwrap();
+        }
+        let stats = other.get_stats();
+        assert_eq!(
+            (stats.item_count, stats.total_size),
+            recount(
+                &ns.url,
+                &ns.namespace,
+                bevy_storage::clock::Clock::now(&clock).0
+            ),
+            "round {round}"
+        );
+    }
+    store.clear().unwrap();
+    assert_eq!(other.get_stats().item_count, 0);
+}

@@ -206,6 +206,30 @@ pub trait Backend: Send + Sync + 'static {
         Ok(usage)
     }
 
+    /// Whether this backend enforces a store's quota itself, atomically with each write and
+    /// for every process that shares the store (a database several game servers use). When
+    /// true, a store with a quota sends its writes through
+    /// [`write_within_quota`](Self::write_within_quota) instead of keeping its own count, so
+    /// the quota holds across servers. Default `false`: the store counts in its own process.
+    fn enforces_quota(&self) -> bool {
+        false
+    }
+
+    /// Like [`write`](Self::write), but when the batch holds a put and the records live at
+    /// `now` would total more than `max_size` bytes after it, fails with
+    /// [`StorageError::QuotaExceeded`](crate::StorageError::QuotaExceeded) and changes
+    /// nothing, decided atomically with the write. Only called when
+    /// [`enforces_quota`](Self::enforces_quota) is true.
+    fn write_within_quota(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        max_size: u64,
+    ) -> Result<Vec<WriteOutcome>> {
+        let _ = max_size;
+        self.write(ops, now)
+    }
+
     /// Free space of the medium (disk, server memory), if known.
     fn available_space(&self) -> Option<u64> {
         None

@@ -1,11 +1,13 @@
 //! Write batches: one SQL transaction per [`Backend::write`](crate::backend::Backend::write).
 //!
-//! Each operation is one statement in order, so a later operation sees an earlier one's
-//! effect. Upserts are `INSERT … ON CONFLICT DO UPDATE` (atomic per row under concurrent
-//! servers, and they keep a live record's `created_at`); they report no previous size, like
-//! the SQLite backend, so the store recounts its quota exactly when a write nears it. A
-//! create-only put returns no row when a live record exists, which rolls the whole batch back
-//! with `AlreadyExists`. Deletes report the size they removed.
+//! A batch first locks its namespace's counters (`bevy_storage_namespaces`, see
+//! `schema.rs`), so batches of one namespace commit one after another and every size read
+//! inside one is exact. Each operation is then one statement, in order, so a later operation
+//! sees an earlier one's effect: puts are `INSERT … ON CONFLICT DO UPDATE` returning the row
+//! they replaced (a live record keeps its `created_at`); a create-only put returns no row
+//! when a live record exists, which rolls the whole batch back with `AlreadyExists`; deletes
+//! return what they removed. The counters are updated last, after the quota check, in the
+//! same transaction.
 
 use deadpool_postgres::Object;
 use tokio_postgres::types::ToSql;
@@ -23,6 +25,12 @@ enum BatchEnd {
     Committed(Vec<WriteOutcome>),
     /// A create-only put found a live record: rolled back.
     Exists(String),
+    /// The live records would outgrow the quota: rolled back.
+    OverQuota {
+        used: u64,
+        after: u64,
+        max: u64,
+    },
 }
 
 /// Custom metadata as stored: JSON text, or NULL when there is none.
@@ -59,6 +67,7 @@ pub(super) fn write_batch(
     backend: &PostgresBackend,
     ops: Vec<WriteOp>,
     now: Timestamp,
+    max_size: Option<u64>,
 ) -> Result<Vec<WriteOutcome>> {
     if ops.is_empty() {
         return Ok(Vec::new());
@@ -90,7 +99,7 @@ pub(super) fn write_batch(
     let end = backend.run(&doing, true, async |client: &mut Object| {
         let mut attempt = 1;
         loop {
-            match attempt_batch(client, ns, &prepared, now).await {
+            match attempt_batch(client, ns, &prepared, now, max_size).await {
                 Err(e) if attempt < ATTEMPTS && is_retryable(&e) => attempt += 1,
                 other => return other,
             }
@@ -99,7 +108,28 @@ pub(super) fn write_batch(
     match end {
         BatchEnd::Committed(outcomes) => Ok(outcomes),
         BatchEnd::Exists(key) => Err(StorageError::AlreadyExists { key }),
+        BatchEnd::OverQuota { used, after, max } => Err(StorageError::QuotaExceeded {
+            needed: after.saturating_sub(used),
+            available: max.saturating_sub(used),
+            max_size: max,
+        }),
     }
+}
+
+/// Locks the namespace's counters for the rest of `tx` and returns them, creating them from
+/// the records first when they are missing.
+pub(super) async fn lock_namespace(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ns: &str,
+) -> std::result::Result<(i64, i64), tokio_postgres::Error> {
+    let lock = tx.prepare_cached(schema::SQL_LOCK_NAMESPACE).await?;
+    if let Some(row) = tx.query_opt(&lock, &[&ns]).await? {
+        return Ok((row.get(0), row.get(1)));
+    }
+    tx.execute(schema::SQL_ADVISORY_LOCK, &[&ns]).await?;
+    tx.execute(schema::SQL_INIT_NAMESPACE, &[&ns]).await?;
+    let row = tx.query_one(&lock, &[&ns]).await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 async fn attempt_batch(
@@ -107,12 +137,16 @@ async fn attempt_batch(
     ns: &str,
     ops: &[Prepared<'_>],
     now: Timestamp,
+    max_size: Option<u64>,
 ) -> std::result::Result<BatchEnd, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    let (mut count, mut total) = lock_namespace(&tx, ns).await?;
     let mut outcomes = Vec::with_capacity(ops.len());
+    let mut has_put = false;
     for op in ops {
         match op {
             Prepared::Put(row) => {
+                has_put = true;
                 let sql = if row.create_only {
                     schema::SQL_CREATE_ONLY
                 } else {
@@ -133,28 +167,85 @@ async fn attempt_batch(
                     &row.value,
                     &now.0,
                 ];
-                let affected = tx.execute(&statement, &params).await?;
-                if row.create_only && affected == 0 {
-                    // Dropping `tx` rolls back everything done so far.
+                let Some(written) = tx.query_opt(&statement, &params).await? else {
+                    // Only a create-only put over a live record writes nothing.
                     tx.rollback().await?;
                     return Ok(BatchEnd::Exists(row.key.to_owned()));
-                }
+                };
+                let replaced = Replaced::from_row(&written, 0);
+                count += i64::from(!replaced.existed);
+                total += row.size - replaced.size;
                 outcomes.push(WriteOutcome {
-                    previous_size: None,
+                    previous_size: replaced.live_size(now),
                 });
             }
             Prepared::Delete(key) => {
                 let statement = tx.prepare_cached(schema::SQL_DELETE).await?;
-                let removed = tx.query_opt(&statement, &[&ns, key]).await?;
-                let previous_size = removed.and_then(|row| {
-                    let size: i64 = row.get(0);
-                    let expires_at = row.get::<_, Option<i64>>(1).map(Timestamp);
-                    (!now.is_past(expires_at)).then(|| u64::try_from(size).unwrap_or(0))
-                });
+                let previous_size = match tx.query_opt(&statement, &[&ns, key]).await? {
+                    None => None,
+                    Some(removed) => {
+                        let replaced = Replaced {
+                            existed: true,
+                            size: removed.get(0),
+                            expires_at: removed.get(1),
+                        };
+                        count -= 1;
+                        total -= replaced.size;
+                        replaced.live_size(now)
+                    }
+                };
                 outcomes.push(WriteOutcome { previous_size });
             }
         }
     }
+    if let Some(max) = max_size
+        && has_put
+    {
+        let expired = tx.query_one(schema::SQL_EXPIRED, &[&ns, &now.0]).await?;
+        let expired_size: i64 = expired.get(1);
+        let after = u64::try_from(total - expired_size).unwrap_or(0);
+        if after > max {
+            let added: i64 = ops
+                .iter()
+                .map(|op| match op {
+                    Prepared::Put(row) => row.size,
+                    Prepared::Delete(_) => 0,
+                })
+                .sum();
+            tx.rollback().await?;
+            return Ok(BatchEnd::OverQuota {
+                used: after.saturating_sub(u64::try_from(added).unwrap_or(0)),
+                after,
+                max,
+            });
+        }
+    }
+    let set = tx.prepare_cached(schema::SQL_SET_NAMESPACE).await?;
+    tx.execute(&set, &[&ns, &count, &total]).await?;
     tx.commit().await?;
     Ok(BatchEnd::Committed(outcomes))
+}
+
+/// The row a put or delete replaced, as the statement returned it.
+struct Replaced {
+    existed: bool,
+    size: i64,
+    expires_at: Option<i64>,
+}
+
+impl Replaced {
+    /// Reads `EXISTS, size, expires_at` starting at column `first`.
+    fn from_row(row: &tokio_postgres::Row, first: usize) -> Self {
+        Self {
+            existed: row.get(first),
+            size: row.get::<_, Option<i64>>(first + 1).unwrap_or(0),
+            expires_at: row.get(first + 2),
+        }
+    }
+
+    /// The size to report as replaced: only a record live at `now` counts.
+    fn live_size(&self, now: Timestamp) -> Option<u64> {
+        (self.existed && !now.is_past(self.expires_at.map(Timestamp)))
+            .then(|| u64::try_from(self.size).unwrap_or(0))
+    }
 }

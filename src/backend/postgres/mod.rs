@@ -15,6 +15,10 @@
 //!   in a key is an ordinary character.
 //! - Expired records are hidden by the store on read and removed by
 //!   [`purge_expired`](Backend::purge_expired), one `DELETE` on the expiry index.
+//! - The quota is shared: every server of a namespace counts against the same
+//!   `StorageConfig::max_size`, decided in the write's own transaction on the namespace's
+//!   counters ([`Backend::enforces_quota`]). Usage is read from those counters, never by
+//!   scanning the records.
 //!
 //! # Connections and time bounds
 //!
@@ -165,12 +169,20 @@ impl PostgresBackend {
     }
 
     fn create_schema(&self) -> Result<()> {
+        let ns = self.namespace.as_str();
         let version = self.run("creating the tables", false, async |client: &mut Object| {
             client
                 .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
                 .await?;
             let row = client.query_one(schema::SQL_VERSION, &[]).await?;
-            Ok(row.get::<_, i32>(0))
+            let version = row.get::<_, i32>(0);
+            if version <= schema::SCHEMA_VERSION {
+                // This namespace's counters, created from its records on its first open.
+                let tx = client.transaction().await?;
+                batch::lock_namespace(&tx, ns).await?;
+                tx.commit().await?;
+            }
+            Ok(version)
         })?;
         if version > schema::SCHEMA_VERSION {
             return Err(StorageError::Config(format!(
@@ -317,7 +329,21 @@ impl Backend for PostgresBackend {
     }
 
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
-        batch::write_batch(self, ops, now)
+        batch::write_batch(self, ops, now, None)
+    }
+
+    /// The quota is decided in the database, so it holds for every server of a namespace.
+    fn enforces_quota(&self) -> bool {
+        true
+    }
+
+    fn write_within_quota(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        max_size: u64,
+    ) -> Result<Vec<WriteOutcome>> {
+        batch::write_batch(self, ops, now, Some(max_size))
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
@@ -367,15 +393,32 @@ impl Backend for PostgresBackend {
         let removed = self.run(
             "purging expired records",
             true,
-            async |client: &mut Object| client.execute(schema::SQL_PURGE, &[&ns, &now.0]).await,
+            async |client: &mut Object| {
+                let tx = client.transaction().await?;
+                let (count, total) = batch::lock_namespace(&tx, ns).await?;
+                let gone = tx.query_one(schema::SQL_PURGE, &[&ns, &now.0]).await?;
+                let (gone_count, gone_size): (i64, i64) = (gone.get(0), gone.get(1));
+                tx.execute(
+                    schema::SQL_SET_NAMESPACE,
+                    &[&ns, &(count - gone_count), &(total - gone_size)],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(gone_count)
+            },
         )?;
-        Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        Ok(usize::try_from(removed).unwrap_or(0))
     }
 
     fn clear(&self) -> Result<()> {
         let ns = self.namespace.as_str();
         self.run("clearing the store", true, async |client: &mut Object| {
-            client.execute(schema::SQL_CLEAR, &[&ns]).await
+            let tx = client.transaction().await?;
+            batch::lock_namespace(&tx, ns).await?;
+            tx.execute(schema::SQL_CLEAR, &[&ns]).await?;
+            tx.execute(schema::SQL_SET_NAMESPACE, &[&ns, &0i64, &0i64])
+                .await?;
+            tx.commit().await
         })?;
         Ok(())
     }
@@ -383,10 +426,9 @@ impl Backend for PostgresBackend {
     fn usage(&self, now: Timestamp) -> Result<Usage> {
         let ns = self.namespace.as_str();
         let row = self.run("counting records", false, async |client: &mut Object| {
-            client.query_one(schema::SQL_USAGE, &[&ns, &now.0]).await
+            client.query_opt(schema::SQL_USAGE, &[&ns, &now.0]).await
         })?;
-        let count: i64 = row.get(0);
-        let size: i64 = row.get(1);
+        let (count, size): (i64, i64) = row.map_or((0, 0), |row| (row.get(0), row.get(1)));
         Ok(Usage {
             item_count: u64::try_from(count).unwrap_or(0),
             total_size: u64::try_from(size).unwrap_or(0),

@@ -7,6 +7,15 @@
 //! key range `[prefix, next(prefix))` under the `"C"` collation (byte order, which is code
 //! point order for UTF-8), so no `LIKE` pattern is ever built from a key. A partial index on
 //! `(namespace, expires_at)` serves the expiry purge.
+//!
+//! `bevy_storage_namespaces` keeps, per namespace, the count and total size of its stored
+//! records (expired ones included until they are purged). Every change to a namespace's
+//! records locks its row first and updates it in the same transaction, so the counts are
+//! exact across every server, the quota is decided atomically with the write, and usage is
+//! read without scanning the records (only the expired ones, on the expiry index, are
+//! subtracted). The price: writes to one namespace commit one after another, as they do in
+//! SQLite and Redis; games that need parallel write throughput across servers use several
+//! namespaces.
 
 use tokio_postgres::Row;
 
@@ -42,7 +51,37 @@ CREATE TABLE IF NOT EXISTS bevy_storage_records (
 );
 CREATE INDEX IF NOT EXISTS bevy_storage_records_expiry
     ON bevy_storage_records (namespace, expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS bevy_storage_namespaces (
+    namespace text COLLATE "C" PRIMARY KEY,
+    item_count bigint NOT NULL,
+    total_size bigint NOT NULL
+);
 "#;
+
+/// Creates the namespace's counters from its records if it has none yet (a namespace's
+/// first open, or one whose counters were removed by hand). The advisory lock keeps a
+/// concurrent first write from being counted twice: writers lock the row, which does not
+/// exist yet, so they wait on this lock instead (see [`SQL_LOCK_NAMESPACE`]).
+pub(super) const SQL_INIT_NAMESPACE: &str = "INSERT INTO bevy_storage_namespaces \
+     (namespace, item_count, total_size) \
+     SELECT $1, count(*), coalesce(sum(size), 0)::bigint FROM bevy_storage_records \
+     WHERE namespace = $1 \
+     ON CONFLICT (namespace) DO NOTHING";
+
+/// Takes the namespace's advisory lock for the rest of the transaction.
+pub(super) const SQL_ADVISORY_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))";
+
+/// Locks the namespace's counters for the rest of the transaction and reads them. Every
+/// transaction that changes a namespace's records starts with it.
+pub(super) const SQL_LOCK_NAMESPACE: &str = "SELECT item_count, total_size \
+     FROM bevy_storage_namespaces WHERE namespace = $1 FOR UPDATE";
+
+pub(super) const SQL_SET_NAMESPACE: &str = "UPDATE bevy_storage_namespaces \
+     SET item_count = $2, total_size = $3 WHERE namespace = $1";
+
+/// Count and size of the namespace's records that are stored but expired at `$2`.
+pub(super) const SQL_EXPIRED: &str = "SELECT count(*), coalesce(sum(size), 0)::bigint \
+     FROM bevy_storage_records WHERE namespace = $1 AND expires_at <= $2";
 
 pub(super) const SQL_VERSION: &str = "SELECT version FROM bevy_storage_schema WHERE id = 1";
 
@@ -74,19 +113,27 @@ pub(super) const SQL_SCAN_FROM: &str =
 pub(super) const SQL_SCAN_RANGE: &str = "SELECT key, size, expires_at FROM bevy_storage_records \
      WHERE namespace = $1 AND key >= $2 AND key < $3";
 
-pub(super) const SQL_PURGE: &str =
-    "DELETE FROM bevy_storage_records WHERE namespace = $1 AND expires_at <= $2";
+/// Removes the expired records and returns how many and how many bytes.
+pub(super) const SQL_PURGE: &str = "WITH gone AS (DELETE FROM bevy_storage_records \
+     WHERE namespace = $1 AND expires_at <= $2 RETURNING size) \
+     SELECT count(*), coalesce(sum(size), 0)::bigint FROM gone";
 
 pub(super) const SQL_CLEAR: &str = "DELETE FROM bevy_storage_records WHERE namespace = $1";
 
-pub(super) const SQL_USAGE: &str = "SELECT count(*), coalesce(sum(size), 0)::bigint \
-     FROM bevy_storage_records \
-     WHERE namespace = $1 AND (expires_at IS NULL OR expires_at > $2)";
+/// The live records' count and size: the counters less the expired records, in one snapshot.
+pub(super) const SQL_USAGE: &str = "SELECT n.item_count - e.count, n.total_size - e.size \
+     FROM bevy_storage_namespaces n, LATERAL (SELECT count(*) AS count, \
+       coalesce(sum(size), 0)::bigint AS size FROM bevy_storage_records \
+       WHERE namespace = $1 AND expires_at <= $2) e \
+     WHERE n.namespace = $1";
 
 /// An upsert. A live record keeps its `created_at`; an expired one counts as absent.
-/// `$12` is the batch's `now`. With `WHERE false`-like guard for create-only puts (see
-/// [`SQL_CREATE_ONLY`]).
-pub(super) const SQL_UPSERT: &str = "INSERT INTO bevy_storage_records AS r \
+/// `$12` is the batch's `now`. Returns whether a row was replaced, with its size and expiry
+/// (exact: the namespace's counters are locked, so no other writer changes the row between
+/// the read and the write).
+pub(super) const SQL_UPSERT: &str = "WITH old AS (SELECT size, expires_at FROM bevy_storage_records \
+       WHERE namespace = $1 AND key = $2) \
+     INSERT INTO bevy_storage_records AS r \
      (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
       encrypted, custom, value) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
@@ -96,11 +143,15 @@ pub(super) const SQL_UPSERT: &str = "INSERT INTO bevy_storage_records AS r \
        modified_at = EXCLUDED.modified_at, accessed_at = EXCLUDED.accessed_at, \
        expires_at = EXCLUDED.expires_at, size = EXCLUDED.size, \
        compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
-       custom = EXCLUDED.custom, value = EXCLUDED.value";
+       custom = EXCLUDED.custom, value = EXCLUDED.value \
+     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
+       (SELECT expires_at FROM old)";
 
 /// A create-only put: replaces only an expired record, and returns no row when a live one
 /// exists (the batch then fails with `AlreadyExists`).
-pub(super) const SQL_CREATE_ONLY: &str = "INSERT INTO bevy_storage_records AS r \
+pub(super) const SQL_CREATE_ONLY: &str = "WITH old AS (SELECT size, expires_at \
+       FROM bevy_storage_records WHERE namespace = $1 AND key = $2) \
+     INSERT INTO bevy_storage_records AS r \
      (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
       encrypted, custom, value) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
@@ -110,7 +161,8 @@ pub(super) const SQL_CREATE_ONLY: &str = "INSERT INTO bevy_storage_records AS r 
        size = EXCLUDED.size, compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
        custom = EXCLUDED.custom, value = EXCLUDED.value \
      WHERE r.expires_at IS NOT NULL AND r.expires_at <= $12 \
-     RETURNING 1";
+     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
+       (SELECT expires_at FROM old)";
 
 /// A delete that reports what it removed.
 pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
