@@ -137,8 +137,8 @@ pub use codec::{EncryptionKey, Format};
 pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};
 pub use store::{
-    CacheStats, ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
-    StorageOperation, StorageStats, Store,
+    CacheStats, ErasedValue, Expiry, KeyPage, LoadOptions, PerformanceStats, SaveOptions,
+    StorageMetadata, StorageOperation, StorageStats, Store,
 };
 
 pub use plugin::{

@@ -187,6 +187,25 @@ pub trait Backend: Send + Sync + 'static {
     /// order.
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>>;
 
+    /// Up to `limit` entries whose keys start with `prefix` and sort strictly after `after`
+    /// (when given), in byte order of the keys, expired or not: one page of a listing that
+    /// continues from its last key, so a page never repeats or skips a key that exists for
+    /// the whole listing, whatever is written meanwhile. The default sorts a full
+    /// [`scan`](Self::scan); override it where the backend can seek to `after` (the memory,
+    /// SQLite and PostgreSQL backends do).
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let mut entries = self.scan(prefix)?;
+        if let Some(after) = after {
+            entries.retain(|e| e.key.as_str() > after);
+        }
+        if entries.len() > limit && limit > 0 {
+            entries.select_nth_unstable_by(limit - 1, |a, b| a.key.cmp(&b.key));
+        }
+        entries.truncate(limit);
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
     /// Removes every record with `expires_at <= now`; returns how many were removed.
     fn purge_expired(&self, now: Timestamp) -> Result<usize>;
 

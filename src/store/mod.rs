@@ -5,10 +5,12 @@
 //! statistics. Backends below it only keep bytes.
 
 mod cache;
+mod listing;
 mod options;
 mod stats;
 
 use cache::{CachedRead, ReadCache};
+pub use listing::{KeyPage, MAX_PAGE};
 pub use options::{
     ErasedValue, Expiry, LoadOptions, SaveOptions, StorageMetadata, StorageOperation,
 };

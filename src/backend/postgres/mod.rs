@@ -373,19 +373,25 @@ impl Backend for PostgresBackend {
                 }
             }
         })?;
-        rows.into_iter()
-            .map(|row| {
-                let key: String = row.get(0);
-                let size: i64 = row.get(1);
-                let size = u64::try_from(size)
-                    .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
-                Ok(KeyEntry {
-                    size,
-                    expires_at: row.get::<_, Option<i64>>(2).map(Timestamp),
-                    key,
-                })
-            })
-            .collect()
+        rows.iter().map(key_entry).collect()
+    }
+
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let ns = self.namespace.as_str();
+        let upper = prefix_upper_bound(prefix);
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.run(
+            "listing a page of keys",
+            false,
+            async |client: &mut Object| {
+                let statement = client.prepare_cached(schema::SQL_SCAN_PAGE).await?;
+                client
+                    .query(&statement, &[&ns, &prefix, &upper, &after, &limit])
+                    .await
+            },
+        )?;
+        rows.iter().map(key_entry).collect()
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
@@ -443,6 +449,19 @@ impl Backend for PostgresBackend {
         )?;
         Ok(())
     }
+}
+
+/// A listing row: `key, size, expires_at`.
+fn key_entry(row: &tokio_postgres::Row) -> Result<KeyEntry> {
+    let key: String = row.get(0);
+    let size: i64 = row.get(1);
+    let size = u64::try_from(size)
+        .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
+    Ok(KeyEntry {
+        size,
+        expires_at: row.get::<_, Option<i64>>(2).map(Timestamp),
+        key,
+    })
 }
 
 /// A record whose stored length differs from its metadata is damaged.

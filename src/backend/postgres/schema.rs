@@ -113,6 +113,12 @@ pub(super) const SQL_SCAN_FROM: &str =
 pub(super) const SQL_SCAN_RANGE: &str = "SELECT key, size, expires_at FROM bevy_storage_records \
      WHERE namespace = $1 AND key >= $2 AND key < $3";
 
+/// One page of a listing: the prefix's key range (`$3` NULL for no upper bound) after `$4`,
+/// in key order.
+pub(super) const SQL_SCAN_PAGE: &str = "SELECT key, size, expires_at FROM bevy_storage_records \
+     WHERE namespace = $1 AND key >= $2 AND ($3::text IS NULL OR key < $3) AND key > $4 \
+     ORDER BY key LIMIT $5";
+
 /// Removes the expired records and returns how many and how many bytes.
 pub(super) const SQL_PURGE: &str = "WITH gone AS (DELETE FROM bevy_storage_records \
      WHERE namespace = $1 AND expires_at <= $2 RETURNING size) \

@@ -97,6 +97,10 @@ pub(super) const SQL_SCAN_ALL: &str = "SELECT key, size, expires_at FROM records
 pub(super) const SQL_SCAN_FROM: &str = "SELECT key, size, expires_at FROM records WHERE key >= ?1";
 pub(super) const SQL_SCAN_RANGE: &str =
     "SELECT key, size, expires_at FROM records WHERE key >= ?1 AND key < ?2";
+/// One page of a listing: keys in `[?1, ?2)` (the prefix's range; `?2` NULL for no upper
+/// bound) after `?3`, in key order.
+pub(super) const SQL_SCAN_PAGE: &str = "SELECT key, size, expires_at FROM records \
+     WHERE key >= ?1 AND (?2 IS NULL OR key < ?2) AND key > ?3 ORDER BY key LIMIT ?4";
 pub(super) const SQL_PURGE: &str =
     "DELETE FROM records WHERE expires_at IS NOT NULL AND expires_at <= ?1";
 pub(super) const SQL_CLEAR: &str = "DELETE FROM records";
