@@ -10,6 +10,7 @@
 //! same transaction.
 
 use deadpool_postgres::Object;
+use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
 
 use super::{PostgresBackend, is_retryable, schema};
@@ -141,59 +142,70 @@ async fn attempt_batch(
 ) -> std::result::Result<BatchEnd, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let (mut count, mut total) = lock_namespace(&tx, ns).await?;
+    let upsert = tx.prepare_cached(schema::SQL_UPSERT).await?;
+    let create_only = tx.prepare_cached(schema::SQL_CREATE_ONLY).await?;
+    let delete = tx.prepare_cached(schema::SQL_DELETE).await?;
+    let now_ms = now.0;
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
+        .iter()
+        .map(|op| match op {
+            Prepared::Put(row) => vec![
+                &ns as &(dyn ToSql + Sync),
+                &row.key,
+                &row.created_at,
+                &row.modified_at,
+                &row.accessed_at,
+                &row.expires_at,
+                &row.size,
+                &row.compressed,
+                &row.encrypted,
+                &row.custom,
+                &row.value,
+                &now_ms,
+            ],
+            Prepared::Delete(key) => vec![&ns as &(dyn ToSql + Sync), key],
+        })
+        .collect();
+    // Every statement is sent at once (tokio-postgres pipelines queries polled together) and
+    // the server runs them in order: one round trip for the whole batch.
+    let rows = try_join_all(ops.iter().zip(&params).map(|(op, params)| {
+        let statement = match op {
+            Prepared::Put(row) if row.create_only => &create_only,
+            Prepared::Put(_) => &upsert,
+            Prepared::Delete(_) => &delete,
+        };
+        tx.query_opt(statement, params)
+    }))
+    .await?;
     let mut outcomes = Vec::with_capacity(ops.len());
     let mut has_put = false;
-    for op in ops {
+    for (op, row) in ops.iter().zip(rows) {
         match op {
-            Prepared::Put(row) => {
+            Prepared::Put(put) => {
                 has_put = true;
-                let sql = if row.create_only {
-                    schema::SQL_CREATE_ONLY
-                } else {
-                    schema::SQL_UPSERT
-                };
-                let statement = tx.prepare_cached(sql).await?;
-                let params: [&(dyn ToSql + Sync); 12] = [
-                    &ns,
-                    &row.key,
-                    &row.created_at,
-                    &row.modified_at,
-                    &row.accessed_at,
-                    &row.expires_at,
-                    &row.size,
-                    &row.compressed,
-                    &row.encrypted,
-                    &row.custom,
-                    &row.value,
-                    &now.0,
-                ];
-                let Some(written) = tx.query_opt(&statement, &params).await? else {
+                let Some(written) = row else {
                     // Only a create-only put over a live record writes nothing.
                     tx.rollback().await?;
-                    return Ok(BatchEnd::Exists(row.key.to_owned()));
+                    return Ok(BatchEnd::Exists(put.key.to_owned()));
                 };
                 let replaced = Replaced::from_row(&written, 0);
                 count += i64::from(!replaced.existed);
-                total += row.size - replaced.size;
+                total += put.size - replaced.size;
                 outcomes.push(WriteOutcome {
                     previous_size: replaced.live_size(now),
                 });
             }
-            Prepared::Delete(key) => {
-                let statement = tx.prepare_cached(schema::SQL_DELETE).await?;
-                let previous_size = match tx.query_opt(&statement, &[&ns, key]).await? {
-                    None => None,
-                    Some(removed) => {
-                        let replaced = Replaced {
-                            existed: true,
-                            size: removed.get(0),
-                            expires_at: removed.get(1),
-                        };
-                        count -= 1;
-                        total -= replaced.size;
-                        replaced.live_size(now)
-                    }
-                };
+            Prepared::Delete(_) => {
+                let previous_size = row.and_then(|removed| {
+                    let replaced = Replaced {
+                        existed: true,
+                        size: removed.get(0),
+                        expires_at: removed.get(1),
+                    };
+                    count -= 1;
+                    total -= replaced.size;
+                    replaced.live_size(now)
+                });
                 outcomes.push(WriteOutcome { previous_size });
             }
         }
@@ -201,7 +213,7 @@ async fn attempt_batch(
     if let Some(max) = max_size
         && has_put
     {
-        let expired = tx.query_one(schema::SQL_EXPIRED, &[&ns, &now.0]).await?;
+        let expired = tx.query_one(schema::SQL_EXPIRED, &[&ns, &now_ms]).await?;
         let expired_size: i64 = expired.get(1);
         let after = u64::try_from(total - expired_size).unwrap_or(0);
         if after > max {
