@@ -20,7 +20,7 @@ use bevy::prelude::*;
 use bevy::world_serialization::serde::WorldDeserializer;
 use bevy::world_serialization::{DynamicWorld, DynamicWorldBuilder};
 use bevy_storage::backend::sqlite::SqliteSynchronous;
-use bevy_storage::codec::{Cipher, EncryptionKey, Format, SealOptions};
+use bevy_storage::codec::{Cipher, Compression, EncryptionKey, Format, SealOptions};
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::prelude::*;
 use bevy_storage::snapshot::{
@@ -205,7 +205,7 @@ fn value_200() -> String {
 fn kv_store(config: StorageConfig) -> Store {
     Store::open(
         config
-            .enable_compression(false)
+            .compression(Compression::Off)
             .format(Format::Binary)
             .max_size(None),
     )
@@ -592,7 +592,7 @@ fn codec(b: &Bench) {
         };
         let opts = SealOptions {
             format: Format::Raw,
-            compression_level: 1,
+            compression: Compression::Lz4,
             encrypt: false,
         };
         let (_, lz4_flex_speed) = b.compare(
@@ -631,7 +631,7 @@ fn codec(b: &Bench) {
     if b.wants("codec_aes") {
         let opts = SealOptions {
             format: Format::Raw,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: true,
         };
         b.compare(
@@ -663,7 +663,7 @@ fn codec(b: &Bench) {
         let value = corpus(1 << 20);
         let opts = SealOptions {
             format: Format::Binary,
-            compression_level: 1,
+            compression: Compression::Lz4,
             encrypt: true,
         };
         let iterations = if b.quick { 5 } else { 20 };
@@ -712,7 +712,7 @@ fn codec(b: &Bench) {
         });
         let aes_opts = SealOptions {
             format: Format::Raw,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: true,
         };
         let aes_ms = ms(&mut || {
@@ -1049,7 +1049,7 @@ fn redis(b: &Bench) {
     let store = match Store::open(
         StorageConfig::redis(&url, &namespace)
             .max_size(None)
-            .enable_compression(false)
+            .compression(Compression::Off)
             .format(Format::Binary),
     ) {
         Ok(s) => s,

@@ -43,8 +43,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bevy_storage::{
-    EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation,
-    Store,
+    Compression, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError,
+    StorageOperation, Store,
 };
 use serde::{Deserialize, Serialize};
 
@@ -271,7 +271,7 @@ impl Settings {
         };
         let mut config = config
             .max_size(None)
-            .enable_compression(self.compress)
+            .compression(Compression::from(self.compress))
             .format(if self.binary {
                 Format::Binary
             } else {
@@ -339,11 +339,8 @@ fn run_child(args: &[String]) -> ExitCode {
             Op::FailingTx(parts) if sabotage == "ack" => Op::Tx(parts),
             op => op,
         };
-        let mut opts = SaveOptions::new().compression(if settings.compress {
-            rng.below(10) as u8
-        } else {
-            0
-        });
+        let mut opts = SaveOptions::new()
+            .compression(Compression::from(settings.compress && rng.below(10) != 0));
         if settings.encrypt {
             opts = opts.encrypt(rng.below(3) != 0);
         }

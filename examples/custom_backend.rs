@@ -7,6 +7,10 @@
 //!
 //! Run: `cargo run --example custom_backend` (twice: the second launch finds the first's
 //! records in `saves/profile.json`, which stays there to be looked at).
+//!
+//! Tested like a built-in backend: `tests/custom_backend.rs` runs the conformance suite
+//! (`bevy_storage::testing`, feature `testing`) against `JsonFileBackend`
+//! (`cargo test --features testing --test custom_backend`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -20,8 +24,9 @@ use bevy_storage::prelude::*;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-/// The game's own backend: a JSON file with every record.
-struct JsonFileBackend {
+/// The game's own backend: a JSON file with every record. (`pub(crate)`: the test target
+/// `tests/custom_backend.rs` includes this file and runs the conformance suite against it.)
+pub(crate) struct JsonFileBackend {
     path: PathBuf,
     records: Mutex<BTreeMap<String, Record>>,
 }
@@ -34,7 +39,7 @@ struct JsonRecord {
 }
 
 impl JsonFileBackend {
-    fn open(path: impl Into<PathBuf>) -> Result<Self, StorageError> {
+    pub(crate) fn open(path: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let path = path.into();
         let records = match fs::read(&path) {
             Ok(bytes) => {
@@ -187,7 +192,11 @@ fn main() -> Result<(), StorageError> {
         fullscreen: true,
         key_bindings: [("jump".to_string(), "Space".to_string())].into(),
     };
-    store.save("settings", &settings, &SaveOptions::new().compression(0))?;
+    store.save(
+        "settings",
+        &settings,
+        &SaveOptions::new().compression(Compression::Off),
+    )?;
     store.transaction(vec![
         StorageOperation::save("profile:name", "Ada"),
         StorageOperation::save("profile:launches", launches),

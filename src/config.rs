@@ -9,7 +9,7 @@ use crate::backend::Backend;
 #[cfg(feature = "sqlite")]
 use crate::backend::sqlite::{SqliteOptions, SqliteSynchronous};
 use crate::clock::{Clock, SystemClock};
-use crate::codec::{EncryptionKey, Format};
+use crate::codec::{Compression, EncryptionKey, Format};
 use crate::error::{Result, StorageError};
 
 /// Default quota: 100 MiB.
@@ -330,8 +330,9 @@ pub struct StorageConfig {
     pub max_size: Option<u64>,
     /// TTL applied to saves that do not set one. Default: none (records never expire).
     pub default_ttl: Option<Duration>,
-    /// Compress saves that do not say otherwise (LZ4). Default on with the `compression` feature.
-    pub enable_compression: bool,
+    /// Compression of saves and snapshots that do not choose their own. Default
+    /// [`Compression::default()`]: `Lz4` with the `compression` feature, `Off` without.
+    pub compression: Compression,
     /// Encrypt saves that do not say otherwise, and refuse to load records that are not
     /// encrypted. Default off. Needs `encryption_key`.
     ///
@@ -376,7 +377,7 @@ impl StorageConfig {
             backend,
             max_size: Some(DEFAULT_MAX_SIZE),
             default_ttl: None,
-            enable_compression: cfg!(feature = "compression"),
+            compression: Compression::default(),
             enable_encryption: false,
             encryption_key: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
@@ -494,10 +495,16 @@ impl StorageConfig {
         self
     }
 
-    /// Compress saves by default.
-    pub fn enable_compression(mut self, on: bool) -> Self {
-        self.enable_compression = on;
+    /// Sets the compression of saves and snapshots that do not choose their own.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self
+    }
+
+    /// Compress saves by default (`true`: [`Compression::Lz4`]).
+    #[deprecated(note = "use `compression(Compression::Lz4)` or `compression(Compression::Off)`")]
+    pub fn enable_compression(self, on: bool) -> Self {
+        self.compression(Compression::from(on))
     }
 
     /// Encrypt saves by default and refuse plaintext records on load (needs
@@ -533,7 +540,10 @@ impl StorageConfig {
         self
     }
 
-    /// Turns on the read cache with entries kept for `ttl` (`None` turns it off).
+    /// Turns on the read cache with entries kept for `ttl` (`None`, the default, turns it off).
+    /// Takes an `Option` like [`max_size`](Self::max_size) and
+    /// [`default_ttl`](Self::default_ttl), so one call sets either state (from a settings file,
+    /// say), the same on the plugin builder.
     pub fn read_cache(mut self, ttl: Option<Duration>) -> Self {
         self.read_cache_ttl = ttl;
         self

@@ -153,10 +153,6 @@ pub enum StorageError {
         what: String,
     },
 
-    /// A compression level outside 0..=9.
-    #[error("invalid compression level {0}: use 0 (off) to 9")]
-    InvalidCompressionLevel(u8),
-
     /// The configuration is inconsistent or incomplete.
     #[error("invalid storage configuration: {0}")]
     Config(String),

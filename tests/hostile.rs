@@ -29,7 +29,8 @@ use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::Cipher;
 use bevy_storage::key::MAX_KEY_LEN;
 use bevy_storage::{
-    EncryptionKey, LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation, Store,
+    Compression, EncryptionKey, LoadOptions, SaveOptions, StorageConfig, StorageError,
+    StorageOperation, Store,
 };
 
 // =========================================================================== hostile keys
@@ -1020,7 +1021,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
             .max_size(Some(64 * 1024))
             .read_cache(Some(Duration::from_secs(3600)))
             .encryption_key(EncryptionKey::from_bytes([3; 32]))
-            .enable_compression(true),
+            .compression(Compression::Lz4),
     )
     .unwrap();
     // A second view straight over the inner backend, without the faulty layer or a cache.
@@ -1092,7 +1093,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         let r = store.save(
             &format!("big{i}"),
             &value("x", 4000),
-            &SaveOptions::new().compression(0),
+            &SaveOptions::new().compression(Compression::Off),
         );
         assert!(is_injected(&r), "{r:?}");
     }
@@ -1101,7 +1102,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         .save(
             "fits",
             &value("x", 30_000),
-            &SaveOptions::new().compression(0),
+            &SaveOptions::new().compression(Compression::Off),
         )
         .expect("the quota must not count failed writes");
     assert!(
@@ -1301,7 +1302,7 @@ fn is_disk_full_error(e: &StorageError) -> bool {
 /// record is intact after reopening. Returns the reopened store.
 fn fill_the_disk(config: &dyn Fn() -> StorageConfig) -> Store {
     let store = Store::open(config()).unwrap();
-    let opts = SaveOptions::new().compression(0);
+    let opts = SaveOptions::new().compression(Compression::Off);
     let mut acked: Vec<(String, String)> = Vec::new();
     for i in 0..4 {
         let (k, v) = (format!("keep:{i}"), noise(i, 2000));

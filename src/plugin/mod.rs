@@ -105,7 +105,7 @@ pub use world::{
 
 use crate::backend::Backend;
 use crate::clock::Clock;
-use crate::codec::{EncryptionKey, Format};
+use crate::codec::{Compression, EncryptionKey, Format};
 use crate::config::StorageConfig;
 use crate::error::StorageError;
 use crate::store::{StorageStats, Store};
@@ -134,7 +134,7 @@ pub const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 ///     StoragePlugin::file("saves/slot1")
 ///         .default_ttl(Some(Duration::from_secs(30 * 86_400)))
 ///         .cleanup_interval(Duration::from_secs(600))
-///         .read_cache(Duration::from_secs(5))
+///         .read_cache(Some(Duration::from_secs(5)))
 ///         .batch_writes(WriteBatching::PerFrame),
 /// ));
 /// ```
@@ -272,9 +272,10 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.default_ttl(ttl))
     }
 
-    /// Compress saves by default.
-    pub fn compression(self, on: bool) -> Self {
-        self.store_option(|c| c.enable_compression(on))
+    /// Compression of saves and snapshots that do not choose their own
+    /// ([`StorageConfig::compression`]).
+    pub fn compression(self, compression: Compression) -> Self {
+        self.store_option(|c| c.compression(compression))
     }
 
     /// Encrypt every save by default with `key`.
@@ -303,10 +304,10 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.clock(clock))
     }
 
-    /// Serves repeated loads from memory for `ttl`; saves, deletes, transactions and clears
-    /// invalidate it.
-    pub fn read_cache(self, ttl: Duration) -> Self {
-        self.store_option(|c| c.read_cache(Some(ttl)))
+    /// Serves repeated loads from memory for `ttl` (`None`: no cache, the default); saves,
+    /// deletes, transactions and clears invalidate it ([`StorageConfig::read_cache`]).
+    pub fn read_cache(self, ttl: Option<Duration>) -> Self {
+        self.store_option(|c| c.read_cache(ttl))
     }
 
     /// How many entries the read cache holds.

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 
 use super::kind::{RequestKind, add_request_kind};
 use super::scope::Scope;
-use crate::codec::{self, Format};
+use crate::codec::{self, Compression, Format};
 use crate::error::StorageError;
 use crate::key;
 use crate::store::{ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
@@ -133,9 +133,9 @@ impl SaveRequest {
         self
     }
 
-    /// Compression level 0-9 (0 = off).
-    pub fn compression(mut self, level: u8) -> Self {
-        self.options = self.options.compression(level);
+    /// Compresses (or not) regardless of the store default ([`SaveOptions::compression`]).
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.options = self.options.compression(compression);
         self
     }
 

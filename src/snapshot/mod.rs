@@ -46,6 +46,7 @@ use bevy::ecs::observer::ObservedBy;
 use bevy::prelude::*;
 use serde::de::DeserializeOwned;
 
+use crate::codec::Compression;
 use columns::{Typed, TypedCodec};
 
 /// Marks an entity whose components are saved in world snapshots.
@@ -84,10 +85,10 @@ pub struct SnapshotSettings {
     /// registered for a later version run when an older snapshot is loaded; a snapshot from a
     /// newer game version is refused.
     pub game_version: u32,
-    /// Compression level for the stored record (0 off, 1-9 LZ4). `None` (the default): the
-    /// store's own default ([`StorageConfig::enable_compression`](crate::StorageConfig)), so a
-    /// build without the `compression` feature saves worlds uncompressed.
-    pub compression: Option<u8>,
+    /// Compression of the stored record. `None` (the default): the store's own
+    /// ([`StorageConfig::compression`](crate::StorageConfig::compression)), so a build without
+    /// the `compression` feature saves worlds uncompressed.
+    pub compression: Option<Compression>,
     /// Encrypt snapshots with the store's key. `None` (the default): the store's own default
     /// ([`StorageConfig::enable_encryption`](crate::StorageConfig)), so a store that encrypts
     /// every save encrypts its worlds too.
@@ -134,9 +135,9 @@ impl SnapshotSettings {
         self.game_version = version;
         self
     }
-    /// Sets the compression level (0-9) instead of the store's default.
-    pub fn compression(mut self, level: u8) -> Self {
-        self.compression = Some(level);
+    /// Compresses snapshots (or not) instead of the store's default.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = Some(compression);
         self
     }
     /// Encrypts snapshots with the store's key (or not), instead of the store's default.

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, CustomMetadata, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
 use crate::clock::{Clock, Timestamp};
 use crate::codec::crypto::KdfParams;
-use crate::codec::{self, Cipher, EnvelopeInfo, Format, SealOptions};
+use crate::codec::{self, Cipher, Compression, EnvelopeInfo, Format, SealOptions};
 use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
 use crate::key::{self, INTERNAL_KEYS, KEYCHECK_KEY};
@@ -70,7 +70,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     format: Format,
     default_ttl: Option<Duration>,
-    default_compression: u8,
+    default_compression: Compression,
     default_encrypt: bool,
     quota: Option<Quota>,
     counters: Counters,
@@ -158,7 +158,7 @@ impl Store {
                 clock: config.clock,
                 format: config.format,
                 default_ttl: config.default_ttl,
-                default_compression: u8::from(config.enable_compression),
+                default_compression: config.compression,
                 default_encrypt: config.enable_encryption,
                 quota,
                 counters: Counters::default(),
@@ -221,7 +221,7 @@ impl Store {
             let cipher = Cipher::new(key, kdf.as_ref())?;
             let seal = SealOptions {
                 format: Format::Raw,
-                compression_level: 0,
+                compression: Compression::Off,
                 encrypt: true,
             };
             let payload = keycheck_payload(kdf.as_ref());
@@ -308,7 +308,7 @@ impl Store {
     fn seal_options(&self, format: Format, options: &SaveOptions) -> SealOptions {
         SealOptions {
             format,
-            compression_level: options
+            compression: options
                 .compression
                 .unwrap_or(self.inner.default_compression),
             encrypt: options.encrypt.unwrap_or(self.inner.default_encrypt),
@@ -365,8 +365,8 @@ impl Store {
     /// Saves `value` under `key`.
     ///
     /// Fails with `InvalidKey`, `AlreadyExists` (`overwrite(false)` and a live record exists,
-    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `InvalidCompressionLevel`
-    /// or a backend error. On any error the previous value is untouched.
+    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `FeatureDisabled`
+    /// (`Compression::Lz4` without the `compression` feature) or a backend error. On any error the previous value is untouched.
     pub fn save<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -901,7 +901,7 @@ impl Store {
             return Ok(());
         };
         let len = len as u64;
-        let smallest = if self.seal_options(format, options).compression_level > 0 {
+        let smallest = if self.seal_options(format, options).compression.is_on() {
             len / 256
         } else {
             len
