@@ -17,7 +17,7 @@ use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 
-use bevy_storage::backend::memory::apply_batch;
+use bevy_storage::backend::memory::{apply_batch, remove_if_unchanged};
 use bevy_storage::backend::{KeyEntry, Record, RecordMeta, WriteOp, WriteOutcome};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::prelude::*;
@@ -113,6 +113,24 @@ impl Backend for JsonFileBackend {
         Ok(outcomes)
     }
 
+    /// What `Store::take` needs: compare and remove under the same lock as `write`, so no
+    /// other change comes in between (the memory backend's helper does the comparison).
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool, StorageError> {
+        let mut records = self.records.lock();
+        let mut next = records.clone();
+        if !remove_if_unchanged(&mut next, key, value, expires_at) {
+            return Ok(false);
+        }
+        self.persist(&next)?;
+        *records = next;
+        Ok(true)
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<(), StorageError> {
         let mut records = self.records.lock();
         if let Some(r) = records.get_mut(key) {
@@ -202,6 +220,16 @@ fn main() -> Result<(), StorageError> {
         StorageOperation::save("profile:launches", launches),
     ])?;
     println!("launch {launches}: saved 3 records");
+    // A one-off record, taken (loaded and deleted atomically) through the backend's
+    // delete_if_unchanged: the second take finds nothing.
+    store.set("mail:welcome", &"a wooden sword")?;
+    let gift: Option<String> = store.take("mail:welcome", &LoadOptions::default())?;
+    assert_eq!(gift.as_deref(), Some("a wooden sword"));
+    assert_eq!(
+        store.take::<String>("mail:welcome", &LoadOptions::default())?,
+        None
+    );
+    println!("took the welcome mail once: {gift:?}");
 
     // A second store over the same file (a restart) sees everything.
     drop(store);

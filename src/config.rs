@@ -418,6 +418,35 @@ impl StorageConfig {
         })
     }
 
+    /// The game's store in the per-user data directory of the platform, for the application
+    /// identifier `id` (a reverse domain name such as `com.studio.game`): an embedded SQLite
+    /// database `storage.db` there (a file store `storage` without the `sqlite` feature),
+    /// created when the store first opens. `BEVY_STORAGE_DIR`, when set, replaces the
+    /// directory. Where that is on each platform and the identifier rule:
+    /// [`app_dir`](crate::app_dir).
+    ///
+    /// Fails with [`StorageError::InvalidAppId`] for an
+    /// identifier that breaks the rule, or `Config` when the user has no data directory.
+    ///
+    /// ```no_run
+    /// # use bevy_storage::prelude::*;
+    /// // ~/.local/share/game/storage.db on Linux, %APPDATA%\studio\game\data\storage.db on
+    /// // Windows, ~/Library/Application Support/com.studio.game/storage.db on macOS
+    /// let store = Store::open(StorageConfig::for_app("com.studio.game")?)?;
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn for_app(id: &str) -> Result<Self> {
+        let path = crate::app_dir::store_path(id)?;
+        #[cfg(feature = "sqlite")]
+        {
+            Ok(Self::sqlite(path))
+        }
+        #[cfg(not(feature = "sqlite"))]
+        {
+            Ok(Self::file(path))
+        }
+    }
+
     /// A store over the game's own backend.
     pub fn custom(backend: impl Backend) -> Self {
         Self::new(BackendConfig::Custom(Arc::new(backend)))

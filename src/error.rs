@@ -22,6 +22,19 @@ pub enum StorageError {
         reason: &'static str,
     },
 
+    /// An application identifier for
+    /// [`StorageConfig::for_app`](crate::StorageConfig::for_app) breaks the rule of
+    /// [`app_dir`](crate::app_dir) (a reverse domain name such as `com.studio.game`).
+    #[error(
+        "invalid application identifier {id:?}: {reason} (use a reverse domain name such as com.studio.game)"
+    )]
+    InvalidAppId {
+        /// The identifier (shortened if very long).
+        id: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+
     /// `overwrite: false` was asked and a live record already exists under this key.
     #[error("key {key:?} already exists and overwrite is disabled")]
     AlreadyExists {

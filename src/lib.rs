@@ -122,6 +122,7 @@
 //! - [`backend`]: where bytes live ([`Backend`] trait; memory, file, SQLite, Redis).
 #![warn(missing_docs)]
 
+pub mod app_dir;
 pub mod backend;
 pub mod clock;
 pub mod codec;

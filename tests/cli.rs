@@ -2114,3 +2114,29 @@ fn hostile_dumps_and_records_never_crash_the_inspector() {
     }
     assert_eq!(store.list_keys("mine").unwrap(), ["mine"]);
 }
+
+/// `--app ID` opens the game's per-user store (here through `BEVY_STORAGE_DIR`), and refuses
+/// an invalid identifier or a `--store` beside it.
+#[test]
+fn app_finds_the_games_per_user_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("BEVY_STORAGE_DIR", dir.path().to_str().unwrap())];
+    let set = run(&["--app", "com.studio.game", "set", "gold", "120"], &env);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    assert!(dir.path().join("storage.db").is_file());
+    let get = run(&["--app", "com.studio.game", "get", "gold"], &env);
+    assert_eq!(get.code, 0, "{}", get.stderr);
+    assert!(get.stdout.contains("120"), "{}", get.stdout);
+    let bad = run(&["--app", "not an id", "list"], &env);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("invalid application identifier"),
+        "{}",
+        bad.stderr
+    );
+    let both = run(
+        &["--app", "com.studio.game", "--store", "memory:", "list"],
+        &env,
+    );
+    assert_eq!(both.code, 2, "{}", both.stderr);
+}

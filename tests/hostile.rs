@@ -982,6 +982,15 @@ impl Backend for Faulty {
         }
         Ok(outcomes)
     }
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        self.faults.check_change("taking")?;
+        self.inner.delete_if_unchanged(key, value, expires_at)
+    }
     fn touch(&self, key: &str, at: Timestamp) -> bevy_storage::Result<()> {
         self.faults.check_change("touching")?;
         self.inner.touch(key, at)

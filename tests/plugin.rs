@@ -83,6 +83,16 @@ impl Backend for TestBackend {
         self.check()?;
         self.inner.write(ops, now)
     }
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.delete_if_unchanged(key, value, expires_at)
+    }
     fn touch(&self, key: &str, at: Timestamp) -> bevy_storage::Result<()> {
         self.inner.touch(key, at)
     }

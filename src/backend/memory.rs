@@ -77,6 +77,24 @@ pub fn apply_batch(
     Ok(outcomes)
 }
 
+/// The [`Backend::delete_if_unchanged`] rule on a sorted map: removes `key` if its record
+/// still has exactly this value and expiry. Public for custom backends that keep their records
+/// in memory, like [`apply_batch`].
+pub fn remove_if_unchanged(
+    map: &mut BTreeMap<String, Record>,
+    key: &str,
+    value: &[u8],
+    expires_at: Option<Timestamp>,
+) -> bool {
+    let same = map
+        .get(key)
+        .is_some_and(|r| r.value == value && r.meta.expires_at == expires_at);
+    if same {
+        map.remove(key);
+    }
+    same
+}
+
 impl Backend for MemoryBackend {
     fn backend_type(&self) -> &str {
         "memory"
@@ -92,6 +110,20 @@ impl Backend for MemoryBackend {
 
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         apply_batch(&mut self.records.write(), ops, now)
+    }
+
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        Ok(remove_if_unchanged(
+            &mut self.records.write(),
+            key,
+            value,
+            expires_at,
+        ))
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {

@@ -180,6 +180,31 @@ pub trait Backend: Send + Sync + 'static {
     /// Returns one outcome per operation, in order.
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>>;
 
+    /// Removes `key` only if it still holds the record a read just returned: the same value
+    /// bytes and the same `expires_at`, checked and removed atomically (no other change to
+    /// `key` may come between the check and the removal, from this process or another one
+    /// sharing the backend). Returns `true` when it removed the record, `false` when `key` is
+    /// missing or holds anything else. Durable once it returns `Ok(true)`, like a
+    /// [`write`](Self::write).
+    ///
+    /// This is how [`Store::take`](crate::Store::take) loads and deletes atomically: it reads
+    /// the record, decrypts and decodes it, and only then removes it with this method,
+    /// retrying from the read if another writer changed the key in between. So a record that
+    /// fails to decode (a wrong type, a wrong encryption key) is never removed, and of several
+    /// callers taking the same key exactly one gets it.
+    ///
+    /// It is a required method, not a default built on [`get`](Self::get) and
+    /// [`write`](Self::write), because those two cannot make it atomic: only the backend knows
+    /// how to compare and remove in one step (under its lock, in one SQL statement, in one
+    /// Lua script). A backend that keeps its records in a map can use
+    /// [`memory::remove_if_unchanged`].
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool>;
+
     /// Sets the last-access time of `key` if it exists. Need not be durable.
     fn touch(&self, key: &str, at: Timestamp) -> Result<()>;
 

@@ -14,6 +14,7 @@
 //! | [`ListKeysRequest`]  | [`ListKeysCompleted`]  | `Vec<String>`, sorted                 |
 //! | [`TransactionRequest`] | [`TransactionCompleted`] | `()`                              |
 //! | [`ClearRequest`]     | [`ClearCompleted`]     | `()`                                  |
+//! | [`TakeRequest`](super::TakeRequest) | [`TakeCompleted`](super::TakeCompleted) | `Option<LoadedValue>`: the record, now deleted |
 //!
 //! Errors are [`Arc<StorageError>`](StorageError): the same error value can be shared by the
 //! message and the event, and by every request of a failed batch.
@@ -571,6 +572,7 @@ pub(crate) fn add_key_value_kinds(app: &mut bevy::prelude::App) {
     add_request_kind::<ListKeysRequest>(app);
     add_request_kind::<TransactionRequest>(app);
     add_request_kind::<ClearRequest>(app);
+    add_request_kind::<super::take::TakeRequest>(app);
 }
 
 /// The parts every key-value kind shares: no input from the world, and the pool's output is

@@ -8,6 +8,7 @@ mod cache;
 mod listing;
 mod options;
 mod stats;
+pub mod take;
 
 use cache::{CachedRead, ReadCache};
 pub use listing::{KeyPage, MAX_PAGE};

@@ -231,6 +231,11 @@ macro_rules! __conformance_cases {
             [encryption] encryption_round_trips_and_hides_plaintext,
             [encryption] wrong_or_missing_key_is_a_clear_error,
             [encryption] passphrase_keys_survive_reopen,
+            take_returns_the_value_and_removes_it,
+            take_of_a_missing_or_expired_key_is_none,
+            take_of_the_wrong_type_fails_and_keeps_the_record,
+            [encryption] take_that_cannot_decrypt_keeps_the_record,
+            take_race_has_exactly_one_winner,
         }
     };
 }

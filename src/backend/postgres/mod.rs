@@ -346,6 +346,38 @@ impl Backend for PostgresBackend {
         batch::write_batch(self, ops, now, Some(max_size))
     }
 
+    /// One `DELETE … WHERE value = $3 AND expires_at IS NOT DISTINCT FROM $4` in a transaction
+    /// that holds the namespace's counters, which it updates.
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        let ns = self.namespace.as_str();
+        let expires_at = expires_at.map(|t| t.0);
+        self.run("taking a record", true, async |client: &mut Object| {
+            let tx = client.transaction().await?;
+            let (count, total) = batch::lock_namespace(&tx, ns).await?;
+            let statement = tx.prepare_cached(schema::SQL_DELETE_IF_UNCHANGED).await?;
+            let Some(row) = tx
+                .query_opt(&statement, &[&ns, &key, &value, &expires_at])
+                .await?
+            else {
+                tx.rollback().await?;
+                return Ok(false);
+            };
+            let size: i64 = row.get(0);
+            tx.execute(
+                schema::SQL_SET_NAMESPACE,
+                &[&ns, &(count - 1), &(total - size)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let ns = self.namespace.as_str();
         self.run(

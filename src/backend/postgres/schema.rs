@@ -170,6 +170,12 @@ pub(super) const SQL_CREATE_ONLY: &str = "WITH old AS (SELECT size, expires_at \
      RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
        (SELECT expires_at FROM old)";
 
+/// Removes the record only if it still holds the value and expiry a read returned
+/// (`Store::take`), and reports its size.
+pub(super) const SQL_DELETE_IF_UNCHANGED: &str = "DELETE FROM bevy_storage_records \
+     WHERE namespace = $1 AND key = $2 AND value = $3 AND expires_at IS NOT DISTINCT FROM $4 \
+     RETURNING size";
+
 /// A delete that reports what it removed.
 pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2 RETURNING size, expires_at";

@@ -50,6 +50,9 @@
 //! clients never see half a batch; no `WATCH`, no retry loop. The scripts carry a `#!lua`
 //! shebang, so Redis refuses them *before* they start when it is out of memory (`maxmemory`),
 //! rather than half-way. How and why, with measurements: `redis/batch.rs`.
+//! [`delete_if_unchanged`](Backend::delete_if_unchanged) (what `Store::take` removes with) is
+//! one Lua script too: it compares the stored value and expiry with what was read and removes
+//! the record and its share of the counters in the same step.
 //!
 //! # Listing
 //!
@@ -462,6 +465,33 @@ impl Backend for RedisBackend {
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         // One round trip: a transaction of new records or the write script (see `batch.rs`).
         self.write_batch(ops, now)
+    }
+
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        let rkey = self.keys.record(key);
+        // Never resent: a removal that was applied but not acknowledged, sent again, would
+        // answer "changed" and the taken value would reach no one.
+        let answer: i64 = self.run("taking a record", Retry::Never, |con| {
+            self.scripts
+                .delete_if_unchanged
+                .key(&self.keys.usage)
+                .key(&self.keys.expiry)
+                .key(&rkey)
+                .arg(expires_at.map_or(0, |t| t.0))
+                .arg(value)
+                .arg(&self.keys.record_prefix)
+                .invoke(con)
+        })?;
+        match answer {
+            1 => Ok(true),
+            0 => Ok(false),
+            problem => Err(self.layout_error(key, -problem)),
+        }
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {

@@ -14,8 +14,8 @@
 //!
 //! # Connections
 //!
-//! - One **writer** connection behind a mutex runs every change (`write`, `touch`,
-//!   `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
+//! - One **writer** connection behind a mutex runs every change (`write`,
+//!   `delete_if_unchanged`, `touch`, `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
 //!   transaction, so it is all or nothing and never fails half-way with `SQLITE_BUSY`.
 //! - A pool of [`SqliteOptions::pool_size`] read-only **reader** connections (`r2d2`) serves
 //!   `get`, `get_meta`, `scan` and `usage`. In WAL mode readers never block the writer nor wait
@@ -278,6 +278,15 @@ impl Backend for SqliteBackend {
 
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         self.write_batch(ops, now)
+    }
+
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.delete_row_if_unchanged(key, value, expires_at)
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {

@@ -92,6 +92,10 @@ pub(super) const SQL_UPSERT_KEEP_CREATED: &str = "INSERT INTO records (key, crea
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
      encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
 pub(super) const SQL_DELETE: &str = "DELETE FROM records WHERE key = ?1 RETURNING size, expires_at";
+/// [`Backend::delete_if_unchanged`](crate::backend::Backend::delete_if_unchanged): one
+/// statement, so the comparison and the removal are one transaction.
+pub(super) const SQL_DELETE_IF_UNCHANGED: &str =
+    "DELETE FROM records WHERE key = ?1 AND value = ?2 AND expires_at IS ?3";
 pub(super) const SQL_TOUCH: &str = "UPDATE records SET accessed_at = ?2 WHERE key = ?1";
 pub(super) const SQL_SCAN_ALL: &str = "SELECT key, size, expires_at FROM records";
 pub(super) const SQL_SCAN_FROM: &str = "SELECT key, size, expires_at FROM records WHERE key >= ?1";
@@ -110,10 +114,11 @@ pub(super) const SQL_HEALTH: &str = "SELECT 1 FROM records LIMIT 1";
 
 /// Statements prepared on the writer at open, so a database whose `records` table does not
 /// have the expected shape is refused at open rather than at the first write.
-pub(super) const WRITER_STATEMENTS: [&str; 7] = [
+pub(super) const WRITER_STATEMENTS: [&str; 8] = [
     SQL_PREVIOUS,
     SQL_UPSERT,
     SQL_DELETE,
+    SQL_DELETE_IF_UNCHANGED,
     SQL_TOUCH,
     SQL_PURGE,
     SQL_CLEAR,
@@ -279,6 +284,8 @@ mod tests {
             assert!(plan.contains(by_key), "{sql}: {plan}");
         }
         let plan = query_plan(&w, SQL_TOUCH, rusqlite::params!["k", 1]);
+        assert!(plan.contains(by_key), "{plan}");
+        let plan = query_plan(&w, SQL_DELETE_IF_UNCHANGED, rusqlite::params!["k", b"v", 1]);
         assert!(plan.contains(by_key), "{plan}");
         let plan = query_plan(&w, SQL_SCAN_RANGE, ["a", "b"]);
         let range = "SEARCH records USING INDEX sqlite_autoindex_records_1 (key>? AND key<?)";
