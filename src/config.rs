@@ -190,6 +190,15 @@ pub enum BackendConfig {
         /// other's records, stores with the same one share them.
         namespace: String,
     },
+    /// A PostgreSQL database shared by several game servers (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`). `Debug`
+        /// hides the password.
+        url: String,
+        /// The store's namespace: stores with the same one share their records.
+        namespace: String,
+    },
     /// A backend the game implements.
     Custom(Arc<dyn Backend>),
 }
@@ -211,6 +220,12 @@ impl fmt::Debug for BackendConfig {
                 .field("url", &redact_url(url))
                 .field("namespace", namespace)
                 .finish(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, namespace } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("namespace", namespace)
+                .finish(),
             Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
         }
     }
@@ -227,6 +242,8 @@ impl BackendConfig {
             Self::Sqlite { .. } => "sqlite".to_owned(),
             #[cfg(feature = "redis")]
             Self::Redis { .. } => "redis".to_owned(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { .. } => "postgres".to_owned(),
             Self::Custom(b) => b.backend_type().to_owned(),
         }
     }
@@ -244,9 +261,49 @@ impl BackendConfig {
                 "Redis store at {} (namespace {namespace:?})",
                 redact_url(url)
             ),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, namespace } => format!(
+                "PostgreSQL store at {} (namespace {namespace:?})",
+                redact_url(url)
+            ),
             Self::Custom(b) => format!("custom {:?} store", b.backend_type()),
         }
     }
+}
+
+/// Splits a `?namespace=NAME` parameter off a store URL: the URL to connect to (other query
+/// parameters kept) and the namespace (`default` when absent).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn split_namespace(url: &str, default: &str) -> (String, String) {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (url, None),
+    };
+    let (base, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (before_fragment, ""),
+    };
+    let mut namespace = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("namespace=") {
+            Some(ns) => {
+                namespace = Some(ns.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    (out, namespace.unwrap_or_else(|| default.to_owned()))
 }
 
 /// Everything a store needs to open. Build it with [`StorageConfig::sqlite`],
@@ -417,9 +474,21 @@ impl StorageConfig {
             ))),
             #[cfg(feature = "redis")]
             "redis" | "rediss" => {
-                let (url, namespace) = crate::backend::redis::split_namespace(url);
+                let (url, namespace) =
+                    split_namespace(url, crate::backend::redis::DEFAULT_NAMESPACE);
                 Ok(Self::redis(url, namespace))
             }
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => {
+                let (url, namespace) =
+                    split_namespace(url, crate::backend::postgres::DEFAULT_NAMESPACE);
+                Ok(Self::postgres(url, namespace))
+            }
+            #[cfg(not(feature = "postgres"))]
+            "postgres" | "postgresql" => Err(StorageError::FeatureDisabled {
+                feature: "postgres",
+                what: "a postgres:// store".into(),
+            }),
             #[cfg(not(feature = "redis"))]
             "redis" | "rediss" => Err(StorageError::FeatureDisabled {
                 feature: "redis",
@@ -430,6 +499,17 @@ impl StorageConfig {
                 redact_url(url)
             ))),
         }
+    }
+
+    /// A store in the PostgreSQL database at `url`
+    /// (`postgres://[user[:password]@]host[:port]/dbname`), under `namespace`. Needs the
+    /// `postgres` feature.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self::new(BackendConfig::Postgres {
+            url: url.into(),
+            namespace: namespace.into(),
+        })
     }
 
     /// Sets the quota in bytes (`None`: unlimited).
@@ -543,6 +623,15 @@ impl StorageConfig {
                     ..crate::backend::RedisOptions::default()
                 };
                 let backend = crate::backend::RedisBackend::open(url, namespace, &options)?;
+                Arc::new(backend)
+            }
+            #[cfg(feature = "postgres")]
+            BackendConfig::Postgres { url, namespace } => {
+                let options = crate::backend::PostgresOptions {
+                    pool_size: self.pool_size,
+                    ..crate::backend::PostgresOptions::default()
+                };
+                let backend = crate::backend::PostgresBackend::open(url, namespace, &options)?;
                 Arc::new(backend)
             }
             BackendConfig::Custom(backend) => Arc::clone(backend),

@@ -140,8 +140,8 @@ pub use codec::{Compression, EncryptionKey, Format};
 pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};
 pub use store::{
-    CacheStats, ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
-    StorageOperation, StorageStats, Store,
+    CacheStats, ErasedValue, Expiry, KeyPage, LoadOptions, PerformanceStats, SaveOptions,
+    StorageMetadata, StorageOperation, StorageStats, Store,
 };
 
 pub use plugin::{

@@ -146,6 +146,24 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let records = self.records.read();
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        Ok(records
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, r)| KeyEntry {
+                key: k.clone(),
+                size: r.meta.size,
+                expires_at: r.meta.expires_at,
+            })
+            .collect())
+    }
+
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
         let mut records = self.records.write();
         let before = records.len();

@@ -19,6 +19,8 @@ use crate::error::Result;
 
 pub mod file;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
@@ -26,6 +28,8 @@ pub mod sqlite;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresBackend, PostgresOptions};
 #[cfg(feature = "redis")]
 pub use redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
@@ -208,6 +212,25 @@ pub trait Backend: Send + Sync + 'static {
     /// order.
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>>;
 
+    /// Up to `limit` entries whose keys start with `prefix` and sort strictly after `after`
+    /// (when given), in byte order of the keys, expired or not: one page of a listing that
+    /// continues from its last key, so a page never repeats or skips a key that exists for
+    /// the whole listing, whatever is written meanwhile. The default sorts a full
+    /// [`scan`](Self::scan); override it where the backend can seek to `after` (the memory,
+    /// SQLite and PostgreSQL backends do).
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let mut entries = self.scan(prefix)?;
+        if let Some(after) = after {
+            entries.retain(|e| e.key.as_str() > after);
+        }
+        if entries.len() > limit && limit > 0 {
+            entries.select_nth_unstable_by(limit - 1, |a, b| a.key.cmp(&b.key));
+        }
+        entries.truncate(limit);
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
     /// Removes every record with `expires_at <= now`; returns how many were removed.
     fn purge_expired(&self, now: Timestamp) -> Result<usize>;
 
@@ -225,6 +248,30 @@ pub trait Backend: Send + Sync + 'static {
             }
         }
         Ok(usage)
+    }
+
+    /// Whether this backend enforces a store's quota itself, atomically with each write and
+    /// for every process that shares the store (a database several game servers use). When
+    /// true, a store with a quota sends its writes through
+    /// [`write_within_quota`](Self::write_within_quota) instead of keeping its own count, so
+    /// the quota holds across servers. Default `false`: the store counts in its own process.
+    fn enforces_quota(&self) -> bool {
+        false
+    }
+
+    /// Like [`write`](Self::write), but when the batch holds a put and the records live at
+    /// `now` would total more than `max_size` bytes after it, fails with
+    /// [`StorageError::QuotaExceeded`](crate::StorageError::QuotaExceeded) and changes
+    /// nothing, decided atomically with the write. Only called when
+    /// [`enforces_quota`](Self::enforces_quota) is true.
+    fn write_within_quota(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        max_size: u64,
+    ) -> Result<Vec<WriteOutcome>> {
+        let _ = max_size;
+        self.write(ops, now)
     }
 
     /// Free space of the medium (disk, server memory), if known.

@@ -5,11 +5,13 @@
 //! statistics. Backends below it only keep bytes.
 
 mod cache;
+mod listing;
 mod options;
 mod stats;
 pub mod take;
 
 use cache::{CachedRead, ReadCache};
+pub use listing::{KeyPage, MAX_PAGE};
 pub use options::{
     ErasedValue, Expiry, LoadOptions, SaveOptions, StorageMetadata, StorageOperation,
 };
@@ -749,6 +751,10 @@ impl Store {
         let Some(quota) = &self.inner.quota else {
             return self.inner.backend.write(ops, now);
         };
+        if self.inner.backend.enforces_quota() {
+            // Shared by several processes: only the backend can count for all of them.
+            return self.inner.backend.write_within_quota(ops, now, quota.max);
+        }
         let adding: u64 = ops
             .iter()
             .map(|op| match op {

@@ -15,8 +15,10 @@ use crate::error::StorageError;
 use crate::store::{LoadOptions, SaveOptions, StorageOperation, Store};
 
 mod integrity;
+mod listing;
 mod take;
 pub use integrity::*;
+pub use listing::*;
 pub use take::*;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

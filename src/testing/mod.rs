@@ -226,6 +226,8 @@ macro_rules! __conformance_cases {
             read_cache_serves_and_invalidates,
             concurrent_writers_lose_nothing,
             readers_never_see_half_a_transaction,
+            paged_listing_covers_every_key_once_in_order,
+            paging_while_others_write_never_repeats_or_skips,
             [encryption] encryption_round_trips_and_hides_plaintext,
             [encryption] wrong_or_missing_key_is_a_clear_error,
             [encryption] passphrase_keys_survive_reopen,

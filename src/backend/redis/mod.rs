@@ -399,43 +399,6 @@ fn validate_namespace(namespace: &str) -> Result<()> {
 
 pub(crate) use crate::config::redact_url;
 
-/// Splits a `?namespace=NAME` parameter off a Redis URL: the URL to connect to (other query
-/// parameters kept) and the namespace ([`DEFAULT_NAMESPACE`] when absent).
-pub(crate) fn split_namespace(url: &str) -> (String, String) {
-    let (before_fragment, fragment) = match url.split_once('#') {
-        Some((b, f)) => (b, Some(f)),
-        None => (url, None),
-    };
-    let (base, query) = match before_fragment.split_once('?') {
-        Some((b, q)) => (b, q),
-        None => (before_fragment, ""),
-    };
-    let mut namespace = None;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.strip_prefix("namespace=") {
-            Some(ns) => {
-                namespace = Some(ns.to_owned());
-                false
-            }
-            None => !pair.is_empty(),
-        })
-        .collect();
-    let mut out = base.to_owned();
-    if !kept.is_empty() {
-        out.push('?');
-        out.push_str(&kept.join("&"));
-    }
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
-    }
-    (
-        out,
-        namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-    )
-}
-
 impl Backend for RedisBackend {
     fn backend_type(&self) -> &str {
         BACKEND
@@ -693,18 +656,21 @@ mod tests {
     #[test]
     fn namespace_parameter_is_split_off() {
         assert_eq!(
-            split_namespace("redis://h:1/2?namespace=game:eu"),
+            crate::config::split_namespace("redis://h:1/2?namespace=game:eu", DEFAULT_NAMESPACE),
             ("redis://h:1/2".to_owned(), "game:eu".to_owned())
         );
         assert_eq!(
-            split_namespace("redis://h/?protocol=resp3&namespace=g#insecure"),
+            crate::config::split_namespace(
+                "redis://h/?protocol=resp3&namespace=g#insecure",
+                DEFAULT_NAMESPACE
+            ),
             (
                 "redis://h/?protocol=resp3#insecure".to_owned(),
                 "g".to_owned()
             )
         );
         assert_eq!(
-            split_namespace("redis://h"),
+            crate::config::split_namespace("redis://h", DEFAULT_NAMESPACE),
             ("redis://h".to_owned(), DEFAULT_NAMESPACE.to_owned())
         );
     }

@@ -336,6 +336,36 @@ impl Backend for SqliteBackend {
             .collect()
     }
 
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let conn = self.reader()?;
+        let upper = prefix_upper_bound(prefix);
+        // `after` below the prefix's range is the same as no `after`.
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .prepare_cached(schema::SQL_SCAN_PAGE)
+            .and_then(|mut statement| {
+                statement
+                    .query_map(rusqlite::params![prefix, upper, after, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<(String, i64, Option<i64>)>>>()
+            })
+            .map_err(|e| self.fail(e, format_args!("listing a page of keys")))?;
+        drop(conn);
+        rows.into_iter()
+            .map(|(key, size, expires_at)| {
+                let size = u64::try_from(size)
+                    .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
+                Ok(KeyEntry {
+                    key,
+                    size,
+                    expires_at: expires_at.map(Timestamp),
+                })
+            })
+            .collect()
+    }
+
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
         let conn = self.writer();
         conn.prepare_cached(SQL_PURGE)
