@@ -20,7 +20,7 @@ use bevy::prelude::*;
 use bevy::world_serialization::serde::WorldDeserializer;
 use bevy::world_serialization::{DynamicWorld, DynamicWorldBuilder};
 use bevy_storage::backend::sqlite::SqliteSynchronous;
-use bevy_storage::codec::{Cipher, EncryptionKey, Format, SealOptions};
+use bevy_storage::codec::{Cipher, Compression, EncryptionKey, Format, SealOptions};
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::prelude::*;
 use bevy_storage::snapshot::{
@@ -189,6 +189,7 @@ fn main() {
     snapshots(&bench);
     plugin_frame(&bench);
     redis(&bench);
+    postgres(&bench);
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -204,7 +205,7 @@ fn value_200() -> String {
 fn kv_store(config: StorageConfig) -> Store {
     Store::open(
         config
-            .enable_compression(false)
+            .compression(Compression::Off)
             .format(Format::Binary)
             .max_size(None),
     )
@@ -591,7 +592,7 @@ fn codec(b: &Bench) {
         };
         let opts = SealOptions {
             format: Format::Raw,
-            compression_level: 1,
+            compression: Compression::Lz4,
             encrypt: false,
         };
         let (_, lz4_flex_speed) = b.compare(
@@ -630,7 +631,7 @@ fn codec(b: &Bench) {
     if b.wants("codec_aes") {
         let opts = SealOptions {
             format: Format::Raw,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: true,
         };
         b.compare(
@@ -662,7 +663,7 @@ fn codec(b: &Bench) {
         let value = corpus(1 << 20);
         let opts = SealOptions {
             format: Format::Binary,
-            compression_level: 1,
+            compression: Compression::Lz4,
             encrypt: true,
         };
         let iterations = if b.quick { 5 } else { 20 };
@@ -711,7 +712,7 @@ fn codec(b: &Bench) {
         });
         let aes_opts = SealOptions {
             format: Format::Raw,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: true,
         };
         let aes_ms = ms(&mut || {
@@ -1048,7 +1049,7 @@ fn redis(b: &Bench) {
     let store = match Store::open(
         StorageConfig::redis(&url, &namespace)
             .max_size(None)
-            .enable_compression(false)
+            .compression(Compression::Off)
             .format(Format::Binary),
     ) {
         Ok(s) => s,
@@ -1110,5 +1111,169 @@ fn redis_benchmark(url: &str) -> f64 {
 fn redis(b: &Bench) {
     if b.wants("redis_tx") && b.filter.is_some() {
         println!("compare redis_tx skipped: build with --features redis");
+    }
+}
+
+// ----------------------------------------------------------------- PostgreSQL
+
+/// The raw baseline's table: the same columns and key as the backend's, without its
+/// namespace counters.
+#[cfg(feature = "postgres")]
+const PG_RAW_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_raw_records (
+    namespace text COLLATE \"C\" NOT NULL, key text COLLATE \"C\" NOT NULL,
+    created_at bigint NOT NULL, modified_at bigint NOT NULL, accessed_at bigint NOT NULL,
+    expires_at bigint, size bigint NOT NULL, compressed boolean NOT NULL,
+    encrypted boolean NOT NULL, custom text, value bytea NOT NULL,
+    PRIMARY KEY (namespace, key))";
+
+#[cfg(feature = "postgres")]
+const PG_RAW_UPSERT: &str = "INSERT INTO bench_raw_records VALUES ($1, $2, $3, $3, $3, NULL, $4, \
+     false, false, NULL, $5) ON CONFLICT (namespace, key) DO UPDATE SET modified_at = \
+     EXCLUDED.modified_at, size = EXCLUDED.size, value = EXCLUDED.value";
+
+#[cfg(feature = "postgres")]
+fn postgres(b: &Bench) {
+    if !b.wants("postgres") {
+        return;
+    }
+    let url = std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let namespace = format!("bench:{}", std::process::id());
+    let store = match Store::open(StorageConfig::postgres(&url, &namespace)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("compare postgres skipped: PostgreSQL not reachable: {e}");
+            return;
+        }
+    };
+    let mut raw = postgres::Client::connect(&url, postgres::NoTls).expect("raw client");
+    raw.batch_execute(PG_RAW_TABLE).unwrap();
+    raw.execute(
+        "DELETE FROM bench_raw_records WHERE namespace = $1",
+        &[&namespace],
+    )
+    .unwrap();
+    let value = value_200();
+    let bytes = value.as_bytes().to_vec();
+    let n = if b.quick { 200 } else { 2000 };
+    if b.wants("postgres_save") {
+        b.compare(
+            "postgres_save",
+            "writes/s",
+            Better::Higher,
+            "(200-byte string, one transaction per write, store defaults: RON, LZ4, 100 MiB quota shared through the namespace counters; baseline: the same upsert with the synchronous postgres crate, autocommit)",
+            |round| {
+                let t = Instant::now();
+                for i in 0..n {
+                    store
+                        .save(&format!("k{}", round * n + i), &value, &SaveOptions::default())
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+            |round| {
+                let stmt = raw.prepare(PG_RAW_UPSERT).unwrap();
+                let t = Instant::now();
+                for i in 0..n {
+                    let key = format!("k{}", round * n + i);
+                    raw.execute(&stmt, &[&namespace, &key, &0i64, &200i64, &bytes])
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
+    if b.wants("postgres_load") {
+        for i in 0..n {
+            store
+                .save(&format!("l{i}"), &value, &SaveOptions::default())
+                .unwrap();
+            raw.execute(
+                PG_RAW_UPSERT,
+                &[&namespace, &format!("l{i}"), &0i64, &200i64, &bytes],
+            )
+            .unwrap();
+        }
+        b.compare(
+            "postgres_load",
+            "reads/s",
+            Better::Higher,
+            "(200-byte string, store defaults; baseline: the same point SELECT with the synchronous postgres crate)",
+            |_| {
+                let t = Instant::now();
+                for i in 0..n {
+                    let v: Option<String> =
+                        store.load(&format!("l{i}"), &LoadOptions::default()).unwrap();
+                    assert!(v.is_some());
+                }
+                per_sec(n, t.elapsed())
+            },
+            |_| {
+                let stmt = raw
+                    .prepare(
+                        "SELECT value, expires_at FROM bench_raw_records \
+                         WHERE namespace = $1 AND key = $2",
+                    )
+                    .unwrap();
+                let t = Instant::now();
+                for i in 0..n {
+                    let row = raw
+                        .query_opt(&stmt, &[&namespace, &format!("l{i}")])
+                        .unwrap();
+                    assert!(row.is_some());
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
+    if b.wants("postgres_tx") {
+        let batches = if b.quick { 2 } else { 10 };
+        b.compare(
+            "postgres_tx",
+            "records/s",
+            Better::Higher,
+            "(transactions of 1000 saves of 200-byte strings, store defaults; baseline: 1000 upserts in one transaction with the synchronous postgres crate)",
+            |round| {
+                let all: Vec<Vec<StorageOperation>> = (0..batches)
+                    .map(|j| {
+                        (0..1000)
+                            .map(|i| StorageOperation::save(format!("t{round}:{j}:{i}"), value.clone()))
+                            .collect()
+                    })
+                    .collect();
+                let t = Instant::now();
+                for ops in all {
+                    store.transaction(ops).unwrap();
+                }
+                per_sec(1000 * batches, t.elapsed())
+            },
+            |round| {
+                let t = Instant::now();
+                for j in 0..batches {
+                    let mut tx = raw.transaction().unwrap();
+                    let stmt = tx.prepare(PG_RAW_UPSERT).unwrap();
+                    for i in 0..1000 {
+                        let key = format!("t{round}:{j}:{i}");
+                        tx.execute(&stmt, &[&namespace, &key, &0i64, &200i64, &bytes])
+                            .unwrap();
+                    }
+                    tx.commit().unwrap();
+                }
+                per_sec(1000 * batches, t.elapsed())
+            },
+        );
+    }
+    store.clear().unwrap();
+    raw.execute(
+        "DELETE FROM bench_raw_records WHERE namespace = $1",
+        &[&namespace],
+    )
+    .unwrap();
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres(b: &Bench) {
+    if b.wants("postgres") && b.filter.is_some() {
+        println!("compare postgres skipped: build with --features postgres");
     }
 }

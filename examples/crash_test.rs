@@ -35,205 +35,29 @@
 //! the child runs transactions as separate writes, or acknowledges before writing; the run
 //! must then report violations).
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bevy_storage::{
-    EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation,
-    Store,
-};
-use serde::{Deserialize, Serialize};
+use bevy_storage::{StorageConfig, Store};
 
-/// Keys the child writes with single operations and transactions.
-const NKEYS: usize = 16;
-/// Index of the check key: written (only) by every transaction, with its id.
-const CHECK: usize = NKEYS;
-/// The raw key of encrypted runs (not a secret: this is a test).
-const TEST_KEY: [u8; 32] = [0x5a; 32];
+#[path = "common/workload.rs"]
+mod workload;
+use workload::{
+    CHECK, Codec, Line, NKEYS, Op, Rng, Val, answer_line, arg_value, check_file_root,
+    check_listing, describe, expected_val, key_name, parse_line, perform, read_all,
+};
+
 /// How long a child may run before it stops by itself (the parent kills it long before).
 const CHILD_LIFETIME: Duration = Duration::from_secs(60);
-
-fn key_name(i: usize) -> String {
-    match i {
-        0..=11 => format!("k{i}"),
-        // Uppercase and non-ASCII bytes are escaped in file names.
-        12 => "Player:Ünïcode/ключ".to_owned(),
-        // Long keys get hashed file names.
-        13 => format!("long:{}", "x".repeat(300)),
-        14 => format!("long:{}", "y".repeat(300)),
-        15 => format!("Long:{}:end", "Z".repeat(150)),
-        CHECK => "tx:check".to_owned(),
-        _ => unreachable!("key index {i}"),
-    }
-}
-
-/// What every record holds: the operation that wrote it, the transaction (if any), its own key
-/// and a deterministic padding, so the parent can tell exactly which write it sees.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct Val {
-    op: u64,
-    tx: Option<u64>,
-    key: String,
-    pad: String,
-}
-
-fn expected_val(op: u64, key: usize, tx: bool) -> Val {
-    Val {
-        op,
-        tx: tx.then_some(op),
-        key: key_name(key),
-        pad: pad(op, key),
-    }
-}
-
-/// Deterministic padding: mostly small, sometimes 64 KiB; half compressible text, half hex.
-fn pad(op: u64, key: usize) -> String {
-    let mut rng = Rng::new(op.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ key as u64);
-    let len = if rng.below(20) == 0 {
-        64 * 1024
-    } else {
-        rng.below(1500) as usize
-    };
-    let mut s = String::with_capacity(len + 16);
-    if rng.below(2) == 0 {
-        while s.len() < len {
-            s.push_str(&format!("op{op}-key{key}-"));
-        }
-    } else {
-        while s.len() < len {
-            s.push_str(&format!("{:016x}", rng.next()));
-        }
-    }
-    s.truncate(len);
-    s
-}
-
-/// SplitMix64: small, seedable, good enough for choosing operations.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// One operation of the child.
-#[derive(Debug, Clone, PartialEq)]
-enum Op {
-    Save(usize),
-    Delete(usize),
-    /// A transaction: `(key, save?)` for each part, then a save of the check key. All saves
-    /// carry the operation number as their transaction id.
-    Tx(Vec<(usize, bool)>),
-    /// The same, but the check key is saved with `overwrite(false)`: when it exists the whole
-    /// transaction must fail with `AlreadyExists` and change nothing.
-    FailingTx(Vec<(usize, bool)>),
-}
-
-impl Op {
-    fn random(rng: &mut Rng) -> Self {
-        match rng.below(10) {
-            0..=3 => Op::Save(rng.below(NKEYS as u64) as usize),
-            4 => Op::Delete(rng.below(NKEYS as u64) as usize),
-            kind => {
-                let n = 2 + rng.below(4) as usize;
-                let mut keys = BTreeSet::new();
-                while keys.len() < n {
-                    keys.insert(rng.below(NKEYS as u64) as usize);
-                }
-                let parts = keys.into_iter().map(|k| (k, rng.below(5) != 0)).collect();
-                if kind == 9 {
-                    Op::FailingTx(parts)
-                } else {
-                    Op::Tx(parts)
-                }
-            }
-        }
-    }
-
-    fn to_wire(&self) -> String {
-        let parts = |p: &[(usize, bool)]| {
-            p.iter()
-                .map(|(k, save)| format!("{}{k}", if *save { 's' } else { 'd' }))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        match self {
-            Op::Save(k) => format!("s {k}"),
-            Op::Delete(k) => format!("d {k}"),
-            Op::Tx(p) => format!("t {}", parts(p)),
-            Op::FailingTx(p) => format!("f {}", parts(p)),
-        }
-    }
-
-    fn from_wire(kind: &str, rest: &str) -> Option<Self> {
-        let parts = || -> Option<Vec<(usize, bool)>> {
-            rest.split(',')
-                .map(|p| {
-                    let (save, k) = match p.as_bytes().first()? {
-                        b's' => (true, &p[1..]),
-                        b'd' => (false, &p[1..]),
-                        _ => return None,
-                    };
-                    let k: usize = k.parse().ok()?;
-                    (k < NKEYS).then_some((k, save))
-                })
-                .collect()
-        };
-        let key = || rest.parse().ok().filter(|k| *k < NKEYS);
-        Some(match kind {
-            "s" => Op::Save(key()?),
-            "d" => Op::Delete(key()?),
-            "t" => Op::Tx(parts()?),
-            "f" => Op::FailingTx(parts()?),
-            _ => return None,
-        })
-    }
-
-    /// Applies the operation to the model (what the store must show after it succeeded).
-    fn apply(&self, op: u64, model: &mut [Option<Val>]) {
-        match self {
-            Op::Save(k) => model[*k] = Some(expected_val(op, *k, false)),
-            Op::Delete(k) => model[*k] = None,
-            Op::Tx(parts) | Op::FailingTx(parts) => {
-                if matches!(self, Op::FailingTx(_)) && model[CHECK].is_some() {
-                    return; // refused: the check key exists
-                }
-                for (k, save) in parts {
-                    model[*k] = save.then(|| expected_val(op, *k, true));
-                }
-                model[CHECK] = Some(expected_val(op, CHECK, true));
-            }
-        }
-    }
-
-    fn is_tx(&self) -> bool {
-        matches!(self, Op::Tx(_) | Op::FailingTx(_))
-    }
-}
 
 /// How one chain of trials opens its store.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Settings {
     backend: BackendKind,
-    compress: bool,
-    encrypt: bool,
-    binary: bool,
+    codec: Codec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,50 +93,23 @@ impl Settings {
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => StorageConfig::sqlite(dir.join("store.db")),
         };
-        let mut config = config
-            .max_size(None)
-            .enable_compression(self.compress)
-            .format(if self.binary {
-                Format::Binary
-            } else {
-                Format::Ron
-            });
-        if self.encrypt {
-            config = config.encryption_key(EncryptionKey::from_bytes(TEST_KEY));
-        }
-        config
+        self.codec.configure(config)
     }
 
     fn to_args(self) -> Vec<String> {
-        vec![
-            "--backend".into(),
-            self.backend.name().into(),
-            "--compress".into(),
-            u8::from(self.compress).to_string(),
-            "--encrypt".into(),
-            u8::from(self.encrypt).to_string(),
-            "--binary".into(),
-            u8::from(self.binary).to_string(),
-        ]
+        let mut args = vec!["--backend".into(), self.backend.name().into()];
+        args.extend(self.codec.to_args());
+        args
     }
 }
 
 // ------------------------------------------------------------------------------------ child
 
-fn arg_value(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 fn run_child(args: &[String]) -> ExitCode {
     let need = |name: &str| arg_value(args, name).unwrap_or_else(|| panic!("child needs {name}"));
-    let flag = |name: &str| need(name) == "1";
     let settings = Settings {
         backend: BackendKind::parse(&need("--backend")).expect("backend"),
-        compress: flag("--compress"),
-        encrypt: flag("--encrypt"),
-        binary: flag("--binary"),
+        codec: Codec::from_args(args).expect("child needs --compress, --encrypt and --binary"),
     };
     let dir = PathBuf::from(need("--dir"));
     let seed: u64 = need("--seed").parse().expect("seed");
@@ -339,14 +136,7 @@ fn run_child(args: &[String]) -> ExitCode {
             Op::FailingTx(parts) if sabotage == "ack" => Op::Tx(parts),
             op => op,
         };
-        let mut opts = SaveOptions::new().compression(if settings.compress {
-            rng.below(10) as u8
-        } else {
-            0
-        });
-        if settings.encrypt {
-            opts = opts.encrypt(rng.below(3) != 0);
-        }
+        let opts = settings.codec.save_options(&mut rng);
         // One write per line, so a kill never leaves half a line.
         let line = format!("S {op} {}\n", next.to_wire());
         out.write_all(line.as_bytes())
@@ -373,39 +163,11 @@ fn run_child(args: &[String]) -> ExitCode {
                 }
                 store.save(&key_name(CHECK), &expected_val(op, CHECK, true), &opts)
             }
-            Op::Save(k) => store.save(&key_name(*k), &expected_val(op, *k, false), &opts),
-            Op::Delete(k) => store.delete(&key_name(*k)).map(drop),
-            Op::Tx(parts) | Op::FailingTx(parts) => {
-                let mut ops: Vec<StorageOperation> = parts
-                    .iter()
-                    .map(|&(k, save)| {
-                        if save {
-                            StorageOperation::save_with(
-                                key_name(k),
-                                expected_val(op, k, true),
-                                opts.clone(),
-                            )
-                        } else {
-                            StorageOperation::delete(key_name(k))
-                        }
-                    })
-                    .collect();
-                let check_opts = opts.clone().overwrite(!matches!(next, Op::FailingTx(_)));
-                ops.push(StorageOperation::save_with(
-                    key_name(CHECK),
-                    expected_val(op, CHECK, true),
-                    check_opts,
-                ));
-                store.transaction(ops)
-            }
+            next => perform(&store, op, next, &opts),
         };
         let line = match result {
             Ok(()) if sabotage == "ack" => continue,
-            Ok(()) => format!("A {op}"),
-            Err(StorageError::AlreadyExists { .. }) if matches!(next, Op::FailingTx(_)) => {
-                format!("F {op}")
-            }
-            Err(e) => format!("E {op} {e}"),
+            result => answer_line(op, &next, result),
         };
         out.write_all(format!("{line}\n").as_bytes())
             .and_then(|()| out.flush())
@@ -516,41 +278,6 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// What the child printed.
-#[derive(Debug)]
-enum Line {
-    Ready,
-    OpenFailed(String),
-    Sent(u64, Op),
-    Acked(u64),
-    Refused(u64),
-    Failed(u64, String),
-    Garbage(String),
-}
-
-fn parse_line(line: &str) -> Line {
-    let mut it = line.splitn(3, ' ');
-    let tag = it.next().unwrap_or("");
-    let n = it.next().and_then(|n| n.parse::<u64>().ok());
-    let rest = it.next().unwrap_or("");
-    match (tag, n) {
-        ("READY", _) => Line::Ready,
-        ("OPENFAIL", _) => Line::OpenFailed(line.to_owned()),
-        ("S", Some(n)) => {
-            let (kind, args) = rest.split_once(' ').unwrap_or((rest, ""));
-            match Op::from_wire(kind, args) {
-                Some(op) => Line::Sent(n, op),
-                None => Line::Garbage(line.to_owned()),
-            }
-        }
-        ("A", Some(n)) => Line::Acked(n),
-        ("F", Some(n)) => Line::Refused(n),
-        ("E", Some(n)) => Line::Failed(n, rest.to_owned()),
-        _ => Line::Garbage(line.to_owned()),
-    }
-}
-
-/// Totals of one backend's run.
 #[derive(Default)]
 struct Totals {
     trials: usize,
@@ -713,16 +440,8 @@ fn trial(chain: &mut Chain, rng: &mut Rng, options: &Options, totals: &mut Total
         Ok(store) => store,
         Err(e) => return vec![format!("the store does not reopen after the kill: {e}")],
     };
-    let mut observed: Vec<Option<Val>> = Vec::with_capacity(NKEYS + 1);
-    for k in 0..=NKEYS {
-        match store.load::<Val>(&key_name(k), &LoadOptions::default()) {
-            Ok(v) => observed.push(v),
-            Err(e) => {
-                violations.push(format!("key {k} does not decode after the kill: {e}"));
-                observed.push(None);
-            }
-        }
-    }
+    let (observed, decode_failures) = read_all(&store);
+    violations.extend(decode_failures);
     let mut applied_keys = Vec::new();
     let mut unapplied_keys = Vec::new();
     for k in 0..=NKEYS {
@@ -749,33 +468,7 @@ fn trial(chain: &mut Chain, rng: &mut Rng, options: &Options, totals: &mut Total
             "half-applied operation {in_flight:?}: keys {applied_keys:?} show it, keys {unapplied_keys:?} do not"
         ));
     }
-    match store.list_keys("") {
-        Ok(keys) => {
-            let expected: Vec<String> = {
-                let mut v: Vec<String> = (0..=NKEYS)
-                    .filter(|k| observed[*k].is_some())
-                    .map(key_name)
-                    .collect();
-                v.sort();
-                v
-            };
-            if keys != expected {
-                violations.push(format!(
-                    "list_keys shows {} keys, the records say {}: {keys:?}",
-                    keys.len(),
-                    expected.len()
-                ));
-            }
-        }
-        Err(e) => violations.push(format!("list_keys fails after the kill: {e}")),
-    }
-    let stats = store.get_stats();
-    if !stats.is_healthy {
-        violations.push(format!(
-            "store unhealthy after reopen: {:?}",
-            stats.last_error
-        ));
-    }
+    violations.extend(check_listing(&store, &observed));
     drop(store);
     violations.extend(check_medium(chain));
 
@@ -792,64 +485,12 @@ fn trial(chain: &mut Chain, rng: &mut Rng, options: &Options, totals: &mut Total
     violations
 }
 
-fn describe(v: &Option<Val>) -> String {
-    match v {
-        None => "nothing".into(),
-        Some(v) => format!(
-            "op {} (tx {:?}, {} bytes of padding)",
-            v.op,
-            v.tx,
-            v.pad.len()
-        ),
-    }
-}
-
-/// Backend-specific checks of what is on disk after a reopen.
 fn check_medium(chain: &Chain) -> Vec<String> {
-    let mut violations = Vec::new();
     match chain.settings.backend {
-        BackendKind::File => {
-            let root = chain.dir.join("records");
-            match std::fs::read_dir(&root) {
-                Ok(entries) => {
-                    for entry in entries.flatten() {
-                        let name = entry.file_name().to_string_lossy().into_owned();
-                        let ok = name == ".lock"
-                            || ((name.starts_with("k-") || name.starts_with("l-"))
-                                && entry.file_type().is_ok_and(|t| t.is_file()));
-                        if !ok {
-                            violations.push(format!(
-                                "the file root holds {name:?} after a reopen (journal, temp file or stray entry)"
-                            ));
-                        }
-                    }
-                }
-                Err(e) => violations.push(format!("cannot list the file root: {e}")),
-            }
-            // Nothing but the root itself beside it.
-            if let Ok(entries) = std::fs::read_dir(&chain.dir) {
-                for entry in entries.flatten() {
-                    if entry.file_name() != "records" {
-                        violations.push(format!(
-                            "an entry {:?} appeared beside the file root",
-                            entry.file_name()
-                        ));
-                    }
-                }
-            }
-        }
+        BackendKind::File => check_file_root(&chain.dir, "records"),
         #[cfg(feature = "sqlite")]
-        BackendKind::Sqlite => {
-            let check = rusqlite::Connection::open(chain.dir.join("store.db"))
-                .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)));
-            match check {
-                Ok(s) if s == "ok" => {}
-                Ok(s) => violations.push(format!("SQLite integrity_check: {s}")),
-                Err(e) => violations.push(format!("SQLite integrity_check failed to run: {e}")),
-            }
-        }
+        BackendKind::Sqlite => workload::check_sqlite_integrity(&chain.dir.join("store.db")),
     }
-    violations
 }
 
 fn new_chain(options: &Options, backend: BackendKind, rng: &mut Rng, index: usize) -> Chain {
@@ -865,9 +506,7 @@ fn new_chain(options: &Options, backend: BackendKind, rng: &mut Rng, index: usiz
         dir,
         settings: Settings {
             backend,
-            compress: rng.below(2) == 0,
-            encrypt: rng.below(2) == 0,
-            binary: rng.below(3) == 0,
+            codec: Codec::random(rng),
         },
         model: vec![None; NKEYS + 1],
         next_op: 0,

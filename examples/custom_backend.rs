@@ -7,21 +7,26 @@
 //!
 //! Run: `cargo run --example custom_backend` (twice: the second launch finds the first's
 //! records in `saves/profile.json`, which stays there to be looked at).
+//!
+//! Tested like a built-in backend: `tests/custom_backend.rs` runs the conformance suite
+//! (`bevy_storage::testing`, feature `testing`) against `JsonFileBackend`
+//! (`cargo test --features testing --test custom_backend`).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 
-use bevy_storage::backend::memory::apply_batch;
+use bevy_storage::backend::memory::{apply_batch, remove_if_unchanged};
 use bevy_storage::backend::{KeyEntry, Record, RecordMeta, WriteOp, WriteOutcome};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::prelude::*;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-/// The game's own backend: a JSON file with every record.
-struct JsonFileBackend {
+/// The game's own backend: a JSON file with every record. (`pub(crate)`: the test target
+/// `tests/custom_backend.rs` includes this file and runs the conformance suite against it.)
+pub(crate) struct JsonFileBackend {
     path: PathBuf,
     records: Mutex<BTreeMap<String, Record>>,
 }
@@ -34,7 +39,7 @@ struct JsonRecord {
 }
 
 impl JsonFileBackend {
-    fn open(path: impl Into<PathBuf>) -> Result<Self, StorageError> {
+    pub(crate) fn open(path: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let path = path.into();
         let records = match fs::read(&path) {
             Ok(bytes) => {
@@ -106,6 +111,24 @@ impl Backend for JsonFileBackend {
         self.persist(&next)?;
         *records = next;
         Ok(outcomes)
+    }
+
+    /// What `Store::take` needs: compare and remove under the same lock as `write`, so no
+    /// other change comes in between (the memory backend's helper does the comparison).
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool, StorageError> {
+        let mut records = self.records.lock();
+        let mut next = records.clone();
+        if !remove_if_unchanged(&mut next, key, value, expires_at) {
+            return Ok(false);
+        }
+        self.persist(&next)?;
+        *records = next;
+        Ok(true)
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<(), StorageError> {
@@ -187,12 +210,26 @@ fn main() -> Result<(), StorageError> {
         fullscreen: true,
         key_bindings: [("jump".to_string(), "Space".to_string())].into(),
     };
-    store.save("settings", &settings, &SaveOptions::new().compression(0))?;
+    store.save(
+        "settings",
+        &settings,
+        &SaveOptions::new().compression(Compression::Off),
+    )?;
     store.transaction(vec![
         StorageOperation::save("profile:name", "Ada"),
         StorageOperation::save("profile:launches", launches),
     ])?;
     println!("launch {launches}: saved 3 records");
+    // A one-off record, taken (loaded and deleted atomically) through the backend's
+    // delete_if_unchanged: the second take finds nothing.
+    store.set("mail:welcome", &"a wooden sword")?;
+    let gift: Option<String> = store.take("mail:welcome", &LoadOptions::default())?;
+    assert_eq!(gift.as_deref(), Some("a wooden sword"));
+    assert_eq!(
+        store.take::<String>("mail:welcome", &LoadOptions::default())?,
+        None
+    );
+    println!("took the welcome mail once: {gift:?}");
 
     // A second store over the same file (a restart) sees everything.
     drop(store);

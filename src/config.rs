@@ -9,7 +9,7 @@ use crate::backend::Backend;
 #[cfg(feature = "sqlite")]
 use crate::backend::sqlite::{SqliteOptions, SqliteSynchronous};
 use crate::clock::{Clock, SystemClock};
-use crate::codec::{EncryptionKey, Format};
+use crate::codec::{Compression, EncryptionKey, Format};
 use crate::error::{Result, StorageError};
 
 /// Default quota: 100 MiB.
@@ -190,6 +190,15 @@ pub enum BackendConfig {
         /// other's records, stores with the same one share them.
         namespace: String,
     },
+    /// A PostgreSQL database shared by several game servers (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`). `Debug`
+        /// hides the password.
+        url: String,
+        /// The store's namespace: stores with the same one share their records.
+        namespace: String,
+    },
     /// A backend the game implements.
     Custom(Arc<dyn Backend>),
 }
@@ -211,6 +220,12 @@ impl fmt::Debug for BackendConfig {
                 .field("url", &redact_url(url))
                 .field("namespace", namespace)
                 .finish(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, namespace } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("namespace", namespace)
+                .finish(),
             Self::Custom(b) => write!(f, "Custom({})", b.backend_type()),
         }
     }
@@ -227,6 +242,8 @@ impl BackendConfig {
             Self::Sqlite { .. } => "sqlite".to_owned(),
             #[cfg(feature = "redis")]
             Self::Redis { .. } => "redis".to_owned(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { .. } => "postgres".to_owned(),
             Self::Custom(b) => b.backend_type().to_owned(),
         }
     }
@@ -244,9 +261,49 @@ impl BackendConfig {
                 "Redis store at {} (namespace {namespace:?})",
                 redact_url(url)
             ),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, namespace } => format!(
+                "PostgreSQL store at {} (namespace {namespace:?})",
+                redact_url(url)
+            ),
             Self::Custom(b) => format!("custom {:?} store", b.backend_type()),
         }
     }
+}
+
+/// Splits a `?namespace=NAME` parameter off a store URL: the URL to connect to (other query
+/// parameters kept) and the namespace (`default` when absent).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn split_namespace(url: &str, default: &str) -> (String, String) {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (url, None),
+    };
+    let (base, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (before_fragment, ""),
+    };
+    let mut namespace = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("namespace=") {
+            Some(ns) => {
+                namespace = Some(ns.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    (out, namespace.unwrap_or_else(|| default.to_owned()))
 }
 
 /// Everything a store needs to open. Build it with [`StorageConfig::sqlite`],
@@ -273,8 +330,9 @@ pub struct StorageConfig {
     pub max_size: Option<u64>,
     /// TTL applied to saves that do not set one. Default: none (records never expire).
     pub default_ttl: Option<Duration>,
-    /// Compress saves that do not say otherwise (LZ4). Default on with the `compression` feature.
-    pub enable_compression: bool,
+    /// Compression of saves and snapshots that do not choose their own. Default
+    /// [`Compression::default()`]: `Lz4` with the `compression` feature, `Off` without.
+    pub compression: Compression,
     /// Encrypt saves that do not say otherwise, and refuse to load records that are not
     /// encrypted. Default off. Needs `encryption_key`.
     ///
@@ -322,7 +380,7 @@ impl StorageConfig {
             backend,
             max_size: Some(DEFAULT_MAX_SIZE),
             default_ttl: None,
-            enable_compression: cfg!(feature = "compression"),
+            compression: Compression::default(),
             enable_encryption: false,
             encryption_key: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
@@ -364,6 +422,35 @@ impl StorageConfig {
         })
     }
 
+    /// The game's store in the per-user data directory of the platform, for the application
+    /// identifier `id` (a reverse domain name such as `com.studio.game`): an embedded SQLite
+    /// database `storage.db` there (a file store `storage` without the `sqlite` feature),
+    /// created when the store first opens. `BEVY_STORAGE_DIR`, when set, replaces the
+    /// directory. Where that is on each platform and the identifier rule:
+    /// [`app_dir`](crate::app_dir).
+    ///
+    /// Fails with [`StorageError::InvalidAppId`] for an
+    /// identifier that breaks the rule, or `Config` when the user has no data directory.
+    ///
+    /// ```no_run
+    /// # use bevy_storage::prelude::*;
+    /// // ~/.local/share/game/storage.db on Linux, %APPDATA%\studio\game\data\storage.db on
+    /// // Windows, ~/Library/Application Support/com.studio.game/storage.db on macOS
+    /// let store = Store::open(StorageConfig::for_app("com.studio.game")?)?;
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn for_app(id: &str) -> Result<Self> {
+        let path = crate::app_dir::store_path(id)?;
+        #[cfg(feature = "sqlite")]
+        {
+            Ok(Self::sqlite(path))
+        }
+        #[cfg(not(feature = "sqlite"))]
+        {
+            Ok(Self::file(path))
+        }
+    }
+
     /// A store over the game's own backend.
     pub fn custom(backend: impl Backend) -> Self {
         Self::new(BackendConfig::Custom(Arc::new(backend)))
@@ -391,9 +478,21 @@ impl StorageConfig {
             ))),
             #[cfg(feature = "redis")]
             "redis" | "rediss" => {
-                let (url, namespace) = crate::backend::redis::split_namespace(url);
+                let (url, namespace) =
+                    split_namespace(url, crate::backend::redis::DEFAULT_NAMESPACE);
                 Ok(Self::redis(url, namespace))
             }
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => {
+                let (url, namespace) =
+                    split_namespace(url, crate::backend::postgres::DEFAULT_NAMESPACE);
+                Ok(Self::postgres(url, namespace))
+            }
+            #[cfg(not(feature = "postgres"))]
+            "postgres" | "postgresql" => Err(StorageError::FeatureDisabled {
+                feature: "postgres",
+                what: "a postgres:// store".into(),
+            }),
             #[cfg(not(feature = "redis"))]
             "redis" | "rediss" => Err(StorageError::FeatureDisabled {
                 feature: "redis",
@@ -404,6 +503,17 @@ impl StorageConfig {
                 redact_url(url)
             ))),
         }
+    }
+
+    /// A store in the PostgreSQL database at `url`
+    /// (`postgres://[user[:password]@]host[:port]/dbname`), under `namespace`. Needs the
+    /// `postgres` feature.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self::new(BackendConfig::Postgres {
+            url: url.into(),
+            namespace: namespace.into(),
+        })
     }
 
     /// Sets the quota in bytes (`None`: unlimited).
@@ -418,10 +528,16 @@ impl StorageConfig {
         self
     }
 
-    /// Compress saves by default.
-    pub fn enable_compression(mut self, on: bool) -> Self {
-        self.enable_compression = on;
+    /// Sets the compression of saves and snapshots that do not choose their own.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self
+    }
+
+    /// Compress saves by default (`true`: [`Compression::Lz4`]).
+    #[deprecated(note = "use `compression(Compression::Lz4)` or `compression(Compression::Off)`")]
+    pub fn enable_compression(self, on: bool) -> Self {
+        self.compression(Compression::from(on))
     }
 
     /// Encrypt saves by default and refuse plaintext records on load (needs
@@ -457,7 +573,10 @@ impl StorageConfig {
         self
     }
 
-    /// Turns on the read cache with entries kept for `ttl` (`None` turns it off).
+    /// Turns on the read cache with entries kept for `ttl` (`None`, the default, turns it off).
+    /// Takes an `Option` like [`max_size`](Self::max_size) and
+    /// [`default_ttl`](Self::default_ttl), so one call sets either state (from a settings file,
+    /// say), the same on the plugin builder.
     pub fn read_cache(mut self, ttl: Option<Duration>) -> Self {
         self.read_cache_ttl = ttl;
         self
@@ -550,6 +669,15 @@ impl StorageConfig {
                     ..crate::backend::RedisOptions::default()
                 };
                 let backend = crate::backend::RedisBackend::open(url, namespace, &options)?;
+                Arc::new(backend)
+            }
+            #[cfg(feature = "postgres")]
+            BackendConfig::Postgres { url, namespace } => {
+                let options = crate::backend::PostgresOptions {
+                    pool_size: self.pool_size,
+                    ..crate::backend::PostgresOptions::default()
+                };
+                let backend = crate::backend::PostgresBackend::open(url, namespace, &options)?;
                 Arc::new(backend)
             }
             BackendConfig::Custom(backend) => Arc::clone(backend),

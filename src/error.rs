@@ -22,6 +22,19 @@ pub enum StorageError {
         reason: &'static str,
     },
 
+    /// An application identifier for
+    /// [`StorageConfig::for_app`](crate::StorageConfig::for_app) breaks the rule of
+    /// [`app_dir`](crate::app_dir) (a reverse domain name such as `com.studio.game`).
+    #[error(
+        "invalid application identifier {id:?}: {reason} (use a reverse domain name such as com.studio.game)"
+    )]
+    InvalidAppId {
+        /// The identifier (shortened if very long).
+        id: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+
     /// `overwrite: false` was asked and a live record already exists under this key.
     #[error("key {key:?} already exists and overwrite is disabled")]
     AlreadyExists {
@@ -152,10 +165,6 @@ pub enum StorageError {
         /// What needed it.
         what: String,
     },
-
-    /// A compression level outside 0..=9.
-    #[error("invalid compression level {0}: use 0 (off) to 9")]
-    InvalidCompressionLevel(u8),
 
     /// The configuration is inconsistent or incomplete.
     #[error("invalid storage configuration: {0}")]

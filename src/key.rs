@@ -69,6 +69,23 @@ fn shorten(key: &str) -> String {
     format!("{}... ({} bytes)", &key[..end], key.len())
 }
 
+/// The smallest string greater than every string that starts with `prefix`, or `None` when
+/// there is none (the prefix is empty or all `char::MAX`). UTF-8 byte order is code point
+/// order and UTF-8 is prefix-free, so replacing the last character that can be incremented by
+/// its successor (and dropping the `char::MAX`es after it) gives that bound.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let (i, c) = prefix.char_indices().rev().find(|&(_, c)| c != char::MAX)?;
+    let next = match c {
+        '\u{D7FF}' => '\u{E000}', // skip the surrogates
+        c => char::from_u32(u32::from(c) + 1)?,
+    };
+    let mut upper = String::with_capacity(i + next.len_utf8());
+    upper.push_str(&prefix[..i]);
+    upper.push(next);
+    Some(upper)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,7 @@
 //! let ada = Player { name: "Ada".into(), gold: 120 };
 //! let opts = SaveOptions::new()
 //!     .ttl(Duration::from_secs(30 * 86_400))
-//!     .compression(1)
+//!     .compression(Compression::Lz4)
 //!     .encrypt(true)
 //!     .metadata("level", "Crypt of Bones");
 //! store.save("player:ada", &ada, &opts)?;
@@ -122,6 +122,7 @@
 //! - [`backend`]: where bytes live ([`Backend`] trait; memory, file, SQLite, Redis).
 #![warn(missing_docs)]
 
+pub mod app_dir;
 pub mod backend;
 pub mod clock;
 pub mod codec;
@@ -131,14 +132,16 @@ pub mod key;
 pub mod plugin;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::{Backend, CustomMetadata};
-pub use codec::{EncryptionKey, Format};
+pub use codec::{Compression, EncryptionKey, Format};
 pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};
 pub use store::{
-    CacheStats, ErasedValue, Expiry, LoadOptions, PerformanceStats, SaveOptions, StorageMetadata,
-    StorageOperation, StorageStats, Store,
+    CacheStats, ErasedValue, Expiry, KeyPage, LoadOptions, PerformanceStats, SaveOptions,
+    StorageMetadata, StorageOperation, StorageStats, Store,
 };
 
 pub use plugin::{
@@ -163,8 +166,8 @@ pub mod prelude {
     };
     pub use crate::snapshot::{Persist, SnapshotEncoding, SnapshotSettings};
     pub use crate::{
-        Backend, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions, StorageConfig,
-        StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
+        Backend, Compression, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions,
+        StorageConfig, StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
     };
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bevy_storage::clock::{ManualClock, Timestamp};
 use bevy_storage::snapshot::{SnapshotSettings, store_snapshot};
 use bevy_storage::{
-    CustomMetadata, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig,
+    Compression, CustomMetadata, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig,
     StorageOperation, Store,
 };
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,7 @@ fn populate(config: StorageConfig) -> Store {
             &ada(),
             &SaveOptions::new()
                 .ttl(Duration::from_secs(30 * 86_400))
-                .compression(1)
+                .compression(Compression::Lz4)
                 .metadata("level", "Crypt of Bones")
                 .metadata("play_time_s", 4521),
         )
@@ -1163,6 +1163,48 @@ struct Profile {
     stash: std::collections::BTreeMap<String, u32>,
 }
 
+/// `set --compression` takes `off` or `lz4`, and still the levels of the releases that took
+/// one (`0` off, `1`-`9` lz4); anything else is a usage error.
+#[test]
+fn set_compression_takes_a_name_or_an_old_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saves/storage.db");
+    let store = url("sqlite", &path);
+    let text = format!("{:?}", "compress me ".repeat(50));
+    for (flag, compressed) in [
+        ("off", false),
+        ("lz4", true),
+        ("LZ4", true),
+        ("0", false),
+        ("9", true),
+    ] {
+        let key = format!("k:{flag}");
+        run(
+            &["--store", &store, "set", &key, &text, "--compression", flag],
+            &[],
+        )
+        .ok();
+        let game = Store::open(StorageConfig::sqlite(&path)).unwrap();
+        let meta = game.get_metadata(&key).unwrap().unwrap();
+        assert_eq!(meta.compressed, compressed, "--compression {flag}");
+    }
+    for bad in ["zip", "10"] {
+        run(
+            &[
+                "--store",
+                &store,
+                "set",
+                "k:bad",
+                &text,
+                "--compression",
+                bad,
+            ],
+            &[],
+        )
+        .fails(2, "use off or lz4");
+    }
+}
+
 #[test]
 fn set_writes_ron_and_json_that_the_game_loads_as_its_own_type() {
     let dir = tempfile::tempdir().unwrap();
@@ -1185,7 +1227,7 @@ fn set_writes_ron_and_json_that_the_game_loads_as_its_own_type() {
             "-m",
             "zone=Crypt of Bones",
             "--compression",
-            "0",
+            "off",
         ],
         &[],
     )
@@ -1720,7 +1762,11 @@ fn meta_prints_a_small_size_once() {
         "{out}"
     );
     store
-        .save("big", &vec![7u64; 4000], &SaveOptions::new().compression(0))
+        .save(
+            "big",
+            &vec![7u64; 4000],
+            &SaveOptions::new().compression(Compression::Off),
+        )
         .unwrap();
     let big = store.get_metadata("big").unwrap().unwrap().size;
     let out = run(&["--store", &url("sqlite", &path), "meta", "big"], &[])
@@ -1986,7 +2032,7 @@ fn hostile_dumps_and_records_never_crash_the_inspector() {
     let plant = |key: &str, payload: &[u8], format: Format| {
         let options = SealOptions {
             format,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: false,
         };
         let (value, _) = envelope::seal(key, payload, &options, None).unwrap();
@@ -2067,4 +2113,30 @@ fn hostile_dumps_and_records_never_crash_the_inspector() {
         );
     }
     assert_eq!(store.list_keys("mine").unwrap(), ["mine"]);
+}
+
+/// `--app ID` opens the game's per-user store (here through `BEVY_STORAGE_DIR`), and refuses
+/// an invalid identifier or a `--store` beside it.
+#[test]
+fn app_finds_the_games_per_user_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("BEVY_STORAGE_DIR", dir.path().to_str().unwrap())];
+    let set = run(&["--app", "com.studio.game", "set", "gold", "120"], &env);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    assert!(dir.path().join("storage.db").is_file());
+    let get = run(&["--app", "com.studio.game", "get", "gold"], &env);
+    assert_eq!(get.code, 0, "{}", get.stderr);
+    assert!(get.stdout.contains("120"), "{}", get.stdout);
+    let bad = run(&["--app", "not an id", "list"], &env);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("invalid application identifier"),
+        "{}",
+        bad.stderr
+    );
+    let both = run(
+        &["--app", "com.studio.game", "--store", "memory:", "list"],
+        &env,
+    );
+    assert_eq!(both.code, 2, "{}", both.stderr);
 }

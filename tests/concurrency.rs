@@ -29,7 +29,7 @@ use std::thread;
 
 use bevy_storage::backend::{Backend, MemoryBackend};
 use bevy_storage::{
-    LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation, Store,
+    Compression, LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation, Store,
 };
 
 const GROUPS: usize = 3;
@@ -79,7 +79,7 @@ struct Shared {
 
 fn opts(i: u64) -> SaveOptions {
     // Compression on some writes, off on others (where the build has it).
-    SaveOptions::new().compression(u8::from(
+    SaveOptions::new().compression(Compression::from(
         cfg!(feature = "compression") && i.is_multiple_of(3),
     ))
 }

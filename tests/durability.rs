@@ -95,7 +95,7 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn plain() -> SaveOptions {
-    SaveOptions::default().compression(0)
+    SaveOptions::default().compression(bevy_storage::Compression::Off)
 }
 
 fn load(store: &Store, key: &str) -> Option<Vec<u8>> {

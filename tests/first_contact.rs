@@ -103,7 +103,11 @@ fn bytes_that_can_never_fit_are_refused_before_any_work() {
 
     // Uncompressed: a record holds at least its payload.
     let start = Instant::now();
-    let refused = store.save_bytes("huge", &huge, &SaveOptions::new().compression(0));
+    let refused = store.save_bytes(
+        "huge",
+        &huge,
+        &SaveOptions::new().compression(Compression::Off),
+    );
     let took = start.elapsed();
     match refused {
         Err(StorageError::QuotaExceeded {
@@ -125,13 +129,17 @@ fn bytes_that_can_never_fit_are_refused_before_any_work() {
         .save_bytes(
             "zeros",
             &vec![0u8; 64 * 1024 * 1024],
-            &SaveOptions::new().compression(1),
+            &SaveOptions::new().compression(Compression::Lz4),
         )
         .unwrap();
     // 300 MiB compressed can never fit 1 MiB (LZ4 never shrinks below 1/256).
     let too_big = vec![0u8; 300 * 1024 * 1024];
     assert!(matches!(
-        store.save_bytes("too_big", &too_big, &SaveOptions::new().compression(1)),
+        store.save_bytes(
+            "too_big",
+            &too_big,
+            &SaveOptions::new().compression(Compression::Lz4)
+        ),
         Err(StorageError::QuotaExceeded { .. })
     ));
     // Nothing changed.

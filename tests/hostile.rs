@@ -29,7 +29,8 @@ use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::Cipher;
 use bevy_storage::key::MAX_KEY_LEN;
 use bevy_storage::{
-    EncryptionKey, LoadOptions, SaveOptions, StorageConfig, StorageError, StorageOperation, Store,
+    Compression, EncryptionKey, LoadOptions, SaveOptions, StorageConfig, StorageError,
+    StorageOperation, Store,
 };
 
 // =========================================================================== hostile keys
@@ -981,6 +982,15 @@ impl Backend for Faulty {
         }
         Ok(outcomes)
     }
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        self.faults.check_change("taking")?;
+        self.inner.delete_if_unchanged(key, value, expires_at)
+    }
     fn touch(&self, key: &str, at: Timestamp) -> bevy_storage::Result<()> {
         self.faults.check_change("touching")?;
         self.inner.touch(key, at)
@@ -1020,7 +1030,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
             .max_size(Some(64 * 1024))
             .read_cache(Some(Duration::from_secs(3600)))
             .encryption_key(EncryptionKey::from_bytes([3; 32]))
-            .enable_compression(true),
+            .compression(Compression::Lz4),
     )
     .unwrap();
     // A second view straight over the inner backend, without the faulty layer or a cache.
@@ -1095,7 +1105,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         let r = store.save(
             &format!("big{i}"),
             &value("x", 4000),
-            &SaveOptions::new().compression(0),
+            &SaveOptions::new().compression(Compression::Off),
         );
         assert!(is_injected(&r), "{r:?}");
     }
@@ -1104,7 +1114,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         .save(
             "fits",
             &value("x", 30_000),
-            &SaveOptions::new().compression(0),
+            &SaveOptions::new().compression(Compression::Off),
         )
         .expect("the quota must not count failed writes");
     assert!(
@@ -1307,7 +1317,7 @@ fn is_disk_full_error(e: &StorageError) -> bool {
 /// record is intact after reopening. Returns the reopened store.
 fn fill_the_disk(config: &dyn Fn() -> StorageConfig) -> Store {
     let store = Store::open(config()).unwrap();
-    let opts = SaveOptions::new().compression(0);
+    let opts = SaveOptions::new().compression(Compression::Off);
     let mut acked: Vec<(String, String)> = Vec::new();
     for i in 0..4 {
         let (k, v) = (format!("keep:{i}"), noise(i, 2000));

@@ -22,7 +22,8 @@ use bevy_storage::snapshot::{
     Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture, decode,
 };
 use bevy_storage::{
-    EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError, Store,
+    Compression, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError,
+    Store,
 };
 use serde::{Deserialize, Serialize};
 
@@ -209,7 +210,7 @@ fn plant_with(
 fn sealed(key: &str, payload: &[u8], format: Format) -> Vec<u8> {
     let options = SealOptions {
         format,
-        compression_level: 0,
+        compression: Compression::Off,
         encrypt: false,
     };
     envelope::seal(key, payload, &options, None).unwrap().0

@@ -83,6 +83,16 @@ impl Backend for TestBackend {
         self.check()?;
         self.inner.write(ops, now)
     }
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.delete_if_unchanged(key, value, expires_at)
+    }
     fn touch(&self, key: &str, at: Timestamp) -> bevy_storage::Result<()> {
         self.inner.touch(key, at)
     }
@@ -859,7 +869,7 @@ fn stats_follow_saves_and_deletes() {
 
 #[test]
 fn read_cache_hits_misses_and_invalidation() {
-    let mut app = app_with(StoragePlugin::memory().read_cache(Duration::from_secs(60)));
+    let mut app = app_with(StoragePlugin::memory().read_cache(Some(Duration::from_secs(60))));
     let s1 = save(&mut app, "c", 1u32);
     pump_for(&mut app, &[s1]);
     let l1 = load(&mut app, "c"); // miss
@@ -1326,7 +1336,7 @@ fn the_commands_extension_sends_requests() {
                 sent.0.push(commands.delete("cmd:2"));
                 sent.0
                     .push(commands.transaction([StorageOperation::save("cmd:3", 3u8)]));
-                sent.0.push(commands.clear_storage());
+                sent.0.push(commands.clear());
             }
         },
     );

@@ -18,7 +18,9 @@ use std::sync::LazyLock;
 use bevy::prelude::*;
 use bevy_storage::backend::{Backend, FileBackend, PutMode, Record, RecordMeta, WriteOp};
 use bevy_storage::clock::Timestamp;
-use bevy_storage::codec::{self, Cipher, EncryptionKey, Format, SealOptions, envelope};
+use bevy_storage::codec::{
+    self, Cipher, Compression, EncryptionKey, Format, SealOptions, envelope,
+};
 use bevy_storage::snapshot::{
     Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
 };
@@ -336,12 +338,12 @@ proptest! {
     fn mutated_records_give_a_typed_error_or_the_original(
         value in player(),
         format in format(),
-        level in prop_oneof![Just(0u8), 1u8..10],
+        compression in prop_oneof![Just(Compression::Off), Just(Compression::Lz4)],
         encrypt in any::<bool>(),
         key in "[a-z0-9:]{1,12}",
         damage in record_damage(),
     ) {
-        let options = SealOptions { format, compression_level: level, encrypt };
+        let options = SealOptions { format, compression, encrypt };
         let (bytes, _) = codec::encode(&key, &value, &options, cipher(encrypt)).unwrap();
         prop_assert_eq!(&codec::decode::<Player>(&key, &bytes, cipher(encrypt)).unwrap(), &value);
 
@@ -756,7 +758,7 @@ proptest! {
     /// with `NestingTooDeep` when saved.
     #[test]
     fn trees_save_exactly_up_to_the_depth_limit(tree in tree(), format in format()) {
-        let options = SealOptions { format, compression_level: 0, encrypt: false };
+        let options = SealOptions { format, compression: Compression::Off, encrypt: false };
         let allowed = tree.levels() <= codec::depth::MAX_DEPTH;
         match codec::encode("tree", &tree, &options, None) {
             Ok((bytes, _)) => {
@@ -788,7 +790,7 @@ proptest! {
         } else {
             (tags, Format::Binary)
         };
-        let options = SealOptions { format, compression_level: 0, encrypt: false };
+        let options = SealOptions { format, compression: Compression::Off, encrypt: false };
         let (bytes, _) = envelope::seal("tree", &payload, &options, None).unwrap();
         match codec::decode::<Tree>("tree", &bytes, None) {
             Ok(tree) => prop_assert!(tree.levels() <= codec::depth::MAX_DEPTH),

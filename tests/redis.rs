@@ -698,6 +698,17 @@ fn keys_of_another_layout_are_typed_errors_and_change_nothing() {
             "save",
         );
         layout(s.delete(key).unwrap_err(), "delete");
+        layout(
+            s.take::<u32>(key, &LoadOptions::default()).unwrap_err(),
+            "take",
+        );
+        // The take script's own check, reached directly.
+        layout(
+            s.backend()
+                .delete_if_unchanged(key, b"not a record", None)
+                .unwrap_err(),
+            "delete_if_unchanged",
+        );
         let batches = [
             // Changes first, the key last: the changes are undone.
             vec![

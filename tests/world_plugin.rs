@@ -239,10 +239,10 @@ fn a_save_sent_with_app_exit_is_not_lost() {
 #[cfg(all(feature = "compression", feature = "encryption"))]
 #[test]
 fn snapshots_are_compressed_and_encrypted_as_configured() {
-    use bevy_storage::EncryptionKey;
+    use bevy_storage::{Compression, EncryptionKey};
     let key = || EncryptionKey::from_bytes([3; 32]);
     let storage = StoragePlugin::memory().encryption_key(key());
-    let plugin = SnapshotPlugin::new(settings().compression(9).encrypt(true));
+    let plugin = SnapshotPlugin::new(settings().compression(Compression::Lz4).encrypt(true));
     let mut app = app_with(storage, plugin);
     populate(app.world_mut());
     for i in 0..200 {

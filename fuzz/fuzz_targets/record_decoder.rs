@@ -25,7 +25,7 @@
 use std::sync::LazyLock;
 
 use bevy_storage::StorageError;
-use bevy_storage::codec::{self, Cipher, EncryptionKey, Format, SealOptions, envelope};
+use bevy_storage::codec::{self, Cipher, Compression, EncryptionKey, Format, SealOptions, envelope};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &str = "fuzz:record";
@@ -42,11 +42,11 @@ static VALID: LazyLock<Vec<(Vec<u8>, bool, serde_json::Value)>> = LazyLock::new(
     });
     let mut out = Vec::new();
     for format in [Format::Ron, Format::Binary] {
-        for compression_level in [0, 1] {
+        for compression in [Compression::Off, Compression::Lz4] {
             for encrypt in [false, true] {
                 let options = SealOptions {
                     format,
-                    compression_level,
+                    compression,
                     encrypt,
                 };
                 // postcard cannot hold a `serde_json::Value`: store strings instead.
@@ -153,7 +153,7 @@ fuzz_target!(|data: &[u8]| {
         let format = if mode & 0x80 != 0 { Format::Ron } else { Format::Binary };
         let options = SealOptions {
             format,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: false,
         };
         let (bytes, _) = envelope::seal(KEY, rest, &options, None).unwrap();
@@ -206,7 +206,7 @@ fuzz_target!(|data: &[u8]| {
             };
             let options = SealOptions {
                 format: Format::Ron,
-                compression_level: (mode >> 2) & 1,
+                compression: Compression::from((mode >> 2) & 1 != 0),
                 encrypt: cipher.is_some(),
             };
             let (bytes, _) = match codec::encode(KEY, &value, &options, cipher) {

@@ -77,6 +77,24 @@ pub fn apply_batch(
     Ok(outcomes)
 }
 
+/// The [`Backend::delete_if_unchanged`] rule on a sorted map: removes `key` if its record
+/// still has exactly this value and expiry. Public for custom backends that keep their records
+/// in memory, like [`apply_batch`].
+pub fn remove_if_unchanged(
+    map: &mut BTreeMap<String, Record>,
+    key: &str,
+    value: &[u8],
+    expires_at: Option<Timestamp>,
+) -> bool {
+    let same = map
+        .get(key)
+        .is_some_and(|r| r.value == value && r.meta.expires_at == expires_at);
+    if same {
+        map.remove(key);
+    }
+    same
+}
+
 impl Backend for MemoryBackend {
     fn backend_type(&self) -> &str {
         "memory"
@@ -94,6 +112,20 @@ impl Backend for MemoryBackend {
         apply_batch(&mut self.records.write(), ops, now)
     }
 
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        Ok(remove_if_unchanged(
+            &mut self.records.write(),
+            key,
+            value,
+            expires_at,
+        ))
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         if let Some(r) = self.records.write().get_mut(key) {
             r.meta.accessed_at = at;
@@ -106,6 +138,24 @@ impl Backend for MemoryBackend {
         Ok(records
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, r)| KeyEntry {
+                key: k.clone(),
+                size: r.meta.size,
+                expires_at: r.meta.expires_at,
+            })
+            .collect())
+    }
+
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let records = self.records.read();
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        Ok(records
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
             .map(|(k, r)| KeyEntry {
                 key: k.clone(),
                 size: r.meta.size,

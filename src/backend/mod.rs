@@ -19,6 +19,8 @@ use crate::error::Result;
 
 pub mod file;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
@@ -26,6 +28,8 @@ pub mod sqlite;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresBackend, PostgresOptions};
 #[cfg(feature = "redis")]
 pub use redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
@@ -176,12 +180,56 @@ pub trait Backend: Send + Sync + 'static {
     /// Returns one outcome per operation, in order.
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>>;
 
+    /// Removes `key` only if it still holds the record a read just returned: the same value
+    /// bytes and the same `expires_at`, checked and removed atomically (no other change to
+    /// `key` may come between the check and the removal, from this process or another one
+    /// sharing the backend). Returns `true` when it removed the record, `false` when `key` is
+    /// missing or holds anything else. Durable once it returns `Ok(true)`, like a
+    /// [`write`](Self::write).
+    ///
+    /// This is how [`Store::take`](crate::Store::take) loads and deletes atomically: it reads
+    /// the record, decrypts and decodes it, and only then removes it with this method,
+    /// retrying from the read if another writer changed the key in between. So a record that
+    /// fails to decode (a wrong type, a wrong encryption key) is never removed, and of several
+    /// callers taking the same key exactly one gets it.
+    ///
+    /// It is a required method, not a default built on [`get`](Self::get) and
+    /// [`write`](Self::write), because those two cannot make it atomic: only the backend knows
+    /// how to compare and remove in one step (under its lock, in one SQL statement, in one
+    /// Lua script). A backend that keeps its records in a map can use
+    /// [`memory::remove_if_unchanged`].
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool>;
+
     /// Sets the last-access time of `key` if it exists. Need not be durable.
     fn touch(&self, key: &str, at: Timestamp) -> Result<()>;
 
     /// Every key that starts with `prefix` byte for byte (no wildcards), expired or not, in any
     /// order.
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>>;
+
+    /// Up to `limit` entries whose keys start with `prefix` and sort strictly after `after`
+    /// (when given), in byte order of the keys, expired or not: one page of a listing that
+    /// continues from its last key, so a page never repeats or skips a key that exists for
+    /// the whole listing, whatever is written meanwhile. The default sorts a full
+    /// [`scan`](Self::scan); override it where the backend can seek to `after` (the memory,
+    /// SQLite and PostgreSQL backends do).
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let mut entries = self.scan(prefix)?;
+        if let Some(after) = after {
+            entries.retain(|e| e.key.as_str() > after);
+        }
+        if entries.len() > limit && limit > 0 {
+            entries.select_nth_unstable_by(limit - 1, |a, b| a.key.cmp(&b.key));
+        }
+        entries.truncate(limit);
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
 
     /// Removes every record with `expires_at <= now`; returns how many were removed.
     fn purge_expired(&self, now: Timestamp) -> Result<usize>;
@@ -200,6 +248,30 @@ pub trait Backend: Send + Sync + 'static {
             }
         }
         Ok(usage)
+    }
+
+    /// Whether this backend enforces a store's quota itself, atomically with each write and
+    /// for every process that shares the store (a database several game servers use). When
+    /// true, a store with a quota sends its writes through
+    /// [`write_within_quota`](Self::write_within_quota) instead of keeping its own count, so
+    /// the quota holds across servers. Default `false`: the store counts in its own process.
+    fn enforces_quota(&self) -> bool {
+        false
+    }
+
+    /// Like [`write`](Self::write), but when the batch holds a put and the records live at
+    /// `now` would total more than `max_size` bytes after it, fails with
+    /// [`StorageError::QuotaExceeded`](crate::StorageError::QuotaExceeded) and changes
+    /// nothing, decided atomically with the write. Only called when
+    /// [`enforces_quota`](Self::enforces_quota) is true.
+    fn write_within_quota(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        max_size: u64,
+    ) -> Result<Vec<WriteOutcome>> {
+        let _ = max_size;
+        self.write(ops, now)
     }
 
     /// Free space of the medium (disk, server memory), if known.

@@ -16,7 +16,7 @@
 //! encrypted record the header and the key are also the AES-GCM associated data, so altering
 //! either, or the ciphertext, makes decryption fail even if the checksum is recomputed.
 
-use super::compress;
+use super::compress::{self, Compression};
 use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
 use super::format::Format;
 use crate::error::{Result, StorageError};
@@ -35,8 +35,9 @@ const FLAG_ENCRYPTED: u8 = 2;
 pub struct SealOptions {
     /// The format the payload is in (recorded in the header).
     pub format: Format,
-    /// 0 = no compression, 1..=9 = LZ4 (see [`compress`] for what the levels do).
-    pub compression_level: u8,
+    /// Compress the body (bit 0 of the flags says whether it was: a payload LZ4 does not
+    /// shrink is stored plain).
+    pub compression: Compression,
     /// Encrypt with the store's cipher.
     pub encrypt: bool,
 }
@@ -45,7 +46,7 @@ impl Default for SealOptions {
     fn default() -> Self {
         Self {
             format: Format::Ron,
-            compression_level: 0,
+            compression: Compression::Off,
             encrypt: false,
         }
     }
@@ -106,14 +107,9 @@ pub fn seal_vec(
     options: &SealOptions,
     cipher: Option<&Cipher>,
 ) -> Result<(Vec<u8>, EnvelopeInfo)> {
-    compress::check_level(options.compression_level)?;
-    #[cfg(not(feature = "compression"))]
-    if options.compression_level > 0 {
-        return Err(StorageError::FeatureDisabled {
-            feature: "compression",
-            what: format!("compressing {key:?}"),
-        });
-    }
+    options
+        .compression
+        .check_available(|| format!("compressing {key:?}"))?;
     let cipher = match (options.encrypt, cipher) {
         (false, _) => None,
         (true, Some(c)) => Some(c),
@@ -134,7 +130,7 @@ pub fn seal_vec(
         });
     }
     let mut compressed = false;
-    if options.compression_level > 0
+    if options.compression.is_on()
         && let Some(out) = compress::compress_after(offset, &buf[offset..], trailer_len(options))
     {
         buf = out;
@@ -287,15 +283,15 @@ pub fn open_vec(
 mod tests {
     use super::*;
 
-    /// Options at `level`, or uncompressed in a build without the `compression` feature
-    /// (which refuses a level above 0: tested apart below).
-    fn opts(level: u8) -> SealOptions {
+    /// Options with `compression`, or uncompressed in a build without the `compression`
+    /// feature (which refuses `Lz4`: tested apart below).
+    fn opts(compression: Compression) -> SealOptions {
         SealOptions {
             format: Format::Raw,
-            compression_level: if cfg!(feature = "compression") {
-                level
+            compression: if cfg!(feature = "compression") {
+                compression
             } else {
-                0
+                Compression::Off
             },
             encrypt: false,
         }
@@ -305,8 +301,8 @@ mod tests {
     #[test]
     fn compression_without_the_feature_is_refused() {
         let options = SealOptions {
-            compression_level: 1,
-            ..opts(0)
+            compression: Compression::Lz4,
+            ..opts(Compression::Off)
         };
         assert!(matches!(
             seal("k", b"x", &options, None),
@@ -320,9 +316,12 @@ mod tests {
     #[test]
     fn seal_open_round_trip_plain_and_compressed() {
         let payload = b"hello hello hello hello hello hello hello hello".repeat(20);
-        for level in [0, 1, 9] {
-            let (bytes, info) = seal("k", &payload, &opts(level), None).unwrap();
-            assert_eq!(info.compressed, level > 0 && cfg!(feature = "compression"));
+        for compression in [Compression::Off, Compression::Lz4] {
+            let (bytes, info) = seal("k", &payload, &opts(compression), None).unwrap();
+            assert_eq!(
+                info.compressed,
+                compression.is_on() && cfg!(feature = "compression")
+            );
             let (back, info2) = open("k", &bytes, None).unwrap();
             assert_eq!(back, payload);
             assert_eq!(info, info2);
@@ -332,13 +331,19 @@ mod tests {
     #[test]
     fn incompressible_payload_is_stored_plain() {
         let payload: Vec<u8> = (0..=255u8).collect();
-        let (_, info) = seal("k", &payload, &opts(5), None).unwrap();
+        let (_, info) = seal("k", &payload, &opts(Compression::Lz4), None).unwrap();
         assert!(!info.compressed);
     }
 
     #[test]
     fn every_truncation_and_bit_flip_is_an_error() {
-        let (bytes, _) = seal("k", b"some payload that matters", &opts(1), None).unwrap();
+        let (bytes, _) = seal(
+            "k",
+            b"some payload that matters",
+            &opts(Compression::Lz4),
+            None,
+        )
+        .unwrap();
         for len in 0..bytes.len() {
             assert!(
                 open("k", &bytes[..len], None).is_err(),
@@ -354,14 +359,14 @@ mod tests {
 
     #[test]
     fn a_record_under_another_key_is_refused() {
-        let (bytes, _) = seal("player:1", b"x", &opts(0), None).unwrap();
+        let (bytes, _) = seal("player:1", b"x", &opts(Compression::Off), None).unwrap();
         let err = open("player:2", &bytes, None).unwrap_err();
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
     }
 
     #[test]
     fn newer_version_is_refused_clearly() {
-        let (mut bytes, _) = seal("k", b"x", &opts(0), None).unwrap();
+        let (mut bytes, _) = seal("k", b"x", &opts(Compression::Off), None).unwrap();
         bytes[4] = VERSION + 1;
         assert!(matches!(
             open("k", &bytes, None),
@@ -369,19 +374,49 @@ mod tests {
         ));
     }
 
+    /// A record sealed by the releases that took a numeric level (0-9), for `player:ada` and
+    /// `OLD_PAYLOAD` at level 1 (levels 1-9 wrote these same bytes): RON, LZ4, not encrypted.
+    const OLD_LEVEL_1_RECORD: &str = "425354520101010061000000ff19286e616d653a22416461222c676f6c64\
+        3a3132302c696e76656e746f72793a5b2273776f7264222c080020606f7264225d29bc4b0297";
+    #[cfg(feature = "compression")]
+    const OLD_PAYLOAD: &str = "(name:\"Ada\",gold:120,inventory:[\"sword\",\"sword\",\"sword\",\
+        \"sword\",\"sword\",\"sword\",\"sword\",\"sword\"])";
+
+    fn old_level_1_record() -> Vec<u8> {
+        (0..OLD_LEVEL_1_RECORD.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&OLD_LEVEL_1_RECORD[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The byte format did not change with `Compression`: a record written at level 1 by the
+    /// old code path opens, and `Lz4` now writes exactly the same bytes.
     #[test]
-    fn invalid_level_is_refused() {
+    fn a_record_written_at_level_1_by_the_old_code_still_opens() {
+        let old = old_level_1_record();
+        let (flags, format) = (old[5], old[6]);
+        assert_eq!((flags, format), (FLAG_COMPRESSED, 1), "compressed RON");
+        #[cfg(feature = "compression")]
+        {
+            let (payload, info) = open("player:ada", &old, None).unwrap();
+            assert_eq!(payload, OLD_PAYLOAD.as_bytes());
+            assert!(info.compressed && !info.encrypted);
+            assert_eq!(info.format, Format::Ron);
+            let options = SealOptions {
+                format: Format::Ron,
+                compression: Compression::Lz4,
+                encrypt: false,
+            };
+            let (new, _) = seal("player:ada", OLD_PAYLOAD.as_bytes(), &options, None).unwrap();
+            assert_eq!(new, old, "Lz4 seals as level 1 did");
+        }
+        #[cfg(not(feature = "compression"))]
         assert!(matches!(
-            seal(
-                "k",
-                b"x",
-                &SealOptions {
-                    compression_level: 10,
-                    ..opts(0)
-                },
-                None
-            ),
-            Err(StorageError::InvalidCompressionLevel(10))
+            open("player:ada", &old, None),
+            Err(StorageError::FeatureDisabled {
+                feature: "compression",
+                ..
+            })
         ));
     }
 
@@ -397,7 +432,7 @@ mod tests {
         fn enc() -> SealOptions {
             SealOptions {
                 format: Format::Raw,
-                compression_level: 1,
+                compression: Compression::Lz4,
                 encrypt: true,
             }
         }

@@ -13,6 +13,7 @@ pub mod depth;
 pub mod envelope;
 pub mod format;
 
+pub use compress::Compression;
 pub use crypto::{Cipher, EncryptionKey};
 pub use envelope::{EnvelopeInfo, SealOptions};
 pub use format::Format;

@@ -43,8 +43,13 @@ pub trait StorageCommandsExt {
     fn list_keys(&mut self, prefix: impl Into<String>) -> RequestId;
     /// Applies `operations` all or nothing ([`TransactionRequest`]).
     fn transaction(&mut self, operations: impl IntoIterator<Item = StorageOperation>) -> RequestId;
+    /// Removes every record ([`ClearRequest`]); named like [`Store::clear`](crate::Store::clear).
+    fn clear(&mut self) -> RequestId;
     /// Removes every record ([`ClearRequest`]).
-    fn clear_storage(&mut self) -> RequestId;
+    #[deprecated(note = "use `clear()`, named like `Store::clear` and `ClearRequest`")]
+    fn clear_storage(&mut self) -> RequestId {
+        self.clear()
+    }
 }
 
 impl StorageCommandsExt for Commands<'_, '_> {
@@ -106,7 +111,7 @@ impl StorageCommandsExt for Commands<'_, '_> {
         id
     }
 
-    fn clear_storage(&mut self) -> RequestId {
+    fn clear(&mut self) -> RequestId {
         let request = ClearRequest::new();
         let id = request.id();
         self.write_message(request);

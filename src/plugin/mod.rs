@@ -76,6 +76,7 @@ mod runtime;
 mod scheduler;
 mod scope;
 mod systems;
+mod take;
 pub mod world;
 
 use std::path::PathBuf;
@@ -95,6 +96,7 @@ pub use requests::{
     PersistedResourceLoaded, PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest,
     SharedError, StorageResponse, StorageResult, TransactionCompleted, TransactionRequest,
 };
+pub use take::{TakeCompleted, TakeRequest};
 
 #[allow(deprecated)]
 pub use world::SnapshotSet;
@@ -105,7 +107,7 @@ pub use world::{
 
 use crate::backend::Backend;
 use crate::clock::Clock;
-use crate::codec::{EncryptionKey, Format};
+use crate::codec::{Compression, EncryptionKey, Format};
 use crate::config::StorageConfig;
 use crate::error::StorageError;
 use crate::store::{StorageStats, Store};
@@ -134,7 +136,7 @@ pub const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 ///     StoragePlugin::file("saves/slot1")
 ///         .default_ttl(Some(Duration::from_secs(30 * 86_400)))
 ///         .cleanup_interval(Duration::from_secs(600))
-///         .read_cache(Duration::from_secs(5))
+///         .read_cache(Some(Duration::from_secs(5)))
 ///         .batch_writes(WriteBatching::PerFrame),
 /// ));
 /// ```
@@ -160,6 +162,36 @@ impl StoragePlugin {
     #[cfg(feature = "sqlite")]
     pub fn sqlite(path: impl Into<PathBuf>) -> StoragePluginBuilder {
         Self::config(StorageConfig::sqlite(path))
+    }
+
+    /// A plugin over the game's store in the per-user data directory of the platform, for
+    /// the application identifier `id` (a reverse domain name such as `com.studio.game`);
+    /// see [`StorageConfig::for_app`] and [`app_dir`](crate::app_dir) for where that is, the
+    /// identifier rule and the `BEVY_STORAGE_DIR` override. The directory is logged once
+    /// (`info!`) when the plugin is added. An invalid identifier does not panic: the store
+    /// fails to open with [`StorageError::InvalidAppId`], reported as every open failure is
+    /// (the log, `StorageStats`, an error response to every request).
+    ///
+    /// Use it for a shipped game (installed read-only, or shared by several users of one
+    /// machine); the bare [`StoragePlugin`] keeps `saves/storage.db` in the working directory.
+    ///
+    /// ```no_run
+    /// # use bevy::prelude::*;
+    /// # use bevy_storage::prelude::*;
+    /// App::new().add_plugins((MinimalPlugins, StoragePlugin::for_app("com.studio.game")));
+    /// ```
+    pub fn for_app(id: &str) -> StoragePluginBuilder {
+        match StorageConfig::for_app(id) {
+            Ok(config) => StoragePluginBuilder {
+                app: Some(id.to_owned()),
+                ..Self::config(config)
+            },
+            Err(error) => StoragePluginBuilder {
+                app: Some(id.to_owned()),
+                app_error: Some(Arc::new(error)),
+                ..Self::builder()
+            },
+        }
     }
 
     /// A plugin over a file store (one file per key) under `root`.
@@ -189,6 +221,8 @@ impl StoragePlugin {
         StoragePluginBuilder {
             config,
             store: None,
+            app: None,
+            app_error: None,
             store_options_set: false,
             batching: WriteBatching::Off,
             stats_interval: systems::DEFAULT_STATS_INTERVAL,
@@ -239,6 +273,10 @@ pub enum WriteBatching {
 pub struct StoragePluginBuilder {
     config: StorageConfig,
     store: Option<Store>,
+    /// The application identifier of [`StoragePlugin::for_app`].
+    app: Option<String>,
+    /// Why [`StoragePlugin::for_app`] could not make its configuration.
+    app_error: Option<SharedError>,
     store_options_set: bool,
     batching: WriteBatching,
     stats_interval: Duration,
@@ -272,9 +310,10 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.default_ttl(ttl))
     }
 
-    /// Compress saves by default.
-    pub fn compression(self, on: bool) -> Self {
-        self.store_option(|c| c.enable_compression(on))
+    /// Compression of saves and snapshots that do not choose their own
+    /// ([`StorageConfig::compression`]).
+    pub fn compression(self, compression: Compression) -> Self {
+        self.store_option(|c| c.compression(compression))
     }
 
     /// Encrypt every save by default with `key`.
@@ -310,10 +349,10 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.clock(clock))
     }
 
-    /// Serves repeated loads from memory for `ttl`; saves, deletes, transactions and clears
-    /// invalidate it.
-    pub fn read_cache(self, ttl: Duration) -> Self {
-        self.store_option(|c| c.read_cache(Some(ttl)))
+    /// Serves repeated loads from memory for `ttl` (`None`: no cache, the default); saves,
+    /// deletes, transactions and clears invalidate it ([`StorageConfig::read_cache`]).
+    pub fn read_cache(self, ttl: Option<Duration>) -> Self {
+        self.store_option(|c| c.read_cache(ttl))
     }
 
     /// How many entries the read cache holds.
@@ -359,8 +398,21 @@ impl Plugin for StoragePluginBuilder {
             !app.world().contains_resource::<StorageRuntime>(),
             "bevy_storage: a StoragePlugin was already added to this app; add it once (one store per app)"
         );
-        let (source, description) = match &self.store {
-            Some(store) => {
+        if let Some(app) = &self.app {
+            match &self.app_error {
+                None => info!(
+                    "bevy_storage: the saves of {app} are in {}",
+                    runtime::describe(&self.config)
+                ),
+                Some(e) => error!("bevy_storage: no store for {app}: {e}"),
+            }
+        }
+        let (source, description) = match (&self.store, &self.app_error) {
+            (_, Some(error)) => (
+                OpenSource::Failed(Arc::clone(error)),
+                format!("for_app({:?})", self.app.as_deref().unwrap_or_default()),
+            ),
+            (Some(store), None) => {
                 if self.store_options_set {
                     warn!(
                         "bevy_storage: StoragePlugin::store was given an open store; store options set on the plugin are ignored"
@@ -368,7 +420,7 @@ impl Plugin for StoragePluginBuilder {
                 }
                 (OpenSource::Store(store.clone()), format!("{store:?}"))
             }
-            None => (
+            (None, None) => (
                 OpenSource::Config(Box::new(self.config.clone())),
                 runtime::describe(&self.config),
             ),

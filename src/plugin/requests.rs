@@ -14,6 +14,7 @@
 //! | [`ListKeysRequest`]  | [`ListKeysCompleted`]  | `Vec<String>`, sorted                 |
 //! | [`TransactionRequest`] | [`TransactionCompleted`] | `()`                              |
 //! | [`ClearRequest`]     | [`ClearCompleted`]     | `()`                                  |
+//! | [`TakeRequest`](super::TakeRequest) | [`TakeCompleted`](super::TakeCompleted) | `Option<LoadedValue>`: the record, now deleted |
 //!
 //! Errors are [`Arc<StorageError>`](StorageError): the same error value can be shared by the
 //! message and the event, and by every request of a failed batch.
@@ -29,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use super::kind::{RequestKind, add_request_kind};
 use super::scope::Scope;
-use crate::codec::{self, Format};
+use crate::codec::{self, Compression, Format};
 use crate::error::StorageError;
 use crate::key;
 use crate::store::{ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
@@ -133,9 +134,9 @@ impl SaveRequest {
         self
     }
 
-    /// Compression level 0-9 (0 = off).
-    pub fn compression(mut self, level: u8) -> Self {
-        self.options = self.options.compression(level);
+    /// Compresses (or not) regardless of the store default ([`SaveOptions::compression`]).
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.options = self.options.compression(compression);
         self
     }
 
@@ -571,6 +572,7 @@ pub(crate) fn add_key_value_kinds(app: &mut bevy::prelude::App) {
     add_request_kind::<ListKeysRequest>(app);
     add_request_kind::<TransactionRequest>(app);
     add_request_kind::<ClearRequest>(app);
+    add_request_kind::<super::take::TakeRequest>(app);
 }
 
 /// The parts every key-value kind shares: no input from the world, and the pool's output is

@@ -177,6 +177,9 @@ pub(crate) fn pool() -> &'static AsyncComputeTaskPool {
 pub(crate) enum OpenSource {
     Config(Box<StorageConfig>),
     Store(Store),
+    /// The configuration could not be made (an invalid `for_app` identifier): the open fails
+    /// with this error, reported like any other open failure.
+    Failed(SharedError),
 }
 
 impl Shared {
@@ -344,6 +347,7 @@ impl Shared {
             .spawn(async move {
                 let result = match source {
                     OpenSource::Store(store) => Ok(store),
+                    OpenSource::Failed(error) => Err(error),
                     OpenSource::Config(config) => {
                         catch_unwind(AssertUnwindSafe(|| Store::open(*config)))
                             .unwrap_or_else(|p| {

@@ -23,7 +23,7 @@ use crate::backend::CustomMetadata;
 use crate::error::StorageError;
 use crate::snapshot::{
     self, CapturedWorld, DecodedWorld, SlotInfo, SnapshotComponent, SnapshotContext,
-    SnapshotRegistry, SnapshotSettings,
+    SnapshotRegistry, SnapshotSettings, SnapshotStandIn,
 };
 use crate::store::Store;
 
@@ -274,6 +274,14 @@ pub trait SnapshotAppExt {
         upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
     ) -> &mut Self;
 
+    /// Saves component `C` as the stand-in `S` and back (see
+    /// [`SnapshotRegistry::map_component`]).
+    fn map_snapshot_component<C: Component + TypePath, S: SnapshotStandIn>(
+        &mut self,
+        to_saved: impl Fn(&C) -> S + Send + Sync + 'static,
+        from_saved: impl Fn(S) -> C + Send + Sync + 'static,
+    ) -> &mut Self;
+
     /// Registers a resource migration (see [`SnapshotRegistry::migrate_resource`]).
     fn migrate_snapshot_resource<Old: DeserializeOwned + 'static, New: Resource + 'static>(
         &mut self,
@@ -312,6 +320,15 @@ impl SnapshotAppExt for App {
         upgrade: impl Fn(Old) -> New + Send + Sync + 'static,
     ) -> &mut Self {
         snapshot_registry(self).migrate_resource(old_type_path, since_version, upgrade);
+        self
+    }
+
+    fn map_snapshot_component<C: Component + TypePath, S: SnapshotStandIn>(
+        &mut self,
+        to_saved: impl Fn(&C) -> S + Send + Sync + 'static,
+        from_saved: impl Fn(S) -> C + Send + Sync + 'static,
+    ) -> &mut Self {
+        snapshot_registry(self).map_component(to_saved, from_saved);
         self
     }
 }

@@ -8,6 +8,7 @@
 
 use std::any::TypeId;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
 use bevy::ecs::entity::{EntityHashMap, EntityMapper};
@@ -121,6 +122,94 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
     ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error> {
         let values: Vec<T> = erased_serde::deserialize(de)?;
         Ok(Box::new(TypedLoaded { values }))
+    }
+}
+
+/// How a mapped component is saved: converted to a serializable stand-in `S` on capture and
+/// back on load (see
+/// [`SnapshotRegistry::map_component`](super::SnapshotRegistry::map_component)).
+pub(crate) struct Mapped<C, S> {
+    to_saved: Arc<dyn Fn(&C) -> S + Send + Sync>,
+    from_saved: Arc<dyn Fn(S) -> C + Send + Sync>,
+}
+
+impl<C, S> Mapped<C, S> {
+    pub(crate) fn new(
+        to_saved: impl Fn(&C) -> S + Send + Sync + 'static,
+        from_saved: impl Fn(S) -> C + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            to_saved: Arc::new(to_saved),
+            from_saved: Arc::new(from_saved),
+        }
+    }
+}
+
+/// The stand-in bound of a mapped component.
+pub trait SnapshotStandIn: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<S> SnapshotStandIn for S where S: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<C: Component + TypePath, S: SnapshotStandIn> TypedCodec for Mapped<C, S> {
+    fn type_path(&self) -> &'static str {
+        C::type_path()
+    }
+
+    fn type_id(&self) -> TypeId {
+        TypeId::of::<C>()
+    }
+
+    fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn> {
+        let mut query = world.query_filtered::<(Entity, &C), With<Persist>>();
+        let (rows, values): (Vec<u32>, Vec<S>) = query
+            .iter(world)
+            .filter_map(|(entity, value)| {
+                rows.get(&entity).map(|row| (*row, (self.to_saved)(value)))
+            })
+            .unzip();
+        Box::new(MappedColumn::<C, S> {
+            rows,
+            values,
+            component: PhantomData,
+        })
+    }
+
+    fn deserialize_values(
+        &self,
+        de: &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error> {
+        let saved: Vec<S> = erased_serde::deserialize(de)?;
+        let values: Vec<C> = saved.into_iter().map(|s| (self.from_saved)(s)).collect();
+        Ok(Box::new(TypedLoaded { values }))
+    }
+}
+
+/// The stand-ins of a mapped component, written under the component's type path.
+struct MappedColumn<C, S> {
+    rows: Vec<u32>,
+    values: Vec<S>,
+    component: PhantomData<fn() -> C>,
+}
+
+impl<C: TypePath, S: SnapshotStandIn> CapturedColumn for MappedColumn<C, S> {
+    fn type_path(&self) -> &str {
+        C::type_path()
+    }
+
+    fn rows(&self) -> &[u32] {
+        &self.rows
+    }
+
+    fn sort_by_row(&mut self) {
+        if self.rows.is_sorted() {
+            return;
+        }
+        let mut pairs: Vec<(u32, S)> = self.rows.drain(..).zip(self.values.drain(..)).collect();
+        pairs.sort_by_key(|(row, _)| *row);
+        (self.rows, self.values) = pairs.into_iter().unzip();
+    }
+
+    fn values<'a>(&'a self, _registry: &'a TypeRegistry) -> Box<dyn erased_serde::Serialize + 'a> {
+        Box::new(&self.values)
     }
 }
 

@@ -30,7 +30,7 @@ mod slots;
 
 pub use apply::DecodedWorld;
 pub use capture::{CapturedWorld, capture};
-pub use columns::{SnapshotComponent, SnapshotEntityMapper};
+pub use columns::{SnapshotComponent, SnapshotEntityMapper, SnapshotStandIn};
 pub use encode::{SnapshotContext, SnapshotHeader, decode, read_header};
 pub use migrate::Migrations;
 pub use slots::{
@@ -46,7 +46,8 @@ use bevy::ecs::observer::ObservedBy;
 use bevy::prelude::*;
 use serde::de::DeserializeOwned;
 
-use columns::{Typed, TypedCodec};
+use crate::codec::Compression;
+use columns::{Mapped, Typed, TypedCodec};
 
 /// Marks an entity whose components are saved in world snapshots.
 #[derive(Component, Reflect, Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,10 +85,10 @@ pub struct SnapshotSettings {
     /// registered for a later version run when an older snapshot is loaded; a snapshot from a
     /// newer game version is refused.
     pub game_version: u32,
-    /// Compression level for the stored record (0 off, 1-9 LZ4). `None` (the default): the
-    /// store's own default ([`StorageConfig::enable_compression`](crate::StorageConfig)), so a
-    /// build without the `compression` feature saves worlds uncompressed.
-    pub compression: Option<u8>,
+    /// Compression of the stored record. `None` (the default): the store's own
+    /// ([`StorageConfig::compression`](crate::StorageConfig::compression)), so a build without
+    /// the `compression` feature saves worlds uncompressed.
+    pub compression: Option<Compression>,
     /// Encrypt snapshots with the store's key. `None` (the default): the store's own default
     /// ([`StorageConfig::enable_encryption`](crate::StorageConfig)), so a store that encrypts
     /// every save encrypts its worlds too.
@@ -134,9 +135,9 @@ impl SnapshotSettings {
         self.game_version = version;
         self
     }
-    /// Sets the compression level (0-9) instead of the store's default.
-    pub fn compression(mut self, level: u8) -> Self {
-        self.compression = Some(level);
+    /// Compresses snapshots (or not) instead of the store's default.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = Some(compression);
         self
     }
     /// Encrypts snapshots with the store's key (or not), instead of the store's default.
@@ -176,7 +177,8 @@ impl SnapshotSettings {
     }
 }
 
-/// Components on the typed fast path, and migrations. A resource; the snapshot plugin inserts
+/// Components on the typed fast path (plain or [mapped](Self::map_component)), and
+/// migrations. A resource; the snapshot plugin inserts
 /// it, and `App` extension methods add to it.
 #[derive(Resource, Clone, Default)]
 pub struct SnapshotRegistry {
@@ -198,6 +200,47 @@ impl SnapshotRegistry {
     pub fn register_component<T: SnapshotComponent>(&mut self) -> &mut Self {
         if !self.typed.iter().any(|c| c.type_id() == TypeId::of::<T>()) {
             self.typed.push(Arc::new(Typed::<T>::new()));
+        }
+        self
+    }
+
+    /// Saves component `C` as a stand-in `S` (moonshine-save's `map_component`): on capture
+    /// `to_saved` turns each `C` of a persisted entity into an `S`, which is serialized in its
+    /// place (under `C`'s type path); on load `from_saved` turns each `S` back into a `C`.
+    /// For components that cannot be serialized themselves: a runtime handle (an audio
+    /// voice, a network session, an `Arc<Mutex<..>>`) saved as what rebuilds it. `C` needs
+    /// neither `Serialize` nor `Reflect`, only `TypePath` (`#[derive(TypePath)]`) for its
+    /// name in the snapshot. `from_saved` runs on the task pool while the snapshot decodes,
+    /// before the world is touched; capture runs `to_saved` on the main thread. Registering
+    /// `C` again (mapped or typed) keeps the first registration.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use bevy::prelude::*;
+    /// use bevy_storage::snapshot::SnapshotRegistry;
+    ///
+    /// /// A voice of the audio engine: the handle is runtime-only, its sound is not.
+    /// #[derive(Component, TypePath)]
+    /// struct Voice { sound: String, handle: Arc<Mutex<Option<u64>>> }
+    ///
+    /// let mut registry = SnapshotRegistry::new();
+    /// registry.map_component::<Voice, String>(
+    ///     |voice| voice.sound.clone(),
+    ///     |sound| Voice { sound, handle: Arc::new(Mutex::new(None)) }, // reconnected later
+    /// );
+    /// ```
+    pub fn map_component<C, S>(
+        &mut self,
+        to_saved: impl Fn(&C) -> S + Send + Sync + 'static,
+        from_saved: impl Fn(S) -> C + Send + Sync + 'static,
+    ) -> &mut Self
+    where
+        C: Component + TypePath,
+        S: SnapshotStandIn,
+    {
+        if !self.typed.iter().any(|c| c.type_id() == TypeId::of::<C>()) {
+            self.typed
+                .push(Arc::new(Mapped::<C, S>::new(to_saved, from_saved)));
         }
         self
     }

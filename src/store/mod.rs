@@ -5,10 +5,13 @@
 //! statistics. Backends below it only keep bytes.
 
 mod cache;
+mod listing;
 mod options;
 mod stats;
+pub mod take;
 
 use cache::{CachedRead, ReadCache};
+pub use listing::{KeyPage, MAX_PAGE};
 pub use options::{
     ErasedValue, Expiry, LoadOptions, SaveOptions, StorageMetadata, StorageOperation,
 };
@@ -28,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, CustomMetadata, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
 use crate::clock::{Clock, Timestamp};
 use crate::codec::crypto::KdfParams;
-use crate::codec::{self, Cipher, EnvelopeInfo, Format, SealOptions};
+use crate::codec::{self, Cipher, Compression, EnvelopeInfo, Format, SealOptions};
 use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
 use crate::key::{self, INTERNAL_KEYS, KEYCHECK_KEY};
@@ -68,7 +71,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     format: Format,
     default_ttl: Option<Duration>,
-    default_compression: u8,
+    default_compression: Compression,
     default_encrypt: bool,
     quota: Option<Quota>,
     counters: Counters,
@@ -169,7 +172,7 @@ impl Store {
                 clock: config.clock,
                 format: config.format,
                 default_ttl: config.default_ttl,
-                default_compression: u8::from(config.enable_compression),
+                default_compression: config.compression,
                 default_encrypt: config.enable_encryption,
                 quota,
                 counters: Counters::default(),
@@ -232,7 +235,7 @@ impl Store {
             let cipher = Cipher::new(key, kdf.as_ref())?;
             let seal = SealOptions {
                 format: Format::Raw,
-                compression_level: 0,
+                compression: Compression::Off,
                 encrypt: true,
             };
             let payload = keycheck_payload(kdf.as_ref());
@@ -319,7 +322,7 @@ impl Store {
     fn seal_options(&self, format: Format, options: &SaveOptions) -> SealOptions {
         SealOptions {
             format,
-            compression_level: options
+            compression: options
                 .compression
                 .unwrap_or(self.inner.default_compression),
             encrypt: options.encrypt.unwrap_or(self.inner.default_encrypt),
@@ -376,8 +379,8 @@ impl Store {
     /// Saves `value` under `key`.
     ///
     /// Fails with `InvalidKey`, `AlreadyExists` (`overwrite(false)` and a live record exists,
-    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `InvalidCompressionLevel`
-    /// or a backend error. On any error the previous value is untouched.
+    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `FeatureDisabled`
+    /// (`Compression::Lz4` without the `compression` feature) or a backend error. On any error the previous value is untouched.
     pub fn save<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -770,6 +773,10 @@ impl Store {
         let Some(quota) = &self.inner.quota else {
             return self.inner.backend.write(ops, now);
         };
+        if self.inner.backend.enforces_quota() {
+            // Shared by several processes: only the backend can count for all of them.
+            return self.inner.backend.write_within_quota(ops, now, quota.max);
+        }
         let adding: u64 = ops
             .iter()
             .map(|op| match op {
@@ -917,7 +924,7 @@ impl Store {
             return Ok(());
         };
         let len = len as u64;
-        let smallest = if self.seal_options(format, options).compression_level > 0 {
+        let smallest = if self.seal_options(format, options).compression.is_on() {
             len / 256
         } else {
             len

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{CustomMetadata, RecordMeta};
 use crate::clock::Timestamp;
-use crate::codec::{self, Format};
+use crate::codec::{self, Compression, Format};
 use crate::error::{Result, StorageError};
 
 /// When a saved record expires.
@@ -29,11 +29,11 @@ pub enum Expiry {
 /// Options of [`Store::save`](super::Store::save). Every field has a builder method.
 ///
 /// ```
-/// use bevy_storage::SaveOptions;
+/// use bevy_storage::{Compression, SaveOptions};
 /// use std::time::Duration;
 /// let opts = SaveOptions::new()
 ///     .ttl(Duration::from_secs(30 * 86_400))
-///     .compression(1)
+///     .compression(Compression::Lz4)
 ///     .metadata("level", "Crypt of Bones")
 ///     .metadata("play_time_s", 4521)
 ///     .overwrite(false);
@@ -42,9 +42,9 @@ pub enum Expiry {
 pub struct SaveOptions {
     /// When the record expires.
     pub expiry: Expiry,
-    /// Compression level 0-9 (0 = off; 1-9 = LZ4, see [`codec::compress`]). `None`: the
-    /// store's default (level 1 when `enable_compression`, else off).
-    pub compression: Option<u8>,
+    /// Compress or not (see [`Compression`]). `None`: the store's
+    /// [`StorageConfig::compression`](crate::StorageConfig::compression).
+    pub compression: Option<Compression>,
     /// Encrypt with the store's key. `None`: the store's `enable_encryption`.
     pub encrypt: Option<bool>,
     /// The game's own fields, stored beside the value (not encrypted).
@@ -83,9 +83,9 @@ impl SaveOptions {
         self.expiry = Expiry::Never;
         self
     }
-    /// Compression level 0-9 (0 = off).
-    pub fn compression(mut self, level: u8) -> Self {
-        self.compression = Some(level);
+    /// Compresses (or not) regardless of the store default.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = Some(compression);
         self
     }
     /// Encrypt (or not) regardless of the store default.

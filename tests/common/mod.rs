@@ -17,6 +17,9 @@ pub struct Fixture {
     /// The fixture's own Redis namespace, removed when the fixture drops.
     #[cfg(feature = "redis")]
     pub redis: Option<RedisNamespace>,
+    /// The fixture's own PostgreSQL namespace, removed when the fixture drops.
+    #[cfg(feature = "postgres")]
+    pub postgres: Option<PostgresNamespace>,
 }
 
 /// Which backend a fixture uses.
@@ -27,6 +30,8 @@ pub enum Kind {
     Sqlite,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl Kind {
@@ -51,6 +56,8 @@ impl Fixture {
         let dir = kind.persistent().then(|| tempfile::tempdir().unwrap());
         #[cfg(feature = "redis")]
         let redis = (kind == Kind::Redis).then(RedisNamespace::fresh);
+        #[cfg(feature = "postgres")]
+        let postgres = (kind == Kind::Postgres).then(PostgresNamespace::fresh);
         let mut fixture = Self {
             // Replaced below, once the fixture owns what the backend needs.
             store: Store::open(StorageConfig::memory()).unwrap(),
@@ -59,6 +66,8 @@ impl Fixture {
             dir,
             #[cfg(feature = "redis")]
             redis,
+            #[cfg(feature = "postgres")]
+            postgres,
         };
         fixture.store =
             Store::open(tweak(fixture.backend_config()).clock(fixture.clock.clone())).unwrap();
@@ -76,6 +85,11 @@ impl Fixture {
             Kind::Redis => {
                 let ns = self.redis.as_ref().unwrap();
                 StorageConfig::redis(&ns.url, &ns.namespace)
+            }
+            #[cfg(feature = "postgres")]
+            Kind::Postgres => {
+                let ns = self.postgres.as_ref().unwrap();
+                StorageConfig::postgres(&ns.url, &ns.namespace)
             }
         }
     }
@@ -109,8 +123,8 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// True when the tests run under CI (`CI=true`), where a missing Redis is a failure.
-#[cfg(feature = "redis")]
+/// True when the tests run under CI (`CI=true`), where a missing server is a failure.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
@@ -248,6 +262,88 @@ impl Drop for RedisNamespace {
         });
         if result.is_err() {
             eprintln!("could not remove the Redis namespace {:?}", self.namespace);
+        }
+    }
+}
+
+/// The PostgreSQL database the tests use: `POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+#[cfg(feature = "postgres")]
+pub fn postgres_url() -> String {
+    std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `Some(Kind::Postgres)` when the test database answers. Otherwise, under CI, the test fails;
+/// locally it says loudly that it is skipped and the caller returns.
+#[cfg(feature = "postgres")]
+pub fn postgres_kind() -> Option<Kind> {
+    match check_postgres(&postgres_url(), under_ci()) {
+        Ok(()) => Some(Kind::Postgres),
+        Err(notice) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{notice}");
+            None
+        }
+    }
+}
+
+/// `Ok` when PostgreSQL answers at `url`; otherwise panics if `ci`, else returns the skip
+/// notice.
+#[cfg(feature = "postgres")]
+pub fn check_postgres(url: &str, ci: bool) -> Result<(), String> {
+    let options = bevy_storage::backend::PostgresOptions::default();
+    let Err(e) = bevy_storage::backend::PostgresBackend::open(url, "test:ping", &options) else {
+        return Ok(());
+    };
+    let shown = bevy_storage::config::redact_url(url);
+    if ci {
+        panic!(
+            "CI=true and PostgreSQL does not answer at {shown} ({e}): the PostgreSQL tests must \
+             run under CI. .ci/run starts it when it is down (see DEVELOPERS.md); set \
+             POSTGRES_URL if it listens elsewhere."
+        );
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    Err(format!(
+        "!!!!! SKIPPED {test}: no PostgreSQL at {shown} ({e}). Start one or set POSTGRES_URL to \
+         run the PostgreSQL tests; under CI=true this fails."
+    ))
+}
+
+/// A namespace of its own for one fixture; its records are deleted on drop.
+#[cfg(feature = "postgres")]
+pub struct PostgresNamespace {
+    pub url: String,
+    pub namespace: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PostgresNamespace {
+    /// A namespace no other test uses: `test:<16 random hex digits>`.
+    pub fn fresh() -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            url: postgres_url(),
+            namespace: format!("test:{hex}"),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PostgresNamespace {
+    fn drop(&mut self) {
+        use bevy_storage::backend::{Backend, PostgresBackend, PostgresOptions};
+        let removed =
+            PostgresBackend::open(&self.url, &self.namespace, &PostgresOptions::default())
+                .and_then(|backend| backend.clear());
+        if let Err(e) = removed {
+            eprintln!(
+                "could not remove the PostgreSQL namespace {:?}: {e}",
+                self.namespace
+            );
         }
     }
 }

@@ -42,8 +42,8 @@
 //!
 //! # Concurrency
 //!
-//! All methods may be called from many threads. Changes (`write`, `touch`, `purge_expired`,
-//! `clear`) take turns behind a mutex. Readers (`get`, `get_meta`, `scan`) never wait for
+//! All methods may be called from many threads. Changes (`write`, `delete_if_unchanged`,
+//! `touch`, `purge_expired`, `clear`) take turns behind a mutex. Readers (`get`, `get_meta`, `scan`) never wait for
 //! a batch's files to be written and `fsync`ed; they only wait while a batch's renames
 //! run, so a reader in this process sees a batch entirely or not at all.
 //!
@@ -379,6 +379,33 @@ impl Backend for FileBackend {
             self.commit_journaled(&mut state, &changes)?;
         }
         Ok(outcomes)
+    }
+
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.guard_write("taking a record")?;
+        // Under the writer's mutex no other change can come between the check and the
+        // removal (one process per directory, see the module docs).
+        let _state = self.lock_writer()?;
+        let same = matches!(
+            self.lookup(key, load_value)?,
+            Lookup::Found((stored, expiry)) if stored == value && expiry == expires_at
+        );
+        if same {
+            let change = [Change {
+                key: key.to_owned(),
+                bytes: None,
+            }];
+            self.inner
+                .dir
+                .apply(&change, &self.inner.gate, self.crash_limit())
+                .map_err(|e| e.error)?;
+        }
+        Ok(same)
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {

@@ -50,6 +50,9 @@
 //! clients never see half a batch; no `WATCH`, no retry loop. The scripts carry a `#!lua`
 //! shebang, so Redis refuses them *before* they start when it is out of memory (`maxmemory`),
 //! rather than half-way. How and why, with measurements: `redis/batch.rs`.
+//! [`delete_if_unchanged`](Backend::delete_if_unchanged) (what `Store::take` removes with) is
+//! one Lua script too: it compares the stored value and expiry with what was read and removes
+//! the record and its share of the counters in the same step.
 //!
 //! # Listing
 //!
@@ -412,43 +415,6 @@ fn validate_namespace(namespace: &str) -> Result<()> {
 
 pub(crate) use crate::config::redact_url;
 
-/// Splits a `?namespace=NAME` parameter off a Redis URL: the URL to connect to (other query
-/// parameters kept) and the namespace ([`DEFAULT_NAMESPACE`] when absent).
-pub(crate) fn split_namespace(url: &str) -> (String, String) {
-    let (before_fragment, fragment) = match url.split_once('#') {
-        Some((b, f)) => (b, Some(f)),
-        None => (url, None),
-    };
-    let (base, query) = match before_fragment.split_once('?') {
-        Some((b, q)) => (b, q),
-        None => (before_fragment, ""),
-    };
-    let mut namespace = None;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.strip_prefix("namespace=") {
-            Some(ns) => {
-                namespace = Some(ns.to_owned());
-                false
-            }
-            None => !pair.is_empty(),
-        })
-        .collect();
-    let mut out = base.to_owned();
-    if !kept.is_empty() {
-        out.push('?');
-        out.push_str(&kept.join("&"));
-    }
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
-    }
-    (
-        out,
-        namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-    )
-}
-
 impl Backend for RedisBackend {
     fn backend_type(&self) -> &str {
         BACKEND
@@ -516,6 +482,33 @@ impl Backend for RedisBackend {
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
         // One round trip: a transaction of new records or the write script (see `batch.rs`).
         self.write_batch(ops, now)
+    }
+
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        let rkey = self.keys.record(key);
+        // Never resent: a removal that was applied but not acknowledged, sent again, would
+        // answer "changed" and the taken value would reach no one.
+        let answer: i64 = self.run("taking a record", Retry::Never, |con| {
+            self.scripts
+                .delete_if_unchanged
+                .key(&self.keys.usage)
+                .key(&self.keys.expiry)
+                .key(&rkey)
+                .arg(expires_at.map_or(0, |t| t.0))
+                .arg(value)
+                .arg(&self.keys.record_prefix)
+                .invoke(con)
+        })?;
+        match answer {
+            1 => Ok(true),
+            0 => Ok(false),
+            problem => Err(self.layout_error(key, -problem)),
+        }
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
@@ -680,18 +673,21 @@ mod tests {
     #[test]
     fn namespace_parameter_is_split_off() {
         assert_eq!(
-            split_namespace("redis://h:1/2?namespace=game:eu"),
+            crate::config::split_namespace("redis://h:1/2?namespace=game:eu", DEFAULT_NAMESPACE),
             ("redis://h:1/2".to_owned(), "game:eu".to_owned())
         );
         assert_eq!(
-            split_namespace("redis://h/?protocol=resp3&namespace=g#insecure"),
+            crate::config::split_namespace(
+                "redis://h/?protocol=resp3&namespace=g#insecure",
+                DEFAULT_NAMESPACE
+            ),
             (
                 "redis://h/?protocol=resp3#insecure".to_owned(),
                 "g".to_owned()
             )
         );
         assert_eq!(
-            split_namespace("redis://h"),
+            crate::config::split_namespace("redis://h", DEFAULT_NAMESPACE),
             ("redis://h".to_owned(), DEFAULT_NAMESPACE.to_owned())
         );
     }

@@ -64,6 +64,14 @@ pub(super) const COUNT_NEW_RECORDS_SCRIPT: &str =
 /// is not a record.
 pub(super) const TOUCH_SCRIPT: &str = script!("#!lua", "touch.lua");
 
+/// [`Backend::delete_if_unchanged`](crate::backend::Backend::delete_if_unchanged): removes a
+/// record only if it still holds this value and expiry, updating the counters (or the expiry
+/// index) as the write script does for a delete. KEYS: usage, expiry, the record. ARGV: the
+/// expiry as the header stores it (0 for never), the value bytes, the record-key prefix.
+/// Returns 1 when the record was removed, 0 when the key is missing or holds another record,
+/// -1 for a key of another Redis type, -2 for a string that is not a record (both unchanged).
+pub(super) const DELETE_IF_UNCHANGED_SCRIPT: &str = script!("#!lua", "delete_if_unchanged.lua");
+
 /// One page of usage. KEYS: usage, expiry. ARGV: now, record-key prefix, offset, page size.
 /// Returns `{count, bytes, examined}`: the records without expiry (first page only) plus the
 /// live ones with an expiry in this page, their sizes read from their headers.
@@ -86,6 +94,7 @@ pub(super) struct Scripts {
     pub(super) usage: Script,
     pub(super) purge: Script,
     pub(super) trim: Script,
+    pub(super) delete_if_unchanged: Script,
 }
 
 impl Scripts {
@@ -96,6 +105,7 @@ impl Scripts {
             usage: Script::new(USAGE_SCRIPT),
             purge: Script::new(PURGE_SCRIPT),
             trim: Script::new(TRIM_SCRIPT),
+            delete_if_unchanged: Script::new(DELETE_IF_UNCHANGED_SCRIPT),
         }
     }
 }
@@ -114,6 +124,7 @@ mod tests {
             (USAGE_SCRIPT, "#!lua flags=no-writes\n"),
             (PURGE_SCRIPT, "#!lua\n"),
             (TRIM_SCRIPT, "#!lua\n"),
+            (DELETE_IF_UNCHANGED_SCRIPT, "#!lua\n"),
         ] {
             let rest = script
                 .strip_prefix(shebang)

@@ -6,7 +6,9 @@ use rusqlite::{CachedStatement, OptionalExtension, Transaction, TransactionBehav
 
 use std::sync::atomic::Ordering;
 
-use super::schema::{SQL_DELETE, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED};
+use super::schema::{
+    SQL_DELETE, SQL_DELETE_IF_UNCHANGED, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED,
+};
 use super::{SqliteBackend, reserve};
 use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -276,6 +278,28 @@ impl SqliteBackend {
         tx.commit()
             .map_err(|e| self.fail(e, format_args!("writing a batch of {count} operation(s)")))?;
         Ok(outcomes)
+    }
+}
+
+impl SqliteBackend {
+    /// [`Backend::delete_if_unchanged`](crate::backend::Backend::delete_if_unchanged): one
+    /// `DELETE` whose `WHERE` compares the value and the expiry, so the check and the removal
+    /// are one transaction, atomic against other connections and other processes too.
+    pub(super) fn delete_row_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.guard_write("taking a record")?;
+        let conn = self.writer();
+        let removed = conn
+            .prepare_cached(SQL_DELETE_IF_UNCHANGED)
+            .and_then(|mut stmt| {
+                stmt.execute(rusqlite::params![key, value, expires_at.map(|t| t.0)])
+            })
+            .map_err(|e| self.fail(e, format_args!("taking a record")))?;
+        Ok(removed > 0)
     }
 }
 

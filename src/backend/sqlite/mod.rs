@@ -14,8 +14,8 @@
 //!
 //! # Connections
 //!
-//! - One **writer** connection behind a mutex runs every change (`write`, `touch`,
-//!   `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
+//! - One **writer** connection behind a mutex runs every change (`write`,
+//!   `delete_if_unchanged`, `touch`, `purge_expired`, `clear`) and the health check. A batch is one `BEGIN IMMEDIATE`
 //!   transaction, so it is all or nothing and never fails half-way with `SQLITE_BUSY`.
 //! - A pool of [`SqliteOptions::pool_size`] read-only **reader** connections (`r2d2`) serves
 //!   `get`, `get_meta`, `scan` and `usage`. In WAL mode readers never block the writer nor wait
@@ -103,7 +103,11 @@ impl SqliteSynchronous {
     fn pragma_value(self) -> &'static str {
         match self {
             SqliteSynchronous::Normal => "NORMAL",
+            #[cfg(not(bevy_storage_sabotage_fsync))]
             SqliteSynchronous::Full => "FULL",
+            // The power-loss harness's self-check: `Full` that does not sync (DEVELOPERS.md).
+            #[cfg(bevy_storage_sabotage_fsync)]
+            SqliteSynchronous::Full => "OFF",
         }
     }
 }
@@ -414,6 +418,15 @@ impl Backend for SqliteBackend {
         self.write_batch(ops, now)
     }
 
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.delete_row_if_unchanged(key, value, expires_at)
+    }
+
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         self.guard_write("updating an access time")?;
         let conn = self.writer();
@@ -444,6 +457,36 @@ impl Backend for SqliteBackend {
             }
         };
         let rows = run().map_err(|e| self.fail(e, format_args!("listing keys")))?;
+        drop(conn);
+        rows.into_iter()
+            .map(|(key, size, expires_at)| {
+                let size = u64::try_from(size)
+                    .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
+                Ok(KeyEntry {
+                    key,
+                    size,
+                    expires_at: expires_at.map(Timestamp),
+                })
+            })
+            .collect()
+    }
+
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let conn = self.reader()?;
+        let upper = prefix_upper_bound(prefix);
+        // `after` below the prefix's range is the same as no `after`.
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .prepare_cached(schema::SQL_SCAN_PAGE)
+            .and_then(|mut statement| {
+                statement
+                    .query_map(rusqlite::params![prefix, upper, after, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<(String, i64, Option<i64>)>>>()
+            })
+            .map_err(|e| self.fail(e, format_args!("listing a page of keys")))?;
         drop(conn);
         rows.into_iter()
             .map(|(key, size, expires_at)| {

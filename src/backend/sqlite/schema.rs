@@ -92,11 +92,19 @@ pub(super) const SQL_UPSERT_KEEP_CREATED: &str = "INSERT INTO records (key, crea
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
      encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
 pub(super) const SQL_DELETE: &str = "DELETE FROM records WHERE key = ?1 RETURNING size, expires_at";
+/// [`Backend::delete_if_unchanged`](crate::backend::Backend::delete_if_unchanged): one
+/// statement, so the comparison and the removal are one transaction.
+pub(super) const SQL_DELETE_IF_UNCHANGED: &str =
+    "DELETE FROM records WHERE key = ?1 AND value = ?2 AND expires_at IS ?3";
 pub(super) const SQL_TOUCH: &str = "UPDATE records SET accessed_at = ?2 WHERE key = ?1";
 pub(super) const SQL_SCAN_ALL: &str = "SELECT key, size, expires_at FROM records";
 pub(super) const SQL_SCAN_FROM: &str = "SELECT key, size, expires_at FROM records WHERE key >= ?1";
 pub(super) const SQL_SCAN_RANGE: &str =
     "SELECT key, size, expires_at FROM records WHERE key >= ?1 AND key < ?2";
+/// One page of a listing: keys in `[?1, ?2)` (the prefix's range; `?2` NULL for no upper
+/// bound) after `?3`, in key order.
+pub(super) const SQL_SCAN_PAGE: &str = "SELECT key, size, expires_at FROM records \
+     WHERE key >= ?1 AND (?2 IS NULL OR key < ?2) AND key > ?3 ORDER BY key LIMIT ?4";
 pub(super) const SQL_PURGE: &str =
     "DELETE FROM records WHERE expires_at IS NOT NULL AND expires_at <= ?1";
 pub(super) const SQL_CLEAR: &str = "DELETE FROM records";
@@ -106,10 +114,11 @@ pub(super) const SQL_HEALTH: &str = "SELECT 1 FROM records LIMIT 1";
 
 /// Statements prepared on the writer at open, so a database whose `records` table does not
 /// have the expected shape is refused at open rather than at the first write.
-pub(super) const WRITER_STATEMENTS: [&str; 7] = [
+pub(super) const WRITER_STATEMENTS: [&str; 8] = [
     SQL_PREVIOUS,
     SQL_UPSERT,
     SQL_DELETE,
+    SQL_DELETE_IF_UNCHANGED,
     SQL_TOUCH,
     SQL_PURGE,
     SQL_CLEAR,
@@ -171,21 +180,7 @@ pub(super) fn schema_mismatch(path: &Path, e: rusqlite::Error) -> StorageError {
     )
 }
 
-/// The smallest string greater than every string that starts with `prefix`, or `None` when
-/// there is none (the prefix is empty or all `char::MAX`). UTF-8 byte order is code point
-/// order and UTF-8 is prefix-free, so replacing the last character that can be incremented by
-/// its successor (and dropping the `char::MAX`es after it) gives that bound.
-pub(super) fn prefix_upper_bound(prefix: &str) -> Option<String> {
-    let (i, c) = prefix.char_indices().rev().find(|&(_, c)| c != char::MAX)?;
-    let next = match c {
-        '\u{D7FF}' => '\u{E000}', // skip the surrogates
-        c => char::from_u32(u32::from(c) + 1)?,
-    };
-    let mut upper = String::with_capacity(i + next.len_utf8());
-    upper.push_str(&prefix[..i]);
-    upper.push(next);
-    Some(upper)
-}
+pub(super) use crate::key::prefix_upper_bound;
 
 /// The metadata columns as stored, before checks.
 pub(super) struct RawMeta {
@@ -289,6 +284,8 @@ mod tests {
             assert!(plan.contains(by_key), "{sql}: {plan}");
         }
         let plan = query_plan(&w, SQL_TOUCH, rusqlite::params!["k", 1]);
+        assert!(plan.contains(by_key), "{plan}");
+        let plan = query_plan(&w, SQL_DELETE_IF_UNCHANGED, rusqlite::params!["k", b"v", 1]);
         assert!(plan.contains(by_key), "{plan}");
         let plan = query_plan(&w, SQL_SCAN_RANGE, ["a", "b"]);
         let range = "SEARCH records USING INDEX sqlite_autoindex_records_1 (key>? AND key<?)";

@@ -32,7 +32,7 @@ use serde_json::{Value as Json, json};
 use zeroize::Zeroizing;
 
 const AFTER_HELP: &str = "\
-Stores (--store URL or BEVY_STORAGE_URL):
+Stores (--store URL or BEVY_STORAGE_URL, or --app ID for a game's per-user store):
   sqlite:PATH     an embedded SQLite database file
   file:DIR        a file store (one file per key under DIR)
   memory:         an empty in-memory store (for trying commands out)
@@ -85,6 +85,11 @@ struct Cli {
         global = true
     )]
     store: Option<String>,
+
+    /// The game's own store, by its application identifier (com.studio.game): the
+    /// per-user data directory of StoragePlugin::for_app (BEVY_STORAGE_DIR overrides it)
+    #[arg(long, value_name = "ID", global = true)]
+    app: Option<String>,
 
     /// Read the raw encryption key from this file (64 hex digits or 32 raw bytes)
     #[arg(long, value_name = "PATH", global = true)]
@@ -378,6 +383,13 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Outcome {
 
 /// The store's configuration from `--store` / `BEVY_STORAGE_URL`.
 fn store_config(cli: &Cli) -> Outcome<StorageConfig> {
+    if let Some(app) = &cli.app {
+        if cli.store_on_command_line {
+            return Err(Failure::usage("give --store or --app, not both"));
+        }
+        let config = StorageConfig::for_app(app).map_err(|e| Failure::usage(e.to_string()))?;
+        return Ok(config.max_size(None).pool_size(2));
+    }
     let given = cli
         .store
         .as_deref()
@@ -697,6 +709,17 @@ impl Backend for ReadOnly {
                 "this view of the store is read-only",
             ))
         }
+    }
+    fn delete_if_unchanged(
+        &self,
+        _key: &str,
+        _value: &[u8],
+        _expires_at: Option<Timestamp>,
+    ) -> bevy_storage::Result<bool> {
+        Err(StorageError::backend(
+            "inspector",
+            "this view of the store is read-only",
+        ))
     }
     fn touch(&self, _key: &str, _at: Timestamp) -> bevy_storage::Result<()> {
         Ok(())

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bevy_storage::{CustomMetadata, Format, SaveOptions, StorageError};
+use bevy_storage::{Compression, CustomMetadata, Format, SaveOptions, StorageError};
 use serde_json::{Value as Json, json};
 
 use crate::{
@@ -44,9 +44,10 @@ pub struct SetArgs {
     /// Expire after this long: 1500ms, 90s, 10m, 12h, 30d, 2w (default: never)
     #[arg(long, value_parser = render::parse_duration)]
     ttl: Option<Duration>,
-    /// LZ4 compression level: 0 off, 1-9 on (all the same fast mode); default 1
-    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u8).range(0..=9))]
-    compression: Option<u8>,
+    /// Compression: off or lz4 (the old levels 0-9 still work: 0 is off, 1-9 lz4); default
+    /// lz4
+    #[arg(long, value_name = "off|lz4", value_parser = parse_compression)]
+    compression: Option<Compression>,
     /// Encrypt with the store's key (BEVY_STORAGE_KEY, BEVY_STORAGE_PASSPHRASE, --key-file
     /// or --passphrase-file)
     #[arg(long)]
@@ -176,6 +177,17 @@ fn json_to_ron(value: &Json) -> String {
     }
 }
 
+/// `--compression`: `off` or `lz4`, or a level of the releases that took one (`0` off, `1`-`9`
+/// lz4, which all compressed the same way).
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    match text.parse::<u8>() {
+        Ok(0) => Ok(Compression::Off),
+        Ok(1..=9) => Ok(Compression::Lz4),
+        Ok(_) => Err("use off or lz4".to_owned()),
+        Err(_) => text.parse().map_err(|e: StorageError| e.to_string()),
+    }
+}
+
 fn parse_metadata(fields: &[String]) -> Outcome<CustomMetadata> {
     let mut custom = CustomMetadata::new();
     for field in fields {
@@ -205,8 +217,8 @@ pub fn set(cli: &Cli, args: &SetArgs, out: &mut dyn Write) -> Outcome {
     if let Some(ttl) = args.ttl {
         options = options.ttl(ttl);
     }
-    if let Some(level) = args.compression {
-        options = options.compression(level);
+    if let Some(compression) = args.compression {
+        options = options.compression(compression);
     }
     let (payload, format, read_as) = if args.raw {
         (bytes, Format::Raw, "raw bytes")

@@ -1,0 +1,508 @@
+//! The PostgreSQL backend: one durable store shared by several game servers.
+//!
+//! Records live in one table, `bevy_storage_records`, with a `namespace` column: stores with
+//! the same namespace share their records, stores with different ones never see each other's.
+//! The schema and why it is one table are in `postgres/schema.rs`; the tables are created on
+//! first open (under an advisory lock, so servers starting together do not race).
+//!
+//! # Guarantees
+//!
+//! - A batch ([`Backend::write`]) is one SQL transaction: all or nothing, durable once it
+//!   returns `Ok` (PostgreSQL's own durability: WAL with `fsync`, per the server's settings).
+//!   Transactions that deadlock or fail to serialize against another server's are retried
+//!   (up to three times) within the time bound.
+//! - Prefix listings are key ranges on the primary key, never `LIKE` patterns: a `%` or `_`
+//!   in a key is an ordinary character.
+//! - Expired records are hidden by the store on read and removed by
+//!   [`purge_expired`](Backend::purge_expired), one `DELETE` on the expiry index.
+//! - The quota is shared: every server of a namespace counts against the same
+//!   `StorageConfig::max_size`, decided in the write's own transaction on the namespace's
+//!   counters ([`Backend::enforces_quota`]). Usage is read from those counters, never by
+//!   scanning the records.
+//!
+//! # Connections and time bounds
+//!
+//! Connections come from a [`deadpool_postgres`] pool of [`PostgresOptions::pool_size`]
+//! connections, driven by a private Tokio runtime of one thread (the game never needs Tokio).
+//! Every operation, including waiting for a connection, is bounded by
+//! [`PostgresOptions::connect_timeout`] + [`PostgresOptions::response_timeout`] (3 s by
+//! default): past it the operation fails with [`StorageError::Unavailable`] and its
+//! connection is closed rather than reused, so a hung server cannot hold a game thread. A
+//! write that fails that way after it was sent says that it may or may not have been
+//! applied. Call the backend from ordinary threads (Bevy's task pools, `std::thread`), not
+//! from inside a Tokio runtime, where it refuses with a [`StorageError::Config`] error.
+//!
+//! Passwords never appear in messages or `Debug` output (the URL is redacted).
+//!
+//! # Where the code is
+//!
+//! | file | holds |
+//! |---|---|
+//! | `postgres/mod.rs` | [`PostgresBackend`], [`PostgresOptions`], the pool, reads and the [`Backend`] impl |
+//! | `postgres/schema.rs` | the tables, the statements, rows to metadata |
+//! | `postgres/batch.rs` | write batches, one transaction each |
+
+mod batch;
+mod schema;
+
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::time::{Instant, timeout_at};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
+use crate::clock::Timestamp;
+use crate::config::redact_url;
+use crate::error::{Result, StorageError};
+use crate::key::prefix_upper_bound;
+
+const BACKEND: &str = "postgres";
+
+/// The namespace of a `postgres://` URL without `?namespace=`.
+pub const DEFAULT_NAMESPACE: &str = "bevy_storage";
+
+/// Connection settings of a [`PostgresBackend`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections open at once (at least 1). Default 10.
+    pub pool_size: u32,
+    /// How long opening a connection, or waiting for a free one, may take. Default 1 s.
+    pub connect_timeout: Duration,
+    /// How long a statement or transaction may wait for the server. Default 2 s.
+    pub response_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 10,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Records in a PostgreSQL database, under one namespace. See the [module docs](self).
+pub struct PostgresBackend {
+    pool: Pool,
+    runtime: tokio::runtime::Runtime,
+    namespace: String,
+    /// The connection string without its password, for messages.
+    address: String,
+    options: PostgresOptions,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("address", &self.address)
+            .field("namespace", &self.namespace)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// Why a bounded operation failed before it could return its own result.
+enum Failure {
+    /// The time bound passed.
+    TimedOut,
+    /// No connection could be had.
+    Pool(String),
+}
+
+impl PostgresBackend {
+    /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/dbname`,
+    /// or `postgresql://`), creates the tables if missing, and serves the store `namespace`.
+    pub fn open(url: &str, namespace: &str, options: &PostgresOptions) -> Result<Self> {
+        let address = redact_url(url);
+        if options.pool_size == 0 {
+            return Err(StorageError::Config("pool_size must be at least 1".into()));
+        }
+        if namespace.is_empty() {
+            return Err(StorageError::Config(
+                "the PostgreSQL namespace must not be empty".into(),
+            ));
+        }
+        let mut pg_config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StorageError::Config(format!("{address:?} is not a PostgreSQL URL: {e}"))
+        })?;
+        pg_config.connect_timeout(options.connect_timeout);
+        pg_config.application_name("bevy_storage");
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bevy-storage-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::io("starting the PostgreSQL client's runtime", e))?;
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size as usize)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| StorageError::Config(format!("PostgreSQL pool for {address}: {e}")))?;
+        let backend = Self {
+            pool,
+            runtime,
+            namespace: namespace.to_owned(),
+            address,
+            options: options.clone(),
+        };
+        backend.create_schema()?;
+        Ok(backend)
+    }
+
+    /// The namespace this backend serves.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn create_schema(&self) -> Result<()> {
+        let ns = self.namespace.as_str();
+        let version = self.run("creating the tables", false, async |client: &mut Object| {
+            client
+                .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
+                .await?;
+            let row = client.query_one(schema::SQL_VERSION, &[]).await?;
+            let version = row.get::<_, i32>(0);
+            if version <= schema::SCHEMA_VERSION {
+                // This namespace's counters, created from its records on its first open.
+                let tx = client.transaction().await?;
+                batch::lock_namespace(&tx, ns).await?;
+                tx.commit().await?;
+            }
+            Ok(version)
+        })?;
+        if version > schema::SCHEMA_VERSION {
+            return Err(StorageError::Config(format!(
+                "the PostgreSQL database at {} has bevy_storage schema version {version}, newer \
+                 than the {} this build knows; upgrade bevy_storage",
+                self.address,
+                schema::SCHEMA_VERSION
+            )));
+        }
+        Ok(())
+    }
+
+    /// The whole time an operation may take.
+    fn bound(&self) -> Duration {
+        self.options.connect_timeout + self.options.response_timeout
+    }
+
+    /// Runs `op` with a pooled connection within [`bound`](Self::bound). A connection whose
+    /// operation timed out or broke is taken out of the pool and closed. `writes` says
+    /// whether a failure after sending leaves the outcome unknown.
+    fn run<T>(
+        &self,
+        doing: &str,
+        writes: bool,
+        op: impl AsyncFnOnce(&mut Object) -> std::result::Result<T, tokio_postgres::Error>,
+    ) -> Result<T> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(StorageError::Config(format!(
+                "{doing}: the PostgreSQL backend was called from inside a Tokio runtime; call \
+                 it from a plain thread (for example with tokio::task::spawn_blocking)"
+            )));
+        }
+        let outcome = self.runtime.block_on(async {
+            let deadline = Instant::now() + self.bound();
+            let mut client = match timeout_at(deadline, self.pool.get()).await {
+                Err(_) => return Err(Failure::TimedOut),
+                Ok(Err(e)) => return Err(Failure::Pool(e.to_string())),
+                Ok(Ok(client)) => client,
+            };
+            match timeout_at(deadline, op(&mut client)).await {
+                Err(_) => {
+                    drop(Object::take(client));
+                    Err(Failure::TimedOut)
+                }
+                Ok(result) => {
+                    if result
+                        .as_ref()
+                        .is_err_and(|e| e.is_closed() || e.code().is_none())
+                    {
+                        drop(Object::take(client));
+                    }
+                    Ok(result)
+                }
+            }
+        });
+        let unknown = if writes {
+            " (the write may or may not have been applied)"
+        } else {
+            ""
+        };
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.pg_error(e, doing, unknown)),
+            Err(Failure::TimedOut) => Err(StorageError::unavailable(
+                BACKEND,
+                format!(
+                    "{doing}: {} did not answer within {:?}{unknown}",
+                    self.address,
+                    self.bound()
+                ),
+            )),
+            Err(Failure::Pool(why)) => Err(StorageError::unavailable(
+                BACKEND,
+                format!("{doing}: no connection to {}: {why}", self.address),
+            )),
+        }
+    }
+
+    /// Maps a client error: a lost or refused connection is [`StorageError::Unavailable`],
+    /// an error the server reported is [`StorageError::Backend`] with its SQLSTATE.
+    fn pg_error(&self, e: tokio_postgres::Error, doing: &str, unknown: &str) -> StorageError {
+        match e.as_db_error() {
+            Some(db) => StorageError::backend(
+                BACKEND,
+                format!("{doing}: {} (SQLSTATE {})", db.message(), db.code().code()),
+            ),
+            None => StorageError::unavailable(
+                BACKEND,
+                format!("{doing}: {}: {e}{unknown}", self.address),
+            ),
+        }
+    }
+}
+
+/// True for the errors after which a transaction is retried as a whole.
+fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+impl Backend for PostgresBackend {
+    fn backend_type(&self) -> &str {
+        BACKEND
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Record>> {
+        let ns = self.namespace.as_str();
+        let row = self.run("reading a record", false, async |client: &mut Object| {
+            let statement = client.prepare_cached(&schema::sql_get()).await?;
+            client.query_opt(&statement, &[&ns, &key]).await
+        })?;
+        row.map(|row| {
+            let meta = schema::meta_from_row(&row, key)?;
+            let value: Vec<u8> = row.get(8);
+            check_size(key, &meta, value.len())?;
+            Ok(Record { value, meta })
+        })
+        .transpose()
+    }
+
+    fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
+        let ns = self.namespace.as_str();
+        let row = self.run("reading a record", false, async |client: &mut Object| {
+            let statement = client.prepare_cached(schema::SQL_GET_VALUE).await?;
+            client.query_opt(&statement, &[&ns, &key]).await
+        })?;
+        Ok(row.map(|row| {
+            (
+                row.get::<_, Vec<u8>>(0),
+                row.get::<_, Option<i64>>(1).map(Timestamp),
+            )
+        }))
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
+        let ns = self.namespace.as_str();
+        let row = self.run("reading metadata", false, async |client: &mut Object| {
+            let statement = client.prepare_cached(&schema::sql_get_meta()).await?;
+            client.query_opt(&statement, &[&ns, &key]).await
+        })?;
+        row.map(|row| schema::meta_from_row(&row, key)).transpose()
+    }
+
+    fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
+        batch::write_batch(self, ops, now, None)
+    }
+
+    /// The quota is decided in the database, so it holds for every server of a namespace.
+    fn enforces_quota(&self) -> bool {
+        true
+    }
+
+    fn write_within_quota(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        max_size: u64,
+    ) -> Result<Vec<WriteOutcome>> {
+        batch::write_batch(self, ops, now, Some(max_size))
+    }
+
+    /// One `DELETE … WHERE value = $3 AND expires_at IS NOT DISTINCT FROM $4` in a transaction
+    /// that holds the namespace's counters, which it updates.
+    fn delete_if_unchanged(
+        &self,
+        key: &str,
+        value: &[u8],
+        expires_at: Option<Timestamp>,
+    ) -> Result<bool> {
+        let ns = self.namespace.as_str();
+        let expires_at = expires_at.map(|t| t.0);
+        self.run("taking a record", true, async |client: &mut Object| {
+            let tx = client.transaction().await?;
+            let (count, total) = batch::lock_namespace(&tx, ns).await?;
+            let statement = tx.prepare_cached(schema::SQL_DELETE_IF_UNCHANGED).await?;
+            let Some(row) = tx
+                .query_opt(&statement, &[&ns, &key, &value, &expires_at])
+                .await?
+            else {
+                tx.rollback().await?;
+                return Ok(false);
+            };
+            let size: i64 = row.get(0);
+            tx.execute(
+                schema::SQL_SET_NAMESPACE,
+                &[&ns, &(count - 1), &(total - size)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        let ns = self.namespace.as_str();
+        self.run(
+            "updating the access time",
+            true,
+            async |client: &mut Object| {
+                let statement = client.prepare_cached(schema::SQL_TOUCH).await?;
+                client.execute(&statement, &[&ns, &key, &at.0]).await
+            },
+        )?;
+        Ok(())
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
+        let ns = self.namespace.as_str();
+        let upper = prefix_upper_bound(prefix);
+        let rows = self.run("listing keys", false, async |client: &mut Object| {
+            match (prefix.is_empty(), &upper) {
+                (true, _) => client.query(schema::SQL_SCAN_ALL, &[&ns]).await,
+                (false, None) => client.query(schema::SQL_SCAN_FROM, &[&ns, &prefix]).await,
+                (false, Some(upper)) => {
+                    client
+                        .query(schema::SQL_SCAN_RANGE, &[&ns, &prefix, upper])
+                        .await
+                }
+            }
+        })?;
+        rows.iter().map(key_entry).collect()
+    }
+
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let ns = self.namespace.as_str();
+        let upper = prefix_upper_bound(prefix);
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.run(
+            "listing a page of keys",
+            false,
+            async |client: &mut Object| {
+                let statement = client.prepare_cached(schema::SQL_SCAN_PAGE).await?;
+                client
+                    .query(&statement, &[&ns, &prefix, &upper, &after, &limit])
+                    .await
+            },
+        )?;
+        rows.iter().map(key_entry).collect()
+    }
+
+    fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        let ns = self.namespace.as_str();
+        let removed = self.run(
+            "purging expired records",
+            true,
+            async |client: &mut Object| {
+                let tx = client.transaction().await?;
+                let (count, total) = batch::lock_namespace(&tx, ns).await?;
+                let gone = tx.query_one(schema::SQL_PURGE, &[&ns, &now.0]).await?;
+                let (gone_count, gone_size): (i64, i64) = (gone.get(0), gone.get(1));
+                tx.execute(
+                    schema::SQL_SET_NAMESPACE,
+                    &[&ns, &(count - gone_count), &(total - gone_size)],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(gone_count)
+            },
+        )?;
+        Ok(usize::try_from(removed).unwrap_or(0))
+    }
+
+    fn clear(&self) -> Result<()> {
+        let ns = self.namespace.as_str();
+        self.run("clearing the store", true, async |client: &mut Object| {
+            let tx = client.transaction().await?;
+            batch::lock_namespace(&tx, ns).await?;
+            tx.execute(schema::SQL_CLEAR, &[&ns]).await?;
+            tx.execute(schema::SQL_SET_NAMESPACE, &[&ns, &0i64, &0i64])
+                .await?;
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    fn usage(&self, now: Timestamp) -> Result<Usage> {
+        let ns = self.namespace.as_str();
+        let row = self.run("counting records", false, async |client: &mut Object| {
+            client.query_opt(schema::SQL_USAGE, &[&ns, &now.0]).await
+        })?;
+        let (count, size): (i64, i64) = row.map_or((0, 0), |row| (row.get(0), row.get(1)));
+        Ok(Usage {
+            item_count: u64::try_from(count).unwrap_or(0),
+            total_size: u64::try_from(size).unwrap_or(0),
+        })
+    }
+
+    fn health_check(&self) -> Result<()> {
+        self.run(
+            "checking the connection",
+            false,
+            async |client: &mut Object| client.simple_query("SELECT 1").await,
+        )?;
+        Ok(())
+    }
+}
+
+/// A listing row: `key, size, expires_at`.
+fn key_entry(row: &tokio_postgres::Row) -> Result<KeyEntry> {
+    let key: String = row.get(0);
+    let size: i64 = row.get(1);
+    let size = u64::try_from(size)
+        .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
+    Ok(KeyEntry {
+        size,
+        expires_at: row.get::<_, Option<i64>>(2).map(Timestamp),
+        key,
+    })
+}
+
+/// A record whose stored length differs from its metadata is damaged.
+fn check_size(key: &str, meta: &RecordMeta, len: usize) -> Result<()> {
+    if meta.size != len as u64 {
+        return Err(StorageError::corrupt(
+            key,
+            format!("the metadata says {} bytes but {len} are stored", meta.size),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The PostgreSQL schema: one table of records for every store, keyed by namespace and key.
+//!
+//! One table with a `namespace` column (rather than a table per store) means the schema is
+//! created and migrated once per database, no SQL identifier is ever built from a user's
+//! namespace, and a game server can open any namespace without DDL rights after the first.
+//! The primary key `(namespace, key)` serves point reads and prefix listings: a prefix is the
+//! key range `[prefix, next(prefix))` under the `"C"` collation (byte order, which is code
+//! point order for UTF-8), so no `LIKE` pattern is ever built from a key. A partial index on
+//! `(namespace, expires_at)` serves the expiry purge.
+//!
+//! `bevy_storage_namespaces` keeps, per namespace, the count and total size of its stored
+//! records (expired ones included until they are purged). Every change to a namespace's
+//! records locks its row first and updates it in the same transaction, so the counts are
+//! exact across every server, the quota is decided atomically with the write, and usage is
+//! read without scanning the records (only the expired ones, on the expiry index, are
+//! subtracted). The price: writes to one namespace commit one after another, as they do in
+//! SQLite and Redis; games that need parallel write throughput across servers use several
+//! namespaces.
+
+use tokio_postgres::Row;
+
+use crate::backend::{CustomMetadata, RecordMeta};
+use crate::clock::Timestamp;
+use crate::error::{Result, StorageError};
+
+/// The schema version this code writes; a database with a newer one is refused.
+pub(super) const SCHEMA_VERSION: i32 = 1;
+
+/// Creates the tables if missing, under a transaction-scoped advisory lock so that servers
+/// starting together do not race on `CREATE TABLE`.
+pub(super) const SQL_CREATE: &str = r#"
+SELECT pg_advisory_xact_lock(7216427616339785001);
+CREATE TABLE IF NOT EXISTS bevy_storage_schema (
+    id integer PRIMARY KEY CHECK (id = 1),
+    version integer NOT NULL
+);
+INSERT INTO bevy_storage_schema (id, version) VALUES (1, 1) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS bevy_storage_records (
+    namespace text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    created_at bigint NOT NULL,
+    modified_at bigint NOT NULL,
+    accessed_at bigint NOT NULL,
+    expires_at bigint,
+    size bigint NOT NULL,
+    compressed boolean NOT NULL,
+    encrypted boolean NOT NULL,
+    custom text,
+    value bytea NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS bevy_storage_records_expiry
+    ON bevy_storage_records (namespace, expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS bevy_storage_namespaces (
+    namespace text COLLATE "C" PRIMARY KEY,
+    item_count bigint NOT NULL,
+    total_size bigint NOT NULL
+);
+"#;
+
+/// Creates the namespace's counters from its records if it has none yet (a namespace's
+/// first open, or one whose counters were removed by hand). The advisory lock keeps a
+/// concurrent first write from being counted twice: writers lock the row, which does not
+/// exist yet, so they wait on this lock instead (see [`SQL_LOCK_NAMESPACE`]).
+pub(super) const SQL_INIT_NAMESPACE: &str = "INSERT INTO bevy_storage_namespaces \
+     (namespace, item_count, total_size) \
+     SELECT $1, count(*), coalesce(sum(size), 0)::bigint FROM bevy_storage_records \
+     WHERE namespace = $1 \
+     ON CONFLICT (namespace) DO NOTHING";
+
+/// Takes the namespace's advisory lock for the rest of the transaction.
+pub(super) const SQL_ADVISORY_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))";
+
+/// Locks the namespace's counters for the rest of the transaction and reads them. Every
+/// transaction that changes a namespace's records starts with it.
+pub(super) const SQL_LOCK_NAMESPACE: &str = "SELECT item_count, total_size \
+     FROM bevy_storage_namespaces WHERE namespace = $1 FOR UPDATE";
+
+pub(super) const SQL_SET_NAMESPACE: &str = "UPDATE bevy_storage_namespaces \
+     SET item_count = $2, total_size = $3 WHERE namespace = $1";
+
+/// Count and size of the namespace's records that are stored but expired at `$2`.
+pub(super) const SQL_EXPIRED: &str = "SELECT count(*), coalesce(sum(size), 0)::bigint \
+     FROM bevy_storage_records WHERE namespace = $1 AND expires_at <= $2";
+
+pub(super) const SQL_VERSION: &str = "SELECT version FROM bevy_storage_schema WHERE id = 1";
+
+const META_COLUMNS: &str =
+    "created_at, modified_at, accessed_at, expires_at, size, compressed, encrypted, custom";
+
+pub(super) fn sql_get() -> String {
+    format!(
+        "SELECT {META_COLUMNS}, value FROM bevy_storage_records WHERE namespace = $1 AND key = $2"
+    )
+}
+
+pub(super) fn sql_get_meta() -> String {
+    format!("SELECT {META_COLUMNS} FROM bevy_storage_records WHERE namespace = $1 AND key = $2")
+}
+
+pub(super) const SQL_GET_VALUE: &str =
+    "SELECT value, expires_at FROM bevy_storage_records WHERE namespace = $1 AND key = $2";
+
+pub(super) const SQL_TOUCH: &str =
+    "UPDATE bevy_storage_records SET accessed_at = $3 WHERE namespace = $1 AND key = $2";
+
+pub(super) const SQL_SCAN_ALL: &str =
+    "SELECT key, size, expires_at FROM bevy_storage_records WHERE namespace = $1";
+
+pub(super) const SQL_SCAN_FROM: &str =
+    "SELECT key, size, expires_at FROM bevy_storage_records WHERE namespace = $1 AND key >= $2";
+
+pub(super) const SQL_SCAN_RANGE: &str = "SELECT key, size, expires_at FROM bevy_storage_records \
+     WHERE namespace = $1 AND key >= $2 AND key < $3";
+
+/// One page of a listing: the prefix's key range (`$3` NULL for no upper bound) after `$4`,
+/// in key order.
+pub(super) const SQL_SCAN_PAGE: &str = "SELECT key, size, expires_at FROM bevy_storage_records \
+     WHERE namespace = $1 AND key >= $2 AND ($3::text IS NULL OR key < $3) AND key > $4 \
+     ORDER BY key LIMIT $5";
+
+/// Removes the expired records and returns how many and how many bytes.
+pub(super) const SQL_PURGE: &str = "WITH gone AS (DELETE FROM bevy_storage_records \
+     WHERE namespace = $1 AND expires_at <= $2 RETURNING size) \
+     SELECT count(*), coalesce(sum(size), 0)::bigint FROM gone";
+
+pub(super) const SQL_CLEAR: &str = "DELETE FROM bevy_storage_records WHERE namespace = $1";
+
+/// The live records' count and size: the counters less the expired records, in one snapshot.
+pub(super) const SQL_USAGE: &str = "SELECT n.item_count - e.count, n.total_size - e.size \
+     FROM bevy_storage_namespaces n, LATERAL (SELECT count(*) AS count, \
+       coalesce(sum(size), 0)::bigint AS size FROM bevy_storage_records \
+       WHERE namespace = $1 AND expires_at <= $2) e \
+     WHERE n.namespace = $1";
+
+/// An upsert. A live record keeps its `created_at`; an expired one counts as absent.
+/// `$12` is the batch's `now`. Returns whether a row was replaced, with its size and expiry
+/// (exact: the namespace's counters are locked, so no other writer changes the row between
+/// the read and the write).
+pub(super) const SQL_UPSERT: &str = "WITH old AS (SELECT size, expires_at FROM bevy_storage_records \
+       WHERE namespace = $1 AND key = $2) \
+     INSERT INTO bevy_storage_records AS r \
+     (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
+      encrypted, custom, value) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+     ON CONFLICT (namespace, key) DO UPDATE SET \
+       created_at = CASE WHEN r.expires_at IS NULL OR r.expires_at > $12 \
+                         THEN r.created_at ELSE EXCLUDED.created_at END, \
+       modified_at = EXCLUDED.modified_at, accessed_at = EXCLUDED.accessed_at, \
+       expires_at = EXCLUDED.expires_at, size = EXCLUDED.size, \
+       compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
+       custom = EXCLUDED.custom, value = EXCLUDED.value \
+     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
+       (SELECT expires_at FROM old)";
+
+/// A create-only put: replaces only an expired record, and returns no row when a live one
+/// exists (the batch then fails with `AlreadyExists`).
+pub(super) const SQL_CREATE_ONLY: &str = "WITH old AS (SELECT size, expires_at \
+       FROM bevy_storage_records WHERE namespace = $1 AND key = $2) \
+     INSERT INTO bevy_storage_records AS r \
+     (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
+      encrypted, custom, value) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+     ON CONFLICT (namespace, key) DO UPDATE SET \
+       created_at = EXCLUDED.created_at, modified_at = EXCLUDED.modified_at, \
+       accessed_at = EXCLUDED.accessed_at, expires_at = EXCLUDED.expires_at, \
+       size = EXCLUDED.size, compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
+       custom = EXCLUDED.custom, value = EXCLUDED.value \
+     WHERE r.expires_at IS NOT NULL AND r.expires_at <= $12 \
+     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
+       (SELECT expires_at FROM old)";
+
+/// Removes the record only if it still holds the value and expiry a read returned
+/// (`Store::take`), and reports its size.
+pub(super) const SQL_DELETE_IF_UNCHANGED: &str = "DELETE FROM bevy_storage_records \
+     WHERE namespace = $1 AND key = $2 AND value = $3 AND expires_at IS NOT DISTINCT FROM $4 \
+     RETURNING size";
+
+/// A delete that reports what it removed.
+pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
+     WHERE namespace = $1 AND key = $2 RETURNING size, expires_at";
+
+/// Reads the first eight columns of [`sql_get`] / [`sql_get_meta`] into checked metadata.
+pub(super) fn meta_from_row(row: &Row, key: &str) -> Result<RecordMeta> {
+    let size: i64 = row.get(4);
+    let size = u64::try_from(size)
+        .map_err(|_| StorageError::corrupt(key, format!("negative size {size}")))?;
+    let custom = match row.get::<_, Option<&str>>(7) {
+        None => CustomMetadata::new(),
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            StorageError::corrupt(key, format!("custom metadata is not a JSON object: {e}"))
+        })?,
+    };
+    Ok(RecordMeta {
+        created_at: Timestamp(row.get(0)),
+        modified_at: Timestamp(row.get(1)),
+        accessed_at: Timestamp(row.get(2)),
+        expires_at: row.get::<_, Option<i64>>(3).map(Timestamp),
+        size,
+        compressed: row.get(5),
+        encrypted: row.get(6),
+        custom,
+    })
+}

@@ -1,0 +1,596 @@
+//! The PostgreSQL backend against a real server: namespaces, several stores sharing one,
+//! connection strings and secrets, the schema version, and a hung or vanished server seen
+//! through a proxy this test controls.
+//!
+//! The server is `POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`); every
+//! test uses namespaces of its own and removes them. Under `CI=true` a missing server fails
+//! these tests; locally they say loudly that they were skipped.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bevy_storage::BackendConfig;
+use bevy_storage::prelude::*;
+use common::{PostgresNamespace, check_postgres, postgres_kind, postgres_url};
+
+/// Skips (locally) or fails (under CI) the test when the server is missing.
+macro_rules! require_postgres {
+    () => {
+        if postgres_kind().is_none() {
+            return;
+        }
+    };
+}
+
+fn store_at(url: &str, namespace: &str) -> Store {
+    Store::open(StorageConfig::postgres(url, namespace)).unwrap()
+}
+
+fn load<T: serde::de::DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
+    store.load(key, &LoadOptions::default()).unwrap()
+}
+
+fn save<T: serde::Serialize>(store: &Store, key: &str, value: &T) {
+    store.save(key, value, &SaveOptions::default()).unwrap()
+}
+
+/// `host:port` of the test server, from its URL.
+fn server_address() -> String {
+    let url = postgres_url();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let after_user = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, r)| r);
+    let host_port = after_user.split(['/', '?']).next().unwrap();
+    if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    }
+}
+
+/// The test URL with its host and port replaced by `127.0.0.1:port` and a password added.
+fn url_through(port: u16, password: &str) -> String {
+    let url = postgres_url();
+    let database = url.rsplit_once('/').map_or("test", |(_, db)| db);
+    format!("postgres://postgres:{password}@127.0.0.1:{port}/{database}")
+}
+
+#[test]
+fn namespaces_are_isolated_even_when_one_prefixes_another() {
+    require_postgres!();
+    let (a, b, c) = (
+        PostgresNamespace::fresh(),
+        PostgresNamespace::fresh(),
+        PostgresNamespace::fresh(),
+    );
+    let game = store_at(&a.url, &a.namespace);
+    let game_eu = store_at(&b.url, &format!("{}:eu", a.namespace));
+    let wild = store_at(&c.url, &format!("{}%", a.namespace.replace(':', "_")));
+    save(&game, "player:1", &1u32);
+    save(&game_eu, "player:1", &2u32);
+    save(&wild, "player:1", &3u32);
+    assert_eq!(load::<u32>(&game, "player:1"), Some(1));
+    assert_eq!(load::<u32>(&game_eu, "player:1"), Some(2));
+    assert_eq!(load::<u32>(&wild, "player:1"), Some(3));
+    assert_eq!(game.list_keys("").unwrap(), vec!["player:1".to_owned()]);
+    game.clear().unwrap();
+    assert_eq!(load::<u32>(&game, "player:1"), None);
+    assert_eq!(load::<u32>(&game_eu, "player:1"), Some(2));
+    assert_eq!(load::<u32>(&wild, "player:1"), Some(3));
+    game_eu.clear().unwrap();
+    wild.clear().unwrap();
+}
+
+#[test]
+fn stores_sharing_a_namespace_see_each_others_writes_and_race_fairly() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    let servers: Vec<Store> = (0..3).map(|_| store_at(&ns.url, &ns.namespace)).collect();
+    save(&servers[0], "profile:ada", &"v1".to_owned());
+    assert_eq!(
+        load::<String>(&servers[1], "profile:ada").as_deref(),
+        Some("v1")
+    );
+    servers[2].delete("profile:ada").unwrap();
+    assert_eq!(load::<String>(&servers[0], "profile:ada"), None);
+
+    // Create-only claims from three servers × four threads: exactly one winner per key.
+    let wins = AtomicUsize::new(0);
+    let refused = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for (i, server) in servers.iter().enumerate() {
+            for t in 0..4 {
+                let (wins, refused) = (&wins, &refused);
+                s.spawn(move || {
+                    for k in 0..25 {
+                        let options = SaveOptions::default().overwrite(false);
+                        match server.save(&format!("claim:{k}"), &(i, t), &options) {
+                            Ok(()) => wins.fetch_add(1, Ordering::Relaxed),
+                            Err(StorageError::AlreadyExists { .. }) => {
+                                refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => panic!("{e}"),
+                        };
+                    }
+                });
+            }
+        }
+    });
+    assert_eq!(wins.load(Ordering::Relaxed), 25);
+    assert_eq!(refused.load(Ordering::Relaxed), 25 * 11);
+    assert_eq!(servers[1].list_keys("claim:").unwrap().len(), 25);
+}
+
+#[test]
+fn connection_strings_and_secrets() {
+    require_postgres!();
+    let config = StorageConfig::from_url(
+        "postgres://game:hunter2@db.example:5432/saves?sslmode=disable&namespace=eu:1",
+    )
+    .unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    match &config.backend {
+        BackendConfig::Postgres { url, namespace } => {
+            assert_eq!(
+                url,
+                "postgres://game:hunter2@db.example:5432/saves?sslmode=disable"
+            );
+            assert_eq!(namespace, "eu:1");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!config.backend.describe().contains("hunter2"));
+    match StorageConfig::from_url("postgresql://localhost/db")
+        .unwrap()
+        .backend
+    {
+        BackendConfig::Postgres { namespace, .. } => assert_eq!(namespace, "bevy_storage"),
+        other => panic!("{other:?}"),
+    }
+
+    // A refused connection never echoes the password.
+    let nowhere = url_through(free_port(), "hunter2");
+    let err = Store::open(StorageConfig::postgres(&nowhere, "ok")).unwrap_err();
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+
+    let err = Store::open(StorageConfig::postgres(postgres_url(), "")).unwrap_err();
+    assert!(matches!(err, StorageError::Config(_)), "{err}");
+    let err = Store::open(StorageConfig::postgres(postgres_url(), "ok").pool_size(0)).unwrap_err();
+    assert!(matches!(err, StorageError::Config(_)), "{err}");
+    let err = Store::open(StorageConfig::postgres("postgres://h:notaport/db", "ok")).unwrap_err();
+    assert!(matches!(err, StorageError::Config(_)), "{err}");
+}
+
+#[test]
+fn a_schema_from_a_newer_version_is_refused() {
+    require_postgres!();
+    // A database of its own: the shared one's schema must not change under other tests.
+    let mut admin = postgres::Client::connect(&postgres_url(), postgres::NoTls).unwrap();
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).unwrap();
+    let db: String = format!(
+        "bevy_storage_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let url = format!(
+        "{}/{db}",
+        postgres_url().rsplit_once('/').map_or("", |(base, _)| base)
+    );
+    let result = std::panic::catch_unwind(|| {
+        let store = store_at(&url, "game");
+        save(&store, "kept", &7u8);
+        drop(store);
+        let mut con = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        con.batch_execute("UPDATE bevy_storage_schema SET version = 99")
+            .unwrap();
+        let err = Store::open(StorageConfig::postgres(&url, "game")).unwrap_err();
+        assert!(matches!(err, StorageError::Config(_)), "{err}");
+        assert!(err.to_string().contains("newer"), "{err}");
+        con.batch_execute("UPDATE bevy_storage_schema SET version = 1")
+            .unwrap();
+        assert_eq!(load::<u8>(&store_at(&url, "game"), "kept"), Some(7));
+    });
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .unwrap();
+    result.unwrap();
+}
+
+#[test]
+fn ci_requires_postgres_and_local_runs_skip_loudly() {
+    let nowhere = url_through(free_port(), "secret");
+    let notice = check_postgres(&nowhere, false).expect_err("nothing listens there");
+    assert!(notice.contains("SKIPPED"), "{notice}");
+    assert!(!notice.contains("secret"), "{notice}");
+    let under_ci = std::panic::catch_unwind(|| check_postgres(&nowhere, true));
+    let message = under_ci.expect_err("under CI a missing server is a failure");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(message.contains("CI=true"), "{message}");
+}
+
+// ------------------------------------------------------------ a server that hangs or goes away
+
+/// A TCP proxy in front of the test server that can stop answering (as a server stopped with
+/// `SIGSTOP` does: the connection stays open, nothing comes back) or drop every connection.
+struct Proxy {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let proxy = Self {
+            port: listener.local_addr().unwrap().port(),
+            frozen: Arc::default(),
+            cut: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (frozen, cut, stop) = (
+            Arc::clone(&proxy.frozen),
+            Arc::clone(&proxy.cut),
+            Arc::clone(&proxy.stop),
+        );
+        let upstream = server_address();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        if cut.load(Ordering::Relaxed) {
+                            drop(client);
+                            continue;
+                        }
+                        let Ok(server) = TcpStream::connect(&upstream) else {
+                            continue;
+                        };
+                        for (from, to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            let (frozen, cut) = (Arc::clone(&frozen), Arc::clone(&cut));
+                            thread::spawn(move || pump(from, to, &frozen, &cut));
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        proxy
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies bytes from `from` to `to` until either side closes or the proxy is cut; while
+/// frozen, nothing is read or forwarded.
+fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, cut: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if cut.load(Ordering::Relaxed) {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+        if frozen.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The documented bound (connect + response timeout, 3 s) with room for a loaded machine.
+const BOUND: Duration = Duration::from_millis(3_500);
+
+/// Runs every kind of operation at once against `store` and returns, per operation, its
+/// result as `Err(message)` and how long it took.
+fn every_operation(store: &Store) -> Vec<(&'static str, Result<(), StorageError>, Duration)> {
+    type Op = fn(&Store) -> Result<(), StorageError>;
+    let ops: [(&'static str, Op); 8] = [
+        ("save", |s| s.save("k", &1u32, &SaveOptions::default())),
+        ("load", |s| {
+            s.load::<u32>("k", &LoadOptions::default()).map(drop)
+        }),
+        ("exists", |s| s.exists("k").map(drop)),
+        ("list", |s| s.list_keys("").map(drop)),
+        ("delete", |s| s.delete("other").map(drop)),
+        ("metadata", |s| s.get_metadata("k").map(drop)),
+        ("transaction", |s| {
+            s.transaction(vec![
+                StorageOperation::save("a", 1u8),
+                StorageOperation::delete("b"),
+            ])
+        }),
+        ("purge", |s| s.purge_expired().map(drop)),
+    ];
+    thread::scope(|scope| {
+        let handles: Vec<_> = ops
+            .iter()
+            .map(|(name, op)| {
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let result = op(store);
+                    (*name, result, started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn a_hung_server_fails_every_operation_within_the_bound_and_recovery_follows() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    let proxy = Proxy::start();
+    let url = url_through(proxy.port, "hunter2");
+    let store = store_at(&url, &ns.namespace);
+    save(&store, "k", &1u32);
+
+    proxy.frozen.store(true, Ordering::Relaxed);
+    // A write sent on the idle connection, then no answer: its outcome is unknown, and it says so.
+    let started = Instant::now();
+    let err = store.save("k", &2u32, &SaveOptions::default()).unwrap_err();
+    assert!(started.elapsed() < BOUND, "{:?}", started.elapsed());
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+    assert!(
+        err.to_string().contains("may or may not have been applied"),
+        "{err}"
+    );
+    // Every kind of operation at once: each gets no connection or no answer, within the bound.
+    for (name, result, took) in every_operation(&store) {
+        let err = result.expect_err(name);
+        assert!(
+            matches!(err, StorageError::Unavailable { .. }),
+            "{name}: {err}"
+        );
+        assert!(took < BOUND, "{name} took {took:?} against a hung server");
+        assert!(!err.to_string().contains("hunter2"), "{name}: {err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("no connection") || message.contains("did not answer"),
+            "{name}: {err}"
+        );
+    }
+    let stats = store.get_stats();
+    assert!(!stats.is_healthy, "{stats:?}");
+
+    // The server answers again: the connections that hung were closed, new ones work.
+    proxy.frozen.store(false, Ordering::Relaxed);
+    let started = Instant::now();
+    for (name, result, _) in every_operation(&store) {
+        result.unwrap_or_else(|e| panic!("{name} after recovery: {e}"));
+    }
+    assert!(started.elapsed() < BOUND);
+    // The write whose outcome was unknown either happened whole or not at all.
+    assert!(matches!(load::<u32>(&store, "k"), Some(1 | 2)));
+    assert!(store.get_stats().is_healthy);
+}
+
+#[test]
+fn a_vanished_server_is_unavailable_at_once_and_recovery_follows() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    let proxy = Proxy::start();
+    let store = store_at(&url_through(proxy.port, "pw"), &ns.namespace);
+    save(&store, "k", &1u32);
+
+    proxy.cut.store(true, Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(100));
+    for (name, result, took) in every_operation(&store) {
+        let err = result.expect_err(name);
+        assert!(
+            matches!(err, StorageError::Unavailable { .. }),
+            "{name}: {err}"
+        );
+        assert!(took < BOUND, "{name} took {took:?}");
+    }
+    let err = Store::open(StorageConfig::postgres(
+        url_through(proxy.port, "pw"),
+        &ns.namespace,
+    ))
+    .unwrap_err();
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+
+    proxy.cut.store(false, Ordering::Relaxed);
+    for (name, result, _) in every_operation(&store) {
+        result.unwrap_or_else(|e| panic!("{name} after recovery: {e}"));
+    }
+    assert_eq!(load::<u32>(&store, "k"), Some(1));
+}
+
+// ------------------------------------------------------------ one quota for every server
+
+/// Bytes that do not compress, so sizes on disk follow sizes saved.
+fn noise(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes
+}
+
+/// The live records' count and size, counted from the table itself.
+fn recount(url: &str, namespace: &str, now: i64) -> (u64, u64) {
+    let mut con = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let row = con
+        .query_one(
+            "SELECT count(*), coalesce(sum(size), 0)::bigint FROM bevy_storage_records \
+             WHERE namespace = $1 AND (expires_at IS NULL OR expires_at > $2)",
+            &[&namespace, &now],
+        )
+        .unwrap();
+    (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+}
+
+#[test]
+fn the_quota_holds_across_servers_racing_to_fill_it() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    const MAX: u64 = 20_000;
+    let servers: Vec<Store> = (0..3)
+        .map(|_| {
+            Store::open(StorageConfig::postgres(&ns.url, &ns.namespace).max_size(Some(MAX)))
+                .unwrap()
+        })
+        .collect();
+    let saved = AtomicUsize::new(0);
+    let refused = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for (i, server) in servers.iter().enumerate() {
+            for t in 0..3 {
+                let (saved, refused) = (&saved, &refused);
+                s.spawn(move || {
+                    for k in 0..40 {
+                        let value = noise(400);
+                        match server.save(
+                            &format!("s{i}:t{t}:{k}"),
+                            &value,
+                            &SaveOptions::default(),
+                        ) {
+                            Ok(()) => saved.fetch_add(1, Ordering::Relaxed),
+                            Err(StorageError::QuotaExceeded { max_size, .. }) => {
+                                assert_eq!(max_size, MAX);
+                                refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => panic!("{e}"),
+                        };
+                    }
+                });
+            }
+        }
+    });
+    let now = bevy_storage::clock::Timestamp::now().0;
+    let (items, size) = recount(&ns.url, &ns.namespace, now);
+    assert!(size <= MAX, "{size} bytes stored under a quota of {MAX}");
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the race must reach the quota"
+    );
+    assert_eq!(items as usize, saved.load(Ordering::Relaxed));
+    // Every server reports the same usage, read from the shared counters.
+    for server in &servers {
+        let stats = server.get_stats();
+        assert_eq!((stats.item_count, stats.total_size), (items, size));
+    }
+    // Space freed by one server is usable by another.
+    let first = servers[0].list_keys("s0:").unwrap();
+    for key in &first {
+        servers[0].delete(key).unwrap();
+    }
+    servers[1]
+        .save("after", &noise(400), &SaveOptions::default())
+        .unwrap();
+}
+
+#[test]
+fn expired_records_do_not_count_and_the_counters_match_a_recount() {
+    require_postgres!();
+    let ns = PostgresNamespace::fresh();
+    let clock = bevy_storage::clock::ManualClock::starting_now();
+    let config = |max: u64| {
+        StorageConfig::postgres(&ns.url, &ns.namespace)
+            .max_size(Some(max))
+            .clock(clock.clone())
+    };
+    let store = Store::open(config(1 << 20)).unwrap();
+    let ttl = SaveOptions::default().ttl(Duration::from_secs(60));
+    for k in 0..8 {
+        store
+            .save(&format!("short:{k}"), &noise(1_000), &ttl)
+            .unwrap();
+    }
+    // A second server whose quota leaves 4,000 bytes free: the big save (about 8 KiB once
+    // encoded) does not fit while the short-lived records live.
+    let used = store.get_stats().total_size;
+    let other = Store::open(config(used + 4_000)).unwrap();
+    let err = other
+        .save("big", &noise(3_000), &SaveOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StorageError::QuotaExceeded { .. }), "{err}");
+    clock.advance(Duration::from_secs(61));
+    // Expired, not yet purged: no longer counted, so the save fits.
+    other
+        .save("big", &noise(3_000), &SaveOptions::default())
+        .unwrap();
+
+    // Random mixed batches from two stores: the counters always equal a full recount.
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..60 {
+        let s = if round % 2 == 0 { &store } else { &other };
+        let mut ops = Vec::new();
+        for _ in 0..rng.usize(1..5) {
+            let key = format!("k{}", rng.usize(0..12));
+            ops.push(if rng.bool() {
+                StorageOperation::save(key, vec![0u8; rng.usize(1..300)])
+            } else {
+                StorageOperation::delete(key)
+            });
+        }
+        s.transaction(ops).unwrap();
+        if round % 10 == 0 {
+            clock.advance(Duration::from_secs(1));
+            s.purge_expired().unwrap();
+        }
+        let stats = other.get_stats();
+        assert_eq!(
+            (stats.item_count, stats.total_size),
+            recount(
+                &ns.url,
+                &ns.namespace,
+                bevy_storage::clock::Clock::now(&clock).0
+            ),
+            "round {round}"
+        );
+    }
+    store.clear().unwrap();
+    assert_eq!(other.get_stats().item_count, 0);
+}
