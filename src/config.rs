@@ -368,6 +368,9 @@ pub struct StorageConfig {
     pub read_cache_capacity: usize,
     /// Source of the current time (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub clock: Arc<dyn Clock>,
+    /// Open the store for reading only (file and SQLite stores). Default false. See
+    /// [`read_only`](Self::read_only).
+    pub read_only: bool,
 }
 
 impl StorageConfig {
@@ -386,6 +389,7 @@ impl StorageConfig {
             read_cache_ttl: None,
             read_cache_capacity: 1024,
             clock: Arc::new(SystemClock),
+            read_only: false,
         }
     }
 
@@ -599,19 +603,61 @@ impl StorageConfig {
         self
     }
 
+    /// Opens a file or SQLite store for reading only: loads, `exists`, `list_keys`, metadata
+    /// and stats work, and every write (save, delete, clear, transaction, purge, a load that
+    /// updates the access time) fails with [`StorageError::ReadOnly`] and changes nothing.
+    /// The file backend then takes no lock and creates nothing; SQLite opens the database
+    /// read-only (`immutable` on a read-only medium). A store whose medium refuses writes (a
+    /// read-only mount) opens read-only by itself, and
+    /// [`StorageStats::read_only`](crate::StorageStats::read_only) says why. Other backends
+    /// refuse the option with [`StorageError::Config`].
+    ///
+    /// ```
+    /// use bevy_storage::{SaveOptions, StorageConfig, StorageError, Store};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// Store::open(StorageConfig::file(dir.path()))?.save("k", &1, &SaveOptions::default())?;
+    /// let store = Store::open(StorageConfig::file(dir.path()).read_only(true))?;
+    /// assert_eq!(store.load::<i32>("k", &Default::default())?, Some(1));
+    /// let err = store.save("k", &2, &SaveOptions::default()).unwrap_err();
+    /// assert!(matches!(err, StorageError::ReadOnly { .. }));
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+
     /// Opens the configured backend.
     pub(crate) fn open_backend(&self) -> Result<Arc<dyn Backend>> {
         if self.pool_size == 0 {
             return Err(StorageError::Config("pool_size must be at least 1".into()));
         }
+        let supports_read_only = match &self.backend {
+            BackendConfig::File { .. } => true,
+            #[cfg(feature = "sqlite")]
+            BackendConfig::Sqlite { .. } => true,
+            _ => false,
+        };
+        if self.read_only && !supports_read_only {
+            return Err(StorageError::Config(format!(
+                "read_only is supported by file and SQLite stores, not by a {}",
+                self.backend.describe()
+            )));
+        }
         Ok(match &self.backend {
             BackendConfig::Memory => Arc::new(crate::backend::MemoryBackend::new()),
-            BackendConfig::File { root } => Arc::new(crate::backend::FileBackend::open(root)?),
+            BackendConfig::File { root } => Arc::new(crate::backend::FileBackend::open_with(
+                root,
+                crate::backend::file::FileOptions {
+                    read_only: self.read_only,
+                },
+            )?),
             #[cfg(feature = "sqlite")]
             BackendConfig::Sqlite { path, synchronous } => {
                 let options = SqliteOptions {
                     synchronous: *synchronous,
                     pool_size: self.pool_size,
+                    read_only: self.read_only,
                     ..SqliteOptions::default()
                 };
                 Arc::new(crate::backend::SqliteBackend::open(path, &options)?)

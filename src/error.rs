@@ -179,6 +179,57 @@ pub enum StorageError {
         message: String,
     },
 
+    /// The medium is full: the disk under a file or SQLite store (`ENOSPC`, `SQLITE_FULL`,
+    /// a disk quota) or the memory of a Redis server (`OOM command not allowed`). Nothing of
+    /// the failed write was applied and every record written before is intact; the store
+    /// reports itself unhealthy until a write succeeds again. Free space (delete records, or
+    /// on the server raise `maxmemory`) and retry.
+    #[error("{backend} store is full: {message}; nothing was written (free space and retry)")]
+    StorageFull {
+        /// Backend type.
+        backend: String,
+        /// What was being done, and what the system said.
+        message: String,
+    },
+
+    /// The store is read-only: opened with
+    /// [`StorageConfig::read_only`](crate::StorageConfig::read_only), or opened read-only by
+    /// itself because its medium refused writes (a read-only mount, a file without write
+    /// permission; [`StorageStats::read_only`](crate::StorageStats::read_only) says so).
+    /// Loads, lists, `exists` and metadata work; every write gets this error and changes
+    /// nothing.
+    #[error("{backend} store is read-only ({reason}): {operation} refused")]
+    ReadOnly {
+        /// Backend type.
+        backend: String,
+        /// The write that was refused.
+        operation: String,
+        /// Why the store is read-only.
+        reason: String,
+    },
+
+    /// A write batch was sent but its outcome is unknown: the connection broke or the
+    /// server stopped answering after the batch left, so it may or may not have been
+    /// applied, and may still be applied after this error (a hung server runs it when it
+    /// wakes up). It is atomic either way: all of it or none, so one of its keys tells for
+    /// the whole batch. To find out, once the server answers again, read the metadata of a
+    /// key the batch saved: the batch was applied exactly when that record's `modified_at`
+    /// is the time of the save (every put of a batch carries it). The built-in backends
+    /// leave `batch_token` `None`; a custom backend that can name its batches puts the name
+    /// there.
+    #[error(
+        "{backend} write outcome unknown: {message}; the batch was sent and may or may not have been applied (all or none)"
+    )]
+    OutcomeUnknown {
+        /// Backend type.
+        backend: String,
+        /// What failed after the batch was sent.
+        message: String,
+        /// The batch's token, to ask later whether it was applied (`None` when the backend
+        /// cannot tell).
+        batch_token: Option<String>,
+    },
+
     /// A backend failed for another reason.
     #[error("{backend} backend error: {message}")]
     Backend {
@@ -240,9 +291,11 @@ pub enum StorageError {
         current: u32,
     },
 
-    /// Reserved for a transaction the store cannot apply as given; no operation returns it
-    /// today (an empty transaction is `Ok` and changes nothing; a key named twice applies
-    /// its operations in order).
+    /// A transaction the backend cannot apply as given, refused whole before anything was
+    /// written: on Redis, a batch larger than
+    /// [`MAX_BATCH_OPERATIONS`](crate::backend::redis::MAX_BATCH_OPERATIONS) operations or
+    /// [`MAX_BATCH_BYTES`](crate::backend::redis::MAX_BATCH_BYTES) (an empty transaction is
+    /// `Ok` and changes nothing; a key named twice applies its operations in order).
     #[error("invalid transaction: {0}")]
     InvalidTransaction(String),
 }
@@ -264,11 +317,35 @@ impl StorageError {
         }
     }
 
-    /// An I/O error with a description of what was being done.
+    /// An I/O error with a description of what was being done. A full disk or disk quota
+    /// (`ENOSPC`, `EDQUOT`) becomes [`StorageFull`](Self::StorageFull) (backend `file`), so
+    /// that a full medium has one error whatever the backend.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ) {
+            return Self::StorageFull {
+                backend: "file".into(),
+                message: format!("{}: {source}", context.into()),
+            };
+        }
         Self::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// The store refuses `operation` because it is read-only for `reason`.
+    pub(crate) fn read_only(
+        backend: impl Into<String>,
+        operation: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::ReadOnly {
+            backend: backend.into(),
+            operation: operation.into(),
+            reason: reason.into(),
         }
     }
 
@@ -283,7 +360,11 @@ impl StorageError {
     pub fn is_backend_failure(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable { .. } | Self::Backend { .. } | Self::Io { .. }
+            Self::Unavailable { .. }
+                | Self::Backend { .. }
+                | Self::Io { .. }
+                | Self::StorageFull { .. }
+                | Self::OutcomeUnknown { .. }
         )
     }
 }

@@ -279,6 +279,21 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Why the backend only reads (`None` when it writes): opened read-only, or fallen back
+    /// to reading because its medium refused writes. Reported in
+    /// [`StorageStats::read_only`](crate::StorageStats::read_only); its writes fail with
+    /// [`StorageError::ReadOnly`](crate::StorageError::ReadOnly).
+    fn read_only(&self) -> Option<String> {
+        None
+    }
+
+    /// The damage the backend found in its own files (`None` when it found none), after which
+    /// it refuses writes: the store then reports itself unhealthy with this as its last error,
+    /// and opens even though its usage cannot be counted.
+    fn damage(&self) -> Option<String> {
+        None
+    }
+
     /// Checks that the backend can be reached; an error marks the store unhealthy.
     fn health_check(&self) -> Result<()> {
         Ok(())

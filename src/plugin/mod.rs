@@ -332,6 +332,13 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.format(format))
     }
 
+    /// Opens the store read-only (file and SQLite stores): loads work, every write fails
+    /// with [`StorageError::ReadOnly`]. See
+    /// [`StorageConfig::read_only`](crate::StorageConfig::read_only).
+    pub fn read_only(self, on: bool) -> Self {
+        self.store_option(|c| c.read_only(on))
+    }
+
     /// Pooled connections of backends that pool.
     pub fn pool_size(self, n: u32) -> Self {
         self.store_option(|c| c.pool_size(n))

@@ -131,17 +131,30 @@ impl Store {
     /// Opens a store over an already built backend, with the other settings of `config`
     /// (its `backend` field is ignored).
     pub fn with_backend(backend: Arc<dyn Backend>, config: StorageConfig) -> Result<Self> {
-        backend.health_check()?;
+        // A backend that found damage in its files opens anyway (it refuses writes and
+        // reports itself unhealthy), so that the records still readable can be read.
+        let damaged = |e: StorageError| match backend.damage() {
+            Some(_) => Ok(()),
+            None => Err(e),
+        };
+        backend.health_check().or_else(damaged)?;
         let cipher = match &config.encryption_key {
             Some(key) => Some(Self::unlock(&*backend, key, &*config.clock)?),
             None => None,
         };
         let quota = match config.max_size {
-            Some(max) => Some(Quota {
-                max,
-                used: Mutex::new(backend.usage(config.clock.now())?.total_size),
-                gate: RwLock::new(()),
-            }),
+            Some(max) => {
+                let used = match backend.usage(config.clock.now()) {
+                    Ok(usage) => usage.total_size,
+                    // Writes are refused anyway: the quota is never consulted.
+                    Err(e) => damaged(e).map(|()| 0)?,
+                };
+                Some(Quota {
+                    max,
+                    used: Mutex::new(used),
+                    gate: RwLock::new(()),
+                })
+            }
             None => None,
         };
         Ok(Self {
@@ -682,10 +695,17 @@ impl Store {
             Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
         };
         // One lock: a guard in a field of the literal below would live to its end.
-        let (last_error, last_error_at) = match &*c.last_error.lock() {
+        let (mut last_error, mut last_error_at) = match &*c.last_error.lock() {
             Some((error, at)) => (Some(error.clone()), Some(*at)),
             None => (None, None),
         };
+        let damage = backend.damage();
+        if let Some(damage) = &damage
+            && last_error.is_none()
+        {
+            last_error = Some(damage.clone());
+            last_error_at = Some(self.inner.clock.now().to_system_time());
+        }
         StorageStats {
             item_count,
             total_size,
@@ -693,7 +713,9 @@ impl Store {
             max_size,
             backend_type: backend.backend_type().to_owned(),
             is_healthy: !c.reads_failing.load(Ordering::Relaxed)
-                && !c.writes_failing.load(Ordering::Relaxed),
+                && !c.writes_failing.load(Ordering::Relaxed)
+                && damage.is_none(),
+            read_only: backend.read_only(),
             last_error,
             last_error_at,
             cache: self

@@ -51,7 +51,8 @@ pub struct StorageStats {
     /// False while the backend is failing: when the last read or the last write failed in the
     /// backend (an outage, an I/O error, a full disk). Reads and writes are judged apart, so
     /// reads that still succeed while writes fail (a full disk) do not make it true again;
-    /// the next successful operation of the failing kind does.
+    /// the next successful operation of the failing kind does. Also false while the backend
+    /// reports damage in its files (a damaged SQLite database: it then refuses writes).
     pub is_healthy: bool,
     /// The backend failure that makes the store unhealthy now: the most recent one while
     /// `is_healthy` is false, `None` once an operation of every failing kind succeeded again
@@ -59,6 +60,13 @@ pub struct StorageStats {
     pub last_error: Option<String>,
     /// When [`last_error`](Self::last_error) happened, by the store's clock.
     pub last_error_at: Option<SystemTime>,
+    /// Why the store only reads, when it does: opened with
+    /// [`StorageConfig::read_only`](crate::StorageConfig::read_only), or fallen back to
+    /// reading because its medium refused writes (a read-only mount, no write permission).
+    /// Writes then fail with [`StorageError::ReadOnly`](crate::StorageError::ReadOnly).
+    /// `None` for a store that writes.
+    #[serde(default)]
+    pub read_only: Option<String>,
     /// Operation counts and mean timings.
     pub performance: PerformanceStats,
     /// Read-cache hits and misses.

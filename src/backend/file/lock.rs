@@ -20,19 +20,27 @@ use crate::error::{Result, StorageError};
 /// The advisory lock file.
 pub(super) const LOCK_FILE: &str = ".lock";
 
-/// Directories open in this process, so that opening one twice shares one backend.
-static OPEN_ROOTS: LazyLock<Mutex<HashMap<PathBuf, Weak<Inner>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// The open directories: (canonical root, read-only) to the backend.
+type Registry = HashMap<(PathBuf, bool), Weak<Inner>>;
+
+/// Directories open in this process (and whether read-only), so that opening one twice
+/// shares one backend.
+static OPEN_ROOTS: LazyLock<Mutex<Registry>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// What the handles of one open directory share.
 pub(super) struct Inner {
     pub(super) dir: Dir,
-    /// Holds the exclusive advisory lock for as long as the backend lives.
-    lock_file: File,
+    /// Holds the exclusive advisory lock for as long as the backend lives (`None` when
+    /// read-only: a reader takes no lock and creates nothing).
+    lock_file: Option<File>,
+    /// Why the backend only reads, when it does.
+    pub(super) read_only: Option<String>,
     /// Serializes every change; remembers a journal that still has to be rolled forward.
     pub(super) writer: Mutex<WriterState>,
     /// Readers hold it shared; the renames of a batch hold it exclusively.
     pub(super) gate: RwLock<()>,
+    /// Registered among the read-only backends (asked for, or fallen back to).
+    registered_read_only: bool,
     #[cfg(test)]
     pub(super) crash: std::sync::atomic::AtomicU8,
 }
@@ -56,23 +64,27 @@ impl Drop for Inner {
         // Under the registry lock, so that a concurrent `open` of the same root either got a
         // handle to this backend before it died or finds the lock released.
         let mut registry = OPEN_ROOTS.lock();
-        let _ = FileExt::unlock(&self.lock_file);
+        if let Some(lock_file) = &self.lock_file {
+            let _ = FileExt::unlock(lock_file);
+        }
+        let key = (self.dir.root.clone(), self.registered_read_only);
         if registry
-            .get(&self.dir.root)
+            .get(&key)
             .is_some_and(|weak| std::ptr::eq(weak.as_ptr(), self))
         {
-            registry.remove(&self.dir.root);
+            registry.remove(&key);
         }
     }
 }
 
 impl Inner {
-    /// The backend of the canonical directory `root`: the one this process already has open,
-    /// or a newly opened one.
-    pub(super) fn shared(root: PathBuf) -> Result<Arc<Self>> {
+    /// The backend of the canonical directory `root`: the one this process already has open
+    /// (in the same mode), or a newly opened one.
+    pub(super) fn shared(root: PathBuf, read_only: bool) -> Result<Arc<Self>> {
         loop {
             let mut registry = OPEN_ROOTS.lock();
-            match registry.get(&root).map(Weak::upgrade) {
+            let key = (root.clone(), read_only);
+            match registry.get(&key).map(Weak::upgrade) {
                 Some(Some(inner)) => return Ok(inner),
                 Some(None) => {
                     // The last handle is being dropped on another thread; its `Drop` removes
@@ -81,46 +93,95 @@ impl Inner {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 None => {
-                    let inner = Arc::new(Inner::open(root.clone())?);
-                    registry.insert(root, Arc::downgrade(&inner));
+                    let inner = Arc::new(Inner::open(root.clone(), read_only)?);
+                    let key = (root, inner.registered_read_only);
+                    if let Some(Some(existing)) = registry.get(&key).map(Weak::upgrade) {
+                        return Ok(existing);
+                    }
+                    registry.insert(key, Arc::downgrade(&inner));
                     return Ok(inner);
                 }
             }
         }
     }
 
-    /// Locks the directory and recovers from a crash. `root` is canonical.
-    fn open(root: PathBuf) -> Result<Self> {
+    /// Locks the directory and recovers from a crash. `root` is canonical. Read-only (asked
+    /// for, or because the lock file cannot be written): no lock, no recovery, nothing
+    /// created.
+    fn open(root: PathBuf, read_only: bool) -> Result<Self> {
         let dir = Dir { root };
         let lock_path = dir.path(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| {
-                StorageError::io(format!("opening the lock file {}", lock_path.display()), e)
-            })?;
-        let locked = FileExt::try_lock_exclusive(&lock_file)
-            .map_err(|e| StorageError::io(format!("locking {}", lock_path.display()), e))?;
-        if !locked {
-            return Err(StorageError::unavailable(
-                BACKEND,
-                format!(
-                    "the storage directory {} is in use by another process (it holds the lock \
-                     on {}); close that program or open another directory",
-                    dir.root.display(),
-                    lock_path.display()
-                ),
-            ));
+        let reason = if read_only {
+            Some("opened read-only".to_owned())
+        } else {
+            None
+        };
+        let (lock_file, reason) = match reason {
+            Some(reason) => (None, Some(reason)),
+            None => match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+            {
+                Ok(file) => (Some(file), None),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ReadOnlyFilesystem
+                            | std::io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    let reason = format!(
+                        "the lock file {} cannot be written: {e}",
+                        lock_path.display()
+                    );
+                    bevy::log::warn!(
+                        "{}: {reason}; the store is opened read-only",
+                        dir.root.display()
+                    );
+                    (None, Some(reason))
+                }
+                Err(e) => {
+                    return Err(StorageError::io(
+                        format!("opening the lock file {}", lock_path.display()),
+                        e,
+                    ));
+                }
+            },
+        };
+        if let Some(lock_file) = &lock_file {
+            let locked = FileExt::try_lock_exclusive(lock_file)
+                .map_err(|e| StorageError::io(format!("locking {}", lock_path.display()), e))?;
+            if !locked {
+                return Err(StorageError::unavailable(
+                    BACKEND,
+                    format!(
+                        "the storage directory {} is in use by another process (it holds the \
+                         lock on {}); close that program or open another directory",
+                        dir.root.display(),
+                        lock_path.display()
+                    ),
+                ));
+            }
         }
-        dir.remove_temp_files()?;
         let gate = RwLock::new(());
-        dir.recover_journal(&gate)?;
+        if lock_file.is_some() {
+            dir.remove_temp_files()?;
+            dir.recover_journal(&gate)?;
+        } else if dir.path(super::journal::JOURNAL_FILE).exists() {
+            bevy::log::warn!(
+                "{} holds an unfinished batch that a read-only store cannot finish: until the \
+                 directory is opened for writing, the keys of that batch may show it half applied",
+                dir.root.display()
+            );
+        }
         Ok(Self {
             dir,
+            registered_read_only: lock_file.is_none(),
             lock_file,
+            read_only: reason,
             writer: Mutex::new(WriterState::default()),
             gate,
             #[cfg(test)]

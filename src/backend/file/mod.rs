@@ -53,6 +53,12 @@
 //! path that resolves to it) returns a handle to the same backend, sharing its lock and
 //! mutex. The lock is released when the last handle is dropped.
 //!
+//! A backend opened read-only ([`FileOptions::read_only`], or by itself when the lock file
+//! cannot be written: a read-only mount, no permission) takes no lock and creates, removes
+//! and recovers nothing; every change fails with [`StorageError::ReadOnly`]. It may share the
+//! directory with a writer, whose changes it sees file by file (an unfinished batch left by a
+//! crash stays unfinished until a writer opens the directory).
+//!
 //! # Where the code is
 //!
 //! Each file holds one idea and documents its own format:
@@ -89,6 +95,22 @@ use record::{Loaded, encode_record, load_header, load_record, load_value, touch_
 
 const BACKEND: &str = "file";
 
+/// How a [`FileBackend`] opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileOptions {
+    /// Read only: no lock, nothing created, every write fails with
+    /// [`StorageError::ReadOnly`]. Default false.
+    pub read_only: bool,
+}
+
+impl FileOptions {
+    /// Options for a read-only (`true`) or a writing backend.
+    pub fn read_only(read_only: bool) -> Self {
+        Self { read_only }
+    }
+}
+
 /// One file per key under a root directory. See the [module docs](self) for the layout on disk,
 /// the names, crash safety and the locking rules.
 ///
@@ -113,7 +135,22 @@ impl FileBackend {
     /// - [`StorageError::Backend`] if an interrupted batch was journaled by a newer version
     ///   of this crate.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(root, FileOptions::default())
+    }
+
+    /// [`open`](Self::open) with options: [`FileOptions::read_only`] opens an existing
+    /// directory for reading only, taking no lock and creating nothing (no lock file, no
+    /// recovery of an interrupted batch). A directory whose lock file cannot be written (a
+    /// read-only mount, no permission) is opened that way by itself.
+    pub fn open_with(root: impl AsRef<Path>, options: FileOptions) -> Result<Self> {
         let given = root.as_ref();
+        if options.read_only && !given.is_dir() {
+            return Err(StorageError::read_only(
+                BACKEND,
+                format!("creating the storage directory {}", given.display()),
+                "the store is opened read-only and the directory does not exist",
+            ));
+        }
         fs::create_dir_all(given).map_err(|e| {
             StorageError::io(
                 format!("creating the storage directory {}", given.display()),
@@ -127,8 +164,16 @@ impl FileBackend {
             )
         })?;
         Ok(Self {
-            inner: Inner::shared(root)?,
+            inner: Inner::shared(root, options.read_only)?,
         })
+    }
+
+    /// Refuses `operation` on a read-only backend, before anything is touched.
+    fn guard_write(&self, operation: &str) -> Result<()> {
+        match &self.inner.read_only {
+            Some(reason) => Err(StorageError::read_only(BACKEND, operation, reason.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The root directory (canonicalized: absolute, symbolic links resolved).
@@ -278,6 +323,7 @@ impl Backend for FileBackend {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        self.guard_write("writing a batch")?;
         let mut state = self.lock_writer()?;
         // The metadata each key has after the ops so far (`None` = absent); a damaged file
         // counts as absent and is replaced.
@@ -341,6 +387,7 @@ impl Backend for FileBackend {
         value: &[u8],
         expires_at: Option<Timestamp>,
     ) -> Result<bool> {
+        self.guard_write("taking a record")?;
         // Under the writer's mutex no other change can come between the check and the
         // removal (one process per directory, see the module docs).
         let _state = self.lock_writer()?;
@@ -362,6 +409,7 @@ impl Backend for FileBackend {
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        self.guard_write("updating an access time")?;
         let _state = self.lock_writer()?;
         let dir = &self.inner.dir;
         let path = match place_of(key) {
@@ -388,6 +436,7 @@ impl Backend for FileBackend {
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        self.guard_write("removing expired records")?;
         let _state = self.lock_writer()?;
         let expired: Vec<Change> = {
             let _gate = self.inner.gate.read();
@@ -408,6 +457,7 @@ impl Backend for FileBackend {
     }
 
     fn clear(&self) -> Result<()> {
+        self.guard_write("removing every record")?;
         let mut state = self.inner.writer.lock();
         let dir = &self.inner.dir;
         {
@@ -426,6 +476,10 @@ impl Backend for FileBackend {
 
     fn available_space(&self) -> Option<u64> {
         fs4::available_space(&self.inner.dir.root).ok()
+    }
+
+    fn read_only(&self) -> Option<String> {
+        self.inner.read_only.clone()
     }
 
     fn health_check(&self) -> Result<()> {

@@ -74,6 +74,16 @@ pub(super) mod kind {
 /// refused `MSETNX` once every this many batches.
 const NEW_RECORDS_BACKOFF: u32 = 16;
 
+/// Most operations in one batch. Larger batches are refused with
+/// [`StorageError::InvalidTransaction`] (never split: a batch is all or nothing): one script
+/// of 10,000 records with a TTL blocks the server for every other client for 66-132 ms on
+/// the project's 2-core machine (see the README's "Durability" section for the measurement).
+pub const MAX_BATCH_OPERATIONS: usize = 10_000;
+
+/// Most bytes (records and keys, about as sent) in one batch; larger ones are refused as
+/// [`MAX_BATCH_OPERATIONS`] says.
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// Largest packing buffer kept for the next batch.
 const KEPT_BUFFER: usize = 4 << 20;
 
@@ -244,6 +254,18 @@ impl RedisBackend {
             .map(BatchEntry::new)
             .collect::<Result<Vec<_>>>()?;
         let summary = BatchSummary::of(&entries, &self.keys.record_prefix);
+        if ops.len() > MAX_BATCH_OPERATIONS || summary.packed_size > MAX_BATCH_BYTES {
+            return Err(StorageError::InvalidTransaction(format!(
+                "a Redis batch holds at most {MAX_BATCH_OPERATIONS} operations and {} MiB \
+                 ({} operations, about {} bytes given): Redis runs a batch as one script that \
+                 blocks the server for every other client while it runs, so larger ones are \
+                 refused rather than split (splitting would break all-or-nothing); nothing \
+                 was written. Send it as several transactions",
+                MAX_BATCH_BYTES >> 20,
+                ops.len(),
+                summary.packed_size
+            )));
+        }
         let doing = format!("writing a batch of {} operation(s)", ops.len());
         // New records without expiry, each key once (saving new things): native commands,
         // which Redis runs about twice as fast as the script; see the module docs.

@@ -229,6 +229,19 @@ impl RedisBackend {
         &self,
         doing: &str,
         retry: Retry,
+        f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
+        self.run_replies(doing, retry, 1, f)
+    }
+
+    /// [`run`](Self::run) for an `f` that sends a pipeline of `replies` commands: the client
+    /// reads every reply of a pipeline even after one timed out, so each read is given only
+    /// its share of the time left.
+    pub(super) fn run_replies<T>(
+        &self,
+        doing: &str,
+        retry: Retry,
+        replies: u32,
         mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         let deadline =
@@ -238,13 +251,23 @@ impl RedisBackend {
             attempt += 1;
             let may_retry = attempt < MAX_ATTEMPTS && Instant::now() < deadline;
             let mut conn = self.checkout(deadline)?;
+            // Every read and write on the socket ends by the deadline, however many attempts
+            // and commands came before: the bound holds for the whole operation.
+            if !self.bound_by(&mut conn.con, deadline, replies) {
+                return Err(self.out_of_time(doing, retry, false));
+            }
             let generation = self.shared.generation.load(Ordering::SeqCst);
             if retry == Retry::Never
                 && (conn.generation != generation || conn.last_ok.elapsed() > IDLE_CHECK)
             {
                 // Nothing is sent yet, so a failure here can always be retried.
                 match redis::cmd("PING").query::<()>(&mut conn.con) {
-                    Ok(()) => conn.generation = generation,
+                    Ok(()) => {
+                        conn.generation = generation;
+                        if !self.bound_by(&mut conn.con, deadline, replies) {
+                            return Err(self.out_of_time(doing, retry, false));
+                        }
+                    }
                     Err(e) if is_connection_failure(&e) => {
                         self.connection_failed(&mut conn);
                         if may_retry {
@@ -265,16 +288,44 @@ impl RedisBackend {
                     if retry == Retry::Safe && may_retry {
                         continue;
                     }
-                    let doing = if retry == Retry::Never {
-                        format!("{doing} (the write may or may not have been applied)")
-                    } else {
-                        doing.to_owned()
-                    };
-                    return Err(self.fail(e, &doing));
+                    if retry == Retry::Never {
+                        return Err(StorageError::OutcomeUnknown {
+                            backend: BACKEND.into(),
+                            message: format!("{doing}: {e}"),
+                            batch_token: None,
+                        });
+                    }
+                    return Err(self.fail(e, doing));
                 }
                 Err(e) => return Err(self.fail(e, doing)),
             }
         }
+    }
+
+    /// Sets the socket timeouts of `con` to what is left until `deadline`, shared among
+    /// `replies` reads (at most the response timeout each); false when nothing is left.
+    fn bound_by(&self, con: &mut redis::Connection, deadline: Instant, replies: u32) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_millis(1) {
+            return false;
+        }
+        let timeout = Some((left / replies.max(1)).min(self.options.response_timeout));
+        con.set_read_timeout(timeout).is_ok() && con.set_write_timeout(timeout).is_ok()
+    }
+
+    /// The operation ran out of its time bound before (or, `sent`, after) sending.
+    fn out_of_time(&self, doing: &str, retry: Retry, sent: bool) -> StorageError {
+        let bound = self.options.connect_timeout + self.options.response_timeout;
+        if sent && retry == Retry::Never {
+            return StorageError::OutcomeUnknown {
+                backend: BACKEND.into(),
+                message: format!("{doing}: no answer within {bound:?}"),
+                batch_token: None,
+            };
+        }
+        self.unavailable(format_args!(
+            "{doing}: the server did not answer within {bound:?}"
+        ))
     }
 
     fn connection_failed(&self, conn: &mut RedisConn) {
@@ -288,6 +339,17 @@ impl RedisBackend {
 
     /// Maps a failure of `doing`.
     pub(super) fn fail(&self, e: RedisError, doing: &str) -> StorageError {
+        if e.code() == Some("OOM") {
+            // The server's memory is this store's medium: full, as a disk would be. Scripts
+            // and transactions are refused whole before they run, so nothing was written.
+            return StorageError::StorageFull {
+                backend: BACKEND.into(),
+                message: format!(
+                    "{doing}: the Redis server at {} is out of memory (maxmemory): {e}",
+                    self.address
+                ),
+            };
+        }
         if is_connection_failure(&e) || is_server_unavailable(&e) {
             self.unavailable(format_args!("{doing}: {e}"))
         } else {

@@ -68,16 +68,31 @@
 //!
 //! A pool ([`r2d2`]) of up to [`RedisOptions::pool_size`] connections, each opened within
 //! [`RedisOptions::connect_timeout`] and with [`RedisOptions::response_timeout`] on every
-//! read and write of its socket. When Redis is down an operation fails with
-//! [`StorageError::Unavailable`] within `connect_timeout + response_timeout` (3 s by default),
-//! and immediately while the pool's reconnection attempts keep failing. The pool reconnects in
-//! the background, so the store recovers by itself within about half a `connect_timeout` of
-//! Redis coming back; connections that were open before an outage are checked with `PING`
+//! read and write of its socket. When Redis is down or hung (stopped, swapping, blocked by a
+//! long script) **every operation** fails within `connect_timeout + response_timeout` (3 s
+//! by default): the bound is one deadline for the whole operation, and each read and write of
+//! the socket is given only what is left of it, however many connections the operation tries
+//! (before, a `PING` check plus a retry on a second connection could each take the whole
+//! response timeout: 6 s under `SIGSTOP`). Reads fail with [`StorageError::Unavailable`],
+//! and immediately while the pool's reconnection attempts keep failing. The pool reconnects
+//! in the background, so the store recovers by itself within about half a `connect_timeout`
+//! of Redis coming back; connections that were open before an outage are checked with `PING`
 //! before a write is sent on them, so a restart does not make writes fail once more per
-//! pooled connection. Reads are retried on another connection after a connection failure; a
-//! write whose connection fails *after* it was sent is not retried (it may or may not have
-//! been applied) and the error says so.
+//! pooled connection. Reads are retried on another connection after a connection failure
+//! (within the same deadline). A write whose connection fails or times out *after* it was
+//! sent is not retried: it fails with [`StorageError::OutcomeUnknown`], since it may or may
+//! not have been applied (a hung server runs it when it wakes up); batches are atomic, so
+//! reading back one key of the batch tells whether all of it was applied.
 //!
+//! A server out of memory (`maxmemory`, `OOM command not allowed`) fails a write with
+//! [`StorageError::StorageFull`]: its memory is the store's medium, and the batch was
+//! refused whole before it ran.
+//!
+//! Batches larger than [`MAX_BATCH_OPERATIONS`] operations or [`MAX_BATCH_BYTES`] are
+//! refused with [`StorageError::InvalidTransaction`], before anything is sent: one script
+//! blocks the whole server while it runs, and splitting a batch would break its
+//! all-or-nothing promise.
+
 //! # Time
 //!
 //! Liveness is judged by the store's clock (`now`), expiry by Redis's: a record disappears when
@@ -99,6 +114,7 @@
 //! | `redis/hasher.rs` | the hasher of the check that no key repeats in a batch |
 
 mod batch;
+pub use batch::{MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
 mod connection;
 mod hasher;
 mod record;
@@ -434,7 +450,8 @@ impl Backend for RedisBackend {
         let mut want = HEADER_LEN + CUSTOM_READ_AHEAD;
         for _ in 0..3 {
             let (bytes, len, exists): (Vec<u8>, usize, bool) =
-                self.run("reading record metadata", Retry::Safe, |con| {
+                // MULTI, three commands, EXEC: five replies.
+                self.run_replies("reading record metadata", Retry::Safe, 5, |con| {
                     let read = redis::pipe()
                         .atomic()
                         .cmd("GETRANGE")

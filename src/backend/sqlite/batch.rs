@@ -4,10 +4,12 @@
 
 use rusqlite::{CachedStatement, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::SqliteBackend;
+use std::sync::atomic::Ordering;
+
 use super::schema::{
     SQL_DELETE, SQL_DELETE_IF_UNCHANGED, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED,
 };
+use super::{SqliteBackend, reserve};
 use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
@@ -69,7 +71,7 @@ impl<'t> BatchStatements<'t> {
     }
 
     /// Runs one operation of a batch inside its transaction.
-    fn apply(&mut self, op: WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
+    fn apply(&mut self, op: &WriteOp, now: Timestamp) -> rusqlite::Result<OpResult> {
         match op {
             WriteOp::Put {
                 key,
@@ -103,7 +105,7 @@ impl<'t> BatchStatements<'t> {
             }
             WriteOp::Put { key, record, mode } => {
                 let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
-                    .query_row([&key], |row| {
+                    .query_row([key], |row| {
                         Ok((
                             Previous {
                                 size: row.get(0)?,
@@ -115,8 +117,8 @@ impl<'t> BatchStatements<'t> {
                     .optional()?;
                 let live =
                     previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
-                if mode == PutMode::CreateOnly && live.is_some() {
-                    return Ok(OpResult::Exists(key));
+                if *mode == PutMode::CreateOnly && live.is_some() {
+                    return Ok(OpResult::Exists(key.clone()));
                 }
                 let meta = &record.meta;
                 let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
@@ -139,7 +141,7 @@ impl<'t> BatchStatements<'t> {
             }
             WriteOp::Delete { key } => {
                 let previous = Self::get(self.tx, &mut self.delete, SQL_DELETE)?
-                    .query_row([&key], |row| {
+                    .query_row([key], |row| {
                         Ok(Previous {
                             size: row.get(0)?,
                             expires_at: row.get(1)?,
@@ -162,7 +164,12 @@ enum OpResult {
 
 impl SqliteBackend {
     /// Applies a batch in one `BEGIN IMMEDIATE` transaction: see
-    /// [`write`](crate::backend::Backend::write).
+    /// [`write`](crate::backend::Backend::write). Refused on a read-only or damaged database.
+    ///
+    /// On a full disk (`SQLITE_FULL`) the disk reserve is released, the WAL written back
+    /// and emptied and the batch tried once more, as `sqlite/reserve.rs` describes. If it
+    /// still fails the error is [`StorageError::StorageFull`], nothing was written, and the
+    /// WAL is emptied again so that the failed attempt keeps no space.
     pub(super) fn write_batch(
         &self,
         ops: Vec<WriteOp>,
@@ -171,6 +178,84 @@ impl SqliteBackend {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        self.guard_write("writing a batch")?;
+        let only_deletes = ops.iter().all(|op| matches!(op, WriteOp::Delete { .. }));
+        if self.reserve_missing.load(Ordering::Relaxed) && !only_deletes && !self.restore_reserve()
+        {
+            return Err(self.full_without_headroom());
+        }
+        let result = match self.write_once(&ops, now) {
+            Err(StorageError::StorageFull { .. }) => {
+                reserve::release(&reserve::reserve_path(&self.path));
+                self.reserve_missing.store(true, Ordering::Relaxed);
+                // Deletes may use the reserve's space (they free pages); saves only what is
+                // left once the reserve is whole again.
+                let room = if only_deletes {
+                    self.checkpoint_truncate();
+                    true
+                } else {
+                    self.restore_reserve()
+                };
+                if room {
+                    let again = self.write_once(&ops, now);
+                    if again.is_err() {
+                        self.checkpoint_truncate();
+                    }
+                    again
+                } else {
+                    Err(self.full_without_headroom())
+                }
+            }
+            other => other,
+        };
+        if result.is_ok() && self.reserve_missing.load(Ordering::Relaxed) {
+            self.restore_reserve();
+        }
+        result
+    }
+
+    /// Empties the WAL and sizes the reserve file to what the free pages of the database
+    /// leave of the headroom; true (and the reserve no longer missing) when it is whole.
+    fn restore_reserve(&self) -> bool {
+        let free_bytes = {
+            let conn = self.writer();
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let pages: i64 = conn
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap_or(0);
+            let size: i64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap_or(0);
+            u64::try_from(pages.saturating_mul(size)).unwrap_or(0)
+        };
+        let needed = self.headroom.saturating_sub(free_bytes);
+        let whole = reserve::resize(&reserve::reserve_path(&self.path), needed);
+        self.reserve_missing.store(!whole, Ordering::Relaxed);
+        whole
+    }
+
+    /// The error of a save refused because the disk has no headroom left.
+    fn full_without_headroom(&self) -> StorageError {
+        StorageError::StorageFull {
+            backend: super::BACKEND.into(),
+            message: format!(
+                "the disk under {} is full (saves are refused until deletes or free disk space \
+                 leave the {} byte headroom a checkpoint needs)",
+                self.path.display(),
+                self.headroom
+            ),
+        }
+    }
+
+    /// Writes the WAL back and truncates it to nothing. Best effort: a checkpoint that cannot
+    /// run leaves the next write to fail.
+    fn checkpoint_truncate(&self) {
+        let conn = self.writer();
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// One attempt at a batch, in one transaction.
+    fn write_once(&self, ops: &[WriteOp], now: Timestamp) -> Result<Vec<WriteOutcome>> {
         let count = ops.len();
         let mut conn = self.writer();
         let tx = conn
@@ -206,6 +291,7 @@ impl SqliteBackend {
         value: &[u8],
         expires_at: Option<Timestamp>,
     ) -> Result<bool> {
+        self.guard_write("taking a record")?;
         let conn = self.writer();
         let removed = conn
             .prepare_cached(SQL_DELETE_IF_UNCHANGED)

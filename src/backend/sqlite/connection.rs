@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::ffi::ErrorCode;
 use rusqlite::{Connection, OpenFlags};
 
-use super::schema::{SQL_GET_VALUE, WRITER_STATEMENTS, migrate, schema_mismatch};
+use super::schema::{
+    READER_STATEMENTS, SCHEMA_VERSION, SQL_GET_VALUE, WRITER_STATEMENTS, migrate, schema_mismatch,
+};
 use super::{BACKEND, SqliteOptions};
 use crate::error::{Result, StorageError};
 
@@ -83,6 +85,8 @@ impl std::ops::Deref for ReaderConnection {
 pub(super) struct ReaderManager {
     pub(super) path: PathBuf,
     pub(super) options: SqliteOptions,
+    /// The store is read-only: readers open the way [`open_read_only`] does.
+    pub(super) read_only: bool,
 }
 
 impl r2d2::ManageConnection for ReaderManager {
@@ -90,7 +94,11 @@ impl r2d2::ManageConnection for ReaderManager {
     type Error = rusqlite::Error;
 
     fn connect(&self) -> rusqlite::Result<ReaderConnection> {
-        let conn = open_reader(&self.path, &self.options)?;
+        let conn = if self.read_only {
+            open_read_only(&self.path, &self.options)?
+        } else {
+            open_reader(&self.path, &self.options)?
+        };
         ReaderCell::try_new(conn, |conn| {
             Ok(ReaderStatements {
                 get_value: conn.prepare(SQL_GET_VALUE)?,
@@ -163,16 +171,21 @@ pub(super) fn open_error(path: &Path, doing: &str, e: rusqlite::Error) -> Storag
                 path.display()
             ),
         ),
-        Some(ErrorCode::DatabaseCorrupt) => StorageError::backend(
-            BACKEND,
-            format!("{} is a damaged SQLite database: {e}", path.display()),
-        ),
+        Some(ErrorCode::DatabaseCorrupt) => StorageError::Corrupt {
+            key: path.display().to_string(),
+            reason: format!(
+                "the SQLite database is damaged ({doing}: {e}); copy its readable records to a                  new store with `bevy-storage salvage`"
+            ),
+        },
         _ => sql_error(e, &format!("{doing} at {}", path.display())),
     }
 }
 
-/// Maps a rusqlite error: lock timeouts and unopenable files are [`StorageError::Unavailable`],
-/// everything else [`StorageError::Backend`].
+/// Maps a rusqlite error: lock timeouts and unopenable files are
+/// [`StorageError::Unavailable`], a full disk [`StorageError::StorageFull`], a database that
+/// cannot be written [`StorageError::ReadOnly`], everything else [`StorageError::Backend`].
+/// Damage (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) is mapped by [`SqliteBackend::fail`], which
+/// also remembers it.
 pub(super) fn sql_error(e: rusqlite::Error, doing: &str) -> StorageError {
     match error_code(&e) {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StorageError::unavailable(
@@ -180,8 +193,106 @@ pub(super) fn sql_error(e: rusqlite::Error, doing: &str) -> StorageError {
             format!("{doing}: the database stayed locked by another connection or process ({e})"),
         ),
         Some(ErrorCode::CannotOpen) => StorageError::unavailable(BACKEND, format!("{doing}: {e}")),
+        Some(ErrorCode::DiskFull) => StorageError::StorageFull {
+            backend: BACKEND.into(),
+            message: format!("{doing}: {e}"),
+        },
+        Some(ErrorCode::ReadOnly) => {
+            StorageError::read_only(BACKEND, doing, format!("SQLite refused the write: {e}"))
+        }
         _ => StorageError::backend(BACKEND, format!("{doing}: {e}")),
     }
+}
+
+/// True for the result codes that mean the file is damaged.
+pub(super) fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        error_code(e),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
+/// Why a database at `path` can only be read, found before SQLite opens it: the file (or,
+/// for a new file, its directory) is on a read-only file system or not writable by this
+/// process. `None` when it can be written.
+pub(super) fn read_only_medium(path: &Path) -> Option<String> {
+    let probe = if path.exists() {
+        std::fs::OpenOptions::new().write(true).open(path).map(drop)
+    } else {
+        return None;
+    };
+    match probe {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Some(format!("{} cannot be written: {e}", path.display()))
+        }
+        _ => None,
+    }
+}
+
+/// Opens a connection that only reads, for a store opened read-only. On a read-only medium
+/// SQLite cannot create the WAL's shared-memory file, so the file is then opened as
+/// `immutable` (nothing else can change it there either).
+pub(super) fn open_read_only(path: &Path, options: &SqliteOptions) -> rusqlite::Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let uri = |extra: &str| {
+        let mut uri = String::from("file:");
+        for c in path.to_string_lossy().chars() {
+            match c {
+                '?' | '#' | '%' => uri.push_str(&format!("%{:02X}", c as u32)),
+                c => uri.push(c),
+            }
+        }
+        uri.push_str("?mode=ro");
+        uri.push_str(extra);
+        uri
+    };
+    let first = Connection::open_with_flags(uri(""), flags).and_then(|conn| {
+        configure(&conn, options, true)?;
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+        Ok(conn)
+    });
+    match first {
+        Ok(conn) => Ok(conn),
+        Err(e)
+            if matches!(
+                error_code(&e),
+                Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)
+            ) =>
+        {
+            let conn = Connection::open_with_flags(uri("&immutable=1"), flags)?;
+            configure(&conn, options, true)?;
+            Ok(conn)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks, without writing, that a database opened read-only is one this build reads.
+pub(super) fn check_read_only(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| open_error(path, "reading the schema version", e))?;
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::backend(
+            BACKEND,
+            format!(
+                "{} has schema version {version}, newer than the version {SCHEMA_VERSION} this \
+                 build of bevy_storage understands; upgrade bevy_storage to open it",
+                path.display()
+            ),
+        ));
+    }
+    for sql in READER_STATEMENTS {
+        conn.prepare(sql).map_err(|e| schema_mismatch(path, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -219,6 +330,7 @@ mod tests {
             synchronous: SqliteSynchronous::Full,
             pool_size: 2,
             busy_timeout: Duration::from_millis(1500),
+            ..SqliteOptions::default()
         };
         let b = SqliteBackend::open(db(&dir), &options).unwrap();
         let w = b.writer.lock();
@@ -275,6 +387,52 @@ mod tests {
             err.to_string().contains("is not a SQLite database"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn full_disk_damage_and_read_only_codes_are_typed() {
+        let sqlite = |code: i32| {
+            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some("m".into()))
+        };
+        let full = sql_error(sqlite(rusqlite::ffi::SQLITE_FULL), "writing");
+        assert!(matches!(full, StorageError::StorageFull { .. }), "{full:?}");
+        assert!(full.is_backend_failure());
+        let ro = sql_error(sqlite(rusqlite::ffi::SQLITE_READONLY), "writing");
+        assert!(matches!(ro, StorageError::ReadOnly { .. }), "{ro:?}");
+        assert!(is_damage(&sqlite(rusqlite::ffi::SQLITE_CORRUPT)));
+        assert!(is_damage(&sqlite(rusqlite::ffi::SQLITE_NOTADB)));
+        assert!(!is_damage(&sqlite(rusqlite::ffi::SQLITE_FULL)));
+        let opened = open_error(
+            Path::new("x.db"),
+            "opening",
+            sqlite(rusqlite::ffi::SQLITE_CORRUPT),
+        );
+        assert!(matches!(opened, StorageError::Corrupt { .. }), "{opened:?}");
+    }
+
+    #[test]
+    fn read_only_option_refuses_writes_and_leaves_the_file_alone() {
+        let dir = TempDir::new().unwrap();
+        put1(&open(&dir), "k", b"v", at(0), None);
+        let before = std::fs::read(db(&dir)).unwrap();
+        let options = SqliteOptions {
+            read_only: true,
+            ..SqliteOptions::default()
+        };
+        let b = SqliteBackend::open(db(&dir), &options).unwrap();
+        assert_eq!(b.get("k").unwrap().unwrap().value, b"v");
+        let err = b
+            .write(vec![put("k", record(b"w", at(1), None))], at(1))
+            .unwrap_err();
+        assert!(matches!(err, StorageError::ReadOnly { .. }), "{err:?}");
+        assert!(matches!(
+            b.touch("k", at(2)),
+            Err(StorageError::ReadOnly { .. })
+        ));
+        assert!(matches!(b.clear(), Err(StorageError::ReadOnly { .. })));
+        assert!(b.read_only().is_some());
+        drop(b);
+        assert!(std::fs::read(db(&dir)).unwrap() == before);
     }
 
     #[test]

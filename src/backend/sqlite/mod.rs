@@ -35,9 +35,31 @@
 //! | `sqlite/schema.rs` | the `records` table, its statements, rows to metadata |
 //! | `sqlite/connection.rs` | the writer and the reader pool, pragmas, error mapping |
 //! | `sqlite/batch.rs` | write batches, one transaction each |
+//! | `sqlite/salvage.rs` | copying the readable records of a damaged database |
+//!
+//! # Damage, full disks, read-only files
+//!
+//! A statement that meets a damaged page (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) fails with
+//! [`StorageError::Corrupt`] carrying SQLite's message, and the backend remembers it: from
+//! then on every write is refused with that error (the file is not written into further),
+//! [`Backend::damage`] reports it and the store is unhealthy. A store still opens over a
+//! damaged file whose first page is readable, so that what can be read can be;
+//! [`salvage::salvage`] (`bevy-storage salvage SRC DEST`) copies every readable record into a
+//! new file.
+//!
+//! A full disk (`SQLITE_FULL`) is [`StorageError::StorageFull`]; the batch is retried once
+//! after `PRAGMA wal_checkpoint(TRUNCATE)`, which writes the WAL back and frees its space, so
+//! that the pages freed by deletes can be used again.
+//!
+//! [`SqliteOptions::read_only`] opens the file read-only (as `immutable` on a read-only
+//! medium, where SQLite cannot create the WAL's shared memory); a file that cannot be opened
+//! for writing (`EROFS`, `EACCES`) is opened that way by itself. Writes then fail with
+//! [`StorageError::ReadOnly`].
 
 mod batch;
 mod connection;
+mod reserve;
+pub mod salvage;
 mod schema;
 #[cfg(test)]
 mod testing;
@@ -53,7 +75,10 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
-use connection::{ReaderManager, open_error, open_reader, open_writer, sql_error};
+use connection::{
+    ReaderManager, check_read_only, is_damage, open_error, open_read_only, open_reader,
+    open_writer, read_only_medium, sql_error,
+};
 use schema::{
     READER_STATEMENTS, RawMeta, SQL_CLEAR, SQL_GET, SQL_GET_META, SQL_HEALTH, SQL_PURGE,
     SQL_SCAN_ALL, SQL_SCAN_FROM, SQL_SCAN_RANGE, SQL_TOUCH, SQL_USAGE, prefix_upper_bound,
@@ -98,6 +123,19 @@ pub struct SqliteOptions {
     /// read for a free reader connection) before failing with
     /// [`StorageError::Unavailable`]. Default 5 s.
     pub busy_timeout: Duration,
+    /// Open the database for reading only: every write fails with
+    /// [`StorageError::ReadOnly`] and the file is never changed. A store also opens
+    /// read-only by itself when the file cannot be written (a read-only mount, no write
+    /// permission). Default false.
+    pub read_only: bool,
+    /// Headroom kept for a full disk: free pages of the database plus a file
+    /// `<db>-reserve` allocated beside it, released on `SQLITE_FULL` so that the WAL can
+    /// still be written back and the space freed by deletes used again (see
+    /// [`StorageError::StorageFull`] and the module docs). Default 4 MiB (about what a WAL
+    /// holds between two automatic checkpoints by default); 0 keeps none. On a small disk it
+    /// is at most an eighth of the disk's size, and the WAL is checkpointed every headroom's
+    /// worth of pages. Not kept when read-only.
+    pub disk_reserve: u64,
 }
 
 impl Default for SqliteOptions {
@@ -106,6 +144,8 @@ impl Default for SqliteOptions {
             synchronous: SqliteSynchronous::Normal,
             pool_size: 10,
             busy_timeout: Duration::from_secs(5),
+            read_only: false,
+            disk_reserve: 4 * 1024 * 1024,
         }
     }
 }
@@ -119,6 +159,14 @@ pub struct SqliteBackend {
     readers: Pool<ReaderManager>,
     writer: Mutex<Connection>,
     options: SqliteOptions,
+    /// Why the store only reads (the option, or a medium that refused writes).
+    read_only: Option<String>,
+    /// The damage found in the file, once a statement met it: writes are refused from then on.
+    damage: Mutex<Option<String>>,
+    /// The disk reserve is not in place (see `sqlite/reserve.rs`).
+    reserve_missing: std::sync::atomic::AtomicBool,
+    /// The headroom kept for a full disk, in bytes (see `sqlite/reserve.rs`).
+    headroom: u64,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -157,16 +205,47 @@ impl SqliteBackend {
             })?;
         }
 
-        let writer = open_writer(&path, options)?;
+        let read_only = if options.read_only {
+            Some("opened read-only".to_owned())
+        } else {
+            read_only_medium(&path)
+        };
+        if let Some(reason) = read_only.as_ref().filter(|_| !options.read_only) {
+            bevy::log::warn!(
+                "{}: {reason}; the store is opened read-only",
+                path.display()
+            );
+        }
+        let writer = match &read_only {
+            None => open_writer(&path, options)?,
+            Some(_) => {
+                if !path.exists() {
+                    return Err(StorageError::read_only(
+                        BACKEND,
+                        format!("creating {}", path.display()),
+                        "the store is opened read-only and the database does not exist",
+                    ));
+                }
+                let conn = open_read_only(&path, options)
+                    .map_err(|e| open_error(&path, "opening the database read-only", e))?;
+                check_read_only(&conn, &path)?;
+                conn
+            }
+        };
 
         let manager = ReaderManager {
             path: path.clone(),
             options: options.clone(),
+            read_only: read_only.is_some(),
         };
         // Open one reader here so that a failure is reported now, clearly, instead of the
         // pool retrying in the background until its timeout.
-        let probe = open_reader(&path, options)
-            .map_err(|e| open_error(&path, "opening a reader connection", e))?;
+        let probe = if read_only.is_some() {
+            open_read_only(&path, options)
+        } else {
+            open_reader(&path, options)
+        }
+        .map_err(|e| open_error(&path, "opening a reader connection", e))?;
         for sql in READER_STATEMENTS {
             probe.prepare(sql).map_err(|e| schema_mismatch(&path, e))?;
         }
@@ -185,11 +264,34 @@ impl SqliteBackend {
                 )
             })?;
 
+        let headroom = if read_only.is_some() {
+            0
+        } else {
+            reserve::headroom(&path, options.disk_reserve)
+        };
+        if headroom > 0 {
+            // The WAL never holds more than the headroom between two checkpoints, so that
+            // the headroom always suffices to write it back.
+            let pages = i64::try_from(headroom / 4096).unwrap_or(i64::MAX).max(16);
+            let _ = writer.pragma_update(None, "wal_autocheckpoint", pages);
+        }
+        let reserve_missing = !reserve::resize(&reserve::reserve_path(&path), headroom);
+        if reserve_missing {
+            bevy::log::warn!(
+                "{}: no room for the {headroom} byte disk reserve; saves are refused until \
+                 there is",
+                path.display()
+            );
+        }
         Ok(Self {
             path,
             readers,
             writer: Mutex::new(writer),
             options: options.clone(),
+            read_only,
+            damage: Mutex::new(None),
+            reserve_missing: reserve_missing.into(),
+            headroom,
         })
     }
 
@@ -222,9 +324,41 @@ impl SqliteBackend {
         })
     }
 
-    /// Maps a failure of `doing` (lazily formatted) on this database.
+    /// Maps a failure of `doing` (lazily formatted) on this database. Damage is
+    /// [`StorageError::Corrupt`] with SQLite's message, and is remembered: from then on
+    /// every write is refused (see [`guard_write`](Self::guard_write)).
     fn fail(&self, e: rusqlite::Error, doing: fmt::Arguments<'_>) -> StorageError {
+        if is_damage(&e) {
+            let reason = format!(
+                "the SQLite database is damaged ({doing}: {e}); writes are refused so as not to \
+                 damage it further; copy its readable records to a new store with \
+                 `bevy-storage salvage`"
+            );
+            let mut damage = self.damage.lock();
+            if damage.is_none() {
+                bevy::log::error!("{}: {reason}", self.path.display());
+                *damage = Some(reason.clone());
+            }
+            return StorageError::Corrupt {
+                key: self.path.display().to_string(),
+                reason,
+            };
+        }
         sql_error(e, &format!("{doing} in {}", self.path.display()))
+    }
+
+    /// Refuses `operation` on a read-only or damaged database, before it touches the file.
+    fn guard_write(&self, operation: &str) -> Result<()> {
+        if let Some(reason) = &self.read_only {
+            return Err(StorageError::read_only(BACKEND, operation, reason.clone()));
+        }
+        if let Some(reason) = &*self.damage.lock() {
+            return Err(StorageError::Corrupt {
+                key: self.path.display().to_string(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -294,6 +428,7 @@ impl Backend for SqliteBackend {
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
+        self.guard_write("updating an access time")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_TOUCH)
             .and_then(|mut stmt| stmt.execute(rusqlite::params![key, at.0]))
@@ -367,6 +502,7 @@ impl Backend for SqliteBackend {
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
+        self.guard_write("removing expired records")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_PURGE)
             .and_then(|mut stmt| stmt.execute([now.0]))
@@ -374,6 +510,7 @@ impl Backend for SqliteBackend {
     }
 
     fn clear(&self) -> Result<()> {
+        self.guard_write("removing every record")?;
         let conn = self.writer();
         conn.prepare_cached(SQL_CLEAR)
             .and_then(|mut stmt| stmt.execute([]))
@@ -399,6 +536,14 @@ impl Backend for SqliteBackend {
             _ => Path::new("."),
         };
         fs4::available_space(dir).ok()
+    }
+
+    fn read_only(&self) -> Option<String> {
+        self.read_only.clone()
+    }
+
+    fn damage(&self) -> Option<String> {
+        self.damage.lock().clone()
     }
 
     fn health_check(&self) -> Result<()> {

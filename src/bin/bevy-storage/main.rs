@@ -8,6 +8,7 @@
 mod dump;
 mod render;
 mod ron_view;
+mod salvage;
 mod snapshot_view;
 mod transfer;
 mod write;
@@ -207,6 +208,9 @@ enum Command {
     },
     /// Remove the expired records now
     PurgeExpired,
+    /// Copy every readable record of a damaged SQLite store into a new one and report what
+    /// could not be read (ignores --store)
+    Salvage(salvage::SalvageArgs),
 }
 
 /// Why the program stops, and with which exit code.
@@ -352,6 +356,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Outcome {
         Command::Set(args) => write::set(cli, args, out),
         Command::Clear { yes } => write::clear(cli, *yes, out),
         Command::PurgeExpired => purge_expired(cli, out),
+        Command::Salvage(args) => salvage::run(cli, args, out),
         Command::Export {
             file,
             prefix,
