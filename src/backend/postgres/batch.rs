@@ -9,10 +9,11 @@
 //! return what they removed. The counters are updated last, after the quota check, in the
 //! same transaction.
 
-use deadpool_postgres::Object;
 use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Statement, Transaction};
 
+use super::connection::Session;
 use super::{PostgresBackend, is_retryable, schema};
 use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -97,10 +98,10 @@ pub(super) fn write_batch(
     }
     let ns = backend.namespace.as_str();
     let doing = format!("writing a batch of {} operation(s)", ops.len());
-    let end = backend.run(&doing, true, async |client: &mut Object| {
+    let end = backend.run(&doing, true, async |session: &mut Session| {
         let mut attempt = 1;
         loop {
-            match attempt_batch(client, ns, &prepared, now, max_size).await {
+            match attempt_batch(session, ns, &prepared, now, max_size).await {
                 Err(e) if attempt < ATTEMPTS && is_retryable(&e) => attempt += 1,
                 other => return other,
             }
@@ -120,31 +121,33 @@ pub(super) fn write_batch(
 /// Locks the namespace's counters for the rest of `tx` and returns them, creating them from
 /// the records first when they are missing.
 pub(super) async fn lock_namespace(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
+    lock: &Statement,
     ns: &str,
 ) -> std::result::Result<(i64, i64), tokio_postgres::Error> {
-    let lock = tx.prepare_cached(schema::SQL_LOCK_NAMESPACE).await?;
-    if let Some(row) = tx.query_opt(&lock, &[&ns]).await? {
+    if let Some(row) = tx.query_opt(lock, &[&ns]).await? {
         return Ok((row.get(0), row.get(1)));
     }
     tx.execute(schema::SQL_ADVISORY_LOCK, &[&ns]).await?;
     tx.execute(schema::SQL_INIT_NAMESPACE, &[&ns]).await?;
-    let row = tx.query_one(&lock, &[&ns]).await?;
+    let row = tx.query_one(lock, &[&ns]).await?;
     Ok((row.get(0), row.get(1)))
 }
 
 async fn attempt_batch(
-    client: &mut Object,
+    session: &mut Session,
     ns: &str,
     ops: &[Prepared<'_>],
     now: Timestamp,
     max_size: Option<u64>,
 ) -> std::result::Result<BatchEnd, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let (mut count, mut total) = lock_namespace(&tx, ns).await?;
-    let upsert = tx.prepare_cached(schema::SQL_UPSERT).await?;
-    let create_only = tx.prepare_cached(schema::SQL_CREATE_ONLY).await?;
-    let delete = tx.prepare_cached(schema::SQL_DELETE).await?;
+    let lock = session.prepare(schema::SQL_LOCK_NAMESPACE).await?;
+    let upsert = session.prepare(schema::SQL_UPSERT).await?;
+    let create_only = session.prepare(schema::SQL_CREATE_ONLY).await?;
+    let delete = session.prepare(schema::SQL_DELETE).await?;
+    let set = session.prepare(schema::SQL_SET_NAMESPACE).await?;
+    let tx = session.client.transaction().await?;
+    let (mut count, mut total) = lock_namespace(&tx, &lock, ns).await?;
     let now_ms = now.0;
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
         .iter()
@@ -232,7 +235,6 @@ async fn attempt_batch(
             });
         }
     }
-    let set = tx.prepare_cached(schema::SQL_SET_NAMESPACE).await?;
     tx.execute(&set, &[&ns, &count, &total]).await?;
     tx.commit().await?;
     Ok(BatchEnd::Committed(outcomes))

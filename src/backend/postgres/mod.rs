@@ -22,15 +22,22 @@
 //!
 //! # Connections and time bounds
 //!
-//! Connections come from a [`deadpool_postgres`] pool of [`PostgresOptions::pool_size`]
-//! connections, driven by a private Tokio runtime of one thread (the game never needs Tokio).
-//! Every operation, including waiting for a connection, is bounded by
+//! Connections come from an `r2d2` pool of [`PostgresOptions::pool_size`] `tokio-postgres`
+//! clients, each driven on the calling thread by a small runtime of its own (see
+//! `postgres/connection.rs`; the game never needs Tokio). Every operation, including waiting
+//! for a connection, is bounded by
 //! [`PostgresOptions::connect_timeout`] + [`PostgresOptions::response_timeout`] (3 s by
 //! default): past it the operation fails with [`StorageError::Unavailable`] and its
 //! connection is closed rather than reused, so a hung server cannot hold a game thread. A
 //! write that fails that way after it was sent says that it may or may not have been
 //! applied. Call the backend from ordinary threads (Bevy's task pools, `std::thread`), not
 //! from inside a Tokio runtime, where it refuses with a [`StorageError::Config`] error.
+//!
+//! Why `tokio-postgres` rather than the synchronous `postgres` crate: the synchronous client
+//! has no client-side timeout, so a hung server would hold a game thread for as long as the
+//! kernel keeps the connection. Driving `tokio-postgres` on the calling thread keeps the
+//! synchronous crate's speed (no hand-off between threads per round trip) and adds the
+//! deadline.
 //!
 //! Passwords never appear in messages or `Debug` output (the URL is redacted).
 //!
@@ -43,15 +50,18 @@
 //! | `postgres/batch.rs` | write batches, one transaction each |
 
 mod batch;
+mod connection;
 mod schema;
 
 use std::fmt;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio::time::{Instant, timeout_at};
-use tokio_postgres::NoTls;
+use std::time::Instant;
+
+use r2d2::Pool;
 use tokio_postgres::error::SqlState;
+
+use connection::Session;
 
 use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -87,8 +97,7 @@ impl Default for PostgresOptions {
 
 /// Records in a PostgreSQL database, under one namespace. See the [module docs](self).
 pub struct PostgresBackend {
-    pool: Pool,
-    runtime: tokio::runtime::Runtime,
+    pool: Pool<connection::Manager>,
     namespace: String,
     /// The connection string without its password, for messages.
     address: String,
@@ -103,14 +112,6 @@ impl fmt::Debug for PostgresBackend {
             .field("options", &self.options)
             .finish()
     }
-}
-
-/// Why a bounded operation failed before it could return its own result.
-enum Failure {
-    /// The time bound passed.
-    TimedOut,
-    /// No connection could be had.
-    Pool(String),
 }
 
 impl PostgresBackend {
@@ -131,30 +132,18 @@ impl PostgresBackend {
         })?;
         pg_config.connect_timeout(options.connect_timeout);
         pg_config.application_name("bevy_storage");
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("bevy-storage-postgres")
-            .enable_all()
-            .build()
-            .map_err(|e| StorageError::io("starting the PostgreSQL client's runtime", e))?;
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size as usize)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| StorageError::Config(format!("PostgreSQL pool for {address}: {e}")))?;
+        let manager = connection::Manager {
+            config: pg_config,
+            connect_timeout: options.connect_timeout,
+        };
+        let pool = Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(options.connect_timeout)
+            .test_on_check_out(false)
+            .build_unchecked(manager);
         let backend = Self {
             pool,
-            runtime,
             namespace: namespace.to_owned(),
             address,
             options: options.clone(),
@@ -170,16 +159,17 @@ impl PostgresBackend {
 
     fn create_schema(&self) -> Result<()> {
         let ns = self.namespace.as_str();
-        let version = self.run("creating the tables", false, async |client: &mut Object| {
-            client
+        let version = self.run("creating the tables", false, async |s: &mut Session| {
+            s.client
                 .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
                 .await?;
-            let row = client.query_one(schema::SQL_VERSION, &[]).await?;
+            let row = s.client.query_one(schema::SQL_VERSION, &[]).await?;
             let version = row.get::<_, i32>(0);
             if version <= schema::SCHEMA_VERSION {
                 // This namespace's counters, created from its records on its first open.
-                let tx = client.transaction().await?;
-                batch::lock_namespace(&tx, ns).await?;
+                let lock = s.prepare(schema::SQL_LOCK_NAMESPACE).await?;
+                let tx = s.client.transaction().await?;
+                batch::lock_namespace(&tx, &lock, ns).await?;
                 tx.commit().await?;
             }
             Ok(version)
@@ -201,13 +191,13 @@ impl PostgresBackend {
     }
 
     /// Runs `op` with a pooled connection within [`bound`](Self::bound). A connection whose
-    /// operation timed out or broke is taken out of the pool and closed. `writes` says
+    /// operation timed out or broke is marked broken, and the pool closes it. `writes` says
     /// whether a failure after sending leaves the outcome unknown.
     fn run<T>(
         &self,
         doing: &str,
         writes: bool,
-        op: impl AsyncFnOnce(&mut Object) -> std::result::Result<T, tokio_postgres::Error>,
+        op: impl AsyncFnOnce(&mut Session) -> std::result::Result<T, tokio_postgres::Error>,
     ) -> Result<T> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(StorageError::Config(format!(
@@ -215,29 +205,18 @@ impl PostgresBackend {
                  it from a plain thread (for example with tokio::task::spawn_blocking)"
             )));
         }
-        let outcome = self.runtime.block_on(async {
-            let deadline = Instant::now() + self.bound();
-            let mut client = match timeout_at(deadline, self.pool.get()).await {
-                Err(_) => return Err(Failure::TimedOut),
-                Ok(Err(e)) => return Err(Failure::Pool(e.to_string())),
-                Ok(Ok(client)) => client,
-            };
-            match timeout_at(deadline, op(&mut client)).await {
-                Err(_) => {
-                    drop(Object::take(client));
-                    Err(Failure::TimedOut)
-                }
-                Ok(result) => {
-                    if result
-                        .as_ref()
-                        .is_err_and(|e| e.is_closed() || e.code().is_none())
-                    {
-                        drop(Object::take(client));
-                    }
-                    Ok(result)
-                }
-            }
-        });
+        let started = Instant::now();
+        let mut conn = self.pool.get_timeout(self.bound()).map_err(|e| {
+            StorageError::unavailable(
+                BACKEND,
+                format!("{doing}: no connection to {}: {e}", self.address),
+            )
+        })?;
+        let left = self.bound().saturating_sub(started.elapsed());
+        let conn = &mut *conn;
+        let outcome = conn
+            .runtime
+            .block_on(tokio::time::timeout(left, op(&mut conn.session)));
         let unknown = if writes {
             " (the write may or may not have been applied)"
         } else {
@@ -245,19 +224,23 @@ impl PostgresBackend {
         };
         match outcome {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.pg_error(e, doing, unknown)),
-            Err(Failure::TimedOut) => Err(StorageError::unavailable(
-                BACKEND,
-                format!(
-                    "{doing}: {} did not answer within {:?}{unknown}",
-                    self.address,
-                    self.bound()
-                ),
-            )),
-            Err(Failure::Pool(why)) => Err(StorageError::unavailable(
-                BACKEND,
-                format!("{doing}: no connection to {}: {why}", self.address),
-            )),
+            Ok(Err(e)) => {
+                if e.is_closed() || e.code().is_none() {
+                    conn.broken = true;
+                }
+                Err(self.pg_error(e, doing, unknown))
+            }
+            Err(_) => {
+                conn.broken = true;
+                Err(StorageError::unavailable(
+                    BACKEND,
+                    format!(
+                        "{doing}: {} did not answer within {:?}{unknown}",
+                        self.address,
+                        self.bound()
+                    ),
+                ))
+            }
         }
     }
 
@@ -292,9 +275,9 @@ impl Backend for PostgresBackend {
 
     fn get(&self, key: &str) -> Result<Option<Record>> {
         let ns = self.namespace.as_str();
-        let row = self.run("reading a record", false, async |client: &mut Object| {
-            let statement = client.prepare_cached(&schema::sql_get()).await?;
-            client.query_opt(&statement, &[&ns, &key]).await
+        let row = self.run("reading a record", false, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_GET).await?;
+            s.client.query_opt(&statement, &[&ns, &key]).await
         })?;
         row.map(|row| {
             let meta = schema::meta_from_row(&row, key)?;
@@ -307,9 +290,9 @@ impl Backend for PostgresBackend {
 
     fn get_value(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Timestamp>)>> {
         let ns = self.namespace.as_str();
-        let row = self.run("reading a record", false, async |client: &mut Object| {
-            let statement = client.prepare_cached(schema::SQL_GET_VALUE).await?;
-            client.query_opt(&statement, &[&ns, &key]).await
+        let row = self.run("reading a record", false, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_GET_VALUE).await?;
+            s.client.query_opt(&statement, &[&ns, &key]).await
         })?;
         Ok(row.map(|row| {
             (
@@ -321,9 +304,9 @@ impl Backend for PostgresBackend {
 
     fn get_meta(&self, key: &str) -> Result<Option<RecordMeta>> {
         let ns = self.namespace.as_str();
-        let row = self.run("reading metadata", false, async |client: &mut Object| {
-            let statement = client.prepare_cached(&schema::sql_get_meta()).await?;
-            client.query_opt(&statement, &[&ns, &key]).await
+        let row = self.run("reading metadata", false, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_GET_META).await?;
+            s.client.query_opt(&statement, &[&ns, &key]).await
         })?;
         row.map(|row| schema::meta_from_row(&row, key)).transpose()
     }
@@ -356,10 +339,11 @@ impl Backend for PostgresBackend {
     ) -> Result<bool> {
         let ns = self.namespace.as_str();
         let expires_at = expires_at.map(|t| t.0);
-        self.run("taking a record", true, async |client: &mut Object| {
-            let tx = client.transaction().await?;
-            let (count, total) = batch::lock_namespace(&tx, ns).await?;
-            let statement = tx.prepare_cached(schema::SQL_DELETE_IF_UNCHANGED).await?;
+        self.run("taking a record", true, async |s: &mut Session| {
+            let lock = s.prepare(schema::SQL_LOCK_NAMESPACE).await?;
+            let statement = s.prepare(schema::SQL_DELETE_IF_UNCHANGED).await?;
+            let tx = s.client.transaction().await?;
+            let (count, total) = batch::lock_namespace(&tx, &lock, ns).await?;
             let Some(row) = tx
                 .query_opt(&statement, &[&ns, &key, &value, &expires_at])
                 .await?
@@ -380,26 +364,22 @@ impl Backend for PostgresBackend {
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
         let ns = self.namespace.as_str();
-        self.run(
-            "updating the access time",
-            true,
-            async |client: &mut Object| {
-                let statement = client.prepare_cached(schema::SQL_TOUCH).await?;
-                client.execute(&statement, &[&ns, &key, &at.0]).await
-            },
-        )?;
+        self.run("updating the access time", true, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_TOUCH).await?;
+            s.client.execute(&statement, &[&ns, &key, &at.0]).await
+        })?;
         Ok(())
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
         let ns = self.namespace.as_str();
         let upper = prefix_upper_bound(prefix);
-        let rows = self.run("listing keys", false, async |client: &mut Object| {
+        let rows = self.run("listing keys", false, async |s: &mut Session| {
             match (prefix.is_empty(), &upper) {
-                (true, _) => client.query(schema::SQL_SCAN_ALL, &[&ns]).await,
-                (false, None) => client.query(schema::SQL_SCAN_FROM, &[&ns, &prefix]).await,
+                (true, _) => s.client.query(schema::SQL_SCAN_ALL, &[&ns]).await,
+                (false, None) => s.client.query(schema::SQL_SCAN_FROM, &[&ns, &prefix]).await,
                 (false, Some(upper)) => {
-                    client
+                    s.client
                         .query(schema::SQL_SCAN_RANGE, &[&ns, &prefix, upper])
                         .await
                 }
@@ -413,46 +393,40 @@ impl Backend for PostgresBackend {
         let upper = prefix_upper_bound(prefix);
         let after = after.unwrap_or("");
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.run(
-            "listing a page of keys",
-            false,
-            async |client: &mut Object| {
-                let statement = client.prepare_cached(schema::SQL_SCAN_PAGE).await?;
-                client
-                    .query(&statement, &[&ns, &prefix, &upper, &after, &limit])
-                    .await
-            },
-        )?;
+        let rows = self.run("listing a page of keys", false, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_SCAN_PAGE).await?;
+            s.client
+                .query(&statement, &[&ns, &prefix, &upper, &after, &limit])
+                .await
+        })?;
         rows.iter().map(key_entry).collect()
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
         let ns = self.namespace.as_str();
-        let removed = self.run(
-            "purging expired records",
-            true,
-            async |client: &mut Object| {
-                let tx = client.transaction().await?;
-                let (count, total) = batch::lock_namespace(&tx, ns).await?;
-                let gone = tx.query_one(schema::SQL_PURGE, &[&ns, &now.0]).await?;
-                let (gone_count, gone_size): (i64, i64) = (gone.get(0), gone.get(1));
-                tx.execute(
-                    schema::SQL_SET_NAMESPACE,
-                    &[&ns, &(count - gone_count), &(total - gone_size)],
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(gone_count)
-            },
-        )?;
+        let removed = self.run("purging expired records", true, async |s: &mut Session| {
+            let lock = s.prepare(schema::SQL_LOCK_NAMESPACE).await?;
+            let tx = s.client.transaction().await?;
+            let (count, total) = batch::lock_namespace(&tx, &lock, ns).await?;
+            let gone = tx.query_one(schema::SQL_PURGE, &[&ns, &now.0]).await?;
+            let (gone_count, gone_size): (i64, i64) = (gone.get(0), gone.get(1));
+            tx.execute(
+                schema::SQL_SET_NAMESPACE,
+                &[&ns, &(count - gone_count), &(total - gone_size)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(gone_count)
+        })?;
         Ok(usize::try_from(removed).unwrap_or(0))
     }
 
     fn clear(&self) -> Result<()> {
         let ns = self.namespace.as_str();
-        self.run("clearing the store", true, async |client: &mut Object| {
-            let tx = client.transaction().await?;
-            batch::lock_namespace(&tx, ns).await?;
+        self.run("clearing the store", true, async |s: &mut Session| {
+            let lock = s.prepare(schema::SQL_LOCK_NAMESPACE).await?;
+            let tx = s.client.transaction().await?;
+            batch::lock_namespace(&tx, &lock, ns).await?;
             tx.execute(schema::SQL_CLEAR, &[&ns]).await?;
             tx.execute(schema::SQL_SET_NAMESPACE, &[&ns, &0i64, &0i64])
                 .await?;
@@ -463,8 +437,9 @@ impl Backend for PostgresBackend {
 
     fn usage(&self, now: Timestamp) -> Result<Usage> {
         let ns = self.namespace.as_str();
-        let row = self.run("counting records", false, async |client: &mut Object| {
-            client.query_opt(schema::SQL_USAGE, &[&ns, &now.0]).await
+        let row = self.run("counting records", false, async |s: &mut Session| {
+            let statement = s.prepare(schema::SQL_USAGE).await?;
+            s.client.query_opt(&statement, &[&ns, &now.0]).await
         })?;
         let (count, size): (i64, i64) = row.map_or((0, 0), |row| (row.get(0), row.get(1)));
         Ok(Usage {
@@ -474,11 +449,9 @@ impl Backend for PostgresBackend {
     }
 
     fn health_check(&self) -> Result<()> {
-        self.run(
-            "checking the connection",
-            false,
-            async |client: &mut Object| client.simple_query("SELECT 1").await,
-        )?;
+        self.run("checking the connection", false, async |s: &mut Session| {
+            s.client.simple_query("SELECT 1").await
+        })?;
         Ok(())
     }
 }

@@ -85,18 +85,13 @@ pub(super) const SQL_EXPIRED: &str = "SELECT count(*), coalesce(sum(size), 0)::b
 
 pub(super) const SQL_VERSION: &str = "SELECT version FROM bevy_storage_schema WHERE id = 1";
 
-const META_COLUMNS: &str =
-    "created_at, modified_at, accessed_at, expires_at, size, compressed, encrypted, custom";
+pub(super) const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, \
+     compressed, encrypted, custom, value FROM bevy_storage_records \
+     WHERE namespace = $1 AND key = $2";
 
-pub(super) fn sql_get() -> String {
-    format!(
-        "SELECT {META_COLUMNS}, value FROM bevy_storage_records WHERE namespace = $1 AND key = $2"
-    )
-}
-
-pub(super) fn sql_get_meta() -> String {
-    format!("SELECT {META_COLUMNS} FROM bevy_storage_records WHERE namespace = $1 AND key = $2")
-}
+pub(super) const SQL_GET_META: &str = "SELECT created_at, modified_at, accessed_at, expires_at, \
+     size, compressed, encrypted, custom FROM bevy_storage_records \
+     WHERE namespace = $1 AND key = $2";
 
 pub(super) const SQL_GET_VALUE: &str =
     "SELECT value, expires_at FROM bevy_storage_records WHERE namespace = $1 AND key = $2";
@@ -180,7 +175,7 @@ pub(super) const SQL_DELETE_IF_UNCHANGED: &str = "DELETE FROM bevy_storage_recor
 pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2 RETURNING size, expires_at";
 
-/// Reads the first eight columns of [`sql_get`] / [`sql_get_meta`] into checked metadata.
+/// Reads the first eight columns of [`SQL_GET`] / [`SQL_GET_META`] into checked metadata.
 pub(super) fn meta_from_row(row: &Row, key: &str) -> Result<RecordMeta> {
     let size: i64 = row.get(4);
     let size = u64::try_from(size)
