@@ -29,8 +29,8 @@
 //! [`PostgresOptions::connect_timeout`] + [`PostgresOptions::response_timeout`] (3 s by
 //! default): past it the operation fails with [`StorageError::Unavailable`] and its
 //! connection is closed rather than reused, so a hung server cannot hold a game thread. A
-//! write that fails that way after it was sent says that it may or may not have been
-//! applied. Call the backend from ordinary threads (Bevy's task pools, `std::thread`), not
+//! write that fails that way after it was sent is [`StorageError::OutcomeUnknown`]: it may
+//! or may not have been applied, all of it or none. Call the backend from ordinary threads (Bevy's task pools, `std::thread`), not
 //! from inside a Tokio runtime, where it refuses with a [`StorageError::Config`] error.
 //!
 //! Why `tokio-postgres` rather than the synchronous `postgres` crate: the synchronous client
@@ -217,46 +217,66 @@ impl PostgresBackend {
         let outcome = conn
             .runtime
             .block_on(tokio::time::timeout(left, op(&mut conn.session)));
-        let unknown = if writes {
-            " (the write may or may not have been applied)"
-        } else {
-            ""
-        };
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if e.is_closed() || e.code().is_none() {
                     conn.broken = true;
                 }
-                Err(self.pg_error(e, doing, unknown))
+                Err(self.pg_error(e, doing, writes))
             }
             Err(_) => {
                 conn.broken = true;
-                Err(StorageError::unavailable(
-                    BACKEND,
-                    format!(
-                        "{doing}: {} did not answer within {:?}{unknown}",
-                        self.address,
-                        self.bound()
-                    ),
-                ))
+                let message = format!(
+                    "{doing}: {} did not answer within {:?}",
+                    self.address,
+                    self.bound()
+                );
+                Err(lost(message, writes))
             }
         }
     }
 
-    /// Maps a client error: a lost or refused connection is [`StorageError::Unavailable`],
-    /// an error the server reported is [`StorageError::Backend`] with its SQLSTATE.
-    fn pg_error(&self, e: tokio_postgres::Error, doing: &str, unknown: &str) -> StorageError {
-        match e.as_db_error() {
-            Some(db) => StorageError::backend(
-                BACKEND,
-                format!("{doing}: {} (SQLSTATE {})", db.message(), db.code().code()),
-            ),
-            None => StorageError::unavailable(
-                BACKEND,
-                format!("{doing}: {}: {e}{unknown}", self.address),
-            ),
+    /// Maps a client error. A lost connection is [`StorageError::Unavailable`], or for a write
+    /// already sent [`StorageError::OutcomeUnknown`]. Of the errors the server reports, a full
+    /// disk is [`StorageError::StorageFull`], a read-only server (a hot standby)
+    /// [`StorageError::ReadOnly`], damaged data [`StorageError::Corrupt`], and the rest
+    /// [`StorageError::Backend`] with their SQLSTATE.
+    fn pg_error(&self, e: tokio_postgres::Error, doing: &str, writes: bool) -> StorageError {
+        let Some(db) = e.as_db_error() else {
+            return lost(format!("{doing}: {}: {e}", self.address), writes);
+        };
+        let message = format!("{doing}: {} (SQLSTATE {})", db.message(), db.code().code());
+        match db.code() {
+            c if *c == SqlState::DISK_FULL => StorageError::StorageFull {
+                backend: BACKEND.into(),
+                message,
+            },
+            c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
+                StorageError::read_only(BACKEND, doing, message)
+            }
+            c if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+                StorageError::corrupt(
+                    &format!("<PostgreSQL database at {}>", self.address),
+                    message,
+                )
+            }
+            _ => StorageError::backend(BACKEND, message),
         }
+    }
+}
+
+/// The connection was lost or the server stopped answering: for a write that was sent, its
+/// outcome is unknown (a batch is one transaction: all of it or none).
+fn lost(message: String, writes: bool) -> StorageError {
+    if writes {
+        StorageError::OutcomeUnknown {
+            backend: BACKEND.into(),
+            message,
+            batch_token: None,
+        }
+    } else {
+        StorageError::unavailable(BACKEND, message)
     }
 }
 
