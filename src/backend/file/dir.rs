@@ -272,6 +272,31 @@ impl Dir {
     }
 }
 
+/// `fs::create_dir_all`, then an `fsync` of the parent of every directory it created, so a
+/// power cut after the store acknowledged writes cannot lose the whole directory with them
+/// (a new directory's entry is durable only once its parent is synced; the power-loss
+/// harness, `examples/power_loss.rs --fresh`, found this).
+pub(super) fn create_dir_all_durably(path: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(path);
+    while let Some(dir) = at {
+        if dir.as_os_str().is_empty() || dir.is_dir() {
+            break;
+        }
+        missing.push(dir.to_path_buf());
+        at = dir.parent();
+    }
+    fs::create_dir_all(path)?;
+    for dir in missing {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        File::open(&parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn remove_temps(temps: &[Option<PathBuf>]) {
     for path in temps.iter().flatten() {
         let _ = fs::remove_file(path);

@@ -151,7 +151,7 @@ impl FileBackend {
                 "the store is opened read-only and the directory does not exist",
             ));
         }
-        fs::create_dir_all(given).map_err(|e| {
+        dir::create_dir_all_durably(given).map_err(|e| {
             StorageError::io(
                 format!("creating the storage directory {}", given.display()),
                 e,
