@@ -67,6 +67,8 @@ impl std::error::Error for ConnectError {}
 pub(super) struct Manager {
     pub(super) config: tokio_postgres::Config,
     pub(super) connect_timeout: Duration,
+    /// Why the last connection attempt failed: the pool itself only says that it timed out.
+    pub(super) last_error: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -78,11 +80,20 @@ impl r2d2::ManageConnection for Manager {
             .enable_all()
             .build()
             .map_err(ConnectError::Runtime)?;
-        let connecting = tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls));
-        let (client, connection) = runtime
-            .block_on(connecting)
-            .map_err(|_| ConnectError::TimedOut(self.connect_timeout))?
-            .map_err(ConnectError::Postgres)?;
+        // The timer is made inside the runtime: a `Sleep` needs the runtime's clock.
+        let connected = runtime
+            .block_on(async {
+                tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls)).await
+            })
+            .map_err(|_| ConnectError::TimedOut(self.connect_timeout))
+            .and_then(|r| r.map_err(ConnectError::Postgres));
+        let (client, connection) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                *self.last_error.lock() = Some(e.to_string());
+                return Err(e);
+            }
+        };
         // Polled whenever a call drives this runtime (`block_on`), on the caller's thread.
         runtime.spawn(async move {
             let _ = connection.await;

@@ -98,6 +98,8 @@ impl Default for PostgresOptions {
 /// Records in a PostgreSQL database, under one namespace. See the [module docs](self).
 pub struct PostgresBackend {
     pool: Pool<connection::Manager>,
+    /// Why the pool's last connection attempt failed, for messages.
+    last_connect_error: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
     namespace: String,
     /// The connection string without its password, for messages.
     address: String,
@@ -132,9 +134,11 @@ impl PostgresBackend {
         })?;
         pg_config.connect_timeout(options.connect_timeout);
         pg_config.application_name("bevy_storage");
+        let last_connect_error = std::sync::Arc::default();
         let manager = connection::Manager {
             config: pg_config,
             connect_timeout: options.connect_timeout,
+            last_error: std::sync::Arc::clone(&last_connect_error),
         };
         let pool = Pool::builder()
             .max_size(options.pool_size)
@@ -144,6 +148,7 @@ impl PostgresBackend {
             .build_unchecked(manager);
         let backend = Self {
             pool,
+            last_connect_error,
             namespace: namespace.to_owned(),
             address,
             options: options.clone(),
@@ -207,16 +212,22 @@ impl PostgresBackend {
         }
         let started = Instant::now();
         let mut conn = self.pool.get_timeout(self.bound()).map_err(|e| {
+            let why = match self.last_connect_error.lock().take() {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            };
             StorageError::unavailable(
                 BACKEND,
-                format!("{doing}: no connection to {}: {e}", self.address),
+                format!("{doing}: no connection to {}: {why}", self.address),
             )
         })?;
         let left = self.bound().saturating_sub(started.elapsed());
         let conn = &mut *conn;
+        let session = &mut conn.session;
+        // The timer is made inside the runtime: a `Sleep` needs the runtime's clock.
         let outcome = conn
             .runtime
-            .block_on(tokio::time::timeout(left, op(&mut conn.session)));
+            .block_on(async { tokio::time::timeout(left, op(session)).await });
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
