@@ -9,7 +9,7 @@
 //! return what they removed. The counters are updated last, after the quota check, in the
 //! same transaction.
 
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join, try_join_all, try_join3};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Statement, Transaction};
 
@@ -146,8 +146,6 @@ async fn attempt_batch(
     let create_only = session.prepare(schema::SQL_CREATE_ONLY).await?;
     let delete = session.prepare(schema::SQL_DELETE).await?;
     let set = session.prepare(schema::SQL_SET_NAMESPACE).await?;
-    let tx = session.client.transaction().await?;
-    let (mut count, mut total) = lock_namespace(&tx, &lock, ns).await?;
     let now_ms = now.0;
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
         .iter()
@@ -169,17 +167,39 @@ async fn attempt_batch(
             Prepared::Delete(key) => vec![&ns as &(dyn ToSql + Sync), key],
         })
         .collect();
-    // Every statement is sent at once (tokio-postgres pipelines queries polled together) and
-    // the server runs them in order: one round trip for the whole batch.
-    let rows = try_join_all(ops.iter().zip(&params).map(|(op, params)| {
-        let statement = match op {
-            Prepared::Put(row) if row.create_only => &create_only,
-            Prepared::Put(_) => &upsert,
-            Prepared::Delete(_) => &delete,
-        };
-        tx.query_opt(statement, params)
-    }))
-    .await?;
+    let client = &session.client;
+    // BEGIN, the namespace lock and every statement are sent at once (tokio-postgres
+    // pipelines queries polled together) and the server runs them in that order: one round
+    // trip. A call cut off by its deadline closes the connection, which rolls back.
+    let sent = try_join3(
+        client.batch_execute("BEGIN"),
+        client.query_opt(&lock, &[&ns]),
+        try_join_all(ops.iter().zip(&params).map(|(op, params)| {
+            let statement = match op {
+                Prepared::Put(row) if row.create_only => &create_only,
+                Prepared::Put(_) => &upsert,
+                Prepared::Delete(_) => &delete,
+            };
+            client.query_opt(statement, params)
+        })),
+    )
+    .await;
+    let (locked, rows) = match sent {
+        Ok(((), locked, rows)) => (locked, rows),
+        Err(e) => {
+            rollback(client).await;
+            return Err(e);
+        }
+    };
+    let Some(locked) = locked else {
+        // The namespace has no counters (removed by hand): create them, then start over.
+        client.batch_execute("ROLLBACK").await?;
+        let tx = session.client.transaction().await?;
+        lock_namespace(&tx, &lock, ns).await?;
+        tx.commit().await?;
+        return Box::pin(attempt_batch(session, ns, ops, now, max_size)).await;
+    };
+    let (mut count, mut total): (i64, i64) = (locked.get(0), locked.get(1));
     let mut outcomes = Vec::with_capacity(ops.len());
     let mut has_put = false;
     for (op, row) in ops.iter().zip(rows) {
@@ -188,7 +208,7 @@ async fn attempt_batch(
                 has_put = true;
                 let Some(written) = row else {
                     // Only a create-only put over a live record writes nothing.
-                    tx.rollback().await?;
+                    client.batch_execute("ROLLBACK").await?;
                     return Ok(BatchEnd::Exists(put.key.to_owned()));
                 };
                 let replaced = Replaced::from_row(&written, 0);
@@ -213,10 +233,19 @@ async fn attempt_batch(
             }
         }
     }
+    // The counters include expired records not purged yet, so only a total over the quota
+    // needs the exact live size (one more round trip, near the quota only).
     if let Some(max) = max_size
         && has_put
+        && u64::try_from(total).unwrap_or(0) > max
     {
-        let expired = tx.query_one(schema::SQL_EXPIRED, &[&ns, &now_ms]).await?;
+        let expired = match client.query_one(schema::SQL_EXPIRED, &[&ns, &now_ms]).await {
+            Ok(row) => row,
+            Err(e) => {
+                rollback(client).await;
+                return Err(e);
+            }
+        };
         let expired_size: i64 = expired.get(1);
         let after = u64::try_from(total - expired_size).unwrap_or(0);
         if after > max {
@@ -227,7 +256,7 @@ async fn attempt_batch(
                     Prepared::Delete(_) => 0,
                 })
                 .sum();
-            tx.rollback().await?;
+            client.batch_execute("ROLLBACK").await?;
             return Ok(BatchEnd::OverQuota {
                 used: after.saturating_sub(u64::try_from(added).unwrap_or(0)),
                 after,
@@ -235,9 +264,25 @@ async fn attempt_batch(
             });
         }
     }
-    tx.execute(&set, &[&ns, &count, &total]).await?;
-    tx.commit().await?;
+    // The counters and the commit, pipelined: the second round trip.
+    let committed = try_join(
+        client.execute(&set, &[&ns, &count, &total]),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    if let Err(e) = committed {
+        rollback(client).await;
+        return Err(e);
+    }
     Ok(BatchEnd::Committed(outcomes))
+}
+
+/// Ends a failed transaction (best effort: a broken connection is closed anyway, which rolls
+/// back too).
+async fn rollback(client: &tokio_postgres::Client) {
+    if !client.is_closed() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
 }
 
 /// The row a put or delete replaced, as the statement returned it.
