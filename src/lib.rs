@@ -128,6 +128,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod key;
+#[cfg(feature = "bevy")]
 pub mod plugin;
 pub mod snapshot;
 pub mod store;
@@ -141,6 +142,7 @@ pub use store::{
     StorageOperation, StorageStats, Store,
 };
 
+#[cfg(feature = "bevy")]
 pub use plugin::{
     PersistResourceExt, Storage, StorageActivity, StorageCommandsExt, StoragePlugin,
     StoragePluginBuilder, StorageSystems, WriteBatching,
@@ -148,6 +150,7 @@ pub use plugin::{
 
 /// The names a game usually needs.
 pub mod prelude {
+    #[cfg(feature = "bevy")]
     pub use crate::plugin::{
         ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted,
         ExistsRequest, ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted,
@@ -156,12 +159,15 @@ pub mod prelude {
         Storage, StorageActivity, StorageCommandsExt, StoragePlugin, StoragePluginBuilder,
         StorageResponse, StorageSystems, TransactionCompleted, TransactionRequest, WriteBatching,
     };
+    #[cfg(feature = "bevy")]
     pub use crate::plugin::{
         ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,
         SnapshotPlugin, SnapshotSystems, WorldLoaded, WorldSaved, WorldSlot, resource_loaded,
         storage_ready,
     };
-    pub use crate::snapshot::{Persist, SnapshotEncoding, SnapshotSettings};
+    pub use crate::snapshot::SnapshotEncoding;
+    #[cfg(feature = "bevy")]
+    pub use crate::snapshot::{Persist, SnapshotSettings};
     pub use crate::{
         Backend, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions, StorageConfig,
         StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
