@@ -16,13 +16,13 @@ use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, SerializeTuple};
 use serde::{Deserializer, Serialize, Serializer};
 
+use super::SnapshotRegistry;
 use super::apply::DecodedWorld;
 use super::capture::CapturedWorld;
 use super::columns::{
     CapturedColumn, LoadedColumn, LoadedResource, ReflectLoaded, ReflectResourceLoaded,
     ReflectValues,
 };
-use super::SnapshotRegistry;
 use super::header::{
     HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
 };

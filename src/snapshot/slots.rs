@@ -18,9 +18,9 @@ use super::header::read_header;
 #[cfg(feature = "bevy")]
 use super::{DecodedWorld, SnapshotSettings};
 use crate::backend::CustomMetadata;
+use crate::error::Result;
 #[cfg(feature = "bevy")]
 use crate::error::StorageError;
-use crate::error::Result;
 #[cfg(feature = "bevy")]
 use crate::store::SaveOptions;
 use crate::store::{LoadOptions, Store};

@@ -129,7 +129,7 @@ pub fn render(view: &SnapshotView, out: &mut String) {
                     out,
                     "entity {} ({}):",
                     entity_name(*bits),
-                    crate::plural(components.len() as u64, "component", "components")
+                    crate::output::plural(components.len() as u64, "component", "components")
                 );
                 for (path, value) in components {
                     let refs = references(value, &view.entities);
@@ -254,8 +254,19 @@ mod tests {
 
     #[test]
     fn entity_names_match_bevys_formatting() {
-        let mut cases = vec![0, 1, 2, u64::MAX, u32::MAX as u64, 1 << 32, (7 << 32) | 0xffff_fff0];
-        cases.extend([Entity::PLACEHOLDER.to_bits(), Entity::from_raw_u32(0).unwrap().to_bits()]);
+        let mut cases = vec![
+            0,
+            1,
+            2,
+            u64::MAX,
+            u32::MAX as u64,
+            1 << 32,
+            (7 << 32) | 0xffff_fff0,
+        ];
+        cases.extend([
+            Entity::PLACEHOLDER.to_bits(),
+            Entity::from_raw_u32(0).unwrap().to_bits(),
+        ]);
         cases.extend((0..200u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         for bits in cases {
             let bevy = Entity::try_from_bits(bits)
