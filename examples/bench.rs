@@ -19,6 +19,7 @@ use bevy::ecs::entity::EntityHashMap;
 use bevy::prelude::*;
 use bevy::world_serialization::serde::WorldDeserializer;
 use bevy::world_serialization::{DynamicWorld, DynamicWorldBuilder};
+use bevy_storage::StorageOperation;
 use bevy_storage::backend::sqlite::SqliteSynchronous;
 use bevy_storage::codec::{Cipher, EncryptionKey, Format, SealOptions};
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bevy_storage::backend::{PutMode, WriteOp};
 use bevy_storage::prelude::*;
+use bevy_storage::{Format, StorageOperation};
 #[cfg(feature = "encryption")]
 use common::test_key;
 use common::{Fixture, Kind};
