@@ -4,9 +4,9 @@
 //! `compare <name> ours=<v> baseline=<v> ratio=<ours/baseline> unit=<unit> better=<higher|lower> <notes>`
 //!
 //! ```text
-//! cargo run --release --example bench              # full sizes (a few minutes)
-//! cargo run --release --example bench -- --quick   # reduced sizes, under two minutes
-//! cargo run --release --example bench -- snapshot  # only comparisons whose name contains "snapshot"
+//! cargo run --release --features internals --example bench              # full sizes (a few minutes)
+//! cargo run --release --features internals --example bench -- --quick   # reduced sizes, under two minutes
+//! cargo run --release --features internals --example bench -- snapshot  # only comparisons whose name contains "snapshot"
 //! ```
 //! Progress goes to stderr; results to stdout. Medians of the rounds are reported.
 
