@@ -151,8 +151,8 @@ pub use plugin::{
 
 /// The names a game uses in ordinary code: the plugins, the request and response messages,
 /// snapshot markers and settings, the store and its options, the extension traits and run
-/// conditions. Everything else stays at its own path: the [`Backend`](crate::Backend) trait
-/// and its types under [`backend`](crate::backend); `StorageOperation`, `StorageMetadata`,
+/// conditions. Everything else stays at its own path: the [`Backend`] trait
+/// and its types under [`backend`]; `StorageOperation`, `StorageMetadata`,
 /// `Format`, `Expiry`, `WriteBatching`, `StoragePluginBuilder` and `StorageActivity` at the
 /// crate root; the rarer plugin types (`RequestId`, `ExpiredPurged`, `PersistOptions`,
 /// `SnapshotMetadata`, `WorldSlot` ...) under `plugin` and `SnapshotEncoding` under
