@@ -4,9 +4,9 @@
 //! `compare <name> ours=<v> baseline=<v> ratio=<ours/baseline> unit=<unit> better=<higher|lower> <notes>`
 //!
 //! ```text
-//! cargo run --release --example bench              # full sizes (a few minutes)
-//! cargo run --release --example bench -- --quick   # reduced sizes, under two minutes
-//! cargo run --release --example bench -- snapshot  # only comparisons whose name contains "snapshot"
+//! cargo run --release --features internals --example bench              # full sizes (a few minutes)
+//! cargo run --release --features internals --example bench -- --quick   # reduced sizes, under two minutes
+//! cargo run --release --features internals --example bench -- snapshot  # only comparisons whose name contains "snapshot"
 //! ```
 //! Progress goes to stderr; results to stdout. Medians of the rounds are reported.
 
@@ -19,6 +19,7 @@ use bevy::ecs::entity::EntityHashMap;
 use bevy::prelude::*;
 use bevy::world_serialization::serde::WorldDeserializer;
 use bevy::world_serialization::{DynamicWorld, DynamicWorldBuilder};
+use bevy_storage::StorageOperation;
 use bevy_storage::backend::sqlite::SqliteSynchronous;
 use bevy_storage::codec::{Cipher, Compression, EncryptionKey, Format, SealOptions};
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};

@@ -21,6 +21,7 @@ use bevy_storage::backend::memory::{apply_batch, remove_if_unchanged};
 use bevy_storage::backend::{KeyEntry, Record, RecordMeta, WriteOp, WriteOutcome};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::prelude::*;
+use bevy_storage::{Backend, StorageOperation};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 

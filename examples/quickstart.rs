@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bevy::app::{AppExit, ScheduleRunnerPlugin};
 use bevy::prelude::*;
+use bevy_storage::StorageActivity;
 use bevy_storage::prelude::*;
 use serde::{Deserialize, Serialize};
 

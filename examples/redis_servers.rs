@@ -19,6 +19,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
+use bevy_storage::StorageOperation;
 use bevy_storage::prelude::*;
 use serde::{Deserialize, Serialize};
 

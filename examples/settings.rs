@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bevy::app::ScheduleRunnerPlugin;
 use bevy::prelude::*;
+use bevy_storage::plugin::{PersistOptions, PersistedResourceLoaded, PersistedResourceSaved};
 use bevy_storage::prelude::*;
 use serde::{Deserialize, Serialize};
 

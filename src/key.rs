@@ -19,13 +19,16 @@ pub const MAX_KEY_LEN: usize = 512;
 /// Prefix of the store's own bookkeeping records. It starts with a control character, which
 /// user keys cannot contain, so the two can never collide. Tools that copy raw records
 /// (the inspector's export) must carry these records along.
-pub const INTERNAL_PREFIX: &str = "\u{1}bevy_storage/";
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) const INTERNAL_PREFIX: &str = "\u{1}bevy_storage/";
 
 /// The record in which a store keeps its encryption key check (and a passphrase's salt).
-pub const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) const KEYCHECK_KEY: &str = "\u{1}bevy_storage/keycheck";
 /// Every bookkeeping key the store writes: statistics subtract these by point reads instead
 /// of scanning the internal prefix (a `SCAN` of a whole Redis database on every refresh).
-pub const INTERNAL_KEYS: &[&str] = &[KEYCHECK_KEY];
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) const INTERNAL_KEYS: &[&str] = &[KEYCHECK_KEY];
 
 /// Checks a key against the rules above.
 pub fn validate_key(key: &str) -> Result<()> {
@@ -54,7 +57,8 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
 }
 
 /// True for the store's own bookkeeping keys (see [`INTERNAL_PREFIX`]).
-pub fn is_internal(key: &str) -> bool {
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) fn is_internal(key: &str) -> bool {
     key.starts_with(INTERNAL_PREFIX)
 }
 

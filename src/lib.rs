@@ -60,6 +60,7 @@
 //! ## The store on its own (tools, servers, tests)
 //!
 //! ```
+//! use bevy_storage::StorageOperation;
 //! use bevy_storage::prelude::*;
 //! use serde::{Deserialize, Serialize};
 //! use std::time::Duration;
@@ -129,6 +130,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod key;
+#[cfg(feature = "bevy")]
 pub mod plugin;
 pub mod snapshot;
 pub mod store;
@@ -144,30 +146,39 @@ pub use store::{
     StorageMetadata, StorageOperation, StorageStats, Store,
 };
 
+#[cfg(feature = "bevy")]
 pub use plugin::{
     PersistResourceExt, Storage, StorageActivity, StorageCommandsExt, StoragePlugin,
     StoragePluginBuilder, StorageSystems, WriteBatching,
 };
 
-/// The names a game usually needs.
+/// The names a game uses in ordinary code: the plugins, the request and response messages,
+/// snapshot markers and settings, the store and its options, the extension traits and run
+/// conditions. Everything else stays at its own path: the [`Backend`] trait
+/// and its types under [`backend`]; `StorageOperation`, `StorageMetadata`,
+/// `Format`, `Expiry`, `WriteBatching`, `StoragePluginBuilder` and `StorageActivity` at the
+/// crate root; the rarer plugin types (`RequestId`, `ExpiredPurged`, `PersistOptions`,
+/// `SnapshotMetadata`, `WorldSlot` ...) under `plugin` and `SnapshotEncoding` under
+/// `snapshot`.
 pub mod prelude {
+    #[cfg(feature = "bevy")]
     pub use crate::plugin::{
         ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted,
-        ExistsRequest, ExpiredPurged, ListKeysCompleted, ListKeysRequest, LoadCompleted,
-        LoadRequest, PersistCommandsExt, PersistOptions, PersistResourceExt,
-        PersistedResourceLoaded, PersistedResourceSaved, RequestId, SaveCompleted, SaveRequest,
-        Storage, StorageActivity, StorageCommandsExt, StoragePlugin, StoragePluginBuilder,
-        StorageResponse, StorageSystems, TransactionCompleted, TransactionRequest, WriteBatching,
+        ExistsRequest, ListKeysCompleted, ListKeysRequest, LoadCompleted, LoadRequest,
+        PersistCommandsExt, PersistResourceExt, SaveCompleted, SaveRequest, Storage,
+        StorageCommandsExt, StoragePlugin, StorageResponse, StorageSystems, TransactionCompleted,
+        TransactionRequest, resource_loaded, storage_ready,
     };
+    #[cfg(feature = "bevy")]
     pub use crate::plugin::{
-        ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,
-        SnapshotPlugin, SnapshotSystems, WorldLoaded, WorldSaved, WorldSlot, resource_loaded,
-        storage_ready,
+        ListSlots, LoadWorld, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotPlugin,
+        SnapshotSystems, WorldLoaded, WorldSaved,
     };
-    pub use crate::snapshot::{Persist, SnapshotEncoding, SnapshotSettings};
+    #[cfg(feature = "bevy")]
+    pub use crate::snapshot::{Persist, SnapshotSettings};
     pub use crate::{
-        Backend, Compression, EncryptionKey, Expiry, Format, LoadOptions, SaveOptions,
-        StorageConfig, StorageError, StorageMetadata, StorageOperation, StorageStats, Store,
+        Compression, EncryptionKey, LoadOptions, SaveOptions, StorageConfig, StorageError,
+        StorageStats, Store,
     };
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use bevy_storage::Format;
 use bevy_storage::prelude::*;
 use serde::{Deserialize, Serialize};
 

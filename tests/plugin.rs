@@ -12,8 +12,12 @@ use bevy_storage::backend::{
     Backend, FileBackend, KeyEntry, MemoryBackend, Record, RecordMeta, Usage, WriteOp, WriteOutcome,
 };
 use bevy_storage::clock::{ManualClock, Timestamp};
+use bevy_storage::plugin::{
+    ExpiredPurged, PersistOptions, PersistedResourceLoaded, PersistedResourceSaved, RequestId,
+};
 use bevy_storage::plugin::{SharedError, StorageState};
 use bevy_storage::prelude::*;
+use bevy_storage::{StorageActivity, StorageOperation, StoragePluginBuilder, WriteBatching};
 use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bevy_storage::BackendConfig;
 use bevy_storage::prelude::*;
+use bevy_storage::{BackendConfig, StorageOperation};
 use common::{PostgresNamespace, check_postgres, postgres_kind, postgres_url};
 
 /// Skips (locally) or fails (under CI) the test when the server is missing.

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bevy_storage::StorageOperation;
 use bevy_storage::backend::{
     Backend, PutMode, Record, RecordMeta, RedisBackend, RedisOptions, Usage, WriteOp,
 };

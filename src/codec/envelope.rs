@@ -65,7 +65,8 @@ pub struct EnvelopeInfo {
 
 /// Bytes the envelope puts in front of the payload with these options: a payload for
 /// [`seal_vec`] starts at this offset of its buffer.
-pub fn payload_offset(options: &SealOptions) -> usize {
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) fn payload_offset(options: &SealOptions) -> usize {
     HEADER_LEN + if options.encrypt { NONCE_LEN } else { 0 }
 }
 
@@ -76,7 +77,8 @@ fn trailer_len(options: &SealOptions) -> usize {
 
 /// A buffer to write a payload into for [`seal_vec`]: [`payload_offset`] placeholder bytes,
 /// and capacity for `payload_capacity` payload bytes plus the envelope's trailer.
-pub fn payload_buffer(options: &SealOptions, payload_capacity: usize) -> Vec<u8> {
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) fn payload_buffer(options: &SealOptions, payload_capacity: usize) -> Vec<u8> {
     let offset = payload_offset(options);
     let mut buf = Vec::with_capacity(offset + payload_capacity + trailer_len(options));
     buf.resize(offset, 0);
@@ -85,8 +87,8 @@ pub fn payload_buffer(options: &SealOptions, payload_capacity: usize) -> Vec<u8>
 
 /// Wraps `payload` for `key`: compresses and encrypts as asked, adds header and checksum.
 ///
-/// Copies `payload` once; [`seal_vec`] seals a payload written into a
-/// [`payload_buffer`] without copying it.
+/// Copies `payload` once; `seal_vec` (crate-internal) seals a payload written into a
+/// `payload_buffer` without copying it.
 pub fn seal(
     key: &str,
     payload: &[u8],
@@ -101,7 +103,8 @@ pub fn seal(
 /// Seals the payload that follows the first [`payload_offset`] bytes of `buf` (as
 /// [`payload_buffer`] leaves them), in place: an uncompressed payload is encrypted where it
 /// lies and the header and trailer are written around it, so the record is `buf` itself.
-pub fn seal_vec(
+#[cfg_attr(feature = "internals", visibility::make(pub), doc(hidden))]
+pub(crate) fn seal_vec(
     key: &str,
     mut buf: Vec<u8>,
     options: &SealOptions,

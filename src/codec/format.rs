@@ -50,7 +50,7 @@ pub fn serialize<T: Serialize + ?Sized>(key: &str, value: &T, format: Format) ->
 }
 
 /// Serializes a value in the given format, appending to `out` (for example after the
-/// placeholder of an [`envelope::payload_buffer`](super::envelope::payload_buffer)). On error
+/// placeholder of an `envelope::payload_buffer`). On error
 /// the contents of `out` are unspecified. `key` only names the record in errors.
 ///
 /// A value nested deeper than [`MAX_DEPTH`] is refused with

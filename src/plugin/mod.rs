@@ -128,6 +128,7 @@ pub const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// ```no_run
 /// # use bevy::prelude::*;
 /// # use bevy_storage::prelude::*;
+/// # use bevy_storage::WriteBatching;
 /// # use std::time::Duration;
 /// App::new().add_plugins((MinimalPlugins, StoragePlugin));
 /// // or configured:

@@ -6,7 +6,7 @@ use bevy::prelude::*;
 
 use super::Persist;
 use super::columns::{LoadedColumn, LoadedResource, SnapshotEntityMapper};
-use super::encode::SnapshotHeader;
+use super::header::SnapshotHeader;
 
 /// A snapshot decoded and checked on a worker thread, ready for [`apply`](Self::apply).
 pub struct DecodedWorld {

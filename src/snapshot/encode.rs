@@ -1,17 +1,6 @@
-//! Steps 2 and 3, on any thread: a captured world ⇄ bytes.
-//!
-//! ```text
-//! offset size
-//! 0      4    magic "BSNP"
-//! 4      2    snapshot format version (LE)
-//! 6      1    encoding: 1 RON, 2 postcard
-//! 7      1    reserved, 0
-//! 8      4    game version (LE)
-//! 12     4    entity count (LE)
-//! 16     ..   body: (entities, [(type path, rows, values)], [(type path, value)])
-//! ```
-//! The header is readable without decoding the body (slot listings use it through the record
-//! metadata instead). Integrity (checksum, authentication) comes from the store's envelope.
+//! Steps 2 and 3, on any thread: a captured world ⇄ bytes. The bytes are a
+//! header (`header.rs`) followed by the body
+//! `(entities, [(type path, rows, values)], [(type path, value)])` in RON or postcard.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -27,66 +16,19 @@ use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, SerializeTuple};
 use serde::{Deserializer, Serialize, Serializer};
 
+use super::SnapshotRegistry;
 use super::apply::DecodedWorld;
 use super::capture::CapturedWorld;
 use super::columns::{
     CapturedColumn, LoadedColumn, LoadedResource, ReflectLoaded, ReflectResourceLoaded,
     ReflectValues,
 };
-use super::{SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotRegistry};
+use super::header::{
+    HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
+};
 use crate::codec::depth::{Bounded, BoundedValue, DepthBudget, MAX_DEPTH};
 use crate::codec::format::ron_options;
 use crate::error::{Result, StorageError};
-
-const MAGIC: [u8; 4] = *b"BSNP";
-const HEADER_LEN: usize = 16;
-
-/// What the header of a snapshot says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapshotHeader {
-    /// Snapshot format version (this build: [`SNAPSHOT_FORMAT_VERSION`]).
-    pub format_version: u16,
-    /// RON or binary.
-    pub encoding: SnapshotEncoding,
-    /// The game version that wrote it.
-    pub game_version: u32,
-    /// Number of entities in it.
-    pub entity_count: u32,
-}
-
-/// Reads and checks a snapshot's header.
-pub fn read_header(bytes: &[u8]) -> Result<SnapshotHeader> {
-    if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
-        return Err(StorageError::Snapshot(
-            "not a world snapshot (bad header): the record holds something else or is truncated"
-                .into(),
-        ));
-    }
-    let format_version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if format_version > SNAPSHOT_FORMAT_VERSION {
-        return Err(StorageError::SnapshotFormatTooNew {
-            found: format_version,
-            supported: SNAPSHOT_FORMAT_VERSION,
-        });
-    }
-    let encoding = match bytes[6] {
-        1 => SnapshotEncoding::Ron,
-        2 => SnapshotEncoding::Binary,
-        other => {
-            return Err(StorageError::Snapshot(format!(
-                "unknown snapshot encoding {other}"
-            )));
-        }
-    };
-    let word =
-        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    Ok(SnapshotHeader {
-        format_version,
-        encoding,
-        game_version: word(8),
-        entity_count: word(12),
-    })
-}
 
 impl CapturedWorld {
     /// Serializes the captured world (run it on a task pool: this is the expensive part).
@@ -102,15 +44,13 @@ impl CapturedWorld {
             registry: &reg,
         };
         let mut out = Vec::with_capacity(HEADER_LEN + 64 * self.entities.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.push(match self.encoding {
-            SnapshotEncoding::Ron => 1,
-            SnapshotEncoding::Binary => 2,
-        });
-        out.push(0);
-        out.extend_from_slice(&self.game_version.to_le_bytes());
-        out.extend_from_slice(&(self.entities.len() as u32).to_le_bytes());
+        let header = SnapshotHeader {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            encoding: self.encoding,
+            game_version: self.game_version,
+            entity_count: self.entities.len() as u32,
+        };
+        out.extend_from_slice(&header.to_bytes());
         // The same depth count as the decoder's: a world holding a value nested too deeply
         // to load back is refused here, not written.
         let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);

@@ -20,62 +20,78 @@
 //! Hierarchies: `ChildOf` is saved (typed) and `Children` is rebuilt by Bevy's relationship
 //! hooks as children are inserted in their saved order. Save whole subtrees: a reference to an
 //! entity outside the snapshot becomes [`Entity::PLACEHOLDER`].
+//!
+//! # Modules, and the direction of their imports
+//! Each file imports only files below it in this list (the settings and the registry in
+//! `mod.rs` are read by all of them):
+//! ```text
+//! slots    ──▶ encode, apply, header     save slots and autosaves in a Store
+//! encode   ──▶ capture, apply, columns, header   steps 2 and 3: captured world ⇄ bytes
+//! capture  ──▶ columns                   step 1: World ─▶ CapturedWorld
+//! apply    ──▶ columns, header           step 4: DecodedWorld ─▶ World
+//! migrate  ──▶ columns                   older component shapes ─▶ current ones
+//! columns                                typed and reflected values, entity mapping
+//! header                                 the byte header and the encoding (Bevy-free)
+//! ```
+//! Without the `bevy` feature only `header` and the Bevy-free half of `slots` (listing and
+//! naming slots) are compiled: the CLI and a server read them without compiling Bevy.
 
+#[cfg(feature = "bevy")]
 mod apply;
+#[cfg(feature = "bevy")]
 mod capture;
+#[cfg(feature = "bevy")]
 mod columns;
+#[cfg(feature = "bevy")]
 mod encode;
+mod header;
+#[cfg(feature = "bevy")]
 mod migrate;
 mod slots;
 
+#[cfg(feature = "bevy")]
 pub use apply::DecodedWorld;
+#[cfg(feature = "bevy")]
 pub use capture::{CapturedWorld, capture};
+#[cfg(feature = "bevy")]
 pub use columns::{SnapshotComponent, SnapshotEntityMapper, SnapshotStandIn};
-pub use encode::{SnapshotContext, SnapshotHeader, decode, read_header};
-pub use migrate::Migrations;
-pub use slots::{
-    LoadedAutosave, SlotInfo, autosave_key, autosave_keys, list_slots, load_newest_autosave,
-    read_snapshot, store_autosave, store_snapshot,
+#[cfg(feature = "bevy")]
+pub use encode::{SnapshotContext, decode};
+pub use header::{
+    HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
 };
+#[cfg(feature = "bevy")]
+pub use migrate::Migrations;
+#[cfg(feature = "bevy")]
+pub use slots::{LoadedAutosave, load_newest_autosave, store_autosave, store_snapshot};
+pub use slots::{SlotInfo, autosave_key, autosave_keys, list_slots, read_snapshot};
 
+#[cfg(feature = "bevy")]
 use std::any::TypeId;
+#[cfg(feature = "bevy")]
 use std::collections::HashSet;
+#[cfg(feature = "bevy")]
 use std::sync::Arc;
 
+#[cfg(feature = "bevy")]
 use bevy::ecs::observer::ObservedBy;
+#[cfg(feature = "bevy")]
 use bevy::prelude::*;
+#[cfg(feature = "bevy")]
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "bevy")]
 use crate::codec::Compression;
+#[cfg(feature = "bevy")]
 use columns::{Mapped, Typed, TypedCodec};
 
+#[cfg(feature = "bevy")]
 /// Marks an entity whose components are saved in world snapshots.
 #[derive(Component, Reflect, Default, Clone, Copy, Debug, PartialEq, Eq)]
 #[reflect(Component, Default)]
 pub struct Persist;
 
-/// The newest snapshot format this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
-
-/// How snapshot values are serialized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SnapshotEncoding {
-    /// RON text: readable in any editor, for debugging. The default in debug builds.
-    Ron,
-    /// postcard binary: several times smaller and faster. The default in release builds.
-    Binary,
-}
-
-impl Default for SnapshotEncoding {
-    fn default() -> Self {
-        if cfg!(debug_assertions) {
-            Self::Ron
-        } else {
-            Self::Binary
-        }
-    }
-}
-
+#[cfg(feature = "bevy")]
 /// What goes into a snapshot and how it is written. A resource; insert your own to change it.
 #[derive(Resource, Debug, Clone)]
 pub struct SnapshotSettings {
@@ -104,6 +120,7 @@ pub struct SnapshotSettings {
     pub resources: HashSet<TypeId>,
 }
 
+#[cfg(feature = "bevy")]
 impl Default for SnapshotSettings {
     fn default() -> Self {
         Self {
@@ -124,6 +141,7 @@ impl Default for SnapshotSettings {
     }
 }
 
+#[cfg(feature = "bevy")]
 impl SnapshotSettings {
     /// Sets the encoding.
     pub fn encoding(mut self, encoding: SnapshotEncoding) -> Self {
@@ -177,6 +195,7 @@ impl SnapshotSettings {
     }
 }
 
+#[cfg(feature = "bevy")]
 /// Components on the typed fast path (plain or [mapped](Self::map_component)), and
 /// migrations. A resource; the snapshot plugin inserts
 /// it, and `App` extension methods add to it.
@@ -186,6 +205,7 @@ pub struct SnapshotRegistry {
     pub(crate) migrations: Migrations,
 }
 
+#[cfg(feature = "bevy")]
 impl SnapshotRegistry {
     /// A registry with Bevy's `ChildOf` on the typed path.
     pub fn new() -> Self {

@@ -1,16 +1,29 @@
 //! Save slots in a [`Store`]: snapshots with metadata that can be listed without decoding,
 //! and rotating autosaves with fallback to the newest one that decodes.
 
+//!
+//! Listing and naming slots is Bevy-free; storing a snapshot and loading an autosave need the
+//! `bevy` feature (they take [`SnapshotSettings`](super::SnapshotSettings) and decode worlds).
+
 use std::time::SystemTime;
 
+#[cfg(feature = "bevy")]
 use bevy::log::warn;
 use serde::{Deserialize, Serialize};
 
-use super::encode::{SnapshotContext, decode, read_header};
+#[cfg(feature = "bevy")]
+use super::encode::{SnapshotContext, decode};
+#[cfg(feature = "bevy")]
+use super::header::read_header;
+#[cfg(feature = "bevy")]
 use super::{DecodedWorld, SnapshotSettings};
 use crate::backend::CustomMetadata;
-use crate::error::{Result, StorageError};
-use crate::store::{LoadOptions, SaveOptions, Store};
+use crate::error::Result;
+#[cfg(feature = "bevy")]
+use crate::error::StorageError;
+#[cfg(feature = "bevy")]
+use crate::store::SaveOptions;
+use crate::store::{LoadOptions, Store};
 
 const FIELD_FORMAT: &str = "snapshot_format";
 const FIELD_GAME_VERSION: &str = "game_version";
@@ -35,6 +48,7 @@ pub struct SlotInfo {
     pub custom: CustomMetadata,
 }
 
+#[cfg(feature = "bevy")]
 /// Stores encoded snapshot bytes under `key` with the slot metadata (the snapshot's header
 /// fields plus the game's own `custom` fields), compressed and encrypted as `settings` say,
 /// or as the store does by default where they say nothing.
@@ -114,6 +128,7 @@ pub fn autosave_keys(store: &Store, prefix: &str) -> Result<Vec<String>> {
     Ok(keys)
 }
 
+#[cfg(feature = "bevy")]
 /// Stores a new autosave under `prefix` and deletes all but the newest `keep`. Returns the key.
 pub fn store_autosave(
     store: &Store,
@@ -140,6 +155,7 @@ pub fn store_autosave(
     Ok(key)
 }
 
+#[cfg(feature = "bevy")]
 /// The autosave [`load_newest_autosave`] found.
 #[derive(Debug)]
 pub struct LoadedAutosave {
@@ -151,6 +167,7 @@ pub struct LoadedAutosave {
     pub skipped: Vec<(String, StorageError)>,
 }
 
+#[cfg(feature = "bevy")]
 /// Loads the newest autosave under `prefix` that reads and decodes. Each newer one that
 /// fails is skipped with a warning (one corrupt write never loses the game) and reported in
 /// the returned list. `Ok(None)` when there is no autosave at all.

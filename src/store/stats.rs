@@ -35,7 +35,8 @@ pub struct CacheStats {
 }
 
 /// A store's size, health and performance, from [`Store::get_stats`](super::Store::get_stats).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, bevy::prelude::Resource)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "bevy", derive(bevy::prelude::Resource))]
 pub struct StorageStats {
     /// Live (unexpired) records.
     pub item_count: u64,

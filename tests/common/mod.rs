@@ -124,7 +124,6 @@ pub fn redis_url() -> String {
 }
 
 /// True when the tests run under CI (`CI=true`), where a missing server is a failure.
-#[cfg(any(feature = "redis", feature = "postgres"))]
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

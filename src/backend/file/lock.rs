@@ -137,7 +137,7 @@ impl Inner {
                         "the lock file {} cannot be written: {e}",
                         lock_path.display()
                     );
-                    bevy::log::warn!(
+                    tracing::warn!(
                         "{}: {reason}; the store is opened read-only",
                         dir.root.display()
                     );
@@ -171,7 +171,7 @@ impl Inner {
             dir.remove_temp_files()?;
             dir.recover_journal(&gate)?;
         } else if dir.path(super::journal::JOURNAL_FILE).exists() {
-            bevy::log::warn!(
+            tracing::warn!(
                 "{} holds an unfinished batch that a read-only store cannot finish: until the \
                  directory is opened for writing, the keys of that batch may show it half applied",
                 dir.root.display()

@@ -211,7 +211,7 @@ impl SqliteBackend {
             read_only_medium(&path)
         };
         if let Some(reason) = read_only.as_ref().filter(|_| !options.read_only) {
-            bevy::log::warn!(
+            tracing::warn!(
                 "{}: {reason}; the store is opened read-only",
                 path.display()
             );
@@ -277,7 +277,7 @@ impl SqliteBackend {
         }
         let reserve_missing = !reserve::resize(&reserve::reserve_path(&path), headroom);
         if reserve_missing {
-            bevy::log::warn!(
+            tracing::warn!(
                 "{}: no room for the {headroom} byte disk reserve; saves are refused until \
                  there is",
                 path.display()
@@ -336,7 +336,7 @@ impl SqliteBackend {
             );
             let mut damage = self.damage.lock();
             if damage.is_none() {
-                bevy::log::error!("{}: {reason}", self.path.display());
+                tracing::error!("{}: {reason}", self.path.display());
                 *damage = Some(reason.clone());
             }
             return StorageError::Corrupt {

@@ -32,7 +32,7 @@ use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::envelope;
 use serde::{Deserialize, Serialize};
 
-use crate::Failure;
+use crate::failure::Failure;
 use crate::render;
 
 /// The `format` field of a dump header.

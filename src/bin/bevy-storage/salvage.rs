@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::{Cli, Outcome};
+use crate::args::Cli;
+use crate::failure::Outcome;
 
 /// The arguments of `salvage`.
 #[derive(Debug, clap::Args)]
@@ -35,7 +36,8 @@ pub fn run(cli: &Cli, args: &SalvageArgs, out: &mut dyn Write) -> Outcome {
     use bevy_storage::backend::sqlite::salvage::{SalvageProgress, salvage};
     use serde_json::json;
 
-    use crate::{Failure, print_json};
+    use crate::failure::Failure;
+    use crate::output::print_json;
 
     let started = Instant::now();
     let mut last = Instant::now();

@@ -5,7 +5,6 @@
 //! itself, so it is listed without the game's types; a binary (postcard) body does not, so only
 //! its entity ids are read.
 
-use bevy::ecs::entity::Entity;
 use bevy_storage::snapshot::{SnapshotEncoding, SnapshotHeader};
 use serde_json::{Value as Json, json};
 
@@ -92,8 +91,23 @@ pub fn read(header: &SnapshotHeader, payload: &[u8]) -> Result<SnapshotView, Str
 }
 
 /// An entity id as Bevy prints it (`12v1`), or the raw bits if they are no valid id.
+///
+/// Bevy's `Entity::to_bits` puts the generation in the high 32 bits and the index, stored as
+/// `!index` (a `NonMaxU32`), in the low 32 bits: low bits 0 are no entity, and index
+/// `u32::MAX - 1` with generation 0 is `Entity::PLACEHOLDER`. Decoded here by hand so that the
+/// CLI builds without Bevy; a test checks it against Bevy's own formatting.
 fn entity_name(bits: u64) -> String {
-    Entity::try_from_bits(bits).map_or_else(|| format!("bits {bits}"), |e| e.to_string())
+    let low = bits as u32;
+    let generation = (bits >> 32) as u32;
+    if low == 0 {
+        return format!("bits {bits}");
+    }
+    let index = !low;
+    if index == u32::MAX - 1 && generation == 0 {
+        "PLACEHOLDER".into()
+    } else {
+        format!("{index}v{generation}")
+    }
 }
 
 /// The short name of a type path: `dungeon::Position` → `Position`, generics kept whole.
@@ -115,7 +129,7 @@ pub fn render(view: &SnapshotView, out: &mut String) {
                     out,
                     "entity {} ({}):",
                     entity_name(*bits),
-                    crate::plural(components.len() as u64, "component", "components")
+                    crate::output::plural(components.len() as u64, "component", "components")
                 );
                 for (path, value) in components {
                     let refs = references(value, &view.entities);
@@ -230,4 +244,34 @@ pub fn to_json(view: &SnapshotView) -> Json {
         report["note"] = note.clone().into();
     }
     report
+}
+
+#[cfg(all(test, feature = "bevy"))]
+mod tests {
+    use bevy::ecs::entity::Entity;
+
+    use super::entity_name;
+
+    #[test]
+    fn entity_names_match_bevys_formatting() {
+        let mut cases = vec![
+            0,
+            1,
+            2,
+            u64::MAX,
+            u32::MAX as u64,
+            1 << 32,
+            (7 << 32) | 0xffff_fff0,
+        ];
+        cases.extend([
+            Entity::PLACEHOLDER.to_bits(),
+            Entity::from_raw_u32(0).unwrap().to_bits(),
+        ]);
+        cases.extend((0..200u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        for bits in cases {
+            let bevy = Entity::try_from_bits(bits)
+                .map_or_else(|| format!("bits {bits}"), |e| e.to_string());
+            assert_eq!(entity_name(bits), bevy, "bits {bits:#x}");
+        }
+    }
 }

@@ -10,11 +10,12 @@ use bevy_storage::clock::Timestamp;
 use bevy_storage::{StorageConfig, StorageError};
 use serde_json::{Value as Json, json};
 
+use crate::args::Cli;
 use crate::dump::{self, DumpReader, DumpRecord, DumpWriter};
-use crate::{
-    Cli, Failure, Outcome, describe, key_material, keyed_reader, open_store, plural, print_json,
-    progress, render, store_config,
-};
+use crate::failure::{Failure, Outcome};
+use crate::open::{describe, key_material, keyed_reader, open_store, store_config};
+use crate::output::{plural, print_json, progress};
+use crate::render;
 
 /// The store's encryption key check (it holds a passphrase's salt).
 use bevy_storage::key::KEYCHECK_KEY;

@@ -1,4 +1,4 @@
-//! `set` and `clear`: the inspector's two writes to a store.
+//! `set`, `clear`, `delete` and `purge-expired`: the commands that change a store.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -7,10 +7,11 @@ use std::time::Duration;
 use bevy_storage::{Compression, CustomMetadata, Format, SaveOptions, StorageError};
 use serde_json::{Value as Json, json};
 
-use crate::{
-    Cli, Failure, Outcome, describe, key_material, open_store, plural, print_json, render,
-    ron_view, store_config,
-};
+use crate::args::Cli;
+use crate::failure::{Failure, Outcome};
+use crate::open::{check_key, describe, key_material, open_store, store_config};
+use crate::output::{format_name, plural, print_json};
+use crate::{render, ron_view};
 
 /// How `set` reads its value text.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +210,7 @@ fn parse_metadata(fields: &[String]) -> Outcome<CustomMetadata> {
 
 pub fn set(cli: &Cli, args: &SetArgs, out: &mut dyn Write) -> Outcome {
     let config = store_config(cli)?;
-    crate::check_key(&args.key)?;
+    check_key(&args.key)?;
     let bytes = value_bytes(args)?;
     let mut options = SaveOptions::new()
         .overwrite(!args.no_overwrite)
@@ -260,7 +261,7 @@ pub fn set(cli: &Cli, args: &SetArgs, out: &mut dyn Write) -> Outcome {
             &json!({
                 "set": args.key,
                 "read_as": read_as,
-                "format": crate::format_name(format),
+                "format": format_name(format),
                 "size": size,
                 "compressed": meta.as_ref().is_some_and(|m| m.compressed),
                 "encrypted": meta.as_ref().is_some_and(|m| m.encrypted),
@@ -328,6 +329,35 @@ pub fn clear(cli: &Cli, yes: bool, out: &mut dyn Write) -> Outcome {
         "cleared {} from {}",
         plural(count, "record", "records"),
         describe(&config)
+    )?;
+    Ok(())
+}
+
+pub fn delete(cli: &Cli, key: &str, out: &mut dyn Write) -> Outcome {
+    let config = store_config(cli)?;
+    check_key(key)?;
+    let store = open_store(&config, false)?;
+    if !store.delete(key)? {
+        return Err(Failure::NotFound(format!("no record under key {key:?}")));
+    }
+    if cli.json {
+        return print_json(out, &json!({ "deleted": key }));
+    }
+    writeln!(out, "deleted {key:?}")?;
+    Ok(())
+}
+
+pub fn purge_expired(cli: &Cli, out: &mut dyn Write) -> Outcome {
+    let config = store_config(cli)?;
+    let store = open_store(&config, false)?;
+    let purged = store.purge_expired()?;
+    if cli.json {
+        return print_json(out, &json!({ "purged": purged }));
+    }
+    writeln!(
+        out,
+        "purged {}",
+        plural(purged as u64, "expired record", "expired records")
     )?;
     Ok(())
 }
