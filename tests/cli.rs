@@ -2140,3 +2140,82 @@ fn app_finds_the_games_per_user_store() {
     );
     assert_eq!(both.code, 2, "{}", both.stderr);
 }
+
+/// `list`, `stats` and `export` walk the store a page (1,000 keys) at a time: a store of
+/// several pages lists, counts and exports every live key once, in order.
+#[test]
+fn list_stats_and_export_walk_a_store_larger_than_a_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.db");
+    let store = Store::open(StorageConfig::sqlite(&path).max_size(None)).unwrap();
+    let n = 2_345;
+    let ops = (0..n)
+        .map(|i| StorageOperation::save(format!("item:{i:05}"), i))
+        .collect();
+    store.transaction(ops).unwrap();
+    store
+        .save(
+            "item:gone",
+            &0u32,
+            &SaveOptions::default().ttl(std::time::Duration::from_millis(1)),
+        )
+        .unwrap();
+    drop(store);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let source = url("sqlite", &path);
+
+    let rows = run(&["--store", &source, "list", "item:", "--json"], &[])
+        .ok()
+        .json();
+    let keys: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("item:{i:05}")).collect();
+    assert_eq!(
+        keys, expected,
+        "every live key once, in order, no expired one"
+    );
+
+    let table = run(&["--store", &source, "list"], &[]).ok().stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), n + 2, "a header, one line per key, the total");
+    assert!(lines[0].starts_with("KEY"), "{}", lines[0]);
+    assert!(lines[n + 1].starts_with("2345 keys, "), "{}", lines[n + 1]);
+
+    let stats = run(&["--store", &source, "stats", "--json"], &[])
+        .ok()
+        .json();
+    assert_eq!(stats["expired_awaiting_purge"], 1, "{stats}");
+
+    let dump = dir.path().join("big.jsonl");
+    let out = run(
+        &[
+            "--store",
+            &source,
+            "export",
+            dump.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(out["exported"], n as u64);
+    let copy = url("file", &dir.path().join("copy"));
+    run(
+        &[
+            "--store",
+            &copy,
+            "import",
+            "--allow-internal-keys",
+            dump.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .ok();
+    let copied = run(&["--store", &copy, "list", "--json"], &[]).ok().json();
+    assert_eq!(copied.as_array().unwrap().len(), n);
+}

@@ -3,6 +3,9 @@
 //! (`mount -t tmpfs -o size=2m`); where mounting is not permitted they print
 //! `!!!!! SKIPPED: <reason>` and pass, except under `CI=true`, where they fail (see
 //! DEVELOPERS.md: CI runs them as root).
+// The damaged-file cases build stores with encrypted records: without the feature their
+// helpers are unused.
+#![cfg_attr(not(feature = "encryption"), allow(dead_code, unused_imports))]
 #![cfg(feature = "sqlite")]
 
 mod common;
@@ -338,6 +341,8 @@ fn damaged_store_refuses_writes(path: &Path, max_size: Option<u64>) -> (usize, u
     (ok, corrupt)
 }
 
+// Its store holds encrypted records (salvage copies them without the key).
+#[cfg(feature = "encryption")]
 #[test]
 fn damaged_leaf_pages_are_corrupt_refuse_writes_and_salvage_the_rest() {
     for max_size in [Some(bevy_storage::config::DEFAULT_MAX_SIZE), None] {
@@ -393,6 +398,8 @@ fn damaged_leaf_pages_are_corrupt_refuse_writes_and_salvage_the_rest() {
     }
 }
 
+// Its store holds encrypted records (salvage copies them without the key).
+#[cfg(feature = "encryption")]
 #[test]
 fn damaged_key_index_is_corrupt_but_salvage_recovers_every_record() {
     let dir = TempDir::new().unwrap();
@@ -411,6 +418,8 @@ fn damaged_key_index_is_corrupt_but_salvage_recovers_every_record() {
     assert!(report.key_index_incomplete, "{report:?}");
 }
 
+// Its store holds encrypted records (salvage copies them without the key).
+#[cfg(feature = "encryption")]
 #[test]
 fn damaged_table_interior_page_loses_its_subtree_only() {
     let dir = TempDir::new().unwrap();
@@ -442,6 +451,8 @@ fn damaged_table_interior_page_loses_its_subtree_only() {
     );
 }
 
+// Its store holds encrypted records (salvage copies them without the key).
+#[cfg(feature = "encryption")]
 #[test]
 fn damaged_header_page_is_a_typed_error_everywhere() {
     let dir = TempDir::new().unwrap();
@@ -462,6 +473,8 @@ fn damaged_header_page_is_a_typed_error_everywhere() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
+// Its store holds encrypted records (salvage copies them without the key).
+#[cfg(feature = "encryption")]
 #[test]
 fn salvage_refuses_to_overwrite_and_copies_an_intact_store_whole() {
     let dir = TempDir::new().unwrap();

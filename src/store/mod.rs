@@ -7,6 +7,7 @@
 mod cache;
 mod listing;
 mod options;
+mod quota;
 mod stats;
 pub mod take;
 
@@ -15,10 +16,11 @@ pub use listing::{KeyPage, MAX_PAGE};
 pub use options::{
     ErasedValue, Expiry, LoadOptions, SaveOptions, StorageMetadata, StorageOperation,
 };
+use quota::Quota;
 pub use stats::{CacheStats, PerformanceStats, StorageStats};
 use stats::{Counters, OpKind};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +36,7 @@ use crate::codec::crypto::KdfParams;
 use crate::codec::{self, Cipher, Compression, EnvelopeInfo, Format, SealOptions};
 use crate::config::StorageConfig;
 use crate::error::{Result, StorageError};
-use crate::key::{self, INTERNAL_KEYS, KEYCHECK_KEY};
+use crate::key::{self, KEYCHECK_KEY};
 
 /// What the first stores sealed in their key check: it authenticates the key-derivation
 /// parameters only implicitly (other parameters derive another key, which fails to open it).
@@ -53,15 +55,6 @@ fn keycheck_payload(kdf: Option<&KdfParams>) -> Vec<u8> {
         None => payload.extend_from_slice(b"raw"),
     }
     payload
-}
-
-/// Quota bookkeeping: bytes in use plus reservations of writes in flight.
-struct Quota {
-    max: u64,
-    used: Mutex<u64>,
-    /// Writers hold it shared; a write that may break the quota takes it exclusively to
-    /// recount with nothing in flight.
-    gate: RwLock<()>,
 }
 
 struct Inner {
@@ -650,95 +643,6 @@ impl Store {
         })
     }
 
-    /// Size, health and performance. Counts live records through the backend (one query for
-    /// SQLite, a scan for files), so call it off the main thread in a game.
-    pub fn get_stats(&self) -> StorageStats {
-        let now = self.inner.clock.now();
-        let backend = &self.inner.backend;
-        let usage = backend
-            .usage(now)
-            .and_then(|u| {
-                // The store's own records, by point reads: never a scan of the backend.
-                let mut internal = (0u64, 0u64);
-                for key in INTERNAL_KEYS {
-                    if let Some(meta) = backend.get_meta(key)? {
-                        internal.0 += 1;
-                        internal.1 += meta.size;
-                    }
-                }
-                Ok((
-                    u.item_count.saturating_sub(internal.0),
-                    u.total_size.saturating_sub(internal.1),
-                ))
-            })
-            .and_then(|u| backend.health_check().map(|()| u));
-        let c = &self.inner.counters;
-        let (item_count, total_size) = match usage {
-            Ok(u) => {
-                self.note_success(OpKind::Read);
-                u
-            }
-            Err(e) => {
-                self.note_error(OpKind::Read, &e);
-                (0, 0)
-            }
-        };
-        let max_size = self.inner.quota.as_ref().map(|q| q.max);
-        let quota_free = max_size.map(|m| m.saturating_sub(total_size));
-        let available_space = match (quota_free, backend.available_space()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let reads = c.reads.load(Ordering::Relaxed);
-        let writes = c.writes.load(Ordering::Relaxed);
-        let avg = |nanos: &AtomicU64, n: u64| {
-            Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
-        };
-        // One lock: a guard in a field of the literal below would live to its end.
-        let (mut last_error, mut last_error_at) = match &*c.last_error.lock() {
-            Some((error, at)) => (Some(error.clone()), Some(*at)),
-            None => (None, None),
-        };
-        let damage = backend.damage();
-        if let Some(damage) = &damage
-            && last_error.is_none()
-        {
-            last_error = Some(damage.clone());
-            last_error_at = Some(self.inner.clock.now().to_system_time());
-        }
-        StorageStats {
-            item_count,
-            total_size,
-            available_space,
-            max_size,
-            backend_type: backend.backend_type().to_owned(),
-            is_healthy: !c.reads_failing.load(Ordering::Relaxed)
-                && !c.writes_failing.load(Ordering::Relaxed)
-                && damage.is_none(),
-            read_only: backend.read_only(),
-            last_error,
-            last_error_at,
-            cache: self
-                .inner
-                .cache
-                .as_ref()
-                .map(|cache| CacheStats {
-                    hits: cache.hits.load(Ordering::Relaxed),
-                    misses: cache.misses.load(Ordering::Relaxed),
-                    entries: cache.entries.lock().len() as u64,
-                })
-                .unwrap_or_default(),
-            performance: PerformanceStats {
-                reads,
-                writes,
-                operation_count: reads + writes,
-                errors: c.errors.load(Ordering::Relaxed),
-                avg_read_time: avg(&c.read_nanos, reads),
-                avg_write_time: avg(&c.write_nanos, writes),
-            },
-        }
-    }
-
     /// Sends a batch to the backend under the quota, and drops the cached reads it touches
     /// (before and after the write, so no reader keeps a value older than the write).
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
@@ -767,81 +671,6 @@ impl Store {
             )),
             other => other,
         }
-    }
-
-    fn write_under_quota(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>> {
-        let Some(quota) = &self.inner.quota else {
-            return self.inner.backend.write(ops, now);
-        };
-        if self.inner.backend.enforces_quota() {
-            // Shared by several processes: only the backend can count for all of them.
-            return self.inner.backend.write_within_quota(ops, now, quota.max);
-        }
-        let adding: u64 = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Put { record, .. } => record.meta.size,
-                WriteOp::Delete { .. } => 0,
-            })
-            .sum();
-        {
-            // Fast path: the reservation fits whatever the old sizes were.
-            let _shared = quota.gate.read();
-            let reserved = {
-                let mut used = quota.used.lock();
-                if *used + adding <= quota.max {
-                    *used += adding;
-                    true
-                } else {
-                    false
-                }
-            };
-            if reserved {
-                let result = self.inner.backend.write(ops, now);
-                let mut used = quota.used.lock();
-                match &result {
-                    Ok(outcomes) => {
-                        // Sizes the backend did not report stay counted: `used` is then an
-                        // upper bound, and the slow path below recounts exactly.
-                        let freed: u64 = outcomes.iter().filter_map(|o| o.previous_size).sum();
-                        *used = used.saturating_sub(freed);
-                    }
-                    Err(_) => *used = used.saturating_sub(adding),
-                }
-                return result;
-            }
-        }
-        // Slow path: nothing else in flight; recount and account for what gets replaced.
-        let _exclusive = quota.gate.write();
-        let used = self.inner.backend.usage(now)?.total_size;
-        let mut final_sizes: BTreeMap<&str, u64> = BTreeMap::new();
-        for op in &ops {
-            let size = match op {
-                WriteOp::Put { record, .. } => record.meta.size,
-                WriteOp::Delete { .. } => 0,
-            };
-            final_sizes.insert(op.key(), size);
-        }
-        let mut freed = 0;
-        for key in final_sizes.keys() {
-            if let Some(meta) = self.inner.backend.get_meta(key)?
-                && meta.is_live(now)
-            {
-                freed += meta.size;
-            }
-        }
-        let after = used.saturating_sub(freed) + final_sizes.values().sum::<u64>();
-        if after > quota.max {
-            *quota.used.lock() = used;
-            return Err(StorageError::QuotaExceeded {
-                needed: after.saturating_sub(used),
-                available: quota.max.saturating_sub(used),
-                max_size: quota.max,
-            });
-        }
-        let result = self.inner.backend.write(ops, now);
-        *quota.used.lock() = if result.is_ok() { after } else { used };
-        result
     }
 }
 
@@ -909,34 +738,5 @@ impl Store {
             self.write(vec![Self::put_op(key, record, options)], now)
                 .map(drop)
         })
-    }
-
-    /// A payload of `len` bytes whose record could not fit under the quota even in an empty
-    /// store is refused before it is compressed, encrypted or sent: uncompressed, the record
-    /// holds at least the payload; LZ4 cannot shrink anything below 1/256 of its size.
-    fn refuse_what_never_fits(
-        &self,
-        len: usize,
-        format: Format,
-        options: &SaveOptions,
-    ) -> Result<()> {
-        let Some(quota) = &self.inner.quota else {
-            return Ok(());
-        };
-        let len = len as u64;
-        let smallest = if self.seal_options(format, options).compression.is_on() {
-            len / 256
-        } else {
-            len
-        };
-        if smallest > quota.max {
-            let used = *quota.used.lock();
-            return Err(StorageError::QuotaExceeded {
-                needed: smallest,
-                available: quota.max.saturating_sub(used),
-                max_size: quota.max,
-            });
-        }
-        Ok(())
     }
 }

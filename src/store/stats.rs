@@ -1,10 +1,12 @@
 //! A store's statistics ([`StorageStats`]) and the counters behind them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::key::INTERNAL_KEYS;
 
 /// Timings and counts of the operations a store ran.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -103,4 +105,95 @@ impl Counters {
 pub(super) enum OpKind {
     Read,
     Write,
+}
+
+impl super::Store {
+    /// Size, health and performance. Counts live records through the backend (one query for
+    /// SQLite, a scan for files), so call it off the main thread in a game.
+    pub fn get_stats(&self) -> StorageStats {
+        let now = self.inner.clock.now();
+        let backend = &self.inner.backend;
+        let usage = backend
+            .usage(now)
+            .and_then(|u| {
+                // The store's own records, by point reads: never a scan of the backend.
+                let mut internal = (0u64, 0u64);
+                for key in INTERNAL_KEYS {
+                    if let Some(meta) = backend.get_meta(key)? {
+                        internal.0 += 1;
+                        internal.1 += meta.size;
+                    }
+                }
+                Ok((
+                    u.item_count.saturating_sub(internal.0),
+                    u.total_size.saturating_sub(internal.1),
+                ))
+            })
+            .and_then(|u| backend.health_check().map(|()| u));
+        let c = &self.inner.counters;
+        let (item_count, total_size) = match usage {
+            Ok(u) => {
+                self.note_success(OpKind::Read);
+                u
+            }
+            Err(e) => {
+                self.note_error(OpKind::Read, &e);
+                (0, 0)
+            }
+        };
+        let max_size = self.inner.quota.as_ref().map(|q| q.max);
+        let quota_free = max_size.map(|m| m.saturating_sub(total_size));
+        let available_space = match (quota_free, backend.available_space()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let reads = c.reads.load(Ordering::Relaxed);
+        let writes = c.writes.load(Ordering::Relaxed);
+        let avg = |nanos: &AtomicU64, n: u64| {
+            Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
+        };
+        // One lock: a guard in a field of the literal below would live to its end.
+        let (mut last_error, mut last_error_at) = match &*c.last_error.lock() {
+            Some((error, at)) => (Some(error.clone()), Some(*at)),
+            None => (None, None),
+        };
+        let damage = backend.damage();
+        if let Some(damage) = &damage
+            && last_error.is_none()
+        {
+            last_error = Some(damage.clone());
+            last_error_at = Some(self.inner.clock.now().to_system_time());
+        }
+        StorageStats {
+            item_count,
+            total_size,
+            available_space,
+            max_size,
+            backend_type: backend.backend_type().to_owned(),
+            is_healthy: !c.reads_failing.load(Ordering::Relaxed)
+                && !c.writes_failing.load(Ordering::Relaxed)
+                && damage.is_none(),
+            read_only: backend.read_only(),
+            last_error,
+            last_error_at,
+            cache: self
+                .inner
+                .cache
+                .as_ref()
+                .map(|cache| CacheStats {
+                    hits: cache.hits.load(Ordering::Relaxed),
+                    misses: cache.misses.load(Ordering::Relaxed),
+                    entries: cache.entries.lock().len() as u64,
+                })
+                .unwrap_or_default(),
+            performance: PerformanceStats {
+                reads,
+                writes,
+                operation_count: reads + writes,
+                errors: c.errors.load(Ordering::Relaxed),
+                avg_read_time: avg(&c.read_nanos, reads),
+                avg_write_time: avg(&c.write_nanos, writes),
+            },
+        }
+    }
 }

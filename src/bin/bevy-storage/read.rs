@@ -2,11 +2,11 @@
 
 use std::io::Write;
 
-use bevy_storage::backend::KeyEntry;
+use bevy_storage::backend::{Backend, KeyEntry};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::envelope;
 use bevy_storage::snapshot::{SnapshotEncoding, read_header};
-use bevy_storage::{Format, LoadOptions, StorageError, Store};
+use bevy_storage::{Format, LoadOptions, StorageError};
 use serde_json::{Value as Json, json};
 
 use crate::args::Cli;
@@ -15,60 +15,92 @@ use crate::open::{check_key, key_material, keyed_reader, open_store, store_confi
 use crate::output::{format_name, plural, print_json};
 use crate::{dump, render, ron_view, snapshot_view};
 
-/// The live user records under `prefix`, sorted by key.
-fn live_entries(store: &Store, prefix: &str, now: Timestamp) -> Outcome<Vec<KeyEntry>> {
-    let mut entries: Vec<KeyEntry> = store
-        .backend()
-        .scan(prefix)?
-        .into_iter()
-        .filter(|e| !now.is_past(e.expires_at) && !dump::is_internal(&e.key))
-        .collect();
-    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    Ok(entries)
+/// Keys per page when the CLI walks a store: memory stays bounded by it, whatever the store's
+/// size.
+pub const PAGE: usize = 1000;
+
+/// Calls `each` with every page of the entries under `prefix` (expired and bookkeeping
+/// entries included), in key order, [`PAGE`] at a time.
+pub fn each_page(
+    backend: &dyn Backend,
+    prefix: &str,
+    mut each: impl FnMut(Vec<KeyEntry>) -> Outcome,
+) -> Outcome {
+    let mut after: Option<String> = None;
+    loop {
+        let page = backend.scan_page(prefix, after.as_deref(), PAGE)?;
+        let full = page.len() == PAGE;
+        after = page.last().map(|e| e.key.clone());
+        each(page)?;
+        if !full {
+            return Ok(());
+        }
+    }
 }
 
+/// `list`: one page at a time, so a store of millions of keys lists in bounded memory. The
+/// table's columns are as wide as the first page needs.
 pub fn list(cli: &Cli, prefix: &str, out: &mut dyn Write) -> Outcome {
     let config = store_config(cli)?;
     bevy_storage::key::validate_prefix(prefix)?;
     let store = open_store(&config, false)?;
     let now = Timestamp::now();
-    let entries = live_entries(&store, prefix, now)?;
-    if cli.json {
-        let rows: Vec<Json> = entries
-            .iter()
-            .map(|e| {
-                json!({
-                    "key": e.key,
-                    "size": e.size,
-                    "expires_at": e.expires_at.map(render::time_ms),
-                })
-            })
-            .collect();
-        return print_json(out, &Json::Array(rows));
-    }
     let expiry = |e: &KeyEntry| match e.expires_at {
         Some(at) => format!("{} ({})", render::time(at), render::relative(now, at)),
         None => "never".into(),
     };
-    let rows: Vec<(String, String, String)> = entries
-        .iter()
-        .map(|e| (e.key.clone(), render::size(e.size), expiry(e)))
-        .collect();
-    let width = |pick: fn(&(String, String, String)) -> &String, title: &str| {
-        rows.iter()
-            .map(|r| pick(r).chars().count())
-            .chain([title.len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let (kw, sw) = (width(|r| &r.0, "KEY"), width(|r| &r.1, "SIZE"));
-    if !rows.is_empty() {
-        writeln!(out, "{:<kw$}  {:>sw$}  EXPIRES", "KEY", "SIZE")?;
+    let (mut count, mut total) = (0u64, 0u64);
+    let mut widths: Option<(usize, usize)> = None;
+    if cli.json {
+        write!(out, "[")?;
+    }
+    each_page(store.backend().as_ref(), prefix, |page| {
+        let entries: Vec<KeyEntry> = page
+            .into_iter()
+            .filter(|e| !now.is_past(e.expires_at) && !dump::is_internal(&e.key))
+            .collect();
+        for e in &entries {
+            if cli.json {
+                let row = json!({
+                    "key": e.key,
+                    "size": e.size,
+                    "expires_at": e.expires_at.map(render::time_ms),
+                });
+                let sep = if count == 0 { "\n  " } else { ",\n  " };
+                write!(out, "{sep}{row}")?;
+            }
+            count += 1;
+            total += e.size;
+        }
+        if cli.json || entries.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(String, String, String)> = entries
+            .iter()
+            .map(|e| (e.key.clone(), render::size(e.size), expiry(e)))
+            .collect();
+        let (kw, sw) = *widths.get_or_insert_with(|| {
+            let width = |pick: fn(&(String, String, String)) -> &String, title: &str| {
+                rows.iter()
+                    .map(|r| pick(r).chars().count())
+                    .chain([title.len()])
+                    .max()
+                    .unwrap_or(0)
+            };
+            (width(|r| &r.0, "KEY"), width(|r| &r.1, "SIZE"))
+        });
+        if count as usize == rows.len() {
+            writeln!(out, "{:<kw$}  {:>sw$}  EXPIRES", "KEY", "SIZE")?;
+        }
         for (key, size, expires) in &rows {
             writeln!(out, "{key:<kw$}  {size:>sw$}  {expires}")?;
         }
+        Ok(())
+    })?;
+    if cli.json {
+        writeln!(out, "{}]", if count == 0 { "" } else { "\n" })?;
+        return Ok(());
     }
-    let total: u64 = entries.iter().map(|e| e.size).sum();
     let under = if prefix.is_empty() {
         String::new()
     } else {
@@ -77,7 +109,7 @@ pub fn list(cli: &Cli, prefix: &str, out: &mut dyn Write) -> Outcome {
     writeln!(
         out,
         "{}{under}, {}",
-        plural(entries.len() as u64, "key", "keys"),
+        plural(count, "key", "keys"),
         render::size(total)
     )?;
     Ok(())

@@ -20,22 +20,26 @@ pub fn stats(cli: &Cli, out: &mut dyn Write) -> Outcome {
     let now = Timestamp::now();
     let mut expired = 0u64;
     let mut groups: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for entry in store.backend().scan("")? {
-        if dump::is_internal(&entry.key) {
-            continue;
+    // One page at a time: memory follows the number of key groups, not of keys.
+    crate::read::each_page(store.backend().as_ref(), "", |page| {
+        for entry in page {
+            if dump::is_internal(&entry.key) {
+                continue;
+            }
+            if now.is_past(entry.expires_at) {
+                expired += 1;
+                continue;
+            }
+            let group = match entry.key.find([':', '/']) {
+                Some(at) => entry.key[..=at].to_owned(),
+                None => "(no prefix)".to_owned(),
+            };
+            let slot = groups.entry(group).or_default();
+            slot.0 += 1;
+            slot.1 += entry.size;
         }
-        if now.is_past(entry.expires_at) {
-            expired += 1;
-            continue;
-        }
-        let group = match entry.key.find([':', '/']) {
-            Some(at) => entry.key[..=at].to_owned(),
-            None => "(no prefix)".to_owned(),
-        };
-        let slot = groups.entry(group).or_default();
-        slot.0 += 1;
-        slot.1 += entry.size;
-    }
+        Ok(())
+    })?;
     let mut groups: Vec<(String, (u64, u64))> = groups.into_iter().collect();
     groups.sort_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(&b.0)));
     // The store is opened without a quota; the game's is StorageConfig's default unless

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use bevy_storage::backend::{Backend, MemoryBackend, PutMode, Record, WriteOp};
+use bevy_storage::backend::{Backend, KeyEntry, MemoryBackend, PutMode, Record, WriteOp};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::{StorageConfig, StorageError};
 use serde_json::{Value as Json, json};
@@ -15,6 +15,7 @@ use crate::dump::{self, DumpReader, DumpRecord, DumpWriter};
 use crate::failure::{Failure, Outcome};
 use crate::open::{describe, key_material, keyed_reader, open_store, store_config};
 use crate::output::{plural, print_json, progress};
+use crate::read::each_page;
 use crate::render;
 
 /// The store's encryption key check (it holds a passphrase's salt).
@@ -40,32 +41,41 @@ pub fn export(cli: &Cli, file: &Path, prefix: &str, force: bool, out: &mut dyn W
     let store = open_store(&config, false)?;
     let backend = store.backend();
     let now = Timestamp::now();
-    let mut entries = backend.scan(prefix)?;
-    if !prefix.is_empty() {
-        // The store's bookkeeping (its key check) goes along whatever the prefix.
-        entries.extend(backend.scan(bevy_storage::key::INTERNAL_PREFIX)?);
-    }
-    entries.retain(|e| !now.is_past(e.expires_at));
-    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    entries.dedup_by(|a, b| a.key == b.key);
-
-    let bar = progress(cli, entries.len() as u64, "exporting", false);
+    // One page at a time (bounded memory); the bar's length is the store's record count.
+    let estimate = backend.usage(now).map(|u| u.item_count).unwrap_or(0);
+    let bar = progress(cli, estimate, "exporting", false);
     let mut writer = DumpWriter::create(file, backend.backend_type())?;
     let (mut records, mut encrypted, mut bytes) = (0u64, 0u64, 0u64);
-    for entry in &entries {
-        // Read again: it may have changed or gone since the scan.
-        if let Some(record) = backend.get(&entry.key)?
-            && record.meta.is_live(now)
-        {
-            writer.record(&entry.key, &record)?;
-            if !dump::is_internal(&entry.key) {
-                records += 1;
-                bytes += record.value.len() as u64;
-                encrypted += u64::from(record.meta.encrypted);
+    let mut export_page = |page: Vec<KeyEntry>| -> Outcome {
+        for entry in page {
+            if now.is_past(entry.expires_at) {
+                continue;
             }
+            // Read again: it may have changed or gone since the listing.
+            if let Some(record) = backend.get(&entry.key)?
+                && record.meta.is_live(now)
+            {
+                writer.record(&entry.key, &record)?;
+                if !dump::is_internal(&entry.key) {
+                    records += 1;
+                    bytes += record.value.len() as u64;
+                    encrypted += u64::from(record.meta.encrypted);
+                }
+            }
+            bar.inc(1);
         }
-        bar.inc(1);
+        Ok(())
+    };
+    if !prefix.is_empty() {
+        // The store's bookkeeping (its key check) goes along whatever the prefix; its keys
+        // sort before every user key, so the dump stays in key order.
+        each_page(
+            backend.as_ref(),
+            bevy_storage::key::INTERNAL_PREFIX,
+            &mut export_page,
+        )?;
     }
+    each_page(backend.as_ref(), prefix, &mut export_page)?;
     let written = writer.finish()?;
     bar.finish_and_clear();
     if cli.json {
