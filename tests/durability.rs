@@ -781,6 +781,41 @@ mod redis_bounds {
         assert!(store.get_stats().is_healthy);
     }
 
+    /// A listing is many round trips (`SCAN` pages, a pipeline of header reads per page):
+    /// a server that stops answering in the middle of one still fails it within the bound,
+    /// since each round trip gets only what is left of the operation's deadline (a pipeline
+    /// of N replies once waited N response timeouts).
+    #[test]
+    fn a_listing_cut_off_midway_fails_within_the_bound() {
+        let Some(server) = Server::start() else {
+            return;
+        };
+        let store =
+            Store::open(StorageConfig::redis(server.url(), "midway").max_size(None)).unwrap();
+        for chunk in 0..20 {
+            let ops = (0..10_000)
+                .map(|i| StorageOperation::save(format!("k{chunk:02}:{i:05}"), i))
+                .collect();
+            store.transaction(ops).unwrap();
+        }
+        let started = Instant::now();
+        let result = std::thread::scope(|s| {
+            let listing = s.spawn(|| store.list_keys("k"));
+            std::thread::sleep(Duration::from_millis(150));
+            server.signal(libc::SIGSTOP);
+            listing.join().unwrap()
+        });
+        let took = started.elapsed();
+        eprintln!(
+            "listing of 200,000 keys cut off after 150 ms: {took:?}, {:?}",
+            result.as_ref().map(Vec::len)
+        );
+        let err = result.expect_err("200,000 keys do not list in 150 ms");
+        assert!(matches!(err, StorageError::Unavailable { .. }), "{err:?}");
+        assert!(took <= BOUND + SLACK, "the listing took {took:?}");
+        server.signal(libc::SIGCONT);
+    }
+
     /// How long one batch blocks Redis, from `INFO commandstats` (`usec_per_call`), and the
     /// refusal of batches over the limit. Prints the figures the README quotes.
     #[test]

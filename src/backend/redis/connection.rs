@@ -2,7 +2,9 @@
 //! how failures are retried and reported (see "Connections and failures" in the
 //! [module docs](super)).
 
+use std::cell::Cell;
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +22,75 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Attempts an operation makes on different connections after connection failures.
 const MAX_ATTEMPTS: u32 = 3;
+
+thread_local! {
+    /// The deadline of the operation this thread runs (set by `run_replies` around its
+    /// closure), so that an operation of several round trips (a listing, a purge) gives each
+    /// one only what is left: see [`rebound`].
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Before another round trip of an operation of several (a `SCAN` page, a script page):
+/// gives `con`'s socket only what is left of the operation's deadline, shared among
+/// `replies` reads, and fails with a timeout when nothing is left, so the operation's bound
+/// holds however many round trips it makes.
+pub(super) fn rebound(con: &mut redis::Connection, replies: usize) -> redis::RedisResult<()> {
+    let Some(deadline) = DEADLINE.get() else {
+        return Ok(());
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the operation's time bound passed between its round trips",
+        )
+        .into());
+    }
+    // The kernel rounds a socket timeout up to its timer tick (10 ms on some kernels): ask for
+    // a tick less, so that the rounded timeouts of all `replies` still end by the deadline.
+    let share = (left / u32::try_from(replies.max(1)).unwrap_or(u32::MAX))
+        .saturating_sub(TIMER_TICK)
+        .max(Duration::from_millis(1));
+    let share = Some(share);
+    con.set_read_timeout(share)?;
+    con.set_write_timeout(share)?;
+    Ok(())
+}
+
+/// The coarsest timer tick a kernel rounds socket timeouts up to (`HZ=100`).
+const TIMER_TICK: Duration = Duration::from_millis(10);
+
+/// How many replies the next pipeline of a multi-step operation may wait for: few enough
+/// that each gets at least 100 ms of the time left. A socket timeout is rounded up to the
+/// kernel's timer tick, and the client reads every reply of a pipeline even after one timed
+/// out, so a pipeline of a thousand replies given 3 ms each once waited 10 s, and one of 71
+/// given 40 ms each waited 3.5 s. At most 128, at least 1.
+pub(super) fn pipeline_chunk() -> usize {
+    const MIN_SHARE: Duration = Duration::from_millis(100);
+    let Some(deadline) = DEADLINE.get() else {
+        return 128;
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    usize::try_from(left.as_millis() / MIN_SHARE.as_millis())
+        .unwrap_or(128)
+        .clamp(1, 128)
+}
+
+/// Sets [`DEADLINE`] for as long as it lives.
+struct DeadlineScope;
+
+impl DeadlineScope {
+    fn enter(deadline: Instant) -> Self {
+        DEADLINE.set(Some(deadline));
+        Self
+    }
+}
+
+impl Drop for DeadlineScope {
+    fn drop(&mut self) {
+        DEADLINE.set(None);
+    }
+}
 
 /// State shared between the backend and its connection manager.
 pub(super) struct Shared {
@@ -278,7 +349,10 @@ impl RedisBackend {
                     Err(e) => return Err(self.fail(e, doing)),
                 }
             }
-            match f(&mut conn.con) {
+            let scope = DeadlineScope::enter(deadline);
+            let result = f(&mut conn.con);
+            drop(scope);
+            match result {
                 Ok(value) => {
                     conn.last_ok = Instant::now();
                     return Ok(value);

@@ -84,6 +84,13 @@
 //! not have been applied (a hung server runs it when it wakes up); batches are atomic, so
 //! reading back one key of the batch tells whether all of it was applied.
 //!
+//! Operations of several round trips (a listing: `SCAN` pages and a pipeline of header reads
+//! per page; a purge, `clear` and usage: a script per page) give each round trip only what
+//! is left of the one deadline, and keep pipelines small enough that the kernel's rounding of
+//! socket timeouts cannot stretch them past it: a server that stops in the middle of a
+//! 200,000-key listing fails it at 3.0 s (`tests/durability.rs`; it ran for over 3 minutes
+//! before, one response timeout per reply of a 1,000-reply pipeline).
+//!
 //! A server out of memory (`maxmemory`, `OOM command not allowed`) fails a write with
 //! [`StorageError::StorageFull`]: its memory is the store's medium, and the batch was
 //! refused whole before it ran.
@@ -305,6 +312,7 @@ impl RedisBackend {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut cursor: u64 = 0;
         loop {
+            connection::rebound(con, 1)?;
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -529,24 +537,34 @@ impl Backend for RedisBackend {
         self.run("listing keys", Retry::Safe, |con| {
             let mut entries = Vec::new();
             self.scan_records(con, prefix, |con, raw_keys| {
-                let mut pipe = redis::pipe();
-                for raw in &raw_keys {
-                    pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
-                }
-                let headers: Vec<Vec<u8>> = pipe.query(con)?;
-                for (raw, header) in raw_keys.into_iter().zip(headers) {
-                    let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
-                        continue;
-                    };
-                    // Gone since SCAN saw it (or not a record): skip.
-                    let Ok(header) = Header::parse(&key, &header) else {
-                        continue;
-                    };
-                    entries.push(KeyEntry {
-                        key,
-                        size: u64::from(header.size),
-                        expires_at: header.expires_at.map(Timestamp),
-                    });
+                // Header reads in pipelines small enough that each reply gets a share of the
+                // time left well above the kernel's timer granularity (see
+                // `connection::pipeline_chunk`): a server that stops mid-listing cannot make
+                // the reads outlast the operation's deadline.
+                let mut rest = raw_keys.as_slice();
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(connection::pipeline_chunk().min(rest.len()));
+                    rest = tail;
+                    let mut pipe = redis::pipe();
+                    for raw in chunk {
+                        pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
+                    }
+                    connection::rebound(con, chunk.len())?;
+                    let headers: Vec<Vec<u8>> = pipe.query(con)?;
+                    for (raw, header) in chunk.iter().zip(headers) {
+                        let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
+                            continue;
+                        };
+                        // Gone since SCAN saw it (or not a record): skip.
+                        let Ok(header) = Header::parse(&key, &header) else {
+                            continue;
+                        };
+                        entries.push(KeyEntry {
+                            key,
+                            size: u64::from(header.size),
+                            expires_at: header.expires_at.map(Timestamp),
+                        });
+                    }
                 }
                 Ok(())
             })?;
@@ -558,6 +576,7 @@ impl Backend for RedisBackend {
         self.run("removing expired records", Retry::Safe, |con| {
             let mut removed = 0usize;
             loop {
+                connection::rebound(con, 1)?;
                 let (gone, examined): (usize, usize) = self
                     .scripts
                     .purge
@@ -580,10 +599,14 @@ impl Backend for RedisBackend {
             // Each page is deleted by the write script, so the bookkeeping stays exact even
             // while another store writes to the same namespace. A key that is not a record
             // makes the script refuse its page: it is left alone and the rest deleted again.
-            self.scan_records(con, "", |con, raw_keys| self.delete_records(con, raw_keys))?;
+            self.scan_records(con, "", |con, raw_keys| {
+                connection::rebound(con, 1)?;
+                self.delete_records(con, raw_keys)
+            })?;
             // Then forget the records Redis expired by itself.
             let mut offset = 0usize;
             loop {
+                connection::rebound(con, 1)?;
                 let (examined, removed): (usize, usize) = self
                     .scripts
                     .trim
@@ -606,6 +629,7 @@ impl Backend for RedisBackend {
             let mut usage = Usage::default();
             let mut offset = 0usize;
             loop {
+                connection::rebound(con, 1)?;
                 let (count, bytes, examined): (u64, u64, usize) = self
                     .scripts
                     .usage
