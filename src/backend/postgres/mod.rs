@@ -165,9 +165,19 @@ impl PostgresBackend {
     fn create_schema(&self) -> Result<()> {
         let ns = self.namespace.as_str();
         let version = self.run("creating the tables", false, async |s: &mut Session| {
-            s.client
-                .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
-                .await?;
+            // DDL only when something is missing: `CREATE INDEX IF NOT EXISTS` would wait for
+            // every open write transaction on the table (another server's, or one a hung
+            // connection left open), so opening a store must not run it needlessly.
+            let present: bool = s
+                .client
+                .query_one(schema::SQL_SCHEMA_PRESENT, &[])
+                .await?
+                .get(0);
+            if !present {
+                s.client
+                    .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
+                    .await?;
+            }
             let row = s.client.query_one(schema::SQL_VERSION, &[]).await?;
             let version = row.get::<_, i32>(0);
             if version <= schema::SCHEMA_VERSION {

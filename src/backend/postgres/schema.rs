@@ -83,6 +83,12 @@ pub(super) const SQL_SET_NAMESPACE: &str = "UPDATE bevy_storage_namespaces \
 pub(super) const SQL_EXPIRED: &str = "SELECT count(*), coalesce(sum(size), 0)::bigint \
      FROM bevy_storage_records WHERE namespace = $1 AND expires_at <= $2";
 
+/// True when every table and index of [`SQL_CREATE`] exists.
+pub(super) const SQL_SCHEMA_PRESENT: &str = "SELECT to_regclass('bevy_storage_schema') IS NOT NULL \
+     AND to_regclass('bevy_storage_records') IS NOT NULL \
+     AND to_regclass('bevy_storage_records_expiry') IS NOT NULL \
+     AND to_regclass('bevy_storage_namespaces') IS NOT NULL";
+
 pub(super) const SQL_VERSION: &str = "SELECT version FROM bevy_storage_schema WHERE id = 1";
 
 pub(super) const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, \
