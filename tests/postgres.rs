@@ -368,6 +368,24 @@ fn every_operation(store: &Store) -> Vec<(&'static str, Result<(), StorageError>
     })
 }
 
+/// Asserts an operation of [`every_operation`] failed as unreachable (or, for a write sent,
+/// with an unknown outcome) within the bound, and returns its error.
+fn bounded_failure(name: &str, result: Result<(), StorageError>, took: Duration) -> StorageError {
+    let err = result.expect_err(name);
+    assert!(
+        matches!(
+            err,
+            StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. }
+        ),
+        "{name}: {err}"
+    );
+    assert!(
+        took < BOUND,
+        "{name} took {took:?} with the server gone or hung"
+    );
+    err
+}
+
 #[test]
 fn a_hung_server_fails_every_operation_within_the_bound_and_recovery_follows() {
     require_postgres!();
@@ -389,15 +407,7 @@ fn a_hung_server_fails_every_operation_within_the_bound_and_recovery_follows() {
     );
     // Every kind of operation at once: each gets no connection or no answer, within the bound.
     for (name, result, took) in every_operation(&store) {
-        let err = result.expect_err(name);
-        assert!(
-            matches!(
-                err,
-                StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. }
-            ),
-            "{name}: {err}"
-        );
-        assert!(took < BOUND, "{name} took {took:?} against a hung server");
+        let err = bounded_failure(name, result, took);
         assert!(!err.to_string().contains("hunter2"), "{name}: {err}");
         let message = err.to_string();
         assert!(
@@ -431,15 +441,7 @@ fn a_vanished_server_is_unavailable_at_once_and_recovery_follows() {
     proxy.cut.store(true, Ordering::Relaxed);
     thread::sleep(Duration::from_millis(100));
     for (name, result, took) in every_operation(&store) {
-        let err = result.expect_err(name);
-        assert!(
-            matches!(
-                err,
-                StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. }
-            ),
-            "{name}: {err}"
-        );
-        assert!(took < BOUND, "{name} took {took:?}");
+        bounded_failure(name, result, took);
     }
     let err = Store::open(StorageConfig::postgres(
         url_through(proxy.port, "pw"),

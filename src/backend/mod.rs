@@ -35,6 +35,30 @@ pub use redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteBackend;
 
+/// Connections to a server backend (Redis, PostgreSQL): the pool and the time bounds. Every
+/// operation fails within `connect_timeout + response_timeout` when the server is gone or
+/// hangs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Most connections open at once (at least 1). Default 10.
+    pub pool_size: u32,
+    /// How long opening a connection, or waiting for a free one, may take. Default 1 s.
+    pub connect_timeout: std::time::Duration,
+    /// How long a command, statement or transaction may wait for the server's answer.
+    /// Default 2 s.
+    pub response_timeout: std::time::Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 10,
+            connect_timeout: std::time::Duration::from_secs(1),
+            response_timeout: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
 /// The game's own fields stored beside a record, readable without decoding the value
 /// (for example a save slot's level name or play time). Not encrypted.
 pub type CustomMetadata = BTreeMap<String, serde_json::Value>;

@@ -166,6 +166,21 @@ impl Fixture {
         Ok(())
     }
 
+    /// Stores the record of `from`, byte for byte, under `to` through the backend (the way
+    /// an attacker copies a save file): its authentication names `from`, so it must fail.
+    pub fn copy_record(&self, from: &str, to: &str) {
+        let record = self.store.backend().get(from).unwrap().unwrap();
+        let put = crate::backend::WriteOp::Put {
+            key: to.into(),
+            record,
+            mode: crate::backend::PutMode::Upsert,
+        };
+        self.store
+            .backend()
+            .write(vec![put], crate::clock::Timestamp::now())
+            .unwrap();
+    }
+
     /// Moves the store's clock forward.
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);

@@ -74,26 +74,9 @@ const BACKEND: &str = "postgres";
 /// The namespace of a `postgres://` URL without `?namespace=`.
 pub const DEFAULT_NAMESPACE: &str = "bevy_storage";
 
-/// Connection settings of a [`PostgresBackend`].
-#[derive(Debug, Clone)]
-pub struct PostgresOptions {
-    /// Most connections open at once (at least 1). Default 10.
-    pub pool_size: u32,
-    /// How long opening a connection, or waiting for a free one, may take. Default 1 s.
-    pub connect_timeout: Duration,
-    /// How long a statement or transaction may wait for the server. Default 2 s.
-    pub response_timeout: Duration,
-}
-
-impl Default for PostgresOptions {
-    fn default() -> Self {
-        Self {
-            pool_size: 10,
-            connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(2),
-        }
-    }
-}
+/// Connection settings of a [`PostgresBackend`]: the pool and time bounds every server
+/// backend shares (a "response" here is a statement's or a transaction's).
+pub type PostgresOptions = super::ServerOptions;
 
 /// Records in a PostgreSQL database, under one namespace. See the [module docs](self).
 pub struct PostgresBackend {

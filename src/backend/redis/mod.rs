@@ -132,7 +132,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::time::Duration;
 
 use r2d2::Pool;
 
@@ -162,26 +161,8 @@ const SCRIPT_PAGE: usize = 1000;
 /// that most records need a single `GETRANGE`.
 const CUSTOM_READ_AHEAD: usize = 214;
 
-/// Tuning of the Redis backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisOptions {
-    /// Most connections open at once (at least 1). Default 10.
-    pub pool_size: u32,
-    /// How long opening a connection, or waiting for a free one, may take. Default 1 s.
-    pub connect_timeout: Duration,
-    /// How long a command may wait for the server's answer. Default 2 s.
-    pub response_timeout: Duration,
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        Self {
-            pool_size: 10,
-            connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(2),
-        }
-    }
-}
+/// Tuning of the Redis backend: the pool and time bounds every server backend shares.
+pub type RedisOptions = super::ServerOptions;
 
 /// Records in a Redis server, under one namespace. See the [module docs](self) for the key
 /// layout, atomicity and failure handling.

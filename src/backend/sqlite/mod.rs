@@ -458,17 +458,7 @@ impl Backend for SqliteBackend {
         };
         let rows = run().map_err(|e| self.fail(e, format_args!("listing keys")))?;
         drop(conn);
-        rows.into_iter()
-            .map(|(key, size, expires_at)| {
-                let size = u64::try_from(size)
-                    .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
-                Ok(KeyEntry {
-                    key,
-                    size,
-                    expires_at: expires_at.map(Timestamp),
-                })
-            })
-            .collect()
+        key_entries(rows)
     }
 
     fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
@@ -488,17 +478,7 @@ impl Backend for SqliteBackend {
             })
             .map_err(|e| self.fail(e, format_args!("listing a page of keys")))?;
         drop(conn);
-        rows.into_iter()
-            .map(|(key, size, expires_at)| {
-                let size = u64::try_from(size)
-                    .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
-                Ok(KeyEntry {
-                    key,
-                    size,
-                    expires_at: expires_at.map(Timestamp),
-                })
-            })
-            .collect()
+        key_entries(rows)
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
@@ -552,6 +532,21 @@ impl Backend for SqliteBackend {
             .and_then(|mut stmt| stmt.query([])?.next().map(|_| ()))
             .map_err(|e| self.fail(e, format_args!("checking the database")))
     }
+}
+
+/// Listing rows (`key, size, expires_at`) as entries; a negative size is damage.
+fn key_entries(rows: Vec<(String, i64, Option<i64>)>) -> Result<Vec<KeyEntry>> {
+    rows.into_iter()
+        .map(|(key, size, expires_at)| {
+            let size = u64::try_from(size)
+                .map_err(|_| StorageError::corrupt(&key, format!("negative size {size}")))?;
+            Ok(KeyEntry {
+                key,
+                size,
+                expires_at: expires_at.map(Timestamp),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -118,19 +118,7 @@ pub fn wrong_or_missing_key_is_a_clear_error(factory: &dyn Fn() -> TestBackend) 
         .unwrap();
     f.store.save("plain", &"tin", &SaveOptions::new()).unwrap();
     // Copying a record under another key is detected (key bound as associated data + checksum).
-    let record = f.store.backend().get("secret").unwrap().unwrap();
-    let now = crate::clock::Timestamp::now();
-    f.store
-        .backend()
-        .write(
-            vec![WriteOp::Put {
-                key: "copied".into(),
-                record,
-                mode: PutMode::Upsert,
-            }],
-            now,
-        )
-        .unwrap();
+    f.copy_record("secret", "copied");
     let err = f
         .store
         .load::<String>("copied", &LoadOptions::default())

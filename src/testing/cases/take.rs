@@ -4,8 +4,6 @@ use std::thread;
 use std::time::Duration;
 
 use super::{Player, load, player, save};
-#[cfg(feature = "encryption")]
-use crate::backend::{PutMode, WriteOp};
 use crate::codec::Compression;
 use crate::error::StorageError;
 use crate::store::{LoadOptions, SaveOptions, Store};
@@ -123,19 +121,7 @@ pub fn take_that_cannot_decrypt_keeps_the_record(factory: &dyn Fn() -> TestBacke
         .save("secret", &"gold", &SaveOptions::new().encrypt(true))
         .unwrap();
     // A record copied under another key fails its check: refused, and left in place.
-    let record = f.store.backend().get("secret").unwrap().unwrap();
-    let now = crate::clock::Timestamp::now();
-    f.store
-        .backend()
-        .write(
-            vec![WriteOp::Put {
-                key: "copied".into(),
-                record,
-                mode: PutMode::Upsert,
-            }],
-            now,
-        )
-        .unwrap();
+    f.copy_record("secret", "copied");
     let err = f
         .store
         .take::<String>("copied", &LoadOptions::default())
