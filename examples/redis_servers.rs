@@ -65,7 +65,7 @@ impl Server {
             .store
             .save(&key, &fresh, &SaveOptions::new().overwrite(false))
         {
-            Ok(()) => {
+            Ok(_) => {
                 self.say(format!("created the profile of {player}"));
                 Ok(fresh)
             }
@@ -91,7 +91,7 @@ impl Server {
             .store
             .save(&format!("lease:{player}"), &self.name, &lease)
         {
-            Ok(()) => Ok(true),
+            Ok(_) => Ok(true),
             Err(StorageError::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(e),
         }
@@ -229,7 +229,7 @@ fn run(url: &str, namespace: &str) -> Result<(), StorageError> {
                         &result,
                         &SaveOptions::new().overwrite(false),
                     ) {
-                        Ok(()) => won += 1,
+                        Ok(_) => won += 1,
                         Err(StorageError::AlreadyExists { .. }) => {}
                         Err(e) => return Err(e),
                     }

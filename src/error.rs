@@ -42,6 +42,23 @@ pub enum StorageError {
         key: String,
     },
 
+    /// A write conditional on a version ([`SaveOptions::if_version`](crate::SaveOptions::if_version))
+    /// found another version, or no live record: someone else wrote (or deleted) the record
+    /// since it was read. Nothing was changed; read it again, redo the change, and retry.
+    #[error(
+        "version conflict on {key:?}: the write expected version {expected} but found {}; nothing was changed (load the record again and retry)",
+        match found { Some(v) => format!("version {v}"), None => "no record".to_owned() }
+    )]
+    VersionConflict {
+        /// The key.
+        key: String,
+        /// The version the write required.
+        expected: crate::backend::RecordVersion,
+        /// The version of the live record found instead; `None` when the key is missing or
+        /// expired.
+        found: Option<crate::backend::RecordVersion>,
+    },
+
     /// The write would make the store larger than `max_size`; nothing was changed.
     #[error(
         "storage quota exceeded: the write needs {needed} bytes but only {available} of {max_size} are free; nothing was changed (raise StorageConfig::max_size or delete records)"

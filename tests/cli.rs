@@ -2047,6 +2047,7 @@ fn hostile_dumps_and_records_never_crash_the_inspector() {
                 compressed: false,
                 encrypted: false,
                 custom: Default::default(),
+                version: Default::default(),
             },
             value,
         };

@@ -119,6 +119,7 @@ fn save_every_layer(
                     options.compression = choice;
                     store
                         .save(&key, &text(), &options)
+                        .map(drop)
                         .map_err(|e| e.to_string())
                 }
                 Layer::SaveRequest => {

@@ -118,7 +118,7 @@ fn fill(store: &Store) -> (Vec<(String, Vec<u8>)>, StorageError) {
         let key = format!("fill:{i:05}");
         let value = random_bytes(16 * 1024, i);
         match store.save_bytes(&key, &value, &plain()) {
-            Ok(()) => saved.push((key, value)),
+            Ok(_) => saved.push((key, value)),
             Err(e) => return (saved, e),
         }
     }
@@ -729,7 +729,7 @@ mod redis_bounds {
         let ops: Vec<Op<'_>> = vec![
             (
                 "save",
-                Box::new(|| store.save("k1", &100u32, &SaveOptions::default())),
+                Box::new(|| store.save("k1", &100u32, &SaveOptions::default()).map(drop)),
             ),
             (
                 "load",

@@ -490,6 +490,7 @@ fn raw_record(value: &[u8], now: Timestamp) -> Record {
             compressed: false,
             encrypted: false,
             custom: Default::default(),
+            version: Default::default(),
         },
     }
 }
@@ -1044,7 +1045,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
         store.save(k, &value(k, 100), &opts).unwrap();
         assert_eq!(load_s(&store, k), Some(value(k, 100))); // fills the cache
     }
-    let is_injected = |r: &bevy_storage::Result<()>| {
+    let is_injected = |r: &bevy_storage::Result<_>| {
         matches!(r, Err(StorageError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSPC))
             || matches!(r, Err(StorageError::StorageFull { message, .. }) if message.contains("os error 28"))
     };
@@ -1065,8 +1066,8 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
 
     // Every kind of change, failing.
     faults.fail_all(true);
-    assert!(is_injected(&store.save("a", &value("new", 50), &opts)));
-    assert!(is_injected(&store.save_bytes("b", b"raw", &opts)));
+    assert!(is_injected(&store.save("a", &value("new", 50), &opts).map(drop)));
+    assert!(is_injected(&store.save_bytes("b", b"raw", &opts).map(drop)));
     assert!(is_injected(&store.delete("c").map(drop)));
     assert!(is_injected(&store.transaction(vec![
         StorageOperation::save_with("a", value("tx", 1), opts.clone()),
@@ -1106,7 +1107,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
             &format!("big{i}"),
             &value("x", 4000),
             &SaveOptions::new().compression(Compression::Off),
-        );
+        ).map(drop);
         assert!(is_injected(&r), "{r:?}");
     }
     faults.fail_all(false);
@@ -1139,7 +1140,7 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
                     ),
                 ])
             } else {
-                store.save(&key, &value("t", i as usize), &opts)
+                store.save(&key, &value("t", i as usize), &opts).map(drop)
             };
             results.push(r);
         }
@@ -1328,7 +1329,7 @@ fn fill_the_disk(config: &dyn Fn() -> StorageConfig) -> Store {
     for i in 0..2000u64 {
         let (k, v) = (format!("fill:{i}"), noise(1000 + i, 8 * 1024));
         match store.save(&k, &v, &opts) {
-            Ok(()) => acked.push((k, v)),
+            Ok(_) => acked.push((k, v)),
             Err(e) => {
                 failure = Some(e);
                 break;
@@ -1351,7 +1352,7 @@ fn fill_the_disk(config: &dyn Fn() -> StorageConfig) -> Store {
     // Overwrites and transactions on the full disk: refused with the old values kept, or done.
     let big = noise(7, 64 * 1024);
     match store.save("keep:0", &big, &opts) {
-        Ok(()) => acked[0].1 = big.clone(),
+        Ok(_) => acked[0].1 = big.clone(),
         Err(e) => assert!(is_disk_full_error(&e), "{e:?}"),
     }
     let tx = store.transaction(vec![

@@ -195,6 +195,7 @@ fn plant_with(
             compressed: false,
             encrypted: false,
             custom: Default::default(),
+            version: Default::default(),
         },
         value,
     };

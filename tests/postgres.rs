@@ -38,7 +38,7 @@ fn load<T: serde::de::DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
 }
 
 fn save<T: serde::Serialize>(store: &Store, key: &str, value: &T) {
-    store.save(key, value, &SaveOptions::default()).unwrap()
+    store.save(key, value, &SaveOptions::default()).unwrap();
 }
 
 /// `host:port` of the test server, from its URL.
@@ -113,7 +113,7 @@ fn stores_sharing_a_namespace_see_each_others_writes_and_race_fairly() {
                     for k in 0..25 {
                         let options = SaveOptions::default().overwrite(false);
                         match server.save(&format!("claim:{k}"), &(i, t), &options) {
-                            Ok(()) => wins.fetch_add(1, Ordering::Relaxed),
+                            Ok(_) => wins.fetch_add(1, Ordering::Relaxed),
                             Err(StorageError::AlreadyExists { .. }) => {
                                 refused.fetch_add(1, Ordering::Relaxed)
                             }
@@ -337,7 +337,7 @@ const BOUND: Duration = Duration::from_millis(3_500);
 fn every_operation(store: &Store) -> Vec<(&'static str, Result<(), StorageError>, Duration)> {
     type Op = fn(&Store) -> Result<(), StorageError>;
     let ops: [(&'static str, Op); 8] = [
-        ("save", |s| s.save("k", &1u32, &SaveOptions::default())),
+        ("save", |s| s.save("k", &1u32, &SaveOptions::default()).map(drop)),
         ("load", |s| {
             s.load::<u32>("k", &LoadOptions::default()).map(drop)
         }),
@@ -504,7 +504,7 @@ fn the_quota_holds_across_servers_racing_to_fill_it() {
                             &value,
                             &SaveOptions::default(),
                         ) {
-                            Ok(()) => saved.fetch_add(1, Ordering::Relaxed),
+                            Ok(_) => saved.fetch_add(1, Ordering::Relaxed),
                             Err(StorageError::QuotaExceeded { max_size, .. }) => {
                                 assert_eq!(max_size, MAX);
                                 refused.fetch_add(1, Ordering::Relaxed)

@@ -427,6 +427,7 @@ fn record(value: &[u8], custom: bool) -> Record {
         compressed: false,
         encrypted: false,
         custom: CustomMetadata::new(),
+        version: bevy_storage::RecordVersion::fresh(),
     };
     if custom {
         meta.custom.insert("level".into(), "Crypt".into());

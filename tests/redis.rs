@@ -49,7 +49,7 @@ fn load<T: serde::de::DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
 }
 
 fn save<T: serde::Serialize>(store: &Store, key: &str, value: &T) {
-    store.save(key, value, &SaveOptions::default()).unwrap()
+    store.save(key, value, &SaveOptions::default()).unwrap();
 }
 
 fn record(value: &[u8], now: Timestamp, expires_at: Option<Timestamp>) -> Record {
@@ -64,6 +64,7 @@ fn record(value: &[u8], now: Timestamp, expires_at: Option<Timestamp>) -> Record
             compressed: false,
             encrypted: false,
             custom: CustomMetadata::new(),
+            version: bevy_storage::RecordVersion::fresh(),
         },
     }
 }
@@ -199,7 +200,7 @@ fn stores_sharing_a_namespace_see_each_others_writes() {
                     let key = key.clone();
                     s.spawn(move || {
                         match store.save(&key, &i, &SaveOptions::new().overwrite(false)) {
-                            Ok(()) => 1,
+                            Ok(_) => 1,
                             Err(StorageError::AlreadyExists { .. }) => 0,
                             Err(e) => panic!("{e}"),
                         }
@@ -1271,7 +1272,7 @@ fn outage_fails_fast_reports_unhealthy_and_recovers_by_itself() {
                 while !stop.load(Ordering::SeqCst) {
                     let started = Instant::now();
                     match s.save(&format!("w{t}:{}", i % 20), &i, &SaveOptions::default()) {
-                        Ok(()) => ok += 1,
+                        Ok(_) => ok += 1,
                         Err(
                             StorageError::Unavailable { .. } | StorageError::OutcomeUnknown { .. },
                         ) => failed += 1,

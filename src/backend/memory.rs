@@ -5,9 +5,9 @@ use std::ops::Bound;
 
 use parking_lot::RwLock;
 
-use super::{Backend, KeyEntry, PutMode, Record, WriteOp, WriteOutcome};
+use super::{Backend, KeyEntry, Record, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 
 /// Records in a sorted map behind a lock. Nothing survives the process.
 #[derive(Debug, Default)]
@@ -31,23 +31,22 @@ pub fn apply_batch(
     now: Timestamp,
 ) -> Result<Vec<WriteOutcome>> {
     // Check every create-only put against the state it will see, before changing anything.
-    let mut shadow: BTreeMap<&str, bool> = BTreeMap::new(); // key -> live after earlier ops
+    // key -> version of the live record after earlier ops (None: absent)
+    let mut shadow: BTreeMap<&str, Option<RecordVersion>> = BTreeMap::new();
     for op in &ops {
         let key = op.key();
-        let live = *shadow
-            .entry(key)
-            .or_insert_with(|| map.get(key).is_some_and(|r| r.meta.is_live(now)));
+        let live = *shadow.entry(key).or_insert_with(|| {
+            map.get(key)
+                .filter(|r| r.meta.is_live(now))
+                .map(|r| r.meta.version)
+        });
         match op {
-            WriteOp::Put { mode, .. } => {
-                if *mode == PutMode::CreateOnly && live {
-                    return Err(StorageError::AlreadyExists {
-                        key: key.to_owned(),
-                    });
-                }
-                shadow.insert(key, true);
+            WriteOp::Put { mode, record, .. } => {
+                mode.check(key, live)?;
+                shadow.insert(key, Some(record.meta.version));
             }
             WriteOp::Delete { .. } => {
-                shadow.insert(key, false);
+                shadow.insert(key, None);
             }
         }
     }

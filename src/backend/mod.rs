@@ -63,6 +63,58 @@ impl Default for ServerOptions {
 /// (for example a save slot's level name or play time). Not encrypted.
 pub type CustomMetadata = BTreeMap<String, serde_json::Value>;
 
+/// The version of a stored record: it changes on every write of the record, so a write
+/// conditional on it ([`SaveOptions::if_version`](crate::SaveOptions::if_version), optimistic
+/// concurrency) fails when anyone else wrote the record since it was read.
+///
+/// The store draws a fresh version for every put (a bijective mix of a per-process random
+/// seed and a counter, never 0), so a record deleted and written again, or written again
+/// with the same bytes, gets a new version: no ABA. Records written before versions existed
+/// read as version 0. Compare versions for equality only; their order means nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RecordVersion(pub u64);
+
+impl RecordVersion {
+    /// A version no other write of this process has used, and another process only with a
+    /// chance of about 2^-64 per pair of writes. Never 0.
+    pub fn fresh() -> Self {
+        use std::sync::LazyLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEED: LazyLock<u64> = LazyLock::new(|| {
+            getrandom::u64().unwrap_or_else(|_| {
+                // No OS randomness: the time and the process id still differ between
+                // processes.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                t ^ (u64::from(std::process::id()) << 32)
+            })
+        });
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        loop {
+            // splitmix64's finalizer: a bijection, so distinct counters give distinct versions.
+            let mut z = SEED.wrapping_add(
+                COUNTER
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            if z != 0 {
+                return Self(z);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for RecordVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// Everything a backend keeps about a record besides its bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordMeta {
@@ -82,6 +134,10 @@ pub struct RecordMeta {
     pub encrypted: bool,
     /// The game's own metadata.
     pub custom: CustomMetadata,
+    /// The version this write gave the record (see [`RecordVersion`]); a backend stores it
+    /// as given and returns it unchanged. 0 for records written before versions existed.
+    #[serde(default)]
+    pub version: RecordVersion,
 }
 
 impl RecordMeta {
@@ -108,6 +164,32 @@ pub enum PutMode {
     /// Fail the whole batch with [`StorageError::AlreadyExists`](crate::StorageError::AlreadyExists)
     /// if a *live* record exists (an expired one counts as absent). Checked atomically with the write.
     CreateOnly,
+    /// Replace only a live record whose version is this one; otherwise fail the whole batch
+    /// with [`StorageError::VersionConflict`](crate::StorageError::VersionConflict) carrying
+    /// the version found (none when the key is missing or expired). Checked atomically with
+    /// the write.
+    IfVersion(RecordVersion),
+}
+
+impl PutMode {
+    /// Checks a put in this mode against the version of the live record it would replace
+    /// (`None`: the key is missing or its record expired): the rule every backend applies,
+    /// for backends that read the record before they write it.
+    pub fn check(self, key: &str, live: Option<RecordVersion>) -> Result<()> {
+        match (self, live) {
+            (PutMode::CreateOnly, Some(_)) => Err(crate::StorageError::AlreadyExists {
+                key: key.to_owned(),
+            }),
+            (PutMode::IfVersion(expected), found) if found != Some(expected) => {
+                Err(crate::StorageError::VersionConflict {
+                    key: key.to_owned(),
+                    expected,
+                    found,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One change in an atomic batch.
@@ -199,6 +281,10 @@ pub trait Backend: Send + Sync + 'static {
     ///   `created_at == modified_at` on every put it sends).
     /// - A `Put` with [`PutMode::CreateOnly`] over a live record fails the whole batch with
     ///   `StorageError::AlreadyExists`, leaving everything as it was.
+    /// - A `Put` with [`PutMode::IfVersion`] fails the whole batch with
+    ///   `StorageError::VersionConflict` unless a live record with that version is there
+    ///   ([`PutMode::check`] states the rule).
+    /// - Each put's [`RecordMeta::version`] is stored as given and read back unchanged.
     /// - Liveness is judged at `now`: a record with `expires_at <= now` counts as absent.
     ///
     /// Returns one outcome per operation, in order.

@@ -69,7 +69,7 @@ pub fn store_snapshot(
         .metadata(FIELD_FORMAT, header.format_version)
         .metadata(FIELD_GAME_VERSION, header.game_version)
         .metadata(FIELD_ENTITIES, header.entity_count);
-    store.save_bytes(key, bytes, &options)
+    store.save_bytes(key, bytes, &options).map(drop)
 }
 
 /// Reads the snapshot bytes under `key`, `None` if there is none.

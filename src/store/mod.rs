@@ -30,7 +30,9 @@ use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, CustomMetadata, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
+use crate::backend::{
+    Backend, CustomMetadata, PutMode, Record, RecordMeta, RecordVersion, WriteOp, WriteOutcome,
+};
 use crate::clock::{Clock, Timestamp};
 use crate::codec::crypto::KdfParams;
 use crate::codec::{self, Cipher, Compression, EnvelopeInfo, Format, SealOptions};
@@ -352,6 +354,7 @@ impl Store {
                 compressed: info.compressed,
                 encrypted: info.encrypted,
                 custom: options.metadata.clone(),
+                version: RecordVersion::fresh(),
             },
             value,
         })
@@ -361,25 +364,27 @@ impl Store {
         WriteOp::Put {
             key: key.to_owned(),
             record,
-            mode: if options.overwrite {
-                PutMode::Upsert
-            } else {
-                PutMode::CreateOnly
+            mode: match (options.if_version, options.overwrite) {
+                (Some(version), _) => PutMode::IfVersion(version),
+                (None, true) => PutMode::Upsert,
+                (None, false) => PutMode::CreateOnly,
             },
         }
     }
 
-    /// Saves `value` under `key`.
+    /// Saves `value` under `key`; returns the version the record now has (for a later save
+    /// conditional on it, [`SaveOptions::if_version`]).
     ///
     /// Fails with `InvalidKey`, `AlreadyExists` (`overwrite(false)` and a live record exists,
-    /// checked atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `FeatureDisabled`
+    /// checked atomically), `VersionConflict` (`if_version` and the record changed, checked
+    /// atomically), `QuotaExceeded`, `EncryptionNotConfigured`, `FeatureDisabled`
     /// (`Compression::Lz4` without the `compression` feature) or a backend error. On any error the previous value is untouched.
     pub fn save<T: Serialize + ?Sized>(
         &self,
         key: &str,
         value: &T,
         options: &SaveOptions,
-    ) -> Result<()> {
+    ) -> Result<RecordVersion> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             let format = options.format.unwrap_or(self.inner.format);
@@ -387,14 +392,32 @@ impl Store {
             let record = self.build_record(key, format, options, now, |out| {
                 codec::format::serialize_into(key, value, format, out)
             })?;
-            self.write(vec![Self::put_op(key, record, options)], now)
-                .map(drop)
+            self.put(key, record, options, now)
         })
+    }
+
+    /// Writes one record built by [`build_record`](Self::build_record); returns its version.
+    fn put(
+        &self,
+        key: &str,
+        record: Record,
+        options: &SaveOptions,
+        now: Timestamp,
+    ) -> Result<RecordVersion> {
+        let version = record.meta.version;
+        self.write(vec![Self::put_op(key, record, options)], now)?;
+        Ok(version)
     }
 
     /// Saves bytes the caller already encoded (snapshots, imports); read them back with
     /// [`load_bytes`](Self::load_bytes). Compression, encryption, TTL and metadata apply.
-    pub fn save_bytes(&self, key: &str, bytes: &[u8], options: &SaveOptions) -> Result<()> {
+    /// Returns the record's new version, as [`save`](Self::save) does.
+    pub fn save_bytes(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        options: &SaveOptions,
+    ) -> Result<RecordVersion> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             self.refuse_what_never_fits(bytes.len(), Format::Raw, options)?;
@@ -403,8 +426,7 @@ impl Store {
                 out.extend_from_slice(bytes);
                 Ok(())
             })?;
-            self.write(vec![Self::put_op(key, record, options)], now)
-                .map(drop)
+            self.put(key, record, options, now)
         })
     }
 
@@ -418,6 +440,33 @@ impl Store {
                 return Ok(None);
             };
             codec::format::deserialize(key, &payload, info.format).map(Some)
+        })
+    }
+
+    /// Loads the value with its version: `Ok(None)` when it is missing or expired. Pass the
+    /// version to [`SaveOptions::if_version`] to write the changed value back only if no one
+    /// else wrote the record in between (read-modify-write across threads, processes and
+    /// servers); the example there shows the loop. Errors as [`load`](Self::load). Reads the
+    /// backend directly (the read cache does not keep versions).
+    pub fn load_versioned<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+    ) -> Result<Option<(T, RecordVersion)>> {
+        self.instrument(OpKind::Read, || {
+            key::validate_key(key)?;
+            let now = self.inner.clock.now();
+            let Some(record) = self.inner.backend.get(key)? else {
+                return Ok(None);
+            };
+            if !record.meta.is_live(now) {
+                return Ok(None);
+            }
+            let version = record.meta.version;
+            let (payload, info) =
+                self.open_value(key, record.value, now, options)?;
+            let value = codec::format::deserialize(key, &payload, info.format)?;
+            Ok(Some((value, version)))
         })
     }
 
@@ -477,6 +526,28 @@ impl Store {
         if now.is_past(expires_at) {
             return Ok(None);
         }
+        let (payload, info) = self.open_value(key, value, now, options)?;
+        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+            let entry = CachedRead {
+                loaded_at: Instant::now(),
+                expires_at,
+                payload: Arc::new(payload.clone()),
+                info,
+            };
+            cache.insert(key, epoch, entry);
+        }
+        Ok(Some((payload, info)))
+    }
+
+    /// Checks, decrypts and decompresses the stored bytes of a live record, and records the
+    /// access if asked.
+    fn open_value(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        now: Timestamp,
+        options: &LoadOptions,
+    ) -> Result<(Vec<u8>, EnvelopeInfo)> {
         if self.inner.default_encrypt && !options.accept_plaintext {
             // Integrity before anything else: a record this store's key did not seal is
             // refused before it is checked, decompressed or decoded.
@@ -491,16 +562,7 @@ impl Store {
         if options.update_access_time {
             self.inner.backend.touch(key, now)?;
         }
-        if let (Some(cache), Some(epoch)) = (cache, epoch) {
-            let entry = CachedRead {
-                loaded_at: Instant::now(),
-                expires_at,
-                payload: Arc::new(payload.clone()),
-                info,
-            };
-            cache.insert(key, epoch, entry);
-        }
-        Ok(Some((payload, info)))
+        Ok((payload, info))
     }
 
     /// Deletes `key`; `true` if a live record was there.
@@ -684,6 +746,7 @@ fn internal_meta(now: Timestamp, size: usize) -> RecordMeta {
         compressed: false,
         encrypted: false,
         custom: CustomMetadata::new(),
+        version: RecordVersion::fresh(),
     }
 }
 
@@ -707,7 +770,7 @@ impl Store {
     /// # Ok::<(), StorageError>(())
     /// ```
     pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
-        self.save(key, value, &SaveOptions::default())
+        self.save(key, value, &SaveOptions::default()).map(drop)
     }
 
     /// [`load`](Self::load) with default options: `Ok(None)` when missing or expired,
@@ -726,7 +789,7 @@ impl Store {
         payload: &[u8],
         format: Format,
         options: &SaveOptions,
-    ) -> Result<()> {
+    ) -> Result<RecordVersion> {
         self.instrument(OpKind::Write, || {
             key::validate_key(key)?;
             self.refuse_what_never_fits(payload.len(), format, options)?;
@@ -735,8 +798,7 @@ impl Store {
                 out.extend_from_slice(payload);
                 Ok(())
             })?;
-            self.write(vec![Self::put_op(key, record, options)], now)
-                .map(drop)
+            self.put(key, record, options, now)
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{CustomMetadata, RecordMeta};
+use crate::backend::{CustomMetadata, RecordMeta, RecordVersion};
 use crate::clock::Timestamp;
 use crate::codec::{self, Compression, Format};
 use crate::error::{Result, StorageError};
@@ -51,6 +51,9 @@ pub struct SaveOptions {
     pub metadata: CustomMetadata,
     /// `false`: fail with [`StorageError::AlreadyExists`] when a live record exists. Default `true`.
     pub overwrite: bool,
+    /// Write only over the live record of this version, else fail with
+    /// [`StorageError::VersionConflict`] (see [`if_version`](Self::if_version)). Default `None`.
+    pub if_version: Option<RecordVersion>,
     /// Serde format. `None`: the store's format.
     pub format: Option<Format>,
 }
@@ -63,6 +66,7 @@ impl Default for SaveOptions {
             encrypt: None,
             metadata: CustomMetadata::new(),
             overwrite: true,
+            if_version: None,
             format: None,
         }
     }
@@ -110,6 +114,31 @@ impl SaveOptions {
     /// Whether an existing live record may be replaced.
     pub fn overwrite(mut self, allowed: bool) -> Self {
         self.overwrite = allowed;
+        self
+    }
+    /// Optimistic concurrency: write only if the key still holds the live record of
+    /// `version` (as [`Store::load_versioned`](super::Store::load_versioned) or
+    /// [`Store::get_metadata`](super::Store::get_metadata) returned it, or an earlier
+    /// [`Store::save`](super::Store::save)). If anyone wrote, deleted or let the record
+    /// expire since, the save fails with [`StorageError::VersionConflict`] carrying the
+    /// version found, and nothing is written: load again, redo the change, retry. Checked
+    /// atomically with the write on every backend, also against other processes and servers
+    /// sharing the store. Takes precedence over [`overwrite`](Self::overwrite).
+    ///
+    /// ```
+    /// use bevy_storage::prelude::*;
+    /// let store = Store::open(StorageConfig::memory())?;
+    /// store.set("gold", &10u32)?;
+    /// let (gold, version) = store.load_versioned::<u32>("gold", &LoadOptions::default())?.unwrap();
+    /// store.save("gold", &(gold + 5), &SaveOptions::new().if_version(version))?;
+    /// // The version changed with that write: a second write from the same read is refused.
+    /// let stale = store.save("gold", &(gold + 1), &SaveOptions::new().if_version(version));
+    /// assert!(matches!(stale, Err(StorageError::VersionConflict { .. })));
+    /// assert_eq!(store.get::<u32>("gold")?, Some(15));
+    /// # Ok::<(), StorageError>(())
+    /// ```
+    pub fn if_version(mut self, version: RecordVersion) -> Self {
+        self.if_version = Some(version);
         self
     }
     /// Serde format for this value.
@@ -172,6 +201,9 @@ pub struct StorageMetadata {
     pub encrypted: bool,
     /// The game's own fields.
     pub custom: CustomMetadata,
+    /// The record's version, for a save conditional on it
+    /// ([`SaveOptions::if_version`]).
+    pub version: RecordVersion,
 }
 
 impl StorageMetadata {
@@ -186,6 +218,7 @@ impl StorageMetadata {
             compressed: meta.compressed,
             encrypted: meta.encrypted,
             custom: meta.custom,
+            version: meta.version,
         }
     }
 

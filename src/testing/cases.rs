@@ -47,7 +47,7 @@ fn load<T: serde::de::DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
 }
 
 fn save<T: Serialize>(store: &Store, key: &str, value: &T) {
-    store.save(key, value, &SaveOptions::default()).unwrap()
+    store.save(key, value, &SaveOptions::default()).unwrap();
 }
 
 // ---------------------------------------------------------------- reference cases
@@ -288,7 +288,7 @@ pub fn overwrite_false_has_no_race(factory: &dyn Fn() -> TestBackend) {
                     s.spawn(move || {
                         store
                             .save(&key, &i, &SaveOptions::new().overwrite(false))
-                            .map(|()| 1)
+                            .map(|_| 1)
                             .unwrap_or_else(|e| {
                                 assert!(matches!(e, StorageError::AlreadyExists { .. }), "{e}");
                                 0
@@ -455,7 +455,7 @@ pub fn invalid_keys_are_typed_errors_everywhere(factory: &dyn Fn() -> TestBacken
         let is_invalid = |r: Result<(), StorageError>| {
             assert!(matches!(r, Err(StorageError::InvalidKey { .. })), "{key:?}")
         };
-        is_invalid(f.store.save(key, &1, &SaveOptions::default()));
+        is_invalid(f.store.save(key, &1, &SaveOptions::default()).map(drop));
         is_invalid(f.store.load::<i32>(key, &LoadOptions::default()).map(drop));
         is_invalid(f.store.delete(key).map(drop));
         is_invalid(f.store.exists(key).map(drop));

@@ -85,7 +85,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Backend, KeyEntry, PutMode, Record, RecordMeta, WriteOp, WriteOutcome};
+use super::{Backend, KeyEntry, Record, RecordMeta, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 use journal::{Change, JOURNAL_FILE};
@@ -341,16 +341,14 @@ impl Backend for FileBackend {
             let live = meta
                 .as_ref()
                 .filter(|m| m.is_live(now))
-                .map(|m| (m.created_at, m.size));
-            let previous_size = live.map(|(_, size)| size);
+                .map(|m| (m.created_at, m.size, m.version));
+            let previous_size = live.map(|(_, size, _)| size);
             match op {
                 WriteOp::Put {
                     mut record, mode, ..
                 } => {
-                    if mode == PutMode::CreateOnly && live.is_some() {
-                        return Err(StorageError::AlreadyExists { key });
-                    }
-                    if let Some((created_at, _)) = live {
+                    mode.check(&key, live.map(|(.., version)| version))?;
+                    if let Some((created_at, ..)) = live {
                         record.meta.created_at = created_at;
                     }
                     *meta = Some(record.meta.clone());
@@ -525,7 +523,7 @@ mod tests {
                 vec![WriteOp::Put {
                     key: "player:1".into(),
                     record: rec.clone(),
-                    mode: PutMode::Upsert,
+                    mode: crate::backend::PutMode::Upsert,
                 }],
                 NOW,
             )

@@ -22,6 +22,7 @@ pub(super) fn record(value: &[u8], at: i64, expires_at: Option<i64>) -> Record {
             compressed: false,
             encrypted: false,
             custom: Default::default(),
+            version: crate::backend::RecordVersion::fresh(),
         },
     }
 }

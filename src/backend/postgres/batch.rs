@@ -15,7 +15,7 @@ use tokio_postgres::{Statement, Transaction};
 
 use super::connection::Session;
 use super::{PostgresBackend, is_retryable, schema};
-use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
+use crate::backend::{CustomMetadata, PutMode, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
@@ -25,8 +25,9 @@ const ATTEMPTS: usize = 3;
 /// How one attempt ended when the server did not fail it.
 enum BatchEnd {
     Committed(Vec<WriteOutcome>),
-    /// A create-only put found a live record: rolled back.
-    Exists(String),
+    /// A conditional put found the key in another state (`AlreadyExists`,
+    /// `VersionConflict`): rolled back.
+    Refused(StorageError),
     /// The live records would outgrow the quota: rolled back.
     OverQuota {
         used: u64,
@@ -57,7 +58,10 @@ struct PutRow<'a> {
     encrypted: bool,
     custom: Option<String>,
     value: &'a [u8],
-    create_only: bool,
+    version: i64,
+    mode: PutMode,
+    /// The version an [`PutMode::IfVersion`] put requires, as stored.
+    expected: i64,
 }
 
 enum Prepared<'a> {
@@ -90,7 +94,12 @@ pub(super) fn write_batch(
                     encrypted: meta.encrypted,
                     custom: custom_json(&meta.custom)?,
                     value: &record.value,
-                    create_only: *mode == PutMode::CreateOnly,
+                    version: meta.version.0 as i64,
+                    mode: *mode,
+                    expected: match mode {
+                        PutMode::IfVersion(v) => v.0 as i64,
+                        _ => 0,
+                    },
                 })
             }
             WriteOp::Delete { key } => Prepared::Delete(key),
@@ -109,7 +118,7 @@ pub(super) fn write_batch(
     })?;
     match end {
         BatchEnd::Committed(outcomes) => Ok(outcomes),
-        BatchEnd::Exists(key) => Err(StorageError::AlreadyExists { key }),
+        BatchEnd::Refused(refused) => Err(refused),
         BatchEnd::OverQuota { used, after, max } => Err(StorageError::QuotaExceeded {
             needed: after.saturating_sub(used),
             available: max.saturating_sub(used),
@@ -144,12 +153,28 @@ async fn attempt_batch(
     let lock = session.prepare(schema::SQL_LOCK_NAMESPACE).await?;
     let upsert = session.prepare(schema::SQL_UPSERT).await?;
     let create_only = session.prepare(schema::SQL_CREATE_ONLY).await?;
+    let if_version = session.prepare(schema::SQL_IF_VERSION).await?;
     let delete = session.prepare(schema::SQL_DELETE).await?;
     let set = session.prepare(schema::SQL_SET_NAMESPACE).await?;
     let now_ms = now.0;
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = ops
         .iter()
         .map(|op| match op {
+            Prepared::Put(row) if matches!(row.mode, PutMode::IfVersion(_)) => vec![
+                &ns as &(dyn ToSql + Sync),
+                &row.key,
+                &row.modified_at,
+                &row.accessed_at,
+                &row.expires_at,
+                &row.size,
+                &row.compressed,
+                &row.encrypted,
+                &row.custom,
+                &row.value,
+                &now_ms,
+                &row.version,
+                &row.expected,
+            ],
             Prepared::Put(row) => vec![
                 &ns as &(dyn ToSql + Sync),
                 &row.key,
@@ -163,6 +188,7 @@ async fn attempt_batch(
                 &row.custom,
                 &row.value,
                 &now_ms,
+                &row.version,
             ],
             Prepared::Delete(key) => vec![&ns as &(dyn ToSql + Sync), key],
         })
@@ -176,8 +202,11 @@ async fn attempt_batch(
         client.query_opt(&lock, &[&ns]),
         try_join_all(ops.iter().zip(&params).map(|(op, params)| {
             let statement = match op {
-                Prepared::Put(row) if row.create_only => &create_only,
-                Prepared::Put(_) => &upsert,
+                Prepared::Put(row) => match row.mode {
+                    PutMode::Upsert => &upsert,
+                    PutMode::CreateOnly => &create_only,
+                    PutMode::IfVersion(_) => &if_version,
+                },
                 Prepared::Delete(_) => &delete,
             };
             client.query_opt(statement, params)
@@ -209,9 +238,25 @@ async fn attempt_batch(
                 let Some(written) = row else {
                     // Only a create-only put over a live record writes nothing.
                     client.batch_execute("ROLLBACK").await?;
-                    return Ok(BatchEnd::Exists(put.key.to_owned()));
+                    return Ok(BatchEnd::Refused(StorageError::AlreadyExists {
+                        key: put.key.to_owned(),
+                    }));
                 };
                 let replaced = Replaced::from_row(&written, 0);
+                if let PutMode::IfVersion(expected) = put.mode
+                    && !written.get::<_, bool>(3)
+                {
+                    let found = replaced
+                        .live_size(now)
+                        .and(written.get::<_, Option<i64>>(4))
+                        .map(|v| RecordVersion(v as u64));
+                    client.batch_execute("ROLLBACK").await?;
+                    return Ok(BatchEnd::Refused(StorageError::VersionConflict {
+                        key: put.key.to_owned(),
+                        expected,
+                        found,
+                    }));
+                }
                 count += i64::from(!replaced.existed);
                 total += put.size - replaced.size;
                 outcomes.push(WriteOutcome {

@@ -156,13 +156,21 @@ impl PostgresBackend {
                 .query_one(schema::SQL_SCHEMA_PRESENT, &[])
                 .await?
                 .get(0);
-            if !present {
+            let mut version = if present {
+                let row = s.client.query_one(schema::SQL_VERSION, &[]).await?;
+                Some(row.get::<_, i32>(0))
+            } else {
+                None
+            };
+            // Missing tables, or an older schema: create or migrate (idempotent).
+            if version.is_none_or(|v| v < schema::SCHEMA_VERSION) {
                 s.client
                     .batch_execute(&format!("BEGIN;{}COMMIT;", schema::SQL_CREATE))
                     .await?;
+                let row = s.client.query_one(schema::SQL_VERSION, &[]).await?;
+                version = Some(row.get::<_, i32>(0));
             }
-            let row = s.client.query_one(schema::SQL_VERSION, &[]).await?;
-            let version = row.get::<_, i32>(0);
+            let version = version.unwrap_or(schema::SCHEMA_VERSION);
             if version <= schema::SCHEMA_VERSION {
                 // This namespace's counters, created from its records on its first open.
                 let lock = s.prepare(schema::SQL_LOCK_NAMESPACE).await?;
@@ -305,7 +313,7 @@ impl Backend for PostgresBackend {
         })?;
         row.map(|row| {
             let meta = schema::meta_from_row(&row, key)?;
-            let value: Vec<u8> = row.get(8);
+            let value: Vec<u8> = row.get(9);
             check_size(key, &meta, value.len())?;
             Ok(Record { value, meta })
         })

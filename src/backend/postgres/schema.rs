@@ -19,12 +19,16 @@
 
 use tokio_postgres::Row;
 
-use crate::backend::{CustomMetadata, RecordMeta};
+use crate::backend::{CustomMetadata, RecordMeta, RecordVersion};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
 /// The schema version this code writes; a database with a newer one is refused.
-pub(super) const SCHEMA_VERSION: i32 = 1;
+///
+/// Version 2 added the records' `version` column ([`RecordVersion`](crate::backend::RecordVersion),
+/// its 64 bits stored as a `bigint`); [`SQL_CREATE`] adds it to a version-1 table (constant
+/// time: existing rows read as version 0).
+pub(super) const SCHEMA_VERSION: i32 = 2;
 
 /// Creates the tables if missing, under a transaction-scoped advisory lock so that servers
 /// starting together do not race on `CREATE TABLE`.
@@ -34,7 +38,7 @@ CREATE TABLE IF NOT EXISTS bevy_storage_schema (
     id integer PRIMARY KEY CHECK (id = 1),
     version integer NOT NULL
 );
-INSERT INTO bevy_storage_schema (id, version) VALUES (1, 1) ON CONFLICT (id) DO NOTHING;
+INSERT INTO bevy_storage_schema (id, version) VALUES (1, 2) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS bevy_storage_records (
     namespace text COLLATE "C" NOT NULL,
     key text COLLATE "C" NOT NULL,
@@ -46,9 +50,12 @@ CREATE TABLE IF NOT EXISTS bevy_storage_records (
     compressed boolean NOT NULL,
     encrypted boolean NOT NULL,
     custom text,
+    version bigint NOT NULL DEFAULT 0,
     value bytea NOT NULL,
     PRIMARY KEY (namespace, key)
 );
+ALTER TABLE bevy_storage_records ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0;
+UPDATE bevy_storage_schema SET version = 2 WHERE version < 2;
 CREATE INDEX IF NOT EXISTS bevy_storage_records_expiry
     ON bevy_storage_records (namespace, expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS bevy_storage_namespaces (
@@ -92,11 +99,11 @@ pub(super) const SQL_SCHEMA_PRESENT: &str = "SELECT to_regclass('bevy_storage_sc
 pub(super) const SQL_VERSION: &str = "SELECT version FROM bevy_storage_schema WHERE id = 1";
 
 pub(super) const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, \
-     compressed, encrypted, custom, value FROM bevy_storage_records \
+     compressed, encrypted, custom, version, value FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2";
 
 pub(super) const SQL_GET_META: &str = "SELECT created_at, modified_at, accessed_at, expires_at, \
-     size, compressed, encrypted, custom FROM bevy_storage_records \
+     size, compressed, encrypted, custom, version FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2";
 
 pub(super) const SQL_GET_VALUE: &str =
@@ -135,22 +142,22 @@ pub(super) const SQL_USAGE: &str = "SELECT n.item_count - e.count, n.total_size 
      WHERE n.namespace = $1";
 
 /// An upsert. A live record keeps its `created_at`; an expired one counts as absent.
-/// `$12` is the batch's `now`. Returns whether a row was replaced, with its size and expiry
+/// `$12` is the batch's `now`, `$13` the record's version. Returns whether a row was replaced, with its size and expiry
 /// (exact: the namespace's counters are locked, so no other writer changes the row between
 /// the read and the write).
 pub(super) const SQL_UPSERT: &str = "WITH old AS (SELECT size, expires_at FROM bevy_storage_records \
        WHERE namespace = $1 AND key = $2) \
      INSERT INTO bevy_storage_records AS r \
      (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
-      encrypted, custom, value) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+      encrypted, custom, value, version) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13) \
      ON CONFLICT (namespace, key) DO UPDATE SET \
        created_at = CASE WHEN r.expires_at IS NULL OR r.expires_at > $12 \
                          THEN r.created_at ELSE EXCLUDED.created_at END, \
        modified_at = EXCLUDED.modified_at, accessed_at = EXCLUDED.accessed_at, \
        expires_at = EXCLUDED.expires_at, size = EXCLUDED.size, \
        compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
-       custom = EXCLUDED.custom, value = EXCLUDED.value \
+       custom = EXCLUDED.custom, value = EXCLUDED.value, version = EXCLUDED.version \
      RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
        (SELECT expires_at FROM old)";
 
@@ -160,16 +167,32 @@ pub(super) const SQL_CREATE_ONLY: &str = "WITH old AS (SELECT size, expires_at \
        FROM bevy_storage_records WHERE namespace = $1 AND key = $2) \
      INSERT INTO bevy_storage_records AS r \
      (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
-      encrypted, custom, value) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+      encrypted, custom, value, version) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13) \
      ON CONFLICT (namespace, key) DO UPDATE SET \
        created_at = EXCLUDED.created_at, modified_at = EXCLUDED.modified_at, \
        accessed_at = EXCLUDED.accessed_at, expires_at = EXCLUDED.expires_at, \
        size = EXCLUDED.size, compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
-       custom = EXCLUDED.custom, value = EXCLUDED.value \
+       custom = EXCLUDED.custom, value = EXCLUDED.value, version = EXCLUDED.version \
      WHERE r.expires_at IS NOT NULL AND r.expires_at <= $12 \
      RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
        (SELECT expires_at FROM old)";
+
+/// A put conditional on a version: replaces the row only if it is live at `$11` and has
+/// version `$13` (`$12` is the new version). Always returns one row: the row found before
+/// (exists, size, expiry), whether it wrote, and the version found, from which the batch
+/// reports a conflict. Nothing can change the row between the check and the update: the
+/// batch holds the namespace's lock, which every writer takes first.
+pub(super) const SQL_IF_VERSION: &str = "WITH old AS (SELECT size, expires_at, version \
+       FROM bevy_storage_records WHERE namespace = $1 AND key = $2), \
+     updated AS (UPDATE bevy_storage_records SET \
+       modified_at = $3, accessed_at = $4, expires_at = $5, size = $6, compressed = $7, \
+       encrypted = $8, custom = $9, value = $10, version = $12 \
+       WHERE namespace = $1 AND key = $2 AND version = $13 \
+         AND (expires_at IS NULL OR expires_at > $11) \
+       RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM old), (SELECT size FROM old), (SELECT expires_at FROM old), \
+       EXISTS (SELECT 1 FROM updated), (SELECT version FROM old)";
 
 /// Removes the record only if it still holds the value and expiry a read returned
 /// (`Store::take`), and reports its size.
@@ -181,7 +204,7 @@ pub(super) const SQL_DELETE_IF_UNCHANGED: &str = "DELETE FROM bevy_storage_recor
 pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2 RETURNING size, expires_at";
 
-/// Reads the first eight columns of [`SQL_GET`] / [`SQL_GET_META`] into checked metadata.
+/// Reads the first nine columns of [`SQL_GET`] / [`SQL_GET_META`] into checked metadata.
 pub(super) fn meta_from_row(row: &Row, key: &str) -> Result<RecordMeta> {
     let size: i64 = row.get(4);
     let size = u64::try_from(size)
@@ -201,5 +224,6 @@ pub(super) fn meta_from_row(row: &Row, key: &str) -> Result<RecordMeta> {
         compressed: row.get(5),
         encrypted: row.get(6),
         custom,
+        version: RecordVersion(row.get::<_, i64>(8) as u64),
     })
 }

@@ -51,7 +51,7 @@ use super::hasher::KeyHasher;
 use super::record::{HEADER_LEN, encode_header};
 use super::scripts::COUNT_NEW_RECORDS_SCRIPT;
 use super::{BACKEND, RedisBackend, resp};
-use crate::backend::{PutMode, Record, WriteOp, WriteOutcome};
+use crate::backend::{PutMode, Record, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
@@ -67,6 +67,10 @@ pub(super) mod kind {
     pub const CREATE: u8 = b'C';
     /// Create-only put of a record with an expiry.
     pub const CREATE_EXPIRING: u8 = b'Y';
+    /// Put of a record without expiry, only over the live record of a given version.
+    pub const IF_VERSION: u8 = b'V';
+    /// Put of a record with an expiry, only over the live record of a given version.
+    pub const IF_VERSION_EXPIRING: u8 = b'W';
 }
 
 /// Batches of new records that take the write script after an `MSETNX` found a key taken,
@@ -131,6 +135,8 @@ struct BatchEntry<'a> {
     kind: u8,
     /// A put's record and its custom metadata as JSON (empty when there is none).
     put: Option<(&'a Record, Vec<u8>)>,
+    /// The version a conditional put requires, sent before its record.
+    expected: Option<RecordVersion>,
 }
 
 impl<'a> BatchEntry<'a> {
@@ -141,6 +147,7 @@ impl<'a> BatchEntry<'a> {
                     key: key.as_bytes(),
                     kind: kind::DELETE,
                     put: None,
+                    expected: None,
                 });
             }
             WriteOp::Put { key, record, mode } => (key, record, mode),
@@ -175,8 +182,14 @@ impl<'a> BatchEntry<'a> {
                 (PutMode::Upsert, true) => kind::UPSERT_EXPIRING,
                 (PutMode::CreateOnly, false) => kind::CREATE,
                 (PutMode::CreateOnly, true) => kind::CREATE_EXPIRING,
+                (PutMode::IfVersion(_), false) => kind::IF_VERSION,
+                (PutMode::IfVersion(_), true) => kind::IF_VERSION_EXPIRING,
             },
             put: Some((record, custom)),
+            expected: match mode {
+                PutMode::IfVersion(version) => Some(*version),
+                _ => None,
+            },
         })
     }
 
@@ -184,7 +197,12 @@ impl<'a> BatchEntry<'a> {
     fn record_len(&self) -> usize {
         match &self.put {
             None => 0,
-            Some((record, custom)) => HEADER_LEN + custom.len() + record.value.len(),
+            Some((record, custom)) => {
+                HEADER_LEN
+                    + custom.len()
+                    + record.value.len()
+                    + if self.expected.is_some() { 8 } else { 0 }
+            }
         }
     }
 
@@ -194,7 +212,9 @@ impl<'a> BatchEntry<'a> {
             None => resp::bulk(buf, &[]),
             Some((record, custom)) => {
                 let header = encode_header(&record.meta, record.value.len(), custom.len());
-                resp::bulk(buf, &[&header, custom, &record.value]);
+                let expected = self.expected.map(|v| v.0.to_le_bytes());
+                let expected: &[u8] = expected.as_ref().map_or(&[], |v| v);
+                resp::bulk(buf, &[expected, &header, custom, &record.value]);
             }
         }
     }
@@ -226,12 +246,16 @@ impl BatchSummary {
             packed_size: 0,
         };
         for e in entries {
-            match (&e.put, e.kind) {
-                (Some((record, _)), kind::UPSERT | kind::CREATE) => {
-                    summary.added_count += 1;
-                    summary.added_bytes += record.value.len() as u64;
-                }
-                _ => summary.puts_without_expiry = false,
+            // The records that will have no expiry count in the usage counters from the start
+            // (the script subtracts what they replace).
+            if let (Some((record, _)), kind::UPSERT | kind::CREATE | kind::IF_VERSION) =
+                (&e.put, e.kind)
+            {
+                summary.added_count += 1;
+                summary.added_bytes += record.value.len() as u64;
+            }
+            if !matches!(e.kind, kind::UPSERT | kind::CREATE) {
+                summary.puts_without_expiry = false;
             }
             summary.packed_size += 2 * 16 + record_prefix.len() + e.key.len() + e.record_len();
         }
@@ -340,6 +364,32 @@ impl RedisBackend {
                 key: key_at(*index),
             }),
             [2, index, problem] => Err(self.layout_error(&key_at(*index), *problem)),
+            [3, index, found @ ..] => {
+                let op = usize::try_from(*index)
+                    .ok()
+                    .and_then(|i| ops.get(i.wrapping_sub(1)));
+                let Some(WriteOp::Put {
+                    key,
+                    mode: PutMode::IfVersion(expected),
+                    ..
+                }) = op
+                else {
+                    return Err(unexpected());
+                };
+                let found = match found {
+                    [0] => None,
+                    [1, lo, hi] => Some(RecordVersion(
+                        (u64::try_from(*hi).map_err(|_| unexpected())? << 32)
+                            | u64::try_from(*lo).map_err(|_| unexpected())?,
+                    )),
+                    _ => return Err(unexpected()),
+                };
+                Err(StorageError::VersionConflict {
+                    key: key.clone(),
+                    expected: *expected,
+                    found,
+                })
+            }
             _ => Err(unexpected()),
         }
     }
@@ -361,6 +411,7 @@ impl RedisBackend {
                     key: &raw[skip.min(raw.len())..],
                     kind: kind::DELETE,
                     put: None,
+                    expected: None,
                 })
                 .collect();
             let summary = BatchSummary::of(&entries, &self.keys.record_prefix);

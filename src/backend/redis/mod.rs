@@ -334,7 +334,7 @@ impl RedisBackend {
             "a value of another Redis type (such as the hash of key layout 1, which only \
              unreleased builds of bevy_storage wrote)"
         } else {
-            "a string that is not a record of key layout 2"
+            "a string that is not a record of key layout 2 or 3"
         };
         StorageError::corrupt(
             key,
@@ -414,7 +414,7 @@ impl Backend for RedisBackend {
             return Ok(None);
         };
         let header = parse_record(key, &bytes)?;
-        let meta = header.meta(key, &bytes[HEADER_LEN..header.value_start()])?;
+        let meta = header.meta(key, header.custom(&bytes))?;
         bytes.drain(..header.value_start());
         Ok(Some(Record { value: bytes, meta }))
     }
@@ -461,7 +461,7 @@ impl Backend for RedisBackend {
             header.check_len(key, len)?;
             let end = header.value_start();
             if bytes.len() >= end {
-                return header.meta(key, &bytes[HEADER_LEN..end]).map(Some);
+                return header.meta(key, header.custom(&bytes)).map(Some);
             }
             want = end;
         }

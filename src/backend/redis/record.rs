@@ -14,7 +14,12 @@
 //! | 24 | i64 | `modified_at` |
 //! | 32 | i64 | `accessed_at` |
 //! | 40 | u8 | flags: 1 compressed, 2 encrypted |
-//! | 41 | u8 | layout version, 2 |
+//! | 41 | u8 | layout version, 3 |
+//! | 42 | u64 | `version` ([`RecordVersion`](crate::backend::RecordVersion)) |
+//!
+//! Layout 2, written before records had versions, is the same without the version: a
+//! 42-byte header. It is still read (its records have version 0) and replaced by layout 3
+//! when the record is written again; the scripts accept both (`scripts/header.lua`).
 //!
 //! The two bookkeeping keys make [`usage`](crate::backend::Backend::usage) cheap: the counters plus
 //! one walk over the live records that have an expiry (in pages, reading their sizes from their
@@ -25,15 +30,21 @@
 //! record's header, with the helper of `scripts/header.lua`) and trimmed by the next batches the
 //! write script runs, `purge_expired` and `clear`.
 
-use crate::backend::{CustomMetadata, RecordMeta};
+use crate::backend::{CustomMetadata, RecordMeta, RecordVersion};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
-/// Length of a record's header; see the module docs for its fields.
-pub(super) const HEADER_LEN: usize = 42;
+/// Length of the header this build writes (layout 3); see the module docs for its fields.
+pub(super) const HEADER_LEN: usize = 50;
 
-/// The key layout version, the last byte of every record's header.
-pub(super) const LAYOUT_VERSION: u8 = 2;
+/// Length of a layout-2 header, the shortest header there is.
+pub(super) const MIN_HEADER_LEN: usize = 42;
+
+/// The key layout version this build writes, at offset 41 of every record's header.
+pub(super) const LAYOUT_VERSION: u8 = 3;
+
+/// The layout written before records had versions, still read.
+const LAYOUT_WITHOUT_VERSION: u8 = 2;
 
 /// The Redis keys of one namespace.
 pub(super) struct Keys {
@@ -77,6 +88,13 @@ fn le_i64(bytes: &[u8], at: usize) -> i64 {
     i64::from_le_bytes(b)
 }
 
+/// The little-endian `u64` at `at`; the caller checked the length.
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
 /// The little-endian `u32` at `at`; the caller checked the length.
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
@@ -95,12 +113,21 @@ pub(super) struct Header {
     modified_at: i64,
     accessed_at: i64,
     flags: u8,
+    /// 42 (layout 2) or 50 (layout 3).
+    header_len: usize,
+    version: u64,
 }
 
 impl Header {
     /// Where the value starts.
     pub(super) fn value_start(&self) -> usize {
-        HEADER_LEN + self.custom_len as usize
+        self.header_len + self.custom_len as usize
+    }
+
+    /// The custom metadata bytes of `record` (a record, or its beginning up to at least
+    /// [`value_start`](Self::value_start)).
+    pub(super) fn custom<'a>(&self, record: &'a [u8]) -> &'a [u8] {
+        &record[self.header_len..self.value_start()]
     }
 
     /// The length of the whole record.
@@ -116,9 +143,10 @@ impl Header {
         Err(StorageError::corrupt(
             key,
             format!(
-                "the Redis record is {len} bytes long but its header announces {} ({HEADER_LEN} \
+                "the Redis record is {len} bytes long but its header announces {} ({} \
                  of header, {} of custom metadata, {} of value)",
                 self.record_len(),
+                self.header_len,
                 self.custom_len,
                 self.size
             ),
@@ -127,25 +155,32 @@ impl Header {
 
     /// Reads the header at the start of `bytes` (a record or its beginning).
     pub(super) fn parse(key: &str, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < HEADER_LEN {
-            return Err(StorageError::corrupt(
+        let too_short = |header_len: usize| {
+            StorageError::corrupt(
                 key,
                 format!(
-                    "the Redis record is {} bytes long, shorter than its {HEADER_LEN}-byte header",
+                    "the Redis record is {} bytes long, shorter than its {header_len}-byte header",
                     bytes.len()
                 ),
-            ));
+            )
+        };
+        if bytes.len() < MIN_HEADER_LEN {
+            return Err(too_short(MIN_HEADER_LEN));
         }
-        let version = bytes[HEADER_LEN - 1];
-        if version != LAYOUT_VERSION {
-            return Err(StorageError::corrupt(
-                key,
-                format!(
-                    "the Redis record has key layout version {version}; this build reads version \
-                     {LAYOUT_VERSION}"
-                ),
-            ));
-        }
+        let (header_len, version) = match bytes[MIN_HEADER_LEN - 1] {
+            LAYOUT_VERSION if bytes.len() < HEADER_LEN => return Err(too_short(HEADER_LEN)),
+            LAYOUT_VERSION => (HEADER_LEN, le_u64(bytes, MIN_HEADER_LEN)),
+            LAYOUT_WITHOUT_VERSION => (MIN_HEADER_LEN, 0),
+            layout => {
+                return Err(StorageError::corrupt(
+                    key,
+                    format!(
+                        "the Redis record has key layout version {layout}; this build reads \
+                         versions {LAYOUT_WITHOUT_VERSION} and {LAYOUT_VERSION}"
+                    ),
+                ));
+            }
+        };
         let expires_at = le_i64(bytes, 8);
         Ok(Self {
             created_at: le_i64(bytes, 0),
@@ -155,6 +190,8 @@ impl Header {
             modified_at: le_i64(bytes, 24),
             accessed_at: le_i64(bytes, 32),
             flags: bytes[40],
+            header_len,
+            version,
         })
     }
 
@@ -176,6 +213,7 @@ impl Header {
             compressed: self.flags & 1 != 0,
             encrypted: self.flags & 2 != 0,
             custom,
+            version: RecordVersion(self.version),
         })
     }
 }
@@ -204,6 +242,7 @@ pub(super) fn encode_header(meta: &RecordMeta, size: usize, custom_len: usize) -
     h[32..40].copy_from_slice(&meta.accessed_at.0.to_le_bytes());
     h[40] = flags(meta);
     h[41] = LAYOUT_VERSION;
+    h[42..50].copy_from_slice(&meta.version.0.to_le_bytes());
     h
 }
 
@@ -232,6 +271,7 @@ mod tests {
             compressed: true,
             encrypted: false,
             custom,
+            version: RecordVersion(0xFEDC_BA98_7654_3210),
         }
     }
 
@@ -254,7 +294,7 @@ mod tests {
         for expires_at in [Some(Timestamp(1_800_000_000_000)), None] {
             meta.expires_at = expires_at;
             let bytes = stored(&meta, b"value");
-            assert_eq!(bytes[HEADER_LEN - 1], LAYOUT_VERSION);
+            assert_eq!(bytes[MIN_HEADER_LEN - 1], LAYOUT_VERSION);
             let header = parse_record("k", &bytes).unwrap();
             let custom = &bytes[HEADER_LEN..header.value_start()];
             assert_eq!(header.meta("k", custom).unwrap(), meta);
@@ -280,11 +320,34 @@ mod tests {
     }
 
     #[test]
+    fn layout_2_records_read_as_version_0() {
+        let meta = sample_meta();
+        let layout3 = stored(&meta, b"value");
+        let mut layout2 = layout3[..MIN_HEADER_LEN].to_vec();
+        layout2[MIN_HEADER_LEN - 1] = LAYOUT_WITHOUT_VERSION;
+        layout2.extend_from_slice(&layout3[HEADER_LEN..]);
+        let header = parse_record("k", &layout2).unwrap();
+        assert_eq!(
+            header.meta("k", header.custom(&layout2)).unwrap(),
+            RecordMeta {
+                version: RecordVersion(0),
+                ..meta
+            }
+        );
+        assert_eq!(&layout2[header.value_start()..], b"value");
+        // A layout-3 header cut before its version is damage, not a layout-2 record.
+        let mut cut = layout3[..MIN_HEADER_LEN + 3].to_vec();
+        cut[MIN_HEADER_LEN - 1] = LAYOUT_VERSION;
+        let err = Header::parse("k", &cut).unwrap_err();
+        assert!(err.to_string().contains("50-byte header"), "{err}");
+    }
+
+    #[test]
     fn damaged_records_are_corrupt_errors() {
         let meta = sample_meta();
         let good = stored(&meta, b"value");
         let mut wrong_version = good.clone();
-        wrong_version[HEADER_LEN - 1] = 1;
+        wrong_version[MIN_HEADER_LEN - 1] = 1;
         let mut bad_json = good.clone();
         bad_json[HEADER_LEN] = b'[';
         for (bytes, why) in [

@@ -10,7 +10,7 @@ use super::schema::{
     SQL_DELETE, SQL_DELETE_IF_UNCHANGED, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED,
 };
 use super::{SqliteBackend, reserve};
-use crate::backend::{CustomMetadata, PutMode, WriteOp, WriteOutcome};
+use crate::backend::{CustomMetadata, PutMode, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
@@ -98,6 +98,7 @@ impl<'t> BatchStatements<'t> {
                     custom,
                     record.value,
                     now.0,
+                    meta.version.0 as i64,
                 ])?;
                 Ok(OpResult::Done(WriteOutcome {
                     previous_size: None,
@@ -112,16 +113,18 @@ impl<'t> BatchStatements<'t> {
                                 expires_at: row.get(1)?,
                             },
                             row.get::<_, i64>(2)?,
+                            RecordVersion(row.get::<_, i64>(3)? as u64),
                         ))
                     })
                     .optional()?;
-                let live =
-                    previous.and_then(|(p, created_at)| Some((p.live_size(now)?, created_at)));
-                if *mode == PutMode::CreateOnly && live.is_some() {
-                    return Ok(OpResult::Exists(key.clone()));
+                let live = previous.and_then(|(p, created_at, version)| {
+                    Some((p.live_size(now)?, created_at, version))
+                });
+                if let Err(refused) = mode.check(key, live.map(|(.., version)| version)) {
+                    return Ok(OpResult::Refused(refused));
                 }
                 let meta = &record.meta;
-                let created_at = live.map_or(meta.created_at.0, |(_, created_at)| created_at);
+                let created_at = live.map_or(meta.created_at.0, |(_, created_at, _)| created_at);
                 let custom = custom_json(&meta.custom)?;
                 Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
                     key,
@@ -134,9 +137,10 @@ impl<'t> BatchStatements<'t> {
                     meta.encrypted,
                     custom,
                     record.value,
+                    meta.version.0 as i64,
                 ])?;
                 Ok(OpResult::Done(WriteOutcome {
-                    previous_size: live.map(|(size, _)| size),
+                    previous_size: live.map(|(size, ..)| size),
                 }))
             }
             WriteOp::Delete { key } => {
@@ -158,8 +162,9 @@ impl<'t> BatchStatements<'t> {
 
 enum OpResult {
     Done(WriteOutcome),
-    /// A create-only put found a live record under this key.
-    Exists(String),
+    /// A conditional put found the key in another state (`AlreadyExists`,
+    /// `VersionConflict`): the batch is rolled back with this error.
+    Refused(StorageError),
 }
 
 impl SqliteBackend {
@@ -271,7 +276,7 @@ impl SqliteBackend {
                 })? {
                     OpResult::Done(outcome) => outcomes.push(outcome),
                     // Dropping `tx` rolls back everything done so far.
-                    OpResult::Exists(key) => return Err(StorageError::AlreadyExists { key }),
+                    OpResult::Refused(refused) => return Err(refused),
                 }
             }
         }

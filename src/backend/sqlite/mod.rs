@@ -373,7 +373,7 @@ impl Backend for SqliteBackend {
             .prepare_cached(SQL_GET)
             .and_then(|mut stmt| {
                 stmt.query_row([key], |row| {
-                    Ok((RawMeta::from_row(row)?, row.get::<_, Vec<u8>>(8)?))
+                    Ok((RawMeta::from_row(row)?, row.get::<_, Vec<u8>>(9)?))
                 })
                 .optional()
             })

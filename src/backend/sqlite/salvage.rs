@@ -83,7 +83,7 @@ pub struct SalvageProgress {
 const SQL_ROWIDS: &str = "SELECT rowid FROM records WHERE rowid > ?1 ORDER BY rowid";
 const SQL_FIRST_FROM: &str = "SELECT rowid FROM records WHERE rowid >= ?1 ORDER BY rowid LIMIT 1";
 const SQL_ROW: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, compressed, \
-     encrypted, custom, value, key FROM records WHERE rowid = ?1";
+     encrypted, custom, 0, value, key FROM records WHERE rowid = ?1";
 const SQL_INDEX_KEYS: &str = "SELECT key FROM records INDEXED BY sqlite_autoindex_records_1 \
      WHERE key >= ?1 ORDER BY key";
 
@@ -286,8 +286,8 @@ fn read_row(src: &Connection, rowid: i64) -> Option<(String, Record)> {
             stmt.query_row([rowid], |row| {
                 Ok((
                     RawMeta::from_row(row)?,
-                    row.get::<_, Vec<u8>>(8)?,
-                    row.get::<_, String>(9)?,
+                    row.get::<_, Vec<u8>>(9)?,
+                    row.get::<_, String>(10)?,
                 ))
             })
         })

@@ -12,6 +12,7 @@
 //!     compressed  INTEGER NOT NULL,  -- 0 / 1
 //!     encrypted   INTEGER NOT NULL,  -- 0 / 1
 //!     custom      TEXT,              -- the game's metadata as a JSON object, NULL when empty
+//!     version     INTEGER NOT NULL DEFAULT 0, -- the record's version (u64 bits as i64)
 //!     value       BLOB NOT NULL      -- the encoded record, as the codec produced it
 //! );
 //! CREATE INDEX records_expires_at ON records (expires_at) WHERE expires_at IS NOT NULL;
@@ -27,9 +28,15 @@
 //! order, so a prefix scan is a range scan of the key index:
 //! `key >= prefix AND key < successor(prefix)`; `%` and `_` have no special meaning.
 //!
-//! The schema version is kept in `PRAGMA user_version` (currently 1). A database written by a
+//! The schema version is kept in `PRAGMA user_version` (currently 2). A database written by a
 //! newer version of this crate is refused at [`open`](super::SqliteBackend::open) rather than
 //! misread; a file that is not a SQLite database is refused with an error that says so.
+//!
+//! Version 2 added the `version` column ([`RecordVersion`](crate::backend::RecordVersion)).
+//! A version-1 database gets it at open with `ALTER TABLE ... ADD COLUMN` (constant time: the
+//! rows are not rewritten, and read as version 0 until they are written again). There the
+//! column comes after `value`, so reading one record's version may walk its overflow pages;
+//! listings, usage and purges never read it.
 
 use std::path::Path;
 
@@ -38,12 +45,12 @@ use rusqlite::{Connection, Row, TransactionBehavior};
 
 use super::BACKEND;
 use super::connection::{error_code, open_error};
-use crate::backend::{CustomMetadata, RecordMeta};
+use crate::backend::{CustomMetadata, RecordMeta, RecordVersion};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// Idempotent: run at every open so a database with the right version but a missing table (a
 /// game's own database that happens to use `user_version`) gets one.
@@ -58,6 +65,7 @@ CREATE TABLE IF NOT EXISTS records (
     compressed  INTEGER NOT NULL,
     encrypted   INTEGER NOT NULL,
     custom      TEXT,
+    version     INTEGER NOT NULL DEFAULT 0,
     value       BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
@@ -67,30 +75,33 @@ CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
 // Statements. All but the readers' `SQL_GET_VALUE` (see `connection::ReaderStatements`) run
 // through `prepare_cached`.
 pub(super) const SQL_GET: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, compressed, \
-     encrypted, custom, value FROM records WHERE key = ?1";
+     encrypted, custom, version, value FROM records WHERE key = ?1";
 pub(super) const SQL_GET_VALUE: &str = "SELECT expires_at, value FROM records WHERE key = ?1";
 pub(super) const SQL_GET_META: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, \
-     compressed, encrypted, custom FROM records WHERE key = ?1";
+     compressed, encrypted, custom, version FROM records WHERE key = ?1";
 pub(super) const SQL_PREVIOUS: &str =
-    "SELECT size, expires_at, created_at FROM records WHERE key = ?1";
+    "SELECT size, expires_at, created_at, version FROM records WHERE key = ?1";
+/// The upsert of a put that read the previous record first (`?11` is the version).
 pub(super) const SQL_UPSERT: &str = "INSERT INTO records (key, created_at, modified_at, accessed_at, \
-     expires_at, size, compressed, encrypted, custom, value) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+     expires_at, size, compressed, encrypted, custom, value, version) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
      ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at, \
      modified_at = excluded.modified_at, accessed_at = excluded.accessed_at, \
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
-     encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
+     encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value, \
+     version = excluded.version";
 /// The upsert of a plain put: no lookup of the previous record. It keeps the stored
-/// `created_at` of a live record (?11 is `now`) and reports no previous size (see
-/// [`WriteOutcome::previous_size`](crate::backend::WriteOutcome::previous_size)).
+/// `created_at` of a live record (?11 is `now`, ?12 the version) and reports no previous
+/// size (see [`WriteOutcome::previous_size`](crate::backend::WriteOutcome::previous_size)).
 pub(super) const SQL_UPSERT_KEEP_CREATED: &str = "INSERT INTO records (key, created_at, modified_at, accessed_at, \
-     expires_at, size, compressed, encrypted, custom, value) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+     expires_at, size, compressed, encrypted, custom, value, version) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12) \
      ON CONFLICT (key) DO UPDATE SET created_at = CASE WHEN records.expires_at IS NOT NULL \
      AND records.expires_at <= ?11 THEN excluded.created_at ELSE records.created_at END, \
      modified_at = excluded.modified_at, accessed_at = excluded.accessed_at, \
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
-     encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value";
+     encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value, \
+     version = excluded.version";
 pub(super) const SQL_DELETE: &str = "DELETE FROM records WHERE key = ?1 RETURNING size, expires_at";
 /// [`Backend::delete_if_unchanged`](crate::backend::Backend::delete_if_unchanged): one
 /// statement, so the comparison and the removal are one transaction.
@@ -161,6 +172,21 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         Some(ErrorCode::Unknown) => schema_mismatch(path, e),
         _ => fail(e),
     })?;
+    // Version 1 had no `version` column: add it (constant time, see the module docs).
+    let has_version: bool = tx
+        .query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('records') WHERE name = 'version'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(fail)?;
+    if !has_version {
+        tx.execute_batch("ALTER TABLE records ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+            .map_err(|e| match error_code(&e) {
+                Some(ErrorCode::Unknown) => schema_mismatch(path, e),
+                _ => fail(e),
+            })?;
+    }
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(fail)?;
@@ -192,10 +218,11 @@ pub(super) struct RawMeta {
     compressed: bool,
     encrypted: bool,
     custom: Option<String>,
+    version: i64,
 }
 
 impl RawMeta {
-    /// Reads the first eight columns of [`SQL_GET`] / [`SQL_GET_META`].
+    /// Reads the first nine columns of [`SQL_GET`] / [`SQL_GET_META`].
     pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             created_at: row.get(0)?,
@@ -206,6 +233,7 @@ impl RawMeta {
             compressed: row.get(5)?,
             encrypted: row.get(6)?,
             custom: row.get(7)?,
+            version: row.get(8)?,
         })
     }
 
@@ -227,6 +255,7 @@ impl RawMeta {
             compressed: self.compressed,
             encrypted: self.encrypted,
             custom,
+            version: RecordVersion(self.version as u64),
         })
     }
 }
@@ -311,7 +340,7 @@ mod tests {
         let err = SqliteBackend::open(db(&dir), &SqliteOptions::default()).unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, StorageError::Backend { .. }), "{err:?}");
-        assert!(message.contains("schema version 2"), "{message}");
+        assert!(message.contains("schema version 3"), "{message}");
         assert!(message.contains("upgrade bevy_storage"), "{message}");
     }
 

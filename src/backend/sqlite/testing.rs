@@ -35,6 +35,7 @@ pub(super) fn record(value: &[u8], now: Timestamp, expires_at: Option<Timestamp>
             compressed: false,
             encrypted: false,
             custom: CustomMetadata::new(),
+            version: crate::backend::RecordVersion::fresh(),
         },
     }
 }

@@ -27,7 +27,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bevy_storage::StorageError;
-use bevy_storage::backend::{CustomMetadata, Record, RecordMeta};
+use bevy_storage::backend::{CustomMetadata, Record, RecordMeta, RecordVersion};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::envelope;
 use serde::{Deserialize, Serialize};
@@ -406,6 +406,8 @@ impl DumpReader {
                     compressed: line.compressed,
                     encrypted: line.encrypted,
                     custom: line.custom,
+                    // An import is a new write: the record gets a version of its own.
+                    version: RecordVersion::fresh(),
                 },
                 value,
             },

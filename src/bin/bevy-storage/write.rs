@@ -244,7 +244,7 @@ pub fn set(cli: &Cli, args: &SetArgs, out: &mut dyn Write) -> Outcome {
     };
     let store = open_store(&config, true)?;
     match store.save_encoded(&args.key, &payload, format, &options) {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(StorageError::AlreadyExists { .. }) => {
             return Err(Failure::runtime(format!(
                 "{:?} already has a live record and --no-overwrite was given; nothing was written",

@@ -11,7 +11,7 @@ use crate::store::{SaveOptions, Store};
 use crate::testing::{Fixture, TestBackend};
 
 fn save<T: Serialize>(store: &Store, key: &str, value: &T) {
-    store.save(key, value, &SaveOptions::default()).unwrap()
+    store.save(key, value, &SaveOptions::default()).unwrap();
 }
 
 /// Every page of a listing of `prefix`, `limit` keys at a time.

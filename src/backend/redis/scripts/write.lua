@@ -8,7 +8,8 @@ local byte, sub, find, min = string.byte, string.sub, string.find, math.min
 local sunpack = struct.unpack
 local rcall = redis.call
 local keys, argv = KEYS, ARGV
-local D, X, C, Y = 68, 88, 67, 89
+local D, X, C, Y, V, W = 68, 88, 67, 89, 86, 87
+local NO_VERSION = string.rep('\0', 8)
 if #keys ~= count + 2 or #argv ~= count + 6 then
   return redis.error_reply('bevy_storage: malformed write batch')
 end
@@ -58,7 +59,7 @@ if not done then
   -- The server's clock, only when a record has an expiry: a record already past by it is not
   -- stored at all.
   local tnow
-  if find(kinds, '[XY]') then
+  if find(kinds, '[XYW]') then
     local t = rcall('TIME')
     tnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
@@ -93,18 +94,36 @@ if not done then
       if old == nil then old = olds[n] end
     end
     local rec, exp = false, nil
+    -- A put conditional on a version (V, W) carries the 8 bytes of that version before its
+    -- record.
+    local conditional = k == V or k == W
+    local expected
     if k ~= D then
       rec = argv[n + 6]
-      if k == X or k == Y then
+      if conditional then
+        expected, rec = sub(rec, 1, 8), sub(rec, 9)
+      end
+      if k == X or k == Y or k == W then
         exp = sunpack('<i8', rec, 9)
         if exp <= tnow then rec, exp = false, nil end
       end
     end
+    local live = false
     if old then
       if not is_record(old) then return {2, n, 2} end
       local oexp, osize = sunpack('<i8I4', old, 9)
-      if oexp == 0 or oexp > now then
+      live = oexp == 0 or oexp > now
+      if live then
         if k == C or k == Y then return {0, n} end
+        if conditional then
+          -- Layout 2 (byte 42) has no version: version 0.
+          local found = NO_VERSION
+          if byte(old, 42) == 3 then found = sub(old, 43, 50) end
+          if found ~= expected then
+            local lo, hi = sunpack('<I4I4', found .. NO_VERSION)
+            return {3, n, 1, lo, hi}
+          end
+        end
         result[#result + 1] = n
         result[#result + 1] = osize
         -- A live record's created_at carries over.
@@ -118,6 +137,7 @@ if not done then
         zset[sub(rkey, plen + 1)] = false
       end
     end
+    if conditional and not live then return {3, n, 0} end
     if exp then
       zset = zset or {}
       zset[sub(rkey, plen + 1)] = exp
