@@ -161,7 +161,9 @@ fn run_child(args: &[String]) -> ExitCode {
                         store.delete(&key_name(k)).expect("sabotaged delete");
                     }
                 }
-                store.save(&key_name(CHECK), &expected_val(op, CHECK, true), &opts).map(drop)
+                store
+                    .save(&key_name(CHECK), &expected_val(op, CHECK, true), &opts)
+                    .map(drop)
             }
             next => perform(&store, op, next, &opts),
         };

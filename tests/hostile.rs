@@ -1066,7 +1066,9 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
 
     // Every kind of change, failing.
     faults.fail_all(true);
-    assert!(is_injected(&store.save("a", &value("new", 50), &opts).map(drop)));
+    assert!(is_injected(
+        &store.save("a", &value("new", 50), &opts).map(drop)
+    ));
     assert!(is_injected(&store.save_bytes("b", b"raw", &opts).map(drop)));
     assert!(is_injected(&store.delete("c").map(drop)));
     assert!(is_injected(&store.transaction(vec![
@@ -1103,11 +1105,13 @@ fn injected_faults_keep_previous_values(inner: Arc<dyn Backend>) {
 
     // Many failed writes do not leak quota reservations: a write that fits still succeeds.
     for i in 0..100 {
-        let r = store.save(
-            &format!("big{i}"),
-            &value("x", 4000),
-            &SaveOptions::new().compression(Compression::Off),
-        ).map(drop);
+        let r = store
+            .save(
+                &format!("big{i}"),
+                &value("x", 4000),
+                &SaveOptions::new().compression(Compression::Off),
+            )
+            .map(drop);
         assert!(is_injected(&r), "{r:?}");
     }
     faults.fail_all(false);

@@ -337,7 +337,9 @@ const BOUND: Duration = Duration::from_millis(3_500);
 fn every_operation(store: &Store) -> Vec<(&'static str, Result<(), StorageError>, Duration)> {
     type Op = fn(&Store) -> Result<(), StorageError>;
     let ops: [(&'static str, Op); 8] = [
-        ("save", |s| s.save("k", &1u32, &SaveOptions::default()).map(drop)),
+        ("save", |s| {
+            s.save("k", &1u32, &SaveOptions::default()).map(drop)
+        }),
         ("load", |s| {
             s.load::<u32>("k", &LoadOptions::default()).map(drop)
         }),

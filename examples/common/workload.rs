@@ -321,7 +321,9 @@ pub fn arg_value(args: &[String], name: &str) -> Option<String> {
 /// Runs operation `n` against the store, as one atomic store call.
 pub fn perform(store: &Store, n: u64, op: &Op, opts: &SaveOptions) -> Result<(), StorageError> {
     match op {
-        Op::Save(k) => store.save(&key_name(*k), &expected_val(n, *k, false), opts).map(drop),
+        Op::Save(k) => store
+            .save(&key_name(*k), &expected_val(n, *k, false), opts)
+            .map(drop),
         Op::Delete(k) => store.delete(&key_name(*k)).map(drop),
         Op::Tx(parts) | Op::FailingTx(parts) => {
             let mut ops: Vec<StorageOperation> = parts

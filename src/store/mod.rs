@@ -463,8 +463,7 @@ impl Store {
                 return Ok(None);
             }
             let version = record.meta.version;
-            let (payload, info) =
-                self.open_value(key, record.value, now, options)?;
+            let (payload, info) = self.open_value(key, record.value, now, options)?;
             let value = codec::format::deserialize(key, &payload, info.format)?;
             Ok(Some((value, version)))
         })

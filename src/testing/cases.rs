@@ -17,9 +17,11 @@ use crate::store::{LoadOptions, SaveOptions, StorageOperation, Store};
 mod integrity;
 mod listing;
 mod take;
+mod versions;
 pub use integrity::*;
 pub use listing::*;
 pub use take::*;
+pub use versions::*;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Player {

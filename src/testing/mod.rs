@@ -251,6 +251,10 @@ macro_rules! __conformance_cases {
             take_of_the_wrong_type_fails_and_keeps_the_record,
             [encryption] take_that_cannot_decrypt_keeps_the_record,
             take_race_has_exactly_one_winner,
+            every_write_gives_a_new_version,
+            conditional_save_checks_the_version,
+            transactions_check_each_version_all_or_nothing,
+            read_modify_write_counter_loses_no_update,
         }
     };
 }
