@@ -1577,3 +1577,56 @@ fn persisted_resources_persist_revert_and_reset_on_demand() {
     assert_eq!(app.world().resource::<Seen>().persisted_loaded, [Ok(false)]);
     assert_eq!(*app.world().resource::<Settings>(), Settings::default());
 }
+
+/// Versioned writes through the plugin: a versioned load gives the version, two saves
+/// conditional on it race and exactly one wins, the loser gets the typed conflict, and batched
+/// saves report the versions they wrote.
+#[test]
+fn versioned_requests_catch_a_lost_update() {
+    let mut app = app_with(StoragePlugin::memory().batch_writes(WriteBatching::PerFrame));
+    let first = save(&mut app, "profile", 10u32);
+    pump_for(&mut app, &[first]);
+    let written = app.world().resource::<Seen>().save(first).unwrap().version;
+    assert!(written.is_some(), "a batched save reports its version");
+
+    let read = LoadRequest::new("profile").versioned();
+    let read_id = read.id();
+    send(&mut app, read);
+    pump_for(&mut app, &[read_id]);
+    let seen = app.world().resource::<Seen>();
+    let version = seen.load(read_id).unwrap().version();
+    assert_eq!(version, written, "the load reads the version the save wrote");
+    assert_eq!(loaded::<u32>(&app, read_id), Some(10));
+    // A plain load does not pay for the version.
+    let plain = load(&mut app, "profile");
+    pump_for(&mut app, &[plain]);
+    assert_eq!(app.world().resource::<Seen>().load(plain).unwrap().version(), None);
+
+    // Two servers' worth of changes from the same read, in one frame: one wins.
+    let version = version.unwrap();
+    let a = SaveRequest::new("profile", 11u32).if_version(version);
+    let b = SaveRequest::new("profile", 12u32).if_version(version);
+    let (a_id, b_id) = (a.id(), b.id());
+    send(&mut app, a);
+    send(&mut app, b);
+    pump_for(&mut app, &[a_id, b_id]);
+    let seen = app.world().resource::<Seen>();
+    let winner = seen.save(a_id).unwrap();
+    assert!(winner.result.is_ok(), "{:?}", winner.result);
+    let new_version = winner.version.expect("the winner reports its version");
+    assert_ne!(new_version, version);
+    let loser = seen.save(b_id).unwrap();
+    assert_eq!(loser.version, None);
+    match loser.result.as_ref().map_err(|e| &**e) {
+        Err(StorageError::VersionConflict {
+            expected, found, ..
+        }) => {
+            assert_eq!(*expected, version);
+            assert_eq!(*found, Some(new_version));
+        }
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    let check = load(&mut app, "profile");
+    pump_for(&mut app, &[check]);
+    assert_eq!(loaded::<u32>(&app, check), Some(11));
+}

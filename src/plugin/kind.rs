@@ -14,7 +14,7 @@ use bevy::prelude::*;
 
 use super::requests::{RequestId, SharedError, StorageResponse};
 use super::scope::Scope;
-use crate::store::{StorageOperation, Store};
+use crate::store::{Committed, StorageOperation, Store};
 
 /// One kind of request the plugin answers.
 pub(crate) trait RequestKind: Message + Clone {
@@ -49,8 +49,8 @@ pub(crate) trait RequestKind: Message + Clone {
     fn batch_operation(&self) -> Option<StorageOperation> {
         None
     }
-    /// The output of a write committed in a batch (`removed`: a delete found a live record).
-    fn batched(&self, _removed: bool) -> Self::Output {
+    /// The output of a write committed in a batch, from what it did there.
+    fn batched(&self, _committed: Committed) -> Self::Output {
         unreachable!("only kinds with a batch_operation are batched")
     }
 }
@@ -86,7 +86,7 @@ pub(crate) trait Job: Send {
     /// Pool thread: runs the request, keeping its output.
     fn execute(&mut self, store: &Store);
     /// Pool thread: records the outcome of the batch the write was committed in.
-    fn set_batched(&mut self, outcome: Result<bool, SharedError>);
+    fn set_batched(&mut self, outcome: Result<Committed, SharedError>);
     /// Records a failure (the store could not open, the task panicked).
     fn set_failed(&mut self, error: SharedError);
     /// Main thread: writes the response (or hands it to the plugin's callback). True when
@@ -168,8 +168,8 @@ impl<R: RequestKind> Job for Pending<R> {
         self.result = Some(Ok(self.request.run(store, input)));
     }
 
-    fn set_batched(&mut self, outcome: Result<bool, SharedError>) {
-        self.result = Some(outcome.map(|removed| self.request.batched(removed)));
+    fn set_batched(&mut self, outcome: Result<Committed, SharedError>) {
+        self.result = Some(outcome.map(|committed| self.request.batched(committed)));
     }
 
     fn set_failed(&mut self, error: SharedError) {

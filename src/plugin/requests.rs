@@ -33,7 +33,8 @@ use super::scope::Scope;
 use crate::codec::{self, Compression, Format};
 use crate::error::StorageError;
 use crate::key;
-use crate::store::{ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
+use crate::backend::RecordVersion;
+use crate::store::{Committed, ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
 
 /// An error shared between a response message, its observer event and the other requests
 /// of the same batch.
@@ -169,6 +170,16 @@ impl SaveRequest {
         self.options = self.options.format(format);
         self
     }
+
+    /// Writes only over the live record of `version` (from [`LoadCompleted::version`] of a
+    /// [`LoadRequest::versioned`] load, or [`SaveCompleted::version`] of an earlier save);
+    /// otherwise the save fails with [`StorageError::VersionConflict`] and writes nothing
+    /// (see [`SaveOptions::if_version`]). Like `overwrite(false)`, such a save is never merged
+    /// into a write batch.
+    pub fn if_version(mut self, version: RecordVersion) -> Self {
+        self.options = self.options.if_version(version);
+        self
+    }
 }
 
 /// Loads the value under a key; answered by [`LoadCompleted`].
@@ -179,6 +190,8 @@ pub struct LoadRequest {
     pub key: String,
     /// Load options.
     pub options: LoadOptions,
+    /// Read the version too ([`versioned`](Self::versioned)).
+    pub versioned: bool,
 }
 
 impl LoadRequest {
@@ -188,12 +201,21 @@ impl LoadRequest {
             id: RequestId::next(),
             key: key.into(),
             options: LoadOptions::default(),
+            versioned: false,
         }
     }
 
     /// This request's id.
     pub fn id(&self) -> RequestId {
         self.id
+    }
+
+    /// Also reads the record's version, for a save conditional on it
+    /// ([`SaveRequest::if_version`]): [`LoadCompleted::version`] then has it. Such a load
+    /// reads the backend even when the read cache holds the value.
+    pub fn versioned(mut self) -> Self {
+        self.versioned = true;
+        self
     }
 
     /// Records this read as the record's last access.
@@ -380,6 +402,9 @@ pub struct SaveCompleted {
     pub key: String,
     /// `Ok(())` once the record is durably stored (or committed with its batch).
     pub result: StorageResult<()>,
+    /// The version the save gave the record (`None` when it failed), for a later
+    /// [`SaveRequest::if_version`].
+    pub version: Option<RecordVersion>,
 }
 
 /// The decoded payload of a loaded record (decompressed and decrypted on the task pool),
@@ -388,6 +413,7 @@ pub struct SaveCompleted {
 pub struct LoadedValue {
     payload: Arc<[u8]>,
     format: Format,
+    version: Option<RecordVersion>,
 }
 
 impl LoadedValue {
@@ -395,7 +421,13 @@ impl LoadedValue {
         Self {
             payload: payload.into(),
             format,
+            version: None,
         }
+    }
+
+    /// The record's version, when the load asked for it ([`LoadRequest::versioned`]).
+    pub fn version(&self) -> Option<RecordVersion> {
+        self.version
     }
 
     /// Deserializes the value as `T`; `key` names it in errors.
@@ -460,6 +492,13 @@ impl LoadCompleted {
     /// Like [`decode`](Self::decode), with `T::default()` for a missing record.
     pub fn decode_or_default<T: DeserializeOwned + Default>(&self) -> StorageResult<T> {
         self.decode().map(Option::unwrap_or_default)
+    }
+
+    /// The record's version, for a save conditional on it ([`SaveRequest::if_version`]):
+    /// `Some` when the request was [`versioned`](LoadRequest::versioned) and found a live
+    /// record.
+    pub fn version(&self) -> Option<RecordVersion> {
+        self.result.as_ref().ok()?.as_ref()?.version
     }
 
     /// True when the load succeeded and found a live record.
@@ -609,10 +648,12 @@ impl RequestKind for SaveRequest {
     }
 
     fn run(&self, store: &Store, (): ()) -> SaveCompleted {
-        SaveCompleted {
-            id: self.id,
-            key: self.key.clone(),
-            result: store.transaction(vec![self.operation()]).map_err(shared),
+        match store.transaction_outcomes(vec![self.operation()]) {
+            Ok(committed) => self.batched(committed.first().copied().unwrap_or(Committed {
+                removed: false,
+                version: None,
+            })),
+            Err(e) => self.fail(shared(e)),
         }
     }
 
@@ -621,21 +662,25 @@ impl RequestKind for SaveRequest {
             id: self.id,
             key: self.key.clone(),
             result: Err(error),
+            version: None,
         }
     }
 
-    /// Valid-key saves that may overwrite join batches: a bad key or a create-only save
-    /// fails on its own, never a whole batch.
+    /// Valid-key saves that may overwrite unconditionally join batches: a bad key, a
+    /// create-only or a versioned save fails on its own, never a whole batch.
     fn batch_operation(&self) -> Option<StorageOperation> {
-        let batchable = self.options.overwrite && key::validate_key(&self.key).is_ok();
+        let batchable = self.options.overwrite
+            && self.options.if_version.is_none()
+            && key::validate_key(&self.key).is_ok();
         batchable.then(|| self.operation())
     }
 
-    fn batched(&self, _removed: bool) -> SaveCompleted {
+    fn batched(&self, committed: Committed) -> SaveCompleted {
         SaveCompleted {
             id: self.id,
             key: self.key.clone(),
             result: Ok(()),
+            version: committed.version,
         }
     }
 }
@@ -658,13 +703,24 @@ impl RequestKind for LoadRequest {
     }
 
     fn run(&self, store: &Store, (): ()) -> LoadCompleted {
+        let result = if self.versioned {
+            store
+                .load_bytes_versioned(&self.key, &self.options)
+                .map(|found| {
+                    found.map(|(payload, info, version)| LoadedValue {
+                        version: Some(version),
+                        ..LoadedValue::new(payload, info.format)
+                    })
+                })
+        } else {
+            store
+                .load_bytes(&self.key, &self.options)
+                .map(|found| found.map(|(payload, info)| LoadedValue::new(payload, info.format)))
+        };
         LoadCompleted {
             id: self.id,
             key: self.key.clone(),
-            result: store
-                .load_bytes(&self.key, &self.options)
-                .map(|found| found.map(|(payload, info)| LoadedValue::new(payload, info.format)))
-                .map_err(shared),
+            result: result.map_err(shared),
         }
     }
 
@@ -698,8 +754,8 @@ impl RequestKind for DeleteRequest {
             .then(|| StorageOperation::delete(self.key.clone()))
     }
 
-    fn batched(&self, removed: bool) -> DeleteCompleted {
-        self.batched_result(Ok(removed))
+    fn batched(&self, committed: Committed) -> DeleteCompleted {
+        self.batched_result(Ok(committed.removed))
     }
 }
 

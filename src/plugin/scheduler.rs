@@ -125,7 +125,7 @@ fn run_batch(store: &Store, jobs: &mut [Box<dyn Job>]) -> bool {
     match store.transaction_outcomes(operations) {
         Ok(outcomes) => {
             for (job, outcome) in jobs.iter_mut().zip(outcomes) {
-                job.set_batched(Ok(outcome.previous_size.is_some()));
+                job.set_batched(Ok(outcome));
             }
             true
         }

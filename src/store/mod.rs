@@ -453,6 +453,20 @@ impl Store {
         key: &str,
         options: &LoadOptions,
     ) -> Result<Option<(T, RecordVersion)>> {
+        let Some((payload, info, version)) = self.load_bytes_versioned(key, options)? else {
+            return Ok(None);
+        };
+        let value = codec::format::deserialize(key, &payload, info.format)?;
+        Ok(Some((value, version)))
+    }
+
+    /// [`load_bytes`](Self::load_bytes) with the record's version, as
+    /// [`load_versioned`](Self::load_versioned) reads it.
+    pub fn load_bytes_versioned(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+    ) -> Result<Option<(Vec<u8>, EnvelopeInfo, RecordVersion)>> {
         self.instrument(OpKind::Read, || {
             key::validate_key(key)?;
             let now = self.inner.clock.now();
@@ -464,8 +478,7 @@ impl Store {
             }
             let version = record.meta.version;
             let (payload, info) = self.open_value(key, record.value, now, options)?;
-            let value = codec::format::deserialize(key, &payload, info.format)?;
-            Ok(Some((value, version)))
+            Ok(Some((payload, info, version)))
         })
     }
 
@@ -662,16 +675,16 @@ impl Store {
         self.transaction_outcomes(operations).map(drop)
     }
 
-    /// [`transaction`](Self::transaction), with what each operation found: for a delete,
-    /// `previous_size` is `Some` exactly when it removed a live record (every backend reports
-    /// it for deletes); empty when there were no operations.
+    /// [`transaction`](Self::transaction), with what each operation did (see [`Committed`]);
+    /// empty when there were no operations.
     pub(crate) fn transaction_outcomes(
         &self,
         operations: Vec<StorageOperation>,
-    ) -> Result<Vec<WriteOutcome>> {
+    ) -> Result<Vec<Committed>> {
         self.instrument(OpKind::Write, || {
             let now = self.inner.clock.now();
             let mut ops = Vec::with_capacity(operations.len());
+            let mut versions = Vec::with_capacity(operations.len());
             for op in operations {
                 key::validate_key(op.key())?;
                 ops.push(match op {
@@ -684,15 +697,27 @@ impl Store {
                         let record = self.build_record(&key, format, &options, now, |out| {
                             value.serialize_into(&key, format, out)
                         })?;
+                        versions.push(Some(record.meta.version));
                         Self::put_op(&key, record, &options)
                     }
-                    StorageOperation::Delete { key } => WriteOp::Delete { key },
+                    StorageOperation::Delete { key } => {
+                        versions.push(None);
+                        WriteOp::Delete { key }
+                    }
                 });
             }
             if ops.is_empty() {
                 return Ok(Vec::new());
             }
-            self.write(ops, now)
+            let outcomes = self.write(ops, now)?;
+            Ok(outcomes
+                .into_iter()
+                .zip(versions)
+                .map(|(outcome, version)| Committed {
+                    removed: version.is_none() && outcome.previous_size.is_some(),
+                    version,
+                })
+                .collect())
         })
     }
 
@@ -733,6 +758,15 @@ impl Store {
             other => other,
         }
     }
+}
+
+/// What one operation of a committed transaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Committed {
+    /// A delete removed a live record (every backend reports it for deletes).
+    pub(crate) removed: bool,
+    /// The version a save gave its record; `None` for a delete.
+    pub(crate) version: Option<RecordVersion>,
 }
 
 fn internal_meta(now: Timestamp, size: usize) -> RecordMeta {
