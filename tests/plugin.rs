@@ -1595,12 +1595,22 @@ fn versioned_requests_catch_a_lost_update() {
     pump_for(&mut app, &[read_id]);
     let seen = app.world().resource::<Seen>();
     let version = seen.load(read_id).unwrap().version();
-    assert_eq!(version, written, "the load reads the version the save wrote");
+    assert_eq!(
+        version, written,
+        "the load reads the version the save wrote"
+    );
     assert_eq!(loaded::<u32>(&app, read_id), Some(10));
     // A plain load does not pay for the version.
     let plain = load(&mut app, "profile");
     pump_for(&mut app, &[plain]);
-    assert_eq!(app.world().resource::<Seen>().load(plain).unwrap().version(), None);
+    assert_eq!(
+        app.world()
+            .resource::<Seen>()
+            .load(plain)
+            .unwrap()
+            .version(),
+        None
+    );
 
     // Two servers' worth of changes from the same read, in one frame: one wins.
     let version = version.unwrap();

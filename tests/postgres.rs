@@ -173,7 +173,7 @@ fn connection_strings_and_secrets() {
 }
 
 #[test]
-fn a_schema_from_a_newer_version_is_refused() {
+fn a_newer_schema_is_refused_and_an_older_one_migrated() {
     require_postgres!();
     // A database of its own: the shared one's schema must not change under other tests.
     let mut admin = postgres::Client::connect(&postgres_url(), postgres::NoTls).unwrap();
@@ -200,9 +200,31 @@ fn a_schema_from_a_newer_version_is_refused() {
         let err = Store::open(StorageConfig::postgres(&url, "game")).unwrap_err();
         assert!(matches!(err, StorageError::Config(_)), "{err}");
         assert!(err.to_string().contains("newer"), "{err}");
-        con.batch_execute("UPDATE bevy_storage_schema SET version = 1")
+        // Schema version 1 (before records had versions): opening adds the column, and its
+        // records read as version 0 until written again.
+        con.batch_execute(
+            "ALTER TABLE bevy_storage_records DROP COLUMN version; \
+             UPDATE bevy_storage_schema SET version = 1",
+        )
+        .unwrap();
+        let store = store_at(&url, "game");
+        assert_eq!(load::<u8>(&store, "kept"), Some(7));
+        assert_eq!(
+            store.get_metadata("kept").unwrap().unwrap().version,
+            bevy_storage::RecordVersion(0)
+        );
+        let v = store
+            .save(
+                "kept",
+                &8u8,
+                &SaveOptions::new().if_version(bevy_storage::RecordVersion(0)),
+            )
             .unwrap();
-        assert_eq!(load::<u8>(&store_at(&url, "game"), "kept"), Some(7));
+        assert_eq!(store.get_metadata("kept").unwrap().unwrap().version, v);
+        let row = con
+            .query_one("SELECT version FROM bevy_storage_schema", &[])
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 2);
     });
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))

@@ -21,7 +21,7 @@ use bevy_storage::backend::{
 };
 use bevy_storage::clock::Timestamp;
 use bevy_storage::prelude::*;
-use bevy_storage::{BackendConfig, CustomMetadata};
+use bevy_storage::{BackendConfig, CustomMetadata, RecordVersion};
 use common::{RedisNamespace, check_redis, redis_kind, redis_url, under_ci};
 
 /// Skips (locally) or fails (under CI) the test when the shared Redis is missing.
@@ -644,6 +644,90 @@ fn batches_keep_created_at_and_report_previous_sizes() {
 
     b.clear().unwrap();
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
+}
+
+/// Records of key layout 2, written before records had versions (a 42-byte header without
+/// the version), keep working: they load, list, count and expire as before, read as version 0,
+/// and a save conditional on version 0 replaces them with a layout-3 record.
+#[test]
+fn layout_2_records_read_as_version_0_and_take_conditional_saves() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let s = store(&ns);
+    let mut con = raw(&ns.url);
+    s.save("old", &"from an older build", &SaveOptions::default())
+        .unwrap();
+    s.save(
+        "lease",
+        &1u32,
+        &SaveOptions::new().ttl(Duration::from_secs(60)),
+    )
+    .unwrap();
+    // Rewrite both as the previous build stored them: layout byte 2, no version field.
+    for key in ["old", "lease"] {
+        let rkey = ns.record_key(key);
+        let layout3: Vec<u8> = redis::cmd("GET").arg(&rkey).query(&mut con).unwrap();
+        assert_eq!(layout3[41], 3, "this build writes key layout 3");
+        let mut layout2 = layout3[..42].to_vec();
+        layout2[41] = 2;
+        layout2.extend_from_slice(&layout3[50..]);
+        let ttl: i64 = redis::cmd("PTTL").arg(&rkey).query(&mut con).unwrap();
+        let mut set = redis::cmd("SET");
+        set.arg(&rkey).arg(layout2);
+        if ttl > 0 {
+            set.arg("PX").arg(ttl);
+        }
+        set.query::<()>(&mut con).unwrap();
+    }
+    let before = s.get_stats();
+    assert_eq!(
+        load::<String>(&s, "old").as_deref(),
+        Some("from an older build")
+    );
+    assert_eq!(load::<u32>(&s, "lease"), Some(1));
+    for key in ["old", "lease"] {
+        assert_eq!(
+            s.get_metadata(key).unwrap().unwrap().version,
+            RecordVersion(0)
+        );
+    }
+    assert_eq!(s.list_keys("").unwrap(), ["lease", "old"]);
+    match s.save(
+        "old",
+        &"stale",
+        &SaveOptions::new().if_version(RecordVersion(42)),
+    ) {
+        Err(StorageError::VersionConflict { found, .. }) => {
+            assert_eq!(found, Some(RecordVersion(0)))
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let v = s
+        .save(
+            "old",
+            &"rewritten",
+            &SaveOptions::new().if_version(RecordVersion(0)),
+        )
+        .unwrap();
+    let (value, version) = s
+        .load_versioned::<String>("old", &LoadOptions::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!((value.as_str(), version), ("rewritten", v));
+    let rewritten: Vec<u8> = redis::cmd("GET")
+        .arg(ns.record_key("old"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(rewritten[41], 3);
+    let after = s.get_stats();
+    assert_eq!(after.item_count, before.item_count);
+    // The expiring layout-2 record is still in the expiry index: a purge finds it.
+    let clock = bevy_storage::clock::ManualClock::starting_now();
+    let later =
+        Store::open(StorageConfig::redis(&ns.url, &ns.namespace).clock(clock.clone())).unwrap();
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(later.purge_expired().unwrap(), 1);
+    assert_eq!(later.list_keys("").unwrap(), ["old"]);
 }
 
 #[test]

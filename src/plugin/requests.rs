@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 
 use super::kind::{RequestKind, add_request_kind};
 use super::scope::Scope;
+use crate::backend::RecordVersion;
 use crate::codec::{self, Compression, Format};
 use crate::error::StorageError;
 use crate::key;
-use crate::backend::RecordVersion;
 use crate::store::{Committed, ErasedValue, LoadOptions, SaveOptions, StorageOperation, Store};
 
 /// An error shared between a response message, its observer event and the other requests

@@ -344,6 +344,74 @@ mod tests {
         assert!(message.contains("upgrade bevy_storage"), "{message}");
     }
 
+    /// A database of schema version 1 (before records had versions) opens: the column is
+    /// added, its records read as version 0, and a save conditional on version 0 replaces
+    /// them with a record of a version of its own.
+    #[test]
+    fn version_1_databases_gain_versions_at_open() {
+        use crate::backend::{Backend, PutMode, RecordVersion, WriteOp};
+        use crate::error::StorageError;
+        let dir = TempDir::new().unwrap();
+        let conn = Connection::open(db(&dir)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE records (key TEXT PRIMARY KEY NOT NULL, created_at INTEGER NOT NULL, \
+             modified_at INTEGER NOT NULL, accessed_at INTEGER NOT NULL, expires_at INTEGER, \
+             size INTEGER NOT NULL, compressed INTEGER NOT NULL, encrypted INTEGER NOT NULL, \
+             custom TEXT, value BLOB NOT NULL);
+             INSERT INTO records VALUES ('old', 5, 5, 5, NULL, 3, 0, 0, NULL, x'010203');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(conn);
+        let b = open(&dir);
+        let meta = b.get_meta("old").unwrap().unwrap();
+        assert_eq!(meta.version, RecordVersion(0));
+        assert_eq!(b.get("old").unwrap().unwrap().value, [1, 2, 3]);
+        let conditional = |expected, value: &[u8]| WriteOp::Put {
+            key: "old".into(),
+            record: record(value, at(10), None),
+            mode: PutMode::IfVersion(expected),
+        };
+        let err = b
+            .write(vec![conditional(RecordVersion(7), b"no")], at(10))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::VersionConflict {
+                    found: Some(RecordVersion(0)),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let next = conditional(RecordVersion(0), b"new");
+        let WriteOp::Put {
+            record: written, ..
+        } = &next
+        else {
+            unreachable!()
+        };
+        let version = written.meta.version;
+        b.write(vec![next], at(10)).unwrap();
+        let meta = b.get_meta("old").unwrap().unwrap();
+        assert_eq!(
+            meta.version, version,
+            "the put's version is stored as given"
+        );
+        assert_eq!(
+            meta.created_at,
+            Timestamp(5),
+            "an overwrite keeps the creation time"
+        );
+        drop(b);
+        let version: i64 = Connection::open(db(&dir))
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
     #[test]
     fn foreign_records_table_is_refused() {
         let dir = TempDir::new().unwrap();
