@@ -224,7 +224,8 @@ fn raw_sqlite(path: &Path, full: bool) -> rusqlite::Connection {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY NOT NULL, created_at INTEGER NOT NULL, \
          modified_at INTEGER NOT NULL, accessed_at INTEGER NOT NULL, expires_at INTEGER, size INTEGER NOT NULL, \
-         compressed INTEGER NOT NULL, encrypted INTEGER NOT NULL, custom TEXT, value BLOB NOT NULL)",
+         compressed INTEGER NOT NULL, encrypted INTEGER NOT NULL, custom TEXT, \
+         version INTEGER NOT NULL DEFAULT 0, value BLOB NOT NULL)",
     )
     .unwrap();
     conn
@@ -232,11 +233,11 @@ fn raw_sqlite(path: &Path, full: bool) -> rusqlite::Connection {
 
 /// The backend's own upsert statement.
 const UPSERT: &str = "INSERT INTO records (key, created_at, modified_at, accessed_at, expires_at, size, \
-     compressed, encrypted, custom, value) VALUES (?1, ?2, ?2, ?2, NULL, ?3, 0, 0, NULL, ?4) \
+     compressed, encrypted, custom, value, version) VALUES (?1, ?2, ?2, ?2, NULL, ?3, 0, 0, NULL, ?4, ?2) \
      ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at, modified_at = excluded.modified_at, \
      accessed_at = excluded.accessed_at, expires_at = excluded.expires_at, size = excluded.size, \
      compressed = excluded.compressed, encrypted = excluded.encrypted, custom = excluded.custom, \
-     value = excluded.value";
+     value = excluded.value, version = excluded.version";
 
 fn raw_upsert(stmt: &mut rusqlite::CachedStatement<'_>, key: &str, value: &str) {
     let now = bevy_storage::clock::Timestamp::now().as_millis();
@@ -274,6 +275,48 @@ fn sqlite(b: &Bench) {
                 let t = Instant::now();
                 for i in 0..n {
                     raw_upsert(&mut stmt, &format!("k{}", round * n + i), &value);
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
+    if b.wants("versioned_save") {
+        let store = kv_store(StorageConfig::sqlite(b.path("ours_versioned.db")));
+        let first = |prefix: &str| -> Vec<bevy_storage::RecordVersion> {
+            (0..n)
+                .map(|i| {
+                    store
+                        .save(&format!("{prefix}{i}"), &value, &SaveOptions::default())
+                        .unwrap()
+                })
+                .collect()
+        };
+        let mut versions = first("v");
+        first("p");
+        b.compare(
+            "versioned_save",
+            "writes/s",
+            Better::Higher,
+            "(SQLite: overwrites of 200-byte strings, each conditional on the version the last write returned, vs the same overwrites unconditional in the same store; target >= 0.9)",
+            |_| {
+                let t = Instant::now();
+                for (i, version) in versions.iter_mut().enumerate() {
+                    *version = store
+                        .save(
+                            &format!("v{i}"),
+                            &value,
+                            &SaveOptions::new().if_version(*version),
+                        )
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+            |_| {
+                let t = Instant::now();
+                for i in 0..n {
+                    store
+                        .save(&format!("p{i}"), &value, &SaveOptions::default())
+                        .unwrap();
                 }
                 per_sec(n, t.elapsed())
             },
