@@ -14,7 +14,14 @@
 //!   and into a check key, and the unacknowledged one is either entirely visible or not at all;
 //! - every record decodes, `list_keys` shows exactly the live keys, the file backend's root
 //!   holds nothing but its own files (no journal or temp file survives a reopen), and SQLite's
-//!   `PRAGMA integrity_check` says `ok`.
+//!   `PRAGMA integrity_check` says `ok`;
+//! - PostgreSQL (`--backend postgres`, feature `postgres`, the server at `POSTGRES_URL`,
+//!   default `postgres://postgres@127.0.0.1:5432/test`): the child's killed connection is
+//!   rolled back by the server, so a transaction is there whole or not at all, and the
+//!   namespace's counters equal a recount of its records. Before checking, the parent waits
+//!   until the server has finished the dead child's session (`pg_stat_activity`), so a
+//!   `COMMIT` the server received before the kill is counted as applied, never as lost. Each
+//!   chain uses a namespace of its own, removed when the chain ends.
 //!
 //! Trials run in chains on one directory (a new child continues on the store the previous
 //! one was killed over, so recovery after recovery is exercised), a fresh directory every few
@@ -26,7 +33,7 @@
 //! cargo run --example crash_test -- --backend file --trials 20 --seed 42 --verbose
 //! ```
 //!
-//! Options: `--backend file|sqlite|all` (default all), `--trials N` per backend (default 50),
+//! Options: `--backend file|sqlite|postgres|all` (default all: file and SQLite), `--trials N` per backend (default 50),
 //! `--seed S` (default: from the clock; printed so a run can be repeated: the operations and
 //! delays repeat, the exact kill point depends on timing), `--max-delay-ms MS` (longest time
 //! the child runs, default 1000), `--chain N` (trials per directory, default 5), `--dir PATH`
@@ -65,6 +72,8 @@ enum BackendKind {
     File,
     #[cfg(feature = "sqlite")]
     Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl BackendKind {
@@ -73,6 +82,8 @@ impl BackendKind {
             BackendKind::File => "file",
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => "sqlite",
+            #[cfg(feature = "postgres")]
+            BackendKind::Postgres => "postgres",
         }
     }
 
@@ -81,6 +92,8 @@ impl BackendKind {
             "file" => Some(BackendKind::File),
             #[cfg(feature = "sqlite")]
             "sqlite" => Some(BackendKind::Sqlite),
+            #[cfg(feature = "postgres")]
+            "postgres" => Some(BackendKind::Postgres),
             _ => None,
         }
     }
@@ -92,6 +105,15 @@ impl Settings {
             BackendKind::File => StorageConfig::file(dir.join("records")),
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => StorageConfig::sqlite(dir.join("store.db")),
+            #[cfg(feature = "postgres")]
+            BackendKind::Postgres => {
+                let url = pg::url();
+                let sep = if url.contains('?') { '&' } else { '?' };
+                StorageConfig::postgres(
+                    format!("{url}{sep}application_name={}", pg::session_name(dir)),
+                    pg::namespace(dir),
+                )
+            }
         };
         self.codec.configure(config)
     }
@@ -232,7 +254,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                     ]
                 } else {
                     vec![BackendKind::parse(&v).ok_or_else(|| {
-                        format!("unknown backend {v:?}: use file, sqlite (feature `sqlite`) or all")
+                        format!(
+                            "unknown backend {v:?}: use file, sqlite (feature `sqlite`), \
+                             postgres (feature `postgres`) or all"
+                        )
                     })?]
                 };
                 i += 1;
@@ -268,7 +293,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: crash_test [--backend file|sqlite|all] [--trials N] [--seed S] \
+                    "usage: crash_test [--backend file|sqlite|postgres|all] [--trials N] [--seed S] \
                      [--max-delay-ms MS] [--chain N] [--dir PATH] [--verbose] [--sabotage tx|ack]"
                         .into(),
                 );
@@ -372,6 +397,7 @@ fn trial(chain: &mut Chain, rng: &mut Rng, options: &Options, totals: &mut Total
     let exited_early = child.try_wait().ok().flatten();
     let _ = child.kill(); // SIGKILL on Unix
     let status = child.wait();
+    violations.extend(settle_after_kill(chain));
     let _ = reader.join();
     lines.extend(rx.try_iter());
     let child_stderr = err_reader.join().unwrap_or_default();
@@ -492,6 +518,137 @@ fn check_medium(chain: &Chain) -> Vec<String> {
         BackendKind::File => check_file_root(&chain.dir, "records"),
         #[cfg(feature = "sqlite")]
         BackendKind::Sqlite => workload::check_sqlite_integrity(&chain.dir.join("store.db")),
+        #[cfg(feature = "postgres")]
+        BackendKind::Postgres => pg::check_counters(&chain.dir),
+    }
+}
+
+/// What a killed child leaves to settle before the parent looks at the store.
+fn settle_after_kill(chain: &Chain) -> Vec<String> {
+    match chain.settings.backend {
+        #[cfg(feature = "postgres")]
+        BackendKind::Postgres => pg::wait_for_sessions_to_end(&chain.dir),
+        _ => Vec::new(),
+    }
+}
+
+/// Removes what a finished chain left (its directory; on PostgreSQL its namespace).
+fn discard_chain(chain: &Chain) {
+    let _ = std::fs::remove_dir_all(&chain.dir);
+    #[cfg(feature = "postgres")]
+    if chain.settings.backend == BackendKind::Postgres {
+        pg::drop_namespace(&chain.dir);
+    }
+}
+
+/// The PostgreSQL side: each chain's namespace and the sessions of its children.
+#[cfg(feature = "postgres")]
+mod pg {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    pub fn url() -> String {
+        std::env::var("POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// The chain's namespace: its directory's name, unique per run and chain.
+    pub fn namespace(dir: &Path) -> String {
+        format!(
+            "crash:{}",
+            dir.file_name().unwrap_or_default().to_string_lossy()
+        )
+    }
+
+    /// The `application_name` of the chain's children, to find their sessions (at most 63
+    /// bytes, so a hash of the directory).
+    pub fn session_name(dir: &Path) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        dir.hash(&mut h);
+        format!("bevy_storage_crash_{:016x}", h.finish())
+    }
+
+    fn client() -> Result<postgres::Client, String> {
+        postgres::Client::connect(&url(), postgres::NoTls)
+            .map_err(|e| format!("connecting to PostgreSQL at {}: {e}", url()))
+    }
+
+    /// Waits until the server has ended every session of the chain's (killed) children: a
+    /// backend ends only after it finished what it had received, so a transaction is then
+    /// committed or rolled back for good.
+    pub fn wait_for_sessions_to_end(dir: &Path) -> Vec<String> {
+        let mut client = match client() {
+            Ok(c) => c,
+            Err(e) => return vec![e],
+        };
+        let name = session_name(dir);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left: i64 = match client.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            ) {
+                Ok(row) => row.get(0),
+                Err(e) => return vec![format!("reading pg_stat_activity: {e}")],
+            };
+            if left == 0 {
+                return Vec::new();
+            }
+            if Instant::now() > deadline {
+                return vec![format!(
+                    "{left} session(s) of the killed child still open on the server after 30 s"
+                )];
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The namespace's counters equal a recount of its records: no write committed the
+    /// records without the counters or the other way round.
+    pub fn check_counters(dir: &Path) -> Vec<String> {
+        let mut client = match client() {
+            Ok(c) => c,
+            Err(e) => return vec![e],
+        };
+        let ns = namespace(dir);
+        let counted = client.query_opt(
+            "SELECT item_count, total_size FROM bevy_storage_namespaces WHERE namespace = $1",
+            &[&ns],
+        );
+        let recount = client.query_one(
+            "SELECT count(*), coalesce(sum(size), 0)::bigint FROM bevy_storage_records \
+             WHERE namespace = $1",
+            &[&ns],
+        );
+        match (counted, recount) {
+            (Ok(Some(c)), Ok(r)) => {
+                let (c, r): ((i64, i64), (i64, i64)) = ((c.get(0), c.get(1)), (r.get(0), r.get(1)));
+                if c == r {
+                    Vec::new()
+                } else {
+                    vec![format!(
+                        "the namespace's counters say {c:?} (records, bytes) but its records \
+                         are {r:?}"
+                    )]
+                }
+            }
+            (Ok(None), _) => vec![format!("the namespace {ns:?} has no counters")],
+            (Err(e), _) | (_, Err(e)) => vec![format!("recounting {ns:?}: {e}")],
+        }
+    }
+
+    pub fn drop_namespace(dir: &Path) {
+        let Ok(mut client) = client() else { return };
+        let ns = namespace(dir);
+        let _ = client.execute(
+            "DELETE FROM bevy_storage_records WHERE namespace = $1",
+            &[&ns],
+        );
+        let _ = client.execute(
+            "DELETE FROM bevy_storage_namespaces WHERE namespace = $1",
+            &[&ns],
+        );
     }
 }
 
@@ -525,7 +682,7 @@ fn run_backend(options: &Options, backend: BackendKind) -> Totals {
     let mut kept = Vec::new();
     for t in 1..=options.trials {
         if chain.trials_left == 0 {
-            let _ = std::fs::remove_dir_all(&chain.dir);
+            discard_chain(&chain);
             chain_index += 1;
             chain = new_chain(options, backend, &mut rng, chain_index);
         }
@@ -570,7 +727,7 @@ fn run_backend(options: &Options, backend: BackendKind) -> Totals {
         let _ = std::io::stdout().flush();
     }
     if !kept.contains(&chain.dir) {
-        let _ = std::fs::remove_dir_all(&chain.dir);
+        discard_chain(&chain);
     }
     totals
 }
