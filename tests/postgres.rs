@@ -420,6 +420,9 @@ fn a_hung_server_fails_every_operation_within_the_bound_and_recovery_follows() {
     save(&store, "k", &1u32);
 
     proxy.frozen.store(true, Ordering::Relaxed);
+    // A pump already in its 20 ms read still forwards what arrives meanwhile: let every pump
+    // see the freeze before the write (a batch is one round trip, so it would slip through).
+    thread::sleep(Duration::from_millis(60));
     // A write sent on the idle connection, then no answer: its outcome is unknown, and it says so.
     let started = Instant::now();
     let err = store.save("k", &2u32, &SaveOptions::default()).unwrap_err();

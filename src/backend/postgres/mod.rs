@@ -47,7 +47,7 @@
 //! |---|---|
 //! | `postgres/mod.rs` | [`PostgresBackend`], [`PostgresOptions`], the pool, reads and the [`Backend`] impl |
 //! | `postgres/schema.rs` | the tables, the statements, rows to metadata |
-//! | `postgres/batch.rs` | write batches, one transaction each |
+//! | `postgres/batch.rs` | write batches: one call of the write function each |
 
 mod batch;
 mod connection;

@@ -63,6 +63,91 @@ CREATE TABLE IF NOT EXISTS bevy_storage_namespaces (
     item_count bigint NOT NULL,
     total_size bigint NOT NULL
 );
+CREATE OR REPLACE FUNCTION bevy_storage_write_v2(
+    ns text, now_ms bigint, max_size bigint, kinds "char"[], keys text[],
+    created bigint[], modified bigint[], accessed bigint[], expires bigint[], sizes bigint[],
+    compressed boolean[], encrypted boolean[], customs text[], vals bytea[],
+    versions bigint[], expected bigint[]
+) RETURNS bigint[] LANGUAGE plpgsql AS $fn$
+#variable_conflict use_variable
+DECLARE
+    n_count bigint;
+    n_total bigint;
+    old record;
+    found_old boolean;
+    live boolean;
+    previous bigint[] := '{}';
+    added bigint := 0;
+    has_put boolean := false;
+    expired_size bigint;
+BEGIN
+    SELECT item_count, total_size INTO n_count, n_total
+        FROM bevy_storage_namespaces WHERE namespace = ns FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(ns, 7));
+        INSERT INTO bevy_storage_namespaces (namespace, item_count, total_size)
+            SELECT ns, count(*), coalesce(sum(size), 0)::bigint
+            FROM bevy_storage_records WHERE namespace = ns
+            ON CONFLICT (namespace) DO NOTHING;
+        SELECT item_count, total_size INTO n_count, n_total
+            FROM bevy_storage_namespaces WHERE namespace = ns FOR UPDATE;
+    END IF;
+    FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
+        SELECT size, expires_at, version, created_at INTO old
+            FROM bevy_storage_records WHERE namespace = ns AND key = keys[i];
+        found_old := FOUND;
+        live := found_old AND (old.expires_at IS NULL OR old.expires_at > now_ms);
+        IF kinds[i] = 'D' THEN
+            IF found_old THEN
+                DELETE FROM bevy_storage_records WHERE namespace = ns AND key = keys[i];
+                n_count := n_count - 1;
+                n_total := n_total - old.size;
+            END IF;
+        ELSE
+            IF kinds[i] = 'C' AND live THEN
+                RAISE EXCEPTION USING ERRCODE = 'BS001', MESSAGE = keys[i];
+            END IF;
+            IF kinds[i] = 'V' AND (NOT live OR old.version <> expected[i]) THEN
+                RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = keys[i],
+                    DETAIL = CASE WHEN live THEN old.version::text ELSE '' END;
+            END IF;
+            IF found_old THEN
+                UPDATE bevy_storage_records SET
+                    created_at = CASE WHEN live THEN old.created_at ELSE created[i] END,
+                    modified_at = modified[i], accessed_at = accessed[i],
+                    expires_at = expires[i], size = sizes[i], compressed = compressed[i],
+                    encrypted = encrypted[i], custom = customs[i], value = vals[i],
+                    version = versions[i]
+                    WHERE namespace = ns AND key = keys[i];
+                n_total := n_total - old.size + sizes[i];
+            ELSE
+                INSERT INTO bevy_storage_records (namespace, key, created_at, modified_at,
+                    accessed_at, expires_at, size, compressed, encrypted, custom, value,
+                    version)
+                    VALUES (ns, keys[i], created[i], modified[i], accessed[i], expires[i],
+                        sizes[i], compressed[i], encrypted[i], customs[i], vals[i],
+                        versions[i]);
+                n_count := n_count + 1;
+                n_total := n_total + sizes[i];
+            END IF;
+            has_put := true;
+            added := added + sizes[i];
+        END IF;
+        previous := previous || CASE WHEN live THEN old.size END;
+    END LOOP;
+    IF max_size IS NOT NULL AND has_put AND n_total > max_size THEN
+        SELECT coalesce(sum(size), 0)::bigint INTO expired_size FROM bevy_storage_records
+            WHERE namespace = ns AND expires_at <= now_ms;
+        IF n_total - expired_size > max_size THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS003',
+                MESSAGE = format('%s %s', n_total - expired_size, added);
+        END IF;
+    END IF;
+    UPDATE bevy_storage_namespaces SET item_count = n_count, total_size = n_total
+        WHERE namespace = ns;
+    RETURN previous;
+END
+$fn$;
 "#;
 
 /// Creates the namespace's counters from its records if it has none yet (a namespace's
@@ -86,12 +171,23 @@ pub(super) const SQL_LOCK_NAMESPACE: &str = "SELECT item_count, total_size \
 pub(super) const SQL_SET_NAMESPACE: &str = "UPDATE bevy_storage_namespaces \
      SET item_count = $2, total_size = $3 WHERE namespace = $1";
 
-/// Count and size of the namespace's records that are stored but expired at `$2`.
-pub(super) const SQL_EXPIRED: &str = "SELECT count(*), coalesce(sum(size), 0)::bigint \
-     FROM bevy_storage_records WHERE namespace = $1 AND expires_at <= $2";
+/// A whole write batch in one statement (one round trip, its own transaction): the function
+/// [`SQL_CREATE`] installs. It locks the namespace's counters (creating them from the records
+/// first when missing), applies the operations in order (a create-only put over a live
+/// record raises `BS001` with the key, a put conditional on a version that does not match
+/// raises `BS002` with the key and the version found, `''` for none), checks the quota when
+/// `$3` is not NULL (raising `BS003` with the live size after the batch and the bytes it
+/// added), updates the counters, and returns each operation's previous live size (NULL for
+/// none). An error rolls the whole statement back. The `_v2` in its name is the schema
+/// version: a later schema with another signature installs a function of another name.
+pub(super) const SQL_WRITE: &str = "SELECT bevy_storage_write_v2($1, $2, $3, $4, $5, $6, $7, \
+     $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
-/// True when every table and index of [`SQL_CREATE`] exists.
+/// True when every table, index and function of [`SQL_CREATE`] exists.
 pub(super) const SQL_SCHEMA_PRESENT: &str = "SELECT to_regclass('bevy_storage_schema') IS NOT NULL \
+     AND to_regprocedure('bevy_storage_write_v2(text, bigint, bigint, \"char\"[], text[], \
+       bigint[], bigint[], bigint[], bigint[], bigint[], boolean[], boolean[], text[], bytea[], \
+       bigint[], bigint[])') IS NOT NULL \
      AND to_regclass('bevy_storage_records') IS NOT NULL \
      AND to_regclass('bevy_storage_records_expiry') IS NOT NULL \
      AND to_regclass('bevy_storage_namespaces') IS NOT NULL";
@@ -141,68 +237,11 @@ pub(super) const SQL_USAGE: &str = "SELECT n.item_count - e.count, n.total_size 
        WHERE namespace = $1 AND expires_at <= $2) e \
      WHERE n.namespace = $1";
 
-/// An upsert. A live record keeps its `created_at`; an expired one counts as absent.
-/// `$12` is the batch's `now`, `$13` the record's version. Returns whether a row was replaced, with its size and expiry
-/// (exact: the namespace's counters are locked, so no other writer changes the row between
-/// the read and the write).
-pub(super) const SQL_UPSERT: &str = "WITH old AS (SELECT size, expires_at FROM bevy_storage_records \
-       WHERE namespace = $1 AND key = $2) \
-     INSERT INTO bevy_storage_records AS r \
-     (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
-      encrypted, custom, value, version) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13) \
-     ON CONFLICT (namespace, key) DO UPDATE SET \
-       created_at = CASE WHEN r.expires_at IS NULL OR r.expires_at > $12 \
-                         THEN r.created_at ELSE EXCLUDED.created_at END, \
-       modified_at = EXCLUDED.modified_at, accessed_at = EXCLUDED.accessed_at, \
-       expires_at = EXCLUDED.expires_at, size = EXCLUDED.size, \
-       compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
-       custom = EXCLUDED.custom, value = EXCLUDED.value, version = EXCLUDED.version \
-     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
-       (SELECT expires_at FROM old)";
-
-/// A create-only put: replaces only an expired record, and returns no row when a live one
-/// exists (the batch then fails with `AlreadyExists`).
-pub(super) const SQL_CREATE_ONLY: &str = "WITH old AS (SELECT size, expires_at \
-       FROM bevy_storage_records WHERE namespace = $1 AND key = $2) \
-     INSERT INTO bevy_storage_records AS r \
-     (namespace, key, created_at, modified_at, accessed_at, expires_at, size, compressed, \
-      encrypted, custom, value, version) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13) \
-     ON CONFLICT (namespace, key) DO UPDATE SET \
-       created_at = EXCLUDED.created_at, modified_at = EXCLUDED.modified_at, \
-       accessed_at = EXCLUDED.accessed_at, expires_at = EXCLUDED.expires_at, \
-       size = EXCLUDED.size, compressed = EXCLUDED.compressed, encrypted = EXCLUDED.encrypted, \
-       custom = EXCLUDED.custom, value = EXCLUDED.value, version = EXCLUDED.version \
-     WHERE r.expires_at IS NOT NULL AND r.expires_at <= $12 \
-     RETURNING EXISTS (SELECT 1 FROM old), (SELECT size FROM old), \
-       (SELECT expires_at FROM old)";
-
-/// A put conditional on a version: replaces the row only if it is live at `$11` and has
-/// version `$13` (`$12` is the new version). Always returns one row: the row found before
-/// (exists, size, expiry), whether it wrote, and the version found, from which the batch
-/// reports a conflict. Nothing can change the row between the check and the update: the
-/// batch holds the namespace's lock, which every writer takes first.
-pub(super) const SQL_IF_VERSION: &str = "WITH old AS (SELECT size, expires_at, version \
-       FROM bevy_storage_records WHERE namespace = $1 AND key = $2), \
-     updated AS (UPDATE bevy_storage_records SET \
-       modified_at = $3, accessed_at = $4, expires_at = $5, size = $6, compressed = $7, \
-       encrypted = $8, custom = $9, value = $10, version = $12 \
-       WHERE namespace = $1 AND key = $2 AND version = $13 \
-         AND (expires_at IS NULL OR expires_at > $11) \
-       RETURNING 1) \
-     SELECT EXISTS (SELECT 1 FROM old), (SELECT size FROM old), (SELECT expires_at FROM old), \
-       EXISTS (SELECT 1 FROM updated), (SELECT version FROM old)";
-
 /// Removes the record only if it still holds the value and expiry a read returned
 /// (`Store::take`), and reports its size.
 pub(super) const SQL_DELETE_IF_UNCHANGED: &str = "DELETE FROM bevy_storage_records \
      WHERE namespace = $1 AND key = $2 AND value = $3 AND expires_at IS NOT DISTINCT FROM $4 \
      RETURNING size";
-
-/// A delete that reports what it removed.
-pub(super) const SQL_DELETE: &str = "DELETE FROM bevy_storage_records \
-     WHERE namespace = $1 AND key = $2 RETURNING size, expires_at";
 
 /// Reads the first nine columns of [`SQL_GET`] / [`SQL_GET_META`] into checked metadata.
 pub(super) fn meta_from_row(row: &Row, key: &str) -> Result<RecordMeta> {

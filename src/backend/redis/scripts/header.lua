@@ -17,3 +17,10 @@ local function record_header(rkey)
   local h = redis.pcall('GETRANGE', rkey, 0, 41)
   if is_record(h) then return h end
 end
+
+-- The 8 bytes of the version of the record `rec` (a whole record that is_record accepted):
+-- those after the 42 bytes of layout 3, or eight zero bytes for layout 2 (version 0).
+local function record_version(rec)
+  if string.byte(rec, 42) == 3 then return string.sub(rec, 43, 50) end
+  return string.rep('\0', 8)
+end

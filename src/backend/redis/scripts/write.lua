@@ -116,9 +116,7 @@ if not done then
       if live then
         if k == C or k == Y then return {0, n} end
         if conditional then
-          -- Layout 2 (byte 42) has no version: version 0.
-          local found = NO_VERSION
-          if byte(old, 42) == 3 then found = sub(old, 43, 50) end
+          local found = record_version(old)
           if found ~= expected then
             local lo, hi = sunpack('<I4I4', found .. NO_VERSION)
             return {3, n, 1, lo, hi}
