@@ -22,10 +22,10 @@ use crate::error::Result;
 
 /// Records deleted per transaction. At about 5 µs per deleted record (index and table
 /// b-trees, 200-byte values) a chunk holds the writer for a few milliseconds.
-pub(super) const PURGE_CHUNK: i64 = 1000;
+pub(super) const PURGE_CHUNK: i64 = 500;
 
-/// Pages freed per `incremental_vacuum` step (1 MiB of 4 KiB pages).
-pub(super) const VACUUM_STEP_PAGES: i64 = 256;
+/// Pages freed per `incremental_vacuum` step (512 KiB of 4 KiB pages).
+pub(super) const VACUUM_STEP_PAGES: i64 = 128;
 
 /// One chunk of a purge: the oldest-expiring records first, through the partial index.
 pub(super) const SQL_PURGE_CHUNK: &str = "DELETE FROM records WHERE rowid IN \
