@@ -187,6 +187,7 @@ fn main() {
     sqlite_defaults(&bench);
     purge_stall(&bench);
     file(&bench);
+    file_tx(&bench);
     peer_pkv(&bench);
     codec(&bench);
     snapshots(&bench);
@@ -691,6 +692,40 @@ fn file(b: &Bench) {
             },
         );
     }
+}
+
+/// A file-backend transaction against single saves of the same records.
+fn file_tx(b: &Bench) {
+    if !b.wants("file_tx") {
+        return;
+    }
+    let value = value_200();
+    let store = kv_store(StorageConfig::file(b.path("ours_file_tx")));
+    let batch = 1000;
+    let singles = if b.quick { 50 } else { 200 };
+    b.compare(
+        "file_tx",
+        "records/s",
+        Better::Higher,
+        &format!("(one transaction of {batch} saves of 200 bytes vs {singles} single saves, file backend, binary, no compression, no quota; target ratio >= 5)"),
+        |round| {
+            let ops = (0..batch)
+                .map(|i| StorageOperation::save(format!("t{round}:{i}"), value.clone()))
+                .collect();
+            let t = Instant::now();
+            store.transaction(ops).unwrap();
+            per_sec(batch, t.elapsed())
+        },
+        |round| {
+            let t = Instant::now();
+            for i in 0..singles {
+                store
+                    .save(&format!("s{round}:{i}"), &value, &SaveOptions::default())
+                    .unwrap();
+            }
+            per_sec(singles, t.elapsed())
+        },
+    );
 }
 
 fn peer_pkv(b: &Bench) {
