@@ -192,6 +192,7 @@ fn main() {
     codec(&bench);
     snapshots(&bench);
     plugin_frame(&bench);
+    plugin_dispatch_frame(&bench);
     redis(&bench);
     postgres(&bench);
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
@@ -731,7 +732,7 @@ fn file_tx(b: &Bench) {
 fn peer_pkv(b: &Bench) {
     let n = if b.quick { 100 } else { 500 };
     let value = value_200();
-    if b.wants("peer_pkv_save") || b.wants("peer_pkv_load") {
+    if b.wants("peer_pkv_save") || b.wants("peer_pkv_load") || b.wants("peer_pkv_load_cold") {
         let store = kv_store(StorageConfig::sqlite(b.path("ours_pkv.db")));
         let full = kv_store(
             StorageConfig::sqlite(b.path("ours_pkv_full.db"))
@@ -805,6 +806,47 @@ fn peer_pkv(b: &Bench) {
                         std::hint::black_box(v);
                     }
                     per_sec(reads, t.elapsed())
+                },
+            );
+        }
+        if b.wants("peer_pkv_load_cold") {
+            // Each key read once per round, in a shuffled order: nothing a hot-record cache
+            // could keep (the files stay in the OS page cache for both).
+            let keys = if b.quick { 2000 } else { 10_000 };
+            for j in 0..keys / 1000 {
+                let ops = (0..1000)
+                    .map(|i| StorageOperation::save(format!("c{}", j * 1000 + i), value.clone()))
+                    .collect();
+                store.transaction(ops).unwrap();
+            }
+            for i in 0..keys {
+                pkv.set(format!("c{i}"), &value).unwrap();
+            }
+            let mut order: Vec<usize> = (0..keys).collect();
+            fastrand::Rng::with_seed(5).shuffle(&mut order);
+            b.compare(
+                "peer_pkv_load_cold",
+                "reads/s",
+                Better::Higher,
+                &format!("(200 bytes, each of {keys} keys read once per round in a shuffled order; ours=SQLite (binary, no compression, no quota), baseline=bevy_pkv 0.16 redb; no target)"),
+                |_| {
+                    let t = Instant::now();
+                    for &i in &order {
+                        let v: String = store
+                            .load(&format!("c{i}"), &LoadOptions::default())
+                            .unwrap()
+                            .unwrap();
+                        std::hint::black_box(v);
+                    }
+                    per_sec(keys, t.elapsed())
+                },
+                |_| {
+                    let t = Instant::now();
+                    for &i in &order {
+                        let v: String = pkv.get(format!("c{i}")).unwrap();
+                        std::hint::black_box(v);
+                    }
+                    per_sec(keys, t.elapsed())
                 },
             );
         }
@@ -1253,6 +1295,112 @@ fn snapshots(b: &Bench) {
 
 #[derive(Resource, Default)]
 struct Answered(usize);
+
+/// A plain message of the same shape as a save request, for the no-plugin baseline.
+#[derive(Message)]
+struct PlainMessage {
+    #[allow(dead_code)]
+    key: String,
+    #[allow(dead_code)]
+    value: String,
+}
+
+/// How many messages the writing system writes in the next frame.
+#[derive(Resource, Default)]
+struct ToWrite(usize);
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The frame in which a system writes 10,000 save requests, against the same frame writing
+/// 10,000 plain messages with no storage plugin; and the frames after it.
+fn plugin_dispatch_frame(b: &Bench) {
+    if !b.wants("plugin_dispatch_frame") {
+        return;
+    }
+    let requests = 10_000;
+    let value = value_200();
+    let mut plugin_app = App::new();
+    let v = value.clone();
+    plugin_app
+        .add_plugins((
+            MinimalPlugins,
+            StoragePlugin::config(StorageConfig::sqlite(b.path("dispatch.db"))),
+        ))
+        .init_resource::<Answered>()
+        .init_resource::<ToWrite>()
+        .add_systems(
+            Update,
+            (
+                move |mut n: ResMut<ToWrite>, mut saves: MessageWriter<SaveRequest>| {
+                    for i in 0..std::mem::take(&mut n.0) {
+                        saves.write(SaveRequest::new(format!("d{i}"), v.clone()));
+                    }
+                },
+                |mut done: MessageReader<SaveCompleted>, mut n: ResMut<Answered>| {
+                    n.0 += done.read().count();
+                },
+            ),
+        );
+    for _ in 0..20 {
+        plugin_app.update(); // let the store open
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut plain_app = App::new();
+    let v = value.clone();
+    plain_app
+        .add_plugins(MinimalPlugins)
+        .add_message::<PlainMessage>()
+        .init_resource::<ToWrite>()
+        .add_systems(
+            Update,
+            move |mut n: ResMut<ToWrite>, mut out: MessageWriter<PlainMessage>| {
+                for i in 0..std::mem::take(&mut n.0) {
+                    out.write(PlainMessage {
+                        key: format!("d{i}"),
+                        value: v.clone(),
+                    });
+                }
+            },
+        );
+    plain_app.update();
+    let mut in_flight = Vec::new();
+    b.compare(
+        "plugin_dispatch_frame",
+        "ms",
+        Better::Lower,
+        "(app.update() of the frame whose system writes 10000 SaveRequests of 200-byte strings, plugin defaults (SQLite, RON, LZ4, quota, no write batching), vs the same frame writing 10000 plain messages of the same key and value with no storage plugin; target ratio <= 1.5)",
+        |_| {
+            plugin_app.world_mut().resource_mut::<Answered>().0 = 0;
+            plugin_app.world_mut().resource_mut::<ToWrite>().0 = requests;
+            let t = Instant::now();
+            plugin_app.update();
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while plugin_app.world().resource::<Answered>().0 < requests && Instant::now() < deadline {
+                let t = Instant::now();
+                plugin_app.update();
+                in_flight.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            ms
+        },
+        |_| {
+            plain_app.world_mut().resource_mut::<ToWrite>().0 = requests;
+            let t = Instant::now();
+            plain_app.update();
+            t.elapsed().as_secs_f64() * 1000.0
+        },
+    );
+    println!(
+        "frames plugin_dispatch_frame in_flight median={:.3} ms p99={:.3} ms max={:.3} ms (the {} frames after the dispatching one until every SaveCompleted arrived, all rounds)",
+        percentile(in_flight.clone(), 0.5),
+        percentile(in_flight.clone(), 0.99),
+        percentile(in_flight.clone(), 1.0),
+        in_flight.len()
+    );
+}
 
 fn plugin_frame(b: &Bench) {
     if !b.wants("plugin_frame") {
