@@ -459,14 +459,20 @@ fn sqlite_defaults(b: &Bench) {
         // saves into a store 95% full and into an empty one (both with the defaults).
         let mut rng = fastrand::Rng::with_seed(18);
         let slot = random_text(&mut rng, 2048);
-        let near = default_store(&b.path("near_quota.db"));
-        let far = default_store(&b.path("far_quota.db"));
-        let max = 100u64 << 20;
+        // Quick runs (the CI smoke run, a debug build) fill a quota of 8 MiB instead.
+        let max: u64 = if b.quick { 8 << 20 } else { 100 << 20 };
+        let open = |name: &str| {
+            Store::open(StorageConfig::sqlite(b.path(name)).max_size(Some(max)))
+                .expect("open store")
+        };
+        let near = open("near_quota.db");
+        let far = open("far_quota.db");
         // Many small records, as a game's store holds: a recount reads every row.
         let filler = random_text(&mut rng, 1024);
         let mut j = 0;
+        let batch = if b.quick { 256 } else { 4096 };
         while near.get_stats().total_size < max * 95 / 100 - (2 << 20) {
-            let ops = (0..4096)
+            let ops = (0..batch)
                 .map(|i| StorageOperation::save(format!("fill:{j}:{i}"), filler.clone()))
                 .collect();
             near.transaction(ops).unwrap();
@@ -531,7 +537,7 @@ fn purge_stall(b: &Bench) {
     if !b.wants("purge_stall") {
         return;
     }
-    let total = if b.quick { 200_000 } else { 1_000_000 };
+    let total = if b.quick { 50_000 } else { 1_000_000 };
     let expired = total / 10;
     let path = b.path("purge.db");
     let store = Store::open(StorageConfig::sqlite(&path).max_size(None)).expect("open store");
