@@ -12,6 +12,8 @@
 //!   **not** make the file's name durable.
 //! - `fsync` of a directory makes every entry change in it durable (creates, renames in or
 //!   out, unlinks, `mkdir`s): `synced_entries = entries`.
+//! - `syncfs` makes everything durable: every file's data and every directory's entries (the
+//!   traced directory is one file system).
 //! - `sync_file_range`, `close` and everything else are no barrier.
 //! - A crash keeps what is durable plus **any subset** of the pending operations, applied in
 //!   their original order. A rename is one atomic entry change (the target names the old file
@@ -362,6 +364,19 @@ impl Model {
                 } else {
                     node.synced = node.data.clone();
                     node.pending.clear();
+                }
+                self.relevant.push(i);
+            }
+            "syncfs" => {
+                // The whole file system: every file's data and every directory's entries.
+                for node in &mut self.nodes {
+                    if node.dir {
+                        node.synced_entries = node.entries.clone();
+                        node.name_pending.clear();
+                    } else {
+                        node.synced = node.data.clone();
+                        node.pending.clear();
+                    }
                 }
                 self.relevant.push(i);
             }

@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 /// closes a file descriptor or a directory entry. A name unknown on this architecture is
 /// skipped by strace (`?` prefix).
 const TRACED: &str = "?open,openat,?creat,write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,\
-sync_file_range,?rename,renameat,renameat2,?unlink,unlinkat,ftruncate,truncate,?mkdir,mkdirat,\
+syncfs,sync_file_range,?rename,renameat,renameat2,?unlink,unlinkat,ftruncate,truncate,?mkdir,mkdirat,\
 close,dup,?dup2,dup3,fcntl";
 
 /// The longest buffer strace prints in full (bytes). The workload writes at most a few hundred

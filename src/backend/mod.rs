@@ -290,6 +290,26 @@ pub trait Backend: Send + Sync + 'static {
     /// Returns one outcome per operation, in order.
     fn write(&self, ops: Vec<WriteOp>, now: Timestamp) -> Result<Vec<WriteOutcome>>;
 
+    /// [`write`](Self::write), with [`WriteOutcome::previous_size`] reported for every put,
+    /// upserts included, when [`reports_replaced_sizes`](Self::reports_replaced_sizes) is true.
+    /// The store calls it for writes near its quota (within an eighth of it), so that the
+    /// quota stays exact there without recounting every record. Default: `write`.
+    fn write_reporting_sizes(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+    ) -> Result<Vec<WriteOutcome>> {
+        self.write(ops, now)
+    }
+
+    /// Whether [`write_reporting_sizes`](Self::write_reporting_sizes) reports the size of
+    /// every replaced live record, so that a `None` means there was none. Default `false`:
+    /// the store then counts an upsert's replaced record as still there and recounts when the
+    /// quota is reached.
+    fn reports_replaced_sizes(&self) -> bool {
+        false
+    }
+
     /// Removes `key` only if it still holds the record a read just returned: the same value
     /// bytes and the same `expires_at`, checked and removed atomically (no other change to
     /// `key` may come between the check and the removal, from this process or another one

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -144,11 +144,7 @@ impl Store {
                     // Writes are refused anyway: the quota is never consulted.
                     Err(e) => damaged(e).map(|()| 0)?,
                 };
-                Some(Quota {
-                    max,
-                    used: Mutex::new(used),
-                    gate: RwLock::new(()),
-                })
+                Some(Quota::new(max, used))
             }
             None => None,
         };
@@ -662,7 +658,7 @@ impl Store {
                 self.inner.backend.write(vec![op], now)?;
             }
             if let Some(q) = &self.inner.quota {
-                *q.used.lock() = self.inner.backend.usage(self.inner.clock.now())?.total_size;
+                q.recounted(self.inner.backend.usage(self.inner.clock.now())?.total_size);
             }
             Ok(())
         })

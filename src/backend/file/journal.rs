@@ -7,8 +7,9 @@
 //! 1. The final content of every changed key (the complete new record file, or "deleted") is
 //!    written to a temp file with a checksum, `fsync`ed, renamed to `.journal`, and the
 //!    directory `fsync`ed. This is the commit point.
-//! 2. Each change is applied as a single file would be (new files written and `fsync`ed
-//!    first, then all renames and removes, then one directory `fsync`).
+//! 2. Each change is applied as a single file would be (new files written first and made
+//!    durable together by one barrier, `syncfs` on Linux or an `fsync` of each file elsewhere;
+//!    then all renames and removes, then one directory `fsync`).
 //! 3. `.journal` is removed and the directory `fsync`ed.
 //!
 //! At [`open`](FileBackend::open), leftover `.tmp-*` files are removed, then a `.journal` that
@@ -153,7 +154,7 @@ impl FileBackend {
                 "simulated crash (test hook)",
             ));
         }
-        match dir.apply(changes, &self.inner.gate, self.crash_limit()) {
+        match dir.apply_batch(changes, &self.inner.gate, self.crash_limit()) {
             Ok(()) => {}
             // Nothing was renamed yet: roll back by forgetting the journal.
             Err(ApplyError {
@@ -228,7 +229,7 @@ impl Dir {
         };
         match parse_journal(&bytes) {
             Ok(changes) => self
-                .apply(&changes, gate, usize::MAX)
+                .apply_batch(&changes, gate, usize::MAX)
                 .map_err(|e| e.error)?,
             // Torn or garbage: the batch never reached its commit point, nothing was applied.
             Err(JournalDamage::Invalid) => {}

@@ -46,12 +46,15 @@ struct BatchStatements<'t> {
     upsert: Option<CachedStatement<'t>>,
     upsert_keep_created: Option<CachedStatement<'t>>,
     delete: Option<CachedStatement<'t>>,
+    /// Look up the record every upsert replaces, to report its size (near the quota).
+    report_sizes: bool,
 }
 
 impl<'t> BatchStatements<'t> {
-    fn new(tx: &'t Transaction<'t>) -> Self {
+    fn new(tx: &'t Transaction<'t>, report_sizes: bool) -> Self {
         Self {
             tx,
+            report_sizes,
             previous: None,
             upsert: None,
             upsert_keep_created: None,
@@ -77,7 +80,7 @@ impl<'t> BatchStatements<'t> {
                 key,
                 record,
                 mode: PutMode::Upsert,
-            } => {
+            } if !self.report_sizes => {
                 // One statement: this is the hot path of every save.
                 let meta = &record.meta;
                 let custom = custom_json(&meta.custom)?;
@@ -180,6 +183,26 @@ impl SqliteBackend {
         ops: Vec<WriteOp>,
         now: Timestamp,
     ) -> Result<Vec<WriteOutcome>> {
+        self.write_batch_with(ops, now, false)
+    }
+
+    /// [`write_batch`](Self::write_batch), looking up the record each upsert replaces so that
+    /// every outcome reports its size: a lookup more per save, which the store pays only near
+    /// its quota ([`Backend::write_reporting_sizes`](crate::backend::Backend::write_reporting_sizes)).
+    pub(super) fn write_batch_reporting_sizes(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+    ) -> Result<Vec<WriteOutcome>> {
+        self.write_batch_with(ops, now, true)
+    }
+
+    fn write_batch_with(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+        report_sizes: bool,
+    ) -> Result<Vec<WriteOutcome>> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -189,7 +212,7 @@ impl SqliteBackend {
         {
             return Err(self.full_without_headroom());
         }
-        let result = match self.write_once(&ops, now) {
+        let result = match self.write_once(&ops, now, report_sizes) {
             Err(StorageError::StorageFull { .. }) => {
                 reserve::release(&reserve::reserve_path(&self.path));
                 self.reserve_missing.store(true, Ordering::Relaxed);
@@ -202,7 +225,7 @@ impl SqliteBackend {
                     self.restore_reserve()
                 };
                 if room {
-                    let again = self.write_once(&ops, now);
+                    let again = self.write_once(&ops, now, report_sizes);
                     if again.is_err() {
                         self.checkpoint_truncate();
                     }
@@ -260,7 +283,12 @@ impl SqliteBackend {
     }
 
     /// One attempt at a batch, in one transaction.
-    fn write_once(&self, ops: &[WriteOp], now: Timestamp) -> Result<Vec<WriteOutcome>> {
+    fn write_once(
+        &self,
+        ops: &[WriteOp],
+        now: Timestamp,
+        report_sizes: bool,
+    ) -> Result<Vec<WriteOutcome>> {
         let count = ops.len();
         let mut conn = self.writer();
         let tx = conn
@@ -269,7 +297,7 @@ impl SqliteBackend {
         let mut outcomes = Vec::with_capacity(count);
         {
             // Prepared once per batch: a cache lookup per operation costs more than the seek.
-            let mut statements = BatchStatements::new(&tx);
+            let mut statements = BatchStatements::new(&tx, report_sizes);
             for op in ops {
                 match statements.apply(op, now).map_err(|e| {
                     self.fail(e, format_args!("writing a batch of {count} operation(s)"))
@@ -468,5 +496,52 @@ mod tests {
             [None]
         );
         assert_eq!(b.write(Vec::new(), at(7)).unwrap(), []);
+    }
+
+    #[test]
+    fn writes_reporting_sizes_report_every_replaced_live_record() {
+        let dir = TempDir::new().unwrap();
+        let b = open(&dir);
+        assert!(b.reports_replaced_sizes());
+        let sizes = |ops, now| -> Vec<Option<u64>> {
+            b.write_reporting_sizes(ops, now)
+                .unwrap()
+                .into_iter()
+                .map(|o| o.previous_size)
+                .collect()
+        };
+        assert_eq!(
+            sizes(vec![put("a", record(b"123", at(0), None))], at(0)),
+            [None]
+        );
+        assert_eq!(
+            sizes(
+                vec![
+                    put("a", record(b"12345", at(1), None)),
+                    put("a", record(b"1", at(1), Some(at(3)))),
+                    put("b", record(b"12", at(1), Some(at(3)))),
+                ],
+                at(1)
+            ),
+            [Some(3), Some(5), None]
+        );
+        // Expired records count as absent; created_at is still kept for live ones.
+        assert_eq!(
+            sizes(
+                vec![
+                    put("a", record(b"1234", at(3), None)),
+                    put("b", record(b"1", at(3), None))
+                ],
+                at(3)
+            ),
+            [None, None]
+        );
+        assert_eq!(b.get_meta("a").unwrap().unwrap().created_at, at(3));
+        put1(&b, "c", b"xy", at(4), None);
+        assert_eq!(
+            sizes(vec![put("c", record(b"xyz", at(5), None))], at(5)),
+            [Some(2)]
+        );
+        assert_eq!(b.get_meta("c").unwrap().unwrap().created_at, at(4));
     }
 }

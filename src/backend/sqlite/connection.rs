@@ -126,6 +126,16 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     configure(&conn, options, false)
         .map_err(|e| open_error(path, "configuring the database", e))?;
     // The first statement that reads the file: a file that is not a database fails here.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |row| row.get(0))
+        .map_err(|e| open_error(path, "switching to WAL mode", e))?;
+    if pages == 0 {
+        // A new database gives the pages of purged records back (`purge.rs`). SQLite takes
+        // the setting only before the first table and before WAL mode; on an existing
+        // database setting it would write its header, so it is left alone there.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(|e| open_error(path, "creating the database", e))?;
+    }
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| open_error(path, "switching to WAL mode", e))?;

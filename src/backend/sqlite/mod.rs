@@ -35,6 +35,7 @@
 //! | `sqlite/schema.rs` | the `records` table, its statements, rows to metadata |
 //! | `sqlite/connection.rs` | the writer and the reader pool, pragmas, error mapping |
 //! | `sqlite/batch.rs` | write batches, one transaction each |
+//! | `sqlite/purge.rs` | purging expired records in bounded chunks, giving the space back, `compact` |
 //! | `sqlite/salvage.rs` | copying the readable records of a damaged database |
 //!
 //! # Damage, full disks, read-only files
@@ -58,6 +59,7 @@
 
 mod batch;
 mod connection;
+mod purge;
 mod reserve;
 pub mod salvage;
 mod schema;
@@ -80,9 +82,8 @@ use connection::{
     open_writer, read_only_medium, sql_error,
 };
 use schema::{
-    READER_STATEMENTS, RawMeta, SQL_CLEAR, SQL_GET, SQL_GET_META, SQL_HEALTH, SQL_PURGE,
-    SQL_SCAN_ALL, SQL_SCAN_FROM, SQL_SCAN_RANGE, SQL_TOUCH, SQL_USAGE, prefix_upper_bound,
-    schema_mismatch,
+    READER_STATEMENTS, RawMeta, SQL_CLEAR, SQL_GET, SQL_GET_META, SQL_HEALTH, SQL_SCAN_ALL,
+    SQL_SCAN_FROM, SQL_SCAN_RANGE, SQL_TOUCH, SQL_USAGE, prefix_upper_bound, schema_mismatch,
 };
 
 const BACKEND: &str = "sqlite";
@@ -418,6 +419,18 @@ impl Backend for SqliteBackend {
         self.write_batch(ops, now)
     }
 
+    fn write_reporting_sizes(
+        &self,
+        ops: Vec<WriteOp>,
+        now: Timestamp,
+    ) -> Result<Vec<WriteOutcome>> {
+        self.write_batch_reporting_sizes(ops, now)
+    }
+
+    fn reports_replaced_sizes(&self) -> bool {
+        true
+    }
+
     fn delete_if_unchanged(
         &self,
         key: &str,
@@ -482,11 +495,7 @@ impl Backend for SqliteBackend {
     }
 
     fn purge_expired(&self, now: Timestamp) -> Result<usize> {
-        self.guard_write("removing expired records")?;
-        let conn = self.writer();
-        conn.prepare_cached(SQL_PURGE)
-            .and_then(|mut stmt| stmt.execute([now.0]))
-            .map_err(|e| self.fail(e, format_args!("removing expired records")))
+        self.purge(now)
     }
 
     fn clear(&self) -> Result<()> {

@@ -13,7 +13,8 @@
 //! - Each record line holds the key, the record **as stored** (`value`: standard base64 of the
 //!   envelope bytes, still compressed and encrypted, so no key is needed to move it) and its
 //!   metadata (times in milliseconds since the Unix epoch, `expires_at` null for never, the
-//!   game's custom fields). Unknown fields are refused.
+//!   game's custom fields, the record's `version`, absent in older dumps). Unknown fields are
+//!   refused.
 //! - The store's own bookkeeping records (keys starting with U+0001, such as the encryption
 //!   key check that holds a passphrase's salt) are included, so encrypted records stay readable
 //!   with the same key or passphrase after an import into an empty store.
@@ -78,6 +79,10 @@ struct Line {
     encrypted: bool,
     #[serde(default)]
     custom: CustomMetadata,
+    /// The record's version (absent in dumps written before versions existed: the import
+    /// then gives the record a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
 }
 
 /// The last line.
@@ -147,6 +152,7 @@ impl DumpWriter {
             compressed: meta.compressed,
             encrypted: meta.encrypted,
             custom: meta.custom.clone(),
+            version: Some(meta.version.0),
         };
         self.line(&line)?;
         self.records += 1;
@@ -406,8 +412,9 @@ impl DumpReader {
                     compressed: line.compressed,
                     encrypted: line.encrypted,
                     custom: line.custom,
-                    // An import is a new write: the record gets a version of its own.
-                    version: RecordVersion::fresh(),
+                    // The version the record had where it was exported, so a copy of a
+                    // store is the same store; a new one for dumps without versions.
+                    version: line.version.map_or_else(RecordVersion::fresh, RecordVersion),
                 },
                 value,
             },
