@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
-use bevy::ecs::entity::{EntityHashMap, EntityMapper};
+use bevy::ecs::entity::{EntityHashMap, EntityHashSet, EntityMapper};
 use bevy::ecs::reflect::ReflectComponent;
 use bevy::ecs::relationship::RelationshipHookMode;
 use bevy::prelude::*;
@@ -57,6 +57,8 @@ pub(crate) trait CapturedColumn: Send + Sync {
     fn rows(&self) -> &[u32];
     /// Sorts values by row so that relationship inserts replay in the saved order.
     fn sort_by_row(&mut self);
+    /// The rows, to renumber them (a delta orders its rows after capture).
+    fn rows_mut(&mut self) -> &mut Vec<u32>;
     /// The values as one serializable sequence.
     fn values<'a>(&'a self, registry: &'a TypeRegistry) -> Box<dyn erased_serde::Serialize + 'a>;
 }
@@ -65,6 +67,15 @@ pub(crate) trait CapturedColumn: Send + Sync {
 pub(crate) trait LoadedColumn: Send {
     /// How many values.
     fn len(&self) -> usize;
+    /// Keeps value `i` where `keep[i]` (merging a chain: values overwritten, removed or
+    /// despawned by a later delta go).
+    fn retain(&mut self, keep: &[bool]);
+    /// Appends `other`'s values; false (and `other` dropped) if it holds another type.
+    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool;
+    /// For [`append`](Self::append)'s downcast.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+    /// The type of the values (two columns append only if it is the same).
+    fn value_type(&self) -> TypeId;
     /// Maps entity references and inserts value `i` on `targets[i]`.
     fn apply(
         self: Box<Self>,
@@ -80,6 +91,15 @@ pub(crate) trait TypedCodec: Send + Sync + 'static {
     fn type_path(&self) -> &'static str;
     fn type_id(&self) -> TypeId;
     fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn>;
+    /// The values changed since the chain's last capture (Bevy's change ticks: the caller
+    /// sets the world's last change tick), plus those of `scope.fresh` entities (and, for
+    /// `ChildOf`, of `scope.reordered` ones), each given a row by `rows`.
+    fn capture_changed(
+        &self,
+        world: &mut World,
+        scope: &DeltaScope,
+        rows: &mut DeltaRows,
+    ) -> Box<dyn CapturedColumn>;
     fn deserialize_values(
         &self,
         de: &mut dyn erased_serde::Deserializer<'_>,
@@ -116,6 +136,16 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
         Box::new(TypedColumn { rows, values })
     }
 
+    fn capture_changed(
+        &self,
+        world: &mut World,
+        scope: &DeltaScope,
+        rows: &mut DeltaRows,
+    ) -> Box<dyn CapturedColumn> {
+        let (rows, values) = changed_values::<T, T>(world, scope, rows, T::clone);
+        Box::new(TypedColumn { rows, values })
+    }
+
     fn deserialize_values(
         &self,
         de: &mut dyn erased_serde::Deserializer<'_>,
@@ -123,6 +153,69 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
         let values: Vec<T> = erased_serde::deserialize(de)?;
         Ok(Box::new(TypedLoaded { values }))
     }
+}
+
+/// What a delta captures besides the values Bevy marks changed.
+pub(crate) struct DeltaScope {
+    /// Entities that became persisted since the last capture: every saved component of
+    /// theirs goes in.
+    pub(crate) fresh: EntityHashSet,
+    /// Persisted children of a parent whose `Children` changed: their `ChildOf` goes in
+    /// again, in the parent's order, so that a load rebuilds the same order.
+    pub(crate) reordered: EntityHashSet,
+}
+
+/// The rows of a delta: each entity it names gets the next row the first time it is named.
+#[derive(Default)]
+pub(crate) struct DeltaRows {
+    pub(crate) index: EntityHashMap<u32>,
+    pub(crate) entities: Vec<Entity>,
+}
+
+impl DeltaRows {
+    pub(crate) fn row(&mut self, entity: Entity) -> u32 {
+        *self.index.entry(entity).or_insert_with(|| {
+            self.entities.push(entity);
+            (self.entities.len() - 1) as u32
+        })
+    }
+}
+
+/// The `C`s of persisted entities changed since the world's last change tick (set by the
+/// caller to the chain's), plus those of `scope`'s entities, converted by `save`.
+fn changed_values<C: Component, S>(
+    world: &mut World,
+    scope: &DeltaScope,
+    rows: &mut DeltaRows,
+    save: impl Fn(&C) -> S,
+) -> (Vec<u32>, Vec<S>) {
+    let mut query = world.query_filtered::<(Entity, &C), (With<Persist>, Changed<C>)>();
+    let mut out_rows = Vec::new();
+    let mut values = Vec::new();
+    let mut seen = EntityHashSet::default();
+    for (entity, value) in query.iter(world) {
+        out_rows.push(rows.row(entity));
+        values.push(save(value));
+        if !scope.fresh.is_empty() || !scope.reordered.is_empty() {
+            seen.insert(entity);
+        }
+    }
+    let extra = scope.fresh.iter().chain(
+        (TypeId::of::<C>() == TypeId::of::<ChildOf>())
+            .then_some(scope.reordered.iter())
+            .into_iter()
+            .flatten(),
+    );
+    for &entity in extra {
+        if !seen.insert(entity) {
+            continue;
+        }
+        if let Some(value) = world.get::<C>(entity) {
+            out_rows.push(rows.row(entity));
+            values.push(save(value));
+        }
+    }
+    (out_rows, values)
 }
 
 /// How a mapped component is saved: converted to a serializable stand-in `S` on capture and
@@ -173,6 +266,20 @@ impl<C: Component + TypePath, S: SnapshotStandIn> TypedCodec for Mapped<C, S> {
         })
     }
 
+    fn capture_changed(
+        &self,
+        world: &mut World,
+        scope: &DeltaScope,
+        rows: &mut DeltaRows,
+    ) -> Box<dyn CapturedColumn> {
+        let (rows, values) = changed_values::<C, S>(world, scope, rows, |c| (self.to_saved)(c));
+        Box::new(MappedColumn::<C, S> {
+            rows,
+            values,
+            component: PhantomData,
+        })
+    }
+
     fn deserialize_values(
         &self,
         de: &mut dyn erased_serde::Deserializer<'_>,
@@ -197,6 +304,10 @@ impl<C: TypePath, S: SnapshotStandIn> CapturedColumn for MappedColumn<C, S> {
 
     fn rows(&self) -> &[u32] {
         &self.rows
+    }
+
+    fn rows_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.rows
     }
 
     fn sort_by_row(&mut self) {
@@ -227,6 +338,10 @@ impl<T: SnapshotComponent> CapturedColumn for TypedColumn<T> {
         &self.rows
     }
 
+    fn rows_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.rows
+    }
+
     fn sort_by_row(&mut self) {
         if self.rows.is_sorted() {
             return;
@@ -249,6 +364,32 @@ pub(crate) struct TypedLoaded<T> {
 impl<T: Component> LoadedColumn for TypedLoaded<T> {
     fn len(&self) -> usize {
         self.values.len()
+    }
+
+    fn retain(&mut self, keep: &[bool]) {
+        let mut i = 0;
+        self.values.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+
+    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
+        match other.into_any().downcast::<Self>() {
+            Ok(other) => {
+                self.values.extend(other.values);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn value_type(&self) -> TypeId {
+        TypeId::of::<Self>()
     }
 
     fn apply(
@@ -325,6 +466,10 @@ impl CapturedColumn for ReflectColumn {
         &self.rows
     }
 
+    fn rows_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.rows
+    }
+
     fn sort_by_row(&mut self) {
         if self.rows.is_sorted() {
             return;
@@ -377,6 +522,32 @@ pub(crate) struct ReflectLoaded {
 impl LoadedColumn for ReflectLoaded {
     fn len(&self) -> usize {
         self.values.len()
+    }
+
+    fn retain(&mut self, keep: &[bool]) {
+        let mut i = 0;
+        self.values.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+
+    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
+        match other.into_any().downcast::<Self>() {
+            Ok(other) => {
+                self.values.extend(other.values);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn value_type(&self) -> TypeId {
+        TypeId::of::<Self>()
     }
 
     fn apply(

@@ -25,7 +25,8 @@
 //! Each file imports only files below it in this list (the settings and the registry in
 //! `mod.rs` are read by all of them):
 //! ```text
-//! slots    ──▶ encode, apply, header     save slots and autosaves in a Store
+//! slots    ──▶ delta, encode, apply, header   save slots and autosaves in a Store
+//! delta    ──▶ capture, encode, apply, columns, header   snapshot chains: deltas, merging
 //! encode   ──▶ capture, apply, columns, header   steps 2 and 3: captured world ⇄ bytes
 //! capture  ──▶ columns                   step 1: World ─▶ CapturedWorld
 //! apply    ──▶ columns, header           step 4: DecodedWorld ─▶ World
@@ -43,6 +44,8 @@ mod capture;
 #[cfg(feature = "bevy")]
 mod columns;
 #[cfg(feature = "bevy")]
+mod delta;
+#[cfg(feature = "bevy")]
 mod encode;
 mod header;
 #[cfg(feature = "bevy")]
@@ -56,9 +59,16 @@ pub use capture::{CapturedWorld, capture};
 #[cfg(feature = "bevy")]
 pub use columns::{SnapshotComponent, SnapshotEntityMapper, SnapshotStandIn};
 #[cfg(feature = "bevy")]
+pub use delta::{
+    CapturedDelta, ChainCursor, ChainPolicy, ChainStart, ChainStep, ChainTracker, capture_base,
+    capture_delta, decode_chain, stop_chain,
+};
+#[cfg(feature = "bevy")]
 pub use encode::{SnapshotContext, decode};
 pub use header::{
-    HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
+    DELTA_FORMAT_VERSION, DELTA_HEADER_LEN, DeltaHeader, HEADER_LEN, RecordKind, RecordLink,
+    SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_delta_header, read_header,
+    record_kind,
 };
 #[cfg(feature = "bevy")]
 pub use migrate::Migrations;
