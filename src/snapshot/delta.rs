@@ -54,23 +54,23 @@ use super::{Persist, SnapshotRegistry, SnapshotSettings};
 use crate::error::{Result, StorageError};
 
 /// When a chain is compacted: its next save is a full snapshot (a new base) once it holds
-/// `max_deltas` deltas, or once its deltas together outgrow `max_delta_fraction` of the
+/// `max_deltas` deltas, or once its deltas together outgrow `max_delta_percent` of the
 /// base's size.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChainPolicy {
     /// Deltas after which the next save is full. Default 10. Loading a chain decodes every
     /// delta in it.
     pub max_deltas: u32,
-    /// Total delta bytes, as a fraction of the base's bytes, past which the next save is
-    /// full. Default 0.5.
-    pub max_delta_fraction: f32,
+    /// Total delta bytes, in percent of the base's bytes, past which the next save is
+    /// full. Default 50.
+    pub max_delta_percent: u32,
 }
 
 impl Default for ChainPolicy {
     fn default() -> Self {
         Self {
             max_deltas: 10,
-            max_delta_fraction: 0.5,
+            max_delta_percent: 50,
         }
     }
 }
@@ -82,9 +82,9 @@ impl ChainPolicy {
         self
     }
 
-    /// Sets [`max_delta_fraction`](Self::max_delta_fraction).
-    pub fn max_delta_fraction(mut self, fraction: f32) -> Self {
-        self.max_delta_fraction = fraction;
+    /// Sets [`max_delta_percent`](Self::max_delta_percent).
+    pub fn max_delta_percent(mut self, percent: u32) -> Self {
+        self.max_delta_percent = percent;
         self
     }
 }
@@ -123,7 +123,8 @@ impl ChainCursor {
             .get()
             .wrapping_sub(self.since.get());
         self.sequence >= policy.max_deltas
-            || self.deltas_len as f64 > self.base_len as f64 * f64::from(policy.max_delta_fraction)
+            || u128::from(self.deltas_len) * 100
+                > u128::from(self.base_len) * u128::from(policy.max_delta_percent)
             || age >= CHECK_TICK_THRESHOLD
     }
 
@@ -698,7 +699,6 @@ fn sibling_order(world: &World, entities: &[Entity]) -> Option<Vec<u32>> {
 
 /// A delta decoded and checked on a worker thread, ready to merge onto its chain.
 pub(crate) struct DecodedDelta {
-    pub(crate) header: DeltaHeader,
     entities: Vec<Entity>,
     despawned: Vec<Entity>,
     removed: Vec<(String, Vec<u32>)>,
@@ -775,7 +775,6 @@ pub(crate) fn decode_delta(bytes: &[u8], context: &SnapshotContext) -> Result<De
         }
     }
     Ok(DecodedDelta {
-        header,
         entities,
         despawned,
         removed,
@@ -940,11 +939,6 @@ impl ChainMerge {
                 None => self.resources.push((type_path, resource)),
             }
         }
-    }
-
-    /// Deltas merged so far.
-    pub(crate) fn deltas(&self) -> u32 {
-        self.sequence
     }
 
     /// The merged world, ready to apply.

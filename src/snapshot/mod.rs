@@ -72,9 +72,14 @@ pub use header::{
 };
 #[cfg(feature = "bevy")]
 pub use migrate::Migrations;
+pub use slots::{
+    ChainInfo, SlotInfo, autosave_key, autosave_keys, chain_of, list_slots, read_snapshot,
+};
 #[cfg(feature = "bevy")]
-pub use slots::{LoadedAutosave, load_newest_autosave, store_autosave, store_snapshot};
-pub use slots::{SlotInfo, autosave_key, autosave_keys, list_slots, read_snapshot};
+pub use slots::{
+    LoadedAutosave, load_newest_autosave, load_world, store_autosave, store_autosave_record,
+    store_snapshot,
+};
 
 #[cfg(feature = "bevy")]
 use std::any::TypeId;
