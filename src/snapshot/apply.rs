@@ -70,6 +70,9 @@ impl DecodedWorld {
         for (_, resource) in self.resources {
             resource.apply(world, &mut mapper, &registry);
         }
+        // Relationship hooks queue their half (a parent's `Children`) as commands: run them
+        // now, or a world whose last column was `ChildOf` would be left without them.
+        world.flush();
         map
     }
 }
