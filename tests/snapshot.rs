@@ -823,7 +823,8 @@ mod chains {
     fn dump(world: &mut World) -> Dump {
         let tag_of = |world: &World, e: Entity| -> Option<u32> {
             let e = world.get_entity(e).ok()?;
-            e.contains::<Persist>().then(|| e.get::<Tag>().map(|t| t.0))?
+            e.contains::<Persist>()
+                .then(|| e.get::<Tag>().map(|t| t.0))?
         };
         let entities: Vec<Entity> = world
             .query_filtered::<Entity, With<Persist>>()
@@ -1012,7 +1013,11 @@ mod chains {
             pos.0 += 1;
         }
         chain.delta(&mut app);
-        assert!(chain.cursor.wants_full(&ChainPolicy::default(), app.world()));
+        assert!(
+            chain
+                .cursor
+                .wants_full(&ChainPolicy::default(), app.world())
+        );
     }
 
     #[derive(Debug, Clone)]

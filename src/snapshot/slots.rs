@@ -315,13 +315,14 @@ pub fn load_newest_autosave(
         let mut merge = ChainMerge::new(decoded, &base_bytes);
         let mut loaded = b;
         let mut failed: Option<(usize, StorageError)> = None;
+        let mut after_failed = Vec::new();
         for (i, read) in records.into_iter().rev() {
             if let Some((first, _)) = &failed {
                 let e = StorageError::Snapshot(format!(
                     "it follows {:?}, which cannot be loaded",
                     keys[*first]
                 ));
-                skipped.push((keys[i].clone(), e));
+                after_failed.push((keys[i].clone(), e));
                 continue;
             }
             match read.and_then(|bytes| merge.push(&bytes, context)) {
@@ -329,6 +330,8 @@ pub fn load_newest_autosave(
                 Err(e) => failed = Some((i, e)),
             }
         }
+        // Newest first, as every list of skipped autosaves.
+        skipped.extend(after_failed.into_iter().rev());
         if let Some((i, e)) = failed {
             warn!(
                 "autosave {:?} cannot be loaded ({e}); loading its chain up to the record before it",
@@ -336,7 +339,6 @@ pub fn load_newest_autosave(
             );
             skipped.push((keys[i].clone(), e));
         }
-        skipped.reverse();
         return Ok(Some(LoadedAutosave {
             key: keys[loaded].clone(),
             world: merge.finish(),
