@@ -17,6 +17,12 @@
 //!    (configurable), spawns the snapshot's, maps entity references, inserts everything.
 //!    It cannot fail half way: all checks happened in step 3.
 //!
+//! Snapshot chains (incremental autosaves, the `delta` module): [`capture_base`] starts a
+//! chain with a full capture, [`capture_delta`] captures what changed since the chain's last
+//! record (cost proportional to the change), [`decode_chain`] merges a base and its deltas on
+//! any thread into one [`DecodedWorld`]. The autosave rotation in `slots` stores and loads them
+//! ([`store_autosave_record`], [`load_newest_autosave`], [`load_world`]).
+//!
 //! Hierarchies: `ChildOf` is saved (typed) and `Children` is rebuilt by Bevy's relationship
 //! hooks as children are inserted in their saved order. Save whole subtrees: a reference to an
 //! entity outside the snapshot becomes [`Entity::PLACEHOLDER`].
