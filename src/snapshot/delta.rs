@@ -40,7 +40,7 @@ use serde::{Serialize, Serializer};
 
 use super::apply::DecodedWorld;
 use super::capture::{CapturedWorld, capture};
-use super::columns::{CapturedColumn, DeltaRows, DeltaScope, ReflectColumn};
+use super::columns::{CapturedColumn, DeltaRows, DeltaScope, ReflectColumn, scan_changed};
 use super::encode::{
     BodyShape, Columns, ColumnsSeed, DecodeState, LoadedColumns, LoadedResources, Resources,
     ResourcesSeed, SnapshotContext, check_columns, decode, decode_body, encode_body,
@@ -425,7 +425,10 @@ pub fn capture_delta(
     let live_count = persisted_count(world, persist);
 
     // Rows in hierarchy order among siblings, so that `ChildOf` replays in `Children` order.
-    let order = sibling_order(world, &rows.entities);
+    let child_of = columns
+        .iter()
+        .find(|c| c.type_path() == ChildOf::type_path());
+    let order = child_of.and_then(|c| sibling_order(world, &rows.entities, c.rows()));
     let mut removed = removed;
     if let Some(order) = order {
         let mut new_row = vec![0u32; order.len()];
@@ -485,10 +488,10 @@ fn changed_parts(
 ) -> Result<ChangedParts> {
     let this_run = world.read_change_tick();
     let persist = world.register_component::<Persist>();
-    let fresh: EntityHashSet = world
-        .query_filtered::<Entity, Added<Persist>>()
-        .iter(world)
-        .collect();
+    let mut fresh = EntityHashSet::default();
+    scan_changed(world, persist, true, |entity| {
+        fresh.insert(entity);
+    });
     let mut reordered = EntityHashSet::default();
     let mut parents = world.query_filtered::<&Children, (With<Persist>, Changed<Children>)>();
     for children in parents.iter(world) {
@@ -665,19 +668,23 @@ fn changed_parts(
     Ok((rows, despawned, removed, columns, resources))
 }
 
-/// A new order of `entities` (old indices) in which the children of each parent come in
-/// their `Children` order; `None` when none of them has a parent (nothing to reorder).
-fn sibling_order(world: &World, entities: &[Entity]) -> Option<Vec<u32>> {
-    let parents: Vec<Option<Entity>> = entities
-        .iter()
-        .map(|e| world.get::<ChildOf>(*e).map(ChildOf::parent))
-        .collect();
-    if parents.iter().all(Option::is_none) {
+/// A new order of `entities` (old indices) in which the children of each parent (the rows
+/// of the delta's `ChildOf` column, `child_rows`) come in their `Children` order; `None` when
+/// none of them has a parent (nothing to reorder).
+fn sibling_order(world: &World, entities: &[Entity], child_rows: &[u32]) -> Option<Vec<u32>> {
+    let mut parents: EntityHashMap<Entity> = EntityHashMap::default();
+    for row in child_rows {
+        let entity = entities[*row as usize];
+        if let Some(child_of) = world.get::<ChildOf>(entity) {
+            parents.insert(entity, child_of.parent());
+        }
+    }
+    if parents.is_empty() {
         return None;
     }
     let mut position: EntityHashMap<usize> = EntityHashMap::default();
     let mut indexed = EntityHashSet::default();
-    for parent in parents.iter().flatten() {
+    for parent in parents.values() {
         if indexed.insert(*parent)
             && let Some(children) = world.get::<Children>(*parent)
         {
@@ -687,7 +694,7 @@ fn sibling_order(world: &World, entities: &[Entity]) -> Option<Vec<u32>> {
     let mut order: Vec<u32> = (0..entities.len() as u32).collect();
     order.sort_by_key(|&i| {
         let e = entities[i as usize];
-        match parents[i as usize] {
+        match parents.get(&e) {
             Some(parent) => (1, parent.to_bits(), position.get(&e).copied().unwrap_or(0)),
             None => (0, 0, i as usize),
         }
