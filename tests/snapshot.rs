@@ -981,12 +981,10 @@ mod chains {
         }
         let mut chain = Chain::start(&mut app, SnapshotEncoding::Binary);
         let w = app.world_mut();
-        let mut n = 0;
-        for mut pos in w.query::<&mut Pos>().iter_mut(w) {
+        for (n, mut pos) in w.query::<&mut Pos>().iter_mut(w).enumerate() {
             if n % 100 == 0 {
                 pos.0 += 1;
             }
-            n += 1;
         }
         assert_eq!(chain.delta(&mut app), 100);
         assert!(chain.records[1].len() * 50 < chain.records[0].len());
