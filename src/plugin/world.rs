@@ -10,7 +10,7 @@
 //!
 //! Incremental autosaves ([`SnapshotPlugin::incremental`], [`SaveWorld::incremental`]) write
 //! a snapshot chain into the rotation: a full snapshot, then deltas of what changed since the
-//! autosave before (see [`snapshot`](crate::snapshot) and its `delta` module), until the
+//! autosave before (see [`crate::snapshot`], whose chains are in its `delta` module), until the
 //! [`ChainPolicy`] asks for a full one again. A load of the rotation applies the chain's base
 //! and deltas as one world, all or nothing; a delta that cannot be loaded falls back to the
 //! chain's state before it. A successful load ends the chain: the next autosave is full.
