@@ -796,7 +796,8 @@ pub(crate) struct ChainMerge {
     registry: AppTypeRegistry,
     entities: Vec<Entity>,
     alive: Vec<bool>,
-    index: EntityHashMap<u32>,
+    /// Saved id to merged row (a `FixedHasher` map, see `DeltaRows`).
+    index: bevy::platform::collections::HashMap<Entity, u32>,
     columns: LoadedColumns,
     resources: LoadedResources,
     last: RecordLink,
