@@ -796,7 +796,7 @@ pub(crate) struct ChainMerge {
     registry: AppTypeRegistry,
     entities: Vec<Entity>,
     alive: Vec<bool>,
-    /// Saved id to merged row (a `FixedHasher` map, see `DeltaRows`).
+    /// Saved id to merged row.
     index: bevy::platform::collections::HashMap<Entity, u32>,
     columns: LoadedColumns,
     resources: LoadedResources,
