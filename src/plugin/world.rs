@@ -647,7 +647,7 @@ impl RequestKind for SaveWorld {
             timer.running = None;
         }
         let SaveOutput { saved, chain } = output;
-        if self.chain.is_some() {
+        if self.chain.is_some() && self.slot == WorldSlot::Autosave {
             // A failed save leaves no cursor: the removals its delta took are in no record,
             // so the next autosave is full.
             world.resource_mut::<ChainState>().cursor = chain;
