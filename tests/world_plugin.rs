@@ -631,6 +631,24 @@ fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
         4,
         "a kept delta keeps its whole chain: {keys:?}"
     );
+    // A delta's key loads its chain up to it.
+    app.world_mut()
+        .write_message(LoadWorld::new(keys[1].clone()));
+    pump_until(&mut app, "the delta's load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(persisted_state(app.world_mut()), good);
+    // A named slot cannot be incremental.
+    let before = app.world().resource::<Seen>().saved.len();
+    app.world_mut()
+        .write_message(SaveWorld::new("slot").incremental(true));
+    pump_until(&mut app, "the refused save", |s| s.saved.len() > before);
+    let refused = app.world().resource::<Seen>().saved.last().unwrap().clone();
+    assert!(
+        matches!(&refused.result, Err(e) if matches!(**e, bevy_storage::StorageError::Config(_))),
+        "{:?}",
+        refused.result
+    );
     let bytes = bevy_storage::snapshot::read_snapshot(&store, &torn.key)
         .unwrap()
         .unwrap();
@@ -645,12 +663,12 @@ fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
     // Loading the torn delta itself fails and changes nothing.
     app.world_mut()
         .write_message(LoadWorld::new(torn.key.clone()));
-    pump_until(&mut app, "the torn load", |s| !s.loaded.is_empty());
-    assert!(app.world().resource::<Seen>().loaded[0].result.is_err());
+    pump_until(&mut app, "the torn load", |s| s.loaded.len() > 1);
+    assert!(app.world().resource::<Seen>().loaded[1].result.is_err());
 
     app.world_mut().write_message(LoadWorld::newest_autosave());
-    pump_until(&mut app, "the fallback load", |s| s.loaded.len() > 1);
-    let loaded = app.world().resource::<Seen>().loaded[1].clone();
+    pump_until(&mut app, "the fallback load", |s| s.loaded.len() > 2);
+    let loaded = app.world().resource::<Seen>().loaded[2].clone();
     assert!(loaded.result.is_ok(), "{:?}", loaded.result);
     assert_eq!(
         loaded.key, keys[1],
