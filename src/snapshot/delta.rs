@@ -544,13 +544,18 @@ fn changed_parts(
             .map(|r| r.type_info().type_path().to_owned())
     };
 
-    // Reflected components: each persisted archetype's values whose ticks say changed.
-    let mut reflected: HashMap<ComponentId, ReflectColumn> = HashMap::new();
+    // Reflected components: the saved ones on persisted entities, then for each the entities
+    // whose ticks say changed (the tick columns of the tables when table-stored, each entity's
+    // ticks otherwise) and the fresh entities that hold it.
+    let mut reflect_ids: Vec<(ComponentId, &ReflectComponent, String)> = Vec::new();
     for archetype in world.archetypes().iter() {
         if archetype.is_empty() || !archetype.contains(persist) {
             continue;
         }
         for &component_id in archetype.components() {
+            if reflect_ids.iter().any(|(id, ..)| *id == component_id) {
+                continue;
+            }
             let Some(type_id) = world
                 .components()
                 .get_info(component_id)
@@ -567,33 +572,54 @@ fn changed_parts(
             let Some(reflect_component) = registration.data::<ReflectComponent>() else {
                 continue;
             };
-            for archetype_entity in archetype.entities() {
-                let entity = archetype_entity.id();
-                let entity_ref = world.entity(entity);
-                let changed = scope.fresh.contains(&entity)
-                    || entity_ref
-                        .get_change_ticks_by_id(component_id)
-                        .is_some_and(|t| t.is_changed(since, this_run));
-                if !changed {
+            let path = registration.type_info().type_path().to_owned();
+            reflect_ids.push((component_id, reflect_component, path));
+        }
+    }
+    let mut reflected: HashMap<ComponentId, ReflectColumn> = HashMap::new();
+    for (component_id, reflect_component, type_path) in reflect_ids {
+        let mut changed: Vec<Entity> = Vec::new();
+        let scanned = scan_changed(world, component_id, false, |e| changed.push(e));
+        if !scanned {
+            for archetype in world.archetypes().iter() {
+                if archetype.is_empty()
+                    || !archetype.contains(persist)
+                    || !archetype.contains(component_id)
+                {
                     continue;
                 }
-                let Some(value) = reflect_component.reflect(entity_ref) else {
-                    continue;
-                };
-                let cloned = match value.reflect_clone() {
-                    Ok(v) => v.into_partial_reflect(),
-                    Err(_) => value.to_dynamic(),
-                };
-                let column = reflected
-                    .entry(component_id)
-                    .or_insert_with(|| ReflectColumn {
-                        type_path: registration.type_info().type_path().to_owned(),
-                        rows: Vec::new(),
-                        values: Vec::new(),
-                    });
-                column.rows.push(rows.row(entity));
-                column.values.push(cloned);
+                changed.extend(archetype.entities().iter().map(|a| a.id()).filter(|e| {
+                    world
+                        .entity(*e)
+                        .get_change_ticks_by_id(component_id)
+                        .is_some_and(|t| t.is_changed(since, this_run))
+                }));
             }
+        }
+        let mut seen: EntityHashSet = changed.iter().copied().collect();
+        changed.extend(
+            scope
+                .fresh
+                .iter()
+                .filter(|e| world.entity(**e).contains_id(component_id) && seen.insert(**e)),
+        );
+        for entity in changed {
+            let Some(value) = reflect_component.reflect(world.entity(entity)) else {
+                continue;
+            };
+            let cloned = match value.reflect_clone() {
+                Ok(v) => v.into_partial_reflect(),
+                Err(_) => value.to_dynamic(),
+            };
+            let column = reflected
+                .entry(component_id)
+                .or_insert_with(|| ReflectColumn {
+                    type_path: type_path.clone(),
+                    rows: Vec::new(),
+                    values: Vec::new(),
+                });
+            column.rows.push(rows.row(entity));
+            column.values.push(cloned);
         }
     }
     let mut reflected: Vec<ReflectColumn> = reflected.into_values().collect();
