@@ -7,6 +7,7 @@
 //! cargo run --release --features internals --example bench              # full sizes (a few minutes)
 //! cargo run --release --features internals --example bench -- --quick   # reduced sizes, under two minutes
 //! cargo run --release --features internals --example bench -- snapshot  # only comparisons whose name contains "snapshot"
+//! cargo run --release --features internals --example bench -- snapshot --entities 1000000  # snapshot worlds of 1M entities
 //! ```
 //! Progress goes to stderr; results to stdout. Medians of the rounds are reported.
 
@@ -26,7 +27,8 @@ use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::prelude::*;
 use bevy_storage::snapshot::{
     Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
-    decode, read_snapshot, store_snapshot,
+    capture_base, capture_delta, decode, load_newest_autosave, read_snapshot,
+    store_autosave_record, store_snapshot,
 };
 use clap::Parser;
 use serde::de::DeserializeSeed;
@@ -89,12 +91,16 @@ struct Args {
     rounds: Option<usize>,
     /// Only comparisons whose name contains this.
     filter: Option<String>,
+    /// Entities of the snapshot worlds (default 100,000; 20,000 with --quick).
+    #[arg(long)]
+    entities: Option<usize>,
 }
 
 struct Bench {
     quick: bool,
     rounds: usize,
     filter: Option<String>,
+    entities: Option<usize>,
     dir: tempfile::TempDir,
 }
 
@@ -170,6 +176,7 @@ fn main() {
         quick: args.quick,
         rounds: args.rounds.unwrap_or(if args.quick { 3 } else { 5 }),
         filter: args.filter,
+        entities: args.entities,
         dir: tempfile::tempdir().expect("temp dir"),
     };
     eprintln!(
@@ -191,6 +198,7 @@ fn main() {
     peer_pkv(&bench);
     codec(&bench);
     snapshots(&bench);
+    snapshot_chains(&bench);
     plugin_frame(&bench);
     plugin_dispatch_frame(&bench);
     redis(&bench);
@@ -1203,8 +1211,16 @@ impl bevy::asset::LoadFromPath for NoAssets {
     }
 }
 
+impl Bench {
+    /// Entities of the snapshot worlds.
+    fn snapshot_entities(&self) -> usize {
+        self.entities
+            .unwrap_or(if self.quick { 20_000 } else { 100_000 })
+    }
+}
+
 fn snapshots(b: &Bench) {
-    let n = if b.quick { 20_000 } else { 100_000 };
+    let n = b.snapshot_entities();
     let wanted = [
         "snapshot_stall",
         "snapshot_save_total",
@@ -1352,6 +1368,205 @@ fn snapshots(b: &Bench) {
             "memory snapshot_load peak ours={} MiB baseline={} MiB",
             load_peaks.0 >> 20,
             load_peaks.1 >> 20
+        );
+    }
+}
+
+// ----------------------------------------------------------------- snapshot chains
+
+/// Changes `Position` of every 100th persisted entity (1%), starting at `round % 100`.
+fn touch_one_percent(world: &mut World, entities: &[Entity], round: usize) {
+    for &e in entities.iter().skip(round % 100).step_by(100) {
+        world.get_mut::<Position>(e).unwrap().x += 1.0;
+    }
+}
+
+fn snapshot_chains(b: &Bench) {
+    let wanted = [
+        "snapshot_incremental_stall",
+        "snapshot_incremental_bytes",
+        "snapshot_chain_load_total",
+        "snapshot_load_stall",
+    ];
+    if !wanted.iter().any(|w| b.wants(w)) {
+        return;
+    }
+    let n = b.snapshot_entities();
+    eprintln!("  building a world of {n} entities x 3 components (chains)");
+    let mut app = snapshot_app(n);
+    let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
+    let registry = app.world().resource::<SnapshotRegistry>().clone();
+    let store = Store::open(StorageConfig::sqlite(b.path("chain.db")).max_size(None)).unwrap();
+    let entities: Vec<Entity> = {
+        let world = app.world_mut();
+        world
+            .query_filtered::<Entity, With<Persist>>()
+            .iter(world)
+            .collect()
+    };
+    let meta = Default::default;
+
+    if b.wants("snapshot_incremental_stall") || b.wants("snapshot_incremental_bytes") {
+        let (captured, start) = capture_base(app.world_mut(), &settings, &registry).unwrap();
+        let base = captured.encode().unwrap();
+        let base_key =
+            store_autosave_record(&store, "stall/", 1000, &base, &settings, meta(), None).unwrap();
+        let mut cursor = start.cursor(&base);
+        let app = std::cell::RefCell::new(app);
+        let mut last_delta_key = None;
+        b.compare(
+            "snapshot_incremental_stall",
+            "ms",
+            Better::Lower,
+            &format!("(main-thread time of an incremental autosave after 1% of {n} entities changed: capture_delta vs a full capture of the same world; target ratio <= 0.02)"),
+            |round| {
+                let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                touch_one_percent(world, &entities, round);
+                let t = Instant::now();
+                let delta = capture_delta(world, &settings, &registry, &cursor).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                assert_eq!(delta.entity_count(), entities.len().div_ceil(100));
+                let step = delta.step();
+                let bytes = delta.encode().unwrap();
+                cursor = cursor.advance(step, &bytes);
+                last_delta_key = Some(
+                    store_autosave_record(&store, "stall/", 1000, &bytes, &settings, meta(), Some(&base_key))
+                        .unwrap(),
+                );
+                ms
+            },
+            |_| {
+                let mut app = app.borrow_mut();
+                let world = app.world_mut();
+                let t = Instant::now();
+                let captured = capture(world, &settings, &registry).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                drop(captured);
+                ms
+            },
+        );
+        let mut app = app.into_inner();
+        if b.wants("snapshot_incremental_bytes") {
+            let delta_size = store
+                .get_metadata(last_delta_key.as_deref().unwrap())
+                .unwrap()
+                .unwrap()
+                .size;
+            let full = capture(app.world_mut(), &settings, &registry)
+                .unwrap()
+                .encode()
+                .unwrap();
+            store_snapshot(&store, "full", &full, &settings, meta()).unwrap();
+            let full_size = store.get_metadata("full").unwrap().unwrap().size;
+            println!(
+                "compare snapshot_incremental_bytes ours={delta_size} baseline={full_size} ratio={:.3} unit=bytes better=lower (stored record of an autosave after 1% of {n} entities changed: a delta vs a full snapshot; target ratio <= 0.03)",
+                delta_size as f64 / full_size as f64
+            );
+        }
+        snapshot_chain_loads(b, &mut app, &entities, &store, n);
+    } else {
+        snapshot_chain_loads(b, &mut app, &entities, &store, n);
+    }
+}
+
+fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &Store, n: usize) {
+    let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
+    let registry = app.world().resource::<SnapshotRegistry>().clone();
+    let meta = Default::default;
+    if b.wants("snapshot_chain_load_total") {
+        // A base and 10 deltas of 1% each, and one full snapshot of the same final world.
+        let (captured, start) = capture_base(app.world_mut(), &settings, &registry).unwrap();
+        let base = captured.encode().unwrap();
+        let base_key =
+            store_autosave_record(store, "chain/", 100, &base, &settings, meta(), None).unwrap();
+        let mut cursor = start.cursor(&base);
+        for round in 0..10 {
+            touch_one_percent(app.world_mut(), entities, round);
+            let delta = capture_delta(app.world_mut(), &settings, &registry, &cursor).unwrap();
+            let step = delta.step();
+            let bytes = delta.encode().unwrap();
+            cursor = cursor.advance(step, &bytes);
+            store_autosave_record(
+                store,
+                "chain/",
+                100,
+                &bytes,
+                &settings,
+                meta(),
+                Some(&base_key),
+            )
+            .unwrap();
+        }
+        let full = capture(app.world_mut(), &settings, &registry)
+            .unwrap()
+            .encode()
+            .unwrap();
+        store_snapshot(store, "final", &full, &settings, meta()).unwrap();
+        let mut target_ours = snapshot_app(0);
+        let mut target_base = snapshot_app(0);
+        let context = SnapshotContext::from_world(target_ours.world_mut());
+        b.compare(
+            "snapshot_chain_load_total",
+            "ms",
+            Better::Lower,
+            &format!("(read + decode + merge + apply of a base and 10 deltas (1% of {n} entities each) vs read + decode + apply of one full snapshot of the same final world; target ratio <= 1.3)"),
+            |_| {
+                let t = Instant::now();
+                let loaded = load_newest_autosave(store, "chain/", &context).unwrap().unwrap();
+                assert!(loaded.skipped.is_empty());
+                let map = loaded.world.apply(target_ours.world_mut(), true);
+                assert_eq!(map.len(), n);
+                t.elapsed().as_secs_f64() * 1000.0
+            },
+            |_| {
+                let t = Instant::now();
+                let bytes = read_snapshot(store, "final").unwrap().unwrap();
+                let decoded = decode(&bytes, &context).unwrap();
+                let map = decoded.apply(target_base.world_mut(), true);
+                assert_eq!(map.len(), n);
+                t.elapsed().as_secs_f64() * 1000.0
+            },
+        );
+    }
+    if b.wants("snapshot_load_stall") {
+        let bytes = capture(app.world_mut(), &settings, &registry)
+            .unwrap()
+            .encode()
+            .unwrap();
+        let mut target_ours = snapshot_app(0);
+        let mut target_base = snapshot_app(0);
+        let context = SnapshotContext::from_world(target_ours.world_mut());
+        b.compare(
+            "snapshot_load_stall",
+            "ms",
+            Better::Lower,
+            &format!("(main-thread time of a load of {n} entities x 3 components: ours DecodedWorld::apply (read and decode run on the pool) vs Bevy's DynamicWorld::write_to_world of the same entities (extracted beforehand), both replacing the previous load's entities; target ratio <= 0.1)"),
+            |_| {
+                let decoded = decode(&bytes, &context).unwrap();
+                let t = Instant::now();
+                let map = decoded.apply(target_ours.world_mut(), true);
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                assert_eq!(map.len(), n);
+                ms
+            },
+            |_| {
+                let dw = baseline_dynamic_world(app.world_mut());
+                let world = target_base.world_mut();
+                let old: Vec<Entity> = world
+                    .query_filtered::<Entity, With<Persist>>()
+                    .iter(world)
+                    .collect();
+                let t = Instant::now();
+                for e in old {
+                    world.despawn(e);
+                }
+                let mut map = EntityHashMap::default();
+                dw.write_to_world(world, &mut map).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                assert_eq!(map.len(), n);
+                ms
+            },
         );
     }
 }

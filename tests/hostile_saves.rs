@@ -19,7 +19,8 @@ use bevy_storage::codec::envelope::{self, SealOptions};
 use bevy_storage::codec::format;
 use bevy_storage::key::KEYCHECK_KEY;
 use bevy_storage::snapshot::{
-    Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture, decode,
+    DELTA_HEADER_LEN, HEADER_LEN, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry,
+    SnapshotSettings, capture, capture_base, capture_delta, decode, decode_chain,
 };
 use bevy_storage::{
     Compression, EncryptionKey, Format, LoadOptions, SaveOptions, StorageConfig, StorageError,
@@ -711,10 +712,22 @@ fn deep_snapshot(encoding: SnapshotEncoding, typed: bool, depth: usize) -> Vec<u
         .unwrap()
         .encode()
         .unwrap();
+    deepen(bytes, HEADER_LEN, encoding, typed, depth)
+}
+
+/// A snapshot record (header of `header_len` bytes) whose skill tree is edited to nest
+/// `depth` deep.
+fn deepen(
+    bytes: Vec<u8>,
+    header_len: usize,
+    encoding: SnapshotEncoding,
+    typed: bool,
+    depth: usize,
+) -> Vec<u8> {
     match encoding {
         SnapshotEncoding::Ron => {
-            // The 16-byte binary header, then RON text.
-            let (head, body) = bytes.split_at(16);
+            // The binary header, then RON text.
+            let (head, body) = bytes.split_at(header_len);
             let (head, body) = (head.to_vec(), String::from_utf8(body.to_vec()).unwrap());
             let shallow_pos = body
                 .find("Node([Leaf])")
@@ -741,6 +754,102 @@ fn deep_snapshot(encoding: SnapshotEncoding, typed: bool, depth: usize) -> Vec<u
             out
         }
     }
+}
+
+/// A chain of the skill world: its base and a delta in which the tree changed.
+fn skill_chain(encoding: SnapshotEncoding, typed: bool) -> (Vec<u8>, Vec<u8>) {
+    let (mut app, registry) = skill_world(typed);
+    let settings = SnapshotSettings::default().encoding(encoding);
+    let (captured, start) = capture_base(app.world_mut(), &settings, &registry).unwrap();
+    let base = captured.encode().unwrap();
+    let cursor = start.cursor(&base);
+    let world = app.world_mut();
+    for mut tree in world.query::<&mut SkillTree>().iter_mut(world) {
+        tree.set_changed();
+    }
+    let delta = capture_delta(app.world_mut(), &settings, &registry, &cursor)
+        .unwrap()
+        .encode()
+        .unwrap();
+    (base, delta)
+}
+
+#[test]
+fn deep_and_malformed_deltas_are_refused() {
+    for typed in [true, false] {
+        for encoding in [SnapshotEncoding::Binary, SnapshotEncoding::Ron] {
+            let (base, delta) = skill_chain(encoding, typed);
+            let deep = deepen(delta, DELTA_HEADER_LEN, encoding, typed, 50_000);
+            let (mut target, _) = skill_world(typed);
+            let context = SnapshotContext::from_world(target.world_mut());
+            hostile_case(
+                &format!("{encoding:?} delta nested 100,000 deep (typed path: {typed})"),
+                move || decode_chain(&[base, deep], &context).map(|_| ()),
+                too_deep,
+            );
+        }
+    }
+
+    let (base, delta) = skill_chain(SnapshotEncoding::Ron, true);
+    let (mut target, _) = skill_world(true);
+    let context = SnapshotContext::from_world(target.world_mut());
+    let snapshot_error = |e: &StorageError| matches!(e, StorageError::Snapshot(_));
+    let with_body = |entities: u32, body: &str| {
+        let mut out = delta[..DELTA_HEADER_LEN].to_vec();
+        out[12..16].copy_from_slice(&entities.to_le_bytes());
+        out.extend_from_slice(body.as_bytes());
+        out
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a removal naming a row past the delta's entities",
+            with_body(1, r#"([7], [], [("x", [5])], [], [])"#),
+        ),
+        (
+            "a column naming a row past the delta's entities",
+            with_body(
+                1,
+                r#"([7], [], [], [("bevy_ecs::hierarchy::ChildOf", [3], [(7)])], [])"#,
+            ),
+        ),
+        (
+            "more entities than the header says",
+            with_body(1, "([7, 8], [], [], [], [])"),
+        ),
+        (
+            "a despawned list holding text",
+            with_body(0, r#"([], ["x"], [], [], [])"#),
+        ),
+        ("a body cut short", with_body(1, "([7], [], [")),
+        ("a header cut short", delta[..DELTA_HEADER_LEN - 3].to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let (base, context) = (base.clone(), context.clone());
+        hostile_case(
+            name,
+            move || decode_chain(&[base, bytes], &context).map(|_| ()),
+            snapshot_error,
+        );
+    }
+
+    // A delta on a base other than its own.
+    let (other_base, _) = skill_chain(SnapshotEncoding::Binary, true);
+    let context2 = context.clone();
+    hostile_case(
+        "a delta on another base",
+        move || decode_chain(&[other_base, delta], &context2).map(|_| ()),
+        |e| matches!(e, StorageError::Snapshot(m) if m.contains("another base")),
+    );
+
+    // A huge declared length in a postcard delta: refused without allocating it.
+    let (base, delta) = skill_chain(SnapshotEncoding::Binary, true);
+    let mut huge = delta[..DELTA_HEADER_LEN].to_vec();
+    huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+    hostile_case(
+        "a postcard delta declaring 2^63 entities",
+        move || decode_chain(&[base, huge], &context).map(|_| ()),
+        snapshot_error,
+    );
 }
 
 #[test]

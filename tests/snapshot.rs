@@ -755,3 +755,406 @@ mod relationships {
         // unsaved parent is left out (tests/hostile.rs).
     }
 }
+
+/// Snapshot chains: a base and deltas, merged and applied in fresh apps.
+mod chains {
+    use std::collections::BTreeMap;
+
+    use bevy::prelude::*;
+    use bevy_storage::snapshot::{
+        ChainCursor, ChainPolicy, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry,
+        SnapshotSettings, capture_base, capture_delta, decode_chain,
+    };
+    use proptest::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    /// Names an entity across apps.
+    #[derive(Component, Reflect, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct Tag(u32);
+
+    /// Typed.
+    #[derive(Component, Reflect, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct Pos(i32);
+
+    /// Reflected.
+    #[derive(Component, Reflect, Clone, Copy, Debug, PartialEq, Default)]
+    #[reflect(Component)]
+    struct Hp(u32);
+
+    /// Reflected, with an entity reference.
+    #[derive(Component, Reflect, Clone, Copy, Debug, PartialEq)]
+    #[reflect(Component)]
+    struct Aim(#[entities] Entity);
+
+    #[derive(Resource, Reflect, Clone, Copy, Debug, PartialEq, Default)]
+    #[reflect(Resource)]
+    struct Clock(u64);
+
+    fn settings(encoding: SnapshotEncoding) -> SnapshotSettings {
+        SnapshotSettings::default()
+            .encoding(encoding)
+            .allow_resource::<Clock>()
+    }
+
+    fn app() -> App {
+        let mut app = App::new();
+        let mut registry = SnapshotRegistry::new();
+        registry
+            .register_component::<Tag>()
+            .register_component::<Pos>();
+        app.insert_resource(registry);
+        app
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Row {
+        pos: Option<i32>,
+        hp: Option<u32>,
+        aim: Option<Option<u32>>,
+        parent: Option<u32>,
+        children: Vec<u32>,
+    }
+
+    type Dump = (BTreeMap<u32, Row>, Option<u64>);
+
+    /// The persisted part of a world by tag: what a load must reproduce.
+    fn dump(world: &mut World) -> Dump {
+        let tag_of = |world: &World, e: Entity| -> Option<u32> {
+            let e = world.get_entity(e).ok()?;
+            e.contains::<Persist>()
+                .then(|| e.get::<Tag>().map(|t| t.0))?
+        };
+        let entities: Vec<Entity> = world
+            .query_filtered::<Entity, With<Persist>>()
+            .iter(world)
+            .collect();
+        let mut rows = BTreeMap::new();
+        for e in entities {
+            let r = world.entity(e);
+            let row = Row {
+                pos: r.get::<Pos>().map(|p| p.0),
+                hp: r.get::<Hp>().map(|h| h.0),
+                aim: r.get::<Aim>().map(|a| tag_of(world, a.0)),
+                parent: r.get::<ChildOf>().and_then(|c| tag_of(world, c.parent())),
+                children: r
+                    .get::<Children>()
+                    .map(|c| c.iter().filter_map(|c| tag_of(world, c)).collect())
+                    .unwrap_or_default(),
+            };
+            let tag = r.get::<Tag>().expect("every test entity is tagged").0;
+            assert!(rows.insert(tag, row).is_none());
+        }
+        (rows, world.get_resource::<Clock>().map(|c| c.0))
+    }
+
+    /// Loads `records` (base first) into a fresh app.
+    fn load(records: &[Vec<u8>]) -> Dump {
+        let mut target = app();
+        let context = SnapshotContext::from_world(target.world_mut());
+        let decoded = decode_chain(records, &context).unwrap();
+        decoded.apply(target.world_mut(), true);
+        dump(target.world_mut())
+    }
+
+    struct Chain {
+        records: Vec<Vec<u8>>,
+        cursor: ChainCursor,
+        settings: SnapshotSettings,
+    }
+
+    impl Chain {
+        fn start(app: &mut App, encoding: SnapshotEncoding) -> Self {
+            let settings = settings(encoding);
+            let registry = app.world().resource::<SnapshotRegistry>().clone();
+            let (captured, start) = capture_base(app.world_mut(), &settings, &registry).unwrap();
+            let bytes = captured.encode().unwrap();
+            Self {
+                cursor: start.cursor(&bytes),
+                records: vec![bytes],
+                settings,
+            }
+        }
+
+        fn delta(&mut self, app: &mut App) -> usize {
+            let registry = app.world().resource::<SnapshotRegistry>().clone();
+            let captured =
+                capture_delta(app.world_mut(), &self.settings, &registry, &self.cursor).unwrap();
+            let rows = captured.entity_count();
+            let step = captured.step();
+            let bytes = captured.encode().unwrap();
+            self.cursor = self.cursor.advance(step, &bytes);
+            self.records.push(bytes);
+            rows
+        }
+    }
+
+    fn spawn(world: &mut World, tag: u32) -> Entity {
+        world.spawn((Persist, Tag(tag), Pos(tag as i32))).id()
+    }
+
+    #[test]
+    fn a_chain_round_trips_spawns_changes_removals_despawns_reparents_and_resources() {
+        for encoding in [SnapshotEncoding::Ron, SnapshotEncoding::Binary] {
+            let mut app = app();
+            let w = app.world_mut();
+            let root = spawn(w, 0);
+            let a = spawn(w, 1);
+            let b = spawn(w, 2);
+            let c = spawn(w, 3);
+            w.entity_mut(a).insert((ChildOf(root), Hp(10)));
+            w.entity_mut(b).insert((ChildOf(root), Aim(c)));
+            w.insert_resource(Clock(1));
+            for i in 10..200 {
+                spawn(w, i); // untouched bulk
+            }
+            let mut chain = Chain::start(&mut app, encoding);
+            assert_eq!(load(&chain.records), dump(app.world_mut()));
+
+            // Nothing changed: an empty delta.
+            assert_eq!(chain.delta(&mut app), 0);
+            assert_eq!(load(&chain.records), dump(app.world_mut()));
+
+            // Change, add, remove a component; spawn with a reference to it; a resource.
+            let w = app.world_mut();
+            w.get_mut::<Pos>(a).unwrap().0 = 100;
+            w.entity_mut(c).insert(Hp(5));
+            w.entity_mut(a).remove::<Hp>();
+            let d = spawn(w, 4);
+            w.entity_mut(c).insert(Aim(d));
+            w.resource_mut::<Clock>().0 = 2;
+            let rows = chain.delta(&mut app);
+            assert!(rows <= 3, "only what changed: {rows} rows");
+            assert_eq!(load(&chain.records), dump(app.world_mut()));
+
+            // Reparent (to the end of another parent's children), despawn one with a
+            // reference to it kept elsewhere, unmark one.
+            let w = app.world_mut();
+            w.entity_mut(a).insert(ChildOf(c));
+            w.entity_mut(d).insert(ChildOf(c));
+            w.entity_mut(b).insert(ChildOf(c));
+            w.despawn(d);
+            let ten = spawn_lookup(w, 10);
+            w.entity_mut(ten).remove::<Persist>();
+            chain.delta(&mut app);
+            assert_eq!(load(&chain.records), dump(app.world_mut()));
+
+            // Marked again: saved whole; a subtree despawned with its parent.
+            let w = app.world_mut();
+            let ten = spawn_lookup(w, 10);
+            w.entity_mut(ten).insert(Persist);
+            w.entity_mut(ten).insert(Pos(-10));
+            w.despawn(c);
+            chain.delta(&mut app);
+            assert_eq!(load(&chain.records), dump(app.world_mut()));
+
+            // Every prefix of the chain is a state the world was in (checked above), and a
+            // record left out of the middle is refused.
+            let mut gap = chain.records.clone();
+            gap.remove(2);
+            let mut target = app_for_errors();
+            let context = SnapshotContext::from_world(target.world_mut());
+            let err = decode_chain(&gap, &context).unwrap_err().to_string();
+            assert!(err.contains("another base"), "{err}");
+        }
+    }
+
+    fn app_for_errors() -> App {
+        app()
+    }
+
+    fn spawn_lookup(world: &mut World, tag: u32) -> Entity {
+        world
+            .query::<(Entity, &Tag)>()
+            .iter(world)
+            .find(|(_, t)| t.0 == tag)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn a_delta_of_one_percent_holds_one_percent() {
+        let mut app = app();
+        for i in 0..10_000 {
+            spawn(app.world_mut(), i);
+        }
+        let mut chain = Chain::start(&mut app, SnapshotEncoding::Binary);
+        let w = app.world_mut();
+        for (n, mut pos) in w.query::<&mut Pos>().iter_mut(w).enumerate() {
+            if n % 100 == 0 {
+                pos.0 += 1;
+            }
+        }
+        assert_eq!(chain.delta(&mut app), 100);
+        assert!(chain.records[1].len() * 50 < chain.records[0].len());
+        assert_eq!(load(&chain.records), dump(app.world_mut()));
+    }
+
+    #[test]
+    fn the_policy_asks_for_a_full_snapshot() {
+        let mut app = app();
+        for i in 0..100 {
+            spawn(app.world_mut(), i);
+        }
+        let mut chain = Chain::start(&mut app, SnapshotEncoding::Binary);
+        let policy = ChainPolicy::default().max_deltas(2);
+        assert!(!chain.cursor.wants_full(&policy, app.world()));
+        chain.delta(&mut app);
+        assert!(!chain.cursor.wants_full(&policy, app.world()));
+        chain.delta(&mut app);
+        assert!(chain.cursor.wants_full(&policy, app.world()), "two deltas");
+        // Big deltas: more than 50% of the base.
+        let mut chain = Chain::start(&mut app, SnapshotEncoding::Binary);
+        let w = app.world_mut();
+        for mut pos in w.query::<&mut Pos>().iter_mut(w) {
+            pos.0 += 1;
+        }
+        chain.delta(&mut app);
+        assert!(
+            chain
+                .cursor
+                .wants_full(&ChainPolicy::default(), app.world())
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Spawn(Option<u8>),
+        SetPos(u8, i32),
+        SetHp(u8, u32),
+        RemoveHp(u8),
+        RemovePos(u8),
+        Despawn(u8),
+        Reparent(u8, Option<u8>),
+        Aim(u8, u8),
+        Unmark(u8),
+        Mark(u8),
+        Clock(u64),
+        Save,
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            3 => proptest::option::of(any::<u8>()).prop_map(Edit::Spawn),
+            3 => (any::<u8>(), -50i32..50).prop_map(|(e, v)| Edit::SetPos(e, v)),
+            2 => (any::<u8>(), 0u32..50).prop_map(|(e, v)| Edit::SetHp(e, v)),
+            1 => any::<u8>().prop_map(Edit::RemoveHp),
+            1 => any::<u8>().prop_map(Edit::RemovePos),
+            1 => any::<u8>().prop_map(Edit::Despawn),
+            2 => (any::<u8>(), proptest::option::of(any::<u8>()))
+                .prop_map(|(e, p)| Edit::Reparent(e, p)),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(e, t)| Edit::Aim(e, t)),
+            1 => any::<u8>().prop_map(Edit::Unmark),
+            1 => any::<u8>().prop_map(Edit::Mark),
+            1 => any::<u64>().prop_map(Edit::Clock),
+            2 => Just(Edit::Save),
+        ]
+    }
+
+    /// The live tagged entities, by tag.
+    fn tagged(world: &mut World) -> Vec<(u32, Entity)> {
+        let mut v: Vec<(u32, Entity)> = world
+            .query::<(Entity, &Tag)>()
+            .iter(world)
+            .map(|(e, t)| (t.0, e))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn run_edit(world: &mut World, edit: &Edit, next_tag: &mut u32) {
+        let live = tagged(world);
+        let pick = |i: u8| (!live.is_empty()).then(|| live[i as usize % live.len()]);
+        match *edit {
+            Edit::Spawn(parent) => {
+                let e = spawn(world, *next_tag);
+                *next_tag += 1;
+                if let Some((_, p)) = parent.and_then(pick) {
+                    world.entity_mut(e).insert(ChildOf(p));
+                }
+            }
+            Edit::SetPos(i, v) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).insert(Pos(v));
+                }
+            }
+            Edit::SetHp(i, v) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).insert(Hp(v));
+                }
+            }
+            Edit::RemoveHp(i) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).remove::<Hp>();
+                }
+            }
+            Edit::RemovePos(i) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).remove::<Pos>();
+                }
+            }
+            Edit::Despawn(i) => {
+                if let Some((_, e)) = pick(i) {
+                    world.despawn(e);
+                }
+            }
+            Edit::Reparent(i, p) => {
+                let Some((tag, e)) = pick(i) else { return };
+                match p.and_then(pick) {
+                    // Parents have smaller tags: no cycles.
+                    Some((ptag, p)) if ptag < tag => {
+                        world.entity_mut(e).insert(ChildOf(p));
+                    }
+                    _ => {
+                        world.entity_mut(e).remove::<ChildOf>();
+                    }
+                }
+            }
+            Edit::Aim(i, t) => {
+                if let (Some((_, e)), Some((_, t))) = (pick(i), pick(t)) {
+                    world.entity_mut(e).insert(Aim(t));
+                }
+            }
+            Edit::Unmark(i) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).remove::<Persist>();
+                }
+            }
+            Edit::Mark(i) => {
+                if let Some((_, e)) = pick(i) {
+                    world.entity_mut(e).insert(Persist);
+                }
+            }
+            Edit::Clock(v) => world.insert_resource(Clock(v)),
+            Edit::Save => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn random_edits_with_deltas_between_load_back_as_the_live_world(
+            edits in proptest::collection::vec(edit(), 1..60),
+            binary in any::<bool>(),
+        ) {
+            let encoding = if binary { SnapshotEncoding::Binary } else { SnapshotEncoding::Ron };
+            let mut app = app();
+            let mut next_tag = 0;
+            for _ in 0..5 {
+                spawn(app.world_mut(), next_tag);
+                next_tag += 1;
+            }
+            let mut chain = Chain::start(&mut app, encoding);
+            for edit in &edits {
+                run_edit(app.world_mut(), edit, &mut next_tag);
+                if matches!(edit, Edit::Save) {
+                    chain.delta(&mut app);
+                    prop_assert_eq!(load(&chain.records), dump(app.world_mut()));
+                }
+            }
+            chain.delta(&mut app);
+            prop_assert_eq!(load(&chain.records), dump(app.world_mut()));
+        }
+    }
+}

@@ -510,3 +510,171 @@ fn slots_are_listed_asynchronously_after_the_saves_before_them() {
     );
     assert!(slots.iter().all(|s| s.entity_count == 2));
 }
+
+/// Every persisted entity's position and follow target (by position), sorted: what a load
+/// of the autosave chain must give back.
+fn persisted_state(world: &mut World) -> (Vec<(Position, Option<Position>)>, Option<Turn>) {
+    let mut v: Vec<(Position, Option<Position>)> = world
+        .query_filtered::<(&Position, Option<&Follows>), With<Persist>>()
+        .iter(world)
+        .map(|(p, f)| {
+            (
+                p.clone(),
+                f.and_then(|f| world.get::<Position>(f.0).cloned()),
+            )
+        })
+        .collect();
+    v.sort_by_key(|(p, _)| (p.0, p.1));
+    (v, world.get_resource::<Turn>().cloned())
+}
+
+/// Persisted entities nobody touches: a base big enough that small deltas stay under the
+/// policy's share of it.
+fn bulk(world: &mut World) {
+    world.spawn_batch((0..300).map(|i| (Persist, Position(-1000 - i, 0))));
+}
+
+fn autosave_now(app: &mut App) -> WorldSaved {
+    let before = app.world().resource::<Seen>().saved.len();
+    app.world_mut().write_message(SaveWorld::autosave());
+    pump_until(app, "an autosave", |s| s.saved.len() > before);
+    let saved = app.world().resource::<Seen>().saved.last().unwrap().clone();
+    assert!(saved.result.is_ok(), "{:?}", saved.result);
+    saved
+}
+
+#[test]
+fn incremental_autosaves_write_deltas_compact_and_load_as_one_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("game.db");
+    let plugin = || {
+        SnapshotPlugin::new(settings())
+            .autosave_prefix("auto/")
+            .incremental(bevy_storage::snapshot::ChainPolicy::default().max_deltas(2))
+    };
+    let expected;
+    {
+        let mut app = app_with(
+            StoragePlugin::config(StorageConfig::sqlite(&path)),
+            plugin(),
+        );
+        populate(app.world_mut());
+        bulk(app.world_mut());
+        let mut kinds = Vec::new();
+        for round in 0..5 {
+            let w = app.world_mut();
+            let mover = w
+                .query_filtered::<Entity, (With<Persist>, With<Follows>)>()
+                .iter(w)
+                .next()
+                .unwrap();
+            w.get_mut::<Position>(mover).unwrap().0 += 10;
+            let new = w.spawn((Persist, Position(100 + round, 0))).id();
+            w.entity_mut(mover).insert(Follows(new));
+            w.resource_mut::<Turn>().0 += 1;
+            kinds.push(autosave_now(&mut app).delta);
+        }
+        // A full base, two deltas, then the policy's full snapshot and a delta of it.
+        assert_eq!(kinds, [false, true, true, false, true]);
+        let store = store_of(&app);
+        let slots = list_slots(&store, "auto/").unwrap();
+        let newest = &slots[0];
+        let chain = newest
+            .chain
+            .as_ref()
+            .expect("the newest autosave is a delta");
+        assert_eq!(chain.sequence, 1);
+        assert_eq!(newest.entity_count, 307);
+        // Keep 3: the newest three, and the first chain, which the oldest of them (its
+        // second delta) needs.
+        assert_eq!(autosave_keys(&store, "auto/").unwrap().len(), 5);
+        expected = persisted_state(app.world_mut());
+    }
+    let mut app = app_with(
+        StoragePlugin::config(StorageConfig::sqlite(&path)),
+        plugin(),
+    );
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the chain's load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert!(loaded.skipped.is_empty());
+    assert_eq!(persisted_state(app.world_mut()), expected);
+    // A load ends the chain: the next autosave is full.
+    assert!(!autosave_now(&mut app).delta);
+}
+
+#[test]
+fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
+    let plugin = SnapshotPlugin::new(settings())
+        .incremental(bevy_storage::snapshot::ChainPolicy::default())
+        .autosave_prefix("auto/");
+    let mut app = app_with(StoragePlugin::memory(), plugin);
+    populate(app.world_mut());
+    bulk(app.world_mut());
+    assert!(!autosave_now(&mut app).delta);
+    app.world_mut().spawn((Persist, Position(7, 7)));
+    assert!(autosave_now(&mut app).delta);
+    let good = persisted_state(app.world_mut());
+    app.world_mut().spawn((Persist, Position(8, 8)));
+    app.world_mut().resource_mut::<Turn>().0 = 99;
+    let torn = autosave_now(&mut app);
+    assert!(torn.delta);
+    app.world_mut().spawn((Persist, Position(9, 9)));
+    let after = autosave_now(&mut app);
+    assert!(after.delta);
+
+    let store = store_of(&app);
+    let keys = autosave_keys(&store, "auto/").unwrap();
+    assert_eq!(
+        keys.len(),
+        4,
+        "a kept delta keeps its whole chain: {keys:?}"
+    );
+    // A delta's key loads its chain up to it.
+    app.world_mut()
+        .write_message(LoadWorld::new(keys[1].clone()));
+    pump_until(&mut app, "the delta's load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(persisted_state(app.world_mut()), good);
+    // A named slot cannot be incremental.
+    let before = app.world().resource::<Seen>().saved.len();
+    app.world_mut()
+        .write_message(SaveWorld::new("slot").incremental(true));
+    pump_until(&mut app, "the refused save", |s| s.saved.len() > before);
+    let refused = app.world().resource::<Seen>().saved.last().unwrap().clone();
+    assert!(
+        matches!(&refused.result, Err(e) if matches!(**e, bevy_storage::StorageError::Config(_))),
+        "{:?}",
+        refused.result
+    );
+    let bytes = bevy_storage::snapshot::read_snapshot(&store, &torn.key)
+        .unwrap()
+        .unwrap();
+    store
+        .save_bytes(
+            &torn.key,
+            &bytes[..bytes.len() / 2],
+            &SaveOptions::default(),
+        )
+        .unwrap();
+
+    // Loading the torn delta itself fails and changes nothing.
+    app.world_mut()
+        .write_message(LoadWorld::new(torn.key.clone()));
+    pump_until(&mut app, "the torn load", |s| s.loaded.len() > 1);
+    assert!(app.world().resource::<Seen>().loaded[1].result.is_err());
+
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the fallback load", |s| s.loaded.len() > 2);
+    let loaded = app.world().resource::<Seen>().loaded[2].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(
+        loaded.key, keys[1],
+        "the chain up to the delta before the torn one"
+    );
+    let skipped: Vec<&str> = loaded.skipped.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(skipped, [after.key.as_str(), torn.key.as_str()]);
+    assert_eq!(persisted_state(app.world_mut()), good);
+}

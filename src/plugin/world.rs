@@ -7,6 +7,13 @@
 //! Only capture (reading the world) and apply (writing it) run on the main thread, when the
 //! request's turn comes; encoding, compression, encryption, I/O and decoding run on the
 //! `AsyncComputeTaskPool`. A save captures the world after every earlier load was applied.
+//!
+//! Incremental autosaves ([`SnapshotPlugin::incremental`], [`SaveWorld::incremental`]) write
+//! a snapshot chain into the rotation: a full snapshot, then deltas of what changed since the
+//! autosave before (see [`crate::snapshot`], whose chains are in its `delta` module), until the
+//! [`ChainPolicy`] asks for a full one again. A load of the rotation applies the chain's base
+//! and deltas as one world, all or nothing; a delta that cannot be loaded falls back to the
+//! chain's state before it. A successful load ends the chain: the next autosave is full.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +29,9 @@ use super::scope::Scope;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
 use crate::snapshot::{
-    self, CapturedWorld, DecodedWorld, SlotInfo, SnapshotComponent, SnapshotContext,
-    SnapshotRegistry, SnapshotSettings, SnapshotStandIn,
+    self, CapturedDelta, CapturedWorld, ChainCursor, ChainPolicy, ChainStart, DecodedWorld,
+    SlotInfo, SnapshotComponent, SnapshotContext, SnapshotRegistry, SnapshotSettings,
+    SnapshotStandIn,
 };
 use crate::store::Store;
 
@@ -60,6 +68,9 @@ pub struct Autosave {
     pub keep: usize,
     /// Key prefix of the autosave slots.
     pub prefix: String,
+    /// Incremental autosaves: a snapshot chain compacted as the policy says. `None` (the
+    /// default): every autosave is a full snapshot.
+    pub chain: Option<ChainPolicy>,
 }
 
 impl SnapshotPlugin {
@@ -74,15 +85,47 @@ impl SnapshotPlugin {
     /// Autosaves every `interval` (real time) under [`DEFAULT_AUTOSAVE_PREFIX`], keeping
     /// the newest `keep`.
     pub fn autosave(mut self, interval: Duration, keep: usize) -> Self {
-        let prefix = self
+        let (prefix, chain) = self
             .autosave
             .take()
-            .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix);
+            .map_or((DEFAULT_AUTOSAVE_PREFIX.to_owned(), None), |a| {
+                (a.prefix, a.chain)
+            });
         self.autosave = Some(Autosave {
             interval,
             keep: keep.max(1),
             prefix,
+            chain,
         });
+        self
+    }
+
+    /// Makes autosaves incremental: each one writes only what changed since the autosave
+    /// before (a delta of a snapshot chain), and a full snapshot when `policy` says the chain
+    /// is long enough. The main-thread cost of a delta grows with what changed, not with the
+    /// world; a full one (the first, and each compaction) costs a full capture.
+    ///
+    /// ```no_run
+    /// # use bevy::prelude::*;
+    /// # use bevy_storage::prelude::*;
+    /// # use bevy_storage::snapshot::ChainPolicy;
+    /// # use std::time::Duration;
+    /// App::new().add_plugins((
+    ///     MinimalPlugins,
+    ///     StoragePlugin,
+    ///     SnapshotPlugin::new(SnapshotSettings::default())
+    ///         .autosave(Duration::from_secs(60), 3)
+    ///         .incremental(ChainPolicy::default().max_deltas(20)),
+    /// ));
+    /// ```
+    pub fn incremental(mut self, policy: ChainPolicy) -> Self {
+        let autosave = self.autosave.get_or_insert(Autosave {
+            interval: Duration::MAX,
+            keep: DEFAULT_AUTOSAVE_KEEP,
+            prefix: DEFAULT_AUTOSAVE_PREFIX.to_owned(),
+            chain: None,
+        });
+        autosave.chain = Some(policy);
         self
     }
 
@@ -93,6 +136,7 @@ impl SnapshotPlugin {
             interval: Duration::MAX,
             keep: DEFAULT_AUTOSAVE_KEEP,
             prefix: String::new(),
+            chain: None,
         });
         autosave.prefix = prefix.into();
         self
@@ -114,6 +158,7 @@ impl Plugin for SnapshotPlugin {
                 autosave: self.autosave.clone(),
             })
             .init_resource::<AutosaveTimer>()
+            .init_resource::<ChainState>()
             .configure_sets(Last, SnapshotSystems.before(StorageSystems::Dispatch))
             .add_systems(Last, tick_autosave.in_set(SnapshotSystems));
     }
@@ -153,8 +198,13 @@ pub struct SaveWorld {
     pub slot: WorldSlot,
     /// Fields added to the slot metadata for this save.
     pub metadata: CustomMetadata,
+    /// Write a delta of the rotation's snapshot chain (`Some(true)`), a full snapshot
+    /// (`Some(false)`), or as the plugin's autosaves do (`None`, the default).
+    pub incremental: Option<bool>,
     /// The autosave rotation's prefix and size, resolved when the request is read.
     rotation: Option<(String, usize)>,
+    /// The chain policy when the save is incremental, resolved when the request is read.
+    chain: Option<ChainPolicy>,
 }
 
 impl SaveWorld {
@@ -173,8 +223,18 @@ impl SaveWorld {
             id: RequestId::next(),
             slot,
             metadata: CustomMetadata::new(),
+            incremental: None,
             rotation: None,
+            chain: None,
         }
+    }
+
+    /// Asks for an incremental save (a delta of the autosave rotation's chain) or a full one.
+    /// Only autosaves can be incremental: a named slot asked for one fails with
+    /// [`StorageError::Config`].
+    pub fn incremental(mut self, on: bool) -> Self {
+        self.incremental = Some(on);
+        self
     }
 
     /// Adds a slot metadata field.
@@ -239,6 +299,8 @@ pub struct WorldSaved {
     pub key: String,
     /// True for an autosave.
     pub autosave: bool,
+    /// True when a delta of a snapshot chain was written (an incremental autosave).
+    pub delta: bool,
     /// How many entities were saved, or why nothing was.
     pub result: StorageResult<usize>,
 }
@@ -346,6 +408,10 @@ impl AutosaveConfig {
             .map_or(DEFAULT_AUTOSAVE_PREFIX.to_owned(), |a| a.prefix.clone())
     }
 
+    fn chain(&self) -> Option<ChainPolicy> {
+        self.autosave.as_ref().and_then(|a| a.chain)
+    }
+
     fn keep(&self) -> usize {
         self.autosave
             .as_ref()
@@ -389,17 +455,38 @@ fn rotation(world: &World) -> (String, usize) {
     }
 }
 
+/// The snapshot chain the autosaves of this app are writing.
+#[derive(Resource, Default)]
+struct ChainState {
+    /// The newest record's cursor and the chain's base key; `None`: the next incremental
+    /// autosave is full.
+    cursor: Option<(ChainCursor, String)>,
+}
+
 /// What a world save takes from the world when its turn comes.
 pub(crate) struct SaveInput {
-    captured: CapturedWorld,
+    captured: Captured,
     settings: SnapshotSettings,
     custom: CustomMetadata,
+}
+
+/// A whole world (starting a chain when the save is incremental) or a delta of the chain
+/// whose base is under the key.
+enum Captured {
+    Full(CapturedWorld, Option<ChainStart>),
+    Delta(CapturedDelta, ChainCursor, String),
+}
+
+/// What a world save hands back from the pool: the response, and where the chain stands.
+pub(crate) struct SaveOutput {
+    saved: WorldSaved,
+    chain: Option<(ChainCursor, String)>,
 }
 
 impl RequestKind for SaveWorld {
     type Response = WorldSaved;
     type Input = Option<SaveInput>;
-    type Output = WorldSaved;
+    type Output = SaveOutput;
     const TOUCHES_WORLD: bool = true;
 
     fn id(&self) -> RequestId {
@@ -408,6 +495,15 @@ impl RequestKind for SaveWorld {
 
     fn resolve(&mut self, world: &World) {
         self.rotation = Some(rotation(world));
+        let configured = world
+            .get_resource::<AutosaveConfig>()
+            .and_then(AutosaveConfig::chain);
+        self.chain = match self.incremental {
+            Some(true) => Some(configured.unwrap_or_default()),
+            Some(false) => None,
+            None if self.slot == WorldSlot::Autosave => configured,
+            None => None,
+        };
     }
 
     fn scope(&self) -> Scope {
@@ -415,6 +511,12 @@ impl RequestKind for SaveWorld {
     }
 
     fn input(&self, world: &mut World) -> Result<Option<SaveInput>, SharedError> {
+        if self.chain.is_some() && self.slot != WorldSlot::Autosave {
+            return Err(shared(StorageError::Config(
+                "only autosaves can be incremental: a snapshot chain lives in the autosave rotation"
+                    .into(),
+            )));
+        }
         let settings = world
             .get_resource::<SnapshotSettings>()
             .cloned()
@@ -428,7 +530,39 @@ impl RequestKind for SaveWorld {
             .map(|m| m.0.clone())
             .unwrap_or_default();
         custom.extend(self.metadata.clone());
-        let captured = snapshot::capture(world, &settings, &registry).map_err(shared)?;
+        let captured = match (self.chain, self.slot == WorldSlot::Autosave) {
+            (Some(policy), _) => {
+                let cursor = world
+                    .resource_mut::<ChainState>()
+                    .cursor
+                    .take()
+                    .filter(|(cursor, _)| !cursor.wants_full(&policy, world));
+                match cursor {
+                    Some((cursor, base)) => Captured::Delta(
+                        snapshot::capture_delta(world, &settings, &registry, &cursor)
+                            .map_err(shared)?,
+                        cursor,
+                        base,
+                    ),
+                    None => {
+                        let (captured, start) =
+                            snapshot::capture_base(world, &settings, &registry).map_err(shared)?;
+                        Captured::Full(captured, Some(start))
+                    }
+                }
+            }
+            (None, autosave) => {
+                if autosave {
+                    // A full autosave the chain did not ask for: a delta cannot follow it.
+                    world.resource_mut::<ChainState>().cursor = None;
+                    snapshot::stop_chain(world);
+                }
+                Captured::Full(
+                    snapshot::capture(world, &settings, &registry).map_err(shared)?,
+                    None,
+                )
+            }
+        };
         Ok(Some(SaveInput {
             captured,
             settings,
@@ -436,46 +570,94 @@ impl RequestKind for SaveWorld {
         }))
     }
 
-    fn run(&self, store: &Store, input: Option<SaveInput>) -> WorldSaved {
+    fn run(&self, store: &Store, input: Option<SaveInput>) -> SaveOutput {
         let label = slot_label(&self.slot, &self.rotation);
         let autosave = self.slot == WorldSlot::Autosave;
         let Some(input) = input else {
-            return self.fail(shared(StorageError::Snapshot(
-                "the world was not captured".into(),
-            )));
+            return SaveOutput {
+                saved: self.fail(shared(StorageError::Snapshot(
+                    "the world was not captured".into(),
+                ))),
+                chain: None,
+            };
         };
-        let entities = input.captured.entity_count();
         let keep = self
             .rotation
             .as_ref()
             .map_or(DEFAULT_AUTOSAVE_KEEP, |r| r.1);
-        let stored = input.captured.encode().and_then(|bytes| {
-            if autosave {
-                snapshot::store_autosave(store, &label, keep, &bytes, &input.settings, input.custom)
-            } else {
-                snapshot::store_snapshot(store, &label, &bytes, &input.settings, input.custom)
-                    .map(|()| label.clone())
+        let SaveInput {
+            captured,
+            settings,
+            custom,
+        } = input;
+        let delta = matches!(captured, Captured::Delta(..));
+        let stored = match captured {
+            Captured::Full(captured, start) => {
+                let entities = captured.entity_count();
+                captured.encode().and_then(|bytes| {
+                    let key = if autosave {
+                        snapshot::store_autosave(store, &label, keep, &bytes, &settings, custom)?
+                    } else {
+                        snapshot::store_snapshot(store, &label, &bytes, &settings, custom)?;
+                        label.clone()
+                    };
+                    let chain = start.map(|start| (start.cursor(&bytes), key.clone()));
+                    Ok((key, entities, chain))
+                })
             }
-        });
+            Captured::Delta(captured, cursor, base) => {
+                let entities = captured.live_count();
+                let step = captured.step();
+                captured.encode().and_then(|bytes| {
+                    let key = snapshot::store_autosave_record(
+                        store,
+                        &label,
+                        keep,
+                        &bytes,
+                        &settings,
+                        custom,
+                        Some(&base),
+                    )?;
+                    Ok((key, entities, Some((cursor.advance(step, &bytes), base))))
+                })
+            }
+        };
         match stored {
-            Ok(key) => WorldSaved {
-                id: self.id,
-                key,
-                autosave,
-                result: Ok(entities),
+            Ok((key, entities, chain)) => SaveOutput {
+                saved: WorldSaved {
+                    id: self.id,
+                    key,
+                    autosave,
+                    delta,
+                    result: Ok(entities),
+                },
+                chain,
             },
-            Err(e) => self.fail(shared(e)),
+            Err(e) => SaveOutput {
+                saved: self.fail(shared(e)),
+                chain: None,
+            },
         }
     }
 
-    fn finish(&self, world: &mut World, saved: WorldSaved) -> WorldSaved {
+    fn finish(&self, world: &mut World, output: SaveOutput) -> WorldSaved {
         if let Some(mut timer) = world.get_resource_mut::<AutosaveTimer>()
             && timer.running == Some(self.id)
         {
             timer.running = None;
         }
+        let SaveOutput { saved, chain } = output;
+        if self.chain.is_some() && self.slot == WorldSlot::Autosave {
+            // A failed save leaves no cursor: the removals its delta took are in no record,
+            // so the next autosave is full.
+            world.resource_mut::<ChainState>().cursor = chain;
+        }
         match &saved.result {
-            Ok(n) => debug!("world saved to {:?} ({n} entities)", saved.key),
+            Ok(n) => debug!(
+                "world saved to {:?} ({n} entities{})",
+                saved.key,
+                if saved.delta { ", a delta" } else { "" }
+            ),
             Err(e) => error!("world save to {:?} failed: {e}", saved.key),
         }
         saved
@@ -486,6 +668,7 @@ impl RequestKind for SaveWorld {
             id: self.id,
             key: slot_label(&self.slot, &self.rotation),
             autosave: self.slot == WorldSlot::Autosave,
+            delta: false,
             result: Err(error),
         }
     }
@@ -532,10 +715,8 @@ impl RequestKind for LoadWorld {
         };
         match &self.slot {
             WorldSlot::Key(key) => {
-                let decoded = snapshot::read_snapshot(store, key).and_then(|bytes| {
-                    let bytes =
-                        bytes.ok_or_else(|| StorageError::NoSnapshot { key: key.clone() })?;
-                    snapshot::decode(&bytes, &context)
+                let decoded = snapshot::load_world(store, key, &context).and_then(|world| {
+                    world.ok_or_else(|| StorageError::NoSnapshot { key: key.clone() })
                 });
                 match decoded {
                     Ok(world) => LoadOutput {
@@ -569,6 +750,12 @@ impl RequestKind for LoadWorld {
             skipped,
         } = output;
         let result = result.map(|decoded| {
+            // The persisted entities are replaced: the chain being written no longer
+            // describes this world (and its observers need not see the despawns).
+            snapshot::stop_chain(world);
+            if let Some(mut chain) = world.get_resource_mut::<ChainState>() {
+                chain.cursor = None;
+            }
             let despawn = world
                 .get_resource::<SnapshotSettings>()
                 .is_none_or(|s| s.despawn_existing);

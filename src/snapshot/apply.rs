@@ -13,7 +13,7 @@ pub struct DecodedWorld {
     pub(crate) header: SnapshotHeader,
     pub(crate) entities: Vec<Entity>,
     pub(crate) columns: Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>,
-    pub(crate) resources: Vec<Box<dyn LoadedResource>>,
+    pub(crate) resources: Vec<(String, Box<dyn LoadedResource>)>,
     pub(crate) registry: AppTypeRegistry,
 }
 
@@ -67,9 +67,12 @@ impl DecodedWorld {
             let targets: Vec<Entity> = rows.iter().map(|r| live[*r as usize]).collect();
             column.apply(world, targets, &mut mapper, &registry);
         }
-        for resource in self.resources {
+        for (_, resource) in self.resources {
             resource.apply(world, &mut mapper, &registry);
         }
+        // Relationship hooks queue their half (a parent's `Children`) as commands: run them
+        // now, or a world whose last column was `ChildOf` would be left without them.
+        world.flush();
         map
     }
 }

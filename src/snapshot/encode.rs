@@ -43,37 +43,52 @@ impl CapturedWorld {
             resources: &self.resources,
             registry: &reg,
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + 64 * self.entities.len());
         let header = SnapshotHeader {
             format_version: SNAPSHOT_FORMAT_VERSION,
             encoding: self.encoding,
             game_version: self.game_version,
             entity_count: self.entities.len() as u32,
         };
-        out.extend_from_slice(&header.to_bytes());
-        // The same depth count as the decoder's: a world holding a value nested too deeply
-        // to load back is refused here, not written.
-        let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);
-        let bounded = BoundedValue::new(&body, &budget);
-        let failed = |e: &dyn fmt::Display| {
-            if budget.exceeded() {
-                nesting_too_deep()
-            } else {
-                StorageError::Snapshot(format!("could not serialize the world: {e}"))
-            }
-        };
-        match self.encoding {
-            SnapshotEncoding::Ron => {
-                let text = ron::ser::to_string_pretty(&bounded, ron::ser::PrettyConfig::default())
-                    .map_err(|e| failed(&e))?;
-                out.extend_from_slice(text.as_bytes());
-            }
-            SnapshotEncoding::Binary => {
-                out = postcard::to_extend(&bounded, out).map_err(|e| failed(&e))?;
-            }
-        }
-        Ok(out)
+        encode_body(
+            self.encoding,
+            &header.to_bytes(),
+            64 * self.entities.len(),
+            &body,
+        )
     }
+}
+
+/// `header` followed by `body` serialized as `encoding`, with the decoder's depth count.
+pub(super) fn encode_body<B: Serialize>(
+    encoding: SnapshotEncoding,
+    header: &[u8],
+    size_hint: usize,
+    body: &B,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(header.len() + size_hint);
+    out.extend_from_slice(header);
+    // The same depth count as the decoder's: a world holding a value nested too deeply
+    // to load back is refused here, not written.
+    let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);
+    let bounded = BoundedValue::new(body, &budget);
+    let failed = |e: &dyn fmt::Display| {
+        if budget.exceeded() {
+            nesting_too_deep()
+        } else {
+            StorageError::Snapshot(format!("could not serialize the world: {e}"))
+        }
+    };
+    match encoding {
+        SnapshotEncoding::Ron => {
+            let text = ron::ser::to_string_pretty(&bounded, ron::ser::PrettyConfig::default())
+                .map_err(|e| failed(&e))?;
+            out.extend_from_slice(text.as_bytes());
+        }
+        SnapshotEncoding::Binary => {
+            out = postcard::to_extend(&bounded, out).map_err(|e| failed(&e))?;
+        }
+    }
+    Ok(out)
 }
 
 struct Body<'a> {
@@ -93,7 +108,10 @@ impl Serialize for Body<'_> {
     }
 }
 
-struct Columns<'a>(&'a [Box<dyn CapturedColumn>], &'a TypeRegistry);
+pub(super) struct Columns<'a>(
+    pub(super) &'a [Box<dyn CapturedColumn>],
+    pub(super) &'a TypeRegistry,
+);
 
 impl Serialize for Columns<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -106,7 +124,10 @@ impl Serialize for Columns<'_> {
     }
 }
 
-struct Resources<'a>(&'a [(String, Box<dyn PartialReflect>)], &'a TypeRegistry);
+pub(super) struct Resources<'a>(
+    pub(super) &'a [(String, Box<dyn PartialReflect>)],
+    pub(super) &'a TypeRegistry,
+);
 
 impl Serialize for Resources<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -186,7 +207,7 @@ fn nesting_too_deep() -> StorageError {
     }
 }
 
-struct DecodeState<'a> {
+pub(super) struct DecodeState<'a> {
     registry: &'a TypeRegistry,
     snapshots: &'a SnapshotRegistry,
     snapshot_version: u32,
@@ -214,6 +235,78 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
             current: context.game_version,
         });
     }
+    let (entities, columns, resources) = decode_body::<FullBody>(
+        header.encoding,
+        header.game_version,
+        &bytes[HEADER_LEN..],
+        context,
+    )?;
+    let entities = saved_entities(entities)?;
+    if entities.len() != header.entity_count as usize {
+        return Err(StorageError::Snapshot(format!(
+            "header says {} entities, body has {}",
+            header.entity_count,
+            entities.len()
+        )));
+    }
+    check_columns(&columns, entities.len())?;
+    Ok(DecodedWorld {
+        header,
+        entities,
+        columns,
+        resources,
+        registry: context.registry.clone(),
+    })
+}
+
+/// Decoded component columns: (type path, rows, values).
+pub(super) type LoadedColumns = Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>;
+/// Decoded resources: (type path, value).
+pub(super) type LoadedResources = Vec<(String, Box<dyn LoadedResource>)>;
+
+type Parts = (Vec<u64>, LoadedColumns, LoadedResources);
+
+/// The shape of a record body: a tuple of `LEN` elements read by `visit`.
+pub(super) trait BodyShape {
+    type Value;
+    const LEN: usize;
+    const WHAT: &'static str;
+    fn visit<'de, A: SeqAccess<'de>>(
+        state: &DecodeState<'_>,
+        seq: A,
+    ) -> Result<Self::Value, A::Error>;
+}
+
+/// A whole snapshot's body: (entities, columns, resources).
+struct FullBody;
+
+impl BodyShape for FullBody {
+    type Value = Parts;
+    const LEN: usize = 3;
+    const WHAT: &'static str = "a snapshot body (entities, components, resources)";
+    fn visit<'de, A: SeqAccess<'de>>(
+        state: &DecodeState<'_>,
+        mut seq: A,
+    ) -> Result<Parts, A::Error> {
+        let missing = |what| A::Error::custom(format!("snapshot body ends before its {what}"));
+        let entities: Vec<u64> = seq.next_element()?.ok_or_else(|| missing("entities"))?;
+        let columns = seq
+            .next_element_seed(ColumnsSeed(state))?
+            .ok_or_else(|| missing("components"))?;
+        let resources = seq
+            .next_element_seed(ResourcesSeed(state))?
+            .ok_or_else(|| missing("resources"))?;
+        Ok((entities, columns, resources))
+    }
+}
+
+/// Decodes a record body of shape `K` (untrusted bytes: bounded nesting, typed errors).
+pub(super) fn decode_body<K: BodyShape>(
+    encoding: SnapshotEncoding,
+    snapshot_version: u32,
+    body: &[u8],
+    context: &SnapshotContext,
+) -> Result<K::Value> {
     let reg = context.registry.read();
     let mut no_assets = NoAssetServer { requested: None };
     let mut server = context.asset_server.clone();
@@ -224,16 +317,15 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
     let state = DecodeState {
         registry: &reg,
         snapshots: &context.snapshots,
-        snapshot_version: header.game_version,
+        snapshot_version,
         loader: RefCell::new(loader),
         failure: RefCell::new(None),
     };
-    let body = &bytes[HEADER_LEN..];
     // The body is untrusted: its nesting is bounded (see `codec::depth`) on every path, the
     // reflected component values included.
     let budget = DepthBudget::new(SNAPSHOT_MAX_DEPTH);
-    let seed = Bounded::seed(BodySeed(&state), &budget);
-    let parsed = match header.encoding {
+    let seed = Bounded::seed(BodySeed::<K>(&state, std::marker::PhantomData), &budget);
+    let parsed = match encoding {
         SnapshotEncoding::Ron => {
             let mut de = ron::de::Deserializer::from_bytes_with_options(body, &ron_options())
                 .map_err(|e| StorageError::Snapshot(format!("snapshot body is not RON: {e}")))?;
@@ -257,7 +349,7 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
     };
     let failure = state.failure.into_inner();
     drop(reg);
-    let (entities, columns, resources) = match (parsed, failure) {
+    let value = match (parsed, failure) {
         _ if budget.exceeded() => return Err(nesting_too_deep()),
         (Err(message), None) if message.contains("Exceeded recursion limit") => {
             return Err(nesting_too_deep());
@@ -268,28 +360,29 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
                 "snapshot is damaged or incompatible: {message}"
             )));
         }
-        (Ok(parts), None) => parts,
+        (Ok(value), None) => value,
     };
     if let Some(path) = no_assets.requested {
         return Err(StorageError::Snapshot(format!(
             "the snapshot refers to the asset {path:?} but the app has no AssetServer (add AssetPlugin) to load it"
         )));
     }
-    let entities: Vec<Entity> = entities
-        .into_iter()
+    Ok(value)
+}
+
+/// Saved entity ids to entities, refusing bits that are no entity.
+pub(super) fn saved_entities(bits: Vec<u64>) -> Result<Vec<Entity>> {
+    bits.into_iter()
         .map(|bits| {
             Entity::try_from_bits(bits)
                 .ok_or_else(|| StorageError::Snapshot(format!("invalid saved entity id {bits}")))
         })
-        .collect::<Result<_>>()?;
-    if entities.len() != header.entity_count as usize {
-        return Err(StorageError::Snapshot(format!(
-            "header says {} entities, body has {}",
-            header.entity_count,
-            entities.len()
-        )));
-    }
-    for (type_path, rows, column) in &columns {
+        .collect()
+}
+
+/// Checks that every column has as many rows as values and names rows below `entities`.
+pub(super) fn check_columns(columns: &LoadedColumns, entities: usize) -> Result<()> {
+    for (type_path, rows, column) in columns {
         if rows.len() != column.len() {
             return Err(StorageError::Snapshot(format!(
                 "column {type_path} has {} rows for {} values",
@@ -297,66 +390,45 @@ pub fn decode(bytes: &[u8], context: &SnapshotContext) -> Result<DecodedWorld> {
                 column.len()
             )));
         }
-        if let Some(bad) = rows.iter().find(|r| **r as usize >= entities.len()) {
+        if let Some(bad) = rows.iter().find(|r| **r as usize >= entities) {
             return Err(StorageError::Snapshot(format!(
-                "column {type_path} names entity row {bad} of {}",
-                entities.len()
+                "column {type_path} names entity row {bad} of {entities}"
             )));
         }
     }
-    Ok(DecodedWorld {
-        header,
-        entities,
-        columns,
-        resources,
-        registry: context.registry.clone(),
-    })
+    Ok(())
 }
 
-type Parts = (
-    Vec<u64>,
-    Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>,
-    Vec<Box<dyn LoadedResource>>,
-);
+struct BodySeed<'s, 'a, K>(&'s DecodeState<'a>, std::marker::PhantomData<fn() -> K>);
 
-struct BodySeed<'s, 'a>(&'s DecodeState<'a>);
-
-impl<'de> DeserializeSeed<'de> for BodySeed<'_, '_> {
-    type Value = Parts;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Parts, D::Error> {
-        d.deserialize_tuple(3, self)
+impl<'de, K: BodyShape> DeserializeSeed<'de> for BodySeed<'_, '_, K> {
+    type Value = K::Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<K::Value, D::Error> {
+        d.deserialize_tuple(K::LEN, self)
     }
 }
 
-impl<'de> Visitor<'de> for BodySeed<'_, '_> {
-    type Value = Parts;
+impl<'de, K: BodyShape> Visitor<'de> for BodySeed<'_, '_, K> {
+    type Value = K::Value;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a snapshot body (entities, components, resources)")
+        f.write_str(K::WHAT)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parts, A::Error> {
-        let missing = |what| A::Error::custom(format!("snapshot body ends before its {what}"));
-        let entities: Vec<u64> = seq.next_element()?.ok_or_else(|| missing("entities"))?;
-        let columns = seq
-            .next_element_seed(ColumnsSeed(self.0))?
-            .ok_or_else(|| missing("components"))?;
-        let resources = seq
-            .next_element_seed(ResourcesSeed(self.0))?
-            .ok_or_else(|| missing("resources"))?;
-        Ok((entities, columns, resources))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<K::Value, A::Error> {
+        K::visit(self.0, seq)
     }
 }
 
-struct ColumnsSeed<'s, 'a>(&'s DecodeState<'a>);
+pub(super) struct ColumnsSeed<'s, 'a>(pub(super) &'s DecodeState<'a>);
 
 impl<'de> DeserializeSeed<'de> for ColumnsSeed<'_, '_> {
-    type Value = Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>;
+    type Value = LoadedColumns;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
 impl<'de> Visitor<'de> for ColumnsSeed<'_, '_> {
-    type Value = Vec<(String, Vec<u32>, Box<dyn LoadedColumn>)>;
+    type Value = LoadedColumns;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a list of component columns")
     }
@@ -512,17 +584,17 @@ impl<'de> Visitor<'de> for ReflectSeqSeed<'_, '_> {
     }
 }
 
-struct ResourcesSeed<'s, 'a>(&'s DecodeState<'a>);
+pub(super) struct ResourcesSeed<'s, 'a>(pub(super) &'s DecodeState<'a>);
 
 impl<'de> DeserializeSeed<'de> for ResourcesSeed<'_, '_> {
-    type Value = Vec<Box<dyn LoadedResource>>;
+    type Value = LoadedResources;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
 impl<'de> Visitor<'de> for ResourcesSeed<'_, '_> {
-    type Value = Vec<Box<dyn LoadedResource>>;
+    type Value = LoadedResources;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a list of resources")
     }
@@ -538,14 +610,14 @@ impl<'de> Visitor<'de> for ResourcesSeed<'_, '_> {
 struct ResourceSeed<'s, 'a>(&'s DecodeState<'a>);
 
 impl<'de> DeserializeSeed<'de> for ResourceSeed<'_, '_> {
-    type Value = Box<dyn LoadedResource>;
+    type Value = (String, Box<dyn LoadedResource>);
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_tuple(2, self)
     }
 }
 
 impl<'de> Visitor<'de> for ResourceSeed<'_, '_> {
-    type Value = Box<dyn LoadedResource>;
+    type Value = (String, Box<dyn LoadedResource>);
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a resource (type path, value)")
     }
@@ -587,7 +659,9 @@ impl<'de> Visitor<'de> for ResourceSeed<'_, '_> {
                 None => None,
             }
         };
-        loaded.ok_or_else(|| A::Error::custom(format!("resource {type_path} without a value")))
+        let loaded = loaded
+            .ok_or_else(|| A::Error::custom(format!("resource {type_path} without a value")))?;
+        Ok((type_path, loaded))
     }
 }
 

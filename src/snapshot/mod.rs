@@ -17,6 +17,12 @@
 //!    (configurable), spawns the snapshot's, maps entity references, inserts everything.
 //!    It cannot fail half way: all checks happened in step 3.
 //!
+//! Snapshot chains (incremental autosaves, the `delta` module): [`capture_base`] starts a
+//! chain with a full capture, [`capture_delta`] captures what changed since the chain's last
+//! record (cost proportional to the change), [`decode_chain`] merges a base and its deltas on
+//! any thread into one [`DecodedWorld`]. The autosave rotation in `slots` stores and loads them
+//! ([`store_autosave_record`], [`load_newest_autosave`], [`load_world`]).
+//!
 //! Hierarchies: `ChildOf` is saved (typed) and `Children` is rebuilt by Bevy's relationship
 //! hooks as children are inserted in their saved order. Save whole subtrees: a reference to an
 //! entity outside the snapshot becomes [`Entity::PLACEHOLDER`].
@@ -25,7 +31,8 @@
 //! Each file imports only files below it in this list (the settings and the registry in
 //! `mod.rs` are read by all of them):
 //! ```text
-//! slots    ──▶ encode, apply, header     save slots and autosaves in a Store
+//! slots    ──▶ delta, encode, apply, header   save slots and autosaves in a Store
+//! delta    ──▶ capture, encode, apply, columns, header   snapshot chains: deltas, merging
 //! encode   ──▶ capture, apply, columns, header   steps 2 and 3: captured world ⇄ bytes
 //! capture  ──▶ columns                   step 1: World ─▶ CapturedWorld
 //! apply    ──▶ columns, header           step 4: DecodedWorld ─▶ World
@@ -43,6 +50,8 @@ mod capture;
 #[cfg(feature = "bevy")]
 mod columns;
 #[cfg(feature = "bevy")]
+mod delta;
+#[cfg(feature = "bevy")]
 mod encode;
 mod header;
 #[cfg(feature = "bevy")]
@@ -56,15 +65,27 @@ pub use capture::{CapturedWorld, capture};
 #[cfg(feature = "bevy")]
 pub use columns::{SnapshotComponent, SnapshotEntityMapper, SnapshotStandIn};
 #[cfg(feature = "bevy")]
+pub use delta::{
+    CapturedDelta, ChainCursor, ChainPolicy, ChainStart, ChainStep, ChainTracker, capture_base,
+    capture_delta, decode_chain, stop_chain,
+};
+#[cfg(feature = "bevy")]
 pub use encode::{SnapshotContext, decode};
 pub use header::{
-    HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
+    DELTA_FORMAT_VERSION, DELTA_HEADER_LEN, DeltaHeader, HEADER_LEN, RecordKind, RecordLink,
+    SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_delta_header, read_header,
+    record_kind,
 };
 #[cfg(feature = "bevy")]
 pub use migrate::Migrations;
+pub use slots::{
+    ChainInfo, SlotInfo, autosave_key, autosave_keys, chain_of, list_slots, read_snapshot,
+};
 #[cfg(feature = "bevy")]
-pub use slots::{LoadedAutosave, load_newest_autosave, store_autosave, store_snapshot};
-pub use slots::{SlotInfo, autosave_key, autosave_keys, list_slots, read_snapshot};
+pub use slots::{
+    LoadedAutosave, load_newest_autosave, load_world, store_autosave, store_autosave_record,
+    store_snapshot,
+};
 
 #[cfg(feature = "bevy")]
 use std::any::TypeId;

@@ -83,7 +83,10 @@ pub struct SalvageProgress {
 const SQL_ROWIDS: &str = "SELECT rowid FROM records WHERE rowid > ?1 ORDER BY rowid";
 const SQL_FIRST_FROM: &str = "SELECT rowid FROM records WHERE rowid >= ?1 ORDER BY rowid LIMIT 1";
 const SQL_ROW: &str = "SELECT created_at, modified_at, accessed_at, expires_at, size, compressed, \
-     encrypted, custom, 0, value, key FROM records WHERE rowid = ?1";
+     encrypted, custom, version, value, key FROM records WHERE rowid = ?1";
+/// [`SQL_ROW`] for a schema-1 database, whose records have no version (they read as 0).
+const SQL_ROW_WITHOUT_VERSION: &str = "SELECT created_at, modified_at, accessed_at, expires_at, \
+     size, compressed, encrypted, custom, 0, value, key FROM records WHERE rowid = ?1";
 const SQL_INDEX_KEYS: &str = "SELECT key FROM records INDEXED BY sqlite_autoindex_records_1 \
      WHERE key >= ?1 ORDER BY key";
 
@@ -119,9 +122,15 @@ pub fn salvage(
     };
     let src = open_read_only(source, &options)
         .map_err(|e| super::connection::open_error(source, "opening the damaged database", e))?;
-    // Fails early and clearly when the schema page is unreadable.
-    src.prepare(SQL_ROW)
-        .map_err(|e| super::connection::open_error(source, "reading the schema", e))?;
+    // Fails early and clearly when the schema page is unreadable; records keep their
+    // versions (a schema-1 file has none).
+    let row_sql = if src.prepare(SQL_ROW).is_ok() {
+        SQL_ROW
+    } else {
+        src.prepare(SQL_ROW_WITHOUT_VERSION)
+            .map_err(|e| super::connection::open_error(source, "reading the schema", e))?;
+        SQL_ROW_WITHOUT_VERSION
+    };
     let out = SqliteBackend::open(
         dest,
         &SqliteOptions {
@@ -144,7 +153,7 @@ pub fn salvage(
         // Walk row ids from `last` until the end or a damaged page.
         let walked = walk_rowids(&src, last, |rowid| {
             last = rowid;
-            match read_row(&src, rowid) {
+            match read_row(&src, row_sql, rowid) {
                 Some((key, record)) => {
                     copied.insert(key.clone());
                     batch.push(WriteOp::Put {
@@ -279,9 +288,9 @@ fn row_reachable(src: &Connection, rowid: i64) -> bool {
 }
 
 /// One row, whole and consistent, or `None`.
-fn read_row(src: &Connection, rowid: i64) -> Option<(String, Record)> {
+fn read_row(src: &Connection, row_sql: &str, rowid: i64) -> Option<(String, Record)> {
     let (meta, value, key) = src
-        .prepare_cached(SQL_ROW)
+        .prepare_cached(row_sql)
         .and_then(|mut stmt| {
             stmt.query_row([rowid], |row| {
                 Ok((

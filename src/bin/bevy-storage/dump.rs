@@ -414,7 +414,9 @@ impl DumpReader {
                     custom: line.custom,
                     // The version the record had where it was exported, so a copy of a
                     // store is the same store; a new one for dumps without versions.
-                    version: line.version.map_or_else(RecordVersion::fresh, RecordVersion),
+                    version: line
+                        .version
+                        .map_or_else(RecordVersion::fresh, RecordVersion),
                 },
                 value,
             },
