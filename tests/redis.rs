@@ -69,30 +69,32 @@ fn record(value: &[u8], now: Timestamp, expires_at: Option<Timestamp>) -> Record
     }
 }
 
-/// A record string of key layout 2 as Redis holds it (see the Redis backend's module docs).
+/// A record string of key layout 3 as Redis holds it (see the Redis backend's module docs).
 struct RawRecord {
     created_at: i64,
     expires_at: i64,
     size: u64,
     accessed_at: i64,
     version: u8,
+    record_version: u64,
     custom: Vec<u8>,
 }
 
 fn raw_record(con: &mut redis::Connection, record_key: &str) -> RawRecord {
     let bytes: Vec<u8> = redis::cmd("GET").arg(record_key).query(con).unwrap();
-    assert!(bytes.len() >= 42, "{record_key}: {bytes:?}");
+    assert!(bytes.len() >= 50, "{record_key}: {bytes:?}");
     let i64_at = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let (size, custom_len) = (u32_at(16), u32_at(20));
-    assert_eq!(bytes.len(), 42 + custom_len + size, "{record_key}");
+    assert_eq!(bytes.len(), 50 + custom_len + size, "{record_key}");
     RawRecord {
         created_at: i64_at(0),
         expires_at: i64_at(8),
         size: size as u64,
         accessed_at: i64_at(32),
         version: bytes[41],
-        custom: bytes[42..42 + custom_len].to_vec(),
+        record_version: i64_at(42) as u64,
+        custom: bytes[50..50 + custom_len].to_vec(),
     }
 }
 
@@ -230,12 +232,13 @@ fn records_expire_in_redis_by_themselves() {
     let record_key = ns.record_key("session:1");
     let pttl: i64 = redis::cmd("PTTL").arg(&record_key).query(&mut con).unwrap();
     assert!(0 < pttl && pttl <= 400, "PTTL {pttl}");
-    // Value and metadata are one string (key layout 2), so they expire together.
+    // Value and metadata are one string (key layout 3), so they expire together.
     let kind: String = redis::cmd("TYPE").arg(&record_key).query(&mut con).unwrap();
     assert_eq!(kind, "string");
     let stored = raw_record(&mut con, &record_key);
-    assert_eq!(stored.version, 2, "key layout version");
+    assert_eq!(stored.version, 3, "key layout version");
     let meta = s.backend().get_meta("session:1").unwrap().unwrap();
+    assert_eq!(RecordVersion(stored.record_version), meta.version);
     assert_eq!(stored.expires_at, meta.expires_at.unwrap().0);
     assert_eq!(stored.created_at, meta.created_at.0);
     assert_eq!(stored.accessed_at, meta.accessed_at.0);
