@@ -135,6 +135,29 @@ pub fn capture(
             .map(|c| Box::new(c) as Box<dyn CapturedColumn>),
     );
 
+    let resources = capture_resources(world, &reg, settings, |_, _| true)?;
+    drop(reg);
+
+    Ok(CapturedWorld {
+        game_version: settings.game_version,
+        encoding: settings.encoding,
+        entities: entities.iter().map(|e| e.to_bits()).collect(),
+        columns,
+        resources,
+        registry,
+    })
+}
+
+/// The allowlisted resources of `settings` that `keep` accepts (given the resource's entity
+/// and component id), in type-path order, as reflected clones: what a full snapshot stores
+/// (every one) and what a delta stores (the changed ones). An allowlisted type that is not
+/// registered as a reflected resource is an error; one never inserted is skipped.
+pub(super) fn capture_resources(
+    world: &World,
+    reg: &bevy::reflect::TypeRegistry,
+    settings: &SnapshotSettings,
+    keep: impl Fn(EntityRef<'_>, ComponentId) -> bool,
+) -> Result<Vec<(String, Box<dyn PartialReflect>)>> {
     let mut resources = Vec::new();
     let mut wanted: Vec<TypeId> = settings.resources.iter().copied().collect();
     wanted.sort_by_key(|t| reg.get(*t).map(|r| r.type_info().type_path()));
@@ -156,7 +179,11 @@ pub fn capture(
         let Some(entity) = world.resource_entities().get(component_id) else {
             continue;
         };
-        if let Some(value) = reflect_component.reflect(world.entity(entity)) {
+        let entity_ref = world.entity(entity);
+        if !keep(entity_ref, component_id) {
+            continue;
+        }
+        if let Some(value) = reflect_component.reflect(entity_ref) {
             let cloned = match value.reflect_clone() {
                 Ok(v) => v.into_partial_reflect(),
                 Err(_) => value.to_dynamic(),
@@ -164,16 +191,7 @@ pub fn capture(
             resources.push((registration.type_info().type_path().to_owned(), cloned));
         }
     }
-    drop(reg);
-
-    Ok(CapturedWorld {
-        game_version: settings.game_version,
-        encoding: settings.encoding,
-        entities: entities.iter().map(|e| e.to_bits()).collect(),
-        columns,
-        resources,
-        registry,
-    })
+    Ok(resources)
 }
 
 /// Every persisted entity, parents before children and siblings in their `Children` order,

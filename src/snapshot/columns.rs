@@ -462,6 +462,12 @@ impl<T: SnapshotComponent> CapturedColumn for TypedColumn<T> {
     }
 }
 
+/// Keeps the values whose flag in `keep` (one per value, in order) is set.
+fn retain_flagged<T>(values: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    values.retain(|_| flags.next().copied().unwrap_or(false));
+}
+
 /// Decoded values of a typed component (also what migrations produce).
 pub(crate) struct TypedLoaded<T> {
     pub(crate) values: Vec<T>,
@@ -473,11 +479,7 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
     }
 
     fn retain(&mut self, keep: &[bool]) {
-        let mut i = 0;
-        self.values.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
+        retain_flagged(&mut self.values, keep);
     }
 
     fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
@@ -631,11 +633,7 @@ impl LoadedColumn for ReflectLoaded {
     }
 
     fn retain(&mut self, keep: &[bool]) {
-        let mut i = 0;
-        self.values.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
+        retain_flagged(&mut self.values, keep);
     }
 
     fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {

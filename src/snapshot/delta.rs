@@ -23,7 +23,6 @@
 //! Entity ids of a chain are those of the run that wrote it; a run that loads a world starts
 //! a new chain with its next save (the plugin does this).
 
-use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
 
 use bevy::ecs::change_detection::{CHECK_TICK_THRESHOLD, Tick};
@@ -31,7 +30,7 @@ use bevy::ecs::component::ComponentId;
 use bevy::ecs::entity::{EntityHashMap, EntityHashSet};
 use bevy::ecs::lifecycle::Remove;
 use bevy::ecs::observer::Observer;
-use bevy::ecs::reflect::{AppTypeRegistry, ReflectComponent, ReflectResource};
+use bevy::ecs::reflect::{AppTypeRegistry, ReflectComponent};
 use bevy::prelude::*;
 use bevy::reflect::PartialReflect;
 use serde::de::{Error as _, SeqAccess};
@@ -39,7 +38,7 @@ use serde::ser::SerializeTuple;
 use serde::{Serialize, Serializer};
 
 use super::apply::DecodedWorld;
-use super::capture::{CapturedWorld, capture};
+use super::capture::{CapturedWorld, capture, capture_resources};
 use super::columns::{CapturedColumn, DeltaRows, DeltaScope, ReflectColumn, scan_changed};
 use super::encode::{
     BodyShape, Columns, ColumnsSeed, DecodeState, LoadedColumns, LoadedResources, Resources,
@@ -654,42 +653,11 @@ fn changed_parts(
     }
 
     // Allowlisted resources that changed.
-    let mut resources = Vec::new();
-    let mut wanted: Vec<TypeId> = settings.resources.iter().copied().collect();
-    wanted.sort_by_key(|t| reg.get(*t).map(|r| r.type_info().type_path()));
-    for type_id in wanted {
-        let registration = reg
-            .get(type_id)
-            .filter(|r| r.data::<ReflectResource>().is_some());
-        let Some(registration) = registration else {
-            return Err(StorageError::Snapshot(format!(
-                "an allowlisted resource ({type_id:?}) is not registered for reflection: derive Reflect and add #[reflect(Resource)]"
-            )));
-        };
-        let Some(reflect_component) = registration.data::<ReflectComponent>() else {
-            continue;
-        };
-        let Some(component_id) = world.components().get_valid_id(type_id) else {
-            continue;
-        };
-        let Some(entity) = world.resource_entities().get(component_id) else {
-            continue;
-        };
-        let entity_ref = world.entity(entity);
-        let changed = entity_ref
-            .get_change_ticks_by_id(component_id)
-            .is_some_and(|t| t.is_changed(since, this_run));
-        if !changed {
-            continue;
-        }
-        if let Some(value) = reflect_component.reflect(entity_ref) {
-            let cloned = match value.reflect_clone() {
-                Ok(v) => v.into_partial_reflect(),
-                Err(_) => value.to_dynamic(),
-            };
-            resources.push((registration.type_info().type_path().to_owned(), cloned));
-        }
-    }
+    let resources = capture_resources(world, &reg, settings, |entity, id| {
+        entity
+            .get_change_ticks_by_id(id)
+            .is_some_and(|t| t.is_changed(since, this_run))
+    })?;
     drop(reg);
     Ok((rows, despawned, removed, columns, resources))
 }
