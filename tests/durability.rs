@@ -748,6 +748,16 @@ mod redis_bounds {
                 }),
             ),
             ("metadata", Box::new(|| store.get_metadata("k7").map(drop))),
+            (
+                "take",
+                Box::new(|| store.take::<u32>("k8", &LoadOptions::default()).map(drop)),
+            ),
+            (
+                "page",
+                Box::new(|| store.list_keys_page("k", None, 5).map(drop)),
+            ),
+            ("purge", Box::new(|| store.purge_expired().map(drop))),
+            ("clear", Box::new(|| store.clear())),
         ];
         // Twice over: the first round meets fresh connections, the second the aftermath.
         for round in 0..2 {
@@ -757,7 +767,10 @@ mod redis_bounds {
                 let took = started.elapsed();
                 eprintln!("round {round}: {name} failed after {took:?}: {err}");
                 assert!(took <= BOUND + SLACK, "{name} took {took:?}: {err}");
-                let write = matches!(*name, "save" | "delete" | "transaction");
+                let write = matches!(
+                    *name,
+                    "save" | "delete" | "transaction" | "take" | "purge" | "clear"
+                );
                 assert!(
                     matches!(err, StorageError::Unavailable { .. })
                         || (write && matches!(err, StorageError::OutcomeUnknown { .. })),
@@ -779,6 +792,67 @@ mod redis_bounds {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(store.get_stats().is_healthy);
+    }
+
+    /// Each kind of operation on its own, on a store whose connection is live when the server
+    /// stops (in the test above, the operations after the first few meet a pool that already
+    /// knows the server is gone): every one fails within the bound with a typed error.
+    #[test]
+    fn each_operation_on_a_live_connection_fails_within_the_bound() {
+        let Some(server) = Server::start() else {
+            return;
+        };
+        type Op = (&'static str, fn(&Store) -> Result<(), StorageError>);
+        let ops: [Op; 11] = [
+            ("save", |s| {
+                s.save("k1", &100u32, &SaveOptions::default()).map(drop)
+            }),
+            ("load", |s| {
+                s.load::<u32>("k2", &LoadOptions::default()).map(drop)
+            }),
+            ("exists", |s| s.exists("k3").map(drop)),
+            ("list", |s| s.list_keys("k").map(drop)),
+            ("page", |s| s.list_keys_page("k", None, 5).map(drop)),
+            ("delete", |s| s.delete("k4").map(drop)),
+            ("transaction", |s| {
+                s.transaction(vec![
+                    StorageOperation::save("k5", 5u32),
+                    StorageOperation::delete("k6"),
+                ])
+            }),
+            ("metadata", |s| s.get_metadata("k7").map(drop)),
+            ("take", |s| {
+                s.take::<u32>("k8", &LoadOptions::default()).map(drop)
+            }),
+            ("purge", |s| s.purge_expired().map(drop)),
+            ("clear", |s| s.clear()),
+        ];
+        for (name, op) in ops {
+            // One connection, opened and used while the server still answers.
+            let store =
+                Store::open(StorageConfig::redis(server.url(), "live").pool_size(1)).unwrap();
+            for i in 0..10u32 {
+                store
+                    .save(&format!("k{i}"), &i, &SaveOptions::default())
+                    .unwrap();
+            }
+            server.signal(libc::SIGSTOP);
+            let started = Instant::now();
+            let err = op(&store).expect_err(name);
+            let took = started.elapsed();
+            server.signal(libc::SIGCONT);
+            eprintln!("{name} failed after {took:?}: {err}");
+            assert!(took <= BOUND + SLACK, "{name} took {took:?}: {err}");
+            let write = matches!(
+                name,
+                "save" | "delete" | "transaction" | "take" | "purge" | "clear"
+            );
+            assert!(
+                matches!(err, StorageError::Unavailable { .. })
+                    || (write && matches!(err, StorageError::OutcomeUnknown { .. })),
+                "{name}: {err:?}"
+            );
+        }
     }
 
     /// A listing is many round trips (`SCAN` pages, a pipeline of header reads per page):

@@ -25,6 +25,11 @@ impl Store {
     /// whatever other writers insert or delete meanwhile (keys written during the listing
     /// appear if they sort after the current page). `limit` must be 1 to [`MAX_PAGE`].
     ///
+    /// The time of a page depends on the backend: SQLite, PostgreSQL and memory seek to
+    /// `after`, so a page costs about its own size; Redis and the file backend keep no order
+    /// of keys, so each page is one pass over every key (Redis: one `SCAN` of the database,
+    /// keeping only the `limit` smallest keys after `after`). There, list in large pages.
+    ///
     /// ```
     /// # use bevy_storage::{StorageConfig, Store, SaveOptions};
     /// let store = Store::open(StorageConfig::memory())?;

@@ -100,8 +100,15 @@ impl Dir {
 
     /// The UTF-8 names of the entries of the root.
     pub(super) fn entry_names(&self) -> Result<Vec<String>> {
-        let context = || format!("listing the storage directory {}", self.root.display());
         let mut names = Vec::new();
+        self.for_each_entry_name(|name| names.push(name))?;
+        Ok(names)
+    }
+
+    /// Hands the name of every file in the storage directory to `visit` as the directory is
+    /// read, keeping none of them.
+    pub(super) fn for_each_entry_name(&self, mut visit: impl FnMut(String)) -> Result<()> {
+        let context = || format!("listing the storage directory {}", self.root.display());
         for entry in fs::read_dir(&self.root).map_err(|e| StorageError::io(context(), e))? {
             let entry = entry.map_err(|e| StorageError::io(context(), e))?;
             // Sub-directories are never ours (the backend creates none).
@@ -109,10 +116,10 @@ impl Dir {
                 continue;
             }
             if let Ok(name) = entry.file_name().into_string() {
-                names.push(name);
+                visit(name);
             }
         }
-        Ok(names)
+        Ok(())
     }
 
     pub(super) fn remove_file_if_exists(&self, name: &str) -> Result<()> {

@@ -242,35 +242,87 @@ impl FileBackend {
     fn list(&self, prefix: &str) -> Result<Vec<(String, RecordMeta)>> {
         let dir = &self.inner.dir;
         let mut found = Vec::new();
-        for name in dir.entry_names()? {
-            let Some(parsed) = parse_name(&name) else {
-                continue;
-            };
-            match &parsed {
-                ParsedName::Direct(key) if !key.starts_with(prefix) => continue,
-                ParsedName::Hashed { hint, .. } => {
-                    let n = hint.len().min(prefix.len());
-                    if hint[..n] != prefix.as_bytes()[..n] {
-                        continue;
-                    }
-                }
-                ParsedName::Direct(_) => {}
+        dir.for_each_entry_name(|name| {
+            if let Some(record) = self.record_named(&name, prefix) {
+                found.push(record);
             }
-            // One unreadable or damaged file never fails the listing.
-            let Ok(Loaded::Found(key, meta)) = load_header(&dir.path(&name)) else {
-                continue;
-            };
-            let in_place = match &parsed {
-                ParsedName::Direct(expected) => *expected == key,
-                ParsedName::Hashed { base, .. } => place_of(&key) == Place::Chain(base.clone()),
-            };
-            if in_place && key.starts_with(prefix) {
-                found.push((key, meta));
-            }
-        }
+        })?;
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found.dedup_by(|a, b| a.0 == b.0);
         Ok(found)
+    }
+
+    /// The key and metadata of the valid record in the file `name`, if its key starts with
+    /// `prefix`: `None` for files that are not records, records out of place, and unreadable
+    /// or damaged files (one of those never fails a listing).
+    fn record_named(&self, name: &str, prefix: &str) -> Option<(String, RecordMeta)> {
+        let parsed = parse_name(name)?;
+        if !parsed.may_hold_prefix(prefix) {
+            return None;
+        }
+        let Ok(Loaded::Found(key, meta)) = load_header(&self.inner.dir.path(name)) else {
+            return None;
+        };
+        let in_place = match &parsed {
+            ParsedName::Direct(expected) => *expected == key,
+            ParsedName::Hashed { base, .. } => place_of(&key) == Place::Chain(base.clone()),
+        };
+        (in_place && key.starts_with(prefix)).then_some((key, meta))
+    }
+
+    /// The `limit` smallest keys after `after` that start with `prefix`, from one pass over
+    /// the directory that keeps at most `limit` candidates (a direct name spells its key, so
+    /// only hashed names and the chosen files have their headers read).
+    fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, RecordMeta)>> {
+        let mut page = Vec::with_capacity(limit.min(1024));
+        let mut cursor = after.map(str::to_owned);
+        while page.len() < limit {
+            let want = limit - page.len();
+            // Key -> file name (and the header, when reading it was needed to learn the key).
+            let mut smallest: BTreeMap<String, (String, Option<RecordMeta>)> = BTreeMap::new();
+            self.inner.dir.for_each_entry_name(|name| {
+                let (key, meta) = match parse_name(&name) {
+                    Some(ParsedName::Direct(key)) if key.starts_with(prefix) => (key, None),
+                    Some(ParsedName::Hashed { .. }) => match self.record_named(&name, prefix) {
+                        Some((key, meta)) => (key, Some(meta)),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                if cursor.as_deref().is_some_and(|c| key.as_str() <= c) {
+                    return;
+                }
+                if smallest.len() == want {
+                    match smallest.last_key_value() {
+                        Some((largest, _)) if key < *largest => {}
+                        _ => return,
+                    }
+                    smallest.pop_last();
+                }
+                smallest.insert(key, (name, meta));
+            })?;
+            let exhausted = smallest.len() < want;
+            cursor = smallest.keys().next_back().cloned();
+            for (key, (name, meta)) in smallest {
+                let meta = match meta {
+                    Some(meta) => Some(meta),
+                    None => self.record_named(&name, prefix).map(|(_, meta)| meta),
+                };
+                // A file removed or damaged since the pass is left out.
+                if let Some(meta) = meta {
+                    page.push((key, meta));
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        Ok(page)
     }
 }
 
@@ -424,6 +476,22 @@ impl Backend for FileBackend {
         let _gate = self.inner.gate.read();
         Ok(self
             .list(prefix)?
+            .into_iter()
+            .map(|(key, meta)| KeyEntry {
+                key,
+                size: meta.size,
+                expires_at: meta.expires_at,
+            })
+            .collect())
+    }
+
+    /// A directory has no order, so each page is one pass over the directory that keeps
+    /// only the `limit` smallest keys after `after`: memory stays bounded by `limit`, and
+    /// the time of a page grows with the number of files.
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let _gate = self.inner.gate.read();
+        Ok(self
+            .list_page(prefix, after, limit)?
             .into_iter()
             .map(|(key, meta)| KeyEntry {
                 key,

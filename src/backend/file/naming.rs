@@ -64,6 +64,20 @@ pub(super) enum ParsedName {
     Hashed { hint: Vec<u8>, base: String },
 }
 
+impl ParsedName {
+    /// Whether the file may hold a key that starts with `prefix`, as far as its name tells
+    /// (a direct name spells its key; a hashed name only the start of it).
+    pub(super) fn may_hold_prefix(&self, prefix: &str) -> bool {
+        match self {
+            ParsedName::Direct(key) => key.starts_with(prefix),
+            ParsedName::Hashed { hint, .. } => {
+                let n = hint.len().min(prefix.len());
+                hint[..n] == prefix.as_bytes()[..n]
+            }
+        }
+    }
+}
+
 /// Bytes that stand for themselves in a file name.
 pub(super) fn is_plain(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'

@@ -273,6 +273,13 @@ impl RedisBackend {
             let recent = self.shared.connect_failure.lock().clone();
             match recent {
                 Some(failure) => self.connect_error(&failure),
+                // Every connection busy is a pool too small; fewer means a new connection
+                // was being opened and the server did not complete it (a hung server).
+                None if self.pool.state().connections < self.pool.max_size() => {
+                    self.unavailable(format_args!(
+                        "the server did not complete a new connection within {wait:?} ({e})"
+                    ))
+                }
                 None => self.unavailable(format_args!(
                     "no connection became free within {wait:?} ({e}); raise pool_size"
                 )),

@@ -128,7 +128,7 @@ mod record;
 mod resp;
 mod scripts;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
@@ -280,8 +280,32 @@ impl RedisBackend {
     }
 
     /// Walks the record keys that start with `prefix` with `SCAN`, handing each page
-    /// (de-duplicated raw Redis keys) to `page`.
+    /// (de-duplicated raw Redis keys) to `page`. The de-duplication holds every key seen, so
+    /// this is for callers that collect every key anyway; [`Self::scan_raw_keys`] holds none.
     fn scan_records(
+        &self,
+        con: &mut redis::Connection,
+        prefix: &str,
+        mut page: impl FnMut(&mut redis::Connection, Vec<Vec<u8>>) -> redis::RedisResult<()>,
+    ) -> redis::RedisResult<()> {
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        self.scan_raw_keys(con, prefix, |con, keys| {
+            let fresh: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
+            if fresh.is_empty() {
+                Ok(())
+            } else {
+                page(con, fresh)
+            }
+        })
+    }
+
+    /// One pass of `SCAN` over the record keys that start with `prefix`, handing each reply's
+    /// raw Redis keys to `page` as they come: a key may come twice (`SCAN` promises every key
+    /// that exists for the whole pass at least once), and nothing is kept between replies.
+    fn scan_raw_keys(
         &self,
         con: &mut redis::Connection,
         prefix: &str,
@@ -290,7 +314,6 @@ impl RedisBackend {
         let mut pattern = glob_escape(&self.keys.record_prefix);
         pattern.push_str(&glob_escape(prefix));
         pattern.push('*');
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut cursor: u64 = 0;
         loop {
             connection::rebound(con, 1)?;
@@ -303,18 +326,54 @@ impl RedisBackend {
                 .arg("TYPE")
                 .arg("string")
                 .query(con)?;
-            let fresh: Vec<Vec<u8>> = keys
-                .into_iter()
-                .filter(|k| seen.insert(k.clone()))
-                .collect();
-            if !fresh.is_empty() {
-                page(con, fresh)?;
+            if !keys.is_empty() {
+                page(con, keys)?;
             }
             if next == 0 {
                 return Ok(());
             }
             cursor = next;
         }
+    }
+
+    /// The headers of the records at `raw_keys` (raw Redis keys of this store), as entries;
+    /// keys gone since they were listed, or holding something else than a record, are left
+    /// out. Reads in pipelines small enough that each reply gets a share of the time left
+    /// well above the kernel's timer granularity (see `connection::pipeline_chunk`): a server
+    /// that stops mid-listing cannot make the reads outlast the operation's deadline.
+    fn read_entries(
+        &self,
+        con: &mut redis::Connection,
+        raw_keys: &[Vec<u8>],
+        entries: &mut Vec<KeyEntry>,
+    ) -> redis::RedisResult<()> {
+        let skip = self.keys.record_prefix.len();
+        let mut rest = raw_keys;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(connection::pipeline_chunk().min(rest.len()));
+            rest = tail;
+            let mut pipe = redis::pipe();
+            for raw in chunk {
+                pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
+            }
+            connection::rebound(con, chunk.len())?;
+            let headers: Vec<Vec<u8>> = pipe.query(con)?;
+            for (raw, header) in chunk.iter().zip(headers) {
+                let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
+                    continue;
+                };
+                // Gone since SCAN saw it (or not a record): skip.
+                let Ok(header) = Header::parse(&key, &header) else {
+                    continue;
+                };
+                entries.push(KeyEntry {
+                    key,
+                    size: u64::from(header.size),
+                    expires_at: header.expires_at.map(Timestamp),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The stored bytes of the record of `key`, if any.
@@ -514,41 +573,56 @@ impl Backend for RedisBackend {
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
-        let skip = self.keys.record_prefix.len();
         self.run("listing keys", Retry::Safe, |con| {
             let mut entries = Vec::new();
             self.scan_records(con, prefix, |con, raw_keys| {
-                // Header reads in pipelines small enough that each reply gets a share of the
-                // time left well above the kernel's timer granularity (see
-                // `connection::pipeline_chunk`): a server that stops mid-listing cannot make
-                // the reads outlast the operation's deadline.
-                let mut rest = raw_keys.as_slice();
-                while !rest.is_empty() {
-                    let (chunk, tail) = rest.split_at(connection::pipeline_chunk().min(rest.len()));
-                    rest = tail;
-                    let mut pipe = redis::pipe();
-                    for raw in chunk {
-                        pipe.cmd("GETRANGE").arg(raw).arg(0).arg(HEADER_LEN - 1);
-                    }
-                    connection::rebound(con, chunk.len())?;
-                    let headers: Vec<Vec<u8>> = pipe.query(con)?;
-                    for (raw, header) in chunk.iter().zip(headers) {
-                        let Ok(key) = String::from_utf8(raw[skip..].to_vec()) else {
-                            continue;
-                        };
-                        // Gone since SCAN saw it (or not a record): skip.
-                        let Ok(header) = Header::parse(&key, &header) else {
-                            continue;
-                        };
-                        entries.push(KeyEntry {
-                            key,
-                            size: u64::from(header.size),
-                            expires_at: header.expires_at.map(Timestamp),
-                        });
-                    }
-                }
-                Ok(())
+                self.read_entries(con, &raw_keys, &mut entries)
             })?;
+            Ok(entries)
+        })
+    }
+
+    /// Redis keeps no order of keys, so each page is one pass of `SCAN` over the database
+    /// that keeps only the `limit` smallest keys after `after` (a bounded set, never the
+    /// whole listing), then reads their headers: memory stays bounded by `limit`, and the
+    /// time of a page grows with the number of keys in the database. A key `SCAN` returns
+    /// twice is kept once; a key that exists for the whole pass is seen (`SCAN`'s promise),
+    /// so a page never skips a key that lives through the listing.
+    fn scan_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyEntry>> {
+        let skip = self.keys.record_prefix.len();
+        self.run("listing a page of keys", Retry::Safe, |con| {
+            let mut entries = Vec::with_capacity(limit.min(SCAN_COUNT));
+            let mut cursor: Option<Vec<u8>> = after.map(|a| a.as_bytes().to_vec());
+            while entries.len() < limit {
+                let want = limit - entries.len();
+                let mut smallest: BTreeSet<Vec<u8>> = BTreeSet::new();
+                self.scan_raw_keys(con, prefix, |_, raw_keys| {
+                    for raw in raw_keys {
+                        let key = &raw[skip..];
+                        if cursor.as_deref().is_some_and(|c| key <= c) {
+                            continue;
+                        }
+                        if smallest.len() == want {
+                            match smallest.last() {
+                                Some(largest) if raw < *largest => {}
+                                _ => continue,
+                            }
+                            smallest.pop_last();
+                        }
+                        smallest.insert(raw);
+                    }
+                    Ok(())
+                })?;
+                let exhausted = smallest.len() < want;
+                let chosen: Vec<Vec<u8>> = smallest.into_iter().collect();
+                self.read_entries(con, &chosen, &mut entries)?;
+                if exhausted {
+                    break;
+                }
+                // Keys deleted between the pass and the header reads left the page short:
+                // go on after the last key chosen.
+                cursor = chosen.last().map(|raw| raw[skip..].to_vec());
+            }
             Ok(entries)
         })
     }
