@@ -294,6 +294,19 @@ impl Store {
             let at = self.inner.clock.now().to_system_time();
             *c.last_error.lock() = Some((e.to_string(), at));
         }
+        if matches!(e, StorageError::Corrupt { .. }) && self.inner.backend.damage().is_some() {
+            self.note_damage();
+        }
+    }
+
+    /// When the backend's damage was first seen: now, the first time this is called.
+    fn note_damage(&self) -> SystemTime {
+        *self
+            .inner
+            .counters
+            .damage_seen_at
+            .lock()
+            .get_or_insert_with(|| self.inner.clock.now().to_system_time())
     }
 
     /// An operation of `kind` succeeded: once no kind is failing any more, the last error is

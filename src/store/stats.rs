@@ -89,6 +89,8 @@ pub(super) struct Counters {
     pub(super) writes_failing: AtomicBool,
     /// The failure behind the failing flags, and when it happened.
     pub(super) last_error: Mutex<Option<(String, SystemTime)>>,
+    /// When the store first saw its backend report damage (see [`Backend::damage`]).
+    pub(super) damage_seen_at: Mutex<Option<SystemTime>>,
 }
 
 impl Counters {
@@ -162,7 +164,7 @@ impl super::Store {
             && last_error.is_none()
         {
             last_error = Some(damage.clone());
-            last_error_at = Some(self.inner.clock.now().to_system_time());
+            last_error_at = Some(self.note_damage());
         }
         StorageStats {
             item_count,

@@ -174,17 +174,21 @@ pub(super) fn error_code(e: &rusqlite::Error) -> Option<ErrorCode> {
 /// An error while opening: says which file and, for the common causes, what is wrong.
 pub(super) fn open_error(path: &Path, doing: &str, e: rusqlite::Error) -> StorageError {
     match error_code(&e) {
-        Some(ErrorCode::NotADatabase) => StorageError::backend(
-            BACKEND,
-            format!(
-                "{} is not a SQLite database (or it is encrypted or damaged): {e}",
-                path.display()
+        // SQLite cannot tell a file that never was a database from one whose first page is
+        // damaged; at a store's own path the second is the likely one, and either way the
+        // game's answer is the same (salvage what can be read, or start a new store).
+        Some(ErrorCode::NotADatabase) => StorageError::Corrupt {
+            key: path.display().to_string(),
+            reason: format!(
+                "not a SQLite database, or its first page is damaged ({doing}: {e}); copy \
+                 any readable records to a new store with `bevy-storage salvage`"
             ),
-        ),
+        },
         Some(ErrorCode::DatabaseCorrupt) => StorageError::Corrupt {
             key: path.display().to_string(),
             reason: format!(
-                "the SQLite database is damaged ({doing}: {e}); copy its readable records to a                  new store with `bevy-storage salvage`"
+                "the SQLite database is damaged ({doing}: {e}); copy its readable records to \
+                 a new store with `bevy-storage salvage`"
             ),
         },
         _ => sql_error(e, &format!("{doing} at {}", path.display())),
@@ -385,18 +389,15 @@ mod tests {
         std::fs::write(&path, &garbage).unwrap();
         let err = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap_err();
         let message = err.to_string();
-        assert!(matches!(err, StorageError::Backend { .. }), "{err:?}");
-        assert!(message.contains("is not a SQLite database"), "{message}");
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
+        assert!(message.contains("not a SQLite database"), "{message}");
         assert!(message.contains("storage.db"), "{message}");
         // The file was left alone.
         assert_eq!(std::fs::read(&path).unwrap(), garbage);
 
         std::fs::write(&path, b"short text file").unwrap();
         let err = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap_err();
-        assert!(
-            err.to_string().contains("is not a SQLite database"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not a SQLite database"), "{err}");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! `size`, `compressed`, `encrypted`, `custom` (the game's metadata as a JSON object) and
 //! `value` (the encoded record); the exact schema and its statements are in
 //! `sqlite/schema.rs`. A database written by a newer version of this crate is refused at
-//! [`open`](SqliteBackend::open) rather than misread; a file that is not a SQLite database is
-//! refused with an error that says so.
+//! [`open`](SqliteBackend::open) rather than misread; a file that is not a SQLite database
+//! (or whose first page is damaged: SQLite cannot tell the two apart) is refused with
+//! [`StorageError::Corrupt`](crate::StorageError::Corrupt), which says so.
 //!
 //! # Connections
 //!
@@ -184,8 +185,9 @@ impl SqliteBackend {
     /// schema if needed.
     ///
     /// Fails with [`StorageError::Config`] for a `pool_size` of 0, with
-    /// [`StorageError::Backend`] if the file is not a SQLite database, was written by a newer
-    /// version of this crate, or has a `records` table of another shape, and with
+    /// [`StorageError::Corrupt`] if the file is not a SQLite database or its first page is
+    /// damaged, with [`StorageError::Backend`] if it was written by a newer version of this
+    /// crate or has a `records` table of another shape, and with
     /// [`StorageError::Unavailable`] if the file cannot be opened or is locked.
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();

@@ -96,8 +96,7 @@ const SQL_INDEX_KEYS: &str = "SELECT key FROM records INDEXED BY sqlite_autoinde
 ///
 /// Fails with [`StorageError::Config`] if `dest` exists, and with the error of opening
 /// `source` when nothing of it can be read (its first page, which holds the schema, is
-/// damaged: [`StorageError::Backend`] "not a SQLite database", or
-/// [`StorageError::Corrupt`]).
+/// damaged: [`StorageError::Corrupt`]).
 pub fn salvage(
     source: &Path,
     dest: &Path,

@@ -30,7 +30,7 @@
 //!
 //! The schema version is kept in `PRAGMA user_version` (currently 2). A database written by a
 //! newer version of this crate is refused at [`open`](super::SqliteBackend::open) rather than
-//! misread; a file that is not a SQLite database is refused with an error that says so.
+//! misread; a file that is not a SQLite database is refused with `Corrupt`, which says so.
 //!
 //! Version 2 added the `version` column ([`RecordVersion`](crate::backend::RecordVersion)).
 //! A version-1 database gets it at open with `ALTER TABLE ... ADD COLUMN` (constant time: the
