@@ -248,6 +248,30 @@ impl BackendConfig {
         }
     }
 
+    /// The connection string [`StorageConfig::from_url`] takes for this backend, with any
+    /// password hidden: `memory:`, `file:DIR`, `sqlite:PATH`, or the server's URL with its
+    /// `namespace` parameter; `custom:TYPE` for a game's own backend. The CLI names stores
+    /// this way.
+    pub fn url(&self) -> String {
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        let with_namespace = |url: &str, namespace: &str| {
+            let url = redact_url(url);
+            let join = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{join}namespace={namespace}")
+        };
+        match self {
+            Self::Memory => "memory:".to_owned(),
+            Self::File { root } => format!("file:{}", root.display()),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
+            #[cfg(feature = "redis")]
+            Self::Redis { url, namespace } => with_namespace(url, namespace),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, namespace } => with_namespace(url, namespace),
+            Self::Custom(b) => format!("custom:{}", b.backend_type()),
+        }
+    }
+
     /// A short description for logs and messages (`SQLite store at saves/storage.db`); a
     /// Redis password is hidden.
     pub fn describe(&self) -> String {
@@ -688,6 +712,35 @@ impl StorageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend's `url` is what `from_url` takes back, with the password hidden.
+    #[test]
+    fn a_backends_url_opens_the_same_backend() {
+        let mut urls = vec!["memory:", "file:saves/x"];
+        if cfg!(feature = "sqlite") {
+            urls.push("sqlite:saves/a b.db");
+        }
+        if cfg!(feature = "redis") {
+            urls.push("redis://host:6380/2?namespace=game:eu");
+        }
+        if cfg!(feature = "postgres") {
+            urls.push("postgres://host/db?namespace=eu");
+        }
+        for url in urls {
+            let config = StorageConfig::from_url(url).unwrap();
+            assert_eq!(config.backend.url(), url);
+            let again = StorageConfig::from_url(&config.backend.url()).unwrap();
+            assert_eq!(again.backend.describe(), config.backend.describe());
+        }
+        #[cfg(feature = "redis")]
+        {
+            let config = StorageConfig::from_url("redis://:hunter2@host/0").unwrap();
+            assert_eq!(
+                config.backend.url(),
+                "redis://:***@host/0?namespace=bevy_storage"
+            );
+        }
+    }
 
     /// Every form a credential can take in a URL: whatever the characters of the password,
     /// encoded or not, the redacted URL holds none of it and keeps what locates the server.

@@ -174,22 +174,9 @@ fn percent_encode(text: &str) -> String {
     out
 }
 
-/// `sqlite:PATH`, `file:DIR`... for messages (a Redis password is hidden).
+/// `sqlite:PATH`, `file:DIR`... for messages (a password is hidden).
 pub fn describe(config: &StorageConfig) -> String {
-    match &config.backend {
-        BackendConfig::Memory => "memory:".into(),
-        BackendConfig::File { root } => format!("file:{}", root.display()),
-        #[cfg(feature = "sqlite")]
-        BackendConfig::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
-        #[cfg(feature = "redis")]
-        BackendConfig::Redis { url, namespace } => {
-            format!(
-                "{} (namespace {namespace:?})",
-                bevy_storage::config::redact_url(url)
-            )
-        }
-        other => format!("{other:?}"),
-    }
+    config.backend.url()
 }
 
 /// Opens the store; unless `create`, a store that does not exist yet is an error (opening
