@@ -3,9 +3,10 @@
 //! batching, running on the pool, delivering the response as a message and an observer
 //! event) is generic, here and in the [scheduler](super::scheduler).
 //!
-//! Adding a kind: define the request and response types and `impl RequestKind` beside them,
-//! and register it with [`add_request_kind`] where the plugin builds (one line in
-//! `requests.rs` for key-value kinds, in `world.rs` for world kinds).
+//! Adding a kind: define the request and response types and `impl RequestKind` beside them
+//! in one file (as `take.rs` does), and register it with [`add_request_kind`] where the plugin
+//! builds (one line in `requests/run.rs` for key-value kinds, in `world/mod.rs` for world
+//! kinds).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

@@ -11,7 +11,7 @@
 //! 12     4    entity count (LE)
 //! 16     ..   body: (entities, [(type path, rows, values)], [(type path, value)])
 //! ```
-//! A *delta* record of a snapshot chain (see `delta.rs`) has a header of its own, so that no
+//! A *delta* record of a snapshot chain (see `delta/`) has a header of its own, so that no
 //! reader takes it for a whole world:
 //! ```text
 //! offset size

@@ -13,8 +13,9 @@
 //! - Game state and visuals kept apart: only the plain game components are saved
 //!   ([`SnapshotSettings::allow_component`]); sprites are attached by observers whenever a
 //!   game entity appears, whether spawned by the game or by a load.
-//! - Slot metadata ([`SnapshotMetadata`]) and [`list_slots`] for an on-screen slot list that
-//!   never touches the disk on the main thread: it is refreshed on the task pool after each save.
+//! - Slot metadata ([`SnapshotMetadata`]) and [`ListSlots`] for an on-screen slot list that
+//!   never touches the disk on the main thread: after each save the plugin lists the slots on
+//!   the task pool, in turn with the saves before it, and answers with [`SlotsListed`].
 //!
 //! ```text
 //! cargo run -p windowed_game                          # saves in saves/windowed.db
@@ -36,14 +37,12 @@ use std::time::{Duration, SystemTime};
 use bevy::input::ButtonState;
 use bevy::input::keyboard::KeyboardInput;
 use bevy::prelude::*;
-use bevy::tasks::{AsyncComputeTaskPool, Task, futures::check_ready};
 use bevy::window::{WindowCloseRequested, WindowResolution};
-use bevy_storage::Storage;
 use bevy_storage::plugin::{
-    LoadWorld, RequestId, SaveWorld, SnapshotAppExt, SnapshotMetadata, SnapshotPlugin,
-    StoragePlugin, WorldLoaded, WorldSaved,
+    ListSlots, LoadWorld, RequestId, SaveWorld, SlotsListed, SnapshotAppExt, SnapshotMetadata,
+    SnapshotPlugin, StoragePlugin, WorldLoaded, WorldSaved,
 };
-use bevy_storage::snapshot::{Persist, SlotInfo, SnapshotSettings, list_slots};
+use bevy_storage::snapshot::{Persist, SlotInfo, SnapshotSettings};
 use serde::{Deserialize, Serialize};
 
 // ------------------------------------------------------------------------------ constants
@@ -189,7 +188,8 @@ struct SlotList {
     error: Option<String>,
     /// A refresh is wanted (at start, after every save).
     stale: bool,
-    task: Option<Task<Result<Vec<SlotInfo>, String>>>,
+    /// The [`ListSlots`] request in flight.
+    pending: Option<RequestId>,
 }
 
 /// A short message under the slot list ("Saved to quick"), fading out.
@@ -893,39 +893,34 @@ fn update_score_text(score: Res<Score>, mut text: Single<&mut Text, With<ScoreTe
     }
 }
 
-/// Starts a listing on the task pool when the list is stale, and takes its result when done.
-/// `list_slots` reads the store; it never runs on the main thread.
-fn refresh_slot_list(mut list: ResMut<SlotList>, storage: Res<Storage>) {
-    if list.task.is_some() {
-        // Polling is not a change: the list is redrawn only when the result comes in.
-        let task = &mut list.bypass_change_detection().task;
-        if let Some(result) = task.as_mut().and_then(check_ready) {
-            list.task = None;
-            match result {
-                Ok(slots) => {
-                    list.slots = slots;
-                    list.error = None;
-                }
-                Err(e) => list.error = Some(e),
+/// Asks the plugin for the slot list when it is stale, and takes the answer when it comes:
+/// the listing runs on the task pool, after the saves sent before it.
+fn refresh_slot_list(
+    mut list: ResMut<SlotList>,
+    mut lists: MessageWriter<ListSlots>,
+    mut listed: MessageReader<SlotsListed>,
+) {
+    for done in listed.read() {
+        if list.pending != Some(done.id) {
+            continue;
+        }
+        list.pending = None;
+        match &done.result {
+            Ok(slots) => {
+                list.slots = slots.clone();
+                list.error = None;
             }
+            Err(e) => list.error = Some(e.to_string()),
         }
-        return;
     }
-    if !list.stale {
-        return;
+    if list.stale && list.pending.is_none() {
+        // Asking is not a change: the list is redrawn only when the answer comes in.
+        let request = ListSlots::new(SLOT_PREFIX);
+        let list = list.bypass_change_detection();
+        list.stale = false;
+        list.pending = Some(request.id);
+        lists.write(request);
     }
-    let Some(store) = storage.store().cloned() else {
-        if let Some(e) = storage.error() {
-            list.error = Some(e.to_string());
-            list.stale = false;
-        }
-        return; // still opening
-    };
-    list.stale = false;
-    list.task = Some(
-        AsyncComputeTaskPool::get()
-            .spawn(async move { list_slots(&store, SLOT_PREFIX).map_err(|e| e.to_string()) }),
-    );
 }
 
 /// The slot list: name, age and score of each save, newest first. Redrawn once a second

@@ -28,6 +28,7 @@ use super::requests::{RequestId, SharedError, StorageResult, impl_response};
 use super::scope::Scope;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
+use crate::store::Store;
 
 use crate::snapshot::{
     self, ChainCursor, ChainPolicy, SlotInfo, SnapshotComponent, SnapshotRegistry,
@@ -512,6 +513,44 @@ pub struct SlotsListed {
 }
 
 impl_response!(SlotsListed);
+
+impl RequestKind for ListSlots {
+    type Response = SlotsListed;
+    type Input = ();
+    type Output = SlotsListed;
+
+    fn id(&self) -> RequestId {
+        self.id
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::prefix(&self.prefix)
+    }
+
+    fn input(&self, _world: &mut World) -> Result<(), SharedError> {
+        Ok(())
+    }
+
+    fn run(&self, store: &Store, (): ()) -> SlotsListed {
+        SlotsListed {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: snapshot::list_slots(store, &self.prefix).map_err(shared),
+        }
+    }
+
+    fn finish(&self, _world: &mut World, listed: SlotsListed) -> SlotsListed {
+        listed
+    }
+
+    fn fail(&self, error: SharedError) -> SlotsListed {
+        SlotsListed {
+            id: self.id,
+            prefix: self.prefix.clone(),
+            result: Err(error),
+        }
+    }
+}
 
 /// Writes an autosave request when the timer is due and the last one has finished.
 fn tick_autosave(
