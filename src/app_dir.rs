@@ -32,6 +32,11 @@
 //! never a path (no `/`, `\`, `..`, spaces or drive letters) and means the same directory on
 //! every platform. Anything else is [`StorageError::InvalidAppId`]. Choose it once: changing
 //! it moves the saves.
+//!
+//! On Linux and the BSDs only the application segment names the directory (lowercased, as
+//! the XDG convention and `directories` have it): `com.a.game` and `com.b.game` share
+//! `~/.local/share/game`. Give the application segment a name only your game uses
+//! (`com.studio.dungeon-crawler`, not `com.studio.game`).
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -166,8 +166,8 @@ pub mod prelude {
         ClearCompleted, ClearRequest, DeleteCompleted, DeleteRequest, ExistsCompleted,
         ExistsRequest, ListKeysCompleted, ListKeysRequest, LoadCompleted, LoadRequest,
         PersistCommandsExt, PersistResourceExt, SaveCompleted, SaveRequest, Storage,
-        StorageCommandsExt, StoragePlugin, StorageResponse, StorageSystems, TransactionCompleted,
-        TransactionRequest, resource_loaded, storage_ready,
+        StorageCommandsExt, StoragePlugin, StorageResponse, StorageSystems, TakeCompleted,
+        TakeRequest, TransactionCompleted, TransactionRequest, resource_loaded, storage_ready,
     };
     #[cfg(feature = "bevy")]
     pub use crate::plugin::{

@@ -73,16 +73,47 @@ impl Tmpfs {
         } else {
             "remount,rw"
         };
-        let out = Command::new("mount")
-            .args(["-o", mode])
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A file still open for writing makes a read-only remount fail with "busy": a pool
+        // thread finishing a connection after its store was dropped, or a child process of
+        // another test forked in the instant a descriptor was open. Such holds pass.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = Command::new("mount")
+                .args(["-o", mode])
+                .arg(&self.dir)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("busy") && std::time::Instant::now() < deadline,
+                "{stderr} (open here: {:?})",
+                self.holders()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `pid: path` of every open descriptor under the mount, for the failure message.
+    fn holders(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let fds = proc_entry.path().join("fd");
+            for fd in std::fs::read_dir(fds).into_iter().flatten().flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path())
+                    && target.starts_with(&self.dir)
+                {
+                    found.push(format!(
+                        "{}: {}",
+                        proc_entry.file_name().to_string_lossy(),
+                        target.display()
+                    ));
+                }
+            }
+        }
+        found
     }
 }
 

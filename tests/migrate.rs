@@ -189,4 +189,104 @@ mod mapped_component {
     fn a_runtime_handle_component_survives_a_world_reset_binary() {
         round_trip(SnapshotEncoding::Binary);
     }
+
+    /// The same component through the plugin: autosaves of an incremental chain (a full
+    /// base, then a delta holding only the voice whose volume changed: the mapping's
+    /// change-tick path), then `LoadWorld` in a new app with a new mixer.
+    #[test]
+    fn mapped_components_go_through_save_world_deltas_and_load_world() {
+        use bevy_storage::StorageConfig;
+        use bevy_storage::plugin::{LoadWorld, SaveWorld, SnapshotPlugin, StoragePlugin};
+        use bevy_storage::plugin::{WorldLoaded, WorldSaved};
+        use bevy_storage::snapshot::ChainPolicy;
+        use std::time::{Duration, Instant};
+
+        #[derive(Resource, Default)]
+        struct Seen(Vec<Result<bool, String>>);
+
+        fn game(mixer: &Mixer, path: &std::path::Path) -> App {
+            let mut app = app(mixer);
+            app.add_plugins((
+                MinimalPlugins,
+                StoragePlugin::config(StorageConfig::sqlite(path)),
+                SnapshotPlugin::new(SnapshotSettings::default())
+                    .incremental(ChainPolicy::default()),
+            ))
+            .init_resource::<Seen>()
+            .add_observer(|ev: On<WorldSaved>, mut seen: ResMut<Seen>| {
+                seen.0.push(
+                    ev.result
+                        .as_ref()
+                        .map(|_| ev.delta)
+                        .map_err(|e| e.to_string()),
+                );
+            })
+            .add_observer(|ev: On<WorldLoaded>, mut seen: ResMut<Seen>| {
+                seen.0
+                    .push(ev.result.as_ref().map(|_| false).map_err(|e| e.to_string()));
+            });
+            app
+        }
+        fn answer(app: &mut App) -> Result<bool, String> {
+            let start = Instant::now();
+            let before = app.world().resource::<Seen>().0.len();
+            while app.world().resource::<Seen>().0.len() == before {
+                assert!(start.elapsed() < Duration::from_secs(20), "no answer");
+                app.update();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            app.world().resource::<Seen>().0.last().unwrap().clone()
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("game.db");
+        let old_mixer: Mixer = Arc::default();
+        let mut old = game(&old_mixer, &path);
+        for (sound, volume) in [("rain", 0.25), ("wind", 0.5)] {
+            old.world_mut().spawn((
+                Persist,
+                Name2(sound.to_uppercase()),
+                Voice {
+                    sound: sound.into(),
+                    volume,
+                    mixer: Arc::clone(&old_mixer),
+                },
+            ));
+        }
+        old.world_mut().write_message(SaveWorld::autosave());
+        assert_eq!(
+            answer(&mut old),
+            Ok(false),
+            "the chain's base is a full snapshot"
+        );
+        let world = old.world_mut();
+        let mut voices = world.query::<&mut Voice>();
+        for mut voice in voices.iter_mut(world) {
+            if voice.sound == "wind" {
+                voice.volume = 0.75;
+            }
+        }
+        old.world_mut().write_message(SaveWorld::autosave());
+        assert_eq!(answer(&mut old), Ok(true), "the change is a delta");
+        drop(old);
+
+        let new_mixer: Mixer = Arc::default();
+        let mut new = game(&new_mixer, &path);
+        new.world_mut().write_message(LoadWorld::newest_autosave());
+        assert_eq!(answer(&mut new), Ok(false));
+        let world = new.world_mut();
+        let mut q = world.query_filtered::<&Voice, With<Persist>>();
+        let mut loaded: Vec<(String, f32, bool)> = q
+            .iter(world)
+            .map(|v| (v.sound.clone(), v.volume, Arc::ptr_eq(&v.mixer, &new_mixer)))
+            .collect();
+        loaded.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            loaded,
+            [("rain".into(), 0.25, true), ("wind".into(), 0.75, true)]
+        );
+        let mut playing = new_mixer.lock().unwrap().clone();
+        playing.sort();
+        assert_eq!(playing, ["rain", "wind"]);
+    }
 }

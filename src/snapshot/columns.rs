@@ -391,8 +391,61 @@ impl<C: Component + TypePath, S: SnapshotStandIn> TypedCodec for Mapped<C, S> {
         de: &mut dyn erased_serde::Deserializer<'_>,
     ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error> {
         let saved: Vec<S> = erased_serde::deserialize(de)?;
-        let values: Vec<C> = saved.into_iter().map(|s| (self.from_saved)(s)).collect();
-        Ok(Box::new(TypedLoaded { values }))
+        Ok(Box::new(MappedLoaded::<C, S> {
+            saved,
+            from_saved: Arc::clone(&self.from_saved),
+        }))
+    }
+}
+
+/// Loaded stand-ins of a mapped component, rebuilt into components only as they are applied:
+/// `from_saved` runs once for each value of the loaded world, never for a value that a later
+/// delta of a chain overwrote (a game's rebuild may register a handle somewhere).
+struct MappedLoaded<C, S> {
+    saved: Vec<S>,
+    from_saved: Arc<dyn Fn(S) -> C + Send + Sync>,
+}
+
+impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
+    fn len(&self) -> usize {
+        self.saved.len()
+    }
+
+    fn retain(&mut self, keep: &[bool]) {
+        retain_flagged(&mut self.saved, keep);
+    }
+
+    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
+        match other.into_any().downcast::<Self>() {
+            Ok(other) => {
+                self.saved.extend(other.saved);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn value_type(&self) -> TypeId {
+        TypeId::of::<Self>()
+    }
+
+    fn apply(
+        self: Box<Self>,
+        world: &mut World,
+        targets: Vec<Entity>,
+        mapper: &mut SnapshotEntityMapper,
+        registry: &TypeRegistry,
+    ) {
+        let values: Vec<C> = self
+            .saved
+            .into_iter()
+            .map(|s| (self.from_saved)(s))
+            .collect();
+        Box::new(TypedLoaded { values }).apply(world, targets, mapper, registry);
     }
 }
 

@@ -251,8 +251,10 @@ impl SnapshotRegistry {
     /// For components that cannot be serialized themselves: a runtime handle (an audio
     /// voice, a network session, an `Arc<Mutex<..>>`) saved as what rebuilds it. `C` needs
     /// neither `Serialize` nor `Reflect`, only `TypePath` (`#[derive(TypePath)]`) for its
-    /// name in the snapshot. `from_saved` runs on the task pool while the snapshot decodes,
-    /// before the world is touched; capture runs `to_saved` on the main thread. Registering
+    /// name in the snapshot. `from_saved` runs on the main thread as the load is applied,
+    /// once for each `C` of the loaded world (a value that a later delta of a chain replaced
+    /// is never rebuilt), so it may register the handle with the engine; a load that fails
+    /// while decoding never calls it. Capture runs `to_saved` on the main thread. Registering
     /// `C` again (mapped or typed) keeps the first registration.
     ///
     /// ```
