@@ -465,8 +465,6 @@ struct ChainState {
     cursor: Option<(ChainCursor, String)>,
 }
 
-/// What a world save takes from the world when its turn comes.
-
 /// Lists the world snapshots under a prefix, newest first, from their metadata alone;
 /// answered by [`SlotsListed`]. For a load menu: the listing runs on the task pool in turn with
 /// the saves and deletes of those slots.

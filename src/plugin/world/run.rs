@@ -16,6 +16,7 @@ use crate::snapshot::{
 };
 use crate::store::Store;
 
+/// What a world save takes from the world when its turn comes.
 pub(crate) struct SaveInput {
     captured: Captured,
     settings: SnapshotSettings,
