@@ -1501,6 +1501,55 @@ mod world {
     #[reflect(Resource)]
     pub struct Score(pub u64);
 
+    /// An autosave chain of that world in `store` under `prefix`: its base, then one delta
+    /// in which the hero moved. Returns the keys.
+    pub fn chain(store: &bevy_storage::Store, prefix: &str) -> (String, String) {
+        use bevy_storage::backend::CustomMetadata;
+        use bevy_storage::snapshot::{capture_base, capture_delta, store_autosave_record};
+        let mut app = App::new();
+        app.register_type::<Position>();
+        let world = app.world_mut();
+        world.spawn((Persist, Name::new("hero"), Position { x: 1.5, y: -2.0 }));
+        world.spawn((Persist, Monster::Rat));
+        let mut snapshots = SnapshotRegistry::new();
+        snapshots.register_component::<Position>();
+        let settings = SnapshotSettings::default()
+            .encoding(SnapshotEncoding::Ron)
+            .game_version(3);
+        let (base, start) = capture_base(world, &settings, &snapshots).unwrap();
+        let base = base.encode().unwrap();
+        let cursor = start.cursor(&base);
+        let base_key = store_autosave_record(
+            store,
+            prefix,
+            5,
+            &base,
+            &settings,
+            CustomMetadata::new(),
+            None,
+        )
+        .unwrap();
+        let mut hero = world.query::<&mut Position>();
+        for mut position in hero.iter_mut(world) {
+            position.x += 1.0;
+        }
+        let delta = capture_delta(world, &settings, &snapshots, &cursor)
+            .unwrap()
+            .encode()
+            .unwrap();
+        let delta_key = store_autosave_record(
+            store,
+            prefix,
+            5,
+            &delta,
+            &settings,
+            CustomMetadata::new(),
+            Some(&base_key),
+        )
+        .unwrap();
+        (base_key, delta_key)
+    }
+
     /// A real world's snapshot: a hero, an ogre hunting it, a rat, the score.
     pub fn snapshot(encoding: SnapshotEncoding) -> Vec<u8> {
         let mut app = App::new();
@@ -1532,6 +1581,44 @@ mod world {
             .encode()
             .unwrap()
     }
+}
+
+#[test]
+fn get_and_meta_describe_a_delta_of_a_snapshot_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saves/storage.db");
+    let game = Store::open(StorageConfig::sqlite(&path)).unwrap();
+    let (base, delta) = world::chain(&game, "auto/");
+    drop(game);
+    let store = url("sqlite", &path);
+    let out = run(&["--store", &store, "get", &delta], &[]).ok().stdout;
+    assert!(
+        out.starts_with(&format!(
+            "world snapshot delta 1 of the chain based on {base:?}: 1 entity added or changed, \
+             2 entities in the world it was captured from, game version 3, format version 1, \
+             ron encoding"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("not a world snapshot"), "{out}");
+    let json = run(&["--store", &store, "--json", "get", &delta], &[])
+        .ok()
+        .json();
+    let d = &json["snapshot_delta"];
+    assert_eq!(d["sequence"], 1, "{json}");
+    assert_eq!(d["changed_entities"], 1, "{json}");
+    assert_eq!(d["world_entities"], 2, "{json}");
+    assert_eq!(d["base"], base.as_str(), "{json}");
+    let meta = run(&["--store", &store, "meta", &delta], &[]).ok().stdout;
+    assert!(
+        meta.contains(&format!(
+            "format:      raw (a world snapshot delta of the chain based on \"{base}\")"
+        )),
+        "{meta}"
+    );
+    // The base is a whole snapshot, listed as before.
+    let out = run(&["--store", &store, "get", &base], &[]).ok().stdout;
+    assert!(out.starts_with("world snapshot: 2 entities"), "{out}");
 }
 
 #[test]

@@ -2,10 +2,13 @@
 
 use std::io::Write;
 
+use bevy_storage::Store;
 use bevy_storage::backend::{Backend, KeyEntry};
 use bevy_storage::clock::Timestamp;
 use bevy_storage::codec::envelope;
-use bevy_storage::snapshot::{SnapshotEncoding, read_header};
+use bevy_storage::snapshot::{
+    RecordKind, SnapshotEncoding, read_delta_header, read_header, record_kind,
+};
 use bevy_storage::{Format, LoadOptions, StorageError};
 use serde_json::{Value as Json, json};
 
@@ -264,6 +267,9 @@ pub fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> 
                     )?,
                 }
             }
+            Err(_) if record_kind(&payload) == Some(RecordKind::Delta) => {
+                return delta(cli, &store, key, &payload, report, out);
+            }
             Err(snapshot_error) => {
                 let note = match snapshot_error {
                     e @ StorageError::SnapshotFormatTooNew { .. } => e.to_string(),
@@ -274,6 +280,62 @@ pub fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> 
             }
         },
     }
+    Ok(())
+}
+
+/// `get` of a delta of a snapshot chain: what its header says and which base it builds on.
+/// Its body holds only changes, so it is not listed: a game loads the whole chain.
+fn delta(
+    cli: &Cli,
+    store: &Store,
+    key: &str,
+    payload: &[u8],
+    mut report: Json,
+    out: &mut dyn Write,
+) -> Outcome {
+    let header = read_delta_header(payload)?;
+    let encoding = match header.encoding {
+        SnapshotEncoding::Ron => "ron",
+        SnapshotEncoding::Binary => "binary",
+    };
+    let base = store.get_metadata(key)?.and_then(|m| {
+        m.custom
+            .get("chain_base")
+            .and_then(|b| b.as_str().map(str::to_owned))
+    });
+    if cli.json {
+        report["value"] = Json::Null;
+        report["snapshot_delta"] = json!({
+            "format_version": header.format_version,
+            "encoding": encoding,
+            "game_version": header.game_version,
+            "sequence": header.sequence,
+            "changed_entities": header.entity_count,
+            "world_entities": header.live_count,
+            "base": base,
+            "parent": { "len": header.parent.len, "crc32": header.parent.crc },
+        });
+        return print_json(out, &report);
+    }
+    writeln!(
+        out,
+        "world snapshot delta {} of the chain based on {}: {} added or changed, {} in the \
+         world it was captured from, game version {}, format version {}, {} encoding, {}",
+        header.sequence,
+        base.as_deref()
+            .map_or("an unknown key".to_owned(), |b| format!("{b:?}")),
+        plural(u64::from(header.entity_count), "entity", "entities"),
+        plural(u64::from(header.live_count), "entity", "entities"),
+        header.game_version,
+        header.format_version,
+        encoding,
+        render::size(payload.len() as u64)
+    )?;
+    writeln!(
+        out,
+        "(a delta holds only what changed since the record before it; `get` on the base lists \
+         the world it starts from, and a game loads the chain as one world)"
+    )?;
     Ok(())
 }
 
@@ -310,6 +372,13 @@ pub fn meta(cli: &Cli, key: &str, out: &mut dyn Write) -> Outcome {
     let yes = |b: bool| if b { "yes" } else { "no" };
     writeln!(out, "key:         {key}")?;
     match &header {
+        Ok(info) if info.format == Format::Raw && m.custom.contains_key("chain_base") => {
+            writeln!(
+                out,
+                "format:      raw (a world snapshot delta of the chain based on {})",
+                m.custom["chain_base"]
+            )?;
+        }
         Ok(info) if info.format == Format::Raw && m.custom.contains_key("snapshot_format") => {
             writeln!(out, "format:      raw (a world snapshot: `get` lists it)")?;
         }
