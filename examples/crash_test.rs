@@ -33,7 +33,10 @@
 //! cargo run --example crash_test -- --backend file --trials 20 --seed 42 --verbose
 //! ```
 //!
-//! Options: `--backend file|sqlite|postgres|all` (default all: file and SQLite), `--trials N` per backend (default 50),
+//! `--backend chains` (features `bevy` and `sqlite`) runs the snapshot-chain mode of
+//! `common/chains.rs` instead: autosave chains of a world, on the file and SQLite stores.
+//!
+//! Options: `--backend file|sqlite|postgres|chains|all` (default all: file and SQLite), `--trials N` per backend (default 50),
 //! `--seed S` (default: from the clock; printed so a run can be repeated: the operations and
 //! delays repeat, the exact kill point depends on timing), `--max-delay-ms MS` (longest time
 //! the child runs, default 1000), `--chain N` (trials per directory, default 5), `--dir PATH`
@@ -50,6 +53,9 @@ use std::time::{Duration, Instant};
 
 use bevy_storage::{StorageConfig, Store};
 
+#[cfg(all(feature = "bevy", feature = "sqlite"))]
+#[path = "common/chains.rs"]
+mod chains;
 #[path = "common/workload.rs"]
 mod workload;
 use workload::{
@@ -737,6 +743,17 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--child") {
         return run_child(&args);
     }
+    #[cfg(all(feature = "bevy", feature = "sqlite"))]
+    if args.iter().any(|a| a == "--child-chains") {
+        return chains::run_child(&args);
+    }
+    #[cfg(all(feature = "bevy", feature = "sqlite"))]
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--backend" && w[1] == "chains")
+    {
+        return run_chains(&args);
+    }
     let options = match parse_options(&args) {
         Ok(o) => o,
         Err(msg) => {
@@ -776,6 +793,70 @@ fn main() -> ExitCode {
     }
     for line in summary {
         println!("{line}");
+    }
+    if any {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `--backend chains`: autosave chains of a world on the file and SQLite stores (see
+/// `common/chains.rs`). Takes `--trials`, `--seed`, `--max-delay-ms`, `--chain`, `--dir`,
+/// `--verbose` and `--sabotage ack`.
+#[cfg(all(feature = "bevy", feature = "sqlite"))]
+fn run_chains(args: &[String]) -> ExitCode {
+    let rest: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == "chains" {
+                "all".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let options = match parse_options(&rest) {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    if options.sabotage.as_deref().is_some_and(|s| s != "ack") {
+        eprintln!("chains take --sabotage ack only");
+        return ExitCode::from(2);
+    }
+    println!(
+        "crash test: snapshot chains, {} trials per store, seed {}, max delay {} ms",
+        options.trials, options.seed, options.max_delay_ms
+    );
+    let mut any = false;
+    for which in [chains::ChainStore::File, chains::ChainStore::Sqlite] {
+        let started = Instant::now();
+        let t = chains::run_trials(
+            which,
+            &chains::RunOptions {
+                trials: options.trials,
+                seed: options.seed,
+                max_delay_ms: options.max_delay_ms,
+                per_dir: options.chain,
+                root: &options.dir,
+                verbose: options.verbose,
+                sabotage: options.sabotage.as_deref(),
+            },
+        );
+        any |= t.violations > 0;
+        println!(
+            "crash-test {} trials={} violations={}\n    ({} autosaves acknowledged; killed with one in flight {} times, applied {}; {:.1?})",
+            which.name(),
+            t.trials,
+            t.violations,
+            t.acked,
+            t.in_flight,
+            t.in_flight_applied,
+            started.elapsed()
+        );
     }
     if any {
         ExitCode::FAILURE
