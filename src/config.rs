@@ -754,6 +754,31 @@ impl StorageConfig {
 mod tests {
     use super::*;
 
+    /// The builder's CA file replaces one the URL had, keeps its `sslmode` and the rest of
+    /// the query, and is percent-encoded.
+    #[cfg(feature = "postgres-tls")]
+    #[test]
+    fn postgres_root_cert_edits_the_url() {
+        let url_of = |config: StorageConfig| match config.backend {
+            BackendConfig::Postgres { url, .. } => url,
+            other => panic!("{other:?}"),
+        };
+        let config = StorageConfig::from_url(
+            "postgres://u:pw@h/db?sslrootcert=/old.pem&sslmode=require&namespace=n#x",
+        )
+        .unwrap()
+        .postgres_root_cert("/etc/my ca&.pem");
+        assert_eq!(
+            url_of(config),
+            "postgres://u:pw@h/db?sslmode=require&sslrootcert=/etc/my%20ca%26.pem#x"
+        );
+        let config = StorageConfig::postgres("postgres://h/db", "n").postgres_root_cert("ca.pem");
+        assert_eq!(
+            url_of(config),
+            "postgres://h/db?sslrootcert=ca.pem&sslmode=verify-full"
+        );
+    }
+
     /// Every form a credential can take in a URL: whatever the characters of the password,
     /// encoded or not, the redacted URL holds none of it and keeps what locates the server.
     #[test]

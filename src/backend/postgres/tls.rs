@@ -21,9 +21,10 @@
 //! SSL does) and anything that asks for TLS (`require`, `verify-*`, `sslrootcert`) is
 //! refused at open with [`StorageError::FeatureDisabled`], never a plaintext connection.
 //!
-//! tokio-postgres parses `disable`, `prefer` and `require` itself (in URLs and `key=value`
-//! strings); `verify-ca`, `verify-full` and `sslrootcert` are taken out of a URL's query here
-//! before it sees them.
+//! tokio-postgres knows neither `verify-*` nor `sslrootcert`: both are taken out of a URL's
+//! query here before it sees it, and it is told the mode to negotiate. A `key=value`
+//! connection string (`host=… sslmode=require`) is left to tokio-postgres, so there only
+//! `disable`, `prefer` and `require` (without certificate checks) are understood.
 
 use std::path::PathBuf;
 
@@ -96,11 +97,10 @@ impl TlsParams {
     }
 }
 
-/// Takes `sslmode=verify-ca|verify-full` and `sslrootcert` out of the query of the URL `url`
-/// (tokio-postgres refuses both), and returns the URL to hand to tokio-postgres and what was
-/// taken. `sslmode=disable|prefer|require` stay for tokio-postgres to parse; the caller reads
-/// the mode back from its config with [`params`]. A `key=value` connection string is returned
-/// as it is.
+/// Takes `sslmode` and `sslrootcert` out of the query of the URL `url` (tokio-postgres
+/// refuses `verify-*` and `sslrootcert`), and returns the URL to hand to tokio-postgres and
+/// what was taken. A `key=value` connection string is returned as it is: tokio-postgres
+/// parses its `sslmode=disable|prefer|require`, which [`params`] reads back.
 pub(super) fn split_url(
     url: &str,
     address: &str,
@@ -123,12 +123,11 @@ pub(super) fn split_url(
         let value = crate::config::percent_decode(value);
         match name {
             "sslmode" => match value.as_str() {
+                "disable" => mode = Some(SslMode::Disable),
+                "prefer" => mode = Some(SslMode::Prefer),
+                "require" => mode = Some(SslMode::Require),
                 "verify-ca" => mode = Some(SslMode::VerifyCa),
                 "verify-full" => mode = Some(SslMode::VerifyFull),
-                "disable" | "prefer" | "require" => {
-                    mode = None;
-                    kept.push(pair);
-                }
                 other => {
                     return Err(StorageError::Config(format!(
                         "{address:?}: sslmode={other:?} is not one of disable, prefer, require, \
@@ -441,14 +440,14 @@ mod tests {
     #[test]
     fn the_libpq_parameters_are_read_and_taken_out_of_the_url() {
         let (rest, p) =
-            parse("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem&a=1")
+            parse("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem&port=1")
                 .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(rest, "postgres://u:pw@h/db?a=1");
+        assert_eq!(rest, "postgres://u:pw@h/db?port=1");
         assert_eq!(p.mode, SslMode::VerifyFull);
         assert_eq!(p.root_cert, Some(RootCert::File("/etc/ca x.pem".into())));
 
         let (rest, p) = parse("postgres://h/db?sslmode=require").unwrap();
-        assert_eq!(rest, "postgres://h/db?sslmode=require");
+        assert_eq!(rest, "postgres://h/db");
         assert_eq!(p.wire_mode(), WireMode::Require);
         assert_eq!((p.mode, p.root_cert), (SslMode::Require, None));
 
