@@ -635,7 +635,7 @@ fn expired_records_do_not_count_and_the_counters_match_a_recount() {
 #[cfg(feature = "postgres-tls")]
 mod tls {
     use super::*;
-    use common::{postgres_tls, with_query};
+    use common::{check_postgres_tls, postgres_tls, with_query};
     use std::path::Path;
 
     /// Skips (locally) or fails (under CI) the test when the server has no TLS; else its CA.
@@ -726,6 +726,24 @@ mod tls {
             .expect("the openssl command (Debian's openssl package)");
         assert!(status.success());
         cert
+    }
+
+    /// A server whose certificate the CA did not sign (or no TLS, or no CA file) fails the TLS
+    /// tests under CI and skips them loudly otherwise.
+    #[test]
+    fn ci_requires_tls_and_local_runs_skip_loudly() {
+        require_postgres!();
+        let missing = std::path::Path::new("/nonexistent/ca.crt");
+        let notice = check_postgres_tls(&postgres_url(), missing, false).expect_err("no CA");
+        assert!(notice.contains("SKIPPED"), "{notice}");
+        let under_ci =
+            std::panic::catch_unwind(|| check_postgres_tls(&postgres_url(), missing, true));
+        let message = under_ci.expect_err("under CI a server without TLS is a failure");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(message.contains("CI=true"), "{message}");
     }
 
     #[test]

@@ -334,16 +334,29 @@ pub fn postgres_tls_ca() -> std::path::PathBuf {
 pub fn postgres_tls() -> Option<std::path::PathBuf> {
     postgres_kind()?;
     let ca = postgres_tls_ca();
+    match check_postgres_tls(&postgres_url(), &ca, under_ci()) {
+        Ok(()) => Some(ca),
+        Err(notice) => {
+            eprintln!("{notice}");
+            None
+        }
+    }
+}
+
+/// `Ok` when the server at `url` answers with `sslmode=verify-full` against `ca`; otherwise
+/// panics if `ci`, else returns the skip notice.
+#[cfg(feature = "postgres-tls")]
+pub fn check_postgres_tls(url: &str, ca: &std::path::Path, ci: bool) -> Result<(), String> {
     let url = with_query(
-        &postgres_url(),
+        url,
         &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
     );
     let options = bevy_storage::backend::PostgresOptions::default();
     let Err(e) = bevy_storage::backend::PostgresBackend::open(&url, "test:ping", &options) else {
-        return Some(ca);
+        return Ok(());
     };
     let shown = bevy_storage::config::redact_url(&url);
-    if under_ci() {
+    if ci {
         panic!(
             "CI=true and PostgreSQL does not answer over TLS at {shown} ({e}): the TLS tests \
              must run under CI. .ci/postgres turns TLS on and writes the CA (see \
@@ -351,11 +364,10 @@ pub fn postgres_tls() -> Option<std::path::PathBuf> {
         );
     }
     let test = std::thread::current().name().unwrap_or("?").to_owned();
-    eprintln!(
+    Err(format!(
         "!!!!! SKIPPED {test}: no TLS PostgreSQL at {shown} ({e}). Run .ci/postgres or set \
          POSTGRES_TLS_CA to run the TLS tests; under CI=true this fails."
-    );
-    None
+    ))
 }
 
 /// A namespace of its own for one fixture; its records are deleted on drop.
