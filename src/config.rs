@@ -193,7 +193,8 @@ pub enum BackendConfig {
     /// A PostgreSQL database shared by several game servers (feature `postgres`).
     #[cfg(feature = "postgres")]
     Postgres {
-        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`). `Debug`
+        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`), with
+        /// libpq's `sslmode` and `sslrootcert` for TLS (feature `postgres-tls`). `Debug`
         /// hides the password.
         url: String,
         /// The store's namespace: stores with the same one share their records.
