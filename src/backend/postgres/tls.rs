@@ -514,6 +514,23 @@ mod tests {
             assert!(message.contains("postgres-tls"), "{message}");
             assert!(!message.contains("hunter2"), "{message}");
         }
+        // A `key=value` string too.
+        let err = PostgresBackend::open(
+            "host=127.0.0.1 port=1 user=u password=hunter2 sslmode=require",
+            "ns",
+            &PostgresOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::FeatureDisabled {
+                    feature: "postgres-tls",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         for query in ["sslmode=prefer", "sslmode=disable"] {
             let (_, p) = parse(&format!("postgres://h/db?{query}")).unwrap();
             assert!(matches!(Connector::new(&p, "<url>"), Ok(Connector::Plain)));
