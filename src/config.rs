@@ -122,7 +122,7 @@ pub fn redact_text(text: &str, url: &str) -> String {
 }
 
 /// `%XX` escapes decoded (invalid ones kept as they are), as URL parsers read user info.
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -193,7 +193,8 @@ pub enum BackendConfig {
     /// A PostgreSQL database shared by several game servers (feature `postgres`).
     #[cfg(feature = "postgres")]
     Postgres {
-        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`). `Debug`
+        /// `postgres://[user[:password]@]host[:port]/dbname` (or `postgresql://`), with
+        /// libpq's `sslmode` and `sslrootcert` for TLS (feature `postgres-tls`). `Debug`
         /// hides the password.
         url: String,
         /// The store's namespace: stores with the same one share their records.
@@ -328,6 +329,43 @@ pub(crate) fn split_namespace(url: &str, default: &str) -> (String, String) {
         out.push_str(f);
     }
     (out, namespace.unwrap_or_else(|| default.to_owned()))
+}
+
+/// `url` with `sslrootcert=path` (percent-encoded) in place of any it had, and
+/// `sslmode=verify-full` when it names no `sslmode`.
+#[cfg(feature = "postgres-tls")]
+fn with_root_cert(url: &str, path: &str) -> String {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (url, None),
+    };
+    let (base, query) = before_fragment
+        .split_once('?')
+        .unwrap_or((before_fragment, ""));
+    let mut pairs: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslrootcert="))
+        .map(str::to_owned)
+        .collect();
+    let has_mode = pairs.iter().any(|p| p.starts_with("sslmode="));
+    let mut encoded = String::new();
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    pairs.push(format!("sslrootcert={encoded}"));
+    if !has_mode {
+        pairs.push("sslmode=verify-full".to_owned());
+    }
+    let mut out = format!("{base}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 /// Everything a store needs to open. Build it with [`StorageConfig::sqlite`],
@@ -531,13 +569,41 @@ impl StorageConfig {
 
     /// A store in the PostgreSQL database at `url`
     /// (`postgres://[user[:password]@]host[:port]/dbname`), under `namespace`. Needs the
-    /// `postgres` feature.
+    /// `postgres` feature. TLS follows libpq's `sslmode` and `sslrootcert` URL parameters
+    /// (feature `postgres-tls`; see [TLS](crate::backend::postgres#tls)) or
+    /// [`postgres_root_cert`](Self::postgres_root_cert).
     #[cfg(feature = "postgres")]
     pub fn postgres(url: impl Into<String>, namespace: impl Into<String>) -> Self {
         Self::new(BackendConfig::Postgres {
             url: url.into(),
             namespace: namespace.into(),
         })
+    }
+
+    /// PostgreSQL only (feature `postgres-tls`): check the server's TLS certificate against
+    /// the CA certificates in the PEM file `path`. Sets the URL's `sslrootcert` (replacing
+    /// one there) and, when the URL names no `sslmode`, `sslmode=verify-full`: the chain and
+    /// the host name are checked, and the connection is never plaintext. An `sslmode` in the
+    /// URL is kept (`require` then checks the chain but not the host name, as libpq's
+    /// `verify-ca`). Needs a `postgres://` URL, not a `key=value` string; other backends
+    /// ignore it. The path shows in `Debug` and messages (it is no secret).
+    ///
+    /// ```
+    /// use bevy_storage::{BackendConfig, StorageConfig};
+    /// let config = StorageConfig::postgres("postgres://game@db.example/saves", "eu")
+    ///     .postgres_root_cert("/etc/game/db-ca.pem");
+    /// let BackendConfig::Postgres { url, .. } = &config.backend else { unreachable!() };
+    /// assert_eq!(
+    ///     url,
+    ///     "postgres://game@db.example/saves?sslrootcert=/etc/game/db-ca.pem&sslmode=verify-full"
+    /// );
+    /// ```
+    #[cfg(feature = "postgres-tls")]
+    pub fn postgres_root_cert(mut self, path: impl AsRef<std::path::Path>) -> Self {
+        if let BackendConfig::Postgres { url, .. } = &mut self.backend {
+            *url = with_root_cert(url, &path.as_ref().to_string_lossy());
+        }
+        self
     }
 
     /// Sets the quota in bytes (`None`: unlimited).
@@ -740,6 +806,31 @@ mod tests {
                 "redis://:***@host/0?namespace=bevy_storage"
             );
         }
+    }
+
+    /// The builder's CA file replaces one the URL had, keeps its `sslmode` and the rest of
+    /// the query, and is percent-encoded.
+    #[cfg(feature = "postgres-tls")]
+    #[test]
+    fn postgres_root_cert_edits_the_url() {
+        let url_of = |config: StorageConfig| match config.backend {
+            BackendConfig::Postgres { url, .. } => url,
+            other => panic!("{other:?}"),
+        };
+        let config = StorageConfig::from_url(
+            "postgres://u:pw@h/db?sslrootcert=/old.pem&sslmode=require&namespace=n#x",
+        )
+        .unwrap()
+        .postgres_root_cert("/etc/my ca&.pem");
+        assert_eq!(
+            url_of(config),
+            "postgres://u:pw@h/db?sslmode=require&sslrootcert=/etc/my%20ca%26.pem#x"
+        );
+        let config = StorageConfig::postgres("postgres://h/db", "n").postgres_root_cert("ca.pem");
+        assert_eq!(
+            url_of(config),
+            "postgres://h/db?sslrootcert=ca.pem&sslmode=verify-full"
+        );
     }
 
     /// Every form a credential can take in a URL: whatever the characters of the password,

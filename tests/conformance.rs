@@ -55,3 +55,22 @@ bevy_storage::backend_conformance_suite!(
     },
     only_if = crate::common::postgres_kind().is_some()
 );
+
+// The same over TLS, the certificate checked against the test server's CA (`.ci/postgres`).
+// Under CI a server without TLS fails every case; locally each case says it is skipped.
+#[cfg(feature = "postgres-tls")]
+bevy_storage::backend_conformance_suite!(
+    postgres_tls,
+    {
+        let ca = crate::common::postgres_tls_ca();
+        let url = crate::common::with_query(
+            &crate::common::postgres_url(),
+            &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+        );
+        let mut ns = crate::common::PostgresNamespace::fresh();
+        ns.url = url;
+        let (url, namespace) = (ns.url.clone(), ns.namespace.clone());
+        TestBackend::persistent(move || StorageConfig::postgres(&url, &namespace)).keep(ns)
+    },
+    only_if = crate::common::postgres_tls().is_some()
+);

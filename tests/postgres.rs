@@ -629,3 +629,215 @@ fn expired_records_do_not_count_and_the_counters_match_a_recount() {
     store.clear().unwrap();
     assert_eq!(other.get_stats().item_count, 0);
 }
+
+// ------------------------------------------------------------ TLS (feature postgres-tls)
+
+#[cfg(feature = "postgres-tls")]
+mod tls {
+    use super::*;
+    use common::{check_postgres_tls, postgres_tls, with_query};
+    use std::path::Path;
+
+    /// Skips (locally) or fails (under CI) the test when the server has no TLS; else its CA.
+    macro_rules! require_tls {
+        () => {
+            match postgres_tls() {
+                Some(ca) => ca,
+                None => return,
+            }
+        };
+    }
+
+    /// A name no other test's connections carry, to find this store's in `pg_stat_activity`.
+    fn unique_name() -> String {
+        let mut bytes = [0u8; 6];
+        getrandom::fill(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("bevy_storage_tls_{hex}")
+    }
+
+    /// The test URL with a password (trust auth ignores it; messages must hide it) and `params`.
+    fn tls_url(params: &str) -> String {
+        let url =
+            postgres_url().replacen("postgres://postgres@", "postgres://postgres:hunter2@", 1);
+        with_query(&url, params)
+    }
+
+    /// Whether the server reports every session of `application_name` encrypted, asked over a
+    /// connection of its own (plaintext: the answer is the server's view of the others).
+    fn server_sees_encrypted(application_name: &str) -> bool {
+        let mut con = postgres::Client::connect(&postgres_url(), postgres::NoTls).unwrap();
+        let row = con
+            .query_one(
+                "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+                &[&application_name],
+            )
+            .unwrap();
+        let (sessions, all_ssl): (i64, bool) = (row.get(0), row.get(1));
+        assert!(sessions >= 1, "no session named {application_name}");
+        all_ssl
+    }
+
+    /// Saves and loads through a store at `url` and returns whether the server saw its
+    /// sessions encrypted.
+    fn round_trip(url: &str) -> bool {
+        let name = unique_name();
+        let ns = PostgresNamespace::fresh();
+        let store = store_at(
+            &with_query(url, &format!("application_name={name}")),
+            &ns.namespace,
+        );
+        save(&store, "profile:ada", &"over TLS".to_owned());
+        assert_eq!(
+            load::<String>(&store, "profile:ada").as_deref(),
+            Some("over TLS")
+        );
+        store.delete("profile:ada").unwrap();
+        // The pool keeps the connection open: the server still lists it.
+        server_sees_encrypted(&name)
+    }
+
+    /// A CA of its own, which signed nothing the server holds.
+    fn other_ca(dir: &Path) -> std::path::PathBuf {
+        let (key, cert) = (dir.join("other.key"), dir.join("other.crt"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args([
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=not the server's CA",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl command (Debian's openssl package)");
+        assert!(status.success());
+        cert
+    }
+
+    /// A server whose certificate the CA did not sign (or no TLS, or no CA file) fails the TLS
+    /// tests under CI and skips them loudly otherwise.
+    #[test]
+    fn ci_requires_tls_and_local_runs_skip_loudly() {
+        require_postgres!();
+        let missing = std::path::Path::new("/nonexistent/ca.crt");
+        let notice = check_postgres_tls(&postgres_url(), missing, false).expect_err("no CA");
+        assert!(notice.contains("SKIPPED"), "{notice}");
+        let under_ci =
+            std::panic::catch_unwind(|| check_postgres_tls(&postgres_url(), missing, true));
+        let message = under_ci.expect_err("under CI a server without TLS is a failure");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(message.contains("CI=true"), "{message}");
+    }
+
+    #[test]
+    fn verify_full_with_the_ca_saves_loads_and_the_session_is_encrypted() {
+        let ca = require_tls!();
+        let url = tls_url(&format!("sslmode=verify-full&sslrootcert={}", ca.display()));
+        assert!(round_trip(&url), "the server saw a plaintext session");
+        // The same through the config's builder.
+        let ns = PostgresNamespace::fresh();
+        let store = Store::open(
+            StorageConfig::postgres(postgres_url(), &ns.namespace).postgres_root_cert(&ca),
+        )
+        .unwrap();
+        save(&store, "k", &1u8);
+        assert_eq!(load::<u8>(&store, "k"), Some(1));
+    }
+
+    #[test]
+    fn require_encrypts_without_a_ca_and_disable_does_not() {
+        require_tls!();
+        assert!(round_trip(&tls_url("sslmode=require")));
+        // The default (prefer) takes TLS when the server offers it, as libpq does.
+        assert!(round_trip(&tls_url("")));
+        assert!(!round_trip(&tls_url("sslmode=disable")));
+    }
+
+    #[test]
+    fn verify_ca_checks_the_chain_and_verify_full_the_host_name_too() {
+        let ca = require_tls!();
+        // The certificate names localhost and 127.0.0.1, not db.invalid; `hostaddr` still
+        // connects to the test server.
+        let database = postgres_url()
+            .rsplit_once('/')
+            .map_or("test".to_owned(), |(_, d)| d.to_owned());
+        let address = server_address();
+        let (host, port) = address.rsplit_once(':').unwrap();
+        let base =
+            format!("postgres://postgres:hunter2@db.invalid:{port}/{database}?hostaddr={host}");
+        let root = format!("sslrootcert={}", ca.display());
+        for mode in ["verify-ca", "require"] {
+            assert!(
+                round_trip(&format!("{base}&sslmode={mode}&{root}")),
+                "{mode}"
+            );
+        }
+        let started = Instant::now();
+        let err = Store::open(StorageConfig::postgres(
+            format!("{base}&sslmode=verify-full&{root}"),
+            "test:tls",
+        ))
+        .unwrap_err();
+        assert!(started.elapsed() < BOUND, "{:?}", started.elapsed());
+        assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+        let message = err.to_string();
+        eprintln!("verify-full, another host name: {message}");
+        assert!(message.contains("not trusted"), "{message}");
+        assert!(message.contains("NotValidForName"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_with_a_typed_error_within_the_bound() {
+        require_tls!();
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = other_ca(dir.path());
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let url = tls_url(&format!("sslmode={mode}&sslrootcert={}", wrong.display()));
+            let started = Instant::now();
+            let err = Store::open(StorageConfig::postgres(&url, "test:tls")).unwrap_err();
+            let took = started.elapsed();
+            assert!(took < BOUND, "{mode}: {took:?}");
+            assert!(
+                matches!(err, StorageError::Unavailable { .. }),
+                "{mode}: {err}"
+            );
+            let message = err.to_string();
+            eprintln!("{mode}, another CA, {took:?}: {message}");
+            assert!(message.contains("not trusted"), "{mode}: {message}");
+            assert!(message.contains("UnknownIssuer"), "{mode}: {message}");
+            assert!(
+                message.contains(&wrong.display().to_string()),
+                "{mode}: {message}"
+            );
+            assert!(!message.contains("hunter2"), "{mode}: {message}");
+            assert!(!format!("{err:?}").contains("hunter2"), "{mode}: {err:?}");
+        }
+        // A file that is no certificate is a configuration error at once.
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let url = tls_url(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            garbage.display()
+        ));
+        let err = Store::open(StorageConfig::postgres(&url, "test:tls")).unwrap_err();
+        assert!(matches!(err, StorageError::Config(_)), "{err}");
+    }
+}

@@ -310,6 +310,66 @@ pub fn check_postgres(url: &str, ci: bool) -> Result<(), String> {
     ))
 }
 
+/// `url` with `params` (`a=1&b=2`) added to its query.
+#[cfg(feature = "postgres")]
+pub fn with_query(url: &str, params: &str) -> String {
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{joiner}{params}")
+}
+
+/// The CA that signed the test server's TLS certificate: `POSTGRES_TLS_CA`, by default the
+/// file `.ci/postgres` writes.
+#[cfg(feature = "postgres-tls")]
+pub fn postgres_tls_ca() -> std::path::PathBuf {
+    std::env::var_os("POSTGRES_TLS_CA").map_or_else(
+        || "/var/lib/postgresql/bevy-storage-tls/ca.crt".into(),
+        std::path::PathBuf::from,
+    )
+}
+
+/// The CA of the test server when it answers over TLS with a certificate that CA signed
+/// (checked with `sslmode=verify-full`). Otherwise, under CI, the test fails; locally it says
+/// loudly that it is skipped and returns `None`.
+#[cfg(feature = "postgres-tls")]
+pub fn postgres_tls() -> Option<std::path::PathBuf> {
+    postgres_kind()?;
+    let ca = postgres_tls_ca();
+    match check_postgres_tls(&postgres_url(), &ca, under_ci()) {
+        Ok(()) => Some(ca),
+        Err(notice) => {
+            eprintln!("{notice}");
+            None
+        }
+    }
+}
+
+/// `Ok` when the server at `url` answers with `sslmode=verify-full` against `ca`; otherwise
+/// panics if `ci`, else returns the skip notice.
+#[cfg(feature = "postgres-tls")]
+pub fn check_postgres_tls(url: &str, ca: &std::path::Path, ci: bool) -> Result<(), String> {
+    let url = with_query(
+        url,
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let options = bevy_storage::backend::PostgresOptions::default();
+    let Err(e) = bevy_storage::backend::PostgresBackend::open(&url, "test:ping", &options) else {
+        return Ok(());
+    };
+    let shown = bevy_storage::config::redact_url(&url);
+    if ci {
+        panic!(
+            "CI=true and PostgreSQL does not answer over TLS at {shown} ({e}): the TLS tests \
+             must run under CI. .ci/postgres turns TLS on and writes the CA (see \
+             DEVELOPERS.md); set POSTGRES_TLS_CA if it is elsewhere."
+        );
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    Err(format!(
+        "!!!!! SKIPPED {test}: no TLS PostgreSQL at {shown} ({e}). Run .ci/postgres or set \
+         POSTGRES_TLS_CA to run the TLS tests; under CI=true this fails."
+    ))
+}
+
 /// A namespace of its own for one fixture; its records are deleted on drop.
 #[cfg(feature = "postgres")]
 pub struct PostgresNamespace {

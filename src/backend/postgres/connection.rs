@@ -7,12 +7,15 @@
 //! crate, every call runs under a deadline (`tokio::time`), so a hung server cannot hold the
 //! game's thread; a connection that missed its deadline or broke is marked broken and the
 //! pool closes it instead of reusing it. Statements are prepared once per connection.
+//! Connections are plaintext or TLS as the URL's `sslmode` says (`postgres/tls.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::runtime::Runtime;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+use super::tls::{Connector, TlsParams};
 
 /// One pooled connection: the runtime that drives it and its session.
 pub(super) struct Connection {
@@ -47,7 +50,8 @@ impl Session {
 #[derive(Debug)]
 pub(super) enum ConnectError {
     Runtime(std::io::Error),
-    Postgres(tokio_postgres::Error),
+    /// The client's error, and what it means in words (a refused certificate says so).
+    Postgres(tokio_postgres::Error, String),
     TimedOut(Duration),
 }
 
@@ -55,18 +59,29 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Runtime(e) => write!(f, "starting the client's runtime: {e}"),
-            Self::Postgres(e) => write!(f, "{e}"),
+            Self::Postgres(_, explained) => f.write_str(explained),
             Self::TimedOut(d) => write!(f, "no connection within {d:?}"),
         }
     }
 }
 
-impl std::error::Error for ConnectError {}
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Runtime(e) => Some(e),
+            Self::Postgres(e, _) => Some(e),
+            Self::TimedOut(_) => None,
+        }
+    }
+}
 
 /// Opens connections for the pool.
 pub(super) struct Manager {
     pub(super) config: tokio_postgres::Config,
     pub(super) connect_timeout: Duration,
+    /// Plaintext or TLS, per the URL's `sslmode`.
+    pub(super) tls: Connector,
+    pub(super) tls_params: TlsParams,
     /// Why the last connection attempt failed: the pool itself only says that it timed out.
     pub(super) last_error: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
 }
@@ -83,21 +98,22 @@ impl r2d2::ManageConnection for Manager {
         // The timer is made inside the runtime: a `Sleep` needs the runtime's clock.
         let connected = runtime
             .block_on(async {
-                tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls)).await
+                tokio::time::timeout(self.connect_timeout, self.tls.connect(&self.config)).await
             })
             .map_err(|_| ConnectError::TimedOut(self.connect_timeout))
-            .and_then(|r| r.map_err(ConnectError::Postgres));
-        let (client, connection) = match connected {
+            .and_then(|r| {
+                r.map_err(|e| {
+                    let explained = super::tls::explain(&e, &self.tls_params);
+                    ConnectError::Postgres(e, explained)
+                })
+            });
+        let client = match connected {
             Ok(pair) => pair,
             Err(e) => {
                 *self.last_error.lock() = Some(e.to_string());
                 return Err(e);
             }
         };
-        // Polled whenever a call drives this runtime (`block_on`), on the caller's thread.
-        runtime.spawn(async move {
-            let _ = connection.await;
-        });
         Ok(Connection {
             runtime,
             session: Session {

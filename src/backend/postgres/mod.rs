@@ -41,6 +41,16 @@
 //!
 //! Passwords never appear in messages or `Debug` output (the URL is redacted).
 //!
+//! # TLS
+//!
+//! With the `postgres-tls` feature, connections are encrypted as libpq's URL parameters say:
+//! `sslmode=disable|prefer|require|verify-ca|verify-full` (default `prefer`) and
+//! `sslrootcert=PATH` (a PEM file of CA certificates) or `sslrootcert=system`; `require`
+//! encrypts without checking the certificate unless `sslrootcert` is given, `verify-full`
+//! checks the chain and the host name. The table of modes is in `postgres/tls.rs`. Without
+//! the feature, a URL asking for TLS is refused with [`StorageError::FeatureDisabled`],
+//! never connected in plaintext.
+//!
 //! # Where the code is
 //!
 //! | file | holds |
@@ -48,10 +58,13 @@
 //! | `postgres/mod.rs` | [`PostgresBackend`], [`PostgresOptions`], the pool, reads and the [`Backend`] impl |
 //! | `postgres/schema.rs` | the tables, the statements, rows to metadata |
 //! | `postgres/batch.rs` | write batches: one call of the write function each |
+//! | `postgres/connection.rs` | the pool's connections, each on a runtime of its own |
+//! | `postgres/tls.rs` | `sslmode` and `sslrootcert`, the rustls client they make |
 
 mod batch;
 mod connection;
 mod schema;
+mod tls;
 
 use std::fmt;
 use std::time::Duration;
@@ -102,6 +115,13 @@ impl fmt::Debug for PostgresBackend {
 impl PostgresBackend {
     /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/dbname`,
     /// or `postgresql://`), creates the tables if missing, and serves the store `namespace`.
+    ///
+    /// TLS follows the URL's `sslmode` and `sslrootcert` (see [TLS](self#tls)). Fails with
+    /// [`StorageError::Config`] for a malformed URL, an unknown `sslmode`, or a `sslrootcert`
+    /// file that cannot be read or holds no certificate; [`StorageError::FeatureDisabled`]
+    /// for a URL that asks for TLS without the `postgres-tls` feature;
+    /// [`StorageError::Unavailable`] when no connection is made within the time bound (a
+    /// server certificate that is not trusted is one such failure, and its message says so).
     pub fn open(url: &str, namespace: &str, options: &PostgresOptions) -> Result<Self> {
         let address = redact_url(url);
         if options.pool_size == 0 {
@@ -112,15 +132,26 @@ impl PostgresBackend {
                 "the PostgreSQL namespace must not be empty".into(),
             ));
         }
-        let mut pg_config: tokio_postgres::Config = url.parse().map_err(|e| {
+        // tokio-postgres knows neither `verify-*` nor `sslrootcert`: they are taken out first.
+        let (rest, taken_mode, root_cert) = tls::split_url(url, &address)?;
+        let mut pg_config: tokio_postgres::Config = rest.parse().map_err(|e| {
             StorageError::Config(format!("{address:?} is not a PostgreSQL URL: {e}"))
         })?;
+        let tls_params = tls::params(taken_mode, pg_config.get_ssl_mode(), root_cert, &address)?;
+        let connector = tls::Connector::new(&tls_params, &address)?;
+        pg_config.ssl_mode(tls_params.wire_mode());
         pg_config.connect_timeout(options.connect_timeout);
-        pg_config.application_name("bevy_storage");
+        // The URL's `application_name` if it has one (servers tell theirs apart in
+        // `pg_stat_activity`), else ours.
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("bevy_storage");
+        }
         let last_connect_error = std::sync::Arc::default();
         let manager = connection::Manager {
             config: pg_config,
             connect_timeout: options.connect_timeout,
+            tls: connector,
+            tls_params,
             last_error: std::sync::Arc::clone(&last_connect_error),
         };
         let pool = Pool::builder()
@@ -213,9 +244,11 @@ impl PostgresBackend {
         }
         let started = Instant::now();
         let mut conn = self.pool.get_timeout(self.bound()).map_err(|e| {
+            // r2d2's own message may quote the cause already.
+            let shown = e.to_string();
             let why = match self.last_connect_error.lock().take() {
-                Some(cause) => format!("{e}: {cause}"),
-                None => e.to_string(),
+                Some(cause) if !shown.contains(&cause) => format!("{shown}: {cause}"),
+                _ => shown,
             };
             StorageError::unavailable(
                 BACKEND,
