@@ -168,7 +168,9 @@ impl Store {
         if config.read_cache_capacity == 0 || config.read_cache_max_bytes == 0 {
             return None;
         }
-        let by_token = config.read_cache_validated && backend.change_token().is_some();
+        // A few tries: a writer may be rewriting the token at this very moment.
+        let by_token =
+            config.read_cache_validated && (0..3).any(|_| backend.change_token().is_some());
         (by_token || config.read_cache_ttl.is_some()).then(|| {
             ReadCache::new(
                 config.read_cache_ttl,
@@ -513,14 +515,20 @@ impl Store {
         key: &str,
         options: &LoadOptions,
     ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
-        self.instrument(OpKind::Read, || self.load_payload(key, options))
+        self.instrument(OpKind::Read, || {
+            Ok(self
+                .load_payload(key, options)?
+                .map(|(payload, info)| (payload.into_vec(), info)))
+        })
     }
 
+    /// The decoded payload of `key`, from the read cache when it holds it (shared with the
+    /// cache, not copied).
     fn load_payload(
         &self,
         key: &str,
         options: &LoadOptions,
-    ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+    ) -> Result<Option<(Payload, EnvelopeInfo)>> {
         key::validate_key(key)?;
         let now = self.inner.clock.now();
         let mut ticket = None;
@@ -544,7 +552,7 @@ impl Store {
                     if options.update_access_time {
                         self.inner.backend.touch(key, now)?;
                     }
-                    return Ok(Some((Vec::clone(&hit.payload), hit.info)));
+                    return Ok(Some((Payload::Shared(hit.payload), hit.info)));
                 }
                 Lookup::Miss(t) => ticket = t,
             }
@@ -557,15 +565,17 @@ impl Store {
         }
         let (payload, info) = self.open_value(key, value, now, options)?;
         if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
+            let payload = Arc::new(payload);
             let entry = CachedRead {
                 loaded_at: Instant::now(),
                 expires_at,
-                payload: Arc::new(payload.clone()),
+                payload: payload.clone(),
                 info,
             };
             cache.insert(key, ticket, entry);
+            return Ok(Some((Payload::Shared(payload), info)));
         }
-        Ok(Some((payload, info)))
+        Ok(Some((Payload::Owned(payload), info)))
     }
 
     /// Checks, decrypts and decompresses the stored bytes of a live record, and records the
@@ -788,6 +798,32 @@ impl Store {
                 ),
             )),
             other => other,
+        }
+    }
+}
+
+/// A decoded payload: the load's own, or shared with the read cache.
+enum Payload {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl Payload {
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(v) => Arc::unwrap_or_clone(v),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(v) => v,
         }
     }
 }
