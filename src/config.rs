@@ -382,7 +382,9 @@ pub struct StorageConfig {
     /// with [`LoadOptions::update_access_time`](crate::LoadOptions::update_access_time)
     /// writes the access time, which empties the cache like any other commit.
     pub read_cache_validated: bool,
-    /// Most entries the read cache holds. Default 1024. 0 turns every read cache off.
+    /// Most entries the read cache holds. Default 1024. 0 turns every read cache off. A key
+    /// enters the cache on its second load (the first only marks it), so that records read
+    /// once neither pay for a copy into the cache nor push the hot ones out.
     pub read_cache_capacity: usize,
     /// Most bytes the read cache holds: decoded payloads, keys, and 128 bytes per entry.
     /// Default 8 MiB; a payload above an eighth of it is never kept. 0 turns every read

@@ -262,8 +262,10 @@ fn a_cached_record_expires_on_time() {
             &SaveOptions::default().ttl(Duration::from_secs(10)),
         )
         .unwrap();
-    assert_eq!(load_u64(&store, "short"), Some(1));
-    assert_eq!(load_u64(&store, "short"), Some(1));
+    // The second load fills the cache (a key enters on its second miss), the third hits.
+    for _ in 0..3 {
+        assert_eq!(load_u64(&store, "short"), Some(1));
+    }
     assert!(store.get_stats().cache.hits >= 1);
     clock.advance(Duration::from_secs(10));
     assert_eq!(load_u64(&store, "short"), None);
@@ -473,8 +475,9 @@ fn without_a_token_nothing_is_served_from_the_cache() {
     let store = Store::with_backend(flaky.clone(), StorageConfig::sqlite(&db)).unwrap();
     let other = Store::open(StorageConfig::sqlite(&db)).unwrap();
     save_u64(&other, "k", 1);
-    assert_eq!(load_u64(&store, "k"), Some(1));
-    assert_eq!(load_u64(&store, "k"), Some(1));
+    for _ in 0..3 {
+        assert_eq!(load_u64(&store, "k"), Some(1));
+    }
     let hits = store.get_stats().cache.hits;
     assert!(hits >= 1);
     flaky.token_on.store(false, Ordering::SeqCst);

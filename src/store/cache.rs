@@ -18,10 +18,14 @@
 //! `epoch`; a load fills the cache only if the epoch it saw before reading the backend is still
 //! current, so a racing write or flush can never leave an older value behind.
 //!
+//! Admission: a key enters the cache the second time a load misses it, remembered in a small
+//! table of key hashes (a "doorkeeper"), so that loads of keys read once (a level's worth of
+//! records, an import) neither pay for filling the cache nor push the hot records out.
 //! Eviction is "second chance" (CLOCK): entries queue in the order they were filled; a hit
 //! marks an entry, and the oldest unmarked entry goes first.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -48,9 +52,8 @@ pub(super) struct ReadCache {
     pub(super) misses: AtomicU64,
 }
 
-#[derive(Default)]
 struct State {
-    map: HashMap<Arc<str>, Slot>,
+    map: HashMap<Arc<str>, Slot, foldhash::fast::RandomState>,
     /// Keys in the order they were filled, with the `seq` of the fill (a key removed or
     /// filled again since leaves a stale item, skipped when it comes up).
     queue: VecDeque<(Arc<str>, u64)>,
@@ -60,6 +63,8 @@ struct State {
     epoch: u64,
     /// The token the entries were read under (`by_token` only).
     validated: Option<ChangeToken>,
+    /// Hashes of keys that missed once, by the hash's low bits (the admission rule).
+    seen: Box<[u64]>,
 }
 
 struct Slot {
@@ -92,6 +97,19 @@ pub(super) enum Lookup {
 }
 
 impl State {
+    /// Whether a key that missed may enter the cache: the second miss of its hash in a row
+    /// of its slot admits it, the first only marks it.
+    fn admit(&mut self, key: &str) -> bool {
+        let hash = self.map.hasher().hash_one(key);
+        let slot = &mut self.seen[(hash as usize) & (self.seen.len() - 1)];
+        if *slot == hash {
+            true
+        } else {
+            *slot = hash;
+            false
+        }
+    }
+
     fn flush(&mut self) {
         self.map.clear();
         self.queue.clear();
@@ -149,7 +167,16 @@ impl ReadCache {
             by_token,
             max_entries: max_entries.max(1),
             max_bytes,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                map: HashMap::default(),
+                queue: VecDeque::new(),
+                bytes: 0,
+                next_seq: 0,
+                epoch: 0,
+                validated: None,
+                seen: vec![0; (max_entries.max(1) * 4).next_power_of_two().min(1 << 16)]
+                    .into_boxed_slice(),
+            }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -198,13 +225,15 @@ impl ReadCache {
                 Lookup::Hit(entry)
             }
             found => {
+                // An entry that timed out or expired was admitted already.
+                let admitted = found.is_some() || st.admit(key);
                 if found.is_some() {
                     st.remove(key);
                 }
-                let ticket = Ticket { epoch: st.epoch };
+                let ticket = admitted.then_some(Ticket { epoch: st.epoch });
                 drop(st);
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                Lookup::Miss(Some(ticket))
+                Lookup::Miss(ticket)
             }
         }
     }
@@ -324,10 +353,20 @@ mod tests {
         Some(ChangeToken::new(commits, u128::from(commits) * 7))
     }
 
+    /// The ticket of a miss of `key`: its second miss, the first only marks it.
+    fn ticket(cache: &ReadCache, key: &str, tok: Option<ChangeToken>) -> Ticket {
+        for _ in 0..2 {
+            match cache.lookup(key, Timestamp(0), tok) {
+                Lookup::Miss(Some(ticket)) => return ticket,
+                Lookup::Miss(None) => {}
+                Lookup::Hit(_) => panic!("{key}: expected a miss"),
+            }
+        }
+        panic!("{key}: no ticket on the second miss")
+    }
+
     fn fill(cache: &ReadCache, key: &str, tok: Option<ChangeToken>, len: usize) {
-        let Lookup::Miss(Some(ticket)) = cache.lookup(key, Timestamp(0), tok) else {
-            panic!("{key}: expected a miss with a ticket");
-        };
+        let ticket = ticket(cache, key, tok);
         cache.insert(key, ticket, entry(len));
     }
 
@@ -350,10 +389,8 @@ mod tests {
         }
         assert!(cache.len() < 100);
         // An entry above an eighth of the budget is never kept.
-        let Lookup::Miss(Some(ticket)) = cache.lookup("huge", Timestamp(0), token(1)) else {
-            panic!()
-        };
-        cache.insert("huge", ticket, entry(10_000));
+        let t = ticket(&cache, "huge", token(1));
+        cache.insert("huge", t, entry(10_000));
         assert!(!hit(&cache, "huge", token(1)));
         // Invalidations leave stale queue items; the queue stays bounded too.
         for i in 0..10_000 {
@@ -362,6 +399,26 @@ mod tests {
             cache.invalidate([key.as_str()]);
         }
         assert!(cache.state.lock().queue.len() <= 2 * 100 + 65);
+    }
+
+    #[test]
+    fn a_key_enters_on_its_second_miss() {
+        let cache = ReadCache::new(None, true, 10, 1 << 20);
+        assert!(matches!(
+            cache.lookup("a", Timestamp(0), token(1)),
+            Lookup::Miss(None)
+        ));
+        assert!(matches!(
+            cache.lookup("a", Timestamp(0), token(1)),
+            Lookup::Miss(Some(_))
+        ));
+        // Still remembered after a flush: a hot key comes back on its first miss.
+        fill(&cache, "a", token(1), 1);
+        assert!(!hit(&cache, "a", token(2)));
+        assert!(matches!(
+            cache.lookup("a", Timestamp(0), token(2)),
+            Lookup::Miss(Some(_))
+        ));
     }
 
     #[test]
@@ -395,18 +452,14 @@ mod tests {
     #[test]
     fn a_fill_that_raced_a_flush_or_a_write_is_dropped() {
         let cache = ReadCache::new(None, true, 10, 1 << 20);
-        let Lookup::Miss(Some(ticket)) = cache.lookup("a", Timestamp(0), token(1)) else {
-            panic!()
-        };
+        let t = ticket(&cache, "a", token(1));
         // Another load saw a newer token while this one read the backend.
         assert!(!hit(&cache, "b", token(2)));
-        cache.insert("a", ticket, entry(1));
+        cache.insert("a", t, entry(1));
         assert!(!hit(&cache, "a", token(2)));
-        let Lookup::Miss(Some(ticket)) = cache.lookup("a", Timestamp(0), token(2)) else {
-            panic!()
-        };
+        let t = ticket(&cache, "a", token(2));
         cache.invalidate(["a"]);
-        cache.insert("a", ticket, entry(1));
+        cache.insert("a", t, entry(1));
         assert!(!hit(&cache, "a", token(2)));
     }
 
@@ -446,12 +499,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert!(!hit(&cache, "a", None));
         // Records that expire are not served past their expiry.
-        let Lookup::Miss(Some(ticket)) = cache.lookup("e", Timestamp(0), None) else {
-            panic!()
-        };
+        let t = ticket(&cache, "e", None);
         let mut e = entry(1);
         e.expires_at = Some(Timestamp(10));
-        cache.insert("e", ticket, e);
+        cache.insert("e", t, e);
         assert!(matches!(
             cache.lookup("e", Timestamp(5), None),
             Lookup::Hit(_)
