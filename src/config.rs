@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_SIZE: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 /// Default number of pooled connections.
 pub const DEFAULT_POOL_SIZE: u32 = 10;
+/// Most entries of the read cache by default ([`StorageConfig::read_cache_capacity`](method@StorageConfig::read_cache_capacity)).
+pub const DEFAULT_READ_CACHE_ENTRIES: usize = 1024;
+/// Most bytes of the read cache by default ([`StorageConfig::read_cache_max_bytes`](method@StorageConfig::read_cache_max_bytes)).
+pub const DEFAULT_READ_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// `url` with every credential hidden, for messages, logs and `Debug`: the whole user info
 /// (everything between `scheme://` and the **last** `@`, so a password holding `/`, `@`, `:`,
@@ -422,12 +426,32 @@ pub struct StorageConfig {
     pub pool_size: u32,
     /// Serde format for values. Default RON (readable); `Format::Binary` is faster.
     pub format: Format,
-    /// Serve repeated loads from memory for this long (`None`: no cache, the default).
-    /// Saves, deletes, transactions and clears through the same `Store` invalidate it; writes
-    /// by *other* processes are seen once an entry times out.
+    /// Serve repeated loads from memory for at most this long (`None`, the default: no time
+    /// bound). On a backend without a change token (memory, file, Redis, PostgreSQL, a
+    /// read-only SQLite store) this is the only cache, and writes by *other* processes are
+    /// seen once an entry times out; saves, deletes, transactions and clears through the same
+    /// `Store` invalidate it at once. With [`read_cache_validated`](field@Self::read_cache_validated)
+    /// it only adds a time bound.
     pub read_cache_ttl: Option<Duration>,
-    /// Most entries the read cache holds. Default 1024.
+    /// Keep recent loads in memory for as long as the backend's
+    /// [change token](crate::Backend::change_token) shows that nothing was committed since,
+    /// by this process or any other. Default `true`; it takes effect only on backends that
+    /// have a token: SQLite in WAL mode (every store this crate opens for writing), where the
+    /// token is SQLite's wal-index header in shared memory, read without a lock or a system
+    /// call. A write by another process is never hidden: it changes the token before any
+    /// reader can see the new value, and the next load empties the cache. This store's own
+    /// writes drop only the keys they write (when no one else committed meanwhile). A load
+    /// with [`LoadOptions::update_access_time`](crate::LoadOptions::update_access_time)
+    /// writes the access time, which empties the cache like any other commit.
+    pub read_cache_validated: bool,
+    /// Most entries the read cache holds. Default 1024. 0 turns every read cache off. A key
+    /// enters the cache on its second load (the first only marks it), so that records read
+    /// once neither pay for a copy into the cache nor push the hot ones out.
     pub read_cache_capacity: usize,
+    /// Most bytes the read cache holds: decoded payloads, keys, and 128 bytes per entry.
+    /// Default 8 MiB; a payload above an eighth of it is never kept. 0 turns every read
+    /// cache off.
+    pub read_cache_max_bytes: usize,
     /// Source of the current time (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub clock: Arc<dyn Clock>,
     /// Open the store for reading only (file and SQLite stores). Default false. See
@@ -449,7 +473,9 @@ impl StorageConfig {
             pool_size: DEFAULT_POOL_SIZE,
             format: Format::Ron,
             read_cache_ttl: None,
-            read_cache_capacity: 1024,
+            read_cache_validated: true,
+            read_cache_capacity: DEFAULT_READ_CACHE_ENTRIES,
+            read_cache_max_bytes: DEFAULT_READ_CACHE_BYTES,
             clock: Arc::new(SystemClock),
             read_only: false,
         }
@@ -663,18 +689,33 @@ impl StorageConfig {
         self
     }
 
-    /// Turns on the read cache with entries kept for `ttl` (`None`, the default, turns it off).
-    /// Takes an `Option` like [`max_size`](Self::max_size) and
-    /// [`default_ttl`](Self::default_ttl), so one call sets either state (from a settings file,
-    /// say), the same on the plugin builder.
+    /// Serves loads from memory for at most `ttl` after they were read (`None`, the default:
+    /// no time bound): on backends without a change token this turns the read cache on, and
+    /// other processes' writes are seen once an entry times out. Takes an `Option` like
+    /// [`max_size`](Self::max_size) and [`default_ttl`](Self::default_ttl), so one call sets
+    /// either state (from a settings file, say), the same on the plugin builder. SQLite stores
+    /// cache without it ([`read_cache_validated`](field@Self::read_cache_validated)).
     pub fn read_cache(mut self, ttl: Option<Duration>) -> Self {
         self.read_cache_ttl = ttl;
         self
     }
 
-    /// Sets how many entries the read cache holds.
+    /// Turns the cache validated by the backend's change token on (the default) or off: see
+    /// [`read_cache_validated`](field@Self::read_cache_validated).
+    pub fn read_cache_validated(mut self, on: bool) -> Self {
+        self.read_cache_validated = on;
+        self
+    }
+
+    /// Sets how many entries the read cache holds (0: no read cache at all).
     pub fn read_cache_capacity(mut self, entries: usize) -> Self {
         self.read_cache_capacity = entries;
+        self
+    }
+
+    /// Sets how many bytes the read cache holds (0: no read cache at all).
+    pub fn read_cache_max_bytes(mut self, bytes: usize) -> Self {
+        self.read_cache_max_bytes = bytes;
         self
     }
 

@@ -137,7 +137,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use backend::{Backend, CustomMetadata, RecordVersion};
+pub use backend::{Backend, ChangeToken, CustomMetadata, RecordVersion};
 pub use codec::{Compression, EncryptionKey, Format};
 pub use config::{BackendConfig, StorageConfig};
 pub use error::{Result, StorageError};

@@ -467,7 +467,10 @@ fn plaintext_records_are_refused_in_an_encrypted_store() {
             .read_cache(Some(Duration::from_secs(60))),
     )
     .unwrap();
+    // Twice: the first load marks the key, the second fills the cache.
     assert!(cached.load::<u64>("gold:bob", &migrate).is_ok());
+    assert!(cached.load::<u64>("gold:bob", &migrate).is_ok());
+    assert_eq!(cached.get_stats().cache.entries, 1);
     assert!(matches!(
         cached.load::<u64>("gold:bob", &LoadOptions::default()),
         Err(StorageError::NotEncrypted { .. })

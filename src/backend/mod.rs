@@ -251,6 +251,31 @@ pub struct Usage {
     pub total_size: u64,
 }
 
+/// A fingerprint of everything committed to a backend, cheap enough to read before every
+/// load: see [`Backend::change_token`].
+///
+/// Two tokens are equal only if nothing was committed between the two reads; `commits`
+/// counts commits (wrapping), so a store that sees it advance by exactly one across its own
+/// write knows that no one else committed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChangeToken {
+    commits: u32,
+    state: u128,
+}
+
+impl ChangeToken {
+    /// A token from a commit counter (advanced by at least one by every commit that changes
+    /// anything, wrapping) and whatever else identifies the committed state.
+    pub const fn new(commits: u32, state: u128) -> Self {
+        Self { commits, state }
+    }
+
+    /// The commit counter.
+    pub const fn commits(self) -> u32 {
+        self.commits
+    }
+}
+
 /// A place to keep records. See the [module docs](self).
 ///
 /// All methods take `&self` and may be called from many threads at once. Keys arrive already
@@ -427,5 +452,25 @@ pub trait Backend: Send + Sync + 'static {
     /// Checks that the backend can be reached; an error marks the store unhealthy.
     fn health_check(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// A token that changes whenever anything is committed to the backend, by this process or
+    /// any other, read without I/O or locks (a few atomic loads): it lets the store keep
+    /// recent loads in memory and trust them exactly as long as the token stays the same
+    /// ([`StorageConfig::read_cache_validated`](field@crate::StorageConfig::read_cache_validated)).
+    ///
+    /// An implementation must guarantee:
+    /// - equal tokens read at two moments mean nothing was committed in between (any change
+    ///   to any record, by any writer, changes the token before a read can see the change);
+    /// - every commit that changes a record advances [`ChangeToken::commits`] by exactly one
+    ///   (wrapping), so that a store whose own write moved it by one knows no one else wrote;
+    /// - `None` when it cannot tell right now (then nothing cached is trusted).
+    ///
+    /// Default `None`: the store then keeps only the time-bounded cache of
+    /// [`StorageConfig::read_cache`](crate::StorageConfig::read_cache), if configured. The
+    /// SQLite backend reads SQLite's wal-index header from shared memory
+    /// (`backend/sqlite/token.rs`).
+    fn change_token(&self) -> Option<ChangeToken> {
+        None
     }
 }

@@ -57,9 +57,12 @@
 //!   each cleanup; [`StorageActivity`] counts the plugin's own work every frame.
 //!
 //! # Optional layers
-//! - **Read cache**: [`StoragePluginBuilder::read_cache`] keeps decoded loads in memory for a
-//!   while; every save, delete, transaction and clear through the store invalidates it.
-//!   [`StorageStats::cache`] reports hits and misses.
+//! - **Read cache**: on by default for SQLite, where decoded loads stay in memory while
+//!   SQLite's change token shows no commit by anyone (another process's writes are never
+//!   hidden; [`StoragePluginBuilder::read_cache_validated`]); on other backends
+//!   [`StoragePluginBuilder::read_cache`] keeps them for a while, and every save, delete,
+//!   transaction and clear through the store invalidates it. [`StorageStats::cache`] reports
+//!   hits and misses.
 //! - **Write batching**: [`StoragePluginBuilder::batch_writes`] commits the saves and deletes
 //!   sent within a frame (or a time window) as one backend transaction. Each request's
 //!   response reports the outcome of that commit: if the commit fails, every request in it
@@ -354,15 +357,22 @@ impl StoragePluginBuilder {
         self.store_option(|c| c.clock(clock))
     }
 
-    /// Serves repeated loads from memory for `ttl` (`None`: no cache, the default); saves,
-    /// deletes, transactions and clears invalidate it ([`StorageConfig::read_cache`]).
+    /// Serves repeated loads from memory for at most `ttl` (`None`: no time bound, the
+    /// default); the only read cache of backends without a change token, a time bound on
+    /// SQLite's validated one ([`StorageConfig::read_cache`]).
     pub fn read_cache(self, ttl: Option<Duration>) -> Self {
         self.store_option(|c| c.read_cache(ttl))
     }
 
-    /// How many entries the read cache holds.
+    /// How many entries the read cache holds (0: none).
     pub fn read_cache_capacity(self, entries: usize) -> Self {
         self.store_option(|c| c.read_cache_capacity(entries))
+    }
+
+    /// Turns SQLite's read cache validated by its change token on (the default) or off
+    /// ([`StorageConfig::read_cache_validated`](field@crate::StorageConfig::read_cache_validated)).
+    pub fn read_cache_validated(self, on: bool) -> Self {
+        self.store_option(|c| c.read_cache_validated(on))
     }
 
     /// SQLite only: the `synchronous` level.

@@ -11,7 +11,7 @@ mod quota;
 mod stats;
 pub mod take;
 
-use cache::{CachedRead, ReadCache};
+use cache::{CachedRead, Lookup, ReadCache};
 pub use listing::{KeyPage, MAX_PAGE};
 pub use options::{
     ErasedValue, Expiry, LoadOptions, SaveOptions, StorageMetadata, StorageOperation,
@@ -20,13 +20,11 @@ use quota::Quota;
 pub use stats::{CacheStats, PerformanceStats, StorageStats};
 use stats::{Counters, OpKind};
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -150,14 +148,7 @@ impl Store {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                cache: config.read_cache_ttl.map(|ttl| ReadCache {
-                    ttl,
-                    capacity: config.read_cache_capacity.max(1),
-                    entries: Mutex::new(HashMap::new()),
-                    epoch: AtomicU64::new(0),
-                    hits: AtomicU64::new(0),
-                    misses: AtomicU64::new(0),
-                }),
+                cache: Self::read_cache_for(&*backend, &config),
                 backend,
                 cipher,
                 clock: config.clock,
@@ -168,6 +159,25 @@ impl Store {
                 quota,
                 counters: Counters::default(),
             }),
+        })
+    }
+
+    /// The read cache `config` asks for over `backend`: validated by its change token when it
+    /// has one, time-bounded when `read_cache_ttl` is set, none otherwise.
+    fn read_cache_for(backend: &dyn Backend, config: &StorageConfig) -> Option<ReadCache> {
+        if config.read_cache_capacity == 0 || config.read_cache_max_bytes == 0 {
+            return None;
+        }
+        // A few tries: a writer may be rewriting the token at this very moment.
+        let by_token =
+            config.read_cache_validated && (0..3).any(|_| backend.change_token().is_some());
+        (by_token || config.read_cache_ttl.is_some()).then(|| {
+            ReadCache::new(
+                config.read_cache_ttl,
+                by_token,
+                config.read_cache_capacity,
+                config.read_cache_max_bytes,
+            )
         })
     }
 
@@ -518,29 +528,48 @@ impl Store {
         key: &str,
         options: &LoadOptions,
     ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
-        self.instrument(OpKind::Read, || self.load_payload(key, options))
+        self.instrument(OpKind::Read, || {
+            Ok(self
+                .load_payload(key, options)?
+                .map(|(payload, info)| (payload.into_vec(), info)))
+        })
     }
 
+    /// The decoded payload of `key`, from the read cache when it holds it (shared with the
+    /// cache, not copied).
     fn load_payload(
         &self,
         key: &str,
         options: &LoadOptions,
-    ) -> Result<Option<(Vec<u8>, EnvelopeInfo)>> {
+    ) -> Result<Option<(Payload, EnvelopeInfo)>> {
         key::validate_key(key)?;
         let now = self.inner.clock.now();
-        let cache = self.inner.cache.as_ref();
-        if let Some(hit) = cache.and_then(|c| c.get(key, now)) {
-            if self.inner.default_encrypt && !options.accept_plaintext && !hit.info.encrypted {
-                return Err(StorageError::NotEncrypted {
-                    key: key.to_owned(),
-                });
+        let mut ticket = None;
+        if let Some(cache) = &self.inner.cache {
+            // The token before anything else: what this load reads is never older than it.
+            let token = if cache.by_token() {
+                self.inner.backend.change_token()
+            } else {
+                None
+            };
+            match cache.lookup(key, now, token) {
+                Lookup::Hit(hit) => {
+                    if self.inner.default_encrypt
+                        && !options.accept_plaintext
+                        && !hit.info.encrypted
+                    {
+                        return Err(StorageError::NotEncrypted {
+                            key: key.to_owned(),
+                        });
+                    }
+                    if options.update_access_time {
+                        self.inner.backend.touch(key, now)?;
+                    }
+                    return Ok(Some((Payload::Shared(hit.payload), hit.info)));
+                }
+                Lookup::Miss(t) => ticket = t,
             }
-            if options.update_access_time {
-                self.inner.backend.touch(key, now)?;
-            }
-            return Ok(Some((Vec::clone(&hit.payload), hit.info)));
         }
-        let epoch = cache.map(|c| c.epoch.load(Ordering::SeqCst));
         let Some((value, expires_at)) = self.inner.backend.get_value(key)? else {
             return Ok(None);
         };
@@ -548,16 +577,18 @@ impl Store {
             return Ok(None);
         }
         let (payload, info) = self.open_value(key, value, now, options)?;
-        if let (Some(cache), Some(epoch)) = (cache, epoch) {
+        if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
+            let payload = Arc::new(payload);
             let entry = CachedRead {
                 loaded_at: Instant::now(),
                 expires_at,
-                payload: Arc::new(payload.clone()),
+                payload: payload.clone(),
                 info,
             };
-            cache.insert(key, epoch, entry);
+            cache.insert(key, ticket, entry);
+            return Ok(Some((Payload::Shared(payload), info)));
         }
-        Ok(Some((payload, info)))
+        Ok(Some((Payload::Owned(payload), info)))
     }
 
     /// Checks, decrypts and decompresses the stored bytes of a live record, and records the
@@ -746,9 +777,24 @@ impl Store {
             None => self.write_under_quota(ops, now),
             Some(cache) => {
                 let keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
+                let puts = ops.iter().any(|op| matches!(op, WriteOp::Put { .. }));
+                let token = || {
+                    cache
+                        .by_token()
+                        .then(|| self.inner.backend.change_token())
+                        .flatten()
+                };
+                let before = token();
                 cache.invalidate(keys.iter().map(String::as_str));
                 let result = self.write_under_quota(ops, now);
-                cache.invalidate(keys.iter().map(String::as_str));
+                let after = token();
+                // Whether this write made a commit of its own (a put, or a delete that
+                // removed a live record), so that the token moved by exactly one if no one
+                // else committed.
+                let changed = result.as_ref().is_ok_and(|outcomes| {
+                    puts || outcomes.iter().any(|o| o.previous_size.is_some())
+                });
+                cache.after_write(keys.iter().map(String::as_str), before, after, changed);
                 result
             }
         };
@@ -765,6 +811,32 @@ impl Store {
                 ),
             )),
             other => other,
+        }
+    }
+}
+
+/// A decoded payload: the load's own, or shared with the read cache.
+enum Payload {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl Payload {
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(v) => Arc::unwrap_or_clone(v),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(v) => v,
         }
     }
 }

@@ -185,7 +185,7 @@ impl super::Store {
                 .map(|cache| CacheStats {
                     hits: cache.hits.load(Ordering::Relaxed),
                     misses: cache.misses.load(Ordering::Relaxed),
-                    entries: cache.entries.lock().len() as u64,
+                    entries: cache.len() as u64,
                 })
                 .unwrap_or_default(),
             performance: PerformanceStats {

@@ -38,6 +38,7 @@
 //! | `sqlite/batch.rs` | write batches, one transaction each |
 //! | `sqlite/purge.rs` | purging expired records in bounded chunks, giving the space back, `compact` |
 //! | `sqlite/salvage.rs` | copying the readable records of a damaged database |
+//! | `sqlite/token.rs` | the change token: the wal-index header in `<db>-shm`, read from SQLite's mapping |
 //!
 //! # Damage, full disks, read-only files
 //!
@@ -66,6 +67,7 @@ pub mod salvage;
 mod schema;
 #[cfg(test)]
 mod testing;
+mod token;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -75,7 +77,7 @@ use parking_lot::Mutex;
 use r2d2::Pool;
 use rusqlite::{Connection, OptionalExtension, Row};
 
-use super::{Backend, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
+use super::{Backend, ChangeToken, KeyEntry, Record, RecordMeta, Usage, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
 use crate::error::{Result, StorageError};
 use connection::{
@@ -169,6 +171,9 @@ pub struct SqliteBackend {
     reserve_missing: std::sync::atomic::AtomicBool,
     /// The headroom kept for a full disk, in bytes (see `sqlite/reserve.rs`).
     headroom: u64,
+    /// The wal-index header in the writer's mapping of `<db>-shm`, the change token
+    /// (`sqlite/token.rs`); `None` for a read-only store or without shared memory.
+    shm: Option<token::ShmHeader>,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -286,9 +291,14 @@ impl SqliteBackend {
                 path.display()
             );
         }
+        let shm = match read_only {
+            None => token::ShmHeader::map(&writer),
+            Some(_) => None,
+        };
         Ok(Self {
             path,
             readers,
+            shm,
             writer: Mutex::new(writer),
             options: options.clone(),
             read_only,
@@ -440,6 +450,10 @@ impl Backend for SqliteBackend {
         expires_at: Option<Timestamp>,
     ) -> Result<bool> {
         self.delete_row_if_unchanged(key, value, expires_at)
+    }
+
+    fn change_token(&self) -> Option<ChangeToken> {
+        self.shm.as_ref()?.read()
     }
 
     fn touch(&self, key: &str, at: Timestamp) -> Result<()> {
