@@ -177,7 +177,7 @@ impl StoragePlugin {
     /// see [`StorageConfig::for_app`] and [`app_dir`](crate::app_dir) for where that is, the
     /// identifier rule and the `BEVY_STORAGE_DIR` override. The directory is logged once
     /// (`info!`) when the plugin is added. An invalid identifier does not panic: the store
-    /// fails to open with [`StorageError::InvalidAppId`], reported as every open failure is
+    /// fails to open with [`StorageError::InvalidAppId`](crate::StorageError::InvalidAppId), reported as every open failure is
     /// (the log, `StorageStats`, an error response to every request).
     ///
     /// Use it for a shipped game (installed read-only, or shared by several users of one
@@ -341,7 +341,7 @@ impl StoragePluginBuilder {
     }
 
     /// Opens the store read-only (file and SQLite stores): loads work, every write fails
-    /// with [`StorageError::ReadOnly`]. See
+    /// with [`StorageError::ReadOnly`](crate::StorageError::ReadOnly). See
     /// [`StorageConfig::read_only`](crate::StorageConfig::read_only).
     pub fn read_only(self, on: bool) -> Self {
         self.store_option(|c| c.read_only(on))
