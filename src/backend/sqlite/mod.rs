@@ -11,7 +11,7 @@
 //! `sqlite/schema.rs`. A database written by a newer version of this crate is refused at
 //! [`open`](SqliteBackend::open) rather than misread; a file that is not a SQLite database
 //! (or whose first page is damaged: SQLite cannot tell the two apart) is refused with
-//! [`StorageError::Corrupt`](crate::StorageError::Corrupt), which says so.
+//! [`StorageError::Corrupt`], which says so.
 //!
 //! # Connections
 //!
