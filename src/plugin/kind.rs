@@ -71,8 +71,11 @@ pub(crate) enum Finish<T> {
     Now(T),
     /// Later: called once a frame (`PreUpdate`) until it returns the response, while the
     /// request holds its scope (no other world request starts meanwhile).
-    Later(Box<dyn FnMut(&mut World) -> Option<T> + Send + Sync>),
+    Later(Step<T>),
 }
+
+/// One step of a finish spread over frames: the response once it is the last.
+pub(crate) type Step<T> = Box<dyn FnMut(&mut World) -> Option<T> + Send + Sync>;
 
 /// What delivering a job did.
 pub(crate) enum Delivered {
@@ -93,7 +96,7 @@ pub(crate) trait Continuing: Send + Sync {
 struct Stepping<R: RequestKind> {
     request: R,
     reply: Option<Reply<R::Response>>,
-    step: Box<dyn FnMut(&mut World) -> Option<R::Response> + Send + Sync>,
+    step: Step<R::Response>,
 }
 
 impl<R: RequestKind> Continuing for Stepping<R> {

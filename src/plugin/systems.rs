@@ -120,7 +120,10 @@ pub(crate) fn flush_on_exit(world: &mut World) {
 /// Requests whose finish goes on over frames (a load spread over frames), with the work
 /// whose scope they hold.
 #[derive(Resource, Default)]
-pub(crate) struct ContinuingWork(Vec<(Vec<Box<dyn Continuing>>, Option<u64>)>);
+pub(crate) struct ContinuingWork(Vec<HeldWork>);
+
+/// The requests of one work still finishing, and the work to release after them.
+type HeldWork = (Vec<Box<dyn Continuing>>, Option<u64>);
 
 /// The next step of each request finishing over frames; a work whose requests all finished
 /// frees its scope.
