@@ -1580,7 +1580,11 @@ fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &S
         let mut target_ours = snapshot_app(0);
         let mut target_base = snapshot_app(0);
         let context = SnapshotContext::from_world(target_ours.world_mut());
-        let per_frame = (n / 10).clamp(1000, 10_000);
+        // `BENCH_SPREAD_PER_FRAME` overrides the slice, to see each stage's cost.
+        let per_frame = std::env::var("BENCH_SPREAD_PER_FRAME")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or((n / 10).clamp(1000, 10_000));
         b.compare(
             "snapshot_load_stall_spread",
             "ms",
@@ -1599,9 +1603,15 @@ fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &S
                     }
                 };
                 assert_eq!(map.len(), n);
-                if round == 0 {
+                if round == 0 || round + 1 == b.rounds {
+                    // The first round loads into an empty world, the others replace a load.
                     let shown: Vec<String> = frames.iter().map(|f| format!("{f:.1}")).collect();
-                    eprintln!("\n    {} frames (ms): {}", frames.len(), shown.join(" "));
+                    eprintln!(
+                        "\n    round {}: {} frames (ms): {}",
+                        round + 1,
+                        frames.len(),
+                        shown.join(" ")
+                    );
                 }
                 frames.into_iter().fold(0.0, f64::max)
             },
