@@ -1295,3 +1295,55 @@ mod spread {
         assert_eq!(hidden, 0);
     }
 }
+
+/// A hand-made snapshot whose typed column repeats rows out of order and whose component comes
+/// in two columns: the combined insert keeps the last value of each entity, as inserting the
+/// values in order would.
+#[test]
+fn repeated_rows_and_columns_keep_the_last_value() {
+    use bevy::reflect::TypePath;
+    let mut source = app();
+    let entities: Vec<u64> = (0..3)
+        .map(|_| source.world_mut().spawn(Persist).id().to_bits())
+        .collect();
+    let header = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Ron),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap()[..16]
+        .to_vec();
+    let p = |v: f32| Position { x: v, y: v };
+    let path = Position::type_path().to_string();
+    let columns = vec![
+        (path.clone(), vec![1u32, 0, 1], vec![p(1.0), p(2.0), p(3.0)]),
+        (path, vec![0u32], vec![p(9.0)]),
+    ];
+    let resources: Vec<(String, u8)> = Vec::new();
+    let body = ron::to_string(&(entities, columns, resources)).unwrap();
+    let bytes = [header, body.into_bytes()].concat();
+
+    let mut target = app();
+    let context = SnapshotContext::from_world(target.world_mut());
+    let map = decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), true);
+    let world = target.world_mut();
+    assert_eq!(map.len(), 3);
+    let mut positions: Vec<Option<f32>> = map
+        .iter()
+        .map(|(saved, live)| (saved.to_bits(), world.get::<Position>(*live).map(|p| p.x)))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_values()
+        .collect();
+    positions.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // Row 0: 2 then 9 (the second column); row 1: 1 then 3; row 2: none.
+    assert_eq!(positions, [None, Some(3.0), Some(9.0)]);
+    let persisted = world
+        .query_filtered::<Entity, With<Persist>>()
+        .iter(world)
+        .count();
+    assert_eq!(persisted, 3);
+}
