@@ -1175,6 +1175,8 @@ fn snapshot_app(entities: usize) -> App {
         .register_component::<Unit>();
     app.insert_resource(registry);
     let world = app.world_mut();
+    // What `SnapshotPlugin` does: spread loads hide their entities behind `Loading`.
+    world.register_disabling_component::<bevy_storage::snapshot::Loading>();
     world.spawn_batch((0..entities).map(|i| {
         let f = i as f32;
         (
@@ -1395,6 +1397,7 @@ fn snapshot_chains(b: &Bench) {
         "snapshot_incremental_bytes",
         "snapshot_chain_load_total",
         "snapshot_load_stall",
+        "snapshot_load_stall_spread",
     ];
     if !wanted.iter().any(|w| b.wants(w)) {
         return;
@@ -1557,6 +1560,68 @@ fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &S
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 assert_eq!(map.len(), n);
                 ms
+            },
+            |_| {
+                let dw = baseline_dynamic_world(app.world_mut());
+                let world = target_base.world_mut();
+                let old: Vec<Entity> = world
+                    .query_filtered::<Entity, With<Persist>>()
+                    .iter(world)
+                    .collect();
+                let t = Instant::now();
+                for e in old {
+                    world.despawn(e);
+                }
+                let mut map = EntityHashMap::default();
+                dw.write_to_world(world, &mut map).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                assert_eq!(map.len(), n);
+                ms
+            },
+        );
+    }
+    if b.wants("snapshot_load_stall_spread") {
+        let bytes = capture(app.world_mut(), &settings, &registry)
+            .unwrap()
+            .encode()
+            .unwrap();
+        let mut target_ours = snapshot_app(0);
+        let mut target_base = snapshot_app(0);
+        let context = SnapshotContext::from_world(target_ours.world_mut());
+        // `BENCH_SPREAD_PER_FRAME` overrides the slice, to see each stage's cost.
+        let per_frame = std::env::var("BENCH_SPREAD_PER_FRAME")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or((n / 10).clamp(1000, 10_000));
+        b.compare(
+            "snapshot_load_stall_spread",
+            "ms",
+            Better::Lower,
+            &format!("(longest frame of a load of {n} entities x 3 components spread over frames: ours DecodedWorld::spread(max_per_frame = {per_frame}), one step per frame, vs Bevy's DynamicWorld::write_to_world of the same entities in one frame, both replacing the previous load's entities; target ratio <= 0.1)"),
+            |round| {
+                let decoded = decode(&bytes, &context).unwrap();
+                let mut spread = decoded.spread(true, per_frame);
+                let mut frames = Vec::new();
+                let map = loop {
+                    let t = Instant::now();
+                    let done = spread.step(target_ours.world_mut());
+                    frames.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if let Some(map) = done {
+                        break map;
+                    }
+                };
+                assert_eq!(map.len(), n);
+                if round == 0 || round + 1 == b.rounds {
+                    // The first round loads into an empty world, the others replace a load.
+                    let shown: Vec<String> = frames.iter().map(|f| format!("{f:.1}")).collect();
+                    eprintln!(
+                        "\n    round {}: {} frames (ms): {}",
+                        round + 1,
+                        frames.len(),
+                        shown.join(" ")
+                    );
+                }
+                frames.into_iter().fold(0.0, f64::max)
             },
             |_| {
                 let dw = baseline_dynamic_world(app.world_mut());

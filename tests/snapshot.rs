@@ -1158,3 +1158,192 @@ mod chains {
         }
     }
 }
+
+/// `DecodedWorld::spread`: a load applied a slice per frame.
+mod spread {
+    use super::*;
+    use bevy::ecs::entity_disabling::Disabled;
+    use bevy_storage::snapshot::Loading;
+
+    #[derive(Resource, Default)]
+    struct Added(Vec<Entity>);
+
+    fn saved() -> Vec<u8> {
+        let mut source = app();
+        populate(source.world_mut());
+        capture(
+            source.world_mut(),
+            &settings(SnapshotEncoding::Binary),
+            &registry(),
+        )
+        .unwrap()
+        .encode()
+        .unwrap()
+    }
+
+    fn visible_persisted(world: &mut World) -> usize {
+        world
+            .query_filtered::<Entity, With<Persist>>()
+            .iter(world)
+            .count()
+    }
+
+    #[test]
+    fn a_game_query_sees_the_old_world_then_nothing_then_the_whole_new_one() {
+        let bytes = saved();
+        let mut target = app();
+        target.world_mut().spawn((Persist, Name::new("stale")));
+        target
+            .world_mut()
+            .spawn((Name::new("bystander"), Position { x: 0.0, y: 0.0 }));
+        target.init_resource::<Added>();
+        target.add_observer(|add: On<Add, Position>, mut added: ResMut<Added>| {
+            added.0.push(add.entity);
+        });
+        let context = SnapshotContext::from_world(target.world_mut());
+        let mut spread = decode(&bytes, &context).unwrap().spread(true, 1);
+        let world = target.world_mut();
+        assert_eq!(
+            visible_persisted(world),
+            1,
+            "the old world until the first step"
+        );
+        let mut steps = 0;
+        let map = loop {
+            let done = spread.step(world);
+            steps += 1;
+            if let Some(map) = done {
+                break map;
+            }
+            assert!(!spread.is_done());
+            // Mid-load, a game query sees no persisted entity, old or new, nor any saved
+            // component or resource of the load; the bystander stays.
+            assert_eq!(visible_persisted(world), 0, "step {steps}");
+            assert_eq!(world.query::<&Health>().iter(world).count(), 0);
+            assert_eq!(world.query::<&ChildOf>().iter(world).count(), 0);
+            assert_eq!(world.query::<&Position>().iter(world).count(), 1);
+            assert!(world.get_resource::<Score>().is_none(), "resources go last");
+            find(world, "bystander");
+        };
+        assert!(spread.is_done());
+        assert!(steps > 10, "one entity or value a step: {steps} steps");
+        check_loaded_world(world, &map);
+        assert_eq!(visible_persisted(world), 5);
+        assert_eq!(
+            world
+                .query_filtered::<Entity, With<Disabled>>()
+                .iter(world)
+                .count(),
+            0,
+            "nothing is left disabled"
+        );
+        // Observers ran for each loaded entity with a `Position` (the player and the goblin).
+        let mut added = world.resource::<Added>().0.clone();
+        added.sort();
+        let mut expected = vec![find(world, "goblin")];
+        let mut players = world.query_filtered::<Entity, With<Target>>();
+        expected.push(players.single(world).unwrap());
+        expected.sort();
+        assert_eq!(added, expected);
+        // A step after the last one does nothing.
+        assert!(spread.step(world).unwrap().is_empty());
+        assert_eq!(visible_persisted(world), 5);
+    }
+
+    #[test]
+    fn a_large_budget_loads_in_two_steps_and_keeps_existing_when_asked() {
+        let bytes = saved();
+        let mut target = app();
+        target.world_mut().spawn((Persist, Name::new("kept")));
+        let context = SnapshotContext::from_world(target.world_mut());
+        let mut spread = decode(&bytes, &context).unwrap().spread(false, usize::MAX);
+        let world = target.world_mut();
+        let map = spread
+            .step(world)
+            .expect("one step without anything to hide");
+        assert_eq!(map.len(), 5);
+        find(world, "kept");
+        find(world, "goblin");
+        assert_eq!(visible_persisted(world), 6);
+
+        // With `Loading` registered as disabling, as `SnapshotPlugin` does.
+        let mut target = app();
+        target.world_mut().register_disabling_component::<Loading>();
+        target.world_mut().spawn((Persist, Name::new("stale")));
+        target
+            .world_mut()
+            .spawn((Name::new("bystander"), Position { x: 0.0, y: 0.0 }));
+        let context = SnapshotContext::from_world(target.world_mut());
+        let mut spread = decode(&bytes, &context).unwrap().spread(true, usize::MAX);
+        let world = target.world_mut();
+        assert!(
+            spread.step(world).is_none(),
+            "the first step hides the old world"
+        );
+        assert_eq!(visible_persisted(world), 0);
+        let hidden = world
+            .query_filtered::<Entity, With<Loading>>()
+            .iter(world)
+            .count();
+        assert_eq!(hidden, 1, "behind `Loading`");
+        let map = spread.step(world).expect("the rest in the second");
+        check_loaded_world(world, &map);
+        let hidden = world
+            .query_filtered::<Entity, With<Loading>>()
+            .iter(world)
+            .count();
+        assert_eq!(hidden, 0);
+    }
+}
+
+/// A hand-made snapshot whose typed column repeats rows out of order and whose component comes
+/// in two columns: the combined insert keeps the last value of each entity, as inserting the
+/// values in order would.
+#[test]
+fn repeated_rows_and_columns_keep_the_last_value() {
+    use bevy::reflect::TypePath;
+    let mut source = app();
+    let entities: Vec<u64> = (0..3)
+        .map(|_| source.world_mut().spawn(Persist).id().to_bits())
+        .collect();
+    let header = capture(
+        source.world_mut(),
+        &settings(SnapshotEncoding::Ron),
+        &registry(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap()[..16]
+        .to_vec();
+    let p = |v: f32| Position { x: v, y: v };
+    let path = Position::type_path().to_string();
+    let columns = vec![
+        (path.clone(), vec![1u32, 0, 1], vec![p(1.0), p(2.0), p(3.0)]),
+        (path, vec![0u32], vec![p(9.0)]),
+    ];
+    let resources: Vec<(String, u8)> = Vec::new();
+    let body = ron::to_string(&(entities, columns, resources)).unwrap();
+    let bytes = [header, body.into_bytes()].concat();
+
+    let mut target = app();
+    let context = SnapshotContext::from_world(target.world_mut());
+    let map = decode(&bytes, &context)
+        .unwrap()
+        .apply(target.world_mut(), true);
+    let world = target.world_mut();
+    assert_eq!(map.len(), 3);
+    let mut positions: Vec<Option<f32>> = map
+        .iter()
+        .map(|(saved, live)| (saved.to_bits(), world.get::<Position>(*live).map(|p| p.x)))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_values()
+        .collect();
+    positions.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // Row 0: 2 then 9 (the second column); row 1: 1 then 3; row 2: none.
+    assert_eq!(positions, [None, Some(3.0), Some(9.0)]);
+    let persisted = world
+        .query_filtered::<Entity, With<Persist>>()
+        .iter(world)
+        .count();
+    assert_eq!(persisted, 3);
+}

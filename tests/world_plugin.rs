@@ -678,3 +678,86 @@ fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
     assert_eq!(skipped, [after.key.as_str(), torn.key.as_str()]);
     assert_eq!(persisted_state(app.world_mut()), good);
 }
+
+#[derive(Resource, Default)]
+struct VisiblePersisted(Vec<usize>);
+
+#[derive(Resource, Default)]
+struct PositionsAdded(usize);
+
+/// `LoadWorld::spread_over_frames`: each frame's game systems see the old world, nothing
+/// persisted, or the whole loaded world; observers run for every loaded entity; `WorldLoaded`
+/// comes once, and a save sent with the load waits for all of it.
+#[test]
+fn a_load_spread_over_frames_is_never_seen_half_loaded() {
+    let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
+    populate(app.world_mut());
+    for i in 0..40 {
+        app.world_mut().spawn((Persist, Position(10 + i, 0)));
+    }
+    app.world_mut().write_message(SaveWorld::new("big"));
+    pump_until(&mut app, "the save", |s| s.saved.len() == 1);
+    app.world_mut()
+        .spawn((Persist, Position(-1, -1), Name::new("stale")));
+    app.world_mut().insert_resource(Turn(99));
+    app.init_resource::<VisiblePersisted>()
+        .init_resource::<PositionsAdded>()
+        .add_systems(
+            Update,
+            |persisted: Query<(), With<Persist>>, mut seen: ResMut<VisiblePersisted>| {
+                seen.0.push(persisted.iter().count());
+            },
+        )
+        .add_observer(|_: On<Add, Position>, mut added: ResMut<PositionsAdded>| {
+            added.0 += 1;
+        });
+    app.world_mut()
+        .write_message(LoadWorld::new("big").spread_over_frames(5));
+    app.world_mut().write_message(SaveWorld::new("after"));
+    pump_until(&mut app, "the load and the save after it", |s| {
+        s.loaded.len() == 1 && s.saved.len() == 2
+    });
+    for _ in 0..3 {
+        app.update();
+    }
+    let seen = app.world().resource::<Seen>();
+    assert_eq!(seen.loaded.len(), 1, "WorldLoaded once");
+    assert_eq!(seen.loaded[0].result.as_ref().unwrap().len(), 42);
+    assert_eq!(
+        *seen.saved[1].result.as_ref().unwrap(),
+        42,
+        "the save sent with the load captured the whole loaded world"
+    );
+    // Frame by frame: the old world (43), then nothing persisted for a while, then all 42.
+    let frames = app.world().resource::<VisiblePersisted>().0.clone();
+    let hidden = frames.iter().filter(|n| **n == 0).count();
+    assert!(hidden >= 5, "spread over frames: {frames:?}");
+    let first_hidden = frames.iter().position(|n| *n == 0).unwrap();
+    let last_hidden = frames.iter().rposition(|n| *n == 0).unwrap();
+    assert!(
+        frames[..first_hidden].iter().all(|n| *n == 43),
+        "{frames:?}"
+    );
+    assert!(
+        frames[first_hidden..=last_hidden].iter().all(|n| *n == 0),
+        "{frames:?}"
+    );
+    assert!(
+        frames[last_hidden + 1..].iter().all(|n| *n == 42),
+        "{frames:?}"
+    );
+    assert_eq!(app.world().resource::<PositionsAdded>().0, 42);
+    // The loaded world is whole: references remapped, the resource restored.
+    let world = app.world_mut();
+    let follows = world.query::<&Follows>().single(world).unwrap().0;
+    let mut names = world.query::<(Entity, &Name)>();
+    let leader = names
+        .iter(world)
+        .find(|(_, n)| n.as_str() == "leader")
+        .unwrap()
+        .0;
+    assert_eq!(follows, leader, "references point at the loaded leader");
+    assert!(names.iter(world).all(|(_, n)| n.as_str() != "stale"));
+    assert_eq!(world.resource::<Turn>(), &Turn(17));
+    assert_eq!(persisted_positions(world).len(), 42);
+}

@@ -44,6 +44,15 @@ pub(crate) trait RequestKind: Message + Clone {
     fn run(&self, store: &Store, input: Self::Input) -> Self::Output;
     /// Main thread: the response from the pool's output (world kinds apply a loaded world).
     fn finish(&self, world: &mut World, output: Self::Output) -> Self::Response;
+    /// Main thread: [`finish`](Self::finish), or the first step of a finish spread over
+    /// frames (a load applied a slice per frame).
+    fn finish_over_frames(
+        &self,
+        world: &mut World,
+        output: Self::Output,
+    ) -> Finish<Self::Response> {
+        Finish::Now(self.finish(world, output))
+    }
     /// The response of this request failing with `error`.
     fn fail(&self, error: SharedError) -> Self::Response;
     /// A write that may join a write batch: the operation it adds to the batch's transaction.
@@ -53,6 +62,60 @@ pub(crate) trait RequestKind: Message + Clone {
     /// The output of a write committed in a batch, from what it did there.
     fn batched(&self, _committed: Committed) -> Self::Output {
         unreachable!("only kinds with a batch_operation are batched")
+    }
+}
+
+/// How a request finishes on the main thread.
+pub(crate) enum Finish<T> {
+    /// The response, now.
+    Now(T),
+    /// Later: called once a frame (`PreUpdate`) until it returns the response, while the
+    /// request holds its scope (no other world request starts meanwhile).
+    Later(Step<T>),
+}
+
+/// One step of a finish spread over frames: the response once it is the last.
+pub(crate) type Step<T> = Box<dyn FnMut(&mut World) -> Option<T> + Send + Sync>;
+
+/// What delivering a job did.
+pub(crate) enum Delivered {
+    /// The response went out; true when the request succeeded.
+    Done(bool),
+    /// Its finish goes on over the next frames.
+    Later(Box<dyn Continuing>),
+}
+
+/// The rest of a finish spread over frames ([`Finish::Later`]).
+pub(crate) trait Continuing: Send + Sync {
+    /// Main thread, once a frame: the next step; `Some` (true when the request succeeded)
+    /// once the response went out.
+    fn step(&mut self, world: &mut World) -> Option<bool>;
+}
+
+/// A request of kind `R` finishing over frames.
+struct Stepping<R: RequestKind> {
+    request: R,
+    reply: Option<Reply<R::Response>>,
+    step: Step<R::Response>,
+}
+
+impl<R: RequestKind> Continuing for Stepping<R> {
+    fn step(&mut self, world: &mut World) -> Option<bool> {
+        let reply = self.reply.take()?;
+        let response = match catch_unwind(AssertUnwindSafe(|| (self.step)(world))) {
+            Ok(None) => {
+                self.reply = Some(reply);
+                return None;
+            }
+            Ok(Some(response)) => response,
+            Err(payload) => self.request.fail(super::scheduler::panic_error(payload)),
+        };
+        let ok = response.is_ok();
+        match reply {
+            Reply::Public => publish(world, response),
+            Reply::Internal(callback) => callback(world, response),
+        }
+        Some(ok)
     }
 }
 
@@ -90,9 +153,9 @@ pub(crate) trait Job: Send {
     fn set_batched(&mut self, outcome: Result<Committed, SharedError>);
     /// Records a failure (the store could not open, the task panicked).
     fn set_failed(&mut self, error: SharedError);
-    /// Main thread: writes the response (or hands it to the plugin's callback). True when
-    /// the request succeeded.
-    fn deliver(self: Box<Self>, world: &mut World) -> bool;
+    /// Main thread: writes the response (or hands it to the plugin's callback), or starts a
+    /// finish spread over frames.
+    fn deliver(self: Box<Self>, world: &mut World) -> Delivered;
 }
 
 /// The [`Job`] of a request of kind `R`.
@@ -177,7 +240,7 @@ impl<R: RequestKind> Job for Pending<R> {
         self.result = Some(Err(error));
     }
 
-    fn deliver(self: Box<Self>, world: &mut World) -> bool {
+    fn deliver(self: Box<Self>, world: &mut World) -> Delivered {
         let Pending {
             request,
             reply,
@@ -186,8 +249,17 @@ impl<R: RequestKind> Job for Pending<R> {
         } = *self;
         let response = match result {
             Some(Ok(output)) => {
-                match catch_unwind(AssertUnwindSafe(|| request.finish(world, output))) {
-                    Ok(response) => response,
+                match catch_unwind(AssertUnwindSafe(|| {
+                    request.finish_over_frames(world, output)
+                })) {
+                    Ok(Finish::Now(response)) => response,
+                    Ok(Finish::Later(step)) => {
+                        return Delivered::Later(Box::new(Stepping {
+                            request,
+                            reply: Some(reply),
+                            step,
+                        }));
+                    }
                     Err(payload) => request.fail(super::scheduler::panic_error(payload)),
                 }
             }
@@ -201,7 +273,7 @@ impl<R: RequestKind> Job for Pending<R> {
             Reply::Public => publish(world, response),
             Reply::Internal(callback) => callback(world, response),
         }
-        ok
+        Delivered::Done(ok)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bevy::log::{error, info};
 use bevy::prelude::*;
 
-use super::kind::RequestKinds;
+use super::kind::{Continuing, Delivered, RequestKinds};
 use super::requests::*;
 use super::scheduler::Done;
 use super::{StorageActivity, StorageRuntime, StorageState};
@@ -62,6 +62,7 @@ pub(crate) fn run_maintenance(mut runtime: ResMut<StorageRuntime>, time: Res<Tim
 /// loaded worlds applied), cleanup reports and fresh stats; then starts the world requests
 /// whose turn came.
 pub(crate) fn collect_results(world: &mut World) {
+    step_continuing(world);
     let done = world.resource::<StorageRuntime>().inner.try_collect();
     apply(world, done);
     world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
@@ -79,6 +80,7 @@ pub(crate) fn flush_on_exit(world: &mut World) {
     let timeout = world.resource::<StorageRuntime>().inner.exit_timeout;
     let deadline = Instant::now() + timeout;
     loop {
+        step_continuing(world);
         let done = world.resource::<StorageRuntime>().inner.try_collect();
         apply(world, done);
         world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
@@ -90,6 +92,7 @@ pub(crate) fn flush_on_exit(world: &mut World) {
             .shared
             .outstanding()
             == 0
+            && !continuing(world)
         {
             let done = world.resource::<StorageRuntime>().inner.try_collect();
             apply(world, done);
@@ -112,6 +115,60 @@ pub(crate) fn flush_on_exit(world: &mut World) {
         "bevy_storage: {} storage requests were still pending {timeout:?} after AppExit; they may be lost",
         queued + running
     );
+}
+
+/// Requests whose finish goes on over frames (a load spread over frames), with the work
+/// whose scope they hold.
+#[derive(Resource, Default)]
+pub(crate) struct ContinuingWork(Vec<HeldWork>);
+
+/// The requests of one work still finishing, and the work to release after them.
+type HeldWork = (Vec<Box<dyn Continuing>>, Option<u64>);
+
+/// The next step of each request finishing over frames; a work whose requests all finished
+/// frees its scope.
+fn step_continuing(world: &mut World) {
+    let Some(mut work) = world
+        .get_resource_mut::<ContinuingWork>()
+        .map(|mut w| std::mem::take(&mut w.0))
+    else {
+        return;
+    };
+    if work.is_empty() {
+        return;
+    }
+    let (mut completed, mut failed) = (0, 0);
+    work.retain_mut(|(jobs, release)| {
+        jobs.retain_mut(|job| match job.step(world) {
+            None => true,
+            Some(ok) => {
+                if ok {
+                    completed += 1;
+                } else {
+                    failed += 1;
+                }
+                false
+            }
+        });
+        if !jobs.is_empty() {
+            return true;
+        }
+        if let Some(seq) = release.take() {
+            world.resource::<StorageRuntime>().inner.shared.release(seq);
+        }
+        false
+    });
+    world.resource_mut::<ContinuingWork>().0.extend(work);
+    let mut activity = world.resource_mut::<StorageActivity>();
+    activity.completed += completed;
+    activity.failed += failed;
+}
+
+/// True while a request finishes over frames.
+fn continuing(world: &World) -> bool {
+    world
+        .get_resource::<ContinuingWork>()
+        .is_some_and(|w| !w.0.is_empty())
 }
 
 /// Applies results on the main thread.
@@ -149,15 +206,24 @@ fn apply(world: &mut World, done: Vec<Done>) {
                     activity.batches_committed += 1;
                     activity.batched_requests += n as u64;
                 }
+                let mut later = Vec::new();
                 for job in jobs {
-                    if job.deliver(world) {
-                        completed += 1;
-                    } else {
-                        failed += 1;
+                    match job.deliver(world) {
+                        Delivered::Done(true) => completed += 1,
+                        Delivered::Done(false) => failed += 1,
+                        Delivered::Later(rest) => later.push(rest),
                     }
                 }
-                if let Some(seq) = release {
-                    world.resource::<StorageRuntime>().inner.shared.release(seq);
+                if later.is_empty() {
+                    if let Some(seq) = release {
+                        world.resource::<StorageRuntime>().inner.shared.release(seq);
+                    }
+                } else {
+                    // Its scope stays held until the last step (`step_continuing`).
+                    world
+                        .get_resource_or_init::<ContinuingWork>()
+                        .0
+                        .push((later, release));
                 }
             }
             Done::Stats(stats) => {

@@ -9,6 +9,8 @@
 use std::any::TypeId;
 use std::collections::HashSet;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
@@ -19,6 +21,7 @@ use bevy::ecs::reflect::ReflectComponent;
 use bevy::ecs::relationship::RelationshipHookMode;
 use bevy::ecs::storage::Table;
 use bevy::prelude::*;
+use bevy::ptr::OwningPtr;
 use bevy::reflect::serde::TypedReflectSerializer;
 use bevy::reflect::{PartialReflect, TypeRegistry};
 use serde::de::DeserializeOwned;
@@ -88,6 +91,92 @@ pub(crate) trait LoadedColumn: Send {
         mapper: &mut SnapshotEntityMapper,
         registry: &TypeRegistry,
     );
+    /// Splits the values at `at`: keeps `[..at]`, returns the rest.
+    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn>;
+    /// Maps entity references and hands the values over to be inserted together with each
+    /// entity's other components, in one archetype move per entity; `Err(self)` for a column
+    /// applied on its own with [`apply`](Self::apply) (relationships, whose hooks replay the
+    /// saved order and need a live target, and reflected values).
+    fn into_erased(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>>;
+}
+
+/// Values of one component type, type-erased for a combined insert
+/// ([`DecodedWorld::apply`](super::DecodedWorld::apply)): each is moved out at most once;
+/// those never moved out are dropped with the column.
+pub(crate) trait ErasedValues: Send {
+    /// The component the values are of.
+    fn component(&self) -> ComponentId;
+    /// Value `i`, to be moved into the world by the caller (`None` if it was taken or
+    /// discarded already). A pointer not moved from leaks the value, nothing worse.
+    fn take(&mut self, i: usize) -> Option<OwningPtr<'_>>;
+    /// True while value `i` is neither taken nor discarded.
+    fn is_live(&self, i: usize) -> bool;
+    /// Drops value `i` (a later value for the same entity replaces it).
+    fn discard(&mut self, i: usize);
+}
+
+/// [`ErasedValues`] of a typed column: `T`s that are each either still owned here (`live`)
+/// or moved out.
+struct ErasedVec<T> {
+    id: ComponentId,
+    values: Vec<MaybeUninit<T>>,
+    live: Vec<bool>,
+}
+
+impl<T> ErasedVec<T> {
+    fn new(id: ComponentId, values: Vec<T>) -> Self {
+        let live = vec![true; values.len()];
+        // The same size and alignment: collected in place.
+        let values = values.into_iter().map(MaybeUninit::new).collect();
+        Self { id, values, live }
+    }
+}
+
+impl<T: Send + 'static> ErasedValues for ErasedVec<T> {
+    fn component(&self) -> ComponentId {
+        self.id
+    }
+
+    fn take(&mut self, i: usize) -> Option<OwningPtr<'_>> {
+        if !std::mem::replace(self.live.get_mut(i)?, false) {
+            return None;
+        }
+        // SAFETY: value `i` was initialised and still owned here (`live`); it is now marked
+        // moved, so this column neither reads nor drops it again and the caller is its only
+        // owner. The pointer is non-null, aligned for `T` (`MaybeUninit<T>` has `T`'s layout)
+        // and valid while the borrow of `self` lasts.
+        Some(unsafe { OwningPtr::new(NonNull::from(&mut self.values[i]).cast()) })
+    }
+
+    fn is_live(&self, i: usize) -> bool {
+        self.live.get(i).copied() == Some(true)
+    }
+
+    fn discard(&mut self, i: usize) {
+        if self.is_live(i) {
+            self.live[i] = false;
+            // SAFETY: value `i` was initialised and still owned here, and is marked dropped.
+            unsafe { self.values[i].assume_init_drop() };
+        }
+    }
+}
+
+impl<T> Drop for ErasedVec<T> {
+    fn drop(&mut self) {
+        if !std::mem::needs_drop::<T>() {
+            return;
+        }
+        for (value, live) in self.values.iter_mut().zip(&self.live) {
+            if *live {
+                // SAFETY: a live value is initialised and owned here; `drop` runs once.
+                unsafe { value.assume_init_drop() };
+            }
+        }
+    }
 }
 
 /// What a typed component needs: the fast path of the snapshot.
@@ -429,6 +518,10 @@ impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
         self
     }
 
+    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        self.split_values(at)
+    }
+
     fn value_type(&self) -> TypeId {
         TypeId::of::<Self>()
     }
@@ -446,6 +539,28 @@ impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
             .map(|s| (self.from_saved)(s))
             .collect();
         Box::new(TypedLoaded { values }).apply(world, targets, mapper, registry);
+    }
+
+    fn into_erased(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+        let values: Vec<C> = self
+            .saved
+            .into_iter()
+            .map(|s| (self.from_saved)(s))
+            .collect();
+        Box::new(TypedLoaded { values }).into_erased(world, mapper)
+    }
+}
+
+impl<C: Component, S: SnapshotStandIn> MappedLoaded<C, S> {
+    fn split_values(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        Box::new(Self {
+            saved: self.saved.split_off(at.min(self.saved.len())),
+            from_saved: Arc::clone(&self.from_saved),
+        })
     }
 }
 
@@ -549,6 +664,10 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
         self
     }
 
+    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        self.split_values(at)
+    }
+
     fn value_type(&self) -> TypeId {
         TypeId::of::<Self>()
     }
@@ -574,6 +693,30 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
         }
         warn_dropped::<T>(world, id, total - rows.len());
         world.insert_batch(rows);
+    }
+
+    fn into_erased(
+        self: Box<Self>,
+        world: &mut World,
+        mapper: &mut SnapshotEntityMapper,
+    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+        if T::relationship_accessor().is_some() {
+            return Err(self);
+        }
+        let id = world.register_component::<T>();
+        let mut values = self.values;
+        for value in &mut values {
+            T::map_entities(value, mapper);
+        }
+        Ok(Box::new(ErasedVec::new(id, values)))
+    }
+}
+
+impl<T: Component> TypedLoaded<T> {
+    fn split_values(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        Box::new(Self {
+            values: self.values.split_off(at.min(self.values.len())),
+        })
     }
 }
 
@@ -703,6 +846,10 @@ impl LoadedColumn for ReflectLoaded {
         self
     }
 
+    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        self.split_values(at)
+    }
+
     fn value_type(&self) -> TypeId {
         TypeId::of::<Self>()
     }
@@ -742,6 +889,23 @@ impl LoadedColumn for ReflectLoaded {
             }
         }
         warn_dropped::<()>(world, id, dropped);
+    }
+
+    fn into_erased(
+        self: Box<Self>,
+        _world: &mut World,
+        _mapper: &mut SnapshotEntityMapper,
+    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+        Err(self)
+    }
+}
+
+impl ReflectLoaded {
+    fn split_values(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+        Box::new(Self {
+            component: self.component.clone(),
+            values: self.values.split_off(at.min(self.values.len())),
+        })
     }
 }
 

@@ -14,8 +14,10 @@
 //!    converts every value. Anything wrong (damage, an unknown type, a newer format) is an
 //!    error here, before the world is touched.
 //! 4. [`DecodedWorld::apply`] (main thread): despawns the currently persisted entities
-//!    (configurable), spawns the snapshot's, maps entity references, inserts everything.
-//!    It cannot fail half way: all checks happened in step 3.
+//!    (configurable), spawns the snapshot's, maps entity references, inserts everything
+//!    (each entity's typed components in one archetype move). It cannot fail half way: all
+//!    checks happened in step 3. [`DecodedWorld::spread`] does the same a slice per frame,
+//!    the persisted entities hidden (Bevy's `Disabled`) until the last slice.
 //!
 //! Snapshot chains (incremental autosaves, the `delta` module): [`capture_base`] starts a
 //! chain with a full capture, [`capture_delta`] captures what changed since the chain's last
@@ -59,7 +61,7 @@ mod migrate;
 mod slots;
 
 #[cfg(feature = "bevy")]
-pub use apply::DecodedWorld;
+pub use apply::{DecodedWorld, SpreadApply};
 #[cfg(feature = "bevy")]
 pub use capture::{CapturedWorld, capture};
 #[cfg(feature = "bevy")]
@@ -111,6 +113,18 @@ use columns::{Mapped, Typed, TypedCodec};
 #[derive(Component, Reflect, Default, Clone, Copy, Debug, PartialEq, Eq)]
 #[reflect(Component, Default)]
 pub struct Persist;
+
+#[cfg(feature = "bevy")]
+/// Hides the entities of a load spread over frames ([`DecodedWorld::spread`]) until its last
+/// step: a disabling component (game queries leave its entities out, like Bevy's
+/// `Disabled`), stored in a sparse set so that adding it and taking it off moves no
+/// component data. [`SnapshotPlugin`](crate::plugin::SnapshotPlugin) registers it as
+/// disabling; an app that spreads loads without the plugin calls
+/// `world.register_disabling_component::<Loading>()` before its systems first run, or the
+/// loads fall back to `Disabled` (a table move per entity in the first and the last step).
+#[derive(Component, Default, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(storage = "SparseSet")]
+pub struct Loading;
 
 #[cfg(feature = "bevy")]
 /// What goes into a snapshot and how it is written. A resource; insert your own to change it.

@@ -153,6 +153,9 @@ impl Plugin for SnapshotPlugin {
         add_request_kind::<SaveWorld>(app);
         add_request_kind::<LoadWorld>(app);
         add_request_kind::<ListSlots>(app);
+        // Before any system's queries exist: they then leave out a spread load's entities.
+        app.world_mut()
+            .register_disabling_component::<snapshot::Loading>();
         app.register_type::<snapshot::Persist>()
             .insert_resource(self.settings.clone())
             .init_resource::<SnapshotMetadata>()
@@ -261,6 +264,10 @@ pub enum WorldSlot {
 }
 
 /// Replaces the persisted part of the world with a snapshot; answered by [`WorldLoaded`].
+///
+/// The snapshot is read and decoded on the pool; by default it is applied on the main thread
+/// in the frame it arrives. [`spread_over_frames`](Self::spread_over_frames) applies it a
+/// slice per frame instead.
 #[derive(Message, Debug, Clone)]
 pub struct LoadWorld {
     /// The request's id.
@@ -269,6 +276,8 @@ pub struct LoadWorld {
     pub slot: WorldSlot,
     /// The autosave rotation's prefix and size, resolved when the request is read.
     rotation: Option<(String, usize)>,
+    /// Entities (or values) applied per frame, when the load is spread over frames.
+    pub(crate) spread: Option<usize>,
 }
 
 impl LoadWorld {
@@ -278,6 +287,7 @@ impl LoadWorld {
             id: RequestId::next(),
             slot: WorldSlot::Key(key.into()),
             rotation: None,
+            spread: None,
         }
     }
 
@@ -287,7 +297,33 @@ impl LoadWorld {
             id: RequestId::next(),
             slot: WorldSlot::Autosave,
             rotation: None,
+            spread: None,
         }
+    }
+
+    /// Applies the loaded world over several frames, about `max_per_frame` entities (or
+    /// component values) a frame, so that a large load never holds a frame for long (see
+    /// [`DecodedWorld::spread`](crate::snapshot::DecodedWorld::spread) for the details).
+    ///
+    /// The guarantee: game queries see the old persisted world until the frame the load
+    /// starts applying, then no persisted entity (old or loaded: both carry the disabling
+    /// component [`Loading`](crate::snapshot::Loading)), then the whole loaded world from
+    /// the frame of the last step on, never a half-loaded one. Saved resources are replaced
+    /// in the last step. [`WorldLoaded`] is sent once, after the last step; no other world
+    /// request (a save, an autosave, another load) starts before it. Hooks and observers run
+    /// as each entity is filled in, while it is still hidden: an observer that queries it
+    /// needs `Allow<Loading>`; commands reach it as usual.
+    ///
+    /// ```
+    /// # use bevy::prelude::*;
+    /// # use bevy_storage::prelude::*;
+    /// fn load(mut loads: MessageWriter<LoadWorld>) {
+    ///     loads.write(LoadWorld::new("slot1").spread_over_frames(10_000));
+    /// }
+    /// ```
+    pub fn spread_over_frames(mut self, max_per_frame: usize) -> Self {
+        self.spread = Some(max_per_frame.max(1));
+        self
     }
 }
 

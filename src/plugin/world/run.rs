@@ -7,7 +7,7 @@ use bevy::prelude::*;
 use super::*;
 use crate::backend::CustomMetadata;
 use crate::error::StorageError;
-use crate::plugin::kind::RequestKind;
+use crate::plugin::kind::{Finish, RequestKind};
 use crate::plugin::requests::{RequestId, SharedError, StorageResult};
 use crate::plugin::scope::Scope;
 use crate::snapshot::{
@@ -297,35 +297,74 @@ impl RequestKind for LoadWorld {
     }
 
     fn finish(&self, world: &mut World, output: LoadOutput) -> WorldLoaded {
+        match self.finish_over_frames(world, output) {
+            Finish::Now(loaded) => loaded,
+            Finish::Later(mut step) => loop {
+                if let Some(loaded) = step(world) {
+                    break loaded;
+                }
+            },
+        }
+    }
+
+    fn finish_over_frames(&self, world: &mut World, output: LoadOutput) -> Finish<WorldLoaded> {
         let LoadOutput {
             key,
             result,
             skipped,
         } = output;
-        let result = result.map(|decoded| {
-            // The persisted entities are replaced: the chain being written no longer
-            // describes this world (and its observers need not see the despawns).
-            snapshot::stop_chain(world);
-            if let Some(mut chain) = world.get_resource_mut::<ChainState>() {
-                chain.cursor = None;
+        let id = self.id;
+        let decoded = match result {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                // Nothing saved yet is an ordinary answer (a first run), not a failure.
+                if matches!(*e, StorageError::NoSnapshot { .. }) {
+                    info!("{e}");
+                } else {
+                    error!("world load from {key:?} failed, the world is unchanged: {e}");
+                }
+                return Finish::Now(WorldLoaded {
+                    id,
+                    key,
+                    result: Err(e),
+                    skipped,
+                });
             }
-            let despawn = world
-                .get_resource::<SnapshotSettings>()
-                .is_none_or(|s| s.despawn_existing);
-            decoded.apply(world, despawn)
-        });
-        match &result {
-            // Nothing saved yet is an ordinary answer (a first run), not a failure.
-            Err(e) if matches!(**e, StorageError::NoSnapshot { .. }) => info!("{e}"),
-            Err(e) => error!("world load from {key:?} failed, the world is unchanged: {e}"),
-            Ok(_) => {}
+        };
+        // The persisted entities are replaced: the chain being written no longer
+        // describes this world (and its observers need not see the despawns).
+        snapshot::stop_chain(world);
+        if let Some(mut chain) = world.get_resource_mut::<ChainState>() {
+            chain.cursor = None;
         }
-        WorldLoaded {
-            id: self.id,
-            key,
-            result,
-            skipped,
+        let despawn = world
+            .get_resource::<SnapshotSettings>()
+            .is_none_or(|s| s.despawn_existing);
+        let Some(max_per_frame) = self.spread else {
+            let map = decoded.apply(world, despawn);
+            return Finish::Now(WorldLoaded {
+                id,
+                key,
+                result: Ok(map),
+                skipped,
+            });
+        };
+        // The first step (hiding the old world) runs now, the others one a frame.
+        let mut spread = decoded.spread(despawn, max_per_frame);
+        let loaded = move |map| WorldLoaded {
+            id,
+            key: key.clone(),
+            result: Ok(map),
+            skipped: skipped.clone(),
+        };
+        if let Some(map) = spread.step(world) {
+            return Finish::Now(loaded(map));
         }
+        let spread = std::sync::Mutex::new(spread);
+        Finish::Later(Box::new(move |world: &mut World| {
+            let mut spread = spread.lock().unwrap_or_else(|p| p.into_inner());
+            spread.step(world).map(&loaded)
+        }))
     }
 
     fn fail(&self, error: SharedError) -> WorldLoaded {

@@ -487,13 +487,33 @@ fn changed_parts(
         fresh.insert(entity);
     });
     let mut reordered = EntityHashSet::default();
-    let mut parents = world.query_filtered::<&Children, (With<Persist>, Changed<Children>)>();
-    for children in parents.iter(world) {
+    let mut parents =
+        world.query_filtered::<(Entity, &Children), (With<Persist>, Changed<Children>)>();
+    let mut seen_parents = EntityHashSet::default();
+    for (parent, children) in parents.iter(world) {
+        seen_parents.insert(parent);
         reordered.extend(
             children
                 .iter()
                 .filter(|c| world.get::<Persist>(*c).is_some()),
         );
+    }
+    // A child marked again under an unchanged parent: its siblings' order goes in with it,
+    // or a load would put it after the siblings saved before.
+    for entity in &fresh {
+        let Some(parent) = world.get::<ChildOf>(*entity).map(ChildOf::parent) else {
+            continue;
+        };
+        if !seen_parents.insert(parent) || world.get::<Persist>(parent).is_none() {
+            continue;
+        }
+        if let Some(children) = world.get::<Children>(parent) {
+            reordered.extend(
+                children
+                    .iter()
+                    .filter(|c| world.get::<Persist>(*c).is_some()),
+            );
+        }
     }
     let mut despawned = Vec::new();
     let mut seen_left = EntityHashSet::default();
