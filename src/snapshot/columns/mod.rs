@@ -7,19 +7,16 @@
 //! through reflection and (de)serialized with Bevy's reflect serializers, asset handles by path.
 
 use std::any::TypeId;
-use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
-use bevy::ecs::change_detection::MAX_CHANGE_AGE;
-use bevy::ecs::component::{ComponentId, StorageType};
-use bevy::ecs::entity::{EntityHashMap, EntityHashSet, EntityMapper};
+use bevy::ecs::component::ComponentId;
+use bevy::ecs::entity::{EntityHashMap, EntityMapper};
 use bevy::ecs::reflect::ReflectComponent;
 use bevy::ecs::relationship::RelationshipHookMode;
-use bevy::ecs::storage::Table;
 use bevy::prelude::*;
 use bevy::ptr::OwningPtr;
 use bevy::reflect::serde::TypedReflectSerializer;
@@ -29,6 +26,10 @@ use serde::ser::SerializeSeq;
 use serde::{Serialize, Serializer};
 
 use super::Persist;
+
+mod changes;
+use changes::changed_values;
+pub(crate) use changes::{DeltaRows, DeltaScope, scan_changed};
 
 /// Maps the entity ids saved in a snapshot to the entities spawned for them. Ids that name no
 /// saved entity (a reference to something outside the snapshot) become
@@ -246,171 +247,6 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
         let values: Vec<T> = erased_serde::deserialize(de)?;
         Ok(Box::new(TypedLoaded { values }))
     }
-}
-
-/// What a delta captures besides the values Bevy marks changed.
-pub(crate) struct DeltaScope {
-    /// Entities that became persisted since the last capture: every saved component of
-    /// theirs goes in.
-    pub(crate) fresh: EntityHashSet,
-    /// Persisted children of a parent whose `Children` changed: their `ChildOf` goes in
-    /// again, in the parent's order, so that a load rebuilds the same order.
-    pub(crate) reordered: EntityHashSet,
-}
-
-/// The rows of a delta: each entity it names gets the next row the first time it is named.
-#[derive(Default)]
-pub(crate) struct DeltaRows {
-    pub(crate) index: bevy::platform::collections::HashMap<Entity, u32>,
-    pub(crate) entities: Vec<Entity>,
-}
-
-impl DeltaRows {
-    pub(crate) fn row(&mut self, entity: Entity) -> u32 {
-        *self.index.entry(entity).or_insert_with(|| {
-            self.entities.push(entity);
-            (self.entities.len() - 1) as u32
-        })
-    }
-}
-
-/// Calls `found` with each persisted entity whose `component` (table-stored) was changed
-/// (`added`: added) since the world's last change tick, reading the tick columns of the
-/// persisted tables straight: nothing is looked up for an unchanged entity. `false` (and no
-/// call) when the component is not table-stored, for the caller to query instead.
-pub(crate) fn scan_changed(
-    world: &World,
-    component: ComponentId,
-    added: bool,
-    mut found: impl FnMut(Entity),
-) -> bool {
-    scan_tables(world, component, added, |table, i| {
-        found(table.entities()[i])
-    })
-}
-
-/// [`scan_changed`] with the changed values: `C` read from the same table row.
-fn scan_changed_values<C: Component>(
-    world: &World,
-    component: ComponentId,
-    mut found: impl FnMut(Entity, &C),
-) -> bool {
-    scan_tables(world, component, false, |table, i| {
-        // SAFETY: `component` is `C`'s id (the caller got it from `component_id::<C>`), the
-        // table has this column (its ticks were just read) and `i` is below its length; we
-        // hold `&World`, so nothing writes the value while we read it.
-        let value = unsafe {
-            let values = table
-                .get_data_slice_for::<C>(component)
-                .expect("the column whose ticks were read");
-            &*values[i].get()
-        };
-        found(table.entities()[i], value);
-    })
-}
-
-/// The rows `i` of each persisted table holding `component` whose changed (or added) tick
-/// is newer than the world's last change tick.
-fn scan_tables(
-    world: &World,
-    component: ComponentId,
-    added: bool,
-    mut found: impl FnMut(&Table, usize),
-) -> bool {
-    let Some(persist) = world.component_id::<Persist>() else {
-        return true; // nothing is persisted
-    };
-    let table_stored = world
-        .components()
-        .get_info(component)
-        .is_some_and(|i| i.storage_type() == StorageType::Table);
-    if !table_stored {
-        return false;
-    }
-    // `Tick::is_newer_than`, hoisted: changed when `this - tick < min(this - last, MAX_AGE)`.
-    let this_run = world.read_change_tick().get();
-    let window = this_run
-        .wrapping_sub(world.last_change_tick().get())
-        .min(MAX_CHANGE_AGE);
-    let tables = &world.storages().tables;
-    let mut seen = HashSet::new();
-    for archetype in world.archetypes().iter() {
-        if archetype.is_empty() || !archetype.contains(component) || !archetype.contains(persist) {
-            continue;
-        }
-        if !seen.insert(archetype.table_id().as_u32()) {
-            continue; // archetypes differing in sparse-set components share a table
-        }
-        let Some(table) = tables.get(archetype.table_id()) else {
-            continue;
-        };
-        let ticks = if added {
-            table.get_added_ticks_slice_for(component)
-        } else {
-            table.get_changed_ticks_slice_for(component)
-        };
-        let Some(ticks) = ticks else {
-            continue;
-        };
-        // `Persist` is table-stored: every entity of this table is persisted.
-        for (i, tick) in ticks.iter().enumerate() {
-            // SAFETY: the tick cells are only written through `&mut World` or a system's
-            // exclusive access to this column; we hold `&World`, so nothing writes them now
-            // (Bevy's own read-only queries read them the same way).
-            let tick = unsafe { *tick.get() }.get();
-            if this_run.wrapping_sub(tick) < window {
-                found(table, i);
-            }
-        }
-    }
-    true
-}
-
-/// The `C`s of persisted entities changed since the world's last change tick (set by the
-/// caller to the chain's), plus those of `scope`'s entities, converted by `save`.
-fn changed_values<C: Component, S>(
-    world: &mut World,
-    scope: &DeltaScope,
-    rows: &mut DeltaRows,
-    save: impl Fn(&C) -> S,
-) -> (Vec<u32>, Vec<S>) {
-    let mut out_rows = Vec::new();
-    let mut values = Vec::new();
-    let mut seen = EntityHashSet::default();
-    let track = !scope.fresh.is_empty() || !scope.reordered.is_empty();
-    let mut take = |entity: Entity, value: &C| {
-        out_rows.push(rows.row(entity));
-        values.push(save(value));
-        if track {
-            seen.insert(entity);
-        }
-    };
-    let scanned = match world.component_id::<C>() {
-        None => true, // never inserted anywhere
-        Some(id) => scan_changed_values::<C>(world, id, |entity, value| take(entity, value)),
-    };
-    if !scanned {
-        let mut query = world.query_filtered::<(Entity, &C), (With<Persist>, Changed<C>)>();
-        for (entity, value) in query.iter(world) {
-            take(entity, value);
-        }
-    }
-    let extra = scope.fresh.iter().chain(
-        (TypeId::of::<C>() == TypeId::of::<ChildOf>())
-            .then_some(scope.reordered.iter())
-            .into_iter()
-            .flatten(),
-    );
-    for &entity in extra {
-        if !seen.insert(entity) {
-            continue;
-        }
-        if let Some(value) = world.get::<C>(entity) {
-            out_rows.push(rows.row(entity));
-            values.push(save(value));
-        }
-    }
-    (out_rows, values)
 }
 
 /// How a mapped component is saved: converted to a serializable stand-in `S` on capture and
