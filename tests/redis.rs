@@ -1712,8 +1712,8 @@ fn large_batches_over_existing_records_keep_created_at_and_expiries() {
         .collect();
     let outcomes = b.write(second, later).unwrap();
     let mut expiring = 0;
-    for i in 0..n {
-        assert_eq!(outcomes[i].previous_size, Some(10 + i as u64 % 7), "k{i}");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert_eq!(outcome.previous_size, Some(10 + i as u64 % 7), "k{i}");
         let key = format!("k{i}");
         let meta = b.get_meta(&key).unwrap();
         let pttl: i64 = redis::cmd("PTTL")
