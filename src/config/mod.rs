@@ -13,12 +13,12 @@ use crate::codec::{Compression, EncryptionKey, Format};
 use crate::error::{Result, StorageError};
 
 mod url;
-#[cfg(feature = "postgres")]
-pub(crate) use url::percent_decode;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) use url::split_namespace;
 #[cfg(feature = "postgres-tls")]
 use url::with_root_cert;
+#[cfg(feature = "postgres")]
+pub(crate) use url::{join_url, percent_decode};
 pub use url::{redact_text, redact_url};
 
 /// Default quota: 100 MiB.

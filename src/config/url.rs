@@ -166,15 +166,7 @@ pub(crate) fn split_namespace(url: &str, default: &str) -> (String, String) {
             None => !pair.is_empty(),
         })
         .collect();
-    let mut out = base.to_owned();
-    if !kept.is_empty() {
-        out.push('?');
-        out.push_str(&kept.join("&"));
-    }
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
-    }
+    let out = join_url(base, &kept, fragment);
     (out, namespace.unwrap_or_else(|| default.to_owned()))
 }
 
@@ -208,6 +200,22 @@ pub(super) fn with_root_cert(url: &str, path: &str) -> String {
         pairs.push("sslmode=verify-full".to_owned());
     }
     let mut out = format!("{base}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// A URL put back together from its part before the query, the query parameters kept, and
+/// its fragment.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn join_url(base: &str, kept: &[&str], fragment: Option<&str>) -> String {
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
     if let Some(f) = fragment {
         out.push('#');
         out.push_str(f);

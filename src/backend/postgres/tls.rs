@@ -146,15 +146,7 @@ pub(super) fn split_url(
             _ => kept.push(pair),
         }
     }
-    let mut out = base.to_owned();
-    if !kept.is_empty() {
-        out.push('?');
-        out.push_str(&kept.join("&"));
-    }
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
-    }
+    let out = crate::config::join_url(base, &kept, fragment);
     Ok((out, mode, root_cert))
 }
 
