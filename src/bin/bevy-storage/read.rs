@@ -220,10 +220,7 @@ pub fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> 
         }
         Format::Raw => match read_header(&payload) {
             Ok(header) => {
-                let encoding = match header.encoding {
-                    SnapshotEncoding::Ron => "ron",
-                    SnapshotEncoding::Binary => "binary",
-                };
+                let encoding = encoding_name(header.encoding);
                 let view = snapshot_view::read(&header, &payload);
                 if cli.json {
                     report["value"] = Json::Null;
@@ -283,6 +280,14 @@ pub fn get(cli: &Cli, key: &str, raw: bool, full: bool, out: &mut dyn Write) -> 
     Ok(())
 }
 
+/// How `get` names a snapshot's encoding.
+fn encoding_name(encoding: SnapshotEncoding) -> &'static str {
+    match encoding {
+        SnapshotEncoding::Ron => "ron",
+        SnapshotEncoding::Binary => "binary",
+    }
+}
+
 /// `get` of a delta of a snapshot chain: what its header says and which base it builds on.
 /// Its body holds only changes, so it is not listed: a game loads the whole chain.
 fn delta(
@@ -294,10 +299,7 @@ fn delta(
     out: &mut dyn Write,
 ) -> Outcome {
     let header = read_delta_header(payload)?;
-    let encoding = match header.encoding {
-        SnapshotEncoding::Ron => "ron",
-        SnapshotEncoding::Binary => "binary",
-    };
+    let encoding = encoding_name(header.encoding);
     let base = store.get_metadata(key)?.and_then(|m| {
         m.custom
             .get("chain_base")

@@ -180,6 +180,42 @@ impl<T> Drop for ErasedVec<T> {
     }
 }
 
+/// The bookkeeping every loaded column does the same way over its `Vec` of values (the
+/// field named): length, merge-time retain and append (same type only), split, type.
+macro_rules! loaded_column_bookkeeping {
+    ($field:ident) => {
+        fn len(&self) -> usize {
+            self.$field.len()
+        }
+
+        fn retain(&mut self, keep: &[bool]) {
+            retain_flagged(&mut self.$field, keep);
+        }
+
+        fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
+            match other.into_any().downcast::<Self>() {
+                Ok(other) => {
+                    self.$field.extend(other.$field);
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+            self
+        }
+
+        fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
+            self.split_values(at)
+        }
+
+        fn value_type(&self) -> TypeId {
+            TypeId::of::<Self>()
+        }
+    };
+}
+
 /// What a typed component needs: the fast path of the snapshot.
 pub(crate) trait TypedCodec: Send + Sync + 'static {
     fn type_path(&self) -> &'static str;
@@ -332,35 +368,7 @@ struct MappedLoaded<C, S> {
 }
 
 impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
-    fn len(&self) -> usize {
-        self.saved.len()
-    }
-
-    fn retain(&mut self, keep: &[bool]) {
-        retain_flagged(&mut self.saved, keep);
-    }
-
-    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
-        match other.into_any().downcast::<Self>() {
-            Ok(other) => {
-                self.saved.extend(other.saved);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
-        self
-    }
-
-    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
-        self.split_values(at)
-    }
-
-    fn value_type(&self) -> TypeId {
-        TypeId::of::<Self>()
-    }
+    loaded_column_bookkeeping!(saved);
 
     fn apply(
         self: Box<Self>,
@@ -478,35 +486,7 @@ pub(crate) struct TypedLoaded<T> {
 }
 
 impl<T: Component> LoadedColumn for TypedLoaded<T> {
-    fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    fn retain(&mut self, keep: &[bool]) {
-        retain_flagged(&mut self.values, keep);
-    }
-
-    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
-        match other.into_any().downcast::<Self>() {
-            Ok(other) => {
-                self.values.extend(other.values);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
-        self
-    }
-
-    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
-        self.split_values(at)
-    }
-
-    fn value_type(&self) -> TypeId {
-        TypeId::of::<Self>()
-    }
+    loaded_column_bookkeeping!(values);
 
     fn apply(
         self: Box<Self>,
@@ -660,35 +640,7 @@ pub(crate) struct ReflectLoaded {
 }
 
 impl LoadedColumn for ReflectLoaded {
-    fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    fn retain(&mut self, keep: &[bool]) {
-        retain_flagged(&mut self.values, keep);
-    }
-
-    fn append(&mut self, other: Box<dyn LoadedColumn>) -> bool {
-        match other.into_any().downcast::<Self>() {
-            Ok(other) => {
-                self.values.extend(other.values);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
-        self
-    }
-
-    fn split_off(&mut self, at: usize) -> Box<dyn LoadedColumn> {
-        self.split_values(at)
-    }
-
-    fn value_type(&self) -> TypeId {
-        TypeId::of::<Self>()
-    }
+    loaded_column_bookkeeping!(values);
 
     fn apply(
         self: Box<Self>,
