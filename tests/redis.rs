@@ -1670,3 +1670,88 @@ fn tls_connection_checks_the_server_certificate() {
     child(None, "refused");
     drop(server);
 }
+
+/// A large batch of distinct keys over existing records (the write script's `MSET`, then
+/// `PEXPIREAT` for the records with an expiry and `SETRANGE` of `created_at` for the ones it
+/// replaces): every record keeps its `created_at`, gets or loses its expiry, reports the size
+/// it replaced, and the counters and the expiry index agree with a full recount.
+#[test]
+fn large_batches_over_existing_records_keep_created_at_and_expiries() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
+    let mut con = raw(&ns.url);
+    let t0 = Timestamp::now();
+    let later = Timestamp(t0.0 + 1_000);
+    let hour = |t: Timestamp| Some(Timestamp(t.0 + 3_600_000));
+    let n = 600;
+    let put = |i: usize, size: usize, now: Timestamp, expiring: bool| WriteOp::Put {
+        key: format!("k{i}"),
+        record: record(
+            &vec![b'a' + (i % 26) as u8; size],
+            now,
+            hour(now).filter(|_| expiring),
+        ),
+        mode: PutMode::Upsert,
+    };
+    // Every third key has an expiry at first.
+    let first: Vec<WriteOp> = (0..n).map(|i| put(i, 10 + i % 7, t0, i % 3 == 0)).collect();
+    let outcomes = b.write(first, t0).unwrap();
+    assert!(outcomes.iter().all(|o| o.previous_size.is_none()));
+    // Then every key is replaced (every other one with an expiry), but every fifth deleted.
+    let second: Vec<WriteOp> = (0..n)
+        .map(|i| {
+            if i % 5 == 4 {
+                WriteOp::Delete {
+                    key: format!("k{i}"),
+                }
+            } else {
+                put(i, 20 + i % 11, later, i % 2 == 0)
+            }
+        })
+        .collect();
+    let outcomes = b.write(second, later).unwrap();
+    let mut expiring = 0;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert_eq!(outcome.previous_size, Some(10 + i as u64 % 7), "k{i}");
+        let key = format!("k{i}");
+        let meta = b.get_meta(&key).unwrap();
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(ns.record_key(&key))
+            .query(&mut con)
+            .unwrap();
+        if i % 5 == 4 {
+            assert!(meta.is_none(), "{key} deleted");
+            assert_eq!(pttl, -2);
+            continue;
+        }
+        let meta = meta.unwrap();
+        assert_eq!((meta.created_at, meta.modified_at), (t0, later), "{key}");
+        assert_eq!(meta.size, 20 + i as u64 % 11, "{key}");
+        let record = b.get(&key).unwrap().unwrap();
+        assert_eq!(
+            record.value,
+            vec![b'a' + (i % 26) as u8; 20 + i % 11],
+            "{key}"
+        );
+        if i % 2 == 0 {
+            expiring += 1;
+            assert_eq!(meta.expires_at, hour(later), "{key}");
+            assert!(3_500_000 < pttl && pttl <= 3_601_000, "{key}: PTTL {pttl}");
+        } else {
+            assert_eq!(meta.expires_at, None, "{key}");
+            assert_eq!(pttl, -1, "{key}: no expiry left");
+        }
+    }
+    let indexed: u64 = redis::cmd("ZCARD")
+        .arg(ns.redis_key("expiry"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(indexed, expiring);
+    let usage = b.usage(later).unwrap();
+    assert_eq!(
+        (usage.item_count, usage.total_size),
+        recount(&b, later),
+        "usage against a full recount"
+    );
+}

@@ -25,7 +25,8 @@
 //! | `{NS}:batch` | string | the batch token of a transaction of new records; set and removed inside it, so never seen between commands |
 //!
 //! The value and its metadata are written, read and expire together: a record with an expiry
-//! is written with `SET ... PXAT expires_at` and Redis removes it by itself at that
+//! is given it with `PEXPIREAT expires_at` in the same script that writes it (a batch is
+//! one script, see `batch.rs`), and Redis removes it by itself at that
 //! millisecond, whether or not anyone runs [`purge_expired`](Backend::purge_expired); a touch
 //! rewrites the 8 bytes of `accessed_at` in place (`SETRANGE`, which keeps the expiry). A read
 //! is one `GET` (or a `GETRANGE` of the header and the custom metadata for the metadata alone),
