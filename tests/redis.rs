@@ -1755,3 +1755,56 @@ fn large_batches_over_existing_records_keep_created_at_and_expiries() {
         "usage against a full recount"
     );
 }
+
+/// Records whose expiry passes while the write script runs. The script reads Redis's clock
+/// once (`TIME`) to drop records already past, before it writes anything; a record whose
+/// expiry comes after that reading but before its own `PEXPIREAT` is deleted by the
+/// `PEXPIREAT` (Redis 7.0 compares with its clock of the moment). Over a live record, the
+/// `SETRANGE` that carries the replaced record's `created_at` over once ran after the
+/// `PEXPIREAT` and recreated such a deleted key as an 8-byte string with no expiry, which no
+/// later operation could read, write or delete. The expiries are spread over 400 ms from
+/// the batch's start, so whatever the host's speed some fall between the script's clock
+/// reading and their `PEXPIREAT` (several milliseconds for 5,000 records).
+#[test]
+fn expiries_passing_while_a_batch_runs_leave_no_stray_keys() {
+    require_redis!();
+    let ns = RedisNamespace::fresh();
+    let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
+    let n = 5_000;
+    let t0 = Timestamp::now();
+    let first: Vec<WriteOp> = (0..n)
+        .map(|i| WriteOp::Put {
+            key: format!("k{i}"),
+            record: record(&[b'v'; 100], t0, None),
+            mode: PutMode::Upsert,
+        })
+        .collect();
+    b.write(first, t0).unwrap();
+    let now = Timestamp::now();
+    let second: Vec<WriteOp> = (0..n)
+        .map(|i| WriteOp::Put {
+            key: format!("k{i}"),
+            record: record(&[b'w'; 100], now, Some(Timestamp(now.0 + i * 400 / n))),
+            mode: PutMode::Upsert,
+        })
+        .collect();
+    b.write(second, now).unwrap();
+    while Timestamp::now().0 < now.0 + 450 {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let records: Vec<String> = ns
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&ns.record_key("")))
+        .collect();
+    assert!(
+        records.is_empty(),
+        "{} record keys left after every expiry passed, such as {:?}",
+        records.len(),
+        records.first()
+    );
+    let usage = b.usage(Timestamp::now()).unwrap();
+    assert_eq!((usage.item_count, usage.total_size), (0, 0));
+    b.clear().unwrap();
+    assert!(ns.keys().is_empty(), "{:?}", ns.keys());
+}
