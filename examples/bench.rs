@@ -1947,10 +1947,10 @@ fn redis(b: &Bench) {
     clear(&store, &url, &namespace);
 }
 
-/// Removes the bench's records. `Store::clear` is one operation under the store's 3 s bound,
-/// which 200,000 records can outlast on a loaded host: then the namespace's keys go by hand,
-/// rather than stay in a shared server. (Clearing after each round instead changes what is
-/// measured: Redis shrinks its tables and grows them again in the next round.)
+/// Removes the bench's records. Should `Store::clear` fail (each of its pages has the store's
+/// 3 s bound), the namespace's keys go by hand rather than stay in a shared server. (Clearing
+/// after each round instead changes what is measured: Redis shrinks its tables and grows them
+/// again in the next round.)
 #[cfg(feature = "redis")]
 fn clear(store: &Store, url: &str, namespace: &str) {
     if let Err(e) = store.clear() {
