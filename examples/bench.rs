@@ -1824,7 +1824,10 @@ fn plugin_frame(b: &Bench) {
 
 #[cfg(feature = "redis")]
 fn redis(b: &Bench) {
-    if !b.wants("redis_tx") {
+    if !["redis_tx", "redis_tx_overwrite", "redis_tx_ttl"]
+        .iter()
+        .any(|name| b.wants(name))
+    {
         return;
     }
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -1843,49 +1846,177 @@ fn redis(b: &Bench) {
     };
     let value = value_200();
     let batches = if b.quick { 5 } else { 20 };
-    b.compare(
-        "redis_tx",
-        "records/s",
-        Better::Higher,
-        "(transactions of 1000 saves of 200 bytes vs redis-benchmark -q -t set -P 100 -c 1 -d 200 -n 100000)",
-        |round| {
-            // The operations are built before the clock starts, as redis-benchmark builds its
-            // commands before it sends them: this measures the transactions.
-            let all: Vec<Vec<StorageOperation>> = (0..batches)
-                .map(|j| {
+    // Builds the transactions before the clock starts, as redis-benchmark builds its commands
+    // before it sends them, then runs them: the records per second of the transactions.
+    let run = |store: &Store, all: Vec<Vec<StorageOperation>>| {
+        let n: usize = all.iter().map(Vec::len).sum();
+        let t = Instant::now();
+        for ops in all {
+            store.transaction(ops).unwrap();
+        }
+        per_sec(n, t.elapsed())
+    };
+    if b.wants("redis_tx") {
+        b.compare(
+            "redis_tx",
+            "records/s",
+            Better::Higher,
+            "(transactions of 1000 saves of 200 bytes vs redis-benchmark -q -t set -P 100 -c 1 -d 200 -n 100000)",
+            |round| {
+                let all = (0..batches)
+                    .map(|j| {
+                        (0..1000)
+                            .map(|i| {
+                                StorageOperation::save(format!("r{round}:{j}:{i}"), value.clone())
+                            })
+                            .collect()
+                    })
+                    .collect();
+                run(&store, all)
+            },
+            |_| redis_benchmark(&url, None),
+        );
+    }
+    clear(&store, &url, &namespace);
+    drop(store);
+
+    // The paths issue 18 names, with the store's defaults (RON, LZ4, the 100 MiB quota).
+    let store = Store::open(StorageConfig::redis(&url, &namespace)).expect("open store");
+    if b.wants("redis_tx_overwrite") {
+        let key = |j: usize, i: usize| format!("o:{j}:{i}");
+        // The keys exist before the first round; every round overwrites all of them.
+        for j in 0..batches {
+            store
+                .transaction(
                     (0..1000)
-                        .map(|i| StorageOperation::save(format!("r{round}:{j}:{i}"), value.clone()))
-                        .collect()
-                })
-                .collect();
-            let t = Instant::now();
-            for ops in all {
-                store.transaction(ops).unwrap();
-            }
-            per_sec(1000 * batches, t.elapsed())
-        },
-        |_| redis_benchmark(&url),
-    );
-    store.clear().unwrap();
+                        .map(|i| StorageOperation::save(key(j, i), value.clone()))
+                        .collect(),
+                )
+                .unwrap();
+        }
+        b.compare(
+            "redis_tx_overwrite",
+            "records/s",
+            Better::Higher,
+            "(transactions of 1000 saves of 200 bytes over existing keys, no TTL, store defaults, vs redis-benchmark -q -t set -P 100 -c 1 -d 200 -n 100000: SET over one existing key)",
+            |_| {
+                let all = (0..batches)
+                    .map(|j| {
+                        (0..1000)
+                            .map(|i| StorageOperation::save(key(j, i), value.clone()))
+                            .collect()
+                    })
+                    .collect();
+                run(&store, all)
+            },
+            |_| redis_benchmark(&url, None),
+        );
+    }
+    if b.wants("redis_tx_ttl") {
+        let ttl = SaveOptions::new().ttl(Duration::from_secs(3600));
+        b.compare(
+            "redis_tx_ttl",
+            "records/s",
+            Better::Higher,
+            "(transactions of 1000 saves of 200 bytes to new keys with a 1 h TTL, store defaults, vs redis-benchmark -q -P 100 -c 1 -n 100000 -r 1000000000 SET bench_ttl:<pid>:__rand_int__ <200 bytes> EX 3600: new keys with an expiry, removed after each round)",
+            |round| {
+                let all = (0..batches)
+                    .map(|j| {
+                        (0..1000)
+                            .map(|i| {
+                                StorageOperation::save_with(
+                                    format!("t{round}:{j}:{i}"),
+                                    value.clone(),
+                                    ttl.clone(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .collect();
+                run(&store, all)
+            },
+            |_| {
+                let pattern = format!("bench_ttl:{}:", std::process::id());
+                let key = format!("{pattern}__rand_int__");
+                let rate = redis_benchmark(&url, Some(&["SET", &key, &value, "EX", "3600"]));
+                remove_matching(&url, &format!("{pattern}*"));
+                rate
+            },
+        );
+    }
+    clear(&store, &url, &namespace);
 }
 
+/// Removes the bench's records. Should `Store::clear` fail (each of its pages has the store's
+/// 3 s bound), the namespace's keys go by hand rather than stay in a shared server. (Clearing
+/// after each round instead changes what is measured: Redis shrinks its tables and grows them
+/// again in the next round.)
 #[cfg(feature = "redis")]
-fn redis_benchmark(url: &str) -> f64 {
+fn clear(store: &Store, url: &str, namespace: &str) {
+    if let Err(e) = store.clear() {
+        eprintln!("clear: {e}; removing the namespace's keys with SCAN and UNLINK");
+        remove_matching(url, &format!("{{{namespace}}}:*"));
+    }
+}
+
+/// Removes the keys matching `pattern` (the TTL baseline's, so that they neither pile up in a
+/// shared server nor slow down the next round's writes).
+#[cfg(feature = "redis")]
+fn remove_matching(url: &str, pattern: &str) {
+    let mut con = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("connect to Redis");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query(&mut con)
+            .expect("SCAN");
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .exec(&mut con)
+                .expect("UNLINK");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
+/// Requests per second of `redis-benchmark -P 100 -c 1 -n 100000` against the server of `url`:
+/// `-t set -d 200` (SET of 200 bytes over one key), or the given command (`-r 1000000000`
+/// replaces its `__rand_int__` with a random number of 12 digits).
+#[cfg(feature = "redis")]
+fn redis_benchmark(url: &str, command: Option<&[&str]>) -> f64 {
     let rest = url.trim_start_matches("redis://");
     let hostport = rest.split('/').next().unwrap_or("127.0.0.1:6379");
     let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "6379"));
+    let mut args = vec![
+        "-h", host, "-p", port, "-q", "-P", "100", "-c", "1", "-n", "100000",
+    ];
+    match command {
+        None => args.extend(["-t", "set", "-d", "200"]),
+        Some(command) => {
+            args.extend(["-r", "1000000000"]);
+            args.extend(command);
+        }
+    }
     let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-h", host, "-p", port, "-q", "-t", "set", "-P", "100", "-c", "1", "-d", "200", "-n",
-            "100000",
-        ])
+        .args(args)
         .output()
         .expect("redis-benchmark");
     let text = String::from_utf8_lossy(&out.stdout);
-    // "SET: 1234567.00 requests per second, p50=..." (possibly after \r progress lines)
+    // "SET: 1234567.00 requests per second, p50=..." (possibly after \r progress lines; a
+    // custom command's line starts with the command instead)
     text.split(['\r', '\n'])
-        .filter_map(|line| line.strip_prefix("SET: "))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .filter_map(|line| line.split_once(" requests per second")?.0.rsplit_once(": "))
+        .filter_map(|(_, number)| number.trim().parse::<f64>().ok())
         .next_back()
         .unwrap_or(f64::NAN)
 }

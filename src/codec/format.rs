@@ -61,7 +61,10 @@ pub fn serialize_into<T: Serialize + ?Sized>(
     format: Format,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let budget = DepthBudget::new(MAX_DEPTH);
+    let budget = match format {
+        Format::Ron => DepthBudget::for_ron_serializer(MAX_DEPTH),
+        _ => DepthBudget::new(MAX_DEPTH),
+    };
     let bounded = BoundedValue::new(value, &budget);
     let result = match format {
         Format::Ron => ron::Options::default()
@@ -165,4 +168,92 @@ pub fn deserialize<T: DeserializeOwned>(key: &str, bytes: &[u8], format: Format)
 /// shared budget, which counts levels as saves do, speaks first.
 pub(crate) fn ron_options() -> ron::Options {
     ron::Options::default().with_recursion_limit(2 * MAX_DEPTH + 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Serialize;
+
+    use super::*;
+
+    /// What RON itself writes for `value`, and what [`serialize_into`] writes, which hands
+    /// plain strings to RON already quoted (see `depth.rs`).
+    fn both<T: Serialize + ?Sized>(value: &T) -> (String, String) {
+        let theirs = ron::Options::default().to_string(value).unwrap();
+        let mut ours = Vec::new();
+        serialize_into("k", value, Format::Ron, &mut ours).unwrap();
+        (theirs, String::from_utf8(ours).unwrap())
+    }
+
+    #[derive(Serialize)]
+    enum Shape {
+        Named(String),
+        Pair(String, u8),
+        Fields { label: String, tags: Vec<String> },
+    }
+
+    #[derive(Serialize)]
+    struct Profile {
+        name: String,
+        motto: Option<String>,
+        shapes: Vec<Shape>,
+        notes: BTreeMap<String, String>,
+    }
+
+    #[test]
+    fn ron_strings_are_written_as_ron_writes_them() {
+        let mut strings: Vec<String> = [
+            "",
+            "plain text 123 ~!@#$%^&*()_+-={}[]|:;<>,.?/`",
+            "a \"quoted\" word",
+            "it's",
+            "back\\slash",
+            "tab\tnew\nline\rreturn",
+            "\u{0}\u{1f}\u{7f}",
+            "héllo wörld ✓ 日本",
+            "\u{301}combining",
+            "r#\"raw\"#",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Every single byte of ASCII, and a few mixtures, as strings of their own.
+        strings.extend((0u8..128).map(|b| format!("x{}y", char::from(b))));
+        strings.push((0u8..128).map(char::from).collect());
+        for s in &strings {
+            let (theirs, ours) = both(s);
+            assert_eq!(ours, theirs, "{s:?}");
+        }
+        let profile = Profile {
+            name: "Ada".into(),
+            motto: Some("never \"stop\"".into()),
+            shapes: vec![
+                Shape::Named("circle".into()),
+                Shape::Pair("it's".into(), 3),
+                Shape::Fields {
+                    label: "plain".into(),
+                    tags: strings.clone(),
+                },
+            ],
+            notes: strings
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("key {i}"), s.clone()))
+                .collect(),
+        };
+        let (theirs, ours) = both(&profile);
+        assert_eq!(ours, theirs);
+        // Near the depth limit RON gets the strings to escape itself (the raw value would
+        // count as one more level of its own limit): the same bytes at every depth.
+        for depth in [1, 60, 63, 64, 65, 100, MAX_DEPTH - 1] {
+            let mut value = serde_json::Value::String("deep".into());
+            for _ in 0..depth {
+                value = serde_json::Value::Array(vec![value]);
+            }
+            let (theirs, ours) = both(&value);
+            assert_eq!(ours, theirs, "depth {depth}");
+        }
+    }
 }

@@ -28,10 +28,20 @@
 //! which also tells keys of another type apart, and only when some exist one `MGET`), applies
 //! the operations in order to that copy, checking each create-only put against the state it
 //! will see (a live record, judged at `now`, refuses the whole batch), and only then writes
-//! the final state of each key: one `MSET` for the records without expiry, one
-//! `SET ... PXAT` per record with an expiry, one `DEL` for the rest, and the counters once
-//! with the sum of the changes. So a refused batch changes nothing, and other clients never
-//! see half a batch.
+//! the final state of each key: one `MSET` of every record, one `PEXPIREAT` per record with an
+//! expiry, one `SETRANGE` of `created_at` per live record replaced, one `DEL` for the rest,
+//! the expiry index in one `ZADD` and one `ZREM`, and the counters once with the sum of the
+//! changes. So a refused batch changes nothing, and other clients never see half a batch.
+//!
+//! What a script's time goes to (`INFO commandstats` and `TIME` marks inside the script, 1,000
+//! records of 250 bytes, fastest of 20 batches on the project's loaded 2-core machine): Redis
+//! turning the 2,000 arguments into Lua strings, about 0.5 ms; over existing keys the `MGET`
+//! of the records replaced (0.45-0.65 ms: each becomes a Lua string), the loop (0.5 ms),
+//! `MSET` (0.22 ms) and the `SETRANGE`s of `created_at` (0.42 ms, against 0.65 ms for copying
+//! every record in Lua); for new keys with an expiry the loop (0.43 ms), `MSET` (0.3 ms),
+//! `PEXPIREAT`s (0.36 ms) and `ZADD` (0.43 ms), where a `SET ... PXAT` per record with the
+//! expiry as a Lua number (which Redis formats with `%.17g` each time) took 1.5 ms and the
+//! `ZADD` of numbers 0.9 ms.
 //!
 //! Keeping a live record's `created_at`, reporting the previous size and the create-only
 //! check are read-modify-writes. With native commands they would need `WATCH` on every key

@@ -25,7 +25,8 @@
 //! | `{NS}:batch` | string | the batch token of a transaction of new records; set and removed inside it, so never seen between commands |
 //!
 //! The value and its metadata are written, read and expire together: a record with an expiry
-//! is written with `SET ... PXAT expires_at` and Redis removes it by itself at that
+//! is given it with `PEXPIREAT expires_at` in the same script that writes it (a batch is
+//! one script, see `batch.rs`), and Redis removes it by itself at that
 //! millisecond, whether or not anyone runs [`purge_expired`](Backend::purge_expired); a touch
 //! rewrites the 8 bytes of `accessed_at` in place (`SETRANGE`, which keeps the expiry). A read
 //! is one `GET` (or a `GETRANGE` of the header and the custom metadata for the metadata alone),
@@ -85,11 +86,15 @@
 //! reading back one key of the batch tells whether all of it was applied.
 //!
 //! Operations of several round trips (a listing: `SCAN` pages and a pipeline of header reads
-//! per page; a purge, `clear` and usage: a script per page) give each round trip only what
+//! per page; a purge and usage: a script per page) give each round trip only what
 //! is left of the one deadline, and keep pipelines small enough that the kernel's rounding of
 //! socket timeouts cannot stretch them past it: a server that stops in the middle of a
 //! 200,000-key listing fails it at 3.0 s (`tests/durability.rs`; it ran for over 3 minutes
-//! before, one response timeout per reply of a 1,000-reply pipeline).
+//! before, one response timeout per reply of a 1,000-reply pipeline). [`clear`](Backend::clear)
+//! is the exception: each of its pages (a `SCAN` reply and the deletion of its records, then
+//! a page of the expiry index) is an operation with a bound of its own, so a hung server
+//! still fails it within 3 s, but a large store may take longer than that to clear (200,000
+//! records did on a loaded host).
 //!
 //! A server out of memory (`maxmemory`, `OOM command not allowed`) fails a write with
 //! [`StorageError::StorageFull`]: its memory is the store's medium, and the batch was
@@ -311,21 +316,10 @@ impl RedisBackend {
         prefix: &str,
         mut page: impl FnMut(&mut redis::Connection, Vec<Vec<u8>>) -> redis::RedisResult<()>,
     ) -> redis::RedisResult<()> {
-        let mut pattern = glob_escape(&self.keys.record_prefix);
-        pattern.push_str(&glob_escape(prefix));
-        pattern.push('*');
+        let pattern = self.record_pattern(prefix);
         let mut cursor: u64 = 0;
         loop {
-            connection::rebound(con, 1)?;
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .arg("TYPE")
-                .arg("string")
-                .query(con)?;
+            let (next, keys) = self.scan_step(con, &pattern, cursor)?;
             if !keys.is_empty() {
                 page(con, keys)?;
             }
@@ -334,6 +328,35 @@ impl RedisBackend {
             }
             cursor = next;
         }
+    }
+
+    /// The `SCAN` pattern of the record keys that start with `prefix`.
+    fn record_pattern(&self, prefix: &str) -> String {
+        let mut pattern = glob_escape(&self.keys.record_prefix);
+        pattern.push_str(&glob_escape(prefix));
+        pattern.push('*');
+        pattern
+    }
+
+    /// One `SCAN` reply from `cursor` over the keys matching `pattern` (see
+    /// [`record_pattern`](Self::record_pattern)): the next cursor (0 at the end) and the raw
+    /// keys, which may repeat keys of earlier replies.
+    fn scan_step(
+        &self,
+        con: &mut redis::Connection,
+        pattern: &str,
+        cursor: u64,
+    ) -> redis::RedisResult<(u64, Vec<Vec<u8>>)> {
+        connection::rebound(con, 1)?;
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .arg("TYPE")
+            .arg("string")
+            .query(con)
     }
 
     /// The headers of the records at `raw_keys` (raw Redis keys of this store), as entries;
@@ -649,34 +672,49 @@ impl Backend for RedisBackend {
         })
     }
 
+    /// Page by page, each page one operation with the time bound of its own (a `SCAN` reply
+    /// and the deletion of its records, then a page of the expiry index): a hung server
+    /// fails the clear within the bound, while clearing a large store may take longer than
+    /// it in all (200,000 records on a loaded host did).
     fn clear(&self) -> Result<()> {
-        self.run("removing every record", Retry::Safe, |con| {
-            // Each page is deleted by the write script, so the bookkeeping stays exact even
-            // while another store writes to the same namespace. A key that is not a record
-            // makes the script refuse its page: it is left alone and the rest deleted again.
-            self.scan_records(con, "", |con, raw_keys| {
-                connection::rebound(con, 1)?;
-                self.delete_records(con, raw_keys)
-            })?;
-            // Then forget the records Redis expired by itself.
-            let mut offset = 0usize;
-            loop {
-                connection::rebound(con, 1)?;
-                let (examined, removed): (usize, usize) = self
-                    .scripts
-                    .trim
-                    .key(&self.keys.usage)
-                    .key(&self.keys.expiry)
-                    .arg(&self.keys.record_prefix)
-                    .arg(offset)
-                    .arg(SCRIPT_PAGE)
-                    .invoke(con)?;
-                if examined < SCRIPT_PAGE {
-                    return Ok(());
+        let pattern = self.record_pattern("");
+        let mut cursor: u64 = 0;
+        loop {
+            cursor = self.run("removing every record", Retry::Safe, |con| {
+                // Each page is deleted by the write script, so the bookkeeping stays exact
+                // even while another store writes to the same namespace. A key that is not a
+                // record makes the script refuse its page: it is left alone and the rest
+                // deleted again. A key `SCAN` repeats is only deleted again, which is nothing.
+                let (next, raw_keys) = self.scan_step(con, &pattern, cursor)?;
+                if !raw_keys.is_empty() {
+                    connection::rebound(con, 1)?;
+                    self.delete_records(con, raw_keys)?;
                 }
-                offset += examined - removed;
+                Ok(next)
+            })?;
+            if cursor == 0 {
+                break;
             }
-        })
+        }
+        // Then forget the records Redis expired by itself.
+        let mut offset = 0usize;
+        loop {
+            let (examined, removed): (usize, usize) =
+                self.run("forgetting expired records", Retry::Safe, |con| {
+                    self.scripts
+                        .trim
+                        .key(&self.keys.usage)
+                        .key(&self.keys.expiry)
+                        .arg(&self.keys.record_prefix)
+                        .arg(offset)
+                        .arg(SCRIPT_PAGE)
+                        .invoke(con)
+                })?;
+            if examined < SCRIPT_PAGE {
+                return Ok(());
+            }
+            offset += examined - removed;
+        }
     }
 
     fn usage(&self, now: Timestamp) -> Result<Usage> {

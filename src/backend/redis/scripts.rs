@@ -37,10 +37,13 @@ macro_rules! script {
 /// is written: one `EXISTS` over all the keys (it counts keys of any type) and, only when
 /// some exist, one `MGET` of the records they hold. The operations are then applied in order
 /// in Lua (to a copy of the records when a key repeats), and only the final state of each key
-/// is written: one `MSET` for the records without expiry, a `SET ... PXAT` per record with
-/// one, one `DEL` for the rest. The counters are updated once, the expiry index only for
-/// records with an expiry, old or new. `TIME` (the server's clock, which decides whether a
-/// record with an expiry is stored at all) is read once, and only when a record has an expiry.
+/// is written: one `MSET` of every record, then a `PEXPIREAT` per record with an expiry (with
+/// the expiry as a decimal string formatted once per distinct value), a `SETRANGE` of the
+/// 8 bytes of `created_at` per live record replaced when each key is written once (cheaper
+/// than copying the record in Lua), one `DEL` for the rest. The counters are updated once,
+/// the expiry index (one `ZADD` of every new member, one `ZREM`) only for records with an
+/// expiry, old or new. `TIME` (the server's clock, which decides whether a record with an
+/// expiry is stored at all) is read once, and only when a record has an expiry.
 pub(super) const WRITE_SCRIPT: &str = script!("#!lua", "write.lua");
 
 /// The second half of a batch of new records without expiry written natively (see

@@ -4,7 +4,7 @@ local kinds = ARGV[2]
 local prefix = ARGV[5]
 local distinct = ARGV[6] == '1'
 local count = #kinds
-local byte, sub, find, min = string.byte, string.sub, string.find, math.min
+local byte, sub, find, min, format = string.byte, string.sub, string.find, math.min, string.format
 local sunpack = struct.unpack
 local rcall = redis.call
 local keys, argv = KEYS, ARGV
@@ -14,9 +14,24 @@ if #keys ~= count + 2 or #argv ~= count + 6 then
   return redis.error_reply('bevy_storage: malformed write batch')
 end
 
-local result = {1}
+local result, nresult = {1}, 1
 local dn, db = tonumber(argv[3]), tonumber(argv[4])
+-- Changes of the expiry index: for a batch of distinct keys the lists of members to add (score,
+-- member, ...) and to remove; otherwise zset, member -> score (a decimal string) or false, so
+-- that the last change of a key wins.
+local adds, rems, na, nr = {}, {}, 0, 0
 local zset
+
+-- The decimal string of an expiry, for PEXPIREAT and ZADD: Redis would otherwise format each
+-- Lua number itself (%.17g, a quarter of a microsecond each), and a batch's records mostly
+-- share one expiry.
+local lastexp, lastdecimal
+local function decimal(exp)
+  if exp ~= lastexp then
+    lastexp, lastdecimal = exp, format('%.0f', exp)
+  end
+  return lastdecimal
+end
 
 -- New records without expiry, each key once (saving new things): one MSETNX, which sets them
 -- all, or nothing when any of the keys exists (of any type). Tried only when the batch's first
@@ -66,19 +81,21 @@ if not done then
 
   -- Apply the operations in order, judging liveness at now. When a key repeats, each
   -- operation sees the record the previous one left (cur: record key -> record, or false for
-  -- none). The final state of each key goes to sets (MSET), pxs (SET PXAT) or dels (DEL).
-  local sets, pxs, dels = {}, {}, {}
-  local ns, np, nd = 0, 0, 0
+  -- none). The final state of each key is queued: every record goes to sets (one MSET), those
+  -- with an expiry also to pxs (PEXPIREAT after the MSET), removed keys to dels (DEL).
+  local sets, pxs, dels, fixes = {}, {}, {}, {}
+  local ns, np, nd, nf = 0, 0, 0, 0
   local cur, cexp = {}, {}
   local plen = #prefix
   -- Queues the final state of a key: a record with an expiry, one without, or none.
   local function queue(rkey, rec, exp)
-    if exp then
-      pxs[np + 1], pxs[np + 2], pxs[np + 3] = rkey, rec, exp
-      np = np + 3
-    elseif rec then
+    if rec then
       sets[ns + 1], sets[ns + 2] = rkey, rec
       ns = ns + 2
+      if exp then
+        pxs[np + 1], pxs[np + 2] = rkey, decimal(exp)
+        np = np + 2
+      end
     else
       nd = nd + 1
       dels[nd] = rkey
@@ -109,6 +126,7 @@ if not done then
       end
     end
     local live = false
+    local hadexp = false
     if old then
       if not is_record(old) then return {2, n, 2} end
       local oexp, osize = sunpack('<i8I4', old, 9)
@@ -122,64 +140,88 @@ if not done then
             return {3, n, 1, lo, hi}
           end
         end
-        result[#result + 1] = n
-        result[#result + 1] = osize
-        -- A live record's created_at carries over.
-        if rec then rec = sub(old, 1, 8) .. sub(rec, 9) end
+        result[nresult + 1], result[nresult + 2] = n, osize
+        nresult = nresult + 2
+        -- A live record's created_at carries over: written over the stored record's first 8
+        -- bytes (SETRANGE) when each key is written once, which costs less than copying the
+        -- record in Lua; copied into it when a later operation of the batch may read it.
+        if rec then
+          if distinct then
+            fixes[nf + 1], fixes[nf + 2] = rkey, sub(old, 1, 8)
+            nf = nf + 2
+          else
+            rec = sub(old, 1, 8) .. sub(rec, 9)
+          end
+        end
       end
       if oexp == 0 then
         dn = dn - 1
         db = db - osize
-      elseif not exp then
-        zset = zset or {}
-        zset[sub(rkey, plen + 1)] = false
+      else
+        hadexp = true
       end
     end
     if conditional and not live then return {3, n, 0} end
-    if exp then
-      zset = zset or {}
-      zset[sub(rkey, plen + 1)] = exp
-    end
-    if not distinct then
+    if distinct then
+      if exp then
+        adds[na + 1], adds[na + 2] = decimal(exp), sub(rkey, plen + 1)
+        na = na + 2
+      elseif hadexp then
+        nr = nr + 1
+        rems[nr] = sub(rkey, plen + 1)
+      end
+      if rec or old then queue(rkey, rec, exp) end
+    else
+      if exp then
+        zset = zset or {}
+        zset[sub(rkey, plen + 1)] = decimal(exp)
+      elseif hadexp then
+        zset = zset or {}
+        zset[sub(rkey, plen + 1)] = false
+      end
       cur[rkey] = rec
       cexp[rkey] = exp
-    elseif rec or old then
-      queue(rkey, rec, exp)
     end
   end
   if not distinct then
     for rkey, rec in pairs(cur) do queue(rkey, rec, cexp[rkey]) end
   end
 
-  -- Everything is checked: write.
+  -- Everything is checked: write. MSET, then PEXPIREAT, costs less than a SET ... PXAT each.
+  -- The SETRANGEs come before the PEXPIREATs: a record whose expiry passed since TIME was
+  -- read is deleted by its PEXPIREAT (Redis compares with its clock of the moment), and a
+  -- SETRANGE after that would recreate the key as an 8-byte string.
   for i = 1, ns, 1000 do
     rcall('MSET', unpack(sets, i, min(i + 999, ns)))
   end
-  for i = 1, np, 3 do
-    rcall('SET', pxs[i], pxs[i + 1], 'PXAT', pxs[i + 2])
+  for i = 1, nf, 2 do
+    rcall('SETRANGE', fixes[i], 0, fixes[i + 1])
+  end
+  for i = 1, np, 2 do
+    rcall('PEXPIREAT', pxs[i], pxs[i + 1])
   end
   for i = 1, nd, 1000 do
     rcall('DEL', unpack(dels, i, min(i + 999, nd)))
   end
 end
 
--- The expiry index: the last change of each key wins.
+-- The expiry index.
 if zset then
-  local adds, rems = {}, {}
   for m, score in pairs(zset) do
     if score then
-      adds[#adds + 1] = score
-      adds[#adds + 1] = m
+      adds[na + 1], adds[na + 2] = score, m
+      na = na + 2
     else
-      rems[#rems + 1] = m
+      nr = nr + 1
+      rems[nr] = m
     end
   end
-  for i = 1, #adds, 1000 do
-    rcall('ZADD', expiry, unpack(adds, i, min(i + 999, #adds)))
-  end
-  for i = 1, #rems, 1000 do
-    rcall('ZREM', expiry, unpack(rems, i, min(i + 999, #rems)))
-  end
+end
+for i = 1, na, 1000 do
+  rcall('ZADD', expiry, unpack(adds, i, min(i + 999, na)))
+end
+for i = 1, nr, 1000 do
+  rcall('ZREM', expiry, unpack(rems, i, min(i + 999, nr)))
 end
 
 if dn ~= 0 or db ~= 0 then
