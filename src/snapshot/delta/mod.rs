@@ -45,7 +45,7 @@ use crate::error::{Result, StorageError};
 
 mod merge;
 pub(crate) use merge::ChainMerge;
-pub use merge::decode_chain;
+pub use merge::{compact_chain, decode_chain};
 
 /// When a chain is compacted: its next save is a full snapshot (a new base) once it holds
 /// `max_deltas` deltas, or once its deltas together outgrow `max_delta_percent` of the
@@ -112,14 +112,37 @@ impl ChainCursor {
     /// True when `policy` says the next save should be a full snapshot, or when the chain's
     /// last capture is so many change ticks ago that Bevy may have clamped the ticks since.
     pub fn wants_full(&self, policy: &ChainPolicy, world: &World) -> bool {
+        self.wants_compaction(policy) || self.ticks_too_old(world)
+    }
+
+    /// True when `policy` says the chain is long enough: its next save should be a new base.
+    /// That base need not be captured on the main thread: capture a delta as usual and fold
+    /// the chain into a new base on a worker thread with
+    /// [`store_compacted_autosave`](crate::snapshot::store_compacted_autosave) (the plugin
+    /// does).
+    pub fn wants_compaction(&self, policy: &ChainPolicy) -> bool {
+        self.sequence >= policy.max_deltas
+            || u128::from(self.deltas_len) * 100
+                > u128::from(self.base_len) * u128::from(policy.max_delta_percent)
+    }
+
+    /// True when the chain's last capture is so many change ticks ago that Bevy may have
+    /// clamped the ticks since: change detection can no longer tell what changed, and only a
+    /// full capture is right.
+    pub fn ticks_too_old(&self, world: &World) -> bool {
         let age = world
             .read_change_tick()
             .get()
             .wrapping_sub(self.since.get());
-        self.sequence >= policy.max_deltas
-            || u128::from(self.deltas_len) * 100
-                > u128::from(self.base_len) * u128::from(policy.max_delta_percent)
-            || age >= CHECK_TICK_THRESHOLD
+        age >= CHECK_TICK_THRESHOLD
+    }
+
+    /// The cursor of a new chain whose base, stored as `bytes`, is the chain up to the delta
+    /// captured as `step` merged into one snapshot
+    /// ([`store_compacted_autosave`](crate::snapshot::store_compacted_autosave)): its next
+    /// delta holds what changed since that delta's capture.
+    pub fn compacted(step: ChainStep, bytes: &[u8]) -> Self {
+        ChainStart { tick: step.tick }.cursor(bytes)
     }
 
     /// The cursor once the delta captured as `step` is stored as `bytes`.
