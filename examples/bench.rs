@@ -26,8 +26,8 @@ use bevy_storage::codec::{Cipher, Compression, EncryptionKey, Format, SealOption
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::prelude::*;
 use bevy_storage::snapshot::{
-    Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
-    ChainCursor, capture_base, capture_delta, decode, load_newest_autosave, read_snapshot,
+    ChainCursor, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings,
+    capture, capture_base, capture_delta, decode, load_newest_autosave, read_snapshot,
     store_autosave_record, store_compacted_autosave, store_snapshot,
 };
 use clap::Parser;

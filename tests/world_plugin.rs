@@ -664,7 +664,11 @@ fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
         w.get_mut::<Counted>(counted[0]).unwrap().0 += 10_000;
         w.despawn(counted[1]);
         let new = w
-            .spawn((Persist, Position(5000 + round as i32, 0), Counted(5000 + round)))
+            .spawn((
+                Persist,
+                Position(5000 + round as i32, 0),
+                Counted(5000 + round),
+            ))
             .id();
         let follower = w
             .query_filtered::<Entity, (With<Persist>, With<Follows>)>()
@@ -677,7 +681,10 @@ fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
 
     let before = counted_clones();
     assert!(!autosave_now(&mut app).delta);
-    assert!(counted_clones() - before >= 1000, "the first base is a full capture");
+    assert!(
+        counted_clones() - before >= 1000,
+        "the first base is a full capture"
+    );
     for round in 0..2 {
         edit(&mut app, round);
         assert!(autosave_now(&mut app).delta);
@@ -709,7 +716,10 @@ fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
     let chain = bevy_storage::snapshot::chain_of(&store, &next.key)
         .unwrap()
         .expect("a delta");
-    assert_eq!((chain.base.as_str(), chain.sequence), (compacted.key.as_str(), 1));
+    assert_eq!(
+        (chain.base.as_str(), chain.sequence),
+        (compacted.key.as_str(), 1)
+    );
     let newest = (
         persisted_state(app.world_mut()),
         counted_state(app.world_mut()),

@@ -28,7 +28,7 @@ pub(crate) struct SaveInput {
 /// then folds the chain and the delta into a new base instead of storing the delta.
 enum Captured {
     Full(CapturedWorld, Option<ChainStart>),
-    Delta(CapturedDelta, ChainCursor, String, Option<SnapshotContext>),
+    Delta(CapturedDelta, ChainCursor, String, Option<Box<SnapshotContext>>),
 }
 
 /// What a world save hands back from the pool: the response, and where the chain stands.
@@ -97,7 +97,7 @@ impl RequestKind for SaveWorld {
                     Some((cursor, base)) => {
                         let compact = cursor
                             .wants_compaction(&policy)
-                            .then(|| SnapshotContext::from_world(world));
+                            .then(|| Box::new(SnapshotContext::from_world(world)));
                         Captured::Delta(
                             snapshot::capture_delta(world, &settings, &registry, &cursor)
                                 .map_err(shared)?,
