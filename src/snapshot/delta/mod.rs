@@ -225,36 +225,47 @@ fn on_remove(event: On<Remove>, tracker: Option<ResMut<ChainTracker>>) {
 }
 
 /// Watches `Persist` and every saved component of a persisted entity that is not watched yet.
+/// Runs with every delta: the tracker resource is changed in place (a resource is an entity
+/// in Bevy 0.19, and taking it out and back costs two archetype moves).
 fn watch_persisted(world: &mut World, settings: &SnapshotSettings) {
     let persist = world.register_component::<Persist>();
-    let mut tracker = world.remove_resource::<ChainTracker>().unwrap_or_default();
-    tracker.persist = Some(persist);
-    let mut new = Vec::new();
-    if tracker.watched.insert(persist) {
-        new.push(persist);
+    if !world.contains_resource::<ChainTracker>() {
+        world.insert_resource(ChainTracker::default());
     }
-    for archetype in world.archetypes().iter() {
-        if archetype.is_empty() || !archetype.contains(persist) {
-            continue;
+    let mut new = Vec::new();
+    {
+        let tracker = world.resource::<ChainTracker>();
+        if !tracker.watched.contains(&persist) {
+            new.push(persist);
         }
-        for &id in archetype.components() {
-            let saved = world
-                .components()
-                .get_info(id)
-                .and_then(|info| info.type_id())
-                .is_some_and(|t| settings.saves_component(t));
-            if saved && tracker.watched.insert(id) {
-                new.push(id);
+        for archetype in world.archetypes().iter() {
+            if archetype.is_empty() || !archetype.contains(persist) {
+                continue;
+            }
+            for &id in archetype.components() {
+                if tracker.watched.contains(&id) || new.contains(&id) {
+                    continue;
+                }
+                let saved = world
+                    .components()
+                    .get_info(id)
+                    .and_then(|info| info.type_id())
+                    .is_some_and(|t| settings.saves_component(t));
+                if saved {
+                    new.push(id);
+                }
             }
         }
     }
-    if !new.is_empty() {
-        let observer = world
-            .spawn(Observer::new(on_remove).with_components(new))
-            .id();
-        tracker.observers.push(observer);
-    }
-    world.insert_resource(tracker);
+    let observer = (!new.is_empty()).then(|| {
+        world
+            .spawn(Observer::new(on_remove).with_components(new.clone()))
+            .id()
+    });
+    let mut tracker = world.resource_mut::<ChainTracker>();
+    tracker.persist = Some(persist);
+    tracker.watched.extend(new);
+    tracker.observers.extend(observer);
 }
 
 /// Ends any chain being written in `world`: removes its observers and what they recorded.
