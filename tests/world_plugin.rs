@@ -756,6 +756,54 @@ fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
 }
 
 #[test]
+fn a_chain_the_pool_cannot_compact_keeps_its_delta_and_the_next_autosave_is_a_full_base() {
+    let plugin = SnapshotPlugin::new(settings())
+        .autosave_prefix("auto/")
+        .incremental(bevy_storage::snapshot::ChainPolicy::default().max_deltas(2));
+    let mut app = app_with(StoragePlugin::memory(), plugin);
+    populate(app.world_mut());
+    bulk(app.world_mut());
+    let base = autosave_now(&mut app);
+    assert!(!base.delta);
+    for i in 0..2 {
+        app.world_mut().spawn((Persist, Position(50 + i, 0)));
+        assert!(autosave_now(&mut app).delta);
+    }
+    // The base no longer reads back: the pool cannot fold the chain into a new base.
+    let store = store_of(&app);
+    store
+        .save_bytes(&base.key, b"not a snapshot", &SaveOptions::default())
+        .unwrap();
+    app.world_mut().spawn((Persist, Position(60, 0)));
+    let kept = autosave_now(&mut app);
+    assert!(
+        kept.delta,
+        "the compaction failed: its delta is stored as it was"
+    );
+    let chain = bevy_storage::snapshot::chain_of(&store, &kept.key)
+        .unwrap()
+        .expect("a delta of the chain");
+    assert_eq!(
+        (chain.base.as_str(), chain.sequence),
+        (base.key.as_str(), 3)
+    );
+    app.world_mut().spawn((Persist, Position(61, 0)));
+    let full = autosave_now(&mut app);
+    assert!(!full.delta, "the next autosave captures a new base");
+    assert_eq!(
+        bevy_storage::snapshot::chain_of(&store, &full.key).unwrap(),
+        None
+    );
+    let expected = persisted_state(app.world_mut());
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(loaded.key, full.key);
+    assert_eq!(persisted_state(app.world_mut()), expected);
+}
+
+#[test]
 fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
     let plugin = SnapshotPlugin::new(settings())
         .incremental(bevy_storage::snapshot::ChainPolicy::default())
