@@ -28,7 +28,12 @@ pub(crate) struct SaveInput {
 /// then folds the chain and the delta into a new base instead of storing the delta.
 enum Captured {
     Full(CapturedWorld, Option<ChainStart>),
-    Delta(CapturedDelta, ChainCursor, String, Option<Box<SnapshotContext>>),
+    Delta(
+        CapturedDelta,
+        ChainCursor,
+        String,
+        Option<Box<SnapshotContext>>,
+    ),
 }
 
 /// What a world save hands back from the pool: the response, and where the chain stands.
