@@ -26,9 +26,9 @@ use bevy_storage::codec::{Cipher, Compression, EncryptionKey, Format, SealOption
 use bevy_storage::plugin::{SaveCompleted, SaveRequest, StoragePlugin};
 use bevy_storage::prelude::*;
 use bevy_storage::snapshot::{
-    Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings, capture,
-    capture_base, capture_delta, decode, load_newest_autosave, read_snapshot,
-    store_autosave_record, store_snapshot,
+    ChainCursor, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings,
+    capture, capture_base, capture_delta, decode, load_newest_autosave, read_snapshot,
+    store_autosave_record, store_compacted_autosave, store_snapshot,
 };
 use clap::Parser;
 use serde::de::DeserializeSeed;
@@ -1395,6 +1395,7 @@ fn snapshot_chains(b: &Bench) {
     let wanted = [
         "snapshot_incremental_stall",
         "snapshot_incremental_bytes",
+        "snapshot_compaction_stall",
         "snapshot_chain_load_total",
         "snapshot_load_stall",
         "snapshot_load_stall_spread",
@@ -1475,10 +1476,79 @@ fn snapshot_chains(b: &Bench) {
                 delta_size as f64 / full_size as f64
             );
         }
+        snapshot_compaction(b, &mut app, &entities, &store, n);
         snapshot_chain_loads(b, &mut app, &entities, &store, n);
     } else {
+        snapshot_compaction(b, &mut app, &entities, &store, n);
         snapshot_chain_loads(b, &mut app, &entities, &store, n);
     }
+}
+
+/// A compacting autosave: the main thread captures a delta (1% changed) as for any other,
+/// the pool folds the chain's base, its delta and this one into a new base
+/// (`store_compacted_autosave`); against a full capture of the same world, which is what a
+/// compaction cost on the main thread before.
+fn snapshot_compaction(b: &Bench, app: &mut App, entities: &[Entity], store: &Store, n: usize) {
+    if !b.wants("snapshot_compaction_stall") {
+        return;
+    }
+    let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
+    let registry = app.world().resource::<SnapshotRegistry>().clone();
+    let context = SnapshotContext::from_world(app.world_mut());
+    let meta = Default::default;
+    let (captured, start) = capture_base(app.world_mut(), &settings, &registry).unwrap();
+    let base = captured.encode().unwrap();
+    let base_key =
+        store_autosave_record(store, "compact/", 3, &base, &settings, meta(), None).unwrap();
+    let mut chain: (ChainCursor, String) = (start.cursor(&base), base_key);
+    let mut pool_ms = Vec::new();
+    let app = std::cell::RefCell::new(app);
+    b.compare(
+        "snapshot_compaction_stall",
+        "ms",
+        Better::Lower,
+        &format!("(main-thread time of an autosave that compacts its chain after 1% of {n} entities changed: a delta capture, the fold into a new base runs on the pool; vs a full capture of the same world, what a compaction cost before)"),
+        |round| {
+            let mut app = app.borrow_mut();
+            let world = app.world_mut();
+            // One delta in the chain before the compacting one.
+            touch_one_percent(world, entities, 2 * round);
+            let delta = capture_delta(world, &settings, &registry, &chain.0).unwrap();
+            let step = delta.step();
+            let bytes = delta.encode().unwrap();
+            store_autosave_record(store, "compact/", 3, &bytes, &settings, meta(), Some(&chain.1))
+                .unwrap();
+            chain.0 = chain.0.advance(step, &bytes);
+            touch_one_percent(world, entities, 2 * round + 1);
+            let t = Instant::now();
+            let delta = capture_delta(world, &settings, &registry, &chain.0).unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let step = delta.step();
+            let t = Instant::now();
+            let bytes = delta.encode().unwrap();
+            let (key, base) = store_compacted_autosave(
+                store, "compact/", 3, &chain.1, &bytes, &settings, &context, meta(),
+            )
+            .unwrap();
+            pool_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            chain = (ChainCursor::compacted(step, &base), key);
+            ms
+        },
+        |_| {
+            let mut app = app.borrow_mut();
+            let world = app.world_mut();
+            let t = Instant::now();
+            let captured = capture(world, &settings, &registry).unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            drop(captured);
+            ms
+        },
+    );
+    pool_ms.sort_by(f64::total_cmp);
+    println!(
+        "time snapshot_compaction_pool median={:.1} ms (the compaction's pool side: encode the delta, read the chain, decode and merge it, encode and store the new base; {n} entities)",
+        pool_ms[pool_ms.len() / 2]
+    );
 }
 
 fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &Store, n: usize) {

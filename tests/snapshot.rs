@@ -762,8 +762,9 @@ mod chains {
 
     use bevy::prelude::*;
     use bevy_storage::snapshot::{
-        ChainCursor, ChainPolicy, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry,
-        SnapshotSettings, capture_base, capture_delta, decode_chain,
+        ChainCursor, ChainPolicy, Persist, RecordKind, SnapshotContext, SnapshotEncoding,
+        SnapshotRegistry, SnapshotSettings, capture_base, capture_delta, compact_chain, decode,
+        decode_chain, read_header, record_kind,
     };
     use proptest::prelude::*;
     use serde::{Deserialize, Serialize};
@@ -849,13 +850,29 @@ mod chains {
         (rows, world.get_resource::<Clock>().map(|c| c.0))
     }
 
-    /// Loads `records` (base first) into a fresh app.
+    /// Loads `records` (base first) into a fresh app. Checks on the way that the chain
+    /// compacted into one whole snapshot (`compact_chain`, what a compacting autosave stores)
+    /// loads the same world.
     fn load(records: &[Vec<u8>]) -> Dump {
         let mut target = app();
         let context = SnapshotContext::from_world(target.world_mut());
         let decoded = decode_chain(records, &context).unwrap();
         decoded.apply(target.world_mut(), true);
-        dump(target.world_mut())
+        let loaded = dump(target.world_mut());
+
+        let encoding = read_header(&records[0]).unwrap().encoding;
+        let compacted = compact_chain(records, &context, &settings(encoding)).unwrap();
+        assert_eq!(record_kind(&compacted), Some(RecordKind::Full));
+        let mut target = app();
+        decode(&compacted, &context)
+            .unwrap()
+            .apply(target.world_mut(), true);
+        assert_eq!(
+            dump(target.world_mut()),
+            loaded,
+            "the compacted chain loads as the chain"
+        );
+        loaded
     }
 
     struct Chain {

@@ -604,6 +604,205 @@ fn incremental_autosaves_write_deltas_compact_and_load_as_one_world() {
     assert!(!autosave_now(&mut app).delta);
 }
 
+/// Clones of [`Counted`]: the values a capture took out of the world (on the main thread).
+static COUNTED_CLONES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A typed component that counts its clones.
+#[derive(Component, Reflect, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[reflect(Component)]
+struct Counted(u32);
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        COUNTED_CLONES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(self.0)
+    }
+}
+
+fn counted_clones() -> usize {
+    COUNTED_CLONES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn counted_state(world: &mut World) -> Vec<u32> {
+    let mut v: Vec<u32> = world
+        .query_filtered::<&Counted, With<Persist>>()
+        .iter(world)
+        .map(|c| c.0)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("game.db");
+    let plugin = || {
+        SnapshotPlugin::new(settings())
+            .autosave_prefix("auto/")
+            .incremental(bevy_storage::snapshot::ChainPolicy::default().max_deltas(2))
+    };
+    let new_app = || {
+        let mut app = app_with(
+            StoragePlugin::config(StorageConfig::sqlite(&path)),
+            plugin(),
+        );
+        app.register_snapshot_component::<Counted>();
+        app
+    };
+    let mut app = new_app();
+    populate(app.world_mut());
+    app.world_mut()
+        .spawn_batch((0..1000).map(|i| (Persist, Position(i, 1), Counted(i as u32))));
+    // Each round: one value changed, one entity spawned, one despawned, one reference moved.
+    let edit = |app: &mut App, round: u32| {
+        let w = app.world_mut();
+        let counted: Vec<Entity> = w
+            .query_filtered::<Entity, (With<Persist>, With<Counted>)>()
+            .iter(w)
+            .collect();
+        w.get_mut::<Counted>(counted[0]).unwrap().0 += 10_000;
+        w.despawn(counted[1]);
+        let new = w
+            .spawn((
+                Persist,
+                Position(5000 + round as i32, 0),
+                Counted(5000 + round),
+            ))
+            .id();
+        let follower = w
+            .query_filtered::<Entity, (With<Persist>, With<Follows>)>()
+            .iter(w)
+            .next()
+            .unwrap();
+        w.entity_mut(follower).insert(Follows(new));
+        w.resource_mut::<Turn>().0 += 1;
+    };
+
+    let before = counted_clones();
+    assert!(!autosave_now(&mut app).delta);
+    assert!(
+        counted_clones() - before >= 1000,
+        "the first base is a full capture"
+    );
+    for round in 0..2 {
+        edit(&mut app, round);
+        assert!(autosave_now(&mut app).delta);
+    }
+    edit(&mut app, 2);
+    let before = counted_clones();
+    let compacted = autosave_now(&mut app);
+    let cloned = counted_clones() - before;
+    assert!(!compacted.delta, "the policy's new base");
+    assert!(
+        cloned <= 4,
+        "the compacting autosave took {cloned} values on the main thread: a full capture, not a delta"
+    );
+    let store = store_of(&app);
+    assert_eq!(
+        bevy_storage::snapshot::chain_of(&store, &compacted.key).unwrap(),
+        None,
+        "the new base is a whole snapshot"
+    );
+    let at_compaction = (
+        persisted_state(app.world_mut()),
+        counted_state(app.world_mut()),
+    );
+
+    // The chain goes on from the new base.
+    edit(&mut app, 3);
+    let next = autosave_now(&mut app);
+    assert!(next.delta);
+    let chain = bevy_storage::snapshot::chain_of(&store, &next.key)
+        .unwrap()
+        .expect("a delta");
+    assert_eq!(
+        (chain.base.as_str(), chain.sequence),
+        (compacted.key.as_str(), 1)
+    );
+    let newest = (
+        persisted_state(app.world_mut()),
+        counted_state(app.world_mut()),
+    );
+    drop(app);
+
+    // The new base alone loads as the world it was folded for; the newest chain as the world.
+    let mut app = new_app();
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the chain's load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(loaded.key, next.key);
+    let mut app2 = new_app();
+    app2.world_mut()
+        .write_message(LoadWorld::new(compacted.key.clone()));
+    pump_until(&mut app2, "the base's load", |s| !s.loaded.is_empty());
+    let loaded = app2.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(
+        (
+            persisted_state(app2.world_mut()),
+            counted_state(app2.world_mut())
+        ),
+        at_compaction
+    );
+    assert_eq!(
+        (
+            persisted_state(app.world_mut()),
+            counted_state(app.world_mut())
+        ),
+        newest
+    );
+}
+
+#[test]
+fn a_chain_the_pool_cannot_compact_keeps_its_delta_and_the_next_autosave_is_a_full_base() {
+    let plugin = SnapshotPlugin::new(settings())
+        .autosave_prefix("auto/")
+        .incremental(bevy_storage::snapshot::ChainPolicy::default().max_deltas(2));
+    let mut app = app_with(StoragePlugin::memory(), plugin);
+    populate(app.world_mut());
+    bulk(app.world_mut());
+    let base = autosave_now(&mut app);
+    assert!(!base.delta);
+    for i in 0..2 {
+        app.world_mut().spawn((Persist, Position(50 + i, 0)));
+        assert!(autosave_now(&mut app).delta);
+    }
+    // The base no longer reads back: the pool cannot fold the chain into a new base.
+    let store = store_of(&app);
+    store
+        .save_bytes(&base.key, b"not a snapshot", &SaveOptions::default())
+        .unwrap();
+    app.world_mut().spawn((Persist, Position(60, 0)));
+    let kept = autosave_now(&mut app);
+    assert!(
+        kept.delta,
+        "the compaction failed: its delta is stored as it was"
+    );
+    let chain = bevy_storage::snapshot::chain_of(&store, &kept.key)
+        .unwrap()
+        .expect("a delta of the chain");
+    assert_eq!(
+        (chain.base.as_str(), chain.sequence),
+        (base.key.as_str(), 3)
+    );
+    app.world_mut().spawn((Persist, Position(61, 0)));
+    let full = autosave_now(&mut app);
+    assert!(!full.delta, "the next autosave captures a new base");
+    assert_eq!(
+        bevy_storage::snapshot::chain_of(&store, &full.key).unwrap(),
+        None
+    );
+    let expected = persisted_state(app.world_mut());
+    app.world_mut().write_message(LoadWorld::newest_autosave());
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    let loaded = app.world().resource::<Seen>().loaded[0].clone();
+    assert!(loaded.result.is_ok(), "{:?}", loaded.result);
+    assert_eq!(loaded.key, full.key);
+    assert_eq!(persisted_state(app.world_mut()), expected);
+}
+
 #[test]
 fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
     let plugin = SnapshotPlugin::new(settings())

@@ -3,7 +3,8 @@
 //!
 //! The child keeps a world of persisted `Cell { id, value }` entities and, in a loop, edits
 //! it at random (values changed, cells spawned and despawned) and autosaves it as a chain:
-//! a whole snapshot, then deltas (a new base after [`MAX_DELTAS`]), in the rotation of
+//! a whole snapshot, then deltas (after [`MAX_DELTAS`], a new base folded from the chain and
+//! one more delta by [`store_compacted_autosave`], as the plugin's compaction does), in the rotation of
 //! [`store_autosave_record`] (the newest [`KEEP`] kept, with what their deltas need). Before
 //! each autosave it prints `S <step> <digest>` (the digest of the world it saves), and
 //! `A <step>` once the store acknowledged it. The parent kills it at a random moment, loads
@@ -25,6 +26,7 @@ use bevy_storage::backend::CustomMetadata;
 use bevy_storage::snapshot::{
     ChainCursor, Persist, SnapshotContext, SnapshotEncoding, SnapshotRegistry, SnapshotSettings,
     capture_base, capture_delta, load_newest_autosave, store_autosave_record,
+    store_compacted_autosave,
 };
 use bevy_storage::{StorageConfig, Store};
 use serde::{Deserialize, Serialize};
@@ -158,6 +160,7 @@ pub fn run_child(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     }
     let snapshots = registry();
+    let context = SnapshotContext::from_world(app.world_mut());
     let world = app.world_mut();
     let mut next_id = world
         .query::<&Cell>()
@@ -224,7 +227,30 @@ pub fn run_child(args: &[String]) -> ExitCode {
                 )
                 .map(|_| chain = Some((cursor.advance(delta.1, &delta.0), base, deltas + 1)))
             }
-            _ => {
+            // The policy's new base: a delta captured as usual, folded with the chain into
+            // a new base off the world (what the plugin does on the pool).
+            Some((cursor, base, _)) => {
+                let delta = capture_delta(world, &settings, &snapshots, &cursor)
+                    .and_then(|d| {
+                        let step = d.step();
+                        d.encode().map(|bytes| (bytes, step))
+                    })
+                    .expect("delta capture");
+                store_compacted_autosave(
+                    &store,
+                    PREFIX,
+                    KEEP,
+                    &base,
+                    &delta.0,
+                    &settings,
+                    &context,
+                    CustomMetadata::new(),
+                )
+                .map(|(key, bytes)| {
+                    chain = Some((ChainCursor::compacted(delta.1, &bytes), key, 0));
+                })
+            }
+            None => {
                 let (captured, start) =
                     capture_base(world, &settings, &snapshots).expect("base capture");
                 let bytes = captured.encode().expect("base encode");

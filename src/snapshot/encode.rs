@@ -58,6 +58,78 @@ impl CapturedWorld {
     }
 }
 
+impl DecodedWorld {
+    /// Serializes a decoded world again as a whole snapshot of `encoding` and
+    /// `game_version` (run it on a task pool): how a chain merged by `ChainMerge` becomes
+    /// a new base without capturing the world. Decoding the result gives this world back,
+    /// value for value and in the same row order (so relationships replay in the same
+    /// order). Fails for values that have no saved form (a migration's output).
+    pub(crate) fn encode(&self, encoding: SnapshotEncoding, game_version: u32) -> Result<Vec<u8>> {
+        let reg = self.registry.read();
+        let no_saved_form = |what: &str| {
+            StorageError::Snapshot(format!(
+                "{what} was migrated while loading and cannot be written back as it was saved"
+            ))
+        };
+        let mut columns = Vec::with_capacity(self.columns.len());
+        for (type_path, rows, column) in &self.columns {
+            let values = column
+                .saved_values(&reg)
+                .ok_or_else(|| no_saved_form(type_path))?;
+            columns.push((type_path.as_str(), rows.as_slice(), values));
+        }
+        let mut resources = Vec::with_capacity(self.resources.len());
+        for (type_path, resource) in &self.resources {
+            let value = resource
+                .saved_value(&reg)
+                .ok_or_else(|| no_saved_form(type_path))?;
+            resources.push((type_path.as_str(), value));
+        }
+        let entities: Vec<u64> = self.entities.iter().map(|e| e.to_bits()).collect();
+        let body = ReencodedBody {
+            entities: &entities,
+            columns: &columns,
+            resources: &resources,
+        };
+        let header = SnapshotHeader {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            encoding,
+            game_version,
+            entity_count: entities.len() as u32,
+        };
+        encode_body(encoding, &header.to_bytes(), 64 * entities.len(), &body)
+    }
+}
+
+type SavedValues<'a> = Box<dyn erased_serde::Serialize + 'a>;
+
+/// The body of [`DecodedWorld::encode`]: the shape of [`Body`] from decoded values.
+struct ReencodedBody<'a> {
+    entities: &'a [u64],
+    columns: &'a [(&'a str, &'a [u32], SavedValues<'a>)],
+    resources: &'a [(&'a str, SavedValues<'a>)],
+}
+
+impl Serialize for ReencodedBody<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let columns: Vec<(&str, &[u32], &dyn erased_serde::Serialize)> = self
+            .columns
+            .iter()
+            .map(|(path, rows, values)| (*path, *rows, &**values))
+            .collect();
+        let resources: Vec<(&str, &dyn erased_serde::Serialize)> = self
+            .resources
+            .iter()
+            .map(|(path, value)| (*path, &**value))
+            .collect();
+        let mut t = serializer.serialize_tuple(3)?;
+        t.serialize_element(self.entities)?;
+        t.serialize_element(&columns)?;
+        t.serialize_element(&resources)?;
+        t.end()
+    }
+}
+
 /// `header` followed by `body` serialized as `encoding`, with the decoder's depth count.
 pub(super) fn encode_body<B: Serialize>(
     encoding: SnapshotEncoding,

@@ -57,7 +57,7 @@ impl Migrations {
         let decode = move |de: &mut dyn erased_serde::Deserializer<'_>| {
             let old: Vec<Old> = erased_serde::deserialize(de)?;
             let values: Vec<New> = old.into_iter().map(&upgrade).collect();
-            Ok(Box::new(TypedLoaded { values }) as Box<dyn LoadedColumn>)
+            Ok(Box::new(TypedLoaded { values, save: None }) as Box<dyn LoadedColumn>)
         };
         self.components.push(Arc::new(Migration {
             old_type_path: old_type_path.to_owned(),

@@ -22,8 +22,10 @@
 //! Snapshot chains (incremental autosaves, the `delta` module): [`capture_base`] starts a
 //! chain with a full capture, [`capture_delta`] captures what changed since the chain's last
 //! record (cost proportional to the change), [`decode_chain`] merges a base and its deltas on
-//! any thread into one [`DecodedWorld`]. The autosave rotation in `slots` stores and loads them
-//! ([`store_autosave_record`], [`load_newest_autosave`], [`load_world`]).
+//! any thread into one [`DecodedWorld`], and [`compact_chain`] encodes that world again as a new
+//! base (a chain compacted without a full capture). The autosave rotation in `slots` stores
+//! and loads them ([`store_autosave_record`], [`store_compacted_autosave`],
+//! [`load_newest_autosave`], [`load_world`]).
 //!
 //! Hierarchies: `ChildOf` is saved (typed) and `Children` is rebuilt by Bevy's relationship
 //! hooks as children are inserted in their saved order. Save whole subtrees: a reference to an
@@ -69,7 +71,7 @@ pub use columns::{SnapshotComponent, SnapshotEntityMapper, SnapshotStandIn};
 #[cfg(feature = "bevy")]
 pub use delta::{
     CapturedDelta, ChainCursor, ChainPolicy, ChainStart, ChainStep, ChainTracker, capture_base,
-    capture_delta, decode_chain, stop_chain,
+    capture_delta, compact_chain, decode_chain, stop_chain,
 };
 #[cfg(feature = "bevy")]
 pub use encode::{SnapshotContext, decode};
@@ -86,7 +88,7 @@ pub use slots::{
 #[cfg(feature = "bevy")]
 pub use slots::{
     LoadedAutosave, load_newest_autosave, load_world, store_autosave, store_autosave_record,
-    store_snapshot,
+    store_compacted_autosave, store_snapshot,
 };
 
 #[cfg(feature = "bevy")]

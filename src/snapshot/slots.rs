@@ -12,7 +12,7 @@ use bevy::log::warn;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "bevy")]
-use super::delta::{ChainMerge, decode_chain};
+use super::delta::{ChainMerge, compact_chain, decode_chain};
 #[cfg(feature = "bevy")]
 use super::encode::{SnapshotContext, decode};
 #[cfg(feature = "bevy")]
@@ -244,6 +244,51 @@ pub fn store_autosave_record(
         store.delete(old)?;
     }
     Ok(key)
+}
+
+#[cfg(feature = "bevy")]
+/// Compacts the autosave chain whose base is the autosave `chain_base` without touching the
+/// world (run it on a worker thread): reads the chain's records (its base and the deltas
+/// after it, up to the newest autosave under `prefix`), merges them with `delta` (a delta
+/// captured after the newest of them: it must follow it, or this fails) and stores the merged
+/// world as a new whole autosave, with the rotation of [`store_autosave_record`]. Returns the
+/// new autosave's key and its bytes; continue with
+/// [`ChainCursor::compacted`](super::ChainCursor::compacted)`(step, &bytes)`.
+///
+/// Only one record is written, the new base, in one atomic write: a crash before it leaves
+/// the chain as it was (the newest load is the chain without `delta`), a crash after it
+/// leaves the new base, which loads alone; never a mix of the two. On an error nothing was
+/// written: `delta` can still be stored as an ordinary delta of the chain.
+#[allow(clippy::too_many_arguments)]
+pub fn store_compacted_autosave(
+    store: &Store,
+    prefix: &str,
+    keep: usize,
+    chain_base: &str,
+    delta: &[u8],
+    settings: &SnapshotSettings,
+    context: &SnapshotContext,
+    custom: CustomMetadata,
+) -> Result<(String, Vec<u8>)> {
+    let keys = autosave_keys(store, prefix)?;
+    let first = keys.iter().position(|k| k == chain_base).ok_or_else(|| {
+        StorageError::Snapshot(format!(
+            "the base {chain_base:?} of the chain to compact is gone"
+        ))
+    })?;
+    let mut records = Vec::with_capacity(keys.len() - first + 1);
+    for key in &keys[first..] {
+        records.push(read_snapshot(store, key)?.ok_or_else(|| {
+            StorageError::Snapshot(format!(
+                "{key:?} of the chain to compact vanished while reading it"
+            ))
+        })?);
+    }
+    records.push(delta.to_vec());
+    let bytes = compact_chain(&records, context, settings)?;
+    drop(records);
+    let key = store_autosave_record(store, prefix, keep, &bytes, settings, custom, None)?;
+    Ok((key, bytes))
 }
 
 #[cfg(feature = "bevy")]

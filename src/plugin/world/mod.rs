@@ -11,7 +11,8 @@
 //! Incremental autosaves ([`SnapshotPlugin::incremental`], [`SaveWorld::incremental`]) write
 //! a snapshot chain into the rotation: a full snapshot, then deltas of what changed since the
 //! autosave before (see [`crate::snapshot`], whose chains are in its `delta` module), until the
-//! [`ChainPolicy`] asks for a full one again. A load of the rotation applies the chain's base
+//! [`ChainPolicy`] asks for a new base, which the pool folds from the chain and a delta
+//! captured as usual (the main thread never captures the whole world to compact a chain). A load of the rotation applies the chain's base
 //! and deltas as one world, all or nothing; a delta that cannot be loaded falls back to the
 //! chain's state before it. A successful load ends the chain: the next autosave is full.
 
@@ -105,7 +106,11 @@ impl SnapshotPlugin {
     /// Makes autosaves incremental: each one writes only what changed since the autosave
     /// before (a delta of a snapshot chain), and a full snapshot when `policy` says the chain
     /// is long enough. The main-thread cost of a delta grows with what changed, not with the
-    /// world; a full one (the first, and each compaction) costs a full capture.
+    /// world. Only the first autosave (and the first after a load, or after a failed one)
+    /// captures the whole world; when the policy compacts the chain, the autosave captures a
+    /// delta as usual and the pool folds the chain's base, its deltas and that delta into a new
+    /// base (one atomic write: a crash leaves the chain as it was or the new base, never a
+    /// mix), answered with [`WorldSaved::delta`] false.
     ///
     /// ```no_run
     /// # use bevy::prelude::*;
@@ -337,7 +342,8 @@ pub struct WorldSaved {
     pub key: String,
     /// True for an autosave.
     pub autosave: bool,
-    /// True when a delta of a snapshot chain was written (an incremental autosave).
+    /// True when a delta of a snapshot chain was written (an incremental autosave); false
+    /// for a whole snapshot, a chain's compacted new base included.
     pub delta: bool,
     /// How many entities were saved, or why nothing was.
     pub result: StorageResult<usize>,

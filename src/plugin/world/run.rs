@@ -24,10 +24,16 @@ pub(crate) struct SaveInput {
 }
 
 /// A whole world (starting a chain when the save is incremental) or a delta of the chain
-/// whose base is under the key.
+/// whose base is under the key; with a context when the policy compacts the chain: the pool
+/// then folds the chain and the delta into a new base instead of storing the delta.
 enum Captured {
     Full(CapturedWorld, Option<ChainStart>),
-    Delta(CapturedDelta, ChainCursor, String),
+    Delta(
+        CapturedDelta,
+        ChainCursor,
+        String,
+        Option<Box<SnapshotContext>>,
+    ),
 }
 
 /// What a world save hands back from the pool: the response, and where the chain stands.
@@ -85,18 +91,26 @@ impl RequestKind for SaveWorld {
         custom.extend(self.metadata.clone());
         let captured = match (self.chain, self.slot == WorldSlot::Autosave) {
             (Some(policy), _) => {
+                // Only ticks too old for change detection need a full capture here: a chain
+                // the policy compacts is captured as a delta and folded on the pool.
                 let cursor = world
                     .resource_mut::<ChainState>()
                     .cursor
                     .take()
-                    .filter(|(cursor, _)| !cursor.wants_full(&policy, world));
+                    .filter(|(cursor, _)| !cursor.ticks_too_old(world));
                 match cursor {
-                    Some((cursor, base)) => Captured::Delta(
-                        snapshot::capture_delta(world, &settings, &registry, &cursor)
-                            .map_err(shared)?,
-                        cursor,
-                        base,
-                    ),
+                    Some((cursor, base)) => {
+                        let compact = cursor
+                            .wants_compaction(&policy)
+                            .then(|| Box::new(SnapshotContext::from_world(world)));
+                        Captured::Delta(
+                            snapshot::capture_delta(world, &settings, &registry, &cursor)
+                                .map_err(shared)?,
+                            cursor,
+                            base,
+                            compact,
+                        )
+                    }
                     None => {
                         let (captured, start) =
                             snapshot::capture_base(world, &settings, &registry).map_err(shared)?;
@@ -143,7 +157,7 @@ impl RequestKind for SaveWorld {
             settings,
             custom,
         } = input;
-        let delta = matches!(captured, Captured::Delta(..));
+        let mut delta = matches!(captured, Captured::Delta(..));
         let stored = match captured {
             Captured::Full(captured, start) => {
                 let entities = captured.entity_count();
@@ -158,10 +172,46 @@ impl RequestKind for SaveWorld {
                     Ok((key, entities, chain))
                 })
             }
-            Captured::Delta(captured, cursor, base) => {
+            Captured::Delta(captured, cursor, base, compact) => {
                 let entities = captured.live_count();
                 let step = captured.step();
                 captured.encode().and_then(|bytes| {
+                    if let Some(context) = compact {
+                        match snapshot::store_compacted_autosave(
+                            store,
+                            &label,
+                            keep,
+                            &base,
+                            &bytes,
+                            &settings,
+                            &context,
+                            custom.clone(),
+                        ) {
+                            Ok((key, base_bytes)) => {
+                                delta = false;
+                                let cursor = ChainCursor::compacted(step, &base_bytes);
+                                return Ok((key.clone(), entities, Some((cursor, key))));
+                            }
+                            Err(e) if e.is_backend_failure() => return Err(e),
+                            Err(e) => {
+                                // Nothing was written: the delta goes in as an ordinary
+                                // one, and the next autosave captures a full base.
+                                warn!(
+                                    "the autosave chain under {label:?} could not be compacted ({e}); storing a delta, the next autosave is full"
+                                );
+                                let key = snapshot::store_autosave_record(
+                                    store,
+                                    &label,
+                                    keep,
+                                    &bytes,
+                                    &settings,
+                                    custom,
+                                    Some(&base),
+                                )?;
+                                return Ok((key, entities, None));
+                            }
+                        }
+                    }
                     let key = snapshot::store_autosave_record(
                         store,
                         &label,

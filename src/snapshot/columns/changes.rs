@@ -3,9 +3,10 @@
 //! capture, next to its safety argument), and the changed values of one component type.
 
 use std::any::TypeId;
+use std::cell::UnsafeCell;
 use std::collections::HashSet;
 
-use bevy::ecs::change_detection::MAX_CHANGE_AGE;
+use bevy::ecs::change_detection::{MAX_CHANGE_AGE, Tick};
 use bevy::ecs::component::{ComponentId, StorageType};
 use bevy::ecs::entity::EntityHashSet;
 use bevy::ecs::storage::Table;
@@ -74,6 +75,9 @@ fn scan_changed_values<C: Component>(
     })
 }
 
+/// Rows whose ticks [`scan_tables`] tests together before looking at any one of them.
+const SCAN_CHUNK: usize = 16;
+
 /// The rows `i` of each persisted table holding `component` whose changed (or added) tick
 /// is newer than the world's last change tick.
 fn scan_tables(
@@ -117,14 +121,33 @@ fn scan_tables(
         let Some(ticks) = ticks else {
             continue;
         };
-        // `Persist` is table-stored: every entity of this table is persisted.
-        for (i, tick) in ticks.iter().enumerate() {
+        // `Persist` is table-stored: every entity of this table is persisted. A chunk of
+        // rows at a time, a branch-free or-reduction (which the compiler vectorizes) says
+        // whether any is changed, and only such a chunk is looked at row by row: at 1%
+        // changed the pass over the ticks is the cost.
+        let changed = |tick: &UnsafeCell<Tick>| {
             // SAFETY: the tick cells are only written through `&mut World` or a system's
             // exclusive access to this column; we hold `&World`, so nothing writes them now
             // (Bevy's own read-only queries read them the same way).
             let tick = unsafe { *tick.get() }.get();
-            if this_run.wrapping_sub(tick) < window {
-                found(table, i);
+            this_run.wrapping_sub(tick) < window
+        };
+        let chunks = ticks.chunks_exact(SCAN_CHUNK);
+        let rest = chunks.remainder();
+        for (c, chunk) in chunks.enumerate() {
+            if !chunk.iter().fold(false, |any, tick| any | changed(tick)) {
+                continue;
+            }
+            for (j, tick) in chunk.iter().enumerate() {
+                if changed(tick) {
+                    found(table, c * SCAN_CHUNK + j);
+                }
+            }
+        }
+        let start = ticks.len() - rest.len();
+        for (j, tick) in rest.iter().enumerate() {
+            if changed(tick) {
+                found(table, start + j);
             }
         }
     }

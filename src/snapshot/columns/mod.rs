@@ -84,6 +84,12 @@ pub(crate) trait LoadedColumn: Send {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
     /// The type of the values (two columns append only if it is the same).
     fn value_type(&self) -> TypeId;
+    /// The values as the snapshot writes them, to encode a decoded world again (compacting a
+    /// chain); `None` for values that have no saved form (a migration's output).
+    fn saved_values<'a>(
+        &'a self,
+        registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>>;
     /// Maps entity references and inserts value `i` on `targets[i]`.
     fn apply(
         self: Box<Self>,
@@ -281,7 +287,10 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
         de: &mut dyn erased_serde::Deserializer<'_>,
     ) -> Result<Box<dyn LoadedColumn>, erased_serde::Error> {
         let values: Vec<T> = erased_serde::deserialize(de)?;
-        Ok(Box::new(TypedLoaded { values }))
+        Ok(Box::new(TypedLoaded {
+            values,
+            save: Some(save_typed::<T>),
+        }))
     }
 }
 
@@ -370,6 +379,13 @@ struct MappedLoaded<C, S> {
 impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
     loaded_column_bookkeeping!(saved);
 
+    fn saved_values<'a>(
+        &'a self,
+        _registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>> {
+        Some(Box::new(&self.saved))
+    }
+
     fn apply(
         self: Box<Self>,
         world: &mut World,
@@ -382,7 +398,7 @@ impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
             .into_iter()
             .map(|s| (self.from_saved)(s))
             .collect();
-        Box::new(TypedLoaded { values }).apply(world, targets, mapper, registry);
+        Box::new(TypedLoaded { values, save: None }).apply(world, targets, mapper, registry);
     }
 
     fn into_erased(
@@ -395,7 +411,7 @@ impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
             .into_iter()
             .map(|s| (self.from_saved)(s))
             .collect();
-        Box::new(TypedLoaded { values }).into_erased(world, mapper)
+        Box::new(TypedLoaded { values, save: None }).into_erased(world, mapper)
     }
 }
 
@@ -480,13 +496,30 @@ fn retain_flagged<T>(values: &mut Vec<T>, keep: &[bool]) {
     values.retain(|_| flags.next().copied().unwrap_or(false));
 }
 
+/// Writes typed values as the snapshot does.
+type SaveTyped<T> = for<'a> fn(&'a [T]) -> Box<dyn erased_serde::Serialize + 'a>;
+
+fn save_typed<T: SnapshotComponent>(values: &[T]) -> Box<dyn erased_serde::Serialize + '_> {
+    Box::new(values)
+}
+
 /// Decoded values of a typed component (also what migrations produce).
 pub(crate) struct TypedLoaded<T> {
     pub(crate) values: Vec<T>,
+    /// How the values are written again (`None`: a migration's output, which has no saved
+    /// form).
+    pub(crate) save: Option<SaveTyped<T>>,
 }
 
 impl<T: Component> LoadedColumn for TypedLoaded<T> {
     loaded_column_bookkeeping!(values);
+
+    fn saved_values<'a>(
+        &'a self,
+        _registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>> {
+        self.save.map(|save| save(&self.values))
+    }
 
     fn apply(
         self: Box<Self>,
@@ -532,6 +565,7 @@ impl<T: Component> TypedLoaded<T> {
     fn split_values(&mut self, at: usize) -> Box<dyn LoadedColumn> {
         Box::new(Self {
             values: self.values.split_off(at.min(self.values.len())),
+            save: self.save,
         })
     }
 }
@@ -633,6 +667,29 @@ impl Serialize for ReflectValues<'_> {
     }
 }
 
+/// Reflected values decoded from a snapshot, written again as [`ReflectValues`] writes them.
+pub(crate) struct LoadedReflectValues<'a> {
+    pub(crate) values: &'a [Box<dyn Reflect>],
+    pub(crate) registry: &'a TypeRegistry,
+}
+
+impl Serialize for LoadedReflectValues<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let processor = HandleSerializeProcessor {
+            ephemeral_handle_behavior: EphemeralHandleBehavior::Error,
+        };
+        let mut seq = serializer.serialize_seq(Some(self.values.len()))?;
+        for value in self.values {
+            seq.serialize_element(&TypedReflectSerializer::with_processor(
+                value.as_partial_reflect(),
+                self.registry,
+                &processor,
+            ))?;
+        }
+        seq.end()
+    }
+}
+
 /// Reflected values decoded (and converted to concrete types) from a snapshot.
 pub(crate) struct ReflectLoaded {
     pub(crate) component: ReflectComponent,
@@ -641,6 +698,16 @@ pub(crate) struct ReflectLoaded {
 
 impl LoadedColumn for ReflectLoaded {
     loaded_column_bookkeeping!(values);
+
+    fn saved_values<'a>(
+        &'a self,
+        registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>> {
+        Some(Box::new(LoadedReflectValues {
+            values: &self.values,
+            registry,
+        }))
+    }
 
     fn apply(
         self: Box<Self>,
@@ -699,6 +766,13 @@ impl ReflectLoaded {
 
 /// A resource decoded from a snapshot, ready to insert.
 pub(crate) trait LoadedResource: Send {
+    /// The value as the snapshot writes it (a one-element list), to encode a decoded world
+    /// again; `None` for a migration's output.
+    fn saved_value<'a>(
+        &'a self,
+        registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>>;
+
     /// Maps entity references and inserts (or replaces) the resource.
     fn apply(
         self: Box<Self>,
@@ -714,6 +788,13 @@ pub(crate) struct TypedResourceLoaded<R> {
 }
 
 impl<R: Resource> LoadedResource for TypedResourceLoaded<R> {
+    fn saved_value<'a>(
+        &'a self,
+        _registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>> {
+        None
+    }
+
     fn apply(
         self: Box<Self>,
         world: &mut World,
@@ -733,6 +814,16 @@ pub(crate) struct ReflectResourceLoaded {
 }
 
 impl LoadedResource for ReflectResourceLoaded {
+    fn saved_value<'a>(
+        &'a self,
+        registry: &'a TypeRegistry,
+    ) -> Option<Box<dyn erased_serde::Serialize + 'a>> {
+        Some(Box::new(LoadedReflectValues {
+            values: std::slice::from_ref(&self.value),
+            registry,
+        }))
+    }
+
     fn apply(
         self: Box<Self>,
         world: &mut World,

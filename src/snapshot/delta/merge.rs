@@ -9,6 +9,7 @@ use bevy::prelude::*;
 use serde::de::{Error as _, SeqAccess};
 
 use crate::error::{Result, StorageError};
+use crate::snapshot::SnapshotSettings;
 use crate::snapshot::apply::DecodedWorld;
 use crate::snapshot::encode::{
     BodyShape, ColumnsSeed, DecodeState, LoadedColumns, LoadedResources, ResourcesSeed,
@@ -313,4 +314,17 @@ pub fn decode_chain<B: AsRef<[u8]>>(
         merge.push(delta.as_ref(), context)?;
     }
     Ok(merge.finish())
+}
+
+/// Compacts a chain into one whole snapshot without the world: decodes its records (the
+/// base, then every delta in order, as [`decode_chain`]) and encodes the merged world with
+/// `settings`' encoding and game version. Loading the result gives what loading the chain
+/// gives. Runs on a worker thread; fails as [`decode_chain`] does, or for a chain that had to
+/// be migrated while decoding (a migration's output has no saved form).
+pub fn compact_chain<B: AsRef<[u8]>>(
+    records: &[B],
+    context: &SnapshotContext,
+    settings: &SnapshotSettings,
+) -> Result<Vec<u8>> {
+    decode_chain(records, context)?.encode(settings.encoding, settings.game_version)
 }

@@ -45,7 +45,7 @@ use crate::error::{Result, StorageError};
 
 mod merge;
 pub(crate) use merge::ChainMerge;
-pub use merge::decode_chain;
+pub use merge::{compact_chain, decode_chain};
 
 /// When a chain is compacted: its next save is a full snapshot (a new base) once it holds
 /// `max_deltas` deltas, or once its deltas together outgrow `max_delta_percent` of the
@@ -112,14 +112,37 @@ impl ChainCursor {
     /// True when `policy` says the next save should be a full snapshot, or when the chain's
     /// last capture is so many change ticks ago that Bevy may have clamped the ticks since.
     pub fn wants_full(&self, policy: &ChainPolicy, world: &World) -> bool {
+        self.wants_compaction(policy) || self.ticks_too_old(world)
+    }
+
+    /// True when `policy` says the chain is long enough: its next save should be a new base.
+    /// That base need not be captured on the main thread: capture a delta as usual and fold
+    /// the chain into a new base on a worker thread with
+    /// [`store_compacted_autosave`](crate::snapshot::store_compacted_autosave) (the plugin
+    /// does).
+    pub fn wants_compaction(&self, policy: &ChainPolicy) -> bool {
+        self.sequence >= policy.max_deltas
+            || u128::from(self.deltas_len) * 100
+                > u128::from(self.base_len) * u128::from(policy.max_delta_percent)
+    }
+
+    /// True when the chain's last capture is so many change ticks ago that Bevy may have
+    /// clamped the ticks since: change detection can no longer tell what changed, and only a
+    /// full capture is right.
+    pub fn ticks_too_old(&self, world: &World) -> bool {
         let age = world
             .read_change_tick()
             .get()
             .wrapping_sub(self.since.get());
-        self.sequence >= policy.max_deltas
-            || u128::from(self.deltas_len) * 100
-                > u128::from(self.base_len) * u128::from(policy.max_delta_percent)
-            || age >= CHECK_TICK_THRESHOLD
+        age >= CHECK_TICK_THRESHOLD
+    }
+
+    /// The cursor of a new chain whose base, stored as `bytes`, is the chain up to the delta
+    /// captured as `step` merged into one snapshot
+    /// ([`store_compacted_autosave`](crate::snapshot::store_compacted_autosave)): its next
+    /// delta holds what changed since that delta's capture.
+    pub fn compacted(step: ChainStep, bytes: &[u8]) -> Self {
+        ChainStart { tick: step.tick }.cursor(bytes)
     }
 
     /// The cursor once the delta captured as `step` is stored as `bytes`.
@@ -202,36 +225,47 @@ fn on_remove(event: On<Remove>, tracker: Option<ResMut<ChainTracker>>) {
 }
 
 /// Watches `Persist` and every saved component of a persisted entity that is not watched yet.
+/// Runs with every delta: the tracker resource is changed in place (a resource is an entity
+/// in Bevy 0.19, and taking it out and back costs two archetype moves).
 fn watch_persisted(world: &mut World, settings: &SnapshotSettings) {
     let persist = world.register_component::<Persist>();
-    let mut tracker = world.remove_resource::<ChainTracker>().unwrap_or_default();
-    tracker.persist = Some(persist);
-    let mut new = Vec::new();
-    if tracker.watched.insert(persist) {
-        new.push(persist);
+    if !world.contains_resource::<ChainTracker>() {
+        world.insert_resource(ChainTracker::default());
     }
-    for archetype in world.archetypes().iter() {
-        if archetype.is_empty() || !archetype.contains(persist) {
-            continue;
+    let mut new = Vec::new();
+    {
+        let tracker = world.resource::<ChainTracker>();
+        if !tracker.watched.contains(&persist) {
+            new.push(persist);
         }
-        for &id in archetype.components() {
-            let saved = world
-                .components()
-                .get_info(id)
-                .and_then(|info| info.type_id())
-                .is_some_and(|t| settings.saves_component(t));
-            if saved && tracker.watched.insert(id) {
-                new.push(id);
+        for archetype in world.archetypes().iter() {
+            if archetype.is_empty() || !archetype.contains(persist) {
+                continue;
+            }
+            for &id in archetype.components() {
+                if tracker.watched.contains(&id) || new.contains(&id) {
+                    continue;
+                }
+                let saved = world
+                    .components()
+                    .get_info(id)
+                    .and_then(|info| info.type_id())
+                    .is_some_and(|t| settings.saves_component(t));
+                if saved {
+                    new.push(id);
+                }
             }
         }
     }
-    if !new.is_empty() {
-        let observer = world
-            .spawn(Observer::new(on_remove).with_components(new))
-            .id();
-        tracker.observers.push(observer);
-    }
-    world.insert_resource(tracker);
+    let observer = (!new.is_empty()).then(|| {
+        world
+            .spawn(Observer::new(on_remove).with_components(new.clone()))
+            .id()
+    });
+    let mut tracker = world.resource_mut::<ChainTracker>();
+    tracker.persist = Some(persist);
+    tracker.watched.extend(new);
+    tracker.observers.extend(observer);
 }
 
 /// Ends any chain being written in `world`: removes its observers and what they recorded.
