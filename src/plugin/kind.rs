@@ -168,12 +168,6 @@ pub(crate) struct Pending<R: RequestKind> {
 }
 
 impl<R: RequestKind> Pending<R> {
-    /// A request from the game, read from its messages.
-    pub(crate) fn public(mut request: R, world: &World) -> Self {
-        request.resolve(world);
-        Self::new(request, Reply::Public)
-    }
-
     /// A request of the plugin's own; `reply` gets the response instead of the game.
     pub(crate) fn internal(
         request: R,
@@ -277,8 +271,102 @@ impl<R: RequestKind> Job for Pending<R> {
     }
 }
 
+/// One frame's requests of one kind, as read from its messages: turned into [`Job`]s later,
+/// off the main thread when the frame sent many (see the [scheduler](super::scheduler)).
+pub(crate) trait KindBatch: Send {
+    /// How many requests.
+    fn len(&self) -> usize;
+    /// How many of them read or write the live world (their turn needs the main thread).
+    fn world_len(&self) -> usize;
+    /// Appends one job per request, in the order they were read.
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>);
+}
+
+/// The requests of kind `R` a frame sent, cloned from the messages and resolved.
+struct Requests<R: RequestKind>(Vec<R>);
+
+impl<R: RequestKind> KindBatch for Requests<R> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn world_len(&self) -> usize {
+        if R::TOUCHES_WORLD { self.0.len() } else { 0 }
+    }
+
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>) {
+        jobs.extend(
+            self.0
+                .into_iter()
+                .map(|request| Box::new(Pending::new(request, Reply::Public)) as Box<dyn Job>),
+        );
+    }
+}
+
+/// Jobs made already (the plugin's own requests).
+impl KindBatch for Vec<Box<dyn Job>> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn world_len(&self) -> usize {
+        self.iter().filter(|job| job.touches_world()).count()
+    }
+
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>) {
+        jobs.extend(*self);
+    }
+}
+
+/// Every request a frame sent, of every kind: what the main thread hands to the scheduler.
+/// Reading costs a clone of each message; the rest (a job per request, its scope, the order
+/// by id) is [`into_jobs`](Self::into_jobs), which runs where the scheduler takes it in.
+#[derive(Default)]
+pub(crate) struct Intake {
+    parts: Vec<Box<dyn KindBatch>>,
+    len: usize,
+    world_len: usize,
+}
+
+impl Intake {
+    /// Adds one kind's requests.
+    pub(crate) fn push(&mut self, part: Box<dyn KindBatch>) {
+        if part.len() == 0 {
+            return;
+        }
+        self.len += part.len();
+        self.world_len += part.world_len();
+        self.parts.push(part);
+    }
+
+    /// How many requests.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How many requests read or write the live world.
+    pub(crate) fn world_len(&self) -> usize {
+        self.world_len
+    }
+
+    /// One job per request, in id order (requests of one kind may be sent out of id order,
+    /// and kinds interleave).
+    pub(crate) fn into_jobs(self) -> Vec<Box<dyn Job>> {
+        let mut jobs = Vec::with_capacity(self.len);
+        for part in self.parts {
+            part.into_jobs(&mut jobs);
+        }
+        jobs.sort_by_key(|job| job.id());
+        jobs
+    }
+}
+
 /// The generic reader of one request kind.
-type ReadKind = fn(&mut World) -> Vec<Box<dyn Job>>;
+type ReadKind = fn(&mut World) -> Option<Box<dyn KindBatch>>;
 
 /// The request kinds of this app, each read by one generic reader.
 #[derive(Resource, Default)]
@@ -287,15 +375,19 @@ pub(crate) struct RequestKinds {
 }
 
 impl RequestKinds {
-    /// Every request of every kind sent since the last call, in id order.
-    pub(crate) fn read_all(world: &mut World) -> Vec<Box<dyn Job>> {
+    /// Every request of every kind sent since the last call.
+    pub(crate) fn read_all(world: &mut World) -> Intake {
         let readers = world
             .get_resource::<RequestKinds>()
             .map(|k| k.readers.clone())
             .unwrap_or_default();
-        let mut jobs: Vec<Box<dyn Job>> = readers.iter().flat_map(|read| read(world)).collect();
-        jobs.sort_by_key(|job| job.id());
-        jobs
+        let mut intake = Intake::default();
+        for read in readers {
+            if let Some(part) = read(world) {
+                intake.push(part);
+            }
+        }
+        intake
     }
 }
 
@@ -318,13 +410,18 @@ pub(crate) fn add_request_kind<R: RequestKind>(app: &mut App) {
         .push(read_kind::<R>);
 }
 
-fn read_kind<R: RequestKind>(world: &mut World) -> Vec<Box<dyn Job>> {
+/// Main thread: clones this frame's requests of kind `R` and [resolves](RequestKind::resolve)
+/// them; nothing else per request.
+fn read_kind<R: RequestKind>(world: &mut World) -> Option<Box<dyn KindBatch>> {
     world.resource_scope(|world, mut cursor: Mut<KindCursor<R>>| {
         let messages = world.resource::<Messages<R>>();
-        let requests: Vec<R> = cursor.0.read(messages).cloned().collect();
-        requests
-            .into_iter()
-            .map(|request| Box::new(Pending::public(request, world)) as Box<dyn Job>)
-            .collect()
+        let mut requests: Vec<R> = cursor.0.read(messages).cloned().collect();
+        if requests.is_empty() {
+            return None;
+        }
+        for request in &mut requests {
+            request.resolve(world);
+        }
+        Some(Box::new(Requests(requests)) as Box<dyn KindBatch>)
     })
 }

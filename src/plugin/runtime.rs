@@ -11,7 +11,7 @@ use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
 use super::WriteBatching;
-use super::kind::Job;
+use super::kind::{Intake, Job};
 use super::requests::SharedError;
 use super::scheduler::{Done, OpenSource, Shared, panic_error, pool};
 use crate::config::StorageConfig;
@@ -59,15 +59,13 @@ impl Runtime {
         }
     }
 
-    /// Queues requests; together with the plugin's own, in id order.
-    pub(crate) fn submit(&mut self, mut jobs: Vec<Box<dyn Job>>, now: Duration) {
+    /// Hands a frame's requests to the scheduler, together with the plugin's own (they are
+    /// merged in id order when taken in).
+    pub(crate) fn submit(&mut self, mut intake: Intake, now: Duration) {
         self.ensure_open_started();
-        jobs.append(self.internal.get_mut());
-        if jobs.is_empty() {
-            return;
-        }
-        jobs.sort_by_key(|job| job.id());
-        self.shared.submit(jobs, self.batching, now);
+        let internal = std::mem::take(self.internal.get_mut());
+        intake.push(Box::new(internal));
+        self.shared.submit(intake, self.batching, now);
     }
 
     pub(crate) fn close_due_batch(&self, now: Duration) {
@@ -113,17 +111,16 @@ impl Runtime {
         self.shared.counts()
     }
 
-    /// Hands the plugin's own queued requests to the scheduler and closes any open batch:
-    /// the first step of an exit flush.
     /// Queues a request of the plugin's own, dispatched with the game's next ones.
     pub(crate) fn push_internal(&mut self, job: Box<dyn Job>) {
         self.internal.get_mut().push(job);
     }
 
+    /// Hands the plugin's own queued requests to the scheduler and closes any open batch
+    /// (after everything handed over before): the first step of an exit flush.
     pub(crate) fn submit_everything(&mut self) {
-        let internal = std::mem::take(self.internal.get_mut());
-        if !internal.is_empty() || self.pending_open.is_some() {
-            self.submit(internal, Duration::ZERO);
+        if !self.internal.get_mut().is_empty() || self.pending_open.is_some() {
+            self.submit(Intake::default(), Duration::ZERO);
         }
         self.shared
             .close_due_batch(self.batching, Duration::ZERO, true);
