@@ -8,10 +8,12 @@
 //! builds (one line in `requests/run.rs` for key-value kinds, in `world/mod.rs` for world
 //! kinds).
 
+use std::any::TypeId;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bevy::ecs::message::MessageCursor;
 use bevy::prelude::*;
+use parking_lot::Mutex;
 
 use super::requests::{RequestId, SharedError, StorageResponse};
 use super::scope::Scope;
@@ -365,25 +367,48 @@ impl Intake {
     }
 }
 
-/// The generic reader of one request kind.
-type ReadKind = fn(&mut World) -> Option<Box<dyn KindBatch>>;
+/// The reader of one request kind: its place in the kind's messages.
+trait KindReader: Send {
+    /// Main thread: clones the requests sent since the last call and
+    /// [resolves](RequestKind::resolve) them; nothing else per request.
+    fn read(&mut self, world: &World) -> Option<Box<dyn KindBatch>>;
+}
 
-/// The request kinds of this app, each read by one generic reader.
+/// The reader of kind `R`.
+struct Reader<R: RequestKind>(MessageCursor<R>);
+
+impl<R: RequestKind> KindReader for Reader<R> {
+    fn read(&mut self, world: &World) -> Option<Box<dyn KindBatch>> {
+        let messages = world.resource::<Messages<R>>();
+        if self.0.is_empty(messages) {
+            return None;
+        }
+        let mut requests: Vec<R> = self.0.read(messages).cloned().collect();
+        for request in &mut requests {
+            request.resolve(world);
+        }
+        Some(Box::new(Requests(requests)))
+    }
+}
+
+/// The request kinds of this app, each read by one generic reader. The readers sit behind a
+/// mutex (uncontended: only `dispatch_requests` reads) so that a frame reads every kind with
+/// one look-up of this resource, without taking it out of the world.
 #[derive(Resource, Default)]
 pub(crate) struct RequestKinds {
-    readers: Vec<ReadKind>,
+    kinds: Vec<TypeId>,
+    readers: Mutex<Vec<Box<dyn KindReader>>>,
 }
 
 impl RequestKinds {
     /// Every request of every kind sent since the last call.
-    pub(crate) fn read_all(world: &mut World) -> Intake {
-        let readers = world
-            .get_resource::<RequestKinds>()
-            .map(|k| k.readers.clone())
-            .unwrap_or_default();
+    pub(crate) fn read_all(world: &World) -> Intake {
         let mut intake = Intake::default();
-        for read in readers {
-            if let Some(part) = read(world) {
+        let Some(kinds) = world.get_resource::<RequestKinds>() else {
+            return intake;
+        };
+        for reader in kinds.readers.lock().iter_mut() {
+            if let Some(part) = reader.read(world) {
                 intake.push(part);
             }
         }
@@ -391,37 +416,23 @@ impl RequestKinds {
     }
 }
 
-/// The reader's place in the messages of kind `R`.
-#[derive(Resource)]
-struct KindCursor<R: RequestKind>(MessageCursor<R>);
-
 /// Registers request kind `R`: its messages, its response's messages, its reader.
 pub(crate) fn add_request_kind<R: RequestKind>(app: &mut App) {
-    if app.world().contains_resource::<KindCursor<R>>() {
+    let kind = TypeId::of::<R>();
+    if app
+        .world()
+        .get_resource::<RequestKinds>()
+        .is_some_and(|kinds| kinds.kinds.contains(&kind))
+    {
         return;
     }
     app.add_message::<R>()
         .add_message::<R::Response>()
-        .insert_resource(KindCursor::<R>(MessageCursor::default()))
         .init_resource::<RequestKinds>();
-    app.world_mut()
-        .resource_mut::<RequestKinds>()
+    let mut kinds = app.world_mut().resource_mut::<RequestKinds>();
+    kinds.kinds.push(kind);
+    kinds
         .readers
-        .push(read_kind::<R>);
-}
-
-/// Main thread: clones this frame's requests of kind `R` and [resolves](RequestKind::resolve)
-/// them; nothing else per request.
-fn read_kind<R: RequestKind>(world: &mut World) -> Option<Box<dyn KindBatch>> {
-    world.resource_scope(|world, mut cursor: Mut<KindCursor<R>>| {
-        let messages = world.resource::<Messages<R>>();
-        let mut requests: Vec<R> = cursor.0.read(messages).cloned().collect();
-        if requests.is_empty() {
-            return None;
-        }
-        for request in &mut requests {
-            request.resolve(world);
-        }
-        Some(Box::new(Requests(requests)) as Box<dyn KindBatch>)
-    })
+        .get_mut()
+        .push(Box::new(Reader::<R>(MessageCursor::default())));
 }

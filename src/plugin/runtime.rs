@@ -6,7 +6,6 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bevy::ecs::world::World;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
@@ -68,8 +67,11 @@ impl Runtime {
         self.shared.submit(intake, self.batching, now);
     }
 
+    /// Closes the open write batch when its window is over (nothing to do without batching).
     pub(crate) fn close_due_batch(&self, now: Duration) {
-        self.shared.close_due_batch(self.batching, now, false);
+        if self.batching != WriteBatching::Off {
+            self.shared.close_due_batch(self.batching, now, false);
+        }
     }
 
     /// Everything that has arrived from the pool.
@@ -124,11 +126,6 @@ impl Runtime {
         }
         self.shared
             .close_due_batch(self.batching, Duration::ZERO, true);
-    }
-
-    /// Main thread: starts the world requests whose turn has come.
-    pub(crate) fn start_world_work(&self, world: &mut World) {
-        self.shared.start_world_work(world);
     }
 }
 

@@ -21,6 +21,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -153,7 +154,7 @@ const IN_PLACE: usize = 32;
 
 /// How many jobs the pool's intake queues per lock of the scheduler, so that the main thread
 /// and finishing tasks never wait long for it.
-const CHUNK: usize = 256;
+const CHUNK: usize = 64;
 
 /// What the main thread hands the scheduler, taken in strictly in order.
 enum Step {
@@ -201,6 +202,8 @@ struct Sched {
     unqueued: usize,
     /// How many of them touch the world.
     unqueued_world: usize,
+    /// Requests in `waiting` (a batch holds several).
+    waiting_jobs: usize,
 }
 
 /// State shared by the main thread and the pool tasks.
@@ -208,6 +211,12 @@ pub(crate) struct Shared {
     sched: Mutex<Sched>,
     pub(crate) tx: Sender<Done>,
     cell: Arc<OnceLock<Result<Store, SharedError>>>,
+    /// [`counts`](Self::counts), kept current under the lock so that the main thread reads
+    /// them every frame without taking it.
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    /// World work waits for the main thread (`main_ready` is not empty).
+    world_ready: AtomicBool,
 }
 
 pub(crate) fn pool() -> &'static AsyncComputeTaskPool {
@@ -240,9 +249,13 @@ impl Shared {
                 taking_in: false,
                 unqueued: 0,
                 unqueued_world: 0,
+                waiting_jobs: 0,
             }),
             tx,
             cell,
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            world_ready: AtomicBool::new(false),
         }
     }
 
@@ -271,6 +284,7 @@ impl Shared {
             batching,
             now,
         });
+        self.publish(&sched);
         self.start_intake(&mut sched);
     }
 
@@ -429,12 +443,28 @@ impl Shared {
             let mut sched = self.sched.lock();
             sched.unqueued -= len - queued;
             sched.unqueued_world -= world - queued_world;
+            self.publish(&sched);
         }
     }
 
     /// Starts every waiting work that conflicts with nothing running and nothing queued
-    /// before it; world work goes to the main thread first.
+    /// before it; world work goes to the main thread first. Every change of the queue ends
+    /// here, which publishes the counts.
     fn schedule(self: &Arc<Self>, sched: &mut Sched) {
+        self.start_runnable(sched);
+        self.publish(sched);
+    }
+
+    /// Keeps [`counts`](Self::counts) and the main thread's flag current (under the lock).
+    fn publish(&self, sched: &Sched) {
+        self.queued
+            .store(sched.unqueued + sched.waiting_jobs, Ordering::Relaxed);
+        self.running.store(sched.running.len(), Ordering::Relaxed);
+        self.world_ready
+            .store(!sched.main_ready.is_empty(), Ordering::Release);
+    }
+
+    fn start_runnable(self: &Arc<Self>, sched: &mut Sched) {
         let StoreState::Ready(store) = &sched.state else {
             return;
         };
@@ -448,6 +478,7 @@ impl Shared {
                 && !blocked.conflicts(&work.scope)
             {
                 let work = sched.waiting.remove(i).expect("index is in bounds");
+                sched.waiting_jobs -= work.jobs.len();
                 sched.running_set.add(&work.scope);
                 sched.running.insert(work.seq, work.scope.clone());
                 if work.touches_world() {
@@ -491,13 +522,18 @@ impl Shared {
 
     /// Main thread: gives the world work whose turn has come its input, and starts it.
     pub(crate) fn start_world_work(self: &Arc<Self>, world: &mut bevy::prelude::World) {
+        if !self.world_ready.load(Ordering::Acquire) {
+            return;
+        }
         let (ready, store) = {
             let mut sched = self.sched.lock();
             let StoreState::Ready(store) = &sched.state else {
                 return;
             };
             let store = store.clone();
-            (std::mem::take(&mut sched.main_ready), store)
+            let ready = std::mem::take(&mut sched.main_ready);
+            self.publish(&sched);
+            (ready, store)
         };
         for mut work in ready {
             for job in &mut work.jobs {
@@ -548,6 +584,7 @@ impl Shared {
                     }
                     Err(e) => {
                         sched.open_batch = None;
+                        sched.waiting_jobs = 0;
                         for mut work in std::mem::take(&mut sched.waiting) {
                             for job in &mut work.jobs {
                                 job.set_failed(Arc::clone(&e));
@@ -559,6 +596,7 @@ impl Shared {
                             });
                         }
                         sched.state = StoreState::Failed(e);
+                        shared.publish(&sched);
                     }
                 }
             })
@@ -585,12 +623,12 @@ impl Shared {
         opening + waiting + running + unqueued
     }
 
-    /// (queued requests, running work)
+    /// (queued requests, running work), as of the last change of the queue; read without
+    /// the lock.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let sched = self.sched.lock();
         (
-            sched.unqueued + sched.waiting.iter().map(|w| w.jobs.len()).sum::<usize>(),
-            sched.running.len(),
+            self.queued.load(Ordering::Relaxed),
+            self.running.load(Ordering::Relaxed),
         )
     }
 
@@ -612,6 +650,7 @@ impl Sched {
                 {
                     work.scope.merge_keys(&scope);
                     work.jobs.push(job);
+                    self.waiting_jobs += 1;
                     return;
                 }
                 self.close_batch();
@@ -619,6 +658,7 @@ impl Sched {
             let seq = self.next_seq();
             self.open_batch = Some(seq);
             self.after_open_batch = ScopeSet::default();
+            self.waiting_jobs += 1;
             self.waiting.push_back(Work {
                 seq,
                 scope,
@@ -634,6 +674,7 @@ impl Sched {
             self.after_open_batch.add(&scope);
         }
         let seq = self.next_seq();
+        self.waiting_jobs += 1;
         self.waiting.push_back(Work {
             seq,
             scope,
