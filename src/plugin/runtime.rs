@@ -63,7 +63,9 @@ impl Runtime {
     pub(crate) fn submit(&mut self, mut intake: Intake, now: Duration) {
         self.ensure_open_started();
         let internal = std::mem::take(self.internal.get_mut());
-        intake.push(Box::new(internal));
+        if !internal.is_empty() {
+            intake.push(Box::new(internal));
+        }
         self.shared.submit(intake, self.batching, now);
     }
 
