@@ -516,6 +516,226 @@ fn same_key_requests_complete_in_order_under_a_mixed_burst() {
     }
 }
 
+/// One request of [`ten_thousand_requests_in_one_frame`], for the model.
+#[derive(Debug, Clone)]
+enum Op {
+    Save(String, u32),
+    Load(String),
+    Exists(String),
+    Delete(String),
+    BadSave,
+    Tx(String, u32, String),
+    List(String),
+    Clear,
+}
+
+impl Op {
+    /// The keys whose responses must arrive in id order (`None`: every key).
+    fn keys(&self) -> Option<Vec<String>> {
+        match self {
+            Op::Save(k, _) | Op::Load(k) | Op::Exists(k) | Op::Delete(k) => Some(vec![k.clone()]),
+            Op::Tx(a, _, b) => Some(vec![a.clone(), b.clone()]),
+            Op::BadSave | Op::List(_) => Some(Vec::new()),
+            Op::Clear => None,
+        }
+    }
+}
+
+/// 10,000 requests of every key-value kind sent in one frame (more than the plugin takes in
+/// on the main thread, so the pool takes them in): each is answered once, as a message and an
+/// event; the responses of each key arrive in id order; every load, exists, delete and
+/// listing sees exactly the requests with smaller ids (two pairs are sent out of id order);
+/// bad keys fail alone.
+fn ten_thousand_requests_in_one_frame(batching: WriteBatching) {
+    let mut app = app_with(StoragePlugin::custom(TestBackend::memory()).batch_writes(batching));
+    app.update();
+    assert!(pump_until(&mut app, WAIT, |w| w
+        .resource::<Storage>()
+        .is_ready()));
+    let mut ops: Vec<(RequestId, Op)> = Vec::new();
+    let world = app.world_mut();
+    for i in 0u32..10_000 {
+        let key = format!("m{}", i % 40);
+        let other = format!("m{}", (i + 1) % 40);
+        if i == 5_000 {
+            let clear = ClearRequest::new();
+            ops.push((clear.id(), Op::Clear));
+            world.write_message(clear);
+            continue;
+        }
+        if i % 1_000 == 500 {
+            // Two saves of one key and a load, created in one order and sent in another: the
+            // ids decide.
+            let (first, second) = (SaveRequest::new(&key, i), SaveRequest::new(&key, i + 1));
+            let early_load = LoadRequest::new(&key);
+            ops.push((first.id(), Op::Save(key.clone(), i)));
+            ops.push((second.id(), Op::Save(key.clone(), i + 1)));
+            ops.push((early_load.id(), Op::Load(key.clone())));
+            world.write_message(second);
+            world.write_message(first);
+            world.write_message(early_load);
+            continue;
+        }
+        match (i * 7 + i / 40) % 12 {
+            0..=3 => {
+                let r = SaveRequest::new(&key, i);
+                ops.push((r.id(), Op::Save(key, i)));
+                world.write_message(r);
+            }
+            4 | 5 => {
+                let r = LoadRequest::new(&key);
+                ops.push((r.id(), Op::Load(key)));
+                world.write_message(r);
+            }
+            6 => {
+                let r = ExistsRequest::new(&key);
+                ops.push((r.id(), Op::Exists(key)));
+                world.write_message(r);
+            }
+            7 => {
+                let r = DeleteRequest::new(&key);
+                ops.push((r.id(), Op::Delete(key)));
+                world.write_message(r);
+            }
+            8 => {
+                let r = SaveRequest::new(format!("bad\n{i}"), i);
+                ops.push((r.id(), Op::BadSave));
+                world.write_message(r);
+            }
+            9 => {
+                let r = TransactionRequest::new([
+                    StorageOperation::save(&key, i),
+                    StorageOperation::delete(&other),
+                ]);
+                ops.push((r.id(), Op::Tx(key, i, other)));
+                world.write_message(r);
+            }
+            _ => {
+                let r = ListKeysRequest::new("m1");
+                ops.push((r.id(), Op::List("m1".into())));
+                world.write_message(r);
+            }
+        }
+    }
+    assert!(ops.len() > 10_000);
+    app.update(); // the frame that reads them all
+
+    let ids: std::collections::HashSet<RequestId> = ops.iter().map(|(id, _)| *id).collect();
+    let ok = pump_until(&mut app, Duration::from_secs(120), |w| {
+        w.resource::<Seen>().events.len() >= ops.len()
+    });
+    assert!(ok, "not every request was answered");
+    for _ in 0..3 {
+        app.update(); // the last messages reach the reader
+    }
+    let seen = app.world().resource::<Seen>();
+    assert_eq!(seen.events.len(), ops.len(), "one event per request");
+    let mut message_ids = seen.message_ids.clone();
+    message_ids.sort();
+    message_ids.dedup();
+    assert_eq!(message_ids.len(), ops.len(), "one message per request");
+    assert!(message_ids.iter().all(|id| ids.contains(id)));
+    let position: HashMap<RequestId, usize> = seen
+        .events
+        .iter()
+        .enumerate()
+        .map(|(at, r)| (r.id(), at))
+        .collect();
+    assert_eq!(position.len(), ops.len(), "an id answered twice");
+    let response: HashMap<RequestId, &Resp> = seen.events.iter().map(|r| (r.id(), r)).collect();
+
+    // The model, in id order.
+    ops.sort_by_key(|(id, _)| *id);
+    let mut state: HashMap<String, u32> = HashMap::new();
+    let mut last_on_key: HashMap<String, usize> = HashMap::new();
+    let mut last_anywhere = None::<usize>;
+    let mut last_clear = None::<usize>;
+    for (id, op) in &ops {
+        let at = position[id];
+        let r = response[id];
+        match op.keys() {
+            Some(keys) => {
+                for k in keys {
+                    if let Some(before) = last_on_key.insert(k.clone(), at) {
+                        assert!(
+                            before < at,
+                            "{id} ({op:?}) overtook an earlier request on {k}"
+                        );
+                    }
+                }
+                if let Some(clear) = last_clear {
+                    assert!(clear < at, "{id} ({op:?}) overtook the clear");
+                }
+                last_anywhere = last_anywhere.max(Some(at));
+            }
+            None => {
+                assert!(
+                    last_anywhere.is_none_or(|before| before < at),
+                    "the clear overtook"
+                );
+                last_clear = Some(at);
+            }
+        }
+        match (op, r) {
+            (Op::Save(k, v), Resp::Save(r)) => {
+                assert!(r.result.is_ok(), "{id}: {:?}", r.result);
+                state.insert(k.clone(), *v);
+            }
+            (Op::BadSave, Resp::Save(r)) => assert!(
+                matches!(r.error(), Some(StorageError::InvalidKey { .. })),
+                "{id}: {:?}",
+                r.result
+            ),
+            (Op::Load(k), Resp::Load(r)) => {
+                assert_eq!(
+                    r.decode::<u32>().unwrap(),
+                    state.get(k).copied(),
+                    "{id} {op:?}"
+                )
+            }
+            (Op::Exists(k), Resp::Exists(r)) => {
+                assert_eq!(*r.result.as_ref().unwrap(), state.contains_key(k), "{id}")
+            }
+            (Op::Delete(k), Resp::Delete(r)) => {
+                assert_eq!(
+                    *r.result.as_ref().unwrap(),
+                    state.remove(k).is_some(),
+                    "{id}"
+                )
+            }
+            (Op::Tx(k, v, other), Resp::Tx(r)) => {
+                assert!(r.result.is_ok(), "{id}: {:?}", r.result);
+                state.insert(k.clone(), *v);
+                state.remove(other);
+            }
+            (Op::List(prefix), Resp::List(r)) => {
+                let mut expected: Vec<String> = state
+                    .keys()
+                    .filter(|k| k.starts_with(prefix.as_str()))
+                    .cloned()
+                    .collect();
+                expected.sort();
+                assert_eq!(r.result.as_ref().unwrap(), &expected, "{id}");
+            }
+            (Op::Clear, Resp::Clear(r)) => {
+                assert!(r.result.is_ok());
+                state.clear();
+            }
+            (op, r) => panic!("{id}: {op:?} answered with {r:?}"),
+        }
+    }
+}
+
+#[test]
+fn ten_thousand_requests_in_one_frame_keep_order_and_errors() {
+    ten_thousand_requests_in_one_frame(WriteBatching::Off);
+}
+
+#[test]
+fn ten_thousand_requests_in_one_frame_keep_order_and_errors_when_batched() {
+    ten_thousand_requests_in_one_frame(WriteBatching::PerFrame);
+}
+
 #[test]
 fn clear_waits_for_earlier_requests_and_holds_back_later_ones() {
     let backend = TestBackend::memory().slow(Duration::from_millis(20));

@@ -8,10 +8,12 @@
 //! builds (one line in `requests/run.rs` for key-value kinds, in `world/mod.rs` for world
 //! kinds).
 
+use std::any::TypeId;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bevy::ecs::message::MessageCursor;
 use bevy::prelude::*;
+use parking_lot::Mutex;
 
 use super::requests::{RequestId, SharedError, StorageResponse};
 use super::scope::Scope;
@@ -168,12 +170,6 @@ pub(crate) struct Pending<R: RequestKind> {
 }
 
 impl<R: RequestKind> Pending<R> {
-    /// A request from the game, read from its messages.
-    pub(crate) fn public(mut request: R, world: &World) -> Self {
-        request.resolve(world);
-        Self::new(request, Reply::Public)
-    }
-
     /// A request of the plugin's own; `reply` gets the response instead of the game.
     pub(crate) fn internal(
         request: R,
@@ -277,54 +273,166 @@ impl<R: RequestKind> Job for Pending<R> {
     }
 }
 
-/// The generic reader of one request kind.
-type ReadKind = fn(&mut World) -> Vec<Box<dyn Job>>;
-
-/// The request kinds of this app, each read by one generic reader.
-#[derive(Resource, Default)]
-pub(crate) struct RequestKinds {
-    readers: Vec<ReadKind>,
+/// One frame's requests of one kind, as read from its messages: turned into [`Job`]s later,
+/// off the main thread when the frame sent many (see the [scheduler](super::scheduler)).
+pub(crate) trait KindBatch: Send {
+    /// How many requests.
+    fn len(&self) -> usize;
+    /// How many of them read or write the live world (their turn needs the main thread).
+    fn world_len(&self) -> usize;
+    /// Appends one job per request, in the order they were read.
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>);
 }
 
-impl RequestKinds {
-    /// Every request of every kind sent since the last call, in id order.
-    pub(crate) fn read_all(world: &mut World) -> Vec<Box<dyn Job>> {
-        let readers = world
-            .get_resource::<RequestKinds>()
-            .map(|k| k.readers.clone())
-            .unwrap_or_default();
-        let mut jobs: Vec<Box<dyn Job>> = readers.iter().flat_map(|read| read(world)).collect();
+/// The requests of kind `R` a frame sent, cloned from the messages and resolved.
+struct Requests<R: RequestKind>(Vec<R>);
+
+impl<R: RequestKind> KindBatch for Requests<R> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn world_len(&self) -> usize {
+        if R::TOUCHES_WORLD { self.0.len() } else { 0 }
+    }
+
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>) {
+        jobs.extend(
+            self.0
+                .into_iter()
+                .map(|request| Box::new(Pending::new(request, Reply::Public)) as Box<dyn Job>),
+        );
+    }
+}
+
+/// Jobs made already (the plugin's own requests).
+impl KindBatch for Vec<Box<dyn Job>> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn world_len(&self) -> usize {
+        self.iter().filter(|job| job.touches_world()).count()
+    }
+
+    fn into_jobs(self: Box<Self>, jobs: &mut Vec<Box<dyn Job>>) {
+        jobs.extend(*self);
+    }
+}
+
+/// Every request a frame sent, of every kind: what the main thread hands to the scheduler.
+/// Reading costs a clone of each message; the rest (a job per request, its scope, the order
+/// by id) is [`into_jobs`](Self::into_jobs), which runs where the scheduler takes it in.
+#[derive(Default)]
+pub(crate) struct Intake {
+    parts: Vec<Box<dyn KindBatch>>,
+    len: usize,
+    world_len: usize,
+}
+
+impl Intake {
+    /// Adds one kind's requests.
+    pub(crate) fn push(&mut self, part: Box<dyn KindBatch>) {
+        if part.len() == 0 {
+            return;
+        }
+        self.len += part.len();
+        self.world_len += part.world_len();
+        self.parts.push(part);
+    }
+
+    /// How many requests.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How many requests read or write the live world.
+    pub(crate) fn world_len(&self) -> usize {
+        self.world_len
+    }
+
+    /// One job per request, in id order (requests of one kind may be sent out of id order,
+    /// and kinds interleave).
+    pub(crate) fn into_jobs(self) -> Vec<Box<dyn Job>> {
+        let mut jobs = Vec::with_capacity(self.len);
+        for part in self.parts {
+            part.into_jobs(&mut jobs);
+        }
         jobs.sort_by_key(|job| job.id());
         jobs
     }
 }
 
-/// The reader's place in the messages of kind `R`.
-#[derive(Resource)]
-struct KindCursor<R: RequestKind>(MessageCursor<R>);
+/// The reader of one request kind: its place in the kind's messages.
+trait KindReader: Send {
+    /// Main thread: clones the requests sent since the last call and
+    /// [resolves](RequestKind::resolve) them; nothing else per request.
+    fn read(&mut self, world: &World) -> Option<Box<dyn KindBatch>>;
+}
+
+/// The reader of kind `R`.
+struct Reader<R: RequestKind>(MessageCursor<R>);
+
+impl<R: RequestKind> KindReader for Reader<R> {
+    fn read(&mut self, world: &World) -> Option<Box<dyn KindBatch>> {
+        let messages = world.resource::<Messages<R>>();
+        if self.0.is_empty(messages) {
+            return None;
+        }
+        let mut requests: Vec<R> = self.0.read(messages).cloned().collect();
+        for request in &mut requests {
+            request.resolve(world);
+        }
+        Some(Box::new(Requests(requests)))
+    }
+}
+
+/// The request kinds of this app, each read by one generic reader. The readers sit behind a
+/// mutex (uncontended: only `dispatch_requests` reads) so that a frame reads every kind with
+/// one look-up of this resource, without taking it out of the world.
+#[derive(Resource, Default)]
+pub(crate) struct RequestKinds {
+    kinds: Vec<TypeId>,
+    readers: Mutex<Vec<Box<dyn KindReader>>>,
+}
+
+impl RequestKinds {
+    /// Every request of every kind sent since the last call.
+    pub(crate) fn read_all(world: &World) -> Intake {
+        let mut intake = Intake::default();
+        let Some(kinds) = world.get_resource::<RequestKinds>() else {
+            return intake;
+        };
+        for reader in kinds.readers.lock().iter_mut() {
+            if let Some(part) = reader.read(world) {
+                intake.push(part);
+            }
+        }
+        intake
+    }
+}
 
 /// Registers request kind `R`: its messages, its response's messages, its reader.
 pub(crate) fn add_request_kind<R: RequestKind>(app: &mut App) {
-    if app.world().contains_resource::<KindCursor<R>>() {
+    let kind = TypeId::of::<R>();
+    if app
+        .world()
+        .get_resource::<RequestKinds>()
+        .is_some_and(|kinds| kinds.kinds.contains(&kind))
+    {
         return;
     }
     app.add_message::<R>()
         .add_message::<R::Response>()
-        .insert_resource(KindCursor::<R>(MessageCursor::default()))
         .init_resource::<RequestKinds>();
-    app.world_mut()
-        .resource_mut::<RequestKinds>()
+    let mut kinds = app.world_mut().resource_mut::<RequestKinds>();
+    kinds.kinds.push(kind);
+    kinds
         .readers
-        .push(read_kind::<R>);
-}
-
-fn read_kind<R: RequestKind>(world: &mut World) -> Vec<Box<dyn Job>> {
-    world.resource_scope(|world, mut cursor: Mut<KindCursor<R>>| {
-        let messages = world.resource::<Messages<R>>();
-        let requests: Vec<R> = cursor.0.read(messages).cloned().collect();
-        requests
-            .into_iter()
-            .map(|request| Box::new(Pending::public(request, world)) as Box<dyn Job>)
-            .collect()
-    })
+        .get_mut()
+        .push(Box::new(Reader::<R>(MessageCursor::default())));
 }

@@ -6,12 +6,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bevy::ecs::world::World;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
 use super::WriteBatching;
-use super::kind::Job;
+use super::kind::{Intake, Job};
 use super::requests::SharedError;
 use super::scheduler::{Done, OpenSource, Shared, panic_error, pool};
 use crate::config::StorageConfig;
@@ -59,19 +58,22 @@ impl Runtime {
         }
     }
 
-    /// Queues requests; together with the plugin's own, in id order.
-    pub(crate) fn submit(&mut self, mut jobs: Vec<Box<dyn Job>>, now: Duration) {
+    /// Hands a frame's requests to the scheduler, together with the plugin's own (they are
+    /// merged in id order when taken in).
+    pub(crate) fn submit(&mut self, mut intake: Intake, now: Duration) {
         self.ensure_open_started();
-        jobs.append(self.internal.get_mut());
-        if jobs.is_empty() {
-            return;
+        let internal = std::mem::take(self.internal.get_mut());
+        if !internal.is_empty() {
+            intake.push(Box::new(internal));
         }
-        jobs.sort_by_key(|job| job.id());
-        self.shared.submit(jobs, self.batching, now);
+        self.shared.submit(intake, self.batching, now);
     }
 
+    /// Closes the open write batch when its window is over (nothing to do without batching).
     pub(crate) fn close_due_batch(&self, now: Duration) {
-        self.shared.close_due_batch(self.batching, now, false);
+        if self.batching != WriteBatching::Off {
+            self.shared.close_due_batch(self.batching, now, false);
+        }
     }
 
     /// Everything that has arrived from the pool.
@@ -113,25 +115,19 @@ impl Runtime {
         self.shared.counts()
     }
 
-    /// Hands the plugin's own queued requests to the scheduler and closes any open batch:
-    /// the first step of an exit flush.
     /// Queues a request of the plugin's own, dispatched with the game's next ones.
     pub(crate) fn push_internal(&mut self, job: Box<dyn Job>) {
         self.internal.get_mut().push(job);
     }
 
+    /// Hands the plugin's own queued requests to the scheduler and closes any open batch
+    /// (after everything handed over before): the first step of an exit flush.
     pub(crate) fn submit_everything(&mut self) {
-        let internal = std::mem::take(self.internal.get_mut());
-        if !internal.is_empty() || self.pending_open.is_some() {
-            self.submit(internal, Duration::ZERO);
+        if !self.internal.get_mut().is_empty() || self.pending_open.is_some() {
+            self.submit(Intake::default(), Duration::ZERO);
         }
         self.shared
             .close_due_batch(self.batching, Duration::ZERO, true);
-    }
-
-    /// Main thread: starts the world requests whose turn has come.
-    pub(crate) fn start_world_work(&self, world: &mut World) {
-        self.shared.start_world_work(world);
     }
 }
 

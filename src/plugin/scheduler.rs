@@ -9,10 +9,19 @@
 //! (capture the world); it holds its scope until its response was delivered on the main
 //! thread (a loaded world applied), so the next world request sees the world it left.
 //! Results always travel through one channel, in completion order.
+//!
+//! The main thread only hands over what a frame sent ([`Intake`]: the cloned messages) and
+//! when to close a write batch, as [`Step`]s taken in strictly in order. A small frame's
+//! requests (or one with a world request, whose turn needs the main thread) are taken in on
+//! the spot when nothing is queued; a large one is taken in by one task on the pool (making
+//! the jobs, their scopes, the order by id, queueing them a chunk at a time), so the frame
+//! that sends 10,000 saves does not pay for their bookkeeping. Steps queued behind it wait
+//! for it, so order per key and across kinds is the order of the ids, as on the spot.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,7 +30,7 @@ use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
 use super::WriteBatching;
-use super::kind::Job;
+use super::kind::{Intake, Job};
 use super::requests::{SharedError, StorageResult};
 use super::scope::{Scope, ScopeSet};
 use crate::config::StorageConfig;
@@ -139,6 +148,31 @@ fn run_batch(store: &Store, jobs: &mut [Box<dyn Job>]) -> bool {
     }
 }
 
+/// A frame with at most this many requests (and nothing queued before it) is taken in on the
+/// main thread; a larger one by a task on the pool.
+const IN_PLACE: usize = 32;
+
+/// How many jobs the pool's intake queues per lock of the scheduler, so that the main thread
+/// and finishing tasks never wait long for it.
+const CHUNK: usize = 64;
+
+/// What the main thread hands the scheduler, taken in strictly in order.
+enum Step {
+    /// A frame's requests.
+    Requests {
+        intake: Intake,
+        batching: WriteBatching,
+        now: Duration,
+    },
+    /// Close the open write batch if its window is over at `now` (`force`: whatever the
+    /// window).
+    CloseBatch {
+        batching: WriteBatching,
+        now: Duration,
+        force: bool,
+    },
+}
+
 enum StoreState {
     Opening,
     Ready(Store),
@@ -160,6 +194,16 @@ struct Sched {
     /// Scopes of the work queued after the open batch: a write for one of those keys must
     /// not jump ahead of them into the batch.
     after_open_batch: ScopeSet,
+    /// Steps waiting for the intake task, in the order the main thread handed them over.
+    steps: VecDeque<Step>,
+    /// The intake task is running: a new step queues behind it.
+    taking_in: bool,
+    /// Requests handed over and not queued as work yet (in `steps` or being made into jobs).
+    unqueued: usize,
+    /// How many of them touch the world.
+    unqueued_world: usize,
+    /// Requests in `waiting` (a batch holds several).
+    waiting_jobs: usize,
 }
 
 /// State shared by the main thread and the pool tasks.
@@ -167,6 +211,12 @@ pub(crate) struct Shared {
     sched: Mutex<Sched>,
     pub(crate) tx: Sender<Done>,
     cell: Arc<OnceLock<Result<Store, SharedError>>>,
+    /// [`counts`](Self::counts), kept current under the lock so that the main thread reads
+    /// them every frame without taking it.
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    /// World work waits for the main thread (`main_ready` is not empty).
+    world_ready: AtomicBool,
 }
 
 pub(crate) fn pool() -> &'static AsyncComputeTaskPool {
@@ -195,36 +245,51 @@ impl Shared {
                 next_seq: 0,
                 open_batch: None,
                 after_open_batch: ScopeSet::default(),
+                steps: VecDeque::new(),
+                taking_in: false,
+                unqueued: 0,
+                unqueued_world: 0,
+                waiting_jobs: 0,
             }),
             tx,
             cell,
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            world_ready: AtomicBool::new(false),
         }
     }
 
-    /// Queues requests (already in id order) and starts what can start.
-    pub(crate) fn submit(
-        self: &Arc<Self>,
-        jobs: Vec<Box<dyn Job>>,
-        batching: WriteBatching,
-        now: Duration,
-    ) {
+    /// Main thread: hands over a frame's requests. A small frame (or one with a world
+    /// request) is taken in on the spot when nothing is queued before it; otherwise it queues
+    /// behind the steps handed over earlier, for the intake task.
+    pub(crate) fn submit(self: &Arc<Self>, intake: Intake, batching: WriteBatching, now: Duration) {
+        if intake.is_empty() {
+            return;
+        }
         let mut sched = self.sched.lock();
-        for mut job in jobs {
-            if let StoreState::Failed(e) = &sched.state {
-                job.set_failed(Arc::clone(e));
-                let _ = self.tx.send(Done::Work {
-                    jobs: vec![job],
-                    batch_committed: None,
-                    release: None,
-                });
-                continue;
-            }
-            sched.enqueue(job, batching, now);
+        sched.unqueued += intake.len();
+        sched.unqueued_world += intake.world_len();
+        if !sched.taking_in && (intake.world_len() > 0 || intake.len() <= IN_PLACE) {
+            // Only the main thread starts the intake task, so nothing can queue ahead of
+            // these while the lock is released.
+            drop(sched);
+            let jobs = intake.into_jobs();
+            let mut sched = self.sched.lock();
+            self.queue_jobs(&mut sched, jobs, batching, now);
+            self.schedule(&mut sched);
+            return;
         }
-        self.schedule(&mut sched);
+        sched.steps.push_back(Step::Requests {
+            intake,
+            batching,
+            now,
+        });
+        self.publish(&sched);
+        self.start_intake(&mut sched);
     }
 
-    /// Closes the open batch if its window is over (`force`: whatever the window).
+    /// Main thread: closes the open batch if its window is over (`force`: whatever the
+    /// window), after every step handed over before.
     pub(crate) fn close_due_batch(
         self: &Arc<Self>,
         batching: WriteBatching,
@@ -232,6 +297,24 @@ impl Shared {
         force: bool,
     ) {
         let mut sched = self.sched.lock();
+        if sched.taking_in {
+            sched.steps.push_back(Step::CloseBatch {
+                batching,
+                now,
+                force,
+            });
+            return;
+        }
+        self.close_batch_now(&mut sched, batching, now, force);
+    }
+
+    fn close_batch_now(
+        self: &Arc<Self>,
+        sched: &mut Sched,
+        batching: WriteBatching,
+        now: Duration,
+        force: bool,
+    ) {
         let Some(seq) = sched.open_batch else {
             return;
         };
@@ -247,13 +330,141 @@ impl Shared {
             };
         if due {
             sched.close_batch();
-            self.schedule(&mut sched);
+            self.schedule(sched);
+        }
+    }
+
+    /// Queues jobs (in id order) as work; once the store failed to open, answers them with
+    /// its error instead.
+    fn queue_jobs(
+        self: &Arc<Self>,
+        sched: &mut Sched,
+        jobs: Vec<Box<dyn Job>>,
+        batching: WriteBatching,
+        now: Duration,
+    ) {
+        let world = jobs.iter().filter(|job| job.touches_world()).count();
+        sched.unqueued -= jobs.len();
+        sched.unqueued_world -= world;
+        for mut job in jobs {
+            if let StoreState::Failed(e) = &sched.state {
+                job.set_failed(Arc::clone(e));
+                let _ = self.tx.send(Done::Work {
+                    jobs: vec![job],
+                    batch_committed: None,
+                    release: None,
+                });
+                continue;
+            }
+            sched.enqueue(job, batching, now);
+        }
+    }
+
+    /// Starts the intake task unless it runs.
+    fn start_intake(self: &Arc<Self>, sched: &mut Sched) {
+        if sched.taking_in {
+            return;
+        }
+        sched.taking_in = true;
+        let shared = Arc::clone(self);
+        pool().spawn(async move { shared.take_in() }).detach();
+    }
+
+    /// The intake task: takes the queued steps in, in order, until none is left.
+    fn take_in(self: &Arc<Self>) {
+        loop {
+            let step = {
+                let mut sched = self.sched.lock();
+                match sched.steps.pop_front() {
+                    Some(step) => step,
+                    None => {
+                        sched.taking_in = false;
+                        return;
+                    }
+                }
+            };
+            match step {
+                Step::Requests {
+                    intake,
+                    batching,
+                    now,
+                } => self.take_in_requests(intake, batching, now),
+                Step::CloseBatch {
+                    batching,
+                    now,
+                    force,
+                } => {
+                    let close = catch_unwind(AssertUnwindSafe(|| {
+                        let mut sched = self.sched.lock();
+                        self.close_batch_now(&mut sched, batching, now, force);
+                    }));
+                    if let Err(payload) = close {
+                        bevy::log::error!(
+                            "bevy_storage: closing a write batch failed: {}",
+                            panic_error(payload)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes a frame's requests into jobs outside the lock, then queues them a chunk at a
+    /// time.
+    fn take_in_requests(self: &Arc<Self>, intake: Intake, batching: WriteBatching, now: Duration) {
+        let (len, world) = (intake.len(), intake.world_len());
+        let (mut queued, mut queued_world) = (0, 0);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let mut jobs = intake.into_jobs().into_iter();
+            loop {
+                let chunk: Vec<Box<dyn Job>> = jobs.by_ref().take(CHUNK).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                let n = chunk.len();
+                let n_world = chunk.iter().filter(|job| job.touches_world()).count();
+                let mut sched = self.sched.lock();
+                // Counted as queued first: a panic below loses these, and no count may wait
+                // for them.
+                queued += n;
+                queued_world += n_world;
+                self.queue_jobs(&mut sched, chunk, batching, now);
+                self.schedule(&mut sched);
+            }
+        }));
+        if let Err(payload) = run {
+            // A bug of the plugin's own: say so, and do not leave the exit flush waiting for
+            // requests that will never be queued.
+            bevy::log::error!(
+                "bevy_storage: {} storage requests were lost while queueing them: {}",
+                len - queued,
+                panic_error(payload)
+            );
+            let mut sched = self.sched.lock();
+            sched.unqueued -= len - queued;
+            sched.unqueued_world -= world - queued_world;
+            self.publish(&sched);
         }
     }
 
     /// Starts every waiting work that conflicts with nothing running and nothing queued
-    /// before it; world work goes to the main thread first.
+    /// before it; world work goes to the main thread first. Every change of the queue ends
+    /// here, which publishes the counts.
     fn schedule(self: &Arc<Self>, sched: &mut Sched) {
+        self.start_runnable(sched);
+        self.publish(sched);
+    }
+
+    /// Keeps [`counts`](Self::counts) and the main thread's flag current (under the lock).
+    fn publish(&self, sched: &Sched) {
+        self.queued
+            .store(sched.unqueued + sched.waiting_jobs, Ordering::Relaxed);
+        self.running.store(sched.running.len(), Ordering::Relaxed);
+        self.world_ready
+            .store(!sched.main_ready.is_empty(), Ordering::Release);
+    }
+
+    fn start_runnable(self: &Arc<Self>, sched: &mut Sched) {
         let StoreState::Ready(store) = &sched.state else {
             return;
         };
@@ -267,6 +478,7 @@ impl Shared {
                 && !blocked.conflicts(&work.scope)
             {
                 let work = sched.waiting.remove(i).expect("index is in bounds");
+                sched.waiting_jobs -= work.jobs.len();
                 sched.running_set.add(&work.scope);
                 sched.running.insert(work.seq, work.scope.clone());
                 if work.touches_world() {
@@ -310,13 +522,18 @@ impl Shared {
 
     /// Main thread: gives the world work whose turn has come its input, and starts it.
     pub(crate) fn start_world_work(self: &Arc<Self>, world: &mut bevy::prelude::World) {
+        if !self.world_ready.load(Ordering::Acquire) {
+            return;
+        }
         let (ready, store) = {
             let mut sched = self.sched.lock();
             let StoreState::Ready(store) = &sched.state else {
                 return;
             };
             let store = store.clone();
-            (std::mem::take(&mut sched.main_ready), store)
+            let ready = std::mem::take(&mut sched.main_ready);
+            self.publish(&sched);
+            (ready, store)
         };
         for mut work in ready {
             for job in &mut work.jobs {
@@ -367,6 +584,7 @@ impl Shared {
                     }
                     Err(e) => {
                         sched.open_batch = None;
+                        sched.waiting_jobs = 0;
                         for mut work in std::mem::take(&mut sched.waiting) {
                             for job in &mut work.jobs {
                                 job.set_failed(Arc::clone(&e));
@@ -378,6 +596,7 @@ impl Shared {
                             });
                         }
                         sched.state = StoreState::Failed(e);
+                        shared.publish(&sched);
                     }
                 }
             })
@@ -389,7 +608,7 @@ impl Shared {
         let sched = self.sched.lock();
         let opening =
             usize::from(sched.opening_started && matches!(sched.state, StoreState::Opening));
-        sched.waiting.len() + sched.running.len() + opening
+        sched.waiting.len() + sched.running.len() + sched.unqueued + opening
     }
 
     /// Like [`outstanding`](Self::outstanding), leaving out world requests (which need the
@@ -400,15 +619,16 @@ impl Shared {
             usize::from(sched.opening_started && matches!(sched.state, StoreState::Opening));
         let waiting = sched.waiting.iter().filter(|w| !w.scope.world).count();
         let running = sched.running.values().filter(|s| !s.world).count();
-        opening + waiting + running
+        let unqueued = sched.unqueued - sched.unqueued_world;
+        opening + waiting + running + unqueued
     }
 
-    /// (queued requests, running work)
+    /// (queued requests, running work), as of the last change of the queue; read without
+    /// the lock.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let sched = self.sched.lock();
         (
-            sched.waiting.iter().map(|w| w.jobs.len()).sum(),
-            sched.running.len(),
+            self.queued.load(Ordering::Relaxed),
+            self.running.load(Ordering::Relaxed),
         )
     }
 
@@ -430,6 +650,7 @@ impl Sched {
                 {
                     work.scope.merge_keys(&scope);
                     work.jobs.push(job);
+                    self.waiting_jobs += 1;
                     return;
                 }
                 self.close_batch();
@@ -437,6 +658,7 @@ impl Sched {
             let seq = self.next_seq();
             self.open_batch = Some(seq);
             self.after_open_batch = ScopeSet::default();
+            self.waiting_jobs += 1;
             self.waiting.push_back(Work {
                 seq,
                 scope,
@@ -452,6 +674,7 @@ impl Sched {
             self.after_open_batch.add(&scope);
         }
         let seq = self.next_seq();
+        self.waiting_jobs += 1;
         self.waiting.push_back(Work {
             seq,
             scope,

@@ -22,12 +22,17 @@ pub(crate) fn start_opening(mut runtime: ResMut<StorageRuntime>) {
 /// has come.
 pub(crate) fn dispatch_requests(world: &mut World) {
     let now = world.resource::<Time<Real>>().elapsed();
-    let jobs = RequestKinds::read_all(world);
-    world.resource_scope(|world, mut runtime: Mut<StorageRuntime>| {
-        runtime.inner.submit(jobs, now);
-        runtime.inner.close_due_batch(now);
-        runtime.inner.start_world_work(world);
-    });
+    let intake = RequestKinds::read_all(world);
+    let mut runtime = world.resource_mut::<StorageRuntime>();
+    runtime.inner.submit(intake, now);
+    runtime.inner.close_due_batch(now);
+    start_world_work(world);
+}
+
+/// Starts the world requests whose turn has come (they take their input from `world`).
+fn start_world_work(world: &mut World) {
+    let shared = Arc::clone(&world.resource::<StorageRuntime>().inner.shared);
+    shared.start_world_work(world);
 }
 
 /// Last: starts the TTL cleanup and the stats refresh when they are due.
@@ -65,9 +70,7 @@ pub(crate) fn collect_results(world: &mut World) {
     step_continuing(world);
     let done = world.resource::<StorageRuntime>().inner.try_collect();
     apply(world, done);
-    world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
-        runtime.inner.start_world_work(world);
-    });
+    start_world_work(world);
 }
 
 /// Last, on `AppExit`: finishes every request already sent, world requests included, and
@@ -83,9 +86,7 @@ pub(crate) fn flush_on_exit(world: &mut World) {
         step_continuing(world);
         let done = world.resource::<StorageRuntime>().inner.try_collect();
         apply(world, done);
-        world.resource_scope(|world, runtime: Mut<StorageRuntime>| {
-            runtime.inner.start_world_work(world);
-        });
+        start_world_work(world);
         if world
             .resource::<StorageRuntime>()
             .inner
