@@ -225,6 +225,56 @@ fn a_newer_schema_is_refused_and_an_older_one_migrated() {
             .query_one("SELECT version FROM bevy_storage_schema", &[])
             .unwrap();
         assert_eq!(row.get::<_, i32>(0), 2);
+        // A schema-2 database of the release before the single-put function: opening
+        // installs it, single saves go through it, and batches still use the write function.
+        drop(store);
+        con.batch_execute("DROP FUNCTION bevy_storage_put_v2")
+            .unwrap();
+        let store = store_at(&url, "game");
+        let put_function = "SELECT count(*) FROM pg_proc WHERE proname = 'bevy_storage_put_v2'";
+        assert_eq!(
+            con.query_one(put_function, &[]).unwrap().get::<_, i64>(0),
+            1
+        );
+        let calls = |con: &mut postgres::Client| -> i64 {
+            con.query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions \
+                 WHERE funcname = 'bevy_storage_put_v2'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        };
+        let before = calls(&mut con);
+        let v = store
+            .save("kept", &9u8, &SaveOptions::new().if_version(v))
+            .unwrap();
+        assert_eq!(load::<u8>(&store, "kept"), Some(9));
+        assert_eq!(store.get_metadata("kept").unwrap().unwrap().version, v);
+        let err = store
+            .save("kept", &10u8, &SaveOptions::new().overwrite(false))
+            .unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err}");
+        store
+            .transaction(vec![
+                bevy_storage::StorageOperation::save("a", 1u8),
+                bevy_storage::StorageOperation::save("b", 2u8),
+            ])
+            .unwrap();
+        assert_eq!(load::<u8>(&store, "b"), Some(2));
+        let stats = store.get_stats();
+        let now = bevy_storage::clock::Timestamp::now().0;
+        assert_eq!(
+            (stats.item_count, stats.total_size),
+            recount(&url, "game", now)
+        );
+        assert_eq!(stats.item_count, 3);
+        // Counted only where the server tracks functions (`track_functions`).
+        let after = calls(&mut con);
+        assert!(
+            after == before || after >= before + 2,
+            "{before} -> {after}"
+        );
     });
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))

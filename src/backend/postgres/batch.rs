@@ -2,8 +2,9 @@
 //! [`Backend::write`](crate::backend::Backend::write).
 //!
 //! A batch is sent as arrays (one element per operation) to the function
-//! `bevy_storage_write_v2` that `schema.rs` installs ([`schema::SQL_WRITE`]), called in
-//! autocommit, so the statement is its own transaction: the server locks the namespace's
+//! `bevy_storage_write_v2` that `schema.rs` installs ([`schema::SQL_WRITE`]), or, for a batch
+//! of one put (a single save), as scalars to `bevy_storage_put_v2` ([`schema::SQL_PUT`]),
+//! which does the same for that one operation; either is called in autocommit, so the statement is its own transaction: the server locks the namespace's
 //! counters (`bevy_storage_namespaces`), so batches of one namespace commit one after
 //! another and every size read inside one is exact; applies the operations in order (a later
 //! one sees an earlier one's effect; a live record keeps its `created_at`); checks
@@ -123,10 +124,13 @@ pub(super) fn write_batch(
     if ops.is_empty() {
         return Ok(Vec::new());
     }
-    let c = Columns::of(&ops)?;
     let ns = backend.namespace.as_str();
     let now_ms = now.0;
     let max = max_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX));
+    if let [WriteOp::Put { .. }] = ops.as_slice() {
+        return write_one_put(backend, ops, now_ms, max, max_size);
+    }
+    let c = Columns::of(&ops)?;
     let doing = format!("writing a batch of {} operation(s)", ops.len());
     let end = backend.run(&doing, true, async |session: &mut Session| {
         let statement = session.prepare(schema::SQL_WRITE).await?;
@@ -181,6 +185,84 @@ pub(super) fn write_batch(
                 previous.len()
             ),
         )),
+        BatchEnd::Refused(refused) => Err(refused),
+    }
+}
+
+/// A batch of one put, through the put function ([`schema::SQL_PUT`]): the same work and
+/// errors as the write function's, with scalar parameters.
+fn write_one_put(
+    backend: &PostgresBackend,
+    ops: Vec<WriteOp>,
+    now_ms: i64,
+    max: Option<i64>,
+    max_size: Option<u64>,
+) -> Result<Vec<WriteOutcome>> {
+    let [WriteOp::Put { key, record, mode }] = ops.as_slice() else {
+        unreachable!("write_batch passes a batch of one put");
+    };
+    let ns = backend.namespace.as_str();
+    let meta = &record.meta;
+    let (kind, expected) = match mode {
+        PutMode::Upsert => (b'U', 0),
+        PutMode::CreateOnly => (b'C', 0),
+        PutMode::IfVersion(v) => (b'V', v.0 as i64),
+    };
+    let kind = kind as i8;
+    let key = key.as_str();
+    let created = meta.created_at.0;
+    let modified = meta.modified_at.0;
+    let accessed = meta.accessed_at.0;
+    let expires = meta.expires_at.map(|t| t.0);
+    let size = i64::try_from(record.value.len()).unwrap_or(i64::MAX);
+    let custom = custom_json(&meta.custom)?;
+    let value = record.value.as_slice();
+    let version = meta.version.0 as i64;
+    let end = backend.run("writing a record", true, async |session: &mut Session| {
+        let statement = session.prepare(schema::SQL_PUT).await?;
+        let mut attempt = 1;
+        loop {
+            let result = session
+                .client
+                .query_one(
+                    &statement,
+                    &[
+                        &ns,
+                        &now_ms,
+                        &max,
+                        &kind,
+                        &key,
+                        &created,
+                        &modified,
+                        &accessed,
+                        &expires,
+                        &size,
+                        &meta.compressed,
+                        &meta.encrypted,
+                        &custom,
+                        &value,
+                        &version,
+                        &expected,
+                    ],
+                )
+                .await;
+            match result {
+                Ok(row) => return Ok(BatchEnd::Committed(vec![row.get(0)])),
+                Err(e) if attempt < ATTEMPTS && is_retryable(&e) => attempt += 1,
+                Err(e) => match e.as_db_error().and_then(|db| refusal(db, &ops, max_size)) {
+                    Some(refused) => return Ok(BatchEnd::Refused(refused)),
+                    None => return Err(e),
+                },
+            }
+        }
+    })?;
+    match end {
+        BatchEnd::Committed(previous) => Ok(previous
+            .into_iter()
+            .map(|size: Option<i64>| WriteOutcome {
+                previous_size: size.map(|s| u64::try_from(s).unwrap_or(0)),
+            })
+            .collect()),
         BatchEnd::Refused(refused) => Err(refused),
     }
 }
