@@ -494,7 +494,8 @@ impl<'b, S: Serializer, const RON: bool> Serializer for BoundedSerializer<'b, S,
         // the Redis or SQLite write of the record). One it would write unchanged goes to it
         // as a raw RON value instead, the same bytes. RON counts the raw value as one more
         // level of its own limit (128, as ours), so only well above it.
-        // Out of line: postcard's strings only pay the test of `ron`.
+        // Out of line, and only for RON (`RON` is a constant): other formats' strings go
+        // straight to their serializer.
         if RON {
             return ron_str(self.inner, self.budget, v);
         }
