@@ -31,8 +31,6 @@ pub struct DepthBudget {
     limit: usize,
     depth: Cell<usize>,
     exceeded: Cell<bool>,
-    /// The serializer is RON's (`ron::Options::default()`): see [`plain_ron_string`].
-    ron: bool,
 }
 
 impl DepthBudget {
@@ -42,17 +40,6 @@ impl DepthBudget {
             limit,
             depth: Cell::new(0),
             exceeded: Cell::new(false),
-            ron: false,
-        }
-    }
-
-    /// A budget for a value serialized by RON with its default options (and nothing else):
-    /// strings RON would write unchanged between quotes are handed to it already quoted,
-    /// which spares its escaping of every character (see [`plain_ron_string`]).
-    pub(crate) fn for_ron_serializer(limit: usize) -> Self {
-        Self {
-            ron: true,
-            ..Self::new(limit)
         }
     }
 
@@ -88,16 +75,26 @@ impl DepthBudget {
         Ok(())
     }
 
+    #[inline(always)]
     fn enter_ser<E: ser::Error>(&self) -> Result<(), E> {
         let depth = self.depth.get();
         if depth >= self.limit {
-            self.exceeded.set(true);
-            return Err(E::custom(self.message()));
+            return Err(self.too_deep_ser());
         }
         self.depth.set(depth + 1);
         Ok(())
     }
 
+    /// The refusal of [`enter_ser`](Self::enter_ser), out of line so that the check itself
+    /// stays a compare and a store where it is inlined, once per compound of a saved value.
+    #[cold]
+    #[inline(never)]
+    fn too_deep_ser<E: ser::Error>(&self) -> E {
+        self.exceeded.set(true);
+        E::custom(self.message())
+    }
+
+    #[inline(always)]
     fn leave(&self) {
         self.depth.set(self.depth.get().saturating_sub(1));
     }
@@ -110,6 +107,7 @@ impl DepthBudget {
         result
     }
 
+    #[inline(always)]
     fn nested_ser<T, E: ser::Error>(&self, inner: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         self.enter_ser::<E>()?;
         let result = inner();
@@ -358,21 +356,37 @@ impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for Bounded<'_, A> {
 
 /// A value to serialize with the same depth count as [`Bounded`] decodes with: saving a value
 /// nested deeper than the budget fails instead of writing a record no load would accept.
-pub struct BoundedValue<'a, 'b, T: ?Sized> {
+///
+/// `RON` is true for a value written by RON's serializer with its default options (and
+/// nothing else): strings RON would write unchanged between quotes are then handed to it
+/// already quoted, which spares its escaping of every character (see `plain_ron_string`).
+/// A type parameter rather than a flag of the budget, so that other formats' strings do not
+/// even test it.
+pub struct BoundedValue<'a, 'b, T: ?Sized, const RON: bool = false> {
     value: &'a T,
     budget: &'b DepthBudget,
 }
 
 impl<'a, 'b, T: ?Sized> BoundedValue<'a, 'b, T> {
     /// Wraps `value` for serialization against `budget`.
+    #[inline(always)]
     pub fn new(value: &'a T, budget: &'b DepthBudget) -> Self {
         Self { value, budget }
     }
 }
 
-impl<T: Serialize + ?Sized> Serialize for BoundedValue<'_, '_, T> {
+impl<'a, 'b, T: ?Sized> BoundedValue<'a, 'b, T, true> {
+    /// Wraps `value` for serialization against `budget` by RON's serializer with its default
+    /// options (`ron::Options::default()`), and nothing else.
+    pub(crate) fn for_ron_serializer(value: &'a T, budget: &'b DepthBudget) -> Self {
+        Self { value, budget }
+    }
+}
+
+impl<T: Serialize + ?Sized, const RON: bool> Serialize for BoundedValue<'_, '_, T, RON> {
+    #[inline(always)]
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.value.serialize(BoundedSerializer {
+        self.value.serialize(BoundedSerializer::<S, RON> {
             inner: serializer,
             budget: self.budget,
         })
@@ -381,14 +395,18 @@ impl<T: Serialize + ?Sized> Serialize for BoundedValue<'_, '_, T> {
 
 /// The serializer side of [`BoundedValue`]; also wraps each compound serializer, which
 /// gives the level back in its `end`.
-struct BoundedSerializer<'b, S> {
+struct BoundedSerializer<'b, S, const RON: bool> {
     inner: S,
     budget: &'b DepthBudget,
 }
 
-impl<'b, S> BoundedSerializer<'b, S> {
-    fn value<'a, T: ?Sized>(&self, value: &'a T) -> BoundedValue<'a, 'b, T> {
-        BoundedValue::new(value, self.budget)
+impl<'b, S, const RON: bool> BoundedSerializer<'b, S, RON> {
+    #[inline(always)]
+    fn value<'a, T: ?Sized>(&self, value: &'a T) -> BoundedValue<'a, 'b, T, RON> {
+        BoundedValue {
+            value,
+            budget: self.budget,
+        }
     }
 }
 
@@ -405,11 +423,25 @@ fn plain_ron_string(s: &str) -> bool {
         .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\'' && b != b'\\')
 }
 
+/// A string for RON's serializer: see [`BoundedSerializer::serialize_str`].
+#[inline(never)]
+fn ron_str<S: Serializer>(inner: S, budget: &DepthBudget, v: &str) -> Result<S::Ok, S::Error> {
+    if budget.depth.get() < budget.limit / 2 && plain_ron_string(v) {
+        let mut quoted = String::with_capacity(v.len() + 2);
+        quoted.push('"');
+        quoted.push_str(v);
+        quoted.push('"');
+        return inner.serialize_newtype_struct(RON_RAW_VALUE, quoted.as_str());
+    }
+    inner.serialize_str(v)
+}
+
 /// Opens a compound one level down; its `end` leaves the level.
-fn open<'b, C, E: ser::Error>(
+#[inline(always)]
+fn open<'b, C, E: ser::Error, const RON: bool>(
     budget: &'b DepthBudget,
     open: impl FnOnce() -> Result<C, E>,
-) -> Result<BoundedSerializer<'b, C>, E> {
+) -> Result<BoundedSerializer<'b, C, RON>, E> {
     budget.enter_ser::<E>()?;
     open().map(|inner| BoundedSerializer { inner, budget })
 }
@@ -417,6 +449,7 @@ fn open<'b, C, E: ser::Error>(
 macro_rules! forward_serialize {
     ($($method:ident($ty:ty)),* $(,)?) => {
         $(
+            #[inline(always)]
             fn $method(self, v: $ty) -> Result<S::Ok, S::Error> {
                 self.inner.$method(v)
             }
@@ -424,16 +457,16 @@ macro_rules! forward_serialize {
     };
 }
 
-impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
+impl<'b, S: Serializer, const RON: bool> Serializer for BoundedSerializer<'b, S, RON> {
     type Ok = S::Ok;
     type Error = S::Error;
-    type SerializeSeq = BoundedSerializer<'b, S::SerializeSeq>;
-    type SerializeTuple = BoundedSerializer<'b, S::SerializeTuple>;
-    type SerializeTupleStruct = BoundedSerializer<'b, S::SerializeTupleStruct>;
-    type SerializeTupleVariant = BoundedSerializer<'b, S::SerializeTupleVariant>;
-    type SerializeMap = BoundedSerializer<'b, S::SerializeMap>;
-    type SerializeStruct = BoundedSerializer<'b, S::SerializeStruct>;
-    type SerializeStructVariant = BoundedSerializer<'b, S::SerializeStructVariant>;
+    type SerializeSeq = BoundedSerializer<'b, S::SerializeSeq, RON>;
+    type SerializeTuple = BoundedSerializer<'b, S::SerializeTuple, RON>;
+    type SerializeTupleStruct = BoundedSerializer<'b, S::SerializeTupleStruct, RON>;
+    type SerializeTupleVariant = BoundedSerializer<'b, S::SerializeTupleVariant, RON>;
+    type SerializeMap = BoundedSerializer<'b, S::SerializeMap, RON>;
+    type SerializeStruct = BoundedSerializer<'b, S::SerializeStruct, RON>;
+    type SerializeStructVariant = BoundedSerializer<'b, S::SerializeStructVariant, RON>;
 
     forward_serialize!(
         serialize_bool(bool),
@@ -454,33 +487,32 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         serialize_unit_struct(&'static str),
     );
 
+    #[inline(always)]
     fn serialize_str(self, v: &str) -> Result<S::Ok, S::Error> {
         // RON escapes a string one character at a time (`char::escape_debug`, about 14 ns a
         // character: 2.8 us for 200 of them on the project's machine, more than LZ4 and
         // the Redis or SQLite write of the record). One it would write unchanged goes to it
         // as a raw RON value instead, the same bytes. RON counts the raw value as one more
         // level of its own limit (128, as ours), so only well above it.
-        if self.budget.ron && self.budget.depth.get() < self.budget.limit / 2 && plain_ron_string(v)
-        {
-            let mut quoted = String::with_capacity(v.len() + 2);
-            quoted.push('"');
-            quoted.push_str(v);
-            quoted.push('"');
-            return self
-                .inner
-                .serialize_newtype_struct(RON_RAW_VALUE, quoted.as_str());
+        // Out of line, and only for RON (`RON` is a constant): other formats' strings go
+        // straight to their serializer.
+        if RON {
+            return ron_str(self.inner, self.budget, v);
         }
         self.inner.serialize_str(v)
     }
 
+    #[inline(always)]
     fn serialize_none(self) -> Result<S::Ok, S::Error> {
         self.inner.serialize_none()
     }
 
+    #[inline(always)]
     fn serialize_unit(self) -> Result<S::Ok, S::Error> {
         self.inner.serialize_unit()
     }
 
+    #[inline(always)]
     fn serialize_unit_variant(
         self,
         name: &'static str,
@@ -492,11 +524,13 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
             .nested_ser(|| self.inner.serialize_unit_variant(name, index, variant))
     }
 
+    #[inline(always)]
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<S::Ok, S::Error> {
         let value = self.value(value);
         self.budget.nested_ser(|| self.inner.serialize_some(&value))
     }
 
+    #[inline(always)]
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
         self,
         name: &'static str,
@@ -507,6 +541,7 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
             .nested_ser(|| self.inner.serialize_newtype_struct(name, &value))
     }
 
+    #[inline(always)]
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
         name: &'static str,
@@ -523,14 +558,17 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         })
     }
 
+    #[inline(always)]
     fn serialize_seq(self, len: Option<usize>) -> Result<Self::SerializeSeq, S::Error> {
         open(self.budget, move || self.inner.serialize_seq(len))
     }
 
+    #[inline(always)]
     fn serialize_tuple(self, len: usize) -> Result<Self::SerializeTuple, S::Error> {
         open(self.budget, move || self.inner.serialize_tuple(len))
     }
 
+    #[inline(always)]
     fn serialize_tuple_struct(
         self,
         name: &'static str,
@@ -541,6 +579,7 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         })
     }
 
+    #[inline(always)]
     fn serialize_tuple_variant(
         self,
         name: &'static str,
@@ -556,10 +595,12 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         })
     }
 
+    #[inline(always)]
     fn serialize_map(self, len: Option<usize>) -> Result<Self::SerializeMap, S::Error> {
         open(self.budget, move || self.inner.serialize_map(len))
     }
 
+    #[inline(always)]
     fn serialize_struct(
         self,
         name: &'static str,
@@ -568,6 +609,7 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         open(self.budget, move || self.inner.serialize_struct(name, len))
     }
 
+    #[inline(always)]
     fn serialize_struct_variant(
         self,
         name: &'static str,
@@ -582,18 +624,21 @@ impl<'b, S: Serializer> Serializer for BoundedSerializer<'b, S> {
         })
     }
 
+    #[inline(always)]
     fn is_human_readable(&self) -> bool {
         self.inner.is_human_readable()
     }
 }
 
-impl<S> BoundedSerializer<'_, S> {
+impl<S, const RON: bool> BoundedSerializer<'_, S, RON> {
     /// The `end` of a tuple or struct variant: it gives back two levels, the enum's and the
     /// compound's.
+    #[inline(always)]
     fn end_compound(&self) {
         self.budget.leave();
     }
 
+    #[inline(always)]
     fn end_variant(&self) {
         self.budget.leave();
         self.budget.leave();
@@ -604,15 +649,17 @@ impl<S> BoundedSerializer<'_, S> {
 /// compound's level back (two for a variant, see `end_variant`).
 macro_rules! bounded_elements {
     ($($trait:ident :: $method:ident, $end:ident);* $(;)?) => {$(
-        impl<S: ser::$trait> ser::$trait for BoundedSerializer<'_, S> {
+        impl<S: ser::$trait, const RON: bool> ser::$trait for BoundedSerializer<'_, S, RON> {
             type Ok = S::Ok;
             type Error = S::Error;
 
+            #[inline(always)]
             fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
                 let value = self.value(value);
                 self.inner.$method(&value)
             }
 
+            #[inline(always)]
             fn end(self) -> Result<S::Ok, S::Error> {
                 self.$end();
                 self.inner.end()
@@ -628,30 +675,36 @@ bounded_elements!(
     SerializeTupleVariant::serialize_field, end_variant;
 );
 
-impl<S: ser::SerializeMap> ser::SerializeMap for BoundedSerializer<'_, S> {
+impl<S: ser::SerializeMap, const RON: bool> ser::SerializeMap for BoundedSerializer<'_, S, RON> {
     type Ok = S::Ok;
     type Error = S::Error;
 
+    #[inline(always)]
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), S::Error> {
         let key = self.value(key);
         self.inner.serialize_key(&key)
     }
 
+    #[inline(always)]
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), S::Error> {
         let value = self.value(value);
         self.inner.serialize_value(&value)
     }
 
+    #[inline(always)]
     fn end(self) -> Result<S::Ok, S::Error> {
         self.budget.leave();
         self.inner.end()
     }
 }
 
-impl<S: ser::SerializeStruct> ser::SerializeStruct for BoundedSerializer<'_, S> {
+impl<S: ser::SerializeStruct, const RON: bool> ser::SerializeStruct
+    for BoundedSerializer<'_, S, RON>
+{
     type Ok = S::Ok;
     type Error = S::Error;
 
+    #[inline(always)]
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
@@ -661,20 +714,25 @@ impl<S: ser::SerializeStruct> ser::SerializeStruct for BoundedSerializer<'_, S> 
         self.inner.serialize_field(key, &value)
     }
 
+    #[inline(always)]
     fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
         self.inner.skip_field(key)
     }
 
+    #[inline(always)]
     fn end(self) -> Result<S::Ok, S::Error> {
         self.budget.leave();
         self.inner.end()
     }
 }
 
-impl<S: ser::SerializeStructVariant> ser::SerializeStructVariant for BoundedSerializer<'_, S> {
+impl<S: ser::SerializeStructVariant, const RON: bool> ser::SerializeStructVariant
+    for BoundedSerializer<'_, S, RON>
+{
     type Ok = S::Ok;
     type Error = S::Error;
 
+    #[inline(always)]
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
@@ -684,10 +742,12 @@ impl<S: ser::SerializeStructVariant> ser::SerializeStructVariant for BoundedSeri
         self.inner.serialize_field(key, &value)
     }
 
+    #[inline(always)]
     fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
         self.inner.skip_field(key)
     }
 
+    #[inline(always)]
     fn end(self) -> Result<S::Ok, S::Error> {
         self.end_variant();
         self.inner.end()

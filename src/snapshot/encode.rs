@@ -27,7 +27,7 @@ use super::header::{
     HEADER_LEN, SNAPSHOT_FORMAT_VERSION, SnapshotEncoding, SnapshotHeader, read_header,
 };
 use crate::codec::depth::{Bounded, BoundedValue, DepthBudget, MAX_DEPTH};
-use crate::codec::format::ron_options;
+use crate::codec::format::{AppendTo, ron_options};
 use crate::error::{Result, StorageError};
 
 impl CapturedWorld {
@@ -157,7 +157,8 @@ pub(super) fn encode_body<B: Serialize>(
             out.extend_from_slice(text.as_bytes());
         }
         SnapshotEncoding::Binary => {
-            out = postcard::to_extend(&bounded, out).map_err(|e| failed(&e))?;
+            postcard::serialize_with_flavor(&bounded, AppendTo(&mut out))
+                .map_err(|e| failed(&e))?;
         }
     }
     Ok(out)
