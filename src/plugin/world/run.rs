@@ -176,6 +176,9 @@ impl RequestKind for SaveWorld {
                 let entities = captured.live_count();
                 let step = captured.step();
                 captured.encode().and_then(|bytes| {
+                    // False when a compaction failed for the chain's own sake: the delta then
+                    // goes in as an ordinary one and the next autosave captures a full base.
+                    let mut chain_continues = true;
                     if let Some(context) = compact {
                         match snapshot::store_compacted_autosave(
                             store,
@@ -194,21 +197,11 @@ impl RequestKind for SaveWorld {
                             }
                             Err(e) if e.is_backend_failure() => return Err(e),
                             Err(e) => {
-                                // Nothing was written: the delta goes in as an ordinary
-                                // one, and the next autosave captures a full base.
+                                // Nothing was written.
                                 warn!(
                                     "the autosave chain under {label:?} could not be compacted ({e}); storing a delta, the next autosave is full"
                                 );
-                                let key = snapshot::store_autosave_record(
-                                    store,
-                                    &label,
-                                    keep,
-                                    &bytes,
-                                    &settings,
-                                    custom,
-                                    Some(&base),
-                                )?;
-                                return Ok((key, entities, None));
+                                chain_continues = false;
                             }
                         }
                     }
@@ -221,7 +214,8 @@ impl RequestKind for SaveWorld {
                         custom,
                         Some(&base),
                     )?;
-                    Ok((key, entities, Some((cursor.advance(step, &bytes), base))))
+                    let chain = chain_continues.then(|| (cursor.advance(step, &bytes), base));
+                    Ok((key, entities, chain))
                 })
             }
         };

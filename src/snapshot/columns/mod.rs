@@ -650,21 +650,32 @@ pub(crate) struct ReflectValues<'a> {
 
 impl Serialize for ReflectValues<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let processor = HandleSerializeProcessor {
-            // A handle to an asset that was not loaded from a path cannot be restored: refuse
-            // it rather than silently writing a default handle.
-            ephemeral_handle_behavior: EphemeralHandleBehavior::Error,
-        };
-        let mut seq = serializer.serialize_seq(Some(self.values.len()))?;
-        for value in self.values {
-            seq.serialize_element(&TypedReflectSerializer::with_processor(
-                value.as_ref(),
-                self.registry,
-                &processor,
-            ))?;
-        }
-        seq.end()
+        serialize_reflected(
+            serializer,
+            self.values.iter().map(|value| value.as_ref()),
+            self.registry,
+        )
     }
+}
+
+/// Writes reflected values as a sequence, asset handles as paths. A handle to an asset that
+/// was not loaded from a path cannot be restored: it is refused rather than silently written
+/// as a default handle.
+fn serialize_reflected<'v, S: Serializer>(
+    serializer: S,
+    values: impl ExactSizeIterator<Item = &'v dyn PartialReflect>,
+    registry: &TypeRegistry,
+) -> Result<S::Ok, S::Error> {
+    let processor = HandleSerializeProcessor {
+        ephemeral_handle_behavior: EphemeralHandleBehavior::Error,
+    };
+    let mut seq = serializer.serialize_seq(Some(values.len()))?;
+    for value in values {
+        seq.serialize_element(&TypedReflectSerializer::with_processor(
+            value, registry, &processor,
+        ))?;
+    }
+    seq.end()
 }
 
 /// Reflected values decoded from a snapshot, written again as [`ReflectValues`] writes them.
@@ -675,18 +686,11 @@ pub(crate) struct LoadedReflectValues<'a> {
 
 impl Serialize for LoadedReflectValues<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let processor = HandleSerializeProcessor {
-            ephemeral_handle_behavior: EphemeralHandleBehavior::Error,
-        };
-        let mut seq = serializer.serialize_seq(Some(self.values.len()))?;
-        for value in self.values {
-            seq.serialize_element(&TypedReflectSerializer::with_processor(
-                value.as_partial_reflect(),
-                self.registry,
-                &processor,
-            ))?;
-        }
-        seq.end()
+        serialize_reflected(
+            serializer,
+            self.values.iter().map(|value| value.as_partial_reflect()),
+            self.registry,
+        )
     }
 }
 
