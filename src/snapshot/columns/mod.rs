@@ -264,11 +264,7 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
     }
 
     fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn> {
-        let mut query = world.query_filtered::<(Entity, &T), With<Persist>>();
-        let (rows, values): (Vec<u32>, Vec<T>) = query
-            .iter(world)
-            .filter_map(|(entity, value)| rows.get(&entity).map(|row| (*row, value.clone())))
-            .unzip();
+        let (rows, values) = every_value::<T, T>(world, rows, T::clone);
         Box::new(TypedColumn { rows, values })
     }
 
@@ -292,6 +288,29 @@ impl<T: SnapshotComponent> TypedCodec for Typed<T> {
             save: Some(save_typed::<T>),
         }))
     }
+}
+
+/// The saved form of every persisted entity's `C` (by `save`) with its row in `rows`, for a
+/// full capture. The columns are sized for every match up front: grown by doubling, a column
+/// of a million entities was copied through every size from a few KiB up, each a fresh
+/// allocation the kernel had to fault in (glibc maps allocations above 32 MiB anew every
+/// time).
+fn every_value<C: Component, S>(
+    world: &mut World,
+    rows: &EntityHashMap<u32>,
+    save: impl Fn(&C) -> S,
+) -> (Vec<u32>, Vec<S>) {
+    let mut query = world.query_filtered::<(Entity, &C), With<Persist>>();
+    let matches = query.iter(world);
+    let mut out_rows = Vec::with_capacity(matches.len());
+    let mut values = Vec::with_capacity(matches.len());
+    for (entity, value) in matches {
+        if let Some(&row) = rows.get(&entity) {
+            out_rows.push(row);
+            values.push(save(value));
+        }
+    }
+    (out_rows, values)
 }
 
 /// How a mapped component is saved: converted to a serializable stand-in `S` on capture and
@@ -328,13 +347,7 @@ impl<C: Component + TypePath, S: SnapshotStandIn> TypedCodec for Mapped<C, S> {
     }
 
     fn capture(&self, world: &mut World, rows: &EntityHashMap<u32>) -> Box<dyn CapturedColumn> {
-        let mut query = world.query_filtered::<(Entity, &C), With<Persist>>();
-        let (rows, values): (Vec<u32>, Vec<S>) = query
-            .iter(world)
-            .filter_map(|(entity, value)| {
-                rows.get(&entity).map(|row| (*row, (self.to_saved)(value)))
-            })
-            .unzip();
+        let (rows, values) = every_value::<C, S>(world, rows, |c| (self.to_saved)(c));
         Box::new(MappedColumn::<C, S> {
             rows,
             values,
