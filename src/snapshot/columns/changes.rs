@@ -121,37 +121,86 @@ fn scan_tables(
         let Some(ticks) = ticks else {
             continue;
         };
-        // `Persist` is table-stored: every entity of this table is persisted. A chunk of
-        // rows at a time, a branch-free or-reduction (which the compiler vectorizes) says
-        // whether any is changed, and only such a chunk is looked at row by row: at 1%
-        // changed the pass over the ticks is the cost.
-        let changed = |tick: &UnsafeCell<Tick>| {
-            // SAFETY: the tick cells are only written through `&mut World` or a system's
-            // exclusive access to this column; we hold `&World`, so nothing writes them now
-            // (Bevy's own read-only queries read them the same way).
-            let tick = unsafe { *tick.get() }.get();
-            this_run.wrapping_sub(tick) < window
-        };
-        let chunks = ticks.chunks_exact(SCAN_CHUNK);
-        let rest = chunks.remainder();
-        for (c, chunk) in chunks.enumerate() {
-            if !chunk.iter().fold(false, |any, tick| any | changed(tick)) {
-                continue;
-            }
-            for (j, tick) in chunk.iter().enumerate() {
-                if changed(tick) {
-                    found(table, c * SCAN_CHUNK + j);
-                }
-            }
+        // `Persist` is table-stored: every entity of this table is persisted.
+        for_each_changed(ticks, this_run, window, |i| found(table, i));
+    }
+    true
+}
+
+/// Calls `found` with the index of each tick of `ticks` newer than `this_run - window`
+/// (`Tick::is_newer_than`, hoisted by the caller).
+///
+/// A chunk of [`SCAN_CHUNK`] rows at a time, a branch-free or-reduction says whether any is
+/// changed, and only such a chunk is looked at row by row: at 1% changed the pass over the
+/// ticks is the cost (3 columns and `Persist`'s added ticks of a million entities: 16 MB a
+/// delta). Where the CPU has AVX2 the same loop is compiled for it, which tests 8 ticks per
+/// instruction instead of 4 (SSE2, the baseline of `x86_64`): callgrind counted 2.4-2.7
+/// instructions a tick before.
+fn for_each_changed(
+    ticks: &[UnsafeCell<Tick>],
+    this_run: u32,
+    window: u32,
+    found: impl FnMut(usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above), the only requirement of a
+        // `target_feature` function.
+        unsafe { for_each_changed_avx2(ticks, this_run, window, found) };
+        return;
+    }
+    for_each_changed_portable(ticks, this_run, window, found);
+}
+
+/// [`for_each_changed`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn for_each_changed_avx2(
+    ticks: &[UnsafeCell<Tick>],
+    this_run: u32,
+    window: u32,
+    found: impl FnMut(usize),
+) {
+    for_each_changed_portable(ticks, this_run, window, found);
+}
+
+/// The loop of [`for_each_changed`], inlined into each of its builds.
+#[inline(always)]
+fn for_each_changed_portable(
+    ticks: &[UnsafeCell<Tick>],
+    this_run: u32,
+    window: u32,
+    mut found: impl FnMut(usize),
+) {
+    let changed = |tick: &UnsafeCell<Tick>| {
+        // SAFETY: the tick cells are only written through `&mut World` or a system's
+        // exclusive access to this column; the caller holds `&World`, so nothing writes them
+        // now (Bevy's own read-only queries read them the same way).
+        let tick = unsafe { *tick.get() }.get();
+        this_run.wrapping_sub(tick) < window
+    };
+    let chunks = ticks.chunks_exact(SCAN_CHUNK);
+    let rest = chunks.remainder();
+    for (c, chunk) in chunks.enumerate() {
+        if chunk
+            .iter()
+            .fold(0u32, |any, tick| any | u32::from(changed(tick)))
+            == 0
+        {
+            continue;
         }
-        let start = ticks.len() - rest.len();
-        for (j, tick) in rest.iter().enumerate() {
+        for (j, tick) in chunk.iter().enumerate() {
             if changed(tick) {
-                found(table, start + j);
+                found(c * SCAN_CHUNK + j);
             }
         }
     }
-    true
+    let start = ticks.len() - rest.len();
+    for (j, tick) in rest.iter().enumerate() {
+        if changed(tick) {
+            found(start + j);
+        }
+    }
 }
 
 /// The `C`s of persisted entities changed since the world's last change tick (set by the
@@ -199,4 +248,53 @@ pub(super) fn changed_values<C: Component, S>(
         }
     }
     (out_rows, values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both builds of the scan find exactly the ticks `Tick::is_newer_than` calls changed,
+    /// across chunk boundaries, in the remainder and across the wrap of the tick counter.
+    #[test]
+    fn each_build_of_the_scan_finds_exactly_the_changed_ticks() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for (this_run, last_run) in [(1_000, 900), (5, u32::MAX - 5), (u32::MAX, 0)] {
+            let window = this_run.wrapping_sub(last_run).min(MAX_CHANGE_AGE);
+            for len in [0, 1, 15, 16, 17, 100, 1_003] {
+                let ticks: Vec<UnsafeCell<Tick>> = (0..len)
+                    .map(|_| {
+                        let back = match next() % 4 {
+                            0 => (next() % 200) as u32, // around the last run
+                            1 => 0,
+                            _ => (next() % u64::from(u32::MAX)) as u32,
+                        };
+                        UnsafeCell::new(Tick::new(this_run.wrapping_sub(back)))
+                    })
+                    .collect();
+                let expected: Vec<usize> = ticks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| {
+                        // SAFETY: the test owns the cells.
+                        let tick = unsafe { *t.get() };
+                        tick.is_newer_than(Tick::new(last_run), Tick::new(this_run))
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                let mut found = Vec::new();
+                for_each_changed(&ticks, this_run, window, |i| found.push(i));
+                assert_eq!(found, expected, "dispatched build, len {len}");
+                found.clear();
+                for_each_changed_portable(&ticks, this_run, window, |i| found.push(i));
+                assert_eq!(found, expected, "portable build, len {len}");
+            }
+        }
+    }
 }
