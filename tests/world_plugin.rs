@@ -477,6 +477,65 @@ fn a_world_save_captures_what_an_earlier_load_applied() {
     );
 }
 
+/// The frame a game changes its world in, for
+/// [`a_world_save_behind_a_large_intake_captures_the_world_it_was_sent_from`].
+#[derive(Resource, Default)]
+struct Frame(u32);
+
+/// A world save sent while a large intake of key-value saves from the frame before is still
+/// being queued on the pool is captured before the next frame's game systems run: it holds
+/// the world of the frame that sent it, never a later one.
+#[test]
+fn a_world_save_behind_a_large_intake_captures_the_world_it_was_sent_from() {
+    use bevy_storage::plugin::SaveRequest;
+    let mut app = mixed_app();
+    app.update(); // the store opens
+    app.init_resource::<Frame>().add_systems(
+        Update,
+        |mut frame: ResMut<Frame>,
+         mut positions: Query<(&mut Position, &Name), With<Persist>>,
+         mut saves: MessageWriter<SaveRequest>,
+         mut worlds: MessageWriter<SaveWorld>| {
+            frame.0 += 1;
+            let mut set_leader = |to: Position| {
+                for (mut position, name) in &mut positions {
+                    if name.as_str() == "leader" {
+                        *position = to.clone();
+                    }
+                }
+            };
+            match frame.0 {
+                // Many saves in one frame: taken in by a pool task, in order.
+                1 => {
+                    saves.write_batch((0..5_000).map(|i| SaveRequest::new(format!("kv{i}"), i)));
+                }
+                // The next frame changes the world and saves it.
+                2 => {
+                    set_leader(Position(77, 77));
+                    worlds.write(SaveWorld::new("sent"));
+                }
+                // The frame after changes it again.
+                3 => set_leader(Position(88, 88)),
+                _ => {}
+            }
+        },
+    );
+    pump_until(&mut app, "the world save", |s| !s.saved.is_empty());
+    assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
+    assert!(
+        app.world().resource::<Frame>().0 >= 3,
+        "the frame after the save ran its systems"
+    );
+    app.world_mut().write_message(LoadWorld::new("sent"));
+    pump_until(&mut app, "the load", |s| !s.loaded.is_empty());
+    assert!(app.world().resource::<Seen>().loaded[0].result.is_ok());
+    assert_eq!(
+        persisted_positions(app.world_mut()),
+        [Position(3, 4), Position(77, 77)],
+        "the save holds the world of the frame that sent it"
+    );
+}
+
 /// The asynchronous slot listing is answered like the other requests, in order with the saves
 /// of its slots sent before it.
 #[test]

@@ -16,7 +16,10 @@
 //! the spot when nothing is queued; a large one is taken in by one task on the pool (making
 //! the jobs, their scopes, the order by id, queueing them a chunk at a time), so the frame
 //! that sends 10,000 saves does not pay for their bookkeeping. Steps queued behind it wait
-//! for it, so order per key and across kinds is the order of the ids, as on the spot.
+//! for it, so order per key and across kinds is the order of the ids, as on the spot. A
+//! frame with a world request never queues behind the intake task: it waits for the task to
+//! take everything in (its own requests too), so that a world request whose turn has come is
+//! started in the frame that sent it.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 use bevy::tasks::{AsyncComputeTaskPool, TaskPool};
 use crossbeam_channel::Sender;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::WriteBatching;
 use super::kind::{Intake, Job};
@@ -156,6 +159,11 @@ const IN_PLACE: usize = 32;
 /// and finishing tasks never wait long for it.
 const CHUNK: usize = 64;
 
+/// Longest a frame with a world request waits for the intake task to queue the large frames
+/// before it (see [`Shared::submit`]); past it the world request is taken in after them, as
+/// any other step.
+const WORLD_INTAKE_WAIT: Duration = Duration::from_secs(1);
+
 /// What the main thread hands the scheduler, taken in strictly in order.
 enum Step {
     /// A frame's requests.
@@ -209,6 +217,8 @@ struct Sched {
 /// State shared by the main thread and the pool tasks.
 pub(crate) struct Shared {
     sched: Mutex<Sched>,
+    /// Signalled when the intake task has taken every step in and stops.
+    intake_idle: Condvar,
     pub(crate) tx: Sender<Done>,
     cell: Arc<OnceLock<Result<Store, SharedError>>>,
     /// [`counts`](Self::counts), kept current under the lock so that the main thread reads
@@ -251,6 +261,7 @@ impl Shared {
                 unqueued_world: 0,
                 waiting_jobs: 0,
             }),
+            intake_idle: Condvar::new(),
             tx,
             cell,
             queued: AtomicUsize::new(0),
@@ -262,6 +273,12 @@ impl Shared {
     /// Main thread: hands over a frame's requests. A small frame (or one with a world
     /// request) is taken in on the spot when nothing is queued before it; otherwise it queues
     /// behind the steps handed over earlier, for the intake task.
+    ///
+    /// A frame with a world request that finds the intake task still queueing an earlier
+    /// large frame waits for it to take everything in, its own requests included (the
+    /// bookkeeping of those requests, a fraction of a microsecond each, at most
+    /// [`WORLD_INTAKE_WAIT`]): the world request's turn can then come in this frame, and a
+    /// world save captures the world of the frame that sent it, not that of a later one.
     pub(crate) fn submit(self: &Arc<Self>, intake: Intake, batching: WriteBatching, now: Duration) {
         if intake.is_empty() {
             return;
@@ -279,6 +296,7 @@ impl Shared {
             self.schedule(&mut sched);
             return;
         }
+        let world = intake.world_len() > 0;
         sched.steps.push_back(Step::Requests {
             intake,
             batching,
@@ -286,6 +304,22 @@ impl Shared {
         });
         self.publish(&sched);
         self.start_intake(&mut sched);
+        if world {
+            let deadline = std::time::Instant::now() + WORLD_INTAKE_WAIT;
+            while sched.taking_in {
+                if self
+                    .intake_idle
+                    .wait_until(&mut sched, deadline)
+                    .timed_out()
+                {
+                    bevy::log::warn!(
+                        "bevy_storage: a world request waited {WORLD_INTAKE_WAIT:?} for the \
+                         requests before it to be queued; it runs after them, in a later frame"
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     /// Main thread: closes the open batch if its window is over (`force`: whatever the
@@ -379,6 +413,7 @@ impl Shared {
                     Some(step) => step,
                     None => {
                         sched.taking_in = false;
+                        self.intake_idle.notify_all();
                         return;
                     }
                 }
