@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::connection::{Retry, recv_reply};
 use super::hasher::KeyHasher;
 use super::record::{HEADER_LEN, encode_header};
-use super::scripts::{COUNT_NEW_RECORDS_SCRIPT, FINISH_UPSERTS_SCRIPT, PREPARE_UPSERTS_SCRIPT};
+use super::scripts::COUNT_NEW_RECORDS_SCRIPT;
 use super::{BACKEND, RedisBackend, resp};
 use crate::backend::{PutMode, Record, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -311,8 +311,7 @@ impl RedisBackend {
             recycle(packed);
             match answer?.as_slice() {
                 [1, 1] => return Ok(vec![WriteOutcome::default(); ops.len()]),
-                // A key is taken and nothing was written: the upserts' transaction below
-                // sorts the batch out.
+                // A key is taken and nothing was written: the script sorts the batch out.
                 [0, 0] => self
                     .new_records_backoff
                     .store(NEW_RECORDS_BACKOFF - 1, Ordering::Relaxed),
@@ -323,35 +322,6 @@ impl RedisBackend {
                     ));
                 }
             }
-        }
-        // Upserts and create-only puts without expiry, each key once (saving over existing
-        // things): a transaction whose scripts see only the keys; see the module docs.
-        if summary.distinct && summary.puts_without_expiry {
-            let packed = self.pack_upserts(&entries, &summary, now);
-            let answer = self.run(&doing, Retry::Never, |con| {
-                self.exec_upserts(con, &packed)
-            });
-            recycle(packed);
-            let (prepared, written) = answer?;
-            if prepared.first() == Some(&1) && written != [1, 1] {
-                return Err(StorageError::backend(
-                    BACKEND,
-                    format!(
-                        "{doing}: unexpected answer {written:?} to the writes of a batch of \
-                         upserts"
-                    ),
-                ));
-            }
-            if prepared.first() != Some(&1) && written != [0, 0] {
-                return Err(StorageError::backend(
-                    BACKEND,
-                    format!(
-                        "{doing}: a batch of upserts was refused ({prepared:?}) but its writes \
-                         answered {written:?}"
-                    ),
-                ));
-            }
-            return self.script_answer(&ops, &doing, &prepared);
         }
         let packed = self.pack_batch(&entries, &summary, now);
         drop(entries);
@@ -371,18 +341,7 @@ impl RedisBackend {
             })
         };
         recycle(packed);
-        self.script_answer(&ops, &doing, &reply?)
-    }
-
-    /// The outcomes of a batch from the answer of the write script (or of the script that
-    /// prepares a batch of upserts, which answers the same way): see
-    /// [`WRITE_SCRIPT`](super::scripts::WRITE_SCRIPT).
-    fn script_answer(
-        &self,
-        ops: &[WriteOp],
-        doing: &str,
-        reply: &[i64],
-    ) -> Result<Vec<WriteOutcome>> {
+        let reply = reply?;
         let key_at = |index: i64| {
             usize::try_from(index)
                 .ok()
@@ -396,7 +355,7 @@ impl RedisBackend {
                 format!("{doing}: unexpected answer {reply:?} from the write script"),
             )
         };
-        match reply {
+        match reply.as_slice() {
             [1, pairs @ ..] if pairs.len() % 2 == 0 => {
                 let mut outcomes = vec![WriteOutcome::default(); ops.len()];
                 for pair in pairs.chunks_exact(2) {
@@ -557,95 +516,6 @@ impl RedisBackend {
         resp::int(&mut buf, summary.added_count as i64);
         resp::int(&mut buf, summary.added_bytes as i64);
         resp::bulk(&mut buf, &[&token]);
-        resp::array(&mut buf, 1);
-        resp::bulk(&mut buf, &[b"EXEC"]);
-        buf
-    }
-
-    /// Sends a batch packed by [`pack_upserts`](Self::pack_upserts) and returns what `EXEC`
-    /// answered: the preparing script's answer (that of the write script) and those of
-    /// `MSETNX` and of the finishing script (`[1, 1]` when the records were written, `[0, 0]`
-    /// when the preparing script refused the batch and nothing was written).
-    fn exec_upserts(
-        &self,
-        con: &mut redis::Connection,
-        packed: &[u8],
-    ) -> redis::RedisResult<(Vec<i64>, Vec<i64>)> {
-        con.send_packed_command(packed)?;
-        // As for a batch of new records: every answer is read, the first error wins.
-        let mut refused = None;
-        for _ in 0..4 {
-            if let Err(e) = recv_reply(con)?.extract_error() {
-                refused.get_or_insert(e);
-            }
-        }
-        let exec = recv_reply(con)?.extract_error();
-        if let Some(e) = refused {
-            return Err(e);
-        }
-        let (prepared, written, finished): (redis::Value, i64, i64) =
-            redis::from_redis_value(exec?)?;
-        let prepared: Vec<i64> = redis::from_redis_value(prepared.extract_error()?)?;
-        Ok((prepared, vec![written, finished]))
-    }
-
-    /// A batch of upserts and create-only puts without expiry, each key once, as a
-    /// transaction in the Redis protocol (RESP): `MULTI`, the
-    /// [`PREPARE_UPSERTS_SCRIPT`] given the keys only, one `MSETNX` of every record, the
-    /// [`FINISH_UPSERTS_SCRIPT`], `EXEC`. Hand the buffer back with [`recycle`] once sent.
-    fn pack_upserts(
-        &self,
-        entries: &[BatchEntry<'_>],
-        summary: &BatchSummary,
-        now: Timestamp,
-    ) -> Vec<u8> {
-        let prefix = self.keys.record_prefix.as_bytes();
-        let kinds: Vec<u8> = entries.iter().map(|e| e.kind).collect();
-        let token = batch_token_value();
-        let mut buf = packing_buffer(
-            summary.packed_size
-                + 2 * entries.len() * (prefix.len() + 16)
-                + PREPARE_UPSERTS_SCRIPT.len()
-                + FINISH_UPSERTS_SCRIPT.len()
-                + 1024,
-        );
-        resp::array(&mut buf, 1);
-        resp::bulk(&mut buf, &[b"MULTI"]);
-
-        resp::array(&mut buf, 3 + 3 + entries.len() + 6);
-        resp::bulk(&mut buf, &[b"EVAL"]);
-        resp::bulk(&mut buf, &[PREPARE_UPSERTS_SCRIPT.as_bytes()]);
-        resp::int(&mut buf, entries.len() as i64 + 3);
-        resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
-        resp::bulk(&mut buf, &[self.keys.expiry.as_bytes()]);
-        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
-        for e in entries {
-            resp::bulk(&mut buf, &[prefix, e.key]);
-        }
-        resp::int(&mut buf, now.0);
-        resp::bulk(&mut buf, &[&kinds]);
-        resp::bulk(&mut buf, &[&token]);
-        resp::bulk(&mut buf, &[prefix]);
-        resp::int(&mut buf, summary.added_count as i64);
-        resp::int(&mut buf, summary.added_bytes as i64);
-
-        resp::array(&mut buf, 1 + 2 * entries.len());
-        resp::bulk(&mut buf, &[b"MSETNX"]);
-        for e in entries {
-            resp::bulk(&mut buf, &[prefix, e.key]);
-            e.pack_record(&mut buf);
-        }
-
-        resp::array(&mut buf, 3 + 1 + entries.len() + 1);
-        resp::bulk(&mut buf, &[b"EVAL"]);
-        resp::bulk(&mut buf, &[FINISH_UPSERTS_SCRIPT.as_bytes()]);
-        resp::int(&mut buf, entries.len() as i64 + 1);
-        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
-        for e in entries {
-            resp::bulk(&mut buf, &[prefix, e.key]);
-        }
-        resp::bulk(&mut buf, &[&token]);
-
         resp::array(&mut buf, 1);
         resp::bulk(&mut buf, &[b"EXEC"]);
         buf

@@ -62,31 +62,6 @@ pub(super) const WRITE_SCRIPT: &str = script!("#!lua", "write.lua");
 pub(super) const COUNT_NEW_RECORDS_SCRIPT: &str =
     concat!("#!lua\n", include_str!("scripts/count_new_records.lua"));
 
-/// The first script of a batch of upserts and create-only puts without expiry, each key once
-/// (see [`RedisBackend::pack_upserts`](super::RedisBackend::pack_upserts)), which runs inside
-/// the batch's `MULTI`/`EXEC` before the `MSETNX` of its records. It checks the records the
-/// batch replaces exactly as the [`WRITE_SCRIPT`] does (same reads, same answers) and, only
-/// when every check passed, deletes them, removes the expiry index entries of those that had
-/// an expiry, applies the counters (the batch's count and bytes less those of the records
-/// replaced without expiry) and sets the batch token `{NS}:batch` to this batch's value
-/// followed by, for each live record replaced, its 1-based index (u32, little-endian) and its
-/// 8 bytes of `created_at`. The `MSETNX` that follows then writes every record (none of the
-/// keys is left), or, after a refusal, nothing. KEYS: usage, expiry, the batch token, then
-/// one record key per operation. ARGV: now, kinds (`U` or `C`, one byte per operation), the
-/// batch's token value, the record-key prefix, the count and bytes of the records. Answers
-/// as the write script does.
-pub(super) const PREPARE_UPSERTS_SCRIPT: &str = script!("#!lua", "prepare_upserts.lua");
-
-/// The last script of a batch of upserts, after its `MSETNX`: when the batch token holds this
-/// batch's value (the preparing script passed), writes each kept `created_at` over the new
-/// record (`SETRANGE`). The token is removed in any case (one left by hand is not this
-/// batch's), so it never outlives the transaction. KEYS: the batch token, then the record
-/// keys as the preparing script had them. ARGV: the batch's token value. Returns 1 when the
-/// batch was written, else 0. Sent whole with every such batch, so it is kept short and does
-/// not take the shared helpers.
-pub(super) const FINISH_UPSERTS_SCRIPT: &str =
-    concat!("#!lua\n", include_str!("scripts/finish_upserts.lua"));
-
 /// Sets the access time of an existing record, keeping its expiry. KEYS: the record. ARGV:
 /// the time, 8 bytes little-endian. Fails on a key of another type, passes over a string that
 /// is not a record.
@@ -153,7 +128,6 @@ mod tests {
             (PURGE_SCRIPT, "#!lua\n"),
             (TRIM_SCRIPT, "#!lua\n"),
             (DELETE_IF_UNCHANGED_SCRIPT, "#!lua\n"),
-            (PREPARE_UPSERTS_SCRIPT, "#!lua\n"),
         ] {
             let rest = script
                 .strip_prefix(shebang)
@@ -165,6 +139,5 @@ mod tests {
         }
         assert!(COUNT_NEW_RECORDS_SCRIPT.starts_with("#!lua\n"));
         assert!(!COUNT_NEW_RECORDS_SCRIPT.contains(HEADER));
-        assert!(FINISH_UPSERTS_SCRIPT.starts_with("#!lua\n"));
     }
 }
