@@ -58,8 +58,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::connection::{Retry, recv_reply};
 use super::hasher::KeyHasher;
-use super::record::{HEADER_LEN, encode_header};
-use super::scripts::COUNT_NEW_RECORDS_SCRIPT;
+use super::record::{HEADER_LEN, encode_header, stored_expiry};
+use super::scripts::{COUNT_NEW_RECORDS_SCRIPT, EXPIRE_NEW_RECORDS_SCRIPT};
 use super::{BACKEND, RedisBackend, resp};
 use crate::backend::{PutMode, Record, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -235,8 +235,11 @@ struct BatchSummary {
     /// Each key appears once, which spares the write script following a key through the
     /// batch.
     distinct: bool,
-    /// Every operation puts a record without expiry.
-    puts_without_expiry: bool,
+    /// Every operation is an upsert or a create-only put, with or without expiry: the batch
+    /// may be one of new records.
+    plain_puts: bool,
+    /// The puts with an expiry.
+    expiring: usize,
     /// Count and value bytes of the puts without expiry, for the usage counters.
     added_count: u64,
     added_bytes: u64,
@@ -250,7 +253,8 @@ impl BatchSummary {
             HashSet::with_capacity_and_hasher(entries.len(), Default::default());
         let mut summary = Self {
             distinct: entries.iter().all(|e| seen.insert(e.key)),
-            puts_without_expiry: true,
+            plain_puts: true,
+            expiring: 0,
             added_count: 0,
             added_bytes: 0,
             packed_size: 0,
@@ -264,8 +268,10 @@ impl BatchSummary {
                 summary.added_count += 1;
                 summary.added_bytes += record.value.len() as u64;
             }
-            if !matches!(e.kind, kind::UPSERT | kind::CREATE) {
-                summary.puts_without_expiry = false;
+            match e.kind {
+                kind::UPSERT | kind::CREATE => {}
+                kind::UPSERT_EXPIRING | kind::CREATE_EXPIRING => summary.expiring += 1,
+                _ => summary.plain_puts = false,
             }
             summary.packed_size += 2 * 16 + record_prefix.len() + e.key.len() + e.record_len();
         }
@@ -301,9 +307,9 @@ impl RedisBackend {
             )));
         }
         let doing = format!("writing a batch of {} operation(s)", ops.len());
-        // New records without expiry, each key once (saving new things): native commands,
-        // which Redis runs about twice as fast as the script; see the module docs.
-        if summary.distinct && summary.puts_without_expiry && self.try_new_records() {
+        // New records, each key once (saving new things): native commands, which Redis runs
+        // about twice as fast as the script; see the module docs.
+        if summary.distinct && summary.plain_puts && self.try_new_records() {
             let packed = self.pack_new_records(&entries, &summary);
             let answer = self.run(&doing, Retry::Never, |con| {
                 self.exec_new_records(con, &packed)
@@ -495,7 +501,12 @@ impl RedisBackend {
     /// [`COUNT_NEW_RECORDS_SCRIPT`], `EXEC`. Hand the buffer back with [`recycle`] once sent.
     fn pack_new_records(&self, entries: &[BatchEntry<'_>], summary: &BatchSummary) -> Vec<u8> {
         let prefix = self.keys.record_prefix.as_bytes();
-        let mut buf = packing_buffer(summary.packed_size + 512);
+        let mut buf = packing_buffer(
+            summary.packed_size
+                + 512
+                + EXPIRE_NEW_RECORDS_SCRIPT.len()
+                + summary.expiring * (prefix.len() + 64),
+        );
         resp::array(&mut buf, 1);
         resp::bulk(&mut buf, &[b"MULTI"]);
         resp::array(&mut buf, 3 + 2 * entries.len());
@@ -507,15 +518,62 @@ impl RedisBackend {
             resp::bulk(&mut buf, &[prefix, e.key]);
             e.pack_record(&mut buf);
         }
-        resp::array(&mut buf, 8);
-        resp::bulk(&mut buf, &[b"EVAL"]);
-        resp::bulk(&mut buf, &[COUNT_NEW_RECORDS_SCRIPT.as_bytes()]);
-        resp::bulk(&mut buf, &[b"2"]);
-        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
-        resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
-        resp::int(&mut buf, summary.added_count as i64);
-        resp::int(&mut buf, summary.added_bytes as i64);
-        resp::bulk(&mut buf, &[&token]);
+        if summary.expiring == 0 {
+            resp::array(&mut buf, 8);
+            resp::bulk(&mut buf, &[b"EVAL"]);
+            resp::bulk(&mut buf, &[COUNT_NEW_RECORDS_SCRIPT.as_bytes()]);
+            resp::bulk(&mut buf, &[b"2"]);
+            resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+            resp::int(&mut buf, summary.added_count as i64);
+            resp::int(&mut buf, summary.added_bytes as i64);
+            resp::bulk(&mut buf, &[&token]);
+        } else {
+            let expiries = || {
+                entries.iter().filter_map(|e| {
+                    let (record, _) = e.put.as_ref()?;
+                    record
+                        .meta
+                        .expires_at
+                        .map(|at| (e.key, stored_expiry(Some(at))))
+                })
+            };
+            let earliest = expiries().map(|(_, at)| at).min().unwrap_or(i64::MIN);
+            resp::array(
+                &mut buf,
+                3 + 3 + summary.expiring + 4 + 2 * summary.expiring,
+            );
+            resp::bulk(&mut buf, &[b"EVAL"]);
+            resp::bulk(&mut buf, &[EXPIRE_NEW_RECORDS_SCRIPT.as_bytes()]);
+            resp::int(&mut buf, 3 + summary.expiring as i64);
+            resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.expiry.as_bytes()]);
+            for (key, _) in expiries() {
+                resp::bulk(&mut buf, &[prefix, key]);
+            }
+            resp::int(&mut buf, summary.added_count as i64);
+            resp::int(&mut buf, summary.added_bytes as i64);
+            resp::bulk(&mut buf, &[&token]);
+            resp::int(&mut buf, earliest);
+            // The expiry of each record in decimal, formatted once per distinct value (a
+            // batch's records mostly share one).
+            let mut last: Option<(i64, std::ops::Range<usize>)> = None;
+            for (key, at) in expiries() {
+                match &last {
+                    Some((value, range)) if *value == at => {
+                        let range = range.clone();
+                        buf.extend_from_within(range);
+                    }
+                    _ => {
+                        let start = buf.len();
+                        resp::int(&mut buf, at);
+                        last = Some((at, start..buf.len()));
+                    }
+                }
+                resp::bulk(&mut buf, &[key]);
+            }
+        }
         resp::array(&mut buf, 1);
         resp::bulk(&mut buf, &[b"EXEC"]);
         buf
