@@ -6,18 +6,27 @@
 //! A batch ([`write`](crate::backend::Backend::write)) is **one round trip**, and Redis runs
 //! it with nothing else in between, in one of two ways.
 //!
-//! **New records without expiry, each key once** (the common case of saving new things) are
-//! sent as native commands: `MULTI`, one `MSETNX` of every record plus the batch token
-//! `{NS}:batch` set to a value of this batch's own, a short script that counts the records
-//! only if the token holds that value (and removes it), `EXEC`. `MSETNX` sets every key or,
-//! when any of them exists (of any type), none, so the token holds the batch's value exactly
-//! when the records were written; the counters follow in the same transaction, and the token
-//! never outlives it (one left behind by hand only makes the next such batch take the script,
-//! and is removed). Redis runs this about twice as
+//! **New records, each key once** (the common case of saving new things, with or without an
+//! expiry) are sent as native commands: `MULTI`, one `MSETNX` of every record plus the batch
+//! token `{NS}:batch` set to a value of this batch's own, a short script that acts only if the
+//! token holds that value (and removes it), `EXEC`. `MSETNX` sets every key or, when any of
+//! them exists (of any type), none, so the token holds the batch's value exactly when the
+//! records were written; the script then counts the records without expiry and, for those with
+//! one, sets Redis's expiry (`PEXPIREAT`) and the expiry index (`ZADD`; a record whose expiry
+//! is already past by the server's clock is removed by its `PEXPIREAT` at once and not
+//! indexed, so it is not stored, as the write script does). The script is given only the keys
+//! of the records with an expiry, their expiries and index members, never the records. The
+//! token never outlives the transaction (one left behind by hand only makes the next such
+//! batch take the write script, and is removed). Redis runs this about twice as
 //! fast as the same records passed through a script (`INFO commandstats` on the project's
 //! 2-core test machine: 0.75 ms for the `EXEC` of 1,000 records of 242 bytes, against
 //! 1.1-1.8 ms for the script's `EVALSHA`, most of it turning 2,000 arguments into Lua
-//! strings and back). A server out of
+//! strings and back). With a 1 h expiry (`bench redis_tx_ttl --rounds 3` on a private
+//! `redis-server`, load average 5.2-5.4, the write script and this path alternating, two runs
+//! each): 150,000-198,000 records/s against 143,000-156,000 through the script; the `EXEC` of a
+//! 1,000-record batch took 3.3-3.5 ms, of which `MSETNX` 0.55-0.6 ms and the script 2.7-2.8
+//! ms, most of it the `ZADD` into an index of up to 60,000 members and the `PEXPIREAT`s. A
+//! server out of
 //! memory refuses the `MSETNX` as it is queued, and `EXEC` then refuses the whole transaction.
 //! When a key is taken nothing was written, and the batch goes to the script below; the next
 //! 15 such batches go straight to the script, so a store that saves over existing keys pays
@@ -42,6 +51,18 @@
 //! `PEXPIREAT`s (0.36 ms) and `ZADD` (0.43 ms), where a `SET ... PXAT` per record with the
 //! expiry as a Lua number (which Redis formats with `%.17g` each time) took 1.5 ms and the
 //! `ZADD` of numbers 0.9 ms.
+//!
+//! **Overwrites stay in the script** (measured, not assumed): a transaction that keeps the
+//! records out of Lua for a batch of upserts of existing keys (`MULTI`; a script given only
+//! the keys that reads and checks the records replaced, stashes their `created_at`, applies
+//! the counters and `DEL`s them; `MSETNX` of the new records; a script that writes each kept
+//! `created_at` back with `SETRANGE`; `EXEC`) ran no faster than the write script: 2.28 ms per
+//! 1,000-record batch against 2.27 ms (`bench redis_tx_overwrite --rounds 3`, private server,
+//! load 3.4-3.6, alternating runs; commit "Experiment (reverted next)" in the history). Its
+//! first script alone took 1.7-2.0 ms (the `MGET` of the records replaced, each becoming a Lua
+//! string, the checks, the `DEL`), the second 0.8-1.1 ms (a `SETRANGE` per record from Lua):
+//! what taking the records out of Lua saves, the per-key calls cost again. Any design that
+//! reads what it replaces in a script pays that `MGET` and a call per record for `created_at`.
 //!
 //! Keeping a live record's `created_at`, reporting the previous size and the create-only
 //! check are read-modify-writes. With native commands they would need `WATCH` on every key
@@ -496,9 +517,11 @@ impl RedisBackend {
         redis::from_redis_value(exec?).map_err(Into::into)
     }
 
-    /// A batch of new records without expiry, each key once, as native commands in the Redis
-    /// protocol (RESP): `MULTI`, one `MSETNX` of the batch token and every record, the
-    /// [`COUNT_NEW_RECORDS_SCRIPT`], `EXEC`. Hand the buffer back with [`recycle`] once sent.
+    /// A batch of new records, each key once, as native commands in the Redis protocol (RESP):
+    /// `MULTI`, one `MSETNX` of the batch token and every record, the
+    /// [`COUNT_NEW_RECORDS_SCRIPT`] (or, when a record has an expiry, the
+    /// [`EXPIRE_NEW_RECORDS_SCRIPT`], given the keys, expiries and index members of those
+    /// records), `EXEC`. Hand the buffer back with [`recycle`] once sent.
     fn pack_new_records(&self, entries: &[BatchEntry<'_>], summary: &BatchSummary) -> Vec<u8> {
         let prefix = self.keys.record_prefix.as_bytes();
         let mut buf = packing_buffer(
@@ -613,7 +636,7 @@ impl RedisBackend {
         buf
     }
 
-    /// Whether a batch of new records without expiry should be tried as an `MSETNX` (see
+    /// Whether a batch that may be one of new records should be tried as an `MSETNX` (see
     /// [`write_batch`](Self::write_batch)): yes unless one found a key taken in the last
     /// [`NEW_RECORDS_BACKOFF`] such batches.
     fn try_new_records(&self) -> bool {

@@ -46,7 +46,7 @@ macro_rules! script {
 /// expiry is stored at all) is read once, and only when a record has an expiry.
 pub(super) const WRITE_SCRIPT: &str = script!("#!lua", "write.lua");
 
-/// The second half of a batch of new records without expiry written natively (see
+/// The second half of a batch of new records, none with an expiry, written natively (see
 /// [`RedisBackend::pack_new_records`](super::RedisBackend::pack_new_records)): runs inside the
 /// batch's `MULTI`/`EXEC` right after its `MSETNX`, which sets the batch token to this batch's
 /// own value along with the records or, when any of the keys exists, nothing at all. The token
