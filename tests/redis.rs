@@ -554,9 +554,12 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
                     let ops: Vec<WriteOp> = (0..1 + next(8))
                         .map(|i| {
                             if step % 2 == 0 {
+                                // Some with an expiry: the native path sets it too.
+                                let expires_at =
+                                    (next(4) == 0).then_some(Timestamp(now.0 + 600_000));
                                 return WriteOp::Put {
                                     key: format!("f{step}:{i}"),
-                                    record: record(&vec![b'n'; 1 + i as usize], now, None),
+                                    record: record(&vec![b'n'; 1 + i as usize], now, expires_at),
                                     mode: if next(3) == 0 {
                                         PutMode::CreateOnly
                                     } else {
@@ -610,6 +613,7 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
         .query(&mut con)
         .unwrap();
     assert!(!token, "the batch token never outlives its transaction");
+    assert_bookkeeping_exact(&ns, &mut con, "after the concurrent batches");
     b.clear().unwrap();
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
