@@ -554,9 +554,12 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
                     let ops: Vec<WriteOp> = (0..1 + next(8))
                         .map(|i| {
                             if step % 2 == 0 {
+                                // Some with an expiry: the native path sets it too.
+                                let expires_at =
+                                    (next(4) == 0).then_some(Timestamp(now.0 + 600_000));
                                 return WriteOp::Put {
                                     key: format!("f{step}:{i}"),
-                                    record: record(&vec![b'n'; 1 + i as usize], now, None),
+                                    record: record(&vec![b'n'; 1 + i as usize], now, expires_at),
                                     mode: if next(3) == 0 {
                                         PutMode::CreateOnly
                                     } else {
@@ -610,6 +613,7 @@ fn concurrent_native_and_script_batches_keep_the_counters_exact() {
         .query(&mut con)
         .unwrap();
     assert!(!token, "the batch token never outlives its transaction");
+    assert_bookkeeping_exact(&ns, &mut con, "after the concurrent batches");
     b.clear().unwrap();
     assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
@@ -1483,6 +1487,147 @@ fn new_records_go_native_and_taken_keys_fall_back_to_the_script() {
     assert_eq!(usage(t3), (0, 0));
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+/// Batches of new records with an expiry (alone or mixed with records without) go to Redis
+/// as `MULTI`/`MSETNX`/`EXEC` too, the expiries and the expiry index set in the same
+/// transaction: the bookkeeping is exact, a record whose expiry passed by the server's clock
+/// is not stored, and a taken key leaves nothing of the native attempt (no expiry put on the
+/// record that was there) before the write script does the batch. On a server of its own,
+/// whose command counts show which path ran.
+#[test]
+fn new_records_with_expiries_go_native() {
+    let Some(server) = OwnServer::start(&[]) else {
+        return;
+    };
+    let ns = RedisNamespace {
+        url: server.url(),
+        namespace: "native-ttl".into(),
+    };
+    let b = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
+    let mut con = raw(&ns.url);
+    let paths = |con: &mut redis::Connection| (calls(con, "exec"), calls(con, "evalsha"));
+    let t0 = Timestamp(redis_time(&mut con));
+    let hour = Some(Timestamp(t0.0 + 3_600_000));
+    let put = |key: String, size: usize, expires_at: Option<Timestamp>| WriteOp::Put {
+        key,
+        record: record(&vec![b'v'; size], t0, expires_at),
+        mode: PutMode::Upsert,
+    };
+    // A delete takes the script: the server knows it from now on.
+    b.write(vec![WriteOp::Delete { key: "none".into() }], t0)
+        .unwrap();
+
+    // New keys, every one with an expiry: native, one EXEC and no script.
+    let before = paths(&mut con);
+    let outcomes = b
+        .write(
+            (0..100).map(|i| put(format!("t{i}"), i, hour)).collect(),
+            t0,
+        )
+        .unwrap();
+    assert!(outcomes.iter().all(|o| o.previous_size.is_none()));
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1), "native");
+    assert_bookkeeping_exact(&ns, &mut con, "new records with an expiry");
+    let meta = b.get_meta("t7").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.size, meta.expires_at), (t0, 7, hour));
+    let u = b.usage(t0).unwrap();
+    assert_eq!(
+        (u.item_count, u.total_size),
+        (100, (0..100).sum::<usize>() as u64)
+    );
+
+    // Mixed: expiries of their own, none, and one already past by the server's clock (not
+    // stored, not indexed, not counted).
+    let before = paths(&mut con);
+    let mixed: Vec<WriteOp> = (0..50)
+        .map(|i| match i % 3 {
+            0 => put(format!("m{i}"), 10, Some(Timestamp(t0.0 + 600_000 + i))),
+            1 => put(format!("m{i}"), 20, None),
+            _ if i == 5 => put(format!("m{i}"), 30, Some(Timestamp(t0.0 - 1_000))),
+            _ => put(format!("m{i}"), 30, hour),
+        })
+        .collect();
+    b.write(mixed, t0).unwrap();
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1), "native");
+    assert!(b.get_meta("m5").unwrap().is_none(), "past its expiry");
+    assert!(b.get_meta("m8").unwrap().is_some());
+    let indexed: Option<f64> = redis::cmd("ZSCORE")
+        .arg(ns.redis_key("expiry"))
+        .arg("m5")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(indexed, None);
+    assert_bookkeeping_exact(&ns, &mut con, "a mixed batch of new records");
+    let u = b.usage(t0).unwrap();
+    assert_eq!(
+        (u.item_count, u.total_size),
+        (
+            100 + 49,
+            (0..100).sum::<usize>() as u64 + 17 * 10 + 17 * 20 + 15 * 30
+        )
+    );
+
+    // One key taken by a record without expiry: the native attempt leaves nothing (no expiry
+    // on that record), the script writes the batch and keeps its created_at.
+    let t1 = Timestamp(t0.0 + 1_000);
+    let before = paths(&mut con);
+    let taken: Vec<WriteOp> = ["n1", "m1", "n2"]
+        .into_iter()
+        .map(|k| WriteOp::Put {
+            key: k.into(),
+            record: record(b"later", t1, hour),
+            mode: PutMode::Upsert,
+        })
+        .collect();
+    let outcomes = b.write(taken, t1).unwrap();
+    assert_eq!(paths(&mut con), (before.0 + 1, before.1 + 1));
+    assert_eq!(outcomes[1].previous_size, Some(20));
+    let meta = b.get_meta("m1").unwrap().unwrap();
+    assert_eq!((meta.created_at, meta.expires_at), (t0, hour));
+    assert_bookkeeping_exact(&ns, &mut con, "after a taken key");
+    let token: bool = redis::cmd("EXISTS")
+        .arg(ns.redis_key("batch"))
+        .query(&mut con)
+        .unwrap();
+    assert!(!token, "the batch token never outlives its transaction");
+
+    // A key of another type among new records with an expiry: the batch is refused whole,
+    // and that key keeps its value and gets no expiry. A backend of its own, whose first
+    // batch of new records tries the native path (no backoff yet).
+    let fresh = RedisBackend::open(&ns.url, &ns.namespace, &RedisOptions::default()).unwrap();
+    let before = paths(&mut con);
+    redis::cmd("HSET")
+        .arg(ns.record_key("foreign"))
+        .arg(&["f", "v"])
+        .query::<()>(&mut con)
+        .unwrap();
+    let err = fresh
+        .write(
+            vec![put("f1".into(), 3, hour), put("foreign".into(), 3, hour)],
+            t1,
+        )
+        .unwrap_err();
+    assert!(matches!(&err, StorageError::Corrupt { .. }), "{err:?}");
+    assert_eq!(
+        paths(&mut con),
+        (before.0 + 1, before.1 + 1),
+        "native, then the script"
+    );
+    assert!(b.get_meta("f1").unwrap().is_none());
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(ns.record_key("foreign"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(ttl, -1, "no expiry put on the key of another type");
+    redis::cmd("DEL")
+        .arg(ns.record_key("foreign"))
+        .query::<()>(&mut con)
+        .unwrap();
+    assert_bookkeeping_exact(&ns, &mut con, "after a refused batch");
+
+    b.clear().unwrap();
+    assert!(ns.keys().is_empty(), "{:?}", ns.keys());
 }
 
 #[test]

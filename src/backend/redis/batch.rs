@@ -6,18 +6,27 @@
 //! A batch ([`write`](crate::backend::Backend::write)) is **one round trip**, and Redis runs
 //! it with nothing else in between, in one of two ways.
 //!
-//! **New records without expiry, each key once** (the common case of saving new things) are
-//! sent as native commands: `MULTI`, one `MSETNX` of every record plus the batch token
-//! `{NS}:batch` set to a value of this batch's own, a short script that counts the records
-//! only if the token holds that value (and removes it), `EXEC`. `MSETNX` sets every key or,
-//! when any of them exists (of any type), none, so the token holds the batch's value exactly
-//! when the records were written; the counters follow in the same transaction, and the token
-//! never outlives it (one left behind by hand only makes the next such batch take the script,
-//! and is removed). Redis runs this about twice as
+//! **New records, each key once** (the common case of saving new things, with or without an
+//! expiry) are sent as native commands: `MULTI`, one `MSETNX` of every record plus the batch
+//! token `{NS}:batch` set to a value of this batch's own, a short script that acts only if the
+//! token holds that value (and removes it), `EXEC`. `MSETNX` sets every key or, when any of
+//! them exists (of any type), none, so the token holds the batch's value exactly when the
+//! records were written; the script then counts the records without expiry and, for those with
+//! one, sets Redis's expiry (`PEXPIREAT`) and the expiry index (`ZADD`; a record whose expiry
+//! is already past by the server's clock is removed by its `PEXPIREAT` at once and not
+//! indexed, so it is not stored, as the write script does). The script is given only the keys
+//! of the records with an expiry, their expiries and index members, never the records. The
+//! token never outlives the transaction (one left behind by hand only makes the next such
+//! batch take the write script, and is removed). Redis runs this about twice as
 //! fast as the same records passed through a script (`INFO commandstats` on the project's
 //! 2-core test machine: 0.75 ms for the `EXEC` of 1,000 records of 242 bytes, against
 //! 1.1-1.8 ms for the script's `EVALSHA`, most of it turning 2,000 arguments into Lua
-//! strings and back). A server out of
+//! strings and back). With a 1 h expiry (`bench redis_tx_ttl --rounds 3` on a private
+//! `redis-server`, load average 5.2-5.4, the write script and this path alternating, two runs
+//! each): 150,000-198,000 records/s against 143,000-156,000 through the script; the `EXEC` of a
+//! 1,000-record batch took 3.3-3.5 ms, of which `MSETNX` 0.55-0.6 ms and the script 2.7-2.8
+//! ms, most of it the `ZADD` into an index of up to 60,000 members and the `PEXPIREAT`s. A
+//! server out of
 //! memory refuses the `MSETNX` as it is queued, and `EXEC` then refuses the whole transaction.
 //! When a key is taken nothing was written, and the batch goes to the script below; the next
 //! 15 such batches go straight to the script, so a store that saves over existing keys pays
@@ -43,6 +52,18 @@
 //! expiry as a Lua number (which Redis formats with `%.17g` each time) took 1.5 ms and the
 //! `ZADD` of numbers 0.9 ms.
 //!
+//! **Overwrites stay in the script** (measured, not assumed): a transaction that keeps the
+//! records out of Lua for a batch of upserts of existing keys (`MULTI`; a script given only
+//! the keys that reads and checks the records replaced, stashes their `created_at`, applies
+//! the counters and `DEL`s them; `MSETNX` of the new records; a script that writes each kept
+//! `created_at` back with `SETRANGE`; `EXEC`) ran no faster than the write script: 2.28 ms per
+//! 1,000-record batch against 2.27 ms (`bench redis_tx_overwrite --rounds 3`, private server,
+//! load 3.4-3.6, alternating runs; commit "Experiment (reverted next)" in the history). Its
+//! first script alone took 1.7-2.0 ms (the `MGET` of the records replaced, each becoming a Lua
+//! string, the checks, the `DEL`), the second 0.8-1.1 ms (a `SETRANGE` per record from Lua):
+//! what taking the records out of Lua saves, the per-key calls cost again. Any design that
+//! reads what it replaces in a script pays that `MGET` and a call per record for `created_at`.
+//!
 //! Keeping a live record's `created_at`, reporting the previous size and the create-only
 //! check are read-modify-writes. With native commands they would need `WATCH` on every key
 //! of the batch, a retry loop and a dedicated connection, and Redis 7.0's `WATCH` costs time
@@ -58,8 +79,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::connection::{Retry, recv_reply};
 use super::hasher::KeyHasher;
-use super::record::{HEADER_LEN, encode_header};
-use super::scripts::COUNT_NEW_RECORDS_SCRIPT;
+use super::record::{HEADER_LEN, encode_header, stored_expiry};
+use super::scripts::{COUNT_NEW_RECORDS_SCRIPT, EXPIRE_NEW_RECORDS_SCRIPT};
 use super::{BACKEND, RedisBackend, resp};
 use crate::backend::{PutMode, Record, RecordVersion, WriteOp, WriteOutcome};
 use crate::clock::Timestamp;
@@ -235,8 +256,11 @@ struct BatchSummary {
     /// Each key appears once, which spares the write script following a key through the
     /// batch.
     distinct: bool,
-    /// Every operation puts a record without expiry.
-    puts_without_expiry: bool,
+    /// Every operation is an upsert or a create-only put, with or without expiry: the batch
+    /// may be one of new records.
+    plain_puts: bool,
+    /// The puts with an expiry.
+    expiring: usize,
     /// Count and value bytes of the puts without expiry, for the usage counters.
     added_count: u64,
     added_bytes: u64,
@@ -250,7 +274,8 @@ impl BatchSummary {
             HashSet::with_capacity_and_hasher(entries.len(), Default::default());
         let mut summary = Self {
             distinct: entries.iter().all(|e| seen.insert(e.key)),
-            puts_without_expiry: true,
+            plain_puts: true,
+            expiring: 0,
             added_count: 0,
             added_bytes: 0,
             packed_size: 0,
@@ -264,8 +289,10 @@ impl BatchSummary {
                 summary.added_count += 1;
                 summary.added_bytes += record.value.len() as u64;
             }
-            if !matches!(e.kind, kind::UPSERT | kind::CREATE) {
-                summary.puts_without_expiry = false;
+            match e.kind {
+                kind::UPSERT | kind::CREATE => {}
+                kind::UPSERT_EXPIRING | kind::CREATE_EXPIRING => summary.expiring += 1,
+                _ => summary.plain_puts = false,
             }
             summary.packed_size += 2 * 16 + record_prefix.len() + e.key.len() + e.record_len();
         }
@@ -301,9 +328,9 @@ impl RedisBackend {
             )));
         }
         let doing = format!("writing a batch of {} operation(s)", ops.len());
-        // New records without expiry, each key once (saving new things): native commands,
-        // which Redis runs about twice as fast as the script; see the module docs.
-        if summary.distinct && summary.puts_without_expiry && self.try_new_records() {
+        // New records, each key once (saving new things): native commands, which Redis runs
+        // about twice as fast as the script; see the module docs.
+        if summary.distinct && summary.plain_puts && self.try_new_records() {
             let packed = self.pack_new_records(&entries, &summary);
             let answer = self.run(&doing, Retry::Never, |con| {
                 self.exec_new_records(con, &packed)
@@ -490,12 +517,19 @@ impl RedisBackend {
         redis::from_redis_value(exec?).map_err(Into::into)
     }
 
-    /// A batch of new records without expiry, each key once, as native commands in the Redis
-    /// protocol (RESP): `MULTI`, one `MSETNX` of the batch token and every record, the
-    /// [`COUNT_NEW_RECORDS_SCRIPT`], `EXEC`. Hand the buffer back with [`recycle`] once sent.
+    /// A batch of new records, each key once, as native commands in the Redis protocol (RESP):
+    /// `MULTI`, one `MSETNX` of the batch token and every record, the
+    /// [`COUNT_NEW_RECORDS_SCRIPT`] (or, when a record has an expiry, the
+    /// [`EXPIRE_NEW_RECORDS_SCRIPT`], given the keys, expiries and index members of those
+    /// records), `EXEC`. Hand the buffer back with [`recycle`] once sent.
     fn pack_new_records(&self, entries: &[BatchEntry<'_>], summary: &BatchSummary) -> Vec<u8> {
         let prefix = self.keys.record_prefix.as_bytes();
-        let mut buf = packing_buffer(summary.packed_size + 512);
+        let mut buf = packing_buffer(
+            summary.packed_size
+                + 512
+                + EXPIRE_NEW_RECORDS_SCRIPT.len()
+                + summary.expiring * (prefix.len() + 64),
+        );
         resp::array(&mut buf, 1);
         resp::bulk(&mut buf, &[b"MULTI"]);
         resp::array(&mut buf, 3 + 2 * entries.len());
@@ -507,15 +541,62 @@ impl RedisBackend {
             resp::bulk(&mut buf, &[prefix, e.key]);
             e.pack_record(&mut buf);
         }
-        resp::array(&mut buf, 8);
-        resp::bulk(&mut buf, &[b"EVAL"]);
-        resp::bulk(&mut buf, &[COUNT_NEW_RECORDS_SCRIPT.as_bytes()]);
-        resp::bulk(&mut buf, &[b"2"]);
-        resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
-        resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
-        resp::int(&mut buf, summary.added_count as i64);
-        resp::int(&mut buf, summary.added_bytes as i64);
-        resp::bulk(&mut buf, &[&token]);
+        if summary.expiring == 0 {
+            resp::array(&mut buf, 8);
+            resp::bulk(&mut buf, &[b"EVAL"]);
+            resp::bulk(&mut buf, &[COUNT_NEW_RECORDS_SCRIPT.as_bytes()]);
+            resp::bulk(&mut buf, &[b"2"]);
+            resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+            resp::int(&mut buf, summary.added_count as i64);
+            resp::int(&mut buf, summary.added_bytes as i64);
+            resp::bulk(&mut buf, &[&token]);
+        } else {
+            let expiries = || {
+                entries.iter().filter_map(|e| {
+                    let (record, _) = e.put.as_ref()?;
+                    record
+                        .meta
+                        .expires_at
+                        .map(|at| (e.key, stored_expiry(Some(at))))
+                })
+            };
+            let earliest = expiries().map(|(_, at)| at).min().unwrap_or(i64::MIN);
+            resp::array(
+                &mut buf,
+                3 + 3 + summary.expiring + 4 + 2 * summary.expiring,
+            );
+            resp::bulk(&mut buf, &[b"EVAL"]);
+            resp::bulk(&mut buf, &[EXPIRE_NEW_RECORDS_SCRIPT.as_bytes()]);
+            resp::int(&mut buf, 3 + summary.expiring as i64);
+            resp::bulk(&mut buf, &[self.keys.batch_token.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.usage.as_bytes()]);
+            resp::bulk(&mut buf, &[self.keys.expiry.as_bytes()]);
+            for (key, _) in expiries() {
+                resp::bulk(&mut buf, &[prefix, key]);
+            }
+            resp::int(&mut buf, summary.added_count as i64);
+            resp::int(&mut buf, summary.added_bytes as i64);
+            resp::bulk(&mut buf, &[&token]);
+            resp::int(&mut buf, earliest);
+            // The expiry of each record in decimal, formatted once per distinct value (a
+            // batch's records mostly share one).
+            let mut last: Option<(i64, std::ops::Range<usize>)> = None;
+            for (key, at) in expiries() {
+                match &last {
+                    Some((value, range)) if *value == at => {
+                        let range = range.clone();
+                        buf.extend_from_within(range);
+                    }
+                    _ => {
+                        let start = buf.len();
+                        resp::int(&mut buf, at);
+                        last = Some((at, start..buf.len()));
+                    }
+                }
+                resp::bulk(&mut buf, &[key]);
+            }
+        }
         resp::array(&mut buf, 1);
         resp::bulk(&mut buf, &[b"EXEC"]);
         buf
@@ -555,7 +636,7 @@ impl RedisBackend {
         buf
     }
 
-    /// Whether a batch of new records without expiry should be tried as an `MSETNX` (see
+    /// Whether a batch that may be one of new records should be tried as an `MSETNX` (see
     /// [`write_batch`](Self::write_batch)): yes unless one found a key taken in the last
     /// [`NEW_RECORDS_BACKOFF`] such batches.
     fn try_new_records(&self) -> bool {

@@ -44,8 +44,8 @@
 //! # Atomicity
 //!
 //! A batch ([`write`](Backend::write)) is **one round trip**, and Redis runs it with nothing
-//! else in between: new records without expiry, each key once (the common case of saving new
-//! things), as one `MULTI`/`EXEC` of native commands; every other batch as one Lua script that
+//! else in between: new records (with or without an expiry), each key once (the common case
+//! of saving new things), as one `MULTI`/`EXEC` of native commands; every other batch as one Lua script that
 //! reads every record the batch replaces before it writes anything. So a refused batch (a
 //! create-only put over a live record, a key that is not a record) changes nothing, and other
 //! clients never see half a batch; no `WATCH`, no retry loop. The scripts carry a `#!lua`

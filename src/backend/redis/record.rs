@@ -225,14 +225,19 @@ pub(super) fn parse_record(key: &str, bytes: &[u8]) -> Result<Header> {
     Ok(header)
 }
 
-/// The header of a record (see the module docs); the lengths were checked to fit.
-pub(super) fn encode_header(meta: &RecordMeta, size: usize, custom_len: usize) -> [u8; HEADER_LEN] {
-    // 0 means "never": an expiry at the epoch (long past for any real clock) is written as -1.
-    let expires_at = match meta.expires_at {
+/// A record's expiry as its header holds it: 0 means "never", so an expiry at the epoch (long
+/// past for any real clock) is written as -1.
+pub(super) fn stored_expiry(expires_at: Option<Timestamp>) -> i64 {
+    match expires_at {
         None => 0,
         Some(Timestamp(0)) => -1,
         Some(Timestamp(t)) => t,
-    };
+    }
+}
+
+/// The header of a record (see the module docs); the lengths were checked to fit.
+pub(super) fn encode_header(meta: &RecordMeta, size: usize, custom_len: usize) -> [u8; HEADER_LEN] {
+    let expires_at = stored_expiry(meta.expires_at);
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&meta.created_at.0.to_le_bytes());
     h[8..16].copy_from_slice(&expires_at.to_le_bytes());

@@ -46,7 +46,7 @@ macro_rules! script {
 /// expiry is stored at all) is read once, and only when a record has an expiry.
 pub(super) const WRITE_SCRIPT: &str = script!("#!lua", "write.lua");
 
-/// The second half of a batch of new records without expiry written natively (see
+/// The second half of a batch of new records, none with an expiry, written natively (see
 /// [`RedisBackend::pack_new_records`](super::RedisBackend::pack_new_records)): runs inside the
 /// batch's `MULTI`/`EXEC` right after its `MSETNX`, which sets the batch token to this batch's
 /// own value along with the records or, when any of the keys exists, nothing at all. The token
@@ -61,6 +61,23 @@ pub(super) const WRITE_SCRIPT: &str = script!("#!lua", "write.lua");
 /// does not take the shared helpers, which it does not need.
 pub(super) const COUNT_NEW_RECORDS_SCRIPT: &str =
     concat!("#!lua\n", include_str!("scripts/count_new_records.lua"));
+
+/// The second half of a batch of new records of which some have an expiry, written natively
+/// (see [`RedisBackend::pack_new_records`](super::RedisBackend::pack_new_records)): what
+/// [`COUNT_NEW_RECORDS_SCRIPT`] does (the records without expiry counted only when the batch
+/// token holds this batch's value), then, for each record with an expiry, Redis's expiry
+/// (`PEXPIREAT`) and its entry of the expiry index (`ZADD`, skipped for a record whose expiry
+/// is already past by the server's clock: its `PEXPIREAT` removes it at once, so it is not
+/// stored). KEYS: the batch token, usage, expiry, then the record key of each record with an
+/// expiry. ARGV: the count and bytes of the records without expiry, this batch's token value,
+/// the earliest expiry, then for each record with an expiry (in the order of KEYS) its expiry
+/// in ms as the header holds it and its key (the index's member), both in decimal. Returns 1
+/// when the records were written, else 0.
+///
+/// Sent whole with every such batch (`EVAL`, inside the transaction), like
+/// [`COUNT_NEW_RECORDS_SCRIPT`], and without the shared helpers.
+pub(super) const EXPIRE_NEW_RECORDS_SCRIPT: &str =
+    concat!("#!lua\n", include_str!("scripts/expire_new_records.lua"));
 
 /// Sets the access time of an existing record, keeping its expiry. KEYS: the record. ARGV:
 /// the time, 8 bytes little-endian. Fails on a key of another type, passes over a string that
@@ -139,5 +156,7 @@ mod tests {
         }
         assert!(COUNT_NEW_RECORDS_SCRIPT.starts_with("#!lua\n"));
         assert!(!COUNT_NEW_RECORDS_SCRIPT.contains(HEADER));
+        assert!(EXPIRE_NEW_RECORDS_SCRIPT.starts_with("#!lua\n"));
+        assert!(!EXPIRE_NEW_RECORDS_SCRIPT.contains(HEADER));
     }
 }
