@@ -224,10 +224,10 @@ impl WriteOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteOutcome {
     /// Size of the live record that was replaced or deleted; `None` if there was none
-    /// (or it had expired). For a [`PutMode::Upsert`] put a backend may leave it `None` when
-    /// finding the old size would cost a lookup per save (the SQLite backend does): the store
-    /// then counts its quota conservatively and recounts exactly when a write nears the limit.
-    /// Deletes and create-only puts always report it.
+    /// (or it had expired). For a [`PutMode::Upsert`] or [`PutMode::IfVersion`] put a backend
+    /// may leave it `None` when finding the old size would cost a lookup per save (the SQLite
+    /// backend does): the store then counts its quota conservatively and recounts exactly when
+    /// a write nears the limit. Deletes and create-only puts always report it.
     pub previous_size: Option<u64>,
 }
 

@@ -81,13 +81,15 @@ impl Store {
             return backend.write_within_quota(ops, now, quota.max);
         }
         let adding = adding(&ops);
+        // Puts that may replace a record without reporting its size: upserts, and puts
+        // conditional on a version (one statement on SQLite, which reads nothing back).
         let upserts = ops
             .iter()
             .filter(|op| {
                 matches!(
                     op,
                     WriteOp::Put {
-                        mode: PutMode::Upsert,
+                        mode: PutMode::Upsert | PutMode::IfVersion(_),
                         ..
                     }
                 )
@@ -122,8 +124,8 @@ impl Store {
                         // upper bound, and the slow path below recounts exactly.
                         let freed: u64 = outcomes.iter().filter_map(|o| o.previous_size).sum();
                         *used = used.saturating_sub(freed);
-                        // Deletes and create-only puts always report; upserts only when
-                        // the backend looked.
+                        // Deletes and create-only puts always report; upserts and
+                        // conditional puts only when the backend looked.
                         if upserts > 0 && !looked {
                             quota.exact.store(false, Ordering::Relaxed);
                         }

@@ -7,7 +7,8 @@ use rusqlite::{CachedStatement, OptionalExtension, Transaction, TransactionBehav
 use std::sync::atomic::Ordering;
 
 use super::schema::{
-    SQL_DELETE, SQL_DELETE_IF_UNCHANGED, SQL_PREVIOUS, SQL_UPSERT, SQL_UPSERT_KEEP_CREATED,
+    SQL_DELETE, SQL_DELETE_IF_UNCHANGED, SQL_PREVIOUS, SQL_UPDATE_IF_VERSION, SQL_UPSERT,
+    SQL_UPSERT_KEEP_CREATED,
 };
 use super::{SqliteBackend, reserve};
 use crate::backend::{CustomMetadata, PutMode, RecordVersion, WriteOp, WriteOutcome};
@@ -45,6 +46,7 @@ struct BatchStatements<'t> {
     previous: Option<CachedStatement<'t>>,
     upsert: Option<CachedStatement<'t>>,
     upsert_keep_created: Option<CachedStatement<'t>>,
+    update_if_version: Option<CachedStatement<'t>>,
     delete: Option<CachedStatement<'t>>,
     /// Look up the record every upsert replaces, to report its size (near the quota).
     report_sizes: bool,
@@ -58,6 +60,7 @@ impl<'t> BatchStatements<'t> {
             previous: None,
             upsert: None,
             upsert_keep_created: None,
+            update_if_version: None,
             delete: None,
         }
     }
@@ -107,44 +110,41 @@ impl<'t> BatchStatements<'t> {
                     previous_size: None,
                 }))
             }
-            WriteOp::Put { key, record, mode } => {
-                let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
-                    .query_row([key], |row| {
-                        Ok((
-                            Previous {
-                                size: row.get(0)?,
-                                expires_at: row.get(1)?,
-                            },
-                            row.get::<_, i64>(2)?,
-                            RecordVersion(row.get::<_, i64>(3)? as u64),
-                        ))
-                    })
-                    .optional()?;
-                let live = previous.and_then(|(p, created_at, version)| {
-                    Some((p.live_size(now)?, created_at, version))
-                });
-                if let Err(refused) = mode.check(key, live.map(|(.., version)| version)) {
-                    return Ok(OpResult::Refused(refused));
-                }
+            WriteOp::Put {
+                key,
+                record,
+                mode: PutMode::IfVersion(expected),
+            } if !self.report_sizes => {
+                // One statement when the version matches (the usual case of a
+                // read-modify-write): the check is the UPDATE's condition.
                 let meta = &record.meta;
-                let created_at = live.map_or(meta.created_at.0, |(_, created_at, _)| created_at);
                 let custom = custom_json(&meta.custom)?;
-                Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
-                    key,
-                    created_at,
-                    meta.modified_at.0,
-                    meta.accessed_at.0,
-                    meta.expires_at.map(|t| t.0),
-                    meta.size,
-                    meta.compressed,
-                    meta.encrypted,
-                    custom,
-                    record.value,
-                    meta.version.0 as i64,
-                ])?;
-                Ok(OpResult::Done(WriteOutcome {
-                    previous_size: live.map(|(size, ..)| size),
-                }))
+                let updated =
+                    Self::get(self.tx, &mut self.update_if_version, SQL_UPDATE_IF_VERSION)?
+                        .execute(rusqlite::params![
+                            key,
+                            meta.modified_at.0,
+                            meta.accessed_at.0,
+                            meta.expires_at.map(|t| t.0),
+                            meta.size,
+                            meta.compressed,
+                            meta.encrypted,
+                            custom,
+                            record.value,
+                            meta.version.0 as i64,
+                            expected.0 as i64,
+                            now.0,
+                        ])?;
+                if updated == 1 {
+                    return Ok(OpResult::Done(WriteOutcome {
+                        previous_size: None,
+                    }));
+                }
+                // Refused: read what is there, for the error that says what was found.
+                self.put_reading_previous(key, record, PutMode::IfVersion(*expected), now)
+            }
+            WriteOp::Put { key, record, mode } => {
+                self.put_reading_previous(key, record, *mode, now)
             }
             WriteOp::Delete { key } => {
                 let previous = Self::get(self.tx, &mut self.delete, SQL_DELETE)?
@@ -160,6 +160,53 @@ impl<'t> BatchStatements<'t> {
                 }))
             }
         }
+    }
+
+    /// A put that reads the record it replaces first: for its previous size (near the
+    /// quota), its `created_at`, and the create-only and version checks.
+    fn put_reading_previous(
+        &mut self,
+        key: &str,
+        record: &crate::backend::Record,
+        mode: PutMode,
+        now: Timestamp,
+    ) -> rusqlite::Result<OpResult> {
+        let previous = Self::get(self.tx, &mut self.previous, SQL_PREVIOUS)?
+            .query_row([key], |row| {
+                Ok((
+                    Previous {
+                        size: row.get(0)?,
+                        expires_at: row.get(1)?,
+                    },
+                    row.get::<_, i64>(2)?,
+                    RecordVersion(row.get::<_, i64>(3)? as u64),
+                ))
+            })
+            .optional()?;
+        let live = previous
+            .and_then(|(p, created_at, version)| Some((p.live_size(now)?, created_at, version)));
+        if let Err(refused) = mode.check(key, live.map(|(.., version)| version)) {
+            return Ok(OpResult::Refused(refused));
+        }
+        let meta = &record.meta;
+        let created_at = live.map_or(meta.created_at.0, |(_, created_at, _)| created_at);
+        let custom = custom_json(&meta.custom)?;
+        Self::get(self.tx, &mut self.upsert, SQL_UPSERT)?.execute(rusqlite::params![
+            key,
+            created_at,
+            meta.modified_at.0,
+            meta.accessed_at.0,
+            meta.expires_at.map(|t| t.0),
+            meta.size,
+            meta.compressed,
+            meta.encrypted,
+            custom,
+            record.value,
+            meta.version.0 as i64,
+        ])?;
+        Ok(OpResult::Done(WriteOutcome {
+            previous_size: live.map(|(size, ..)| size),
+        }))
     }
 }
 

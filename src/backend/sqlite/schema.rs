@@ -90,6 +90,13 @@ pub(super) const SQL_UPSERT: &str = "INSERT INTO records (key, created_at, modif
      expires_at = excluded.expires_at, size = excluded.size, compressed = excluded.compressed, \
      encrypted = excluded.encrypted, custom = excluded.custom, value = excluded.value, \
      version = excluded.version";
+/// A put conditional on a version, in one statement: it replaces the record only if it is
+/// live at `?12` (`now`) and of version `?11`, keeping its `created_at` (`?10` is the new
+/// version). No row changed means refused; the caller then reads the record for the error.
+pub(super) const SQL_UPDATE_IF_VERSION: &str = "UPDATE records SET modified_at = ?2, \
+     accessed_at = ?3, expires_at = ?4, size = ?5, compressed = ?6, encrypted = ?7, \
+     custom = ?8, value = ?9, version = ?10 \
+     WHERE key = ?1 AND version = ?11 AND (expires_at IS NULL OR expires_at > ?12)";
 /// The upsert of a plain put: no lookup of the previous record. It keeps the stored
 /// `created_at` of a live record (?11 is `now`, ?12 the version) and reports no previous
 /// size (see [`WriteOutcome::previous_size`](crate::backend::WriteOutcome::previous_size)).
