@@ -214,6 +214,75 @@ BEGIN
     RETURN CASE WHEN live THEN old.size END;
 END
 $fn$;
+CREATE OR REPLACE FUNCTION bevy_storage_put_v3(
+    ns text, now_ms bigint, max_size bigint, kind "char", k text,
+    p_created bigint, p_modified bigint, p_accessed bigint, p_expires bigint, p_size bigint,
+    p_compressed boolean, p_encrypted boolean, p_custom text, p_val bytea,
+    p_version bigint, p_expected bigint
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_variable
+DECLARE
+    n_total bigint;
+    old_size bigint;
+    old_version bigint;
+    live boolean := false;
+    expired_size bigint;
+BEGIN
+    UPDATE bevy_storage_namespaces SET item_count = item_count + 1,
+        total_size = total_size + p_size
+        WHERE namespace = ns RETURNING total_size INTO n_total;
+    IF NOT FOUND THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(ns, 7));
+        INSERT INTO bevy_storage_namespaces (namespace, item_count, total_size)
+            SELECT ns, count(*), coalesce(sum(size), 0)::bigint
+            FROM bevy_storage_records WHERE namespace = ns
+            ON CONFLICT (namespace) DO NOTHING;
+        UPDATE bevy_storage_namespaces SET item_count = item_count + 1,
+            total_size = total_size + p_size
+            WHERE namespace = ns RETURNING total_size INTO n_total;
+    END IF;
+    INSERT INTO bevy_storage_records (namespace, key, created_at, modified_at,
+        accessed_at, expires_at, size, compressed, encrypted, custom, value, version)
+        SELECT ns, k, p_created, p_modified, p_accessed, p_expires, p_size,
+            p_compressed, p_encrypted, p_custom, p_val, p_version
+        WHERE kind <> 'V'
+        ON CONFLICT (namespace, key) DO NOTHING;
+    IF NOT FOUND THEN
+        UPDATE bevy_storage_records r SET
+            created_at = CASE WHEN o.live THEN o.created_at ELSE p_created END,
+            modified_at = p_modified, accessed_at = p_accessed, expires_at = p_expires,
+            size = p_size, compressed = p_compressed, encrypted = p_encrypted,
+            custom = p_custom, value = p_val, version = p_version
+            FROM (SELECT size, created_at, version,
+                    expires_at IS NULL OR expires_at > now_ms AS live
+                FROM bevy_storage_records WHERE namespace = ns AND key = k) o
+            WHERE r.namespace = ns AND r.key = k
+            RETURNING o.size, o.live, o.version INTO old_size, live, old_version;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = k, DETAIL = '';
+        END IF;
+        IF kind = 'C' AND live THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS001', MESSAGE = k;
+        END IF;
+        IF kind = 'V' AND (NOT live OR old_version <> p_expected) THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = k,
+                DETAIL = CASE WHEN live THEN old_version::text ELSE '' END;
+        END IF;
+        UPDATE bevy_storage_namespaces SET item_count = item_count - 1,
+            total_size = total_size - old_size
+            WHERE namespace = ns RETURNING total_size INTO n_total;
+    END IF;
+    IF max_size IS NOT NULL AND n_total > max_size THEN
+        SELECT coalesce(sum(size), 0)::bigint INTO expired_size FROM bevy_storage_records
+            WHERE namespace = ns AND expires_at <= now_ms;
+        IF n_total - expired_size > max_size THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS003',
+                MESSAGE = format('%s %s', n_total - expired_size, p_size);
+        END IF;
+    END IF;
+    RETURN CASE WHEN live THEN old_size END;
+END
+$fn$;
 "#;
 
 /// Creates the namespace's counters from its records if it has none yet (a namespace's
@@ -256,7 +325,7 @@ pub(super) const SQL_WRITE: &str = "SELECT bevy_storage_write_v2($1, $2, $3, $4,
 /// at schema version 2 beside [`SQL_WRITE`]'s function, which it leaves as it is, so
 /// servers of the previous release keep working on a database that has both; opening a
 /// store installs it where it is missing ([`SQL_SCHEMA_PRESENT`]).
-pub(super) const SQL_PUT: &str = "SELECT bevy_storage_put_v2($1, $2, $3, $4, $5, $6, $7, $8, \
+pub(super) const SQL_PUT: &str = "SELECT bevy_storage_put_v3($1, $2, $3, $4, $5, $6, $7, $8, \
      $9, $10, $11, $12, $13, $14, $15, $16)";
 
 /// True when every table, index and function of [`SQL_CREATE`] exists.
@@ -265,6 +334,8 @@ pub(super) const SQL_SCHEMA_PRESENT: &str = "SELECT to_regclass('bevy_storage_sc
        bigint[], bigint[], bigint[], bigint[], bigint[], boolean[], boolean[], text[], bytea[], \
        bigint[], bigint[])') IS NOT NULL \
      AND to_regprocedure('bevy_storage_put_v2(text, bigint, bigint, \"char\", text, bigint, \
+       bigint, bigint, bigint, bigint, boolean, boolean, text, bytea, bigint, bigint)') IS NOT NULL \
+     AND to_regprocedure('bevy_storage_put_v3(text, bigint, bigint, \"char\", text, bigint, \
        bigint, bigint, bigint, bigint, boolean, boolean, text, bytea, bigint, bigint)') IS NOT NULL \
      AND to_regclass('bevy_storage_records') IS NOT NULL \
      AND to_regclass('bevy_storage_records_expiry') IS NOT NULL \
