@@ -3,8 +3,9 @@
 //!
 //! A batch is sent as arrays (one element per operation) to the function
 //! `bevy_storage_write_v2` that `schema.rs` installs ([`schema::SQL_WRITE`]), or, for a batch
-//! of one put (a single save), as scalars to `bevy_storage_put_v2` ([`schema::SQL_PUT`]),
-//! which does the same for that one operation; either is called in autocommit, so the statement is its own transaction: the server locks the namespace's
+//! of one put (a single save), as scalars to `bevy_storage_put_v3` ([`schema::SQL_PUT`]),
+//! which does the same for that one operation in fewer statements. Either is called in
+//! autocommit, so the statement is its own transaction: the server locks the namespace's
 //! counters (`bevy_storage_namespaces`), so batches of one namespace commit one after
 //! another and every size read inside one is exact; applies the operations in order (a later
 //! one sees an earlier one's effect; a live record keeps its `created_at`); checks
@@ -13,6 +14,9 @@
 //! returns what each operation replaced. The same work as a client-side transaction took two
 //! round trips (the counters and the quota depend on what the statements found), which
 //! halved the save rate of a server a millisecond away from its database.
+//!
+//! Both calls go through [`run_write`], the one place that retries a call that deadlocked
+//! or failed to serialize and turns the functions' errors into typed ones ([`refusal`]).
 
 use tokio_postgres::error::DbError;
 use tokio_postgres::types::ToSql;
