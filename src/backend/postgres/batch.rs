@@ -109,6 +109,9 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// Applies `ops` as one transaction (see the [module docs](self)): a single put through the
+/// put function, anything else through the write function, both by [`run_write`]. Returns
+/// one outcome per operation; `max_size` is the quota the server checks (`None`: none).
 pub(super) fn write_batch(
     backend: &PostgresBackend,
     ops: Vec<WriteOp>,
