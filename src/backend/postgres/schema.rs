@@ -225,6 +225,7 @@ DECLARE
     n_total bigint;
     old_size bigint;
     old_version bigint;
+    old_created bigint;
     live boolean := false;
     expired_size bigint;
 BEGIN
@@ -241,26 +242,10 @@ BEGIN
             total_size = total_size + p_size
             WHERE namespace = ns RETURNING total_size INTO n_total;
     END IF;
-    INSERT INTO bevy_storage_records (namespace, key, created_at, modified_at,
-        accessed_at, expires_at, size, compressed, encrypted, custom, value, version)
-        SELECT ns, k, p_created, p_modified, p_accessed, p_expires, p_size,
-            p_compressed, p_encrypted, p_custom, p_val, p_version
-        WHERE kind <> 'V'
-        ON CONFLICT (namespace, key) DO NOTHING;
-    IF NOT FOUND THEN
-        UPDATE bevy_storage_records r SET
-            created_at = CASE WHEN o.live THEN o.created_at ELSE p_created END,
-            modified_at = p_modified, accessed_at = p_accessed, expires_at = p_expires,
-            size = p_size, compressed = p_compressed, encrypted = p_encrypted,
-            custom = p_custom, value = p_val, version = p_version
-            FROM (SELECT size, created_at, version,
-                    expires_at IS NULL OR expires_at > now_ms AS live
-                FROM bevy_storage_records WHERE namespace = ns AND key = k LIMIT 1) o
-            WHERE r.namespace = ns AND r.key = k
-            RETURNING o.size, o.live, o.version INTO old_size, live, old_version;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = k, DETAIL = '';
-        END IF;
+    SELECT size, created_at, version, expires_at IS NULL OR expires_at > now_ms
+        INTO old_size, old_created, old_version, live
+        FROM bevy_storage_records WHERE namespace = ns AND key = k;
+    IF FOUND THEN
         IF kind = 'C' AND live THEN
             RAISE EXCEPTION USING ERRCODE = 'BS001', MESSAGE = k;
         END IF;
@@ -268,9 +253,24 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = k,
                 DETAIL = CASE WHEN live THEN old_version::text ELSE '' END;
         END IF;
+        UPDATE bevy_storage_records SET
+            created_at = CASE WHEN live THEN old_created ELSE p_created END,
+            modified_at = p_modified, accessed_at = p_accessed, expires_at = p_expires,
+            size = p_size, compressed = p_compressed, encrypted = p_encrypted,
+            custom = p_custom, value = p_val, version = p_version
+            WHERE namespace = ns AND key = k;
         UPDATE bevy_storage_namespaces SET item_count = item_count - 1,
             total_size = total_size - old_size
             WHERE namespace = ns RETURNING total_size INTO n_total;
+    ELSE
+        IF kind = 'V' THEN
+            RAISE EXCEPTION USING ERRCODE = 'BS002', MESSAGE = k, DETAIL = '';
+        END IF;
+        INSERT INTO bevy_storage_records (namespace, key, created_at, modified_at,
+            accessed_at, expires_at, size, compressed, encrypted, custom, value, version)
+            VALUES (ns, k, p_created, p_modified, p_accessed, p_expires, p_size,
+                p_compressed, p_encrypted, p_custom, p_val, p_version);
+        live := false;
     END IF;
     IF max_size IS NOT NULL AND n_total > max_size THEN
         SELECT coalesce(sum(size), 0)::bigint INTO expired_size FROM bevy_storage_records
@@ -322,25 +322,25 @@ pub(super) const SQL_WRITE: &str = "SELECT bevy_storage_write_v2($1, $2, $3, $4,
 
 /// A batch of one put: the write function's work for that one operation, with scalar
 /// parameters instead of one-element arrays (the same checks, errors and counters; it
-/// returns the previous live size, NULL for none), in as few statements as the case needs.
-/// It takes the namespace's counters with the `UPDATE` that counts the put as a new record
-/// (`item_count + 1`, `total_size + size`: no separate `FOR UPDATE`), then inserts the record
-/// with `ON CONFLICT DO NOTHING`; a new key is done in those two statements. Only when the
-/// key exists does it read the old record, in the `UPDATE` that replaces it (`UPDATE ...
-/// FROM (SELECT ... LIMIT 1) RETURNING` the old size, liveness and version; the `LIMIT 1`
-/// keeps the planner's row estimate of the self-join at one row, since a generic plan's
-/// estimate for the key can be many rows and a join of two such estimates passed
-/// `jit_above_cost` in a trial: 15 ms of JIT compilation per call), check create-only and
-/// the version (raising `BS001`/`BS002`, which undoes the write) and correct the counters.
+/// returns the previous live size, NULL for none), in fewer statements. It takes the
+/// namespace's counters with the `UPDATE` that counts the put as a new record
+/// (`item_count + 1`, `total_size + size`) instead of a `SELECT ... FOR UPDATE` followed by
+/// an `UPDATE`, then reads the old record: a new key is then one `INSERT` (three statements
+/// where `bevy_storage_put_v2` ran four); an existing one is checked (create-only, version:
+/// `BS001`/`BS002`), replaced by an `UPDATE` and the counters corrected (four, as before).
 /// The lock order is the write function's (counters, then records), so servers still on
-/// `bevy_storage_put_v2` (counters `FOR UPDATE`, read, write, counters `UPDATE`) run beside
-/// this one without deadlocks (tested). Server CPU per call, measured with the backend's
-/// `schedstat` over 3,000 autocommit calls (`synchronous_commit = off`, load 3-4, medians
-/// of 7): a new key 93 µs against 119 for `_put_v2` (the raw upsert 53); an existing key
-/// (50 keys overwritten) 124-142 against 112-127, the insert attempt that finds the key
-/// costing more than the read it saves. Both single-put functions exist at schema version
-/// 2 beside [`SQL_WRITE`]'s function; opening a store installs any that is missing
-/// ([`SQL_SCHEMA_PRESENT`]).
+/// `_put_v2` run beside this one without deadlocks (tested in `tests/postgres.rs`).
+///
+/// Chosen by measurement among variants (pgbench, 3,000 autocommit calls with `fsync`,
+/// medians of 7, two runs at load 0.9-1.1): a new key 287-296 µs against 300-313 for
+/// `_put_v2` (the raw upsert 254), an existing key (50 keys overwritten) 305-317 against
+/// 308-312. A variant that inserted with `ON CONFLICT DO NOTHING` first and read the old
+/// record only on a conflict (`UPDATE ... FROM (SELECT ...) RETURNING`) ran a new key in two
+/// statements, about as fast in wall time (277-301 µs) but 3-37 µs slower than `_put_v2` for
+/// an existing key in six runs; its self-join also needed a `LIMIT 1` to keep a generic
+/// plan's estimate below `jit_above_cost` (15 ms of JIT compilation per call in a trial).
+/// Both single-put functions exist at schema version 2 beside [`SQL_WRITE`]'s function;
+/// opening a store installs any that is missing ([`SQL_SCHEMA_PRESENT`]).
 pub(super) const SQL_PUT: &str = "SELECT bevy_storage_put_v3($1, $2, $3, $4, $5, $6, $7, $8, \
      $9, $10, $11, $12, $13, $14, $15, $16)";
 
