@@ -331,14 +331,15 @@ pub(super) const SQL_WRITE: &str = "SELECT bevy_storage_write_v2($1, $2, $3, $4,
 /// The lock order is the write function's (counters, then records), so servers still on
 /// `_put_v2` run beside this one without deadlocks (tested in `tests/postgres.rs`).
 ///
-/// Chosen by measurement among variants (pgbench, 3,000 autocommit calls with `fsync`,
-/// medians of 7, two runs at load 0.9-1.1): a new key 287-296 µs against 300-313 for
-/// `_put_v2` (the raw upsert 254), an existing key (50 keys overwritten) 305-317 against
-/// 308-312. A variant that inserted with `ON CONFLICT DO NOTHING` first and read the old
+/// Chosen by measurement among variants, each swapped in under this name and alternated in
+/// one bench binary (README, `postgres_save` and `postgres_overwrite`): new keys 0.79-0.82
+/// of the raw upsert's rate against 0.74-0.79 for `_put_v2`'s body, existing keys 0.77-0.79
+/// for both. A variant that inserted with `ON CONFLICT DO NOTHING` first and read the old
 /// record only on a conflict (`UPDATE ... FROM (SELECT ...) RETURNING`) ran a new key in two
-/// statements, about as fast in wall time (277-301 µs) but 3-37 µs slower than `_put_v2` for
-/// an existing key in six runs; its self-join also needed a `LIMIT 1` to keep a generic
-/// plan's estimate below `jit_above_cost` (15 ms of JIT compilation per call in a trial).
+/// statements, about as fast (0.80-0.83), but existing keys at 0.73-0.75 (pgbench: 3-37 µs
+/// per call more than `_put_v2` in six runs); its self-join also needed a `LIMIT 1` to keep
+/// a generic plan's estimate below `jit_above_cost` (15 ms of JIT compilation per call in a
+/// trial).
 /// Both single-put functions exist at schema version 2 beside [`SQL_WRITE`]'s function;
 /// opening a store installs any that is missing ([`SQL_SCHEMA_PRESENT`]).
 pub(super) const SQL_PUT: &str = "SELECT bevy_storage_put_v3($1, $2, $3, $4, $5, $6, $7, $8, \
