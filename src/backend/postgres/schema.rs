@@ -333,8 +333,8 @@ pub(super) const SQL_WRITE: &str = "SELECT bevy_storage_write_v2($1, $2, $3, $4,
 ///
 /// Chosen by measurement among variants, each swapped in under this name and alternated in
 /// one bench binary (README, `postgres_save` and `postgres_overwrite`): new keys 0.79-0.82
-/// of the raw upsert's rate against 0.74-0.79 for `_put_v2`'s body, existing keys 0.77-0.79
-/// for both. A variant that inserted with `ON CONFLICT DO NOTHING` first and read the old
+/// of the raw upsert's rate (median 0.81) against 0.74-0.82 for `_put_v2`'s body (median
+/// 0.78), existing keys 0.77-0.79 for both. A variant that inserted with `ON CONFLICT DO NOTHING` first and read the old
 /// record only on a conflict (`UPDATE ... FROM (SELECT ...) RETURNING`) ran a new key in two
 /// statements, about as fast (0.80-0.83), but existing keys at 0.73-0.75 (pgbench: 3-37 µs
 /// per call more than `_put_v2` in six runs); its self-join also needed a `LIMIT 1` to keep
