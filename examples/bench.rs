@@ -2245,6 +2245,41 @@ fn postgres(b: &Bench) {
             },
         );
     }
+    if b.wants("postgres_overwrite") {
+        // A game's common save: over a slot that exists. 50 keys, written once before.
+        const SLOTS: usize = 50;
+        for i in 0..SLOTS {
+            let key = format!("o{i}");
+            store.save(&key, &value, &SaveOptions::default()).unwrap();
+            raw.execute(PG_RAW_UPSERT, &[&namespace, &key, &0i64, &200i64, &bytes])
+                .unwrap();
+        }
+        b.compare(
+            "postgres_overwrite",
+            "writes/s",
+            Better::Higher,
+            "(200-byte string over one of 50 existing keys, one transaction per write, store defaults; baseline: the same upsert with the synchronous postgres crate, autocommit)",
+            |_| {
+                let t = Instant::now();
+                for i in 0..n {
+                    store
+                        .save(&format!("o{}", i % SLOTS), &value, &SaveOptions::default())
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+            |_| {
+                let stmt = raw.prepare(PG_RAW_UPSERT).unwrap();
+                let t = Instant::now();
+                for i in 0..n {
+                    let key = format!("o{}", i % SLOTS);
+                    raw.execute(&stmt, &[&namespace, &key, &0i64, &200i64, &bytes])
+                        .unwrap();
+                }
+                per_sec(n, t.elapsed())
+            },
+        );
+    }
     if b.wants("postgres_load") {
         for i in 0..n {
             store

@@ -3,8 +3,9 @@
 //!
 //! A batch is sent as arrays (one element per operation) to the function
 //! `bevy_storage_write_v2` that `schema.rs` installs ([`schema::SQL_WRITE`]), or, for a batch
-//! of one put (a single save), as scalars to `bevy_storage_put_v2` ([`schema::SQL_PUT`]),
-//! which does the same for that one operation; either is called in autocommit, so the statement is its own transaction: the server locks the namespace's
+//! of one put (a single save), as scalars to `bevy_storage_put_v3` ([`schema::SQL_PUT`]),
+//! which does the same for that one operation in fewer statements. Either is called in
+//! autocommit, so the statement is its own transaction: the server locks the namespace's
 //! counters (`bevy_storage_namespaces`), so batches of one namespace commit one after
 //! another and every size read inside one is exact; applies the operations in order (a later
 //! one sees an earlier one's effect; a live record keeps its `created_at`); checks
@@ -13,9 +14,13 @@
 //! returns what each operation replaced. The same work as a client-side transaction took two
 //! round trips (the counters and the quota depend on what the statements found), which
 //! halved the save rate of a server a millisecond away from its database.
+//!
+//! Both calls go through [`run_write`], the one place that retries a call that deadlocked
+//! or failed to serialize and turns the functions' errors into typed ones ([`refusal`]).
 
 use tokio_postgres::error::DbError;
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement, Transaction};
 
 use super::connection::Session;
 use super::{PostgresBackend, is_retryable, schema};
@@ -67,12 +72,8 @@ impl<'a> Columns<'a> {
             match op {
                 WriteOp::Put { key, record, mode } => {
                     let meta = &record.meta;
-                    let (kind, expected) = match mode {
-                        PutMode::Upsert => (b'U', 0),
-                        PutMode::CreateOnly => (b'C', 0),
-                        PutMode::IfVersion(v) => (b'V', v.0 as i64),
-                    };
-                    c.kinds.push(kind as i8);
+                    let (kind, expected) = kind_of(mode);
+                    c.kinds.push(kind);
                     c.keys.push(key);
                     c.created.push(meta.created_at.0);
                     c.modified.push(meta.modified_at.0);
@@ -108,13 +109,9 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// How a batch ended when the server did not fail it.
-enum BatchEnd {
-    Committed(Vec<Option<i64>>),
-    /// The function refused the batch (nothing was written): the typed error.
-    Refused(StorageError),
-}
-
+/// Applies `ops` as one transaction (see the [module docs](self)): a single put through the
+/// put function, anything else through the write function, both by [`run_write`]. Returns
+/// one outcome per operation; `max_size` is the quota the server checks (`None`: none).
 pub(super) fn write_batch(
     backend: &PostgresBackend,
     ops: Vec<WriteOp>,
@@ -127,144 +124,131 @@ pub(super) fn write_batch(
     let ns = backend.namespace.as_str();
     let now_ms = now.0;
     let max = max_size.map(|m| i64::try_from(m).unwrap_or(i64::MAX));
-    if let [WriteOp::Put { .. }] = ops.as_slice() {
-        return write_one_put(backend, ops, now_ms, max, max_size);
-    }
-    let c = Columns::of(&ops)?;
-    let doing = format!("writing a batch of {} operation(s)", ops.len());
-    let end = backend.run(&doing, true, async |session: &mut Session| {
-        let statement = session.prepare(schema::SQL_WRITE).await?;
-        let mut attempt = 1;
-        loop {
-            let result = session
-                .client
-                .query_one(
-                    &statement,
-                    &[
-                        &ns,
-                        &now_ms,
-                        &max,
-                        &c.kinds,
-                        &c.keys,
-                        &c.created,
-                        &c.modified,
-                        &c.accessed,
-                        &c.expires,
-                        &c.sizes,
-                        &c.compressed,
-                        &c.encrypted,
-                        &c.customs,
-                        &c.values,
-                        &c.versions,
-                        &c.expected,
-                    ],
-                )
-                .await;
-            match result {
-                Ok(row) => return Ok(BatchEnd::Committed(row.get(0))),
-                Err(e) if attempt < ATTEMPTS && is_retryable(&e) => attempt += 1,
-                Err(e) => match e.as_db_error().and_then(|db| refusal(db, &ops, max_size)) {
-                    Some(refused) => return Ok(BatchEnd::Refused(refused)),
-                    None => return Err(e),
-                },
-            }
-        }
-    })?;
-    match end {
-        BatchEnd::Committed(previous) if previous.len() == ops.len() => Ok(previous
-            .into_iter()
-            .map(|size| WriteOutcome {
-                previous_size: size.map(|s| u64::try_from(s).unwrap_or(0)),
-            })
-            .collect()),
-        BatchEnd::Committed(previous) => Err(StorageError::backend(
+    let previous = if let [WriteOp::Put { key, record, mode }] = ops.as_slice() {
+        // A single save: scalars to the put function.
+        let meta = &record.meta;
+        let (kind, expected) = kind_of(mode);
+        let size = i64::try_from(record.value.len()).unwrap_or(i64::MAX);
+        let custom = custom_json(&meta.custom)?;
+        let row = run_write(
+            backend,
+            "writing a record",
+            schema::SQL_PUT,
+            &[
+                &ns,
+                &now_ms,
+                &max,
+                &kind,
+                &key.as_str(),
+                &meta.created_at.0,
+                &meta.modified_at.0,
+                &meta.accessed_at.0,
+                &meta.expires_at.map(|t| t.0),
+                &size,
+                &meta.compressed,
+                &meta.encrypted,
+                &custom,
+                &record.value.as_slice(),
+                &(meta.version.0 as i64),
+                &expected,
+            ],
+            &ops,
+            max_size,
+        )?;
+        vec![row.try_get::<_, Option<i64>>(0).map_err(unexpected)?]
+    } else {
+        let c = Columns::of(&ops)?;
+        let row = run_write(
+            backend,
+            &format!("writing a batch of {} operation(s)", ops.len()),
+            schema::SQL_WRITE,
+            &[
+                &ns,
+                &now_ms,
+                &max,
+                &c.kinds,
+                &c.keys,
+                &c.created,
+                &c.modified,
+                &c.accessed,
+                &c.expires,
+                &c.sizes,
+                &c.compressed,
+                &c.encrypted,
+                &c.customs,
+                &c.values,
+                &c.versions,
+                &c.expected,
+            ],
+            &ops,
+            max_size,
+        )?;
+        row.try_get::<_, Vec<Option<i64>>>(0).map_err(unexpected)?
+    };
+    if previous.len() != ops.len() {
+        return Err(StorageError::backend(
             "postgres",
             format!(
                 "the write function answered {} operation(s) with {} result(s)",
                 ops.len(),
                 previous.len()
             ),
-        )),
-        BatchEnd::Refused(refused) => Err(refused),
+        ));
     }
+    Ok(previous
+        .into_iter()
+        .map(|size| WriteOutcome {
+            previous_size: size.map(|s| u64::try_from(s).unwrap_or(0)),
+        })
+        .collect())
 }
 
-/// A batch of one put, through the put function ([`schema::SQL_PUT`]): the same work and
-/// errors as the write function's, with scalar parameters.
-fn write_one_put(
-    backend: &PostgresBackend,
-    ops: Vec<WriteOp>,
-    now_ms: i64,
-    max: Option<i64>,
-    max_size: Option<u64>,
-) -> Result<Vec<WriteOutcome>> {
-    let [WriteOp::Put { key, record, mode }] = ops.as_slice() else {
-        unreachable!("write_batch passes a batch of one put");
-    };
-    let ns = backend.namespace.as_str();
-    let meta = &record.meta;
+/// The write function's answer was not of the type this build expects.
+fn unexpected(e: tokio_postgres::Error) -> StorageError {
+    StorageError::backend(
+        "postgres",
+        format!("unexpected answer of the write function: {e}"),
+    )
+}
+
+/// The put kind the functions take (`U`psert, `C`reate-only, if `V`ersion) and the version
+/// a `V` put expects (0 otherwise).
+fn kind_of(mode: &PutMode) -> (i8, i64) {
     let (kind, expected) = match mode {
         PutMode::Upsert => (b'U', 0),
         PutMode::CreateOnly => (b'C', 0),
         PutMode::IfVersion(v) => (b'V', v.0 as i64),
     };
-    let kind = kind as i8;
-    let key = key.as_str();
-    let created = meta.created_at.0;
-    let modified = meta.modified_at.0;
-    let accessed = meta.accessed_at.0;
-    let expires = meta.expires_at.map(|t| t.0);
-    let size = i64::try_from(record.value.len()).unwrap_or(i64::MAX);
-    let custom = custom_json(&meta.custom)?;
-    let value = record.value.as_slice();
-    let version = meta.version.0 as i64;
-    let end = backend.run("writing a record", true, async |session: &mut Session| {
-        let statement = session.prepare(schema::SQL_PUT).await?;
+    (kind as i8, expected)
+}
+
+/// Runs one call of a write function (`sql` with `params`, autocommit, so its own
+/// transaction) and returns its row. A call that deadlocked or failed to serialize against
+/// another server's is sent again, up to [`ATTEMPTS`] in all; one the function refused
+/// (`BS001`-`BS003`, nothing written) is the typed error of [`refusal`]; any other error is
+/// the backend's.
+fn run_write(
+    backend: &PostgresBackend,
+    doing: &str,
+    sql: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+    ops: &[WriteOp],
+    max_size: Option<u64>,
+) -> Result<Row> {
+    backend.run(doing, true, async |session: &mut Session| {
+        let statement = session.prepare(sql).await?;
         let mut attempt = 1;
         loop {
-            let result = session
-                .client
-                .query_one(
-                    &statement,
-                    &[
-                        &ns,
-                        &now_ms,
-                        &max,
-                        &kind,
-                        &key,
-                        &created,
-                        &modified,
-                        &accessed,
-                        &expires,
-                        &size,
-                        &meta.compressed,
-                        &meta.encrypted,
-                        &custom,
-                        &value,
-                        &version,
-                        &expected,
-                    ],
-                )
-                .await;
-            match result {
-                Ok(row) => return Ok(BatchEnd::Committed(vec![row.get(0)])),
+            match session.client.query_one(&statement, params).await {
+                Ok(row) => return Ok(Ok(row)),
                 Err(e) if attempt < ATTEMPTS && is_retryable(&e) => attempt += 1,
-                Err(e) => match e.as_db_error().and_then(|db| refusal(db, &ops, max_size)) {
-                    Some(refused) => return Ok(BatchEnd::Refused(refused)),
+                Err(e) => match e.as_db_error().and_then(|db| refusal(db, ops, max_size)) {
+                    Some(refused) => return Ok(Err(refused)),
                     None => return Err(e),
                 },
             }
         }
-    })?;
-    match end {
-        BatchEnd::Committed(previous) => Ok(previous
-            .into_iter()
-            .map(|size: Option<i64>| WriteOutcome {
-                previous_size: size.map(|s| u64::try_from(s).unwrap_or(0)),
-            })
-            .collect()),
-        BatchEnd::Refused(refused) => Err(refused),
-    }
+    })?
 }
 
 /// The typed error of a batch the write function refused, from the error it raised.
