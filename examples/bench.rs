@@ -2218,68 +2218,56 @@ fn postgres(b: &Bench) {
     let value = value_200();
     let bytes = value.as_bytes().to_vec();
     let n = if b.quick { 200 } else { 2000 };
-    if b.wants("postgres_save") {
-        b.compare(
-            "postgres_save",
-            "writes/s",
-            Better::Higher,
-            "(200-byte string, one transaction per write, store defaults: RON, LZ4, 100 MiB quota shared through the namespace counters; baseline: the same upsert with the synchronous postgres crate, autocommit)",
-            |round| {
-                let t = Instant::now();
-                for i in 0..n {
-                    store
-                        .save(&format!("k{}", round * n + i), &value, &SaveOptions::default())
-                        .unwrap();
-                }
-                per_sec(n, t.elapsed())
-            },
-            |round| {
-                let stmt = raw.prepare(PG_RAW_UPSERT).unwrap();
-                let t = Instant::now();
-                for i in 0..n {
-                    let key = format!("k{}", round * n + i);
-                    raw.execute(&stmt, &[&namespace, &key, &0i64, &200i64, &bytes])
-                        .unwrap();
-                }
-                per_sec(n, t.elapsed())
-            },
-        );
-    }
+    // A game's common save is over a slot that exists: `postgres_overwrite` saves over 50
+    // keys, written once here.
+    const SLOTS: usize = 50;
     if b.wants("postgres_overwrite") {
-        // A game's common save: over a slot that exists. 50 keys, written once before.
-        const SLOTS: usize = 50;
         for i in 0..SLOTS {
             let key = format!("o{i}");
             store.save(&key, &value, &SaveOptions::default()).unwrap();
             raw.execute(PG_RAW_UPSERT, &[&namespace, &key, &0i64, &200i64, &bytes])
                 .unwrap();
         }
+    }
+    // `n` single saves to the keys `key(round, i)`, ours against the same upsert prepared on
+    // the raw client, each in autocommit.
+    let mut single_saves = |name: &str, what: &str, key: &dyn Fn(usize, usize) -> String| {
+        if !b.wants(name) {
+            return;
+        }
         b.compare(
-            "postgres_overwrite",
+            name,
             "writes/s",
             Better::Higher,
-            "(200-byte string over one of 50 existing keys, one transaction per write, store defaults; baseline: the same upsert with the synchronous postgres crate, autocommit)",
-            |_| {
+            &format!("(200-byte string {what}, one transaction per write, store defaults: RON, LZ4, 100 MiB quota shared through the namespace counters; baseline: the same upsert with the synchronous postgres crate, autocommit)"),
+            |round| {
                 let t = Instant::now();
                 for i in 0..n {
                     store
-                        .save(&format!("o{}", i % SLOTS), &value, &SaveOptions::default())
+                        .save(&key(round, i), &value, &SaveOptions::default())
                         .unwrap();
                 }
                 per_sec(n, t.elapsed())
             },
-            |_| {
+            |round| {
                 let stmt = raw.prepare(PG_RAW_UPSERT).unwrap();
                 let t = Instant::now();
                 for i in 0..n {
-                    let key = format!("o{}", i % SLOTS);
-                    raw.execute(&stmt, &[&namespace, &key, &0i64, &200i64, &bytes])
+                    raw.execute(&stmt, &[&namespace, &key(round, i), &0i64, &200i64, &bytes])
                         .unwrap();
                 }
                 per_sec(n, t.elapsed())
             },
         );
-    }
+    };
+    single_saves("postgres_save", "to a new key", &|round, i| {
+        format!("k{}", round * n + i)
+    });
+    single_saves(
+        "postgres_overwrite",
+        &format!("over one of {SLOTS} existing keys"),
+        &|_, i| format!("o{}", i % SLOTS),
+    );
     if b.wants("postgres_load") {
         for i in 0..n {
             store
