@@ -1629,6 +1629,106 @@ fn snapshot_compaction(b: &Bench, app: &mut App, entities: &[Entity], store: &St
     );
 }
 
+/// What Bevy's own primitives take for the load `snapshot_load_stall` measures, in the same
+/// run: despawning the previous load's entities, then spawning the new ones empty and
+/// inserting their components by id (what a loader of components known only at run time
+/// can do) or spawning them as a bundle known at compile time. `baseline_ms` is the line's
+/// baseline, for the ratios.
+fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
+    let mut app = snapshot_app(n);
+    let world = app.world_mut();
+    let ids = [
+        world.register_component::<Persist>(),
+        world.register_component::<Position>(),
+        world.register_component::<Velocity>(),
+        world.register_component::<Unit>(),
+    ];
+    let values = |n: usize| -> Vec<(Position, Velocity, Unit)> {
+        (0..n)
+            .map(|i| {
+                let f = i as f32;
+                let position = Position {
+                    x: f,
+                    y: f * 0.5,
+                    z: 1.0,
+                };
+                let unit = Unit {
+                    hp: (i % 100) as u32,
+                    team: (i % 4) as u8,
+                    name: format!("unit{i}"),
+                };
+                (position, Velocity { x: 1.0, y: -1.0 }, unit)
+            })
+            .collect()
+    };
+    let despawn_all = |world: &mut World| -> f64 {
+        let old: Vec<Entity> = world
+            .query_filtered::<Entity, With<Persist>>()
+            .iter(world)
+            .collect();
+        let t = Instant::now();
+        for entity in old.into_iter().rev() {
+            world.despawn(entity);
+        }
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let (mut despawn, mut empty, mut by_id, mut typed) = (vec![], vec![], vec![], vec![]);
+    for round in 0..b.rounds {
+        eprint!(
+            "\r  snapshot_load_stall floors: round {}/{}   ",
+            round + 1,
+            b.rounds
+        );
+        despawn.push(despawn_all(world));
+        let mut rows: Vec<std::mem::MaybeUninit<(Position, Velocity, Unit)>> = values(n)
+            .into_iter()
+            .map(std::mem::MaybeUninit::new)
+            .collect();
+        let t = Instant::now();
+        let live: Vec<Entity> = world.spawn_batch(std::iter::repeat_n((), n)).collect();
+        empty.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        for (entity, row) in live.iter().zip(&mut rows) {
+            let row = row.as_mut_ptr();
+            // SAFETY: `ids` are this world's ids of `Persist` (zero-sized: a dangling pointer
+            // is a valid one) and of the three values, whose pointers follow in that order;
+            // each value is initialised and moved into the world once (`rows` holds
+            // `MaybeUninit`s, which never drop it again).
+            unsafe {
+                let pointers = [
+                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::<Persist>::dangling().cast()),
+                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).0).cast()),
+                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).1).cast()),
+                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).2).cast()),
+                ];
+                world
+                    .entity_mut(*entity)
+                    .insert_by_ids(&ids, pointers.into_iter());
+            }
+        }
+        by_id.push(t.elapsed().as_secs_f64() * 1000.0);
+        despawn_all(world);
+        let rows = values(n);
+        let t = Instant::now();
+        world.spawn_batch(rows.into_iter().map(|(p, v, u)| (Persist, p, v, u)));
+        typed.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    eprintln!();
+    let (despawn, empty, by_id, typed) =
+        (median(despawn), median(empty), median(by_id), median(typed));
+    println!(
+        "parts snapshot_load_stall bevy_despawn={despawn:.3} ms bevy_spawn_empty={empty:.3} ms \
+         bevy_insert_by_ids={by_id:.3} ms bevy_spawn_batch_typed={typed:.3} ms \
+         runtime_components_floor_ratio={:.3} compile_time_bundle_floor_ratio={:.3} (Bevy's own \
+         primitives for the same load of {n} entities, in the same run: despawn the previous \
+         load, then spawn empty and insert the 4 components by id, as any loader of components \
+         known only at run time must, or spawn one bundle type known at compile time; ratios \
+         to the line's baseline)",
+        (despawn + empty + by_id) / baseline_ms,
+        (despawn + typed) / baseline_ms,
+    );
+}
+
 fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &Store, n: usize) {
     let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
     let registry = app.world().resource::<SnapshotRegistry>().clone();
@@ -1696,7 +1796,7 @@ fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &S
         let mut target_ours = snapshot_app(0);
         let mut target_base = snapshot_app(0);
         let context = SnapshotContext::from_world(target_ours.world_mut());
-        b.compare(
+        let (_, baseline_ms) = b.compare(
             "snapshot_load_stall",
             "ms",
             Better::Lower,
@@ -1727,6 +1827,7 @@ fn snapshot_chain_loads(b: &Bench, app: &mut App, entities: &[Entity], store: &S
                 ms
             },
         );
+        bevy_load_floors(b, n, baseline_ms);
     }
     if b.wants("snapshot_load_stall_spread") {
         let bytes = capture(app.world_mut(), &settings, &registry)

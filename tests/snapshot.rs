@@ -1364,3 +1364,135 @@ fn repeated_rows_and_columns_keep_the_last_value() {
         .count();
     assert_eq!(persisted, 3);
 }
+
+/// Loads large enough that the map from saved to live entities is built on another thread
+/// while the components go in (every entity has the same typed components: the combined
+/// insert's dense path). Every reference is mapped all the same, in one frame and spread.
+mod large_loads {
+    use super::*;
+
+    /// A typed component holding a reference: mapping it waits for the map.
+    #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct Follows(#[entities] Entity);
+
+    const ENTITIES: usize = 20_000;
+
+    fn typed_app() -> App {
+        let mut app = App::new();
+        let mut registry = SnapshotRegistry::new();
+        registry
+            .register_component::<Position>()
+            .register_component::<Follows>();
+        app.insert_resource(registry);
+        app
+    }
+
+    /// Entity `i` is at `x = i` and follows entity `i + 1` (the last one the first).
+    fn saved() -> (Vec<u8>, Vec<Entity>) {
+        let mut source = typed_app();
+        let world = source.world_mut();
+        let entities: Vec<Entity> = world.spawn_batch((0..ENTITIES).map(|_| Persist)).collect();
+        for (i, entity) in entities.iter().enumerate() {
+            let next = entities[(i + 1) % ENTITIES];
+            let position = Position {
+                x: i as f32,
+                y: 0.0,
+            };
+            world.entity_mut(*entity).insert((position, Follows(next)));
+        }
+        let registry = world.resource::<SnapshotRegistry>().clone();
+        let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
+        let bytes = capture(world, &settings, &registry)
+            .unwrap()
+            .encode()
+            .unwrap();
+        (bytes, entities)
+    }
+
+    /// The loaded world: the live entity at each `x` (`None` where none is).
+    fn by_position(world: &mut World) -> Vec<Option<Entity>> {
+        let mut at = vec![None; ENTITIES];
+        for (entity, position) in world
+            .query_filtered::<(Entity, &Position), With<Persist>>()
+            .iter(world)
+        {
+            let slot = &mut at[position.x as usize];
+            assert!(slot.is_none(), "two entities at x = {}", position.x);
+            *slot = Some(entity);
+        }
+        at
+    }
+
+    /// Each loaded entity follows the live entity saved after it, and the returned map sends
+    /// each saved id to the live entity at its position.
+    fn check(world: &mut World, map: &EntityHashMap<Entity>, saved: &[Entity], gone: &[usize]) {
+        let at = by_position(world);
+        assert_eq!(map.len(), ENTITIES);
+        for (i, live) in at.iter().enumerate() {
+            if gone.contains(&i) {
+                assert!(live.is_none(), "entity {i} was despawned by an observer");
+                continue;
+            }
+            let live = live.unwrap_or_else(|| panic!("entity {i} is loaded"));
+            assert_eq!(map[&saved[i]], live, "the map of entity {i}");
+            let next = (i + 1) % ENTITIES;
+            assert_eq!(
+                world.get::<Follows>(live).unwrap().0,
+                map[&saved[next]],
+                "entity {i} follows entity {next}'s live entity"
+            );
+        }
+    }
+
+    #[test]
+    fn references_are_mapped_in_one_frame_and_spread() {
+        let (bytes, saved) = saved();
+        let mut target = typed_app();
+        target.world_mut().spawn((Persist, Name::new("stale")));
+        let context = SnapshotContext::from_world(target.world_mut());
+        let map = decode(&bytes, &context)
+            .unwrap()
+            .apply(target.world_mut(), true);
+        check(target.world_mut(), &map, &saved, &[]);
+
+        // Again, over frames, replacing the load above.
+        let mut spread = decode(&bytes, &context).unwrap().spread(true, 3_000);
+        let map = loop {
+            if let Some(map) = spread.step(target.world_mut()) {
+                break map;
+            }
+        };
+        check(target.world_mut(), &map, &saved, &[]);
+        let world = target.world_mut();
+        let persisted = world
+            .query_filtered::<(), With<Persist>>()
+            .iter(world)
+            .count();
+        assert_eq!(persisted, ENTITIES, "the first load was replaced");
+    }
+
+    #[test]
+    fn an_observer_that_despawns_a_later_entity_mid_load_is_not_a_panic() {
+        let (bytes, saved) = saved();
+        let mut target = typed_app();
+        // When entity 0 gets its components, it despawns the one it follows (entity 1, not
+        // filled in yet): the load goes on without it.
+        target.add_observer(
+            |add: On<Add, Position>,
+             query: Query<(&Position, &Follows)>,
+             mut commands: Commands| {
+                if let Ok((position, follows)) = query.get(add.entity)
+                    && position.x == 0.0
+                {
+                    commands.entity(follows.0).despawn();
+                }
+            },
+        );
+        let context = SnapshotContext::from_world(target.world_mut());
+        let map = decode(&bytes, &context)
+            .unwrap()
+            .apply(target.world_mut(), true);
+        check(target.world_mut(), &map, &saved, &[1]);
+    }
+}

@@ -13,7 +13,7 @@ use bevy::ecs::reflect::AppTypeRegistry;
 use bevy::prelude::*;
 use bevy::ptr::OwningPtr;
 
-use super::columns::{ErasedValues, LoadedColumn, LoadedResource, SnapshotEntityMapper};
+use super::columns::{ErasedValues, LoadMap, LoadedColumn, LoadedResource, SnapshotEntityMapper};
 use super::header::SnapshotHeader;
 use super::{Loading, Persist};
 
@@ -89,8 +89,9 @@ impl DecodedWorld {
             budget: max_per_frame.max(1),
             old: Vec::new(),
             live: Vec::with_capacity(self.entities.len()),
+            entities: self.entities.len(),
             saved: self.entities,
-            map: EntityHashMap::default(),
+            map: LoadMap::default(),
             columns: self.columns.into(),
             together: Vec::new(),
             alone: VecDeque::new(),
@@ -110,10 +111,13 @@ pub struct SpreadApply {
     budget: usize,
     /// Persisted entities to despawn, the last one first.
     old: Vec<Entity>,
-    /// The saved entities' ids, and the live entities spawned for them so far.
+    /// How many entities the snapshot holds.
+    entities: usize,
+    /// The saved entities' ids (until the map is built), and the live entities spawned for
+    /// them so far.
     saved: Vec<Entity>,
     live: Vec<Entity>,
-    map: EntityHashMap<Entity>,
+    map: LoadMap,
     columns: VecDeque<(String, Vec<u32>, Box<dyn LoadedColumn>)>,
     together: Vec<Together>,
     alone: VecDeque<Alone>,
@@ -127,7 +131,7 @@ impl std::fmt::Debug for SpreadApply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpreadApply")
             .field("stage", &self.stage)
-            .field("entities", &self.saved.len())
+            .field("entities", &self.entities)
             .field("spawned", &self.live.len())
             .field("filled", &self.next_row)
             .finish_non_exhaustive()
@@ -194,7 +198,7 @@ impl SpreadApply {
                 Stage::Spawn => {
                     // Every saved entity exists before any component goes in: a hook or an
                     // observer of the first may look at the others.
-                    let n = (self.saved.len() - self.live.len()).min(budget);
+                    let n = (self.entities - self.live.len()).min(budget);
                     match self.hide {
                         Some(Hide::Loading) => {
                             self.live.extend(world.spawn_batch(repeat_n(Loading, n)));
@@ -205,13 +209,9 @@ impl SpreadApply {
                         None => self.live.extend(world.spawn_batch(repeat_n((), n))),
                     }
                     budget -= n.max(1);
-                    if self.live.len() == self.saved.len() {
-                        self.map = self
-                            .saved
-                            .iter()
-                            .copied()
-                            .zip(self.live.iter().copied())
-                            .collect();
+                    if self.live.len() == self.entities {
+                        let saved = std::mem::take(&mut self.saved);
+                        self.map = LoadMap::build(saved, self.live.clone());
                         self.stage = Stage::Columns;
                     }
                 }
@@ -221,7 +221,7 @@ impl SpreadApply {
                         continue;
                     };
                     budget = budget.saturating_sub(rows.len());
-                    let mut mapper = SnapshotEntityMapper::new(&self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
                     match column.into_erased(world, &mut mapper) {
                         Ok(values) => {
                             let id = values.component();
@@ -233,7 +233,8 @@ impl SpreadApply {
                                 // order would.
                                 self.alone.push_back(Alone::Erased(rows, values));
                             } else {
-                                self.together.push(Together::new(rows, values));
+                                self.together
+                                    .push(Together::new(rows, values, self.live.len()));
                             }
                         }
                         Err(column) => self.alone.push_back(Alone::Column(rows, column)),
@@ -255,7 +256,7 @@ impl SpreadApply {
                         continue;
                     };
                     let registry = self.registry.read();
-                    let mut mapper = SnapshotEntityMapper::new(&self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
                     match column {
                         Alone::Column(mut rows, mut column) => {
                             // In order, a slice at a time: relationship hooks rebuild
@@ -290,7 +291,7 @@ impl SpreadApply {
                 }
                 Stage::Finish => {
                     let registry = self.registry.read();
-                    let mut mapper = SnapshotEntityMapper::new(&self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
                     for (_, resource) in self.resources.drain(..) {
                         resource.apply(world, &mut mapper, &registry);
                     }
@@ -310,7 +311,7 @@ impl SpreadApply {
                     // would be left without them.
                     world.flush();
                     self.stage = Stage::Done;
-                    return Some(std::mem::take(&mut self.map));
+                    return Some(self.map.take());
                 }
                 Stage::Done => return Some(EntityHashMap::default()),
             }
@@ -350,7 +351,7 @@ impl Hide {
 /// A column applied on its own, after the combined insert.
 enum Alone {
     Column(Vec<u32>, Box<dyn LoadedColumn>),
-    Erased(Vec<u32>, Box<dyn ErasedValues>),
+    Erased(Vec<u32>, ErasedValues),
 }
 
 /// A column of the combined insert, read in row order.
@@ -361,17 +362,22 @@ struct Together {
     order: Option<Vec<u32>>,
     /// The next position in row order.
     next: usize,
-    values: Box<dyn ErasedValues>,
+    /// Value `i` is row `i`'s, for every row: the fast path of [`insert_together`].
+    dense: bool,
+    values: ErasedValues,
 }
 
 impl Together {
-    fn new(rows: Vec<u32>, values: Box<dyn ErasedValues>) -> Self {
+    fn new(rows: Vec<u32>, values: ErasedValues, entities: usize) -> Self {
+        let dense =
+            rows.len() == entities && rows.iter().enumerate().all(|(i, r)| *r as usize == i);
         let order = (!rows.is_sorted()).then(|| {
             let mut order: Vec<u32> = (0..rows.len() as u32).collect();
             order.sort_by_key(|i| rows[*i as usize]);
             order
         });
         Self {
+            dense,
             rows,
             order,
             next: 0,
@@ -423,6 +429,9 @@ fn insert_together(
     together: &mut [Together],
 ) {
     let persist = world.register_component::<Persist>();
+    if together.iter().all(|column| column.dense) {
+        return insert_dense(world, live, rows, together, persist);
+    }
     let mut ids: Vec<ComponentId> = Vec::with_capacity(together.len() + 1);
     let mut hits: Vec<Option<usize>> = vec![None; together.len()];
     for row in rows {
@@ -449,6 +458,35 @@ fn insert_together(
         // each column that has this row, of that column's component (`hits` holds only live
         // values, so `take` hands each over: nothing ran since they were checked); each is
         // handed over once, and `insert_by_ids` moves it into the table.
+        unsafe { entity.insert_by_ids(&ids, markers.chain(values)) };
+    }
+}
+
+/// [`insert_together`] when every column has a value for every entity, in entity order (a
+/// world whose persisted entities all have the same typed components): the same components
+/// for each entity, value `row` of each column for entity `live[row]`.
+fn insert_dense(
+    world: &mut World,
+    live: &[Entity],
+    rows: Range<usize>,
+    together: &mut [Together],
+    persist: ComponentId,
+) {
+    let ids: Vec<ComponentId> = std::iter::once(persist)
+        .chain(together.iter().map(|column| column.values.component()))
+        .collect();
+    for row in rows {
+        let Ok(mut entity) = world.get_entity_mut(live[row]) else {
+            continue; // an observer of an earlier entity despawned it
+        };
+        let markers = std::iter::once(marker_ptr::<Persist>());
+        let values = together
+            .iter_mut()
+            .map(|column| column.values.take(row).expect("a dense column's value"));
+        // SAFETY: `ids` are components of this world (registered above and by the columns)
+        // and follow the pointers in order: `Persist`, then value `row` of each column, of
+        // that column's component (a dense column has one value per row, each live until
+        // taken here, once); `insert_by_ids` moves each into the table.
         unsafe { entity.insert_by_ids(&ids, markers.chain(values)) };
     }
 }

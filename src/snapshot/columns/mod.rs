@@ -35,26 +35,93 @@ pub(crate) use changes::{DeltaRows, DeltaScope, scan_changed};
 /// saved entity (a reference to something outside the snapshot) become
 /// [`Entity::PLACEHOLDER`].
 pub struct SnapshotEntityMapper<'a> {
-    pub(crate) map: &'a EntityHashMap<Entity>,
+    pub(crate) map: &'a mut LoadMap,
     /// References mapped to `PLACEHOLDER` since the counter was last reset.
     pub(crate) unmapped: usize,
 }
 
 impl<'a> SnapshotEntityMapper<'a> {
-    pub(crate) fn new(map: &'a EntityHashMap<Entity>) -> Self {
+    pub(crate) fn new(map: &'a mut LoadMap) -> Self {
         Self { map, unmapped: 0 }
     }
 }
 
 impl EntityMapper for SnapshotEntityMapper<'_> {
     fn get_mapped(&mut self, source: Entity) -> Entity {
-        self.map.get(&source).copied().unwrap_or_else(|| {
+        self.map.get().get(&source).copied().unwrap_or_else(|| {
             self.unmapped += 1;
             Entity::PLACEHOLDER
         })
     }
 
     fn set_mapped(&mut self, _source: Entity, _target: Entity) {}
+}
+
+/// The map from saved entity ids to the live entities of a load, built on another thread
+/// for a large load: the main thread inserts components meanwhile, and waits for the map
+/// only when a value holds an entity reference to map, or when the load returns it.
+#[derive(Default)]
+pub(crate) struct LoadMap {
+    ready: Option<EntityHashMap<Entity>>,
+    building: Option<std::thread::JoinHandle<EntityHashMap<Entity>>>,
+}
+
+/// Loads of fewer entities build their map on the main thread: starting a thread costs more.
+const MAP_ON_ANOTHER_THREAD_FROM: usize = 16_384;
+
+impl LoadMap {
+    /// Starts building the map of `saved[i]` to `live[i]`.
+    pub(crate) fn build(saved: Vec<Entity>, live: Vec<Entity>) -> Self {
+        fn collect(saved: Vec<Entity>, live: Vec<Entity>) -> EntityHashMap<Entity> {
+            saved.into_iter().zip(live).collect()
+        }
+        if live.len() < MAP_ON_ANOTHER_THREAD_FROM {
+            return Self {
+                ready: Some(collect(saved, live)),
+                building: None,
+            };
+        }
+        // Shared, so that the entities are still here if no thread can be started.
+        let parts = Arc::new(std::sync::Mutex::new(Some((saved, live))));
+        let theirs = Arc::clone(&parts);
+        let spawned = std::thread::Builder::new()
+            .name("bevy_storage load map".into())
+            .spawn(move || {
+                let parts = theirs.lock().map(|mut p| p.take()).ok().flatten();
+                parts.map_or_else(EntityHashMap::default, |(saved, live)| collect(saved, live))
+            });
+        match spawned {
+            Ok(handle) => Self {
+                ready: None,
+                building: Some(handle),
+            },
+            Err(e) => {
+                warn!("building a load's entity map on the main thread: {e}");
+                let parts = parts.lock().map(|mut p| p.take()).ok().flatten();
+                Self {
+                    ready: parts.map(|(saved, live)| collect(saved, live)),
+                    building: None,
+                }
+            }
+        }
+    }
+
+    /// The map, once built.
+    pub(crate) fn get(&mut self) -> &EntityHashMap<Entity> {
+        if let Some(handle) = self.building.take() {
+            let map = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            self.ready = Some(map);
+        }
+        self.ready.get_or_insert_default()
+    }
+
+    /// The map, taken out.
+    pub(crate) fn take(&mut self) -> EntityHashMap<Entity> {
+        self.get();
+        self.ready.take().unwrap_or_default()
+    }
 }
 
 /// Values of one component type taken from the world, ready to serialize on any thread.
@@ -108,79 +175,106 @@ pub(crate) trait LoadedColumn: Send {
         self: Box<Self>,
         world: &mut World,
         mapper: &mut SnapshotEntityMapper,
-    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>>;
+    ) -> Result<ErasedValues, Box<dyn LoadedColumn>>;
 }
 
 /// Values of one component type, type-erased for a combined insert
 /// ([`DecodedWorld::apply`](super::DecodedWorld::apply)): each is moved out at most once;
 /// those never moved out are dropped with the column.
-pub(crate) trait ErasedValues: Send {
-    /// The component the values are of.
-    fn component(&self) -> ComponentId;
-    /// Value `i`, to be moved into the world by the caller (`None` if it was taken or
-    /// discarded already). A pointer not moved from leaks the value, nothing worse.
-    fn take(&mut self, i: usize) -> Option<OwningPtr<'_>>;
-    /// True while value `i` is neither taken nor discarded.
-    fn is_live(&self, i: usize) -> bool;
-    /// Drops value `i` (a later value for the same entity replaces it).
-    fn discard(&mut self, i: usize);
-}
-
-/// [`ErasedValues`] of a typed column: `T`s that are each either still owned here (`live`)
-/// or moved out.
-struct ErasedVec<T> {
+///
+/// A concrete type rather than a trait object: the combined insert takes one value of each
+/// column per entity, and a virtual call per value cost more than the rest of its bookkeeping.
+pub(crate) struct ErasedValues {
     id: ComponentId,
-    values: Vec<MaybeUninit<T>>,
+    /// Value `i` is at `base + i * size` while `live[i]`.
+    base: NonNull<u8>,
+    size: usize,
     live: Vec<bool>,
+    /// Drops one value in place (`None`: the type has no drop glue).
+    drop_value: Option<unsafe fn(NonNull<u8>)>,
+    /// Owns the values' memory: a `Vec<MaybeUninit<T>>`, whose own drop frees the memory and
+    /// drops no value.
+    _memory: Box<dyn std::any::Any + Send>,
 }
 
-impl<T> ErasedVec<T> {
-    fn new(id: ComponentId, values: Vec<T>) -> Self {
+// SAFETY: made only from a `Vec<T>` with `T: Send` (`new`), whose values it owns; the pointer
+// is into that vector's buffer, which `_memory` owns and nothing else reaches.
+unsafe impl Send for ErasedValues {}
+
+/// Drops the `T` at `value`.
+///
+/// # Safety
+/// `value` points to an initialised `T` that nothing reads or drops afterwards.
+unsafe fn drop_value_as<T>(value: NonNull<u8>) {
+    // SAFETY: the caller's contract.
+    unsafe { value.cast::<T>().drop_in_place() }
+}
+
+impl ErasedValues {
+    pub(crate) fn new<T: Send + 'static>(id: ComponentId, values: Vec<T>) -> Self {
         let live = vec![true; values.len()];
         // The same size and alignment: collected in place.
-        let values = values.into_iter().map(MaybeUninit::new).collect();
-        Self { id, values, live }
+        let mut values: Vec<MaybeUninit<T>> = values.into_iter().map(MaybeUninit::new).collect();
+        // The buffer stays where it is when the vector moves into `_memory` (it never grows).
+        let base = NonNull::new(values.as_mut_ptr())
+            .expect("a vector's pointer is never null")
+            .cast();
+        Self {
+            id,
+            base,
+            size: std::mem::size_of::<T>(),
+            live,
+            drop_value: std::mem::needs_drop::<T>().then_some(drop_value_as::<T> as _),
+            _memory: Box::new(values),
+        }
     }
-}
 
-impl<T: Send + 'static> ErasedValues for ErasedVec<T> {
-    fn component(&self) -> ComponentId {
+    /// The component the values are of.
+    pub(crate) fn component(&self) -> ComponentId {
         self.id
     }
 
-    fn take(&mut self, i: usize) -> Option<OwningPtr<'_>> {
+    /// Value `i`, to be moved into the world by the caller (`None` if it was taken or
+    /// discarded already). A pointer not moved from leaks the value, nothing worse.
+    #[inline]
+    pub(crate) fn take(&mut self, i: usize) -> Option<OwningPtr<'_>> {
         if !std::mem::replace(self.live.get_mut(i)?, false) {
             return None;
         }
-        // SAFETY: value `i` was initialised and still owned here (`live`); it is now marked
-        // moved, so this column neither reads nor drops it again and the caller is its only
-        // owner. The pointer is non-null, aligned for `T` (`MaybeUninit<T>` has `T`'s layout)
-        // and valid while the borrow of `self` lasts.
-        Some(unsafe { OwningPtr::new(NonNull::from(&mut self.values[i]).cast()) })
+        // SAFETY: `i` is in bounds (`live` has one flag per value), so the offset stays in
+        // the buffer; value `i` was initialised and still owned here (`live`), and is now
+        // marked moved, so this column neither reads nor drops it again and the caller is its
+        // only owner. The pointer is non-null and aligned for the values' type.
+        Some(unsafe { OwningPtr::new(self.base.add(i * self.size)) })
     }
 
-    fn is_live(&self, i: usize) -> bool {
+    /// True while value `i` is neither taken nor discarded.
+    #[inline]
+    pub(crate) fn is_live(&self, i: usize) -> bool {
         self.live.get(i).copied() == Some(true)
     }
 
-    fn discard(&mut self, i: usize) {
+    /// Drops value `i` (a later value for the same entity replaces it).
+    pub(crate) fn discard(&mut self, i: usize) {
         if self.is_live(i) {
             self.live[i] = false;
-            // SAFETY: value `i` was initialised and still owned here, and is marked dropped.
-            unsafe { self.values[i].assume_init_drop() };
+            if let Some(drop_value) = self.drop_value {
+                // SAFETY: value `i` was initialised and still owned here, and is marked dropped.
+                unsafe { drop_value(self.base.add(i * self.size)) };
+            }
         }
     }
 }
 
-impl<T> Drop for ErasedVec<T> {
+impl Drop for ErasedValues {
     fn drop(&mut self) {
-        if !std::mem::needs_drop::<T>() {
+        let Some(drop_value) = self.drop_value else {
             return;
-        }
-        for (value, live) in self.values.iter_mut().zip(&self.live) {
+        };
+        for (i, live) in self.live.iter().enumerate() {
             if *live {
-                // SAFETY: a live value is initialised and owned here; `drop` runs once.
-                unsafe { value.assume_init_drop() };
+                // SAFETY: a live value is initialised and owned here; this runs once.
+                unsafe { drop_value(self.base.add(i * self.size)) };
             }
         }
     }
@@ -418,7 +512,7 @@ impl<C: Component, S: SnapshotStandIn> LoadedColumn for MappedLoaded<C, S> {
         self: Box<Self>,
         world: &mut World,
         mapper: &mut SnapshotEntityMapper,
-    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+    ) -> Result<ErasedValues, Box<dyn LoadedColumn>> {
         let values: Vec<C> = self
             .saved
             .into_iter()
@@ -561,7 +655,7 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
         self: Box<Self>,
         world: &mut World,
         mapper: &mut SnapshotEntityMapper,
-    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+    ) -> Result<ErasedValues, Box<dyn LoadedColumn>> {
         if T::relationship_accessor().is_some() {
             return Err(self);
         }
@@ -570,7 +664,7 @@ impl<T: Component> LoadedColumn for TypedLoaded<T> {
         for value in &mut values {
             T::map_entities(value, mapper);
         }
-        Ok(Box::new(ErasedVec::new(id, values)))
+        Ok(ErasedValues::new(id, values))
     }
 }
 
@@ -767,7 +861,7 @@ impl LoadedColumn for ReflectLoaded {
         self: Box<Self>,
         _world: &mut World,
         _mapper: &mut SnapshotEntityMapper,
-    ) -> Result<Box<dyn ErasedValues>, Box<dyn LoadedColumn>> {
+    ) -> Result<ErasedValues, Box<dyn LoadedColumn>> {
         Err(self)
     }
 }
