@@ -1635,6 +1635,7 @@ fn snapshot_compaction(b: &Bench, app: &mut App, entities: &[Entity], store: &St
 /// can do) or spawning them as a bundle known at compile time. `baseline_ms` is the line's
 /// baseline, for the ratios.
 fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
+    use bevy::ptr::OwningPtr;
     let mut app = snapshot_app(n);
     let world = app.world_mut();
     let ids = [
@@ -1643,6 +1644,33 @@ fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
         world.register_component::<Velocity>(),
         world.register_component::<Unit>(),
     ];
+    // Inserts `Persist` and row `i`'s three values into `live[i]` by component id, one
+    // `insert_by_ids` an entity (a replace where the entity has them already); returns ms.
+    let insert_by_ids =
+        |world: &mut World, live: &[Entity], rows: Vec<(Position, Velocity, Unit)>| -> f64 {
+            let mut rows: Vec<std::mem::MaybeUninit<_>> =
+                rows.into_iter().map(std::mem::MaybeUninit::new).collect();
+            let t = Instant::now();
+            for (entity, row) in live.iter().zip(&mut rows) {
+                let row: *mut (Position, Velocity, Unit) = row.as_mut_ptr();
+                // SAFETY: `ids` are this world's ids of `Persist` (zero-sized: a dangling
+                // pointer is a valid one) and of the three values, whose pointers follow in
+                // that order; each value is initialised and moved into the world once (`rows`
+                // holds `MaybeUninit`s, which never drop it again).
+                unsafe {
+                    let pointers = [
+                        OwningPtr::new(std::ptr::NonNull::<Persist>::dangling().cast()),
+                        OwningPtr::new(std::ptr::NonNull::from(&mut (*row).0).cast()),
+                        OwningPtr::new(std::ptr::NonNull::from(&mut (*row).1).cast()),
+                        OwningPtr::new(std::ptr::NonNull::from(&mut (*row).2).cast()),
+                    ];
+                    world
+                        .entity_mut(*entity)
+                        .insert_by_ids(&ids, pointers.into_iter());
+                }
+            }
+            t.elapsed().as_secs_f64() * 1000.0
+        };
     let values = |n: usize| -> Vec<(Position, Velocity, Unit)> {
         (0..n)
             .map(|i| {
@@ -1685,33 +1713,10 @@ fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
             b.rounds
         );
         despawn.push(despawn_all(world));
-        let mut rows: Vec<std::mem::MaybeUninit<(Position, Velocity, Unit)>> = values(n)
-            .into_iter()
-            .map(std::mem::MaybeUninit::new)
-            .collect();
         let t = Instant::now();
         let live: Vec<Entity> = world.spawn_batch(std::iter::repeat_n((), n)).collect();
         empty.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        for (entity, row) in live.iter().zip(&mut rows) {
-            let row = row.as_mut_ptr();
-            // SAFETY: `ids` are this world's ids of `Persist` (zero-sized: a dangling pointer
-            // is a valid one) and of the three values, whose pointers follow in that order;
-            // each value is initialised and moved into the world once (`rows` holds
-            // `MaybeUninit`s, which never drop it again).
-            unsafe {
-                let pointers = [
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::<Persist>::dangling().cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).0).cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).1).cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).2).cast()),
-                ];
-                world
-                    .entity_mut(*entity)
-                    .insert_by_ids(&ids, pointers.into_iter());
-            }
-        }
-        by_id.push(t.elapsed().as_secs_f64() * 1000.0);
+        by_id.push(insert_by_ids(world, &live, values(n)));
         despawn_all(world);
         let rows = values(n);
         let t = Instant::now();
@@ -1722,27 +1727,7 @@ fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
         // Routes that change what a load means, for the record: replacing the values of
         // entities that already have the components (reusing the old entities), and hiding
         // the old entities behind a sparse marker (despawning them in later frames).
-        let mut rows: Vec<std::mem::MaybeUninit<(Position, Velocity, Unit)>> = values(n)
-            .into_iter()
-            .map(std::mem::MaybeUninit::new)
-            .collect();
-        let t = Instant::now();
-        for (entity, row) in live.iter().zip(&mut rows) {
-            let row = row.as_mut_ptr();
-            // SAFETY: as above; the entity's previous values are dropped by the insert.
-            unsafe {
-                let pointers = [
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::<Persist>::dangling().cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).0).cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).1).cast()),
-                    bevy::ptr::OwningPtr::new(std::ptr::NonNull::from(&mut (*row).2).cast()),
-                ];
-                world
-                    .entity_mut(*entity)
-                    .insert_by_ids(&ids, pointers.into_iter());
-            }
-        }
-        replace.push(t.elapsed().as_secs_f64() * 1000.0);
+        replace.push(insert_by_ids(world, &live, values(n)));
         let t = Instant::now();
         world.insert_batch(live.iter().map(|entity| (*entity, Retired)));
         hide.push(t.elapsed().as_secs_f64() * 1000.0);
