@@ -1367,14 +1367,65 @@ fn repeated_rows_and_columns_keep_the_last_value() {
 
 /// Loads large enough that the map from saved to live entities is built on another thread
 /// while the components go in (every entity has the same typed components: the combined
-/// insert's dense path). Every reference is mapped all the same, in one frame and spread.
+/// insert's dense path). Every reference is mapped all the same, in one frame and spread,
+/// and every value is dropped once: moved into the world, or dropped with the load.
 mod large_loads {
     use super::*;
+    use std::cell::Cell;
 
     /// A typed component holding a reference: mapping it waits for the map.
     #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[reflect(Component)]
     struct Follows(#[entities] Entity);
+
+    /// A typed zero-sized component.
+    #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct Flag;
+
+    thread_local! {
+        /// `Counted` values alive on this thread (each test runs on a thread of its own).
+        static ALIVE: Cell<i64> = const { Cell::new(0) };
+    }
+
+    /// A value with drop glue that counts itself: made by `new`, `clone` and decoding.
+    #[derive(Debug, PartialEq, Reflect)]
+    struct Counted(String);
+
+    impl Counted {
+        fn new(text: String) -> Self {
+            ALIVE.set(ALIVE.get() + 1);
+            Self(text)
+        }
+    }
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            Self::new(self.0.clone())
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            ALIVE.set(ALIVE.get() - 1);
+        }
+    }
+
+    impl Serialize for Counted {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.0.serialize(s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Counted {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            String::deserialize(d).map(Counted::new)
+        }
+    }
+
+    #[derive(Component, Reflect, Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[reflect(Component)]
+    struct Label(Counted);
 
     const ENTITIES: usize = 20_000;
 
@@ -1383,23 +1434,30 @@ mod large_loads {
         let mut registry = SnapshotRegistry::new();
         registry
             .register_component::<Position>()
-            .register_component::<Follows>();
+            .register_component::<Follows>()
+            .register_component::<Flag>()
+            .register_component::<Label>();
         app.insert_resource(registry);
         app
     }
 
-    /// Entity `i` is at `x = i` and follows entity `i + 1` (the last one the first).
-    fn saved() -> (Vec<u8>, Vec<Entity>) {
+    /// Entity `i` is at `x = i`, has a `Flag` and a `Label`, and (`with_references`) follows
+    /// entity `i + 1` (the last one the first).
+    fn saved(with_references: bool) -> (Vec<u8>, Vec<Entity>) {
         let mut source = typed_app();
         let world = source.world_mut();
         let entities: Vec<Entity> = world.spawn_batch((0..ENTITIES).map(|_| Persist)).collect();
         for (i, entity) in entities.iter().enumerate() {
-            let next = entities[(i + 1) % ENTITIES];
             let position = Position {
                 x: i as f32,
                 y: 0.0,
             };
-            world.entity_mut(*entity).insert((position, Follows(next)));
+            let label = Label(Counted::new(format!("unit {i}")));
+            let mut entity = world.entity_mut(*entity);
+            entity.insert((position, Flag, label));
+            if with_references {
+                entity.insert(Follows(entities[(i + 1) % ENTITIES]));
+            }
         }
         let registry = world.resource::<SnapshotRegistry>().clone();
         let settings = SnapshotSettings::default().encoding(SnapshotEncoding::Binary);
@@ -1424,9 +1482,15 @@ mod large_loads {
         at
     }
 
-    /// Each loaded entity follows the live entity saved after it, and the returned map sends
-    /// each saved id to the live entity at its position.
-    fn check(world: &mut World, map: &EntityHashMap<Entity>, saved: &[Entity], gone: &[usize]) {
+    /// The returned map sends each saved id to the live entity at its position, which has
+    /// its label and flag, and (`with_references`) follows the live entity saved after it.
+    fn check(
+        world: &mut World,
+        map: &EntityHashMap<Entity>,
+        saved: &[Entity],
+        gone: &[usize],
+        with_references: bool,
+    ) {
         let at = by_position(world);
         assert_eq!(map.len(), ENTITIES);
         for (i, live) in at.iter().enumerate() {
@@ -1436,25 +1500,34 @@ mod large_loads {
             }
             let live = live.unwrap_or_else(|| panic!("entity {i} is loaded"));
             assert_eq!(map[&saved[i]], live, "the map of entity {i}");
-            let next = (i + 1) % ENTITIES;
-            assert_eq!(
-                world.get::<Follows>(live).unwrap().0,
-                map[&saved[next]],
-                "entity {i} follows entity {next}'s live entity"
-            );
+            assert_eq!(world.get::<Label>(live).unwrap().0.0, format!("unit {i}"));
+            assert!(world.get::<Flag>(live).is_some());
+            if with_references {
+                let next = (i + 1) % ENTITIES;
+                assert_eq!(
+                    world.get::<Follows>(live).unwrap().0,
+                    map[&saved[next]],
+                    "entity {i} follows entity {next}'s live entity"
+                );
+            }
         }
+    }
+
+    /// The `Label`s in `world`.
+    fn labels(world: &mut World) -> i64 {
+        world.query::<&Label>().iter(world).count() as i64
     }
 
     #[test]
     fn references_are_mapped_in_one_frame_and_spread() {
-        let (bytes, saved) = saved();
+        let (bytes, saved) = saved(true);
         let mut target = typed_app();
         target.world_mut().spawn((Persist, Name::new("stale")));
         let context = SnapshotContext::from_world(target.world_mut());
         let map = decode(&bytes, &context)
             .unwrap()
             .apply(target.world_mut(), true);
-        check(target.world_mut(), &map, &saved, &[]);
+        check(target.world_mut(), &map, &saved, &[], true);
 
         // Again, over frames, replacing the load above.
         let mut spread = decode(&bytes, &context).unwrap().spread(true, 3_000);
@@ -1463,7 +1536,7 @@ mod large_loads {
                 break map;
             }
         };
-        check(target.world_mut(), &map, &saved, &[]);
+        check(target.world_mut(), &map, &saved, &[], true);
         let world = target.world_mut();
         let persisted = world
             .query_filtered::<(), With<Persist>>()
@@ -1473,8 +1546,19 @@ mod large_loads {
     }
 
     #[test]
+    fn without_references_the_map_is_waited_for_when_the_load_returns_it() {
+        let (bytes, saved) = saved(false);
+        let mut target = typed_app();
+        let context = SnapshotContext::from_world(target.world_mut());
+        let map = decode(&bytes, &context)
+            .unwrap()
+            .apply(target.world_mut(), true);
+        check(target.world_mut(), &map, &saved, &[], false);
+    }
+
+    #[test]
     fn an_observer_that_despawns_a_later_entity_mid_load_is_not_a_panic() {
-        let (bytes, saved) = saved();
+        let (bytes, saved) = saved(true);
         let mut target = typed_app();
         // When entity 0 gets its components, it despawns the one it follows (entity 1, not
         // filled in yet): the load goes on without it.
@@ -1493,6 +1577,84 @@ mod large_loads {
         let map = decode(&bytes, &context)
             .unwrap()
             .apply(target.world_mut(), true);
-        check(target.world_mut(), &map, &saved, &[1]);
+        check(target.world_mut(), &map, &saved, &[1], true);
+        // Every decoded label is in the world or was dropped with the load (entity 1's
+        // never went in): none leaked, none dropped twice.
+        assert_eq!(labels(target.world_mut()), ENTITIES as i64 - 1);
+        assert_eq!(
+            ALIVE.get(),
+            ENTITIES as i64 - 1,
+            "labels alive = labels in the world"
+        );
+        drop(target);
+        assert_eq!(ALIVE.get(), 0);
+    }
+
+    /// A game's observer that panics while the load inserts components: the process aborts
+    /// with a message. Bevy 0.19's `insert_by_ids` cannot be used again for those components
+    /// after a panic inside it, and a caller that caught the panic and stepped on (as the
+    /// plugin catches a request's panics) crashed with a segmentation fault at the next insert
+    /// of the same components. The load runs in a child process (this test, run again).
+    #[test]
+    fn a_panic_in_an_observer_mid_load_aborts_instead_of_corrupting_memory() {
+        const CHILD: &str = "BEVY_STORAGE_TEST_PANIC_MID_LOAD";
+        if std::env::var_os(CHILD).is_some() {
+            let (bytes, _) = saved(true);
+            let mut target = typed_app();
+            // The loaded entities are hidden until the last step: the observer allows that.
+            type Hidden = bevy::ecs::entity_disabling::Disabled;
+            target.add_observer(
+                |add: On<Add, Position>, query: Query<&Position, Allow<Hidden>>| {
+                    if query.get(add.entity).is_ok_and(|p| p.x == 5.0) {
+                        panic!("a game's observer fails");
+                    }
+                },
+            );
+            let context = SnapshotContext::from_world(target.world_mut());
+            let mut spread = decode(&bytes, &context).unwrap().spread(false, 3_000);
+            let world = target.world_mut();
+            for _ in 0..100 {
+                let step =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spread.step(world)));
+                if let Ok(Some(_)) = step {
+                    break;
+                }
+            }
+            // Then the same components go in again, as the next load would.
+            let _ = decode(&bytes, &context).unwrap().apply(world, true);
+            println!("the child went on after the panic");
+            return;
+        }
+        let name =
+            "large_loads::a_panic_in_an_observer_mid_load_aborts_instead_of_corrupting_memory";
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        assert!(!stdout.contains("the child went on"), "{stdout}");
+        assert!(stderr.contains("a game's observer fails"), "{stderr}");
+        assert!(
+            stderr.contains("the process aborts rather than corrupt memory"),
+            "{stderr}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                child.status.signal(),
+                Some(6),
+                "SIGABRT: {:?}",
+                child.status
+            );
+        }
+    }
+
+    #[test]
+    fn the_entity_mapper_keeps_its_auto_traits() {
+        fn check<T: Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>() {}
+        check::<bevy_storage::snapshot::SnapshotEntityMapper<'static>>();
     }
 }

@@ -55,6 +55,12 @@ impl DecodedWorld {
     /// move, `On<Add>`/`On<Insert>` hooks and observers seeing all of them); relationship
     /// components (`ChildOf`: their hooks rebuild `Children` in the saved order) and
     /// reflected ones follow, a column at a time.
+    ///
+    /// # Panics and aborts
+    /// A hook or an observer of the game that panics while that combined insert runs aborts
+    /// the process (after printing the panic): Bevy 0.19's `EntityWorldMut::insert_by_ids`
+    /// is left unsound to call again for those components, so no caller may catch the panic
+    /// and go on. A panic anywhere else unwinds as usual; do not step a load again after one.
     pub fn apply(self, world: &mut World, despawn_existing: bool) -> EntityHashMap<Entity> {
         let mut spread = self.spread(despawn_existing, usize::MAX);
         spread.hide = None;
@@ -94,6 +100,7 @@ impl DecodedWorld {
             map: LoadMap::default(),
             columns: self.columns.into(),
             together: Vec::new(),
+            dense: false,
             alone: VecDeque::new(),
             next_row: 0,
             resources: self.resources,
@@ -120,6 +127,8 @@ pub struct SpreadApply {
     map: LoadMap,
     columns: VecDeque<(String, Vec<u32>, Box<dyn LoadedColumn>)>,
     together: Vec<Together>,
+    /// Every column of `together` is dense: [`insert_dense`] fills the entities in.
+    dense: bool,
     alone: VecDeque<Alone>,
     /// The next row of the combined insert.
     next_row: usize,
@@ -217,11 +226,12 @@ impl SpreadApply {
                 }
                 Stage::Columns => {
                     let Some((_, rows, column)) = self.columns.pop_front() else {
+                        self.dense = self.together.iter().all(|column| column.dense);
                         self.stage = Stage::Together;
                         continue;
                     };
                     budget = budget.saturating_sub(rows.len());
-                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&self.map);
                     match column.into_erased(world, &mut mapper) {
                         Ok(values) => {
                             let id = values.component();
@@ -242,7 +252,12 @@ impl SpreadApply {
                 }
                 Stage::Together => {
                     let end = self.next_row.saturating_add(budget).min(self.live.len());
-                    insert_together(world, &self.live, self.next_row..end, &mut self.together);
+                    let rows = self.next_row..end;
+                    if self.dense {
+                        insert_dense(world, &self.live, rows, &mut self.together);
+                    } else {
+                        insert_together(world, &self.live, rows, &mut self.together);
+                    }
                     budget -= (end - self.next_row).max(1);
                     self.next_row = end;
                     if end == self.live.len() {
@@ -256,7 +271,7 @@ impl SpreadApply {
                         continue;
                     };
                     let registry = self.registry.read();
-                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&self.map);
                     match column {
                         Alone::Column(mut rows, mut column) => {
                             // In order, a slice at a time: relationship hooks rebuild
@@ -291,7 +306,7 @@ impl SpreadApply {
                 }
                 Stage::Finish => {
                     let registry = self.registry.read();
-                    let mut mapper = SnapshotEntityMapper::new(&mut self.map);
+                    let mut mapper = SnapshotEntityMapper::new(&self.map);
                     for (_, resource) in self.resources.drain(..) {
                         resource.apply(world, &mut mapper, &registry);
                     }
@@ -428,10 +443,8 @@ fn insert_together(
     rows: Range<usize>,
     together: &mut [Together],
 ) {
+    let _abort_on_unwind = AbortOnUnwind;
     let persist = world.register_component::<Persist>();
-    if together.iter().all(|column| column.dense) {
-        return insert_dense(world, live, rows, together, persist);
-    }
     let mut ids: Vec<ComponentId> = Vec::with_capacity(together.len() + 1);
     let mut hits: Vec<Option<usize>> = vec![None; together.len()];
     for row in rows {
@@ -465,17 +478,17 @@ fn insert_together(
 /// [`insert_together`] when every column has a value for every entity, in entity order (a
 /// world whose persisted entities all have the same typed components): the same components
 /// for each entity, value `row` of each column for entity `live[row]`.
-fn insert_dense(
-    world: &mut World,
-    live: &[Entity],
-    rows: Range<usize>,
-    together: &mut [Together],
-    persist: ComponentId,
-) {
-    let ids: Vec<ComponentId> = std::iter::once(persist)
+fn insert_dense(world: &mut World, live: &[Entity], rows: Range<usize>, together: &mut [Together]) {
+    let _abort_on_unwind = AbortOnUnwind;
+    let ids: Vec<ComponentId> = std::iter::once(world.register_component::<Persist>())
         .chain(together.iter().map(|column| column.values.component()))
         .collect();
     for row in rows {
+        // Taken already only if a hook panicked in an earlier step and the caller went on:
+        // those entities were filled in.
+        if !together.iter().all(|column| column.values.is_live(row)) {
+            continue;
+        }
         let Ok(mut entity) = world.get_entity_mut(live[row]) else {
             continue; // an observer of an earlier entity despawned it
         };
@@ -485,8 +498,33 @@ fn insert_dense(
             .map(|column| column.values.take(row).expect("a dense column's value"));
         // SAFETY: `ids` are components of this world (registered above and by the columns)
         // and follow the pointers in order: `Persist`, then value `row` of each column, of
-        // that column's component (a dense column has one value per row, each live until
-        // taken here, once); `insert_by_ids` moves each into the table.
+        // that column's component (checked live just above, and nothing ran since: each
+        // `take` hands its value over, once); `insert_by_ids` moves each into the table.
         unsafe { entity.insert_by_ids(&ids, markers.chain(values)) };
+    }
+}
+
+/// Aborts the process when dropped during a panic. Held while the combined insert calls
+/// `EntityWorldMut::insert_by_ids`: Bevy 0.19 takes that component list's storage types out
+/// of its bundle table for the duration of the call and puts them back only when the call
+/// returns, so a panic from a hook or an observer inside it (a game's) leaves the list without
+/// them, and the next `insert_by_ids` of the same list (the next load of the same entities)
+/// moves entities into a table without writing their components: reading or dropping those
+/// is undefined behaviour (a test saw a segmentation fault). Nothing outside Bevy can put them
+/// back, so the process stops here, after the panic's message, before anything can catch the
+/// panic and go on (the plugin catches a request's panics).
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "bevy_storage: a hook or observer panicked while a snapshot load was inserting \
+                 components; Bevy 0.19's `EntityWorldMut::insert_by_ids` cannot be used safely \
+                 again for those components after that, so the process aborts rather than \
+                 corrupt memory"
+            );
+            std::process::abort();
+        }
     }
 }

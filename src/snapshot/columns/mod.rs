@@ -10,7 +10,7 @@ use std::any::TypeId;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bevy::asset::{EphemeralHandleBehavior, HandleSerializeProcessor};
 use bevy::ecs::component::ComponentId;
@@ -35,13 +35,13 @@ pub(crate) use changes::{DeltaRows, DeltaScope, scan_changed};
 /// saved entity (a reference to something outside the snapshot) become
 /// [`Entity::PLACEHOLDER`].
 pub struct SnapshotEntityMapper<'a> {
-    pub(crate) map: &'a mut LoadMap,
+    pub(crate) map: &'a LoadMap,
     /// References mapped to `PLACEHOLDER` since the counter was last reset.
     pub(crate) unmapped: usize,
 }
 
 impl<'a> SnapshotEntityMapper<'a> {
-    pub(crate) fn new(map: &'a mut LoadMap) -> Self {
+    pub(crate) fn new(map: &'a LoadMap) -> Self {
         Self { map, unmapped: 0 }
     }
 }
@@ -60,29 +60,43 @@ impl EntityMapper for SnapshotEntityMapper<'_> {
 /// The map from saved entity ids to the live entities of a load, built on another thread
 /// for a large load: the main thread inserts components meanwhile, and waits for the map
 /// only when a value holds an entity reference to map, or when the load returns it.
-#[derive(Default)]
+///
+/// Shared (`&LoadMap`) rather than borrowed mutably, so that [`SnapshotEntityMapper`] keeps
+/// the auto traits it had over a plain map (`Send`, `Sync`, `UnwindSafe`).
 pub(crate) struct LoadMap {
-    ready: Option<EntityHashMap<Entity>>,
-    building: Option<std::thread::JoinHandle<EntityHashMap<Entity>>>,
+    ready: OnceLock<EntityHashMap<Entity>>,
+    building: Mutex<Option<std::thread::JoinHandle<EntityHashMap<Entity>>>>,
+}
+
+impl Default for LoadMap {
+    /// The map of a load with no entities.
+    fn default() -> Self {
+        Self::ready(EntityHashMap::default())
+    }
 }
 
 /// Loads of fewer entities build their map on the main thread: starting a thread costs more.
 const MAP_ON_ANOTHER_THREAD_FROM: usize = 16_384;
 
 impl LoadMap {
+    fn ready(map: EntityHashMap<Entity>) -> Self {
+        Self {
+            ready: OnceLock::from(map),
+            building: Mutex::new(None),
+        }
+    }
+
     /// Starts building the map of `saved[i]` to `live[i]`.
     pub(crate) fn build(saved: Vec<Entity>, live: Vec<Entity>) -> Self {
         fn collect(saved: Vec<Entity>, live: Vec<Entity>) -> EntityHashMap<Entity> {
             saved.into_iter().zip(live).collect()
         }
-        if live.len() < MAP_ON_ANOTHER_THREAD_FROM {
-            return Self {
-                ready: Some(collect(saved, live)),
-                building: None,
-            };
+        // No threads to be had on the web.
+        if live.len() < MAP_ON_ANOTHER_THREAD_FROM || cfg!(target_family = "wasm") {
+            return Self::ready(collect(saved, live));
         }
         // Shared, so that the entities are still here if no thread can be started.
-        let parts = Arc::new(std::sync::Mutex::new(Some((saved, live))));
+        let parts = Arc::new(Mutex::new(Some((saved, live))));
         let theirs = Arc::clone(&parts);
         let spawned = std::thread::Builder::new()
             .name("bevy_storage load map".into())
@@ -92,29 +106,38 @@ impl LoadMap {
             });
         match spawned {
             Ok(handle) => Self {
-                ready: None,
-                building: Some(handle),
+                ready: OnceLock::new(),
+                building: Mutex::new(Some(handle)),
             },
             Err(e) => {
                 warn!("building a load's entity map on the main thread: {e}");
                 let parts = parts.lock().map(|mut p| p.take()).ok().flatten();
-                Self {
-                    ready: parts.map(|(saved, live)| collect(saved, live)),
-                    building: None,
-                }
+                Self::ready(
+                    parts.map_or_else(EntityHashMap::default, |(saved, live)| collect(saved, live)),
+                )
             }
         }
     }
 
-    /// The map, once built.
-    pub(crate) fn get(&mut self) -> &EntityHashMap<Entity> {
-        if let Some(handle) = self.building.take() {
-            let map = handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            self.ready = Some(map);
-        }
-        self.ready.get_or_insert_default()
+    /// The map, once built (waits for its thread the first time).
+    ///
+    /// # Panics
+    /// If the thread building it panicked (only an allocation failure can make it), this
+    /// panics with its payload, and again on every later call: references are never mapped
+    /// against a map that is not there.
+    pub(crate) fn get(&self) -> &EntityHashMap<Entity> {
+        self.ready.get_or_init(|| {
+            let handle = self
+                .building
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            match handle.map(std::thread::JoinHandle::join) {
+                Some(Ok(map)) => map,
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => panic!("the load's entity map was lost to an earlier panic"),
+            }
+        })
     }
 
     /// The map, taken out.
