@@ -136,7 +136,7 @@ fn save_then_load_through_messages() {
     assert_eq!(camera, 1, "non-persisted entities are untouched");
 
     // The slot lists with its metadata.
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     let slots = list_slots(&store, "slot:").unwrap();
     assert_eq!(slots.len(), 1);
     assert_eq!(slots[0].custom["level"], "Crypt");
@@ -147,7 +147,7 @@ fn failed_loads_answer_with_the_cause_and_change_nothing() {
     let mut app = app_with(StoragePlugin::memory(), SnapshotPlugin::new(settings()));
     populate(app.world_mut());
     app.update();
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     store
         .save_bytes(
             "slot:junk",
@@ -182,7 +182,7 @@ fn autosave_rotates_and_loading_falls_back_past_a_corrupt_one() {
     pump_until(&mut app, "three autosaves", |s| {
         s.saved.iter().filter(|r| r.autosave).count() >= 3
     });
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     let keys = autosave_keys(&store, "autosave/").unwrap();
     assert_eq!(keys.len(), 2, "only the newest two are kept: {keys:?}");
     let slots = list_slots(&store, "autosave/").unwrap();
@@ -252,7 +252,7 @@ fn snapshots_are_compressed_and_encrypted_as_configured() {
     app.world_mut().write_message(SaveWorld::new("secret-slot"));
     pump_until(&mut app, "the save", |s| !s.saved.is_empty());
     assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     let meta = store.get_metadata("secret-slot").unwrap().unwrap();
     assert!(meta.encrypted && meta.compressed, "{meta:?}");
     let raw = store.backend().get("secret-slot").unwrap().unwrap().value;
@@ -290,7 +290,7 @@ fn world_saves_follow_the_store_defaults_and_refuse_forged_plaintext() {
     app.world_mut().write_message(SaveWorld::new("slot"));
     pump_until(&mut app, "the save", |s| !s.saved.is_empty());
     assert!(app.world().resource::<Seen>().saved[0].result.is_ok());
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     let meta = store.get_metadata("slot").unwrap().unwrap();
     assert!(meta.encrypted, "the world was saved in plaintext: {meta:?}");
     assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
@@ -343,7 +343,7 @@ fn default_world_saves_work_in_every_build() {
     pump_until(&mut app, "the save", |s| !s.saved.is_empty());
     let saved = app.world().resource::<Seen>().saved[0].clone();
     assert!(saved.result.is_ok(), "{:?}", saved.result);
-    let store = app.world().resource::<Storage>().store().unwrap().clone();
+    let store = store_of(&mut app);
     let meta = store.get_metadata("slot").unwrap().unwrap();
     assert_eq!(meta.compressed, cfg!(feature = "compression"), "{meta:?}");
 }
@@ -372,8 +372,23 @@ fn mixed_app() -> App {
     app
 }
 
-fn store_of(app: &App) -> bevy_storage::Store {
-    app.world().resource::<Storage>().store().unwrap().clone()
+/// The plugin's store, once open: it opens on the pool, so a test that asks right after the
+/// first frame pumps frames until it is (a failure to open is the test's failure).
+fn store_of(app: &mut App) -> bevy_storage::Store {
+    let start = Instant::now();
+    loop {
+        let storage = app.world().resource::<Storage>();
+        if let Some(store) = storage.store() {
+            return store.clone();
+        }
+        assert!(storage.error().is_none(), "{:?}", storage.error());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for the store to open"
+        );
+        app.update();
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn pump_kv(app: &mut App, n: usize) {
@@ -403,7 +418,7 @@ fn world_and_key_value_requests_on_one_key_keep_their_order() {
         ["delete Ok(true)"]
     );
     assert!(
-        !store_of(&app).exists("slot").unwrap(),
+        !store_of(&mut app).exists("slot").unwrap(),
         "the delete ran last"
     );
 
@@ -417,7 +432,10 @@ fn world_and_key_value_requests_on_one_key_keep_their_order() {
         app.world().resource::<KeyValueSeen>().0,
         ["delete Ok(false)"]
     );
-    assert!(store_of(&app).exists("slot").unwrap(), "the save ran last");
+    assert!(
+        store_of(&mut app).exists("slot").unwrap(),
+        "the save ran last"
+    );
 }
 
 /// A world load waits for a clear sent before it, and a clear sent after a world save waits
@@ -447,7 +465,7 @@ fn world_requests_keep_their_order_across_a_clear() {
         ["clear true", "load found=true"],
         "the clear ran after the first save, the key-value load after the second"
     );
-    let store = store_of(&app);
+    let store = store_of(&mut app);
     assert!(!store.exists("slot").unwrap());
     assert!(store.exists("after").unwrap());
 }
@@ -635,7 +653,7 @@ fn incremental_autosaves_write_deltas_compact_and_load_as_one_world() {
         }
         // A full base, two deltas, then the policy's full snapshot and a delta of it.
         assert_eq!(kinds, [false, true, true, false, true]);
-        let store = store_of(&app);
+        let store = store_of(&mut app);
         let slots = list_slots(&store, "auto/").unwrap();
         let newest = &slots[0];
         let chain = newest
@@ -757,7 +775,7 @@ fn a_compacting_autosave_captures_a_delta_and_the_pool_folds_the_new_base() {
         cloned <= 4,
         "the compacting autosave took {cloned} values on the main thread: a full capture, not a delta"
     );
-    let store = store_of(&app);
+    let store = store_of(&mut app);
     assert_eq!(
         bevy_storage::snapshot::chain_of(&store, &compacted.key).unwrap(),
         None,
@@ -829,7 +847,7 @@ fn a_chain_the_pool_cannot_compact_keeps_its_delta_and_the_next_autosave_is_a_fu
         assert!(autosave_now(&mut app).delta);
     }
     // The base no longer reads back: the pool cannot fold the chain into a new base.
-    let store = store_of(&app);
+    let store = store_of(&mut app);
     store
         .save_bytes(&base.key, b"not a snapshot", &SaveOptions::default())
         .unwrap();
@@ -882,7 +900,7 @@ fn a_torn_delta_falls_back_to_the_chain_state_before_it() {
     let after = autosave_now(&mut app);
     assert!(after.delta);
 
-    let store = store_of(&app);
+    let store = store_of(&mut app);
     let keys = autosave_keys(&store, "auto/").unwrap();
     assert_eq!(
         keys.len(),
