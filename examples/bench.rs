@@ -1256,23 +1256,26 @@ fn snapshot_app(entities: usize) -> App {
     // What `SnapshotPlugin` does: spread loads hide their entities behind `Loading`.
     world.register_disabling_component::<bevy_storage::snapshot::Loading>();
     world.spawn_batch((0..entities).map(|i| {
-        let f = i as f32;
-        (
-            Persist,
-            Position {
-                x: f,
-                y: f * 0.5,
-                z: 1.0,
-            },
-            Velocity { x: 1.0, y: -1.0 },
-            Unit {
-                hp: (i % 100) as u32,
-                team: (i % 4) as u8,
-                name: format!("unit{i}"),
-            },
-        )
+        let (position, velocity, unit) = snapshot_values(i);
+        (Persist, position, velocity, unit)
     }));
     app
+}
+
+/// The components of the snapshot worlds' entity `i`.
+fn snapshot_values(i: usize) -> (Position, Velocity, Unit) {
+    let f = i as f32;
+    let position = Position {
+        x: f,
+        y: f * 0.5,
+        z: 1.0,
+    };
+    let unit = Unit {
+        hp: (i % 100) as u32,
+        team: (i % 4) as u8,
+        name: format!("unit{i}"),
+    };
+    (position, Velocity { x: 1.0, y: -1.0 }, unit)
 }
 
 fn baseline_dynamic_world(world: &mut World) -> DynamicWorld {
@@ -1671,24 +1674,8 @@ fn bevy_load_floors(b: &Bench, n: usize, baseline_ms: f64) {
             }
             t.elapsed().as_secs_f64() * 1000.0
         };
-    let values = |n: usize| -> Vec<(Position, Velocity, Unit)> {
-        (0..n)
-            .map(|i| {
-                let f = i as f32;
-                let position = Position {
-                    x: f,
-                    y: f * 0.5,
-                    z: 1.0,
-                };
-                let unit = Unit {
-                    hp: (i % 100) as u32,
-                    team: (i % 4) as u8,
-                    name: format!("unit{i}"),
-                };
-                (position, Velocity { x: 1.0, y: -1.0 }, unit)
-            })
-            .collect()
-    };
+    let values =
+        |n: usize| -> Vec<(Position, Velocity, Unit)> { (0..n).map(snapshot_values).collect() };
     let despawn_all = |world: &mut World| -> f64 {
         let old: Vec<Entity> = world
             .query_filtered::<Entity, With<Persist>>()

@@ -226,7 +226,8 @@ impl SpreadApply {
                 }
                 Stage::Columns => {
                     let Some((_, rows, column)) = self.columns.pop_front() else {
-                        self.dense = self.together.iter().all(|column| column.dense);
+                        let entities = self.live.len();
+                        self.dense = self.together.iter().all(|column| column.is_dense(entities));
                         self.stage = Stage::Together;
                         continue;
                     };
@@ -243,8 +244,7 @@ impl SpreadApply {
                                 // order would.
                                 self.alone.push_back(Alone::Erased(rows, values));
                             } else {
-                                self.together
-                                    .push(Together::new(rows, values, self.live.len()));
+                                self.together.push(Together::new(rows, values));
                             }
                         }
                         Err(column) => self.alone.push_back(Alone::Column(rows, column)),
@@ -377,27 +377,27 @@ struct Together {
     order: Option<Vec<u32>>,
     /// The next position in row order.
     next: usize,
-    /// Value `i` is row `i`'s, for every row: the fast path of [`insert_together`].
-    dense: bool,
     values: ErasedValues,
 }
 
 impl Together {
-    fn new(rows: Vec<u32>, values: ErasedValues, entities: usize) -> Self {
-        let dense =
-            rows.len() == entities && rows.iter().enumerate().all(|(i, r)| *r as usize == i);
+    fn new(rows: Vec<u32>, values: ErasedValues) -> Self {
         let order = (!rows.is_sorted()).then(|| {
             let mut order: Vec<u32> = (0..rows.len() as u32).collect();
             order.sort_by_key(|i| rows[*i as usize]);
             order
         });
         Self {
-            dense,
             rows,
             order,
             next: 0,
             values,
         }
+    }
+
+    /// Value `i` is row `i`'s, for each of the `entities` rows: [`insert_dense`]'s case.
+    fn is_dense(&self, entities: usize) -> bool {
+        self.rows.len() == entities && self.rows.iter().enumerate().all(|(i, r)| *r as usize == i)
     }
 
     fn index(&self, position: usize) -> usize {
